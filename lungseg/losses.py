@@ -1,0 +1,83 @@
+"""Segmentation losses. All take logits (N, C, H, W) and an int64 target (N, H, W) of class ids."""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _weights(class_weights: Sequence[float] | None) -> torch.Tensor | None:
+    return None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
+
+
+class CrossEntropyLoss(nn.Module):
+    """Pixel-wise (categorical) cross-entropy, optionally class-weighted:
+    mean over pixels of -w[y] log softmax(logits)[y] / mean w[y]."""
+
+    def __init__(self, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight", _weights(class_weights), persistent=False)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.float(), target, weight=self.weight, label_smoothing=self.label_smoothing
+        )
+
+
+class DiceLoss(nn.Module):
+    """Soft Dice loss: 1 - sum_c w_c D_c / sum_c w_c, with
+    D_c = (2 sum p_c t_c + smooth) / (sum p_c + sum t_c + smooth), p = softmax(logits).
+
+    Sums run over the whole batch and all pixels ("batch Dice"): a class absent from one
+    image does not give that image a meaningless 0/0 term, which keeps the loss stable with
+    small foreground structures. The background class is left out by default because it
+    dominates the pixel count and its Dice is near 1 from the start.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = False,
+        class_weights: Sequence[float] | None = None,
+        smooth: float = 1.0,
+    ):
+        super().__init__()
+        self.include_background = include_background
+        self.register_buffer("weight", _weights(class_weights), persistent=False)
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(dim=1)
+        onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+        dims = (0, 2, 3)
+        intersection = (probs * onehot).sum(dims)
+        denominator = probs.sum(dims) + onehot.sum(dims)
+        dice = (2 * intersection + self.smooth) / (denominator + self.smooth)
+        weight = self.weight if self.weight is not None else torch.ones_like(dice)
+        if not self.include_background:
+            dice, weight = dice[1:], weight[1:]
+        return 1 - (weight * dice).sum() / weight.sum()
+
+
+class DiceCELoss(nn.Module):
+    """dice_weight * DiceLoss + ce_weight * CrossEntropyLoss: cross-entropy gives well-scaled
+    per-pixel gradients early in training, Dice counters the background/foreground imbalance."""
+
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        include_background: bool = False,
+        class_weights: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        self.dice = DiceLoss(include_background=include_background, class_weights=class_weights)
+        self.ce = CrossEntropyLoss(class_weights=class_weights)
+        self.dice_weight = dice_weight
+        self.ce_weight = ce_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(
+            logits, target
+        )

@@ -1,0 +1,60 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lungseg.losses import CrossEntropyLoss, DiceCELoss, DiceLoss
+
+
+def perfect_logits(target: torch.Tensor, num_classes: int, scale: float = 50.0) -> torch.Tensor:
+    return F.one_hot(target, num_classes).permute(0, 3, 1, 2).float() * scale
+
+
+@pytest.fixture
+def target() -> torch.Tensor:
+    t = torch.zeros(2, 8, 8, dtype=torch.long)
+    t[0, 2:5, 2:5] = 1
+    t[1, 4:, :3] = 2
+    return t
+
+
+def test_dice_loss_is_zero_for_perfect_and_one_for_disjoint(target):
+    loss = DiceLoss(smooth=1e-6)
+    assert loss(perfect_logits(target, 3), target).item() == pytest.approx(0.0, abs=1e-4)
+    wrong = torch.zeros_like(target)  # predicts background everywhere
+    assert loss(perfect_logits(wrong, 3), target).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_dice_loss_matches_formula(target):
+    logits = torch.randn(2, 3, 8, 8)
+    p = logits.softmax(1)
+    t = F.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    dice = (2 * (p * t).sum((0, 2, 3)) + 1) / (p.sum((0, 2, 3)) + t.sum((0, 2, 3)) + 1)
+    expected = 1 - dice[1:].mean()
+    assert DiceLoss()(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+    with_bg = DiceLoss(include_background=True)(logits, target).item()
+    assert with_bg == pytest.approx(1 - dice.mean().item(), rel=1e-5)
+
+
+def test_class_weights_change_the_losses(target):
+    logits = torch.randn(2, 3, 8, 8)
+    plain_ce = CrossEntropyLoss()(logits, target)
+    assert plain_ce.item() == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-6)
+    weighted = CrossEntropyLoss(class_weights=[0.1, 1.0, 5.0])(logits, target)
+    expected = F.cross_entropy(logits, target, weight=torch.tensor([0.1, 1.0, 5.0]))
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert DiceLoss(class_weights=[1, 1, 5])(logits, target) != DiceLoss()(logits, target)
+
+
+def test_dice_ce_is_weighted_sum_and_has_gradients(target):
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = DiceCELoss(dice_weight=0.3, ce_weight=0.7)(logits, target)
+    expected = 0.3 * DiceLoss()(logits, target) + 0.7 * CrossEntropyLoss()(logits, target)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_losses_accept_bf16_logits(target):
+    logits = torch.randn(2, 3, 8, 8).bfloat16()
+    for loss in (DiceLoss(), CrossEntropyLoss(), DiceCELoss()):
+        assert torch.isfinite(loss(logits, target))
