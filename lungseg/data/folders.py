@@ -1,0 +1,279 @@
+"""Find image/mask files, pair them by name, and read and write pixels.
+
+Pairing is by file stem, never by sorted position: image `a.png` takes the mask whose stem is
+`a` + one of `mask_suffixes`, with any image extension (`a.png`, `a_mask.tif`, ...).
+"""
+
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lungseg.errors import LungsegError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+PIXEL_DTYPES = (np.uint8, np.uint16, np.float32)
+_SHOWN = 5  # how many offending file names an error message lists
+
+
+@dataclass(frozen=True)
+class Pair:
+    stem: str  # the image's file stem; the key used for splits and outputs
+    image: Path
+    mask: Path
+
+
+def find_pairs(
+    image_dir: str | Path,
+    mask_dir: str | Path,
+    mask_suffixes: Sequence[str] = ("", "_mask"),
+    strict: bool = True,
+) -> list[Pair]:
+    """Pair images and masks by file stem, never by sorted position. Image `a.png` pairs with a
+    mask whose stem is `a` + one of mask_suffixes (`a.png`, `a_mask.png`, also other extensions:
+    `a.tif`). Returns pairs sorted by stem.
+
+    Files without an image extension and hidden files (`.DS_Store`, macOS `._a.png`) are ignored.
+    When image_dir and mask_dir are the same folder, files whose stem ends with a non-empty
+    suffix are the masks and the others the images. Unpaired files raise LungsegError
+    (strict=True) or are skipped with one warning (strict=False); ambiguous names always raise.
+    """
+    image_dir, mask_dir = Path(image_dir), Path(mask_dir)
+    suffixes = list(dict.fromkeys(mask_suffixes))
+    images = _list_images(image_dir, "image", "data.image_dir")
+    if image_dir.resolve() == mask_dir.resolve():
+        suffixes = [s for s in suffixes if s]
+        if not suffixes:
+            raise LungsegError(
+                f"data.image_dir and data.mask_dir are the same folder ({image_dir}), but "
+                f"data.mask_suffixes {list(mask_suffixes)} has no non-empty suffix, so masks "
+                "cannot be told apart from images. Name the masks like 'a_mask.png' for image "
+                "'a.png' and set data.mask_suffixes=['_mask'], or move the masks into their "
+                "own folder."
+            )
+        masks = [p for p in images if _ends_with_any(p.stem, suffixes)]
+        images = [p for p in images if not _ends_with_any(p.stem, suffixes)]
+        if not images:
+            raise LungsegError(
+                f"Every image file in {image_dir} ends with a mask suffix from "
+                f"data.mask_suffixes {suffixes}, so no images are left. Check "
+                "data.mask_suffixes or keep images and masks in separate folders."
+            )
+    else:
+        masks = _list_images(mask_dir, "mask", "data.mask_dir")
+
+    image_by_stem = _index_images_by_stem(images, image_dir)
+    masks_by_stem, orphan_masks = _match_masks(masks, image_by_stem, suffixes, mask_dir)
+    _check_one_mask_each(masks_by_stem, image_by_stem, suffixes, mask_dir)
+
+    orphan_images = sorted(p for s, p in image_by_stem.items() if s not in masks_by_stem)
+    if orphan_images or orphan_masks:
+        _report_unpaired(
+            orphan_images, orphan_masks, image_dir, mask_dir, suffixes, strict, bool(masks_by_stem)
+        )
+    return [Pair(s, image_by_stem[s], masks_by_stem[s][0]) for s in sorted(masks_by_stem)]
+
+
+def _list_images(folder: Path, role: str, setting: str) -> list[Path]:
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise LungsegError(
+            f"The {role} folder {folder} {problem}. Set {setting} to the folder that holds "
+            f"your {role} files (a relative path is resolved from the directory you run in)."
+        )
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+    if not files:
+        raise LungsegError(
+            f"The {role} folder {folder} holds no image files. Accepted extensions: "
+            f"{', '.join(IMAGE_EXTENSIONS)} (in any letter case); sub-folders are not searched. "
+            f"Point {setting} at the folder with the files or convert them to one of these formats."
+        )
+    return files
+
+
+def _ends_with_any(stem: str, suffixes: Iterable[str]) -> bool:
+    return any(len(stem) > len(s) and stem.endswith(s) for s in suffixes)
+
+
+def _index_images_by_stem(images: list[Path], image_dir: Path) -> dict[str, Path]:
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for path in images:
+        by_stem[path.stem].append(path)
+    clashes = sorted(" and ".join(p.name for p in ps) for ps in by_stem.values() if len(ps) > 1)
+    if clashes:
+        raise LungsegError(
+            f"{len(clashes)} image names in {image_dir} appear with more than one extension: "
+            f"{_listing(clashes)}. Images are identified by file name without extension, so "
+            "each name must be used once. Remove or rename the duplicates."
+        )
+    return {stem: ps[0] for stem, ps in by_stem.items()}
+
+
+def _match_masks(
+    masks: list[Path], image_by_stem: dict[str, Path], suffixes: list[str], mask_dir: Path
+) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Assign each mask to the one image stem it can belong to. Every suffix is tried, so with
+    suffixes ("", "_mask") the mask `a_mask.png` belongs to image `a` when that image exists and
+    to an image named `a_mask` otherwise; a mask that fits two existing images is an error."""
+    masks_by_stem: dict[str, list[Path]] = defaultdict(list)
+    orphans, clashes = [], []
+    for mask in masks:
+        stems = {mask.stem[: len(mask.stem) - len(s)] for s in suffixes if mask.stem.endswith(s)}
+        candidates = sorted(s for s in stems if s in image_by_stem)
+        if not candidates:
+            orphans.append(mask)
+        elif len(candidates) > 1:
+            names = " and ".join(image_by_stem[s].name for s in candidates)
+            clashes.append(f"{mask.name} (fits images {names})")
+        else:
+            masks_by_stem[candidates[0]].append(mask)
+    if clashes:
+        raise LungsegError(
+            f"{len(clashes)} masks in {mask_dir} match more than one image with "
+            f"data.mask_suffixes {suffixes}: {_listing(clashes)}. Rename the images or masks so "
+            "that each mask name is an image name plus exactly one suffix, or narrow "
+            "data.mask_suffixes."
+        )
+    return dict(masks_by_stem), orphans
+
+
+def _check_one_mask_each(
+    masks_by_stem: dict[str, list[Path]],
+    image_by_stem: dict[str, Path],
+    suffixes: list[str],
+    mask_dir: Path,
+) -> None:
+    clashes = sorted(
+        f"{image_by_stem[stem].name} (masks {' and '.join(sorted(p.name for p in ms))})"
+        for stem, ms in masks_by_stem.items()
+        if len(ms) > 1
+    )
+    if clashes:
+        raise LungsegError(
+            f"{len(clashes)} images have more than one matching mask in {mask_dir} with "
+            f"data.mask_suffixes {suffixes}: {_listing(clashes)}. Keep one mask per image "
+            "(remove the others), or narrow data.mask_suffixes to the naming you use."
+        )
+
+
+def _report_unpaired(
+    orphan_images: list[Path],
+    orphan_masks: list[Path],
+    image_dir: Path,
+    mask_dir: Path,
+    suffixes: list[str],
+    strict: bool,
+    any_paired: bool,
+) -> None:
+    found = " and ".join(
+        f"{len(paths)} {kind} without {other} ({folder}): {_listing(p.name for p in paths)}"
+        for paths, kind, other, folder in (
+            (orphan_images, "images", "a mask", image_dir),
+            (orphan_masks, "masks", "an image", mask_dir),
+        )
+        if paths
+    )
+    rule = (
+        f"Image 'NAME.ext' pairs with the mask named NAME + one of data.mask_suffixes {suffixes}, "
+        f"with any of the extensions {', '.join(IMAGE_EXTENSIONS)}."
+    )
+    if strict:
+        raise LungsegError(
+            f"Found {found}. {rule} Add the missing files, remove them, set "
+            "data.mask_suffixes, or set data.strict=false to skip them."
+        )
+    if not any_paired:
+        raise LungsegError(
+            f"No image in {image_dir} has a mask in {mask_dir}. Found {found}. {rule} "
+            "Check data.image_dir, data.mask_dir and data.mask_suffixes."
+        )
+    warnings.warn(f"Skipping unpaired files (data.strict=false). Found {found}.", stacklevel=3)
+
+
+def _listing(names: Iterable[str]) -> str:
+    names = list(names)
+    shown = ", ".join(f"'{n}'" for n in names[:_SHOWN])
+    return shown if len(names) <= _SHOWN else f"{shown}, ... ({len(names)} in total)"
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Raw pixels as stored: (H, W) for grayscale or (H, W, 3) in RGB order; dtype uint8,
+    uint16 (16-bit is kept) or float32 (float TIFF). An alpha channel is dropped.
+
+    Reads through np.fromfile + cv2.imdecode so non-ASCII and space-containing paths work.
+    """
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise LungsegError(
+            f"Could not read {path}: {err.strerror}. Check that the file exists and is readable."
+        ) from err
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error:
+        image = None
+    if image is None:
+        empty = " (the file is empty)" if data.size == 0 else ""
+        raise LungsegError(
+            f"{path} could not be decoded as an image{empty}: it is corrupt, truncated or not "
+            f"in the format its extension says. Re-export it or remove it."
+        )
+    if image.dtype not in PIXEL_DTYPES:
+        raise LungsegError(
+            f"{path} stores pixels as {image.dtype}; lungseg reads 8-bit or 16-bit unsigned "
+            "integer or 32-bit float images. Convert the file to one of these types (e.g. "
+            "shift signed CT values by +1024 and save as 16-bit unsigned)."
+        )
+    if image.ndim == 3:
+        image = _to_rgb(image, path)
+    return image
+
+
+def _to_rgb(image: np.ndarray, path: Path) -> np.ndarray:
+    """cv2's (H, W, C) BGR[A] → (H, W, 3) RGB, or (H, W) for one channel (+ alpha)."""
+    channels = image.shape[2]
+    if channels in (1, 2):
+        return image[:, :, 0].copy()
+    if channels in (3, 4):
+        return np.ascontiguousarray(image[:, :, 2::-1])
+    raise LungsegError(
+        f"{path} has {channels} channels; lungseg reads grayscale, RGB or RGBA images. "
+        "Save it as a grayscale or RGB file."
+    )
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    """Write (H, W) or (H, W, 3) RGB pixels; the format follows the extension. Non-ASCII paths
+    work (cv2.imencode + tofile); the parent folder must exist."""
+    path = Path(path)
+    pixels = image[:, :, ::-1] if image.ndim == 3 else image
+    ok, buffer = cv2.imencode(path.suffix, np.ascontiguousarray(pixels))
+    if not ok:
+        raise LungsegError(f"Could not encode an image for {path}; use a .png or .tif name.")
+    buffer.tofile(path)
+
+
+def to_channels(image: np.ndarray, in_channels: int, path: Path | None = None) -> np.ndarray:
+    """(H, W, in_channels) from a read_image result, dtype kept: RGB → gray with cv2's luminance
+    weights (0.299 R + 0.587 G + 0.114 B) for in_channels=1, gray → replicated RGB for 3."""
+    if in_channels not in (1, 3):
+        source = f" (reading {path})" if path is not None else ""
+        raise LungsegError(
+            f"data.in_channels={in_channels}{source}, but lungseg feeds images as 1 channel "
+            "(grayscale) or 3 channels (RGB). Set data.in_channels to 1 or 3."
+        )
+    if image.ndim == 2:
+        gray = image[:, :, None]
+        return gray if in_channels == 1 else np.repeat(gray, 3, axis=2)
+    if in_channels == 1:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
+    return image

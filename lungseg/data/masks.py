@@ -1,0 +1,208 @@
+"""Mask encodings: class-index maps ⇄ the pixels stored in mask files.
+
+- `index`:   pixel value = class id (8- or 16-bit, grayscale).
+- `binary`:  0 = background (class 0), anything else = foreground (class 1); written as 0/255.
+- `palette`: each class has an RGB colour, class i = palette[i].
+"""
+
+import colorsys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lungseg.errors import LungsegError
+
+MASK_MODES = ("index", "binary", "palette")
+_SHOWN = 5  # how many offending values an error message lists
+_GOLDEN = 0.618033988749895  # hue step that keeps consecutive class colours far apart
+
+
+def decode_mask(
+    raw: np.ndarray,
+    mode: str,
+    path: Path,
+    palette: Sequence[Sequence[int]] | None = None,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """(H, W) uint8 class-index map from a read_image result ((H, W) or (H, W, 3) RGB)."""
+    if mode == "index":
+        return _decode_index(raw, path, num_classes)
+    if mode == "binary":
+        foreground = raw != 0
+        return (foreground.any(axis=2) if raw.ndim == 3 else foreground).astype(np.uint8)
+    if mode == "palette":
+        return _decode_palette(raw, path, _palette_array(palette, num_classes))
+    raise _unknown_mode(mode)
+
+
+def encode_mask(
+    index: np.ndarray, mode: str, palette: Sequence[Sequence[int]] | None = None
+) -> np.ndarray:
+    """Inverse of decode_mask, to write predictions in the training encoding. index: (H, W)
+    class ids → index: (H, W) uint8 ids; binary: (H, W) uint8 0/255 (ids must be 0/1);
+    palette: (H, W, 3) uint8 RGB."""
+    assert np.issubdtype(index.dtype, np.integer) and index.min() >= 0, "class ids expected"
+    if mode == "index":
+        assert index.max() <= 255, "class ids above 255 do not fit a uint8 mask"
+        return index.astype(np.uint8)
+    if mode == "binary":
+        if index.max() > 1:
+            raise LungsegError(
+                f"data.mask_mode=binary stores two classes (0 and 1), but the prediction holds "
+                f"class {int(index.max())}. Use data.mask_mode=index or palette for more classes."
+            )
+        return (index * 255).astype(np.uint8)
+    if mode == "palette":
+        colours = _palette_array(palette, None)
+        if index.max() >= len(colours):
+            raise LungsegError(
+                f"data.palette has {len(colours)} colours, but the prediction holds class "
+                f"{int(index.max())}. Give data.palette one colour per class."
+            )
+        return colours[index]
+    raise _unknown_mode(mode)
+
+
+def default_colors(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 distinct RGB colours for overlays; class 0 (background) is black.
+    Hues step by the golden ratio and brightness alternates, so neighbouring ids contrast."""
+    if num_classes < 1:
+        raise LungsegError(f"data.num_classes must be at least 1, got {num_classes}.")
+    colours = [(0.0, 0.0, 0.0)] + [
+        colorsys.hsv_to_rgb(
+            ((i - 1) * _GOLDEN) % 1.0, 1.0 - 0.35 * (i % 2), 1.0 - 0.3 * (i // 2 % 2)
+        )
+        for i in range(1, num_classes)
+    ]
+    return np.round(np.array(colours) * 255).astype(np.uint8)
+
+
+def _unknown_mode(mode: str) -> LungsegError:
+    return LungsegError(
+        f"Unknown data.mask_mode={mode!r}. Choose one of {', '.join(MASK_MODES)}: index (pixel "
+        "value = class id), binary (0 = background, non-zero = foreground) or palette (one RGB "
+        "colour per class, declared in data.palette)."
+    )
+
+
+def _decode_index(raw: np.ndarray, path: Path, num_classes: int | None) -> np.ndarray:
+    if raw.ndim == 3:
+        if not ((raw[:, :, 0] == raw[:, :, 1]).all() and (raw[:, :, 0] == raw[:, :, 2]).all()):
+            raise LungsegError(
+                f"Mask {path} is a colour image (its red, green and blue channels differ), but "
+                "data.mask_mode=index expects the class id as a gray value. It looks like a "
+                "colour-coded mask: set data.mask_mode=palette and declare the colours in "
+                "data.palette (class i = palette[i]). PNGs saved in palette ('P') mode are read "
+                "as their colours too."
+            )
+        raw = raw[:, :, 0]
+    if raw.dtype not in (np.uint8, np.uint16):
+        raise LungsegError(
+            f"Mask {path} stores {raw.dtype} pixels; data.mask_mode=index expects 8- or 16-bit "
+            "unsigned integer class ids. Save the mask as an 8-bit or 16-bit PNG."
+        )
+    values = np.flatnonzero(np.bincount(raw.ravel()))
+    looks_binary = values[-1] == 255 and set(values.tolist()) <= {0, 255}
+    if looks_binary and (num_classes is None or num_classes <= 255):
+        raise LungsegError(
+            f"Mask {path} holds only the values 0 and 255, which looks like a binary "
+            "(black/white) mask, but data.mask_mode=index reads 255 as class 255. Set "
+            "data.mask_mode=binary (non-zero = foreground), or store class ids 0 and 1."
+        )
+    limit = 256 if num_classes is None else min(num_classes, 256)  # ids are stored as uint8
+    bad = values[values >= limit]
+    if bad.size:
+        if bad[-1] > 255:
+            fix = "lungseg supports at most 256 classes (ids 0-255): fix the mask"
+        else:
+            fix = f"Set data.num_classes to at least {bad[-1] + 1} if these are real classes"
+            fix += ", or fix the mask"
+        raise LungsegError(
+            f"Mask {path} holds class ids {_values(bad)} that are out of range (ids must be "
+            f"below {limit}). {fix}."
+        )
+    return raw.astype(np.uint8)
+
+
+def _palette_array(palette: Sequence[Sequence[int]] | None, num_classes: int | None) -> np.ndarray:
+    """Validated (K, 3) uint8 palette."""
+    if palette is None or len(palette) == 0:
+        raise LungsegError(
+            "data.mask_mode=palette needs data.palette: a list of [R, G, B] colours with class "
+            "i = palette[i], e.g. [[0, 0, 0], [0, 255, 0]] for background and one class."
+        )
+    try:
+        colours = np.array([list(c) for c in palette])
+    except (TypeError, ValueError):  # an entry that is not a sequence, or ragged entries
+        colours = None
+    if (
+        colours is None
+        or colours.ndim != 2
+        or colours.shape[1] != 3
+        or colours.dtype.kind not in "iu"
+        or colours.min() < 0
+        or colours.max() > 255
+    ):
+        raise LungsegError(
+            f"data.palette={palette!r} is not a list of [R, G, B] colours "
+            "with integer values 0-255. Write it like [[0, 0, 0], [0, 255, 0], [255, 0, 0]]."
+        )
+    unique, counts = np.unique(colours, axis=0, return_counts=True)
+    if len(unique) < len(colours):
+        repeated = [tuple(int(v) for v in c) for c in unique[counts > 1]]
+        raise LungsegError(
+            f"data.palette lists the colours {repeated} more than once; each class needs its "
+            "own colour. Make the entries of data.palette distinct."
+        )
+    if len(colours) > 256:
+        raise LungsegError(
+            f"data.palette has {len(colours)} colours; masks hold at most 256 classes. "
+            "Shorten data.palette to one colour per class."
+        )
+    if num_classes is not None and len(colours) != num_classes:
+        raise LungsegError(
+            f"data.palette has {len(colours)} colours but data.num_classes={num_classes}. "
+            "Give data.palette exactly one colour per class, class i = palette[i]."
+        )
+    return colours.astype(np.uint8)
+
+
+def _decode_palette(raw: np.ndarray, path: Path, colours: np.ndarray) -> np.ndarray:
+    if raw.dtype != np.uint8:
+        raise LungsegError(
+            f"Mask {path} stores {raw.dtype} pixels; data.mask_mode=palette expects 8-bit RGB "
+            "colours. Save the mask as an 8-bit RGB PNG."
+        )
+    # One int32 per pixel (R << 16 | G << 8 | B), looked up in the sorted palette keys.
+    packed = _pack(raw) if raw.ndim == 3 else raw.astype(np.int32) * 0x010101  # gray: (v, v, v)
+    keys = _pack(colours)
+    order = np.argsort(keys)
+    position = np.minimum(np.searchsorted(keys[order], packed), len(keys) - 1)
+    known = keys[order][position] == packed
+    if not known.all():
+        unknown, counts = np.unique(packed[~known], return_counts=True)
+        top = np.argsort(-counts, kind="stable")[:_SHOWN]
+        listed = ", ".join(
+            f"({k >> 16}, {k >> 8 & 255}, {k & 255}): {n} pixels"
+            for k, n in zip(unknown[top].tolist(), counts[top].tolist(), strict=True)
+        )
+        more = f" ({len(unknown)} colours in total)" if len(unknown) > _SHOWN else ""
+        raise LungsegError(
+            f"Mask {path} has colours that are not in data.palette: {listed}{more}. Add them "
+            "to data.palette (class i = palette[i]) or fix the mask. In-between colours usually "
+            "come from JPEG compression or smoothed edges: save masks as PNG without "
+            "anti-aliasing."
+        )
+    return order[position].astype(np.uint8)
+
+
+def _pack(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB → (...) int32 R << 16 | G << 8 | B."""
+    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
+    return r << 16 | g << 8 | b
+
+
+def _values(values: np.ndarray) -> str:
+    shown = ", ".join(str(v) for v in values[:_SHOWN].tolist())
+    return shown if len(values) <= _SHOWN else f"{shown}, ... ({len(values)} values in total)"

@@ -1,0 +1,230 @@
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+
+from lungseg.data.folders import Pair, find_pairs, read_image, to_channels, write_image
+from lungseg.errors import LungsegError
+
+
+def touch(folder, *names):
+    """Empty files: pairing looks at names only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+
+
+def stems_to_names(pairs):
+    return {p.stem: (p.image.name, p.mask.name) for p in pairs}
+
+
+def test_pairs_by_name_not_by_sorted_position(tmp_path):
+    # Sorted, the images are a, a1 but the masks a1_mask, a_mask; extensions differ too.
+    touch(tmp_path / "img", "a1.jpg", "a.png", "b.PNG")
+    touch(tmp_path / "msk", "a_mask.tif", "b.png", "a1_mask.png")
+    pairs = find_pairs(tmp_path / "img", tmp_path / "msk")
+    assert [p.stem for p in pairs] == ["a", "a1", "b"]
+    assert stems_to_names(pairs) == {
+        "a": ("a.png", "a_mask.tif"),
+        "a1": ("a1.jpg", "a1_mask.png"),
+        "b": ("b.PNG", "b.png"),
+    }
+    assert pairs[0] == Pair("a", tmp_path / "img" / "a.png", tmp_path / "msk" / "a_mask.tif")
+
+
+def test_mask_suffix_is_matched_against_existing_images(tmp_path):
+    # With suffixes ("", "_mask"), 'a_mask.png' could be the mask of an image 'a_mask';
+    # it belongs to 'a' because only that image exists, and nothing is reported unpaired.
+    touch(tmp_path / "img", "a.png", "b.png")
+    touch(tmp_path / "msk", "a_mask.png", "b.png")
+    pairs = find_pairs(tmp_path / "img", tmp_path / "msk", strict=True)
+    assert stems_to_names(pairs) == {"a": ("a.png", "a_mask.png"), "b": ("b.png", "b.png")}
+
+
+def test_mask_fitting_two_images_is_an_error(tmp_path):
+    touch(tmp_path / "img", "a.png", "a_mask.png")
+    touch(tmp_path / "msk", "a_mask.png")
+    with pytest.raises(LungsegError, match=r"a_mask\.png \(fits images a\.png and a_mask\.png\)"):
+        find_pairs(tmp_path / "img", tmp_path / "msk", strict=False)
+
+
+def test_unpaired_files_listed_with_counts(tmp_path):
+    touch(tmp_path / "img", *[f"{c}.png" for c in "abcdefg"])
+    touch(tmp_path / "msk", "a_mask.png", "z_mask.png", "y.png")
+    with pytest.raises(LungsegError) as info:
+        find_pairs(tmp_path / "img", tmp_path / "msk")
+    message = str(info.value)
+    assert "6 images without a mask" in message
+    assert "'b.png', 'c.png', 'd.png', 'e.png', 'f.png', ... (6 in total)" in message
+    assert "g.png" not in message  # only the first five names
+    assert "2 masks without an image" in message and "'y.png', 'z_mask.png'" in message
+    assert "data.strict=false" in message and "data.mask_suffixes" in message
+
+
+def test_a_file_with_an_image_extension_counts(tmp_path):
+    touch(tmp_path / "img", "a.png", "notes.tif")
+    touch(tmp_path / "msk", "a.png")
+    with pytest.raises(LungsegError, match=r"1 images without a mask .*'notes\.tif'"):
+        find_pairs(tmp_path / "img", tmp_path / "msk")
+
+
+def test_not_strict_warns_once_and_skips(tmp_path):
+    touch(tmp_path / "img", "a.png", "b.png", "c.png")
+    touch(tmp_path / "msk", "a.png", "b_mask.png", "x.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pairs = find_pairs(tmp_path / "img", tmp_path / "msk", strict=False)
+    assert [p.stem for p in pairs] == ["a", "b"]
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "1 images without a mask" in message and "'c.png'" in message
+    assert "1 masks without an image" in message and "'x.png'" in message
+
+
+def test_not_strict_with_nothing_paired_is_an_error(tmp_path):
+    touch(tmp_path / "img", "a.png")
+    touch(tmp_path / "msk", "b.png")
+    with pytest.raises(LungsegError, match="No image in .* has a mask"):
+        find_pairs(tmp_path / "img", tmp_path / "msk", strict=False)
+
+
+def test_same_stem_two_image_extensions_is_an_error(tmp_path):
+    touch(tmp_path / "img", "a.png", "a.jpg", "b.png")
+    touch(tmp_path / "msk", "a.png", "b.png")
+    with pytest.raises(LungsegError, match=r"'a\.jpg and a\.png'"):
+        find_pairs(tmp_path / "img", tmp_path / "msk", strict=False)
+
+
+def test_two_masks_for_one_image_is_an_error(tmp_path):
+    touch(tmp_path / "img", "a.png", "b.png")
+    touch(tmp_path / "msk", "a.png", "a_mask.png", "b.png")
+    with pytest.raises(LungsegError, match=r"a\.png \(masks a\.png and a_mask\.png\)"):
+        find_pairs(tmp_path / "img", tmp_path / "msk", strict=False)
+
+
+@pytest.mark.parametrize("suffixes", [("_mask",), ("", "_mask")])
+def test_images_and_masks_in_one_folder(tmp_path, suffixes):
+    touch(tmp_path, "a.png", "a_mask.png", "b.jpg", "b_mask.png")
+    pairs = find_pairs(tmp_path, tmp_path, mask_suffixes=suffixes)
+    assert stems_to_names(pairs) == {"a": ("a.png", "a_mask.png"), "b": ("b.jpg", "b_mask.png")}
+
+
+def test_one_folder_without_a_suffix_is_an_error(tmp_path):
+    touch(tmp_path, "a.png", "a_mask.png")
+    with pytest.raises(LungsegError, match="same folder"):
+        find_pairs(tmp_path, tmp_path, mask_suffixes=("",))
+
+
+def test_non_ascii_names_with_spaces(tmp_path):
+    image = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    (tmp_path / "bilder ü").mkdir()
+    (tmp_path / "masken").mkdir()
+    write_image(tmp_path / "bilder ü" / "Patient Ä 01.png", image)
+    write_image(tmp_path / "masken" / "Patient Ä 01_mask.png", image)
+    pairs = find_pairs(tmp_path / "bilder ü", tmp_path / "masken")
+    assert [p.stem for p in pairs] == ["Patient Ä 01"]
+    np.testing.assert_array_equal(read_image(pairs[0].image), image)
+    np.testing.assert_array_equal(read_image(pairs[0].mask), image)
+
+
+def test_non_image_files_are_ignored(tmp_path):
+    touch(tmp_path / "img", "a.png", ".DS_Store", "Thumbs.db", "notes.txt", "._a.png")
+    touch(tmp_path / "msk", "a.png", ".DS_Store", "labels.csv")
+    (tmp_path / "img" / "folder.png").mkdir()  # a folder, even with an image extension
+    (tmp_path / "msk" / "sub").mkdir()
+    pairs = find_pairs(tmp_path / "img", tmp_path / "msk")
+    assert stems_to_names(pairs) == {"a": ("a.png", "a.png")}
+
+
+def test_folder_without_images(tmp_path):
+    touch(tmp_path / "img", "notes.txt", ".DS_Store")
+    touch(tmp_path / "msk", "a.png")
+    with pytest.raises(LungsegError, match=r"image folder .*img holds no image files.*\.png"):
+        find_pairs(tmp_path / "img", tmp_path / "msk")
+
+
+def test_missing_folder(tmp_path):
+    touch(tmp_path / "img", "a.png")
+    with pytest.raises(LungsegError, match=r"mask folder .*nowhere does not exist.*data\.mask_dir"):
+        find_pairs(tmp_path / "img", tmp_path / "nowhere")
+
+
+def test_file_instead_of_folder(tmp_path):
+    touch(tmp_path, "a.png")
+    with pytest.raises(LungsegError, match=r"a\.png is not a folder"):
+        find_pairs(tmp_path / "a.png", tmp_path)
+
+
+def png_bytes(array):
+    ok, buffer = cv2.imencode(".png", array)
+    assert ok
+    return buffer.tobytes()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"this is not an image", png_bytes(np.full((32, 32), 7, np.uint8))[:60]],
+    ids=["zero-byte", "corrupt", "truncated"],
+)
+def test_undecodable_file_names_the_file(tmp_path, content):
+    path = tmp_path / "scan 7.png"
+    path.write_bytes(content)
+    with pytest.raises(LungsegError, match=r"scan 7\.png could not be decoded as an image"):
+        read_image(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(LungsegError, match=r"Could not read .*gone\.png"):
+        read_image(tmp_path / "gone.png")
+
+
+def test_16_bit_png_keeps_its_values(tmp_path):
+    image = np.array([[0, 300], [4095, 65535]], np.uint16)
+    write_image(tmp_path / "ct.png", image)
+    read = read_image(tmp_path / "ct.png")
+    assert read.dtype == np.uint16
+    np.testing.assert_array_equal(read, image)
+
+
+def test_colour_is_rgb_and_alpha_is_dropped(tmp_path):
+    bgra = np.zeros((2, 2, 4), np.uint8)
+    bgra[..., 2] = 200  # red in cv2's BGR order
+    bgra[..., 3] = 17  # alpha
+    (tmp_path / "rgba.png").write_bytes(png_bytes(bgra))
+    (tmp_path / "rgb.png").write_bytes(png_bytes(bgra[..., :3]))
+    for name in ("rgba.png", "rgb.png"):
+        read = read_image(tmp_path / name)
+        assert read.shape == (2, 2, 3)
+        np.testing.assert_array_equal(read[0, 0], [200, 0, 0])
+
+
+def test_float_tiff_passes_and_signed_tiff_is_an_error(tmp_path):
+    image = np.array([[0.5, -1.25]], np.float32)
+    (tmp_path / "f.tif").write_bytes(cv2.imencode(".tif", image)[1].tobytes())
+    np.testing.assert_array_equal(read_image(tmp_path / "f.tif"), image)
+    (tmp_path / "s.tif").write_bytes(cv2.imencode(".tif", image.astype(np.int16))[1].tobytes())
+    with pytest.raises(LungsegError, match=r"s\.tif stores pixels as int16"):
+        read_image(tmp_path / "s.tif")
+
+
+def test_to_channels_gray():
+    gray = np.array([[1, 1000]], np.uint16)
+    one = to_channels(gray, 1)
+    assert one.shape == (1, 2, 1) and one.dtype == np.uint16
+    three = to_channels(gray, 3)
+    assert three.shape == (1, 2, 3) and three.dtype == np.uint16
+    np.testing.assert_array_equal(three[0, 1], [1000, 1000, 1000])
+
+
+def test_to_channels_rgb_uses_luminance_weights():
+    rgb = np.array([[[1000, 0, 0], [0, 1000, 0], [0, 0, 1000]]], np.uint16)
+    gray = to_channels(rgb, 1)
+    assert gray.dtype == np.uint16
+    np.testing.assert_array_equal(gray[0, :, 0], [299, 587, 114])
+    assert to_channels(rgb, 3) is rgb
+
+
+def test_to_channels_rejects_other_counts(tmp_path):
+    with pytest.raises(LungsegError, match=r"data\.in_channels=2 \(reading .*x\.png\)"):
+        to_channels(np.zeros((2, 2), np.uint8), 2, tmp_path / "x.png")

@@ -1,0 +1,170 @@
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungseg.data.folders import read_image, write_image
+from lungseg.data.masks import MASK_MODES, decode_mask, default_colors, encode_mask
+from lungseg.errors import LungsegError
+
+PATH = Path("masks/case 1.png")
+PALETTE = [[0, 0, 0], [0, 255, 0], [255, 0, 0], [128, 128, 128]]
+INDEX = np.array([[0, 1, 2, 3], [3, 2, 1, 0]], np.uint8)
+
+
+def test_index_mask():
+    decoded = decode_mask(INDEX, "index", PATH, num_classes=4)
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, INDEX)
+
+
+def test_16_bit_index_mask_from_file(tmp_path):
+    write_image(tmp_path / "m.png", INDEX.astype(np.uint16))
+    raw = read_image(tmp_path / "m.png")
+    assert raw.dtype == np.uint16
+    decoded = decode_mask(raw, "index", tmp_path / "m.png", num_classes=4)
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, INDEX)
+
+
+def test_index_out_of_range_names_values_and_fix():
+    raw = np.array([[0, 1, 7, 5, 5]], np.uint8)
+    with pytest.raises(
+        LungsegError,
+        match=r"case 1\.png holds class ids 5, 7 .*below 3.*data\.num_classes to at least 8",
+    ):
+        decode_mask(raw, "index", PATH, num_classes=3)
+
+
+@pytest.mark.parametrize("num_classes", [None, 301])
+def test_index_above_255_is_an_error(num_classes):
+    with pytest.raises(LungsegError, match=r"case 1\.png holds class ids 300 .*at most 256"):
+        decode_mask(np.array([[0, 300]], np.uint16), "index", PATH, num_classes=num_classes)
+
+
+def test_gray_stored_as_rgb_is_accepted_in_index_mode():
+    decoded = decode_mask(np.repeat(INDEX[:, :, None], 3, axis=2), "index", PATH, num_classes=4)
+    np.testing.assert_array_equal(decoded, INDEX)
+
+
+def test_colour_mask_in_index_mode_is_an_error():
+    rgb = np.array(PALETTE, np.uint8)[INDEX]
+    with pytest.raises(LungsegError, match=r"case 1\.png is a colour image.*mask_mode=palette"):
+        decode_mask(rgb, "index", PATH)
+
+
+@pytest.mark.parametrize("num_classes", [None, 2])
+def test_0_255_mask_in_index_mode_suggests_binary(num_classes):
+    raw = np.array([[0, 255]], np.uint8)
+    with pytest.raises(LungsegError, match=r"case 1\.png holds only the values 0 and 255.*binary"):
+        decode_mask(raw, "index", PATH, num_classes=num_classes)
+
+
+def test_binary_mask():
+    gray = np.array([[0, 255, 1, 7]], np.uint8)
+    np.testing.assert_array_equal(decode_mask(gray, "binary", PATH), [[0, 1, 1, 1]])
+    rgb = np.zeros((1, 3, 3), np.uint8)
+    rgb[0, 1, 1] = 9  # only green set
+    rgb[0, 2] = 255
+    np.testing.assert_array_equal(decode_mask(rgb, "binary", PATH), [[0, 1, 1]])
+
+
+def test_palette_mask():
+    rgb = np.array(PALETTE, np.uint8)[INDEX]
+    decoded = decode_mask(rgb, "palette", PATH, palette=PALETTE, num_classes=4)
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, INDEX)
+
+
+def test_gray_mask_in_palette_mode_reads_as_gray_colour():
+    gray = np.array([[0, 128]], np.uint8)
+    np.testing.assert_array_equal(decode_mask(gray, "palette", PATH, palette=PALETTE), [[0, 3]])
+
+
+def test_unknown_palette_colour_is_named_with_its_count():
+    rgb = np.array(PALETTE, np.uint8)[INDEX]
+    rgb[0, :3] = (10, 20, 30)
+    rgb[1, 0] = (1, 2, 3)
+    with pytest.raises(LungsegError) as info:
+        decode_mask(rgb, "palette", PATH, palette=PALETTE)
+    message = str(info.value)
+    assert "case 1.png" in message and "data.palette" in message
+    assert "(10, 20, 30): 3 pixels, (1, 2, 3): 1 pixels" in message
+
+
+def test_many_unknown_colours_are_cut_to_five():
+    rgb = np.zeros((1, 8, 3), np.uint8)
+    rgb[0, :, 2] = np.arange(1, 9)
+    with pytest.raises(LungsegError, match=r"\(0, 0, 5\): 1 pixels \(8 colours in total\)"):
+        decode_mask(rgb, "palette", PATH, palette=PALETTE)
+
+
+@pytest.mark.parametrize(
+    ("palette", "num_classes", "match"),
+    [
+        (None, None, "needs data.palette"),
+        ([[0, 0, 0], [0, 255, 0], [0, 0, 0]], None, r"colours \[\(0, 0, 0\)\] more than once"),
+        ([[0, 0, 0], [0, 256, 0]], None, "integer values 0-255"),
+        ([[0, 0, 0], [0, 255]], None, "integer values 0-255"),
+        ([[0, 0, 0], [0.5, 1, 1]], None, "integer values 0-255"),
+        ([[0, 0, 0], [0, 255, 0]], 3, "2 colours but data.num_classes=3"),
+    ],
+)
+def test_bad_palette(palette, num_classes, match):
+    with pytest.raises(LungsegError, match=match):
+        decode_mask(np.zeros((2, 2, 3), np.uint8), "palette", PATH, palette, num_classes)
+
+
+def test_unknown_mode():
+    for call in (
+        lambda: decode_mask(INDEX, "rgb", PATH),
+        lambda: encode_mask(INDEX, "rgb"),
+    ):
+        with pytest.raises(LungsegError, match="mask_mode='rgb'.*index, binary, palette"):
+            call()
+    assert MASK_MODES == ("index", "binary", "palette")
+
+
+@pytest.mark.parametrize(
+    ("mode", "index", "stored"),
+    [
+        ("index", INDEX, INDEX),
+        ("binary", INDEX.clip(0, 1), INDEX.clip(0, 1) * 255),
+        ("palette", INDEX, np.array(PALETTE, np.uint8)[INDEX]),
+    ],
+)
+def test_encode_then_decode_through_a_file(tmp_path, mode, index, stored):
+    encoded = encode_mask(index, mode, PALETTE)
+    assert encoded.dtype == np.uint8
+    np.testing.assert_array_equal(encoded, stored)
+    write_image(tmp_path / "pred.png", encoded)
+    raw = read_image(tmp_path / "pred.png")
+    np.testing.assert_array_equal(decode_mask(raw, mode, tmp_path / "pred.png", PALETTE), index)
+
+
+def test_encode_errors():
+    with pytest.raises(LungsegError, match="binary stores two classes.*class 3"):
+        encode_mask(INDEX, "binary")
+    with pytest.raises(LungsegError, match="2 colours, but the prediction holds class 3"):
+        encode_mask(INDEX, "palette", PALETTE[:2])
+
+
+def test_palette_decode_is_vectorised():
+    rng = np.random.default_rng(0)
+    rgb = np.array(PALETTE, np.uint8)[rng.integers(0, 4, (512, 512))]
+    seconds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        decode_mask(rgb, "palette", PATH, PALETTE)
+        seconds.append(time.perf_counter() - start)
+    assert min(seconds) < 0.05  # "a few ms"; a per-pixel Python loop takes seconds
+
+
+def test_default_colors():
+    colours = default_colors(256)
+    assert colours.shape == (256, 3) and colours.dtype == np.uint8
+    np.testing.assert_array_equal(colours[0], [0, 0, 0])
+    assert len(np.unique(colours, axis=0)) == 256
+    assert colours[1:].max(axis=1).min() > 100  # no class is nearly black like the background
+    np.testing.assert_array_equal(default_colors(3), colours[:3])
