@@ -1,0 +1,448 @@
+"""SegDataModule: paired image/mask folders → split → in-memory cache → augmented batches.
+
+Every pair is read, decoded and resized once in ``setup``; epochs then only augment and
+normalise arrays held in memory, so the disk is never touched again and a corrupt or
+mislabelled file stops the run before the first epoch, not in the middle of one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lungseg.data import splits, transforms
+from lungseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
+from lungseg.data.folders import Pair, find_pairs, read_image, to_channels
+from lungseg.data.masks import MASK_MODES, decode_mask, default_colors
+from lungseg.errors import LungsegError
+
+log = logging.getLogger(__name__)
+
+_SHOW = 5  # how many offending names a message lists
+
+
+class CachedSegDataset(Dataset):
+    """Images and masks decoded once and held in memory.
+
+    Items: ``{"image": float32 (C, H, W), "mask": int64 (H, W), "name": stem}``. The cached
+    image (float32 (H, W, C) in [0, 1]) and mask ((H, W) uint8) are augmented together, then
+    the image is normalised.
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        images: list[np.ndarray],
+        masks: list[np.ndarray],
+        augment: A.Compose,
+        normalize: str,
+        mean: list[float] | None,
+        std: list[float] | None,
+    ):
+        assert len(names) == len(images) == len(masks)
+        self.names, self.images, self.masks = names, images, masks
+        self.augment, self.normalize, self.mean, self.std = augment, normalize, mean, std
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        # Copies: an in-place transform must not alter the cache for later epochs.
+        out = self.augment(image=self.images[i].copy(), mask=self.masks[i].copy())
+        image = transforms.normalize_image(out["image"], self.normalize, self.mean, self.std)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])).long(),
+            "name": self.names[i],
+        }
+
+
+class SegDataModule(pl.LightningDataModule):
+    """Segmentation data from an image folder and a mask folder (or the bundled demo data).
+
+    Arguments are plain values as in ``conf/data/folders.yaml``, which documents each one.
+    ``palette`` is ``{class_name: [r, g, b]}`` in class order (a list of ``[r, g, b]`` is also
+    accepted); ``augmentation`` is ``{"train": [specs], "eval": [specs]}`` with albumentations
+    specs as for ``transforms.build_augmentation``. After ``setup()``: ``num_classes``,
+    ``class_names``, ``colors``, ``split``, the three datasets and ``data_info()``.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | None = None,
+        mask_dir: str | None = None,
+        mask_suffixes: Sequence[str] = ("", "_mask"),
+        mask_mode: str = "palette",
+        palette: Mapping[str, Sequence[int]] | Sequence[Sequence[int]] | None = None,
+        class_names: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        in_channels: int = 1,
+        image_size: int | Sequence[int] = 128,
+        median_blur: int = 0,
+        window: Sequence[float] | None = None,
+        intensity_offset: float = 0.0,
+        normalize: str = "dataset",
+        split: Sequence[float] = (0.6, 0.2, 0.2),
+        seed: int = 42,
+        group_pattern: str | None = None,
+        split_file: str | None = None,
+        strict: bool = True,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        augmentation: Mapping[str, Sequence[Mapping]] | None = None,
+        demo_dir: str = "~/.cache/lungseg/demo",
+        demo_num_images: int = 120,
+        demo_size: int = 256,
+    ):
+        super().__init__()
+        if (image_dir is None) != (mask_dir is None):
+            missing = "mask_dir" if mask_dir is None else "image_dir"
+            raise LungsegError(
+                f"data.{missing} is null but the other data folder is set. Set both to your "
+                f"image and mask folders, or leave both null to use the bundled demo data."
+            )
+        self._demo = image_dir is None
+        if mask_mode not in MASK_MODES:
+            raise LungsegError(
+                f"data.mask_mode is {mask_mode!r}; choose one of {', '.join(MASK_MODES)}: index "
+                f"(pixel value = class id), binary (0 = background, non-zero = foreground) or "
+                f"palette (one RGB colour per class, declared in data.palette)."
+            )
+        if normalize not in transforms.NORMALIZE_MODES:
+            raise LungsegError(
+                f"data.normalize is {normalize!r}; choose one of "
+                f"{', '.join(transforms.NORMALIZE_MODES)}: dataset (train-split mean/std), "
+                f"image (per-image z-score) or none (intensities scaled to [0, 1])."
+            )
+        if self._demo and mask_mode != "palette":
+            raise LungsegError(
+                f"data.mask_mode is {mask_mode!r}, but the bundled demo data (data.image_dir "
+                f"and data.mask_dir null) has RGB palette masks. Set data.mask_mode=palette, or "
+                f"point data.image_dir and data.mask_dir at your own data."
+            )
+        self._palette_names, self._palette = _parse_palette(palette, mask_mode, self._demo)
+        self._num_classes = _fixed_num_classes(mask_mode, self._palette, num_classes)
+        self._image_dir, self._mask_dir = image_dir, mask_dir
+        self._mask_suffixes, self._mask_mode, self._strict = tuple(mask_suffixes), mask_mode, strict
+        self._given_class_names = None if class_names is None else list(class_names)
+        self._in_channels, self._image_size = in_channels, _parse_size(image_size)
+        self._median_blur, self._normalize = median_blur, normalize
+        self._window = window  # checked by scale_intensity
+        self._offset = float(intensity_offset)
+        self._fractions, self._seed = split, seed
+        self._group_pattern, self._split_file = group_pattern, split_file
+        self._batch_size, self._num_workers = batch_size, num_workers
+        self._pin_memory, self._persistent_workers = pin_memory, persistent_workers
+        augmentation = augmentation or {}
+        if not isinstance(augmentation, Mapping) or set(augmentation) - {"train", "eval"}:
+            raise LungsegError(
+                f"augmentation is {augmentation!r}, but it must be a mapping with the keys "
+                f"'train' and/or 'eval', each a list of albumentations transforms, e.g. "
+                f"{{train: [{{_target_: albumentations.HorizontalFlip, p: 0.5}}], eval: []}}."
+            )
+        self._train_augment = transforms.build_augmentation(augmentation.get("train"))
+        self._eval_augment = transforms.build_augmentation(augmentation.get("eval"))
+        self._demo_args = (Path(demo_dir).expanduser(), demo_num_images, demo_size)
+        self._class_names: list[str] | None = None
+        self._split: dict[str, str] | None = None
+        self._datasets: dict[str, CachedSegDataset] = {}
+        self._mean: list[float] | None = None
+        self._std: list[float] | None = None
+
+    # ---- Lightning hooks -------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Generate the demo data on first use (once per machine, before any setup)."""
+        if self._demo:
+            make_demo_dataset(*self._demo_args)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Pair, split, decode and cache every file, and compute the normalisation statistics.
+
+        Runs once; later calls (Lightning calls it per stage) return at once.
+        """
+        if self._split is not None:
+            return
+        pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict)
+        names = [p.stem for p in pairs]
+        split = splits.make_split(
+            names, self._fractions, self._seed, self._group_pattern, self._split_file
+        )
+        # Threads: PNG decoding and the numpy work release the GIL, so this scales with cores.
+        with ThreadPoolExecutor() as pool:
+            images, masks = zip(*pool.map(self._decode, pairs), strict=True)
+        if self._num_classes is None:  # index masks without data.num_classes
+            self._num_classes = max(2, max(int(m.max()) for m in masks) + 1)
+        self._class_names = self._resolve_class_names()
+        members = {s: [i for i, n in enumerate(names) if split[n] == s] for s in splits.SPLITS}
+        train_images = [images[i] for i in members["train"]]
+        if self._normalize == "dataset":
+            self._mean, self._std = _channel_stats(train_images, self._window)
+        for name in splits.SPLITS:
+            self._datasets[name] = CachedSegDataset(
+                [names[i] for i in members[name]],
+                [images[i] for i in members[name]],
+                [masks[i] for i in members[name]],
+                self._train_augment if name == "train" else self._eval_augment,
+                self._normalize,
+                self._mean,
+                self._std,
+            )
+        self._split = split
+        log.info(self._summary(pairs, members, [masks[i] for i in members["train"]]))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, train=False)
+
+    # ---- public, after setup ---------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        self._check_setup()
+        return self._num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        self._check_setup()
+        return list(self._class_names)
+
+    @property
+    def colors(self) -> np.ndarray:
+        """(num_classes, 3) uint8 RGB: the palette in palette mode, else distinct defaults."""
+        self._check_setup()
+        if self._palette is not None:
+            return np.array(self._palette, dtype=np.uint8)
+        return default_colors(self._num_classes)
+
+    @property
+    def split(self) -> dict[str, str]:
+        """stem -> "train" | "val" | "test"."""
+        self._check_setup()
+        return dict(self._split)
+
+    @property
+    def train_dataset(self) -> CachedSegDataset:
+        self._check_setup()
+        return self._datasets["train"]
+
+    @property
+    def val_dataset(self) -> CachedSegDataset:
+        self._check_setup()
+        return self._datasets["val"]
+
+    @property
+    def test_dataset(self) -> CachedSegDataset:
+        self._check_setup()
+        return self._datasets["test"]
+
+    def write_split(self, path: str | Path) -> None:
+        """Write the split as CSV ``file,split``; pass it as data.split_file to reuse it."""
+        splits.write_split(self.split, Path(path))
+
+    def data_info(self) -> dict[str, Any]:
+        """What prediction on new images needs, as plain values (safe for weights_only loads).
+
+        mean/std: per-channel train statistics of the [0, 1] images (normalize=dataset only).
+        """
+        self._check_setup()
+        return {
+            "in_channels": int(self._in_channels),
+            "image_size": list(self._image_size),
+            "mask_mode": self._mask_mode,
+            "palette": None if self._palette is None else self.colors.tolist(),
+            "class_names": list(self._class_names),
+            "num_classes": int(self._num_classes),
+            "window": None if self._window is None else [float(v) for v in self._window],
+            "intensity_offset": self._offset,
+            "median_blur": int(self._median_blur),
+            "normalize": self._normalize,
+            "mean": None if self._mean is None else list(self._mean),
+            "std": None if self._std is None else list(self._std),
+        }
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _check_setup(self) -> None:
+        assert self._split is not None, "call prepare_data() and setup() first"
+
+    def _data_dirs(self) -> tuple[Path, Path]:
+        if self._demo:  # idempotent: returns at once when prepare_data generated it
+            return make_demo_dataset(*self._demo_args)
+        return Path(self._image_dir).expanduser(), Path(self._mask_dir).expanduser()
+
+    def _decode(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W, C) float32 image in [0, 1] and (H, W) uint8 mask, both at image_size."""
+        image = to_channels(read_image(pair.image), self._in_channels, pair.image)
+        raw_mask = read_image(pair.mask)
+        if raw_mask.shape[:2] != image.shape[:2]:
+            raise LungsegError(
+                f"Image {pair.image} is {image.shape[1]}x{image.shape[0]} pixels (width x "
+                f"height) but its mask {pair.mask} is {raw_mask.shape[1]}x{raw_mask.shape[0]}. "
+                f"A mask must have its image's size; re-export the mask at the image's size or "
+                f"remove the pair."
+            )
+        mask = decode_mask(raw_mask, self._mask_mode, pair.mask, self._palette, self._num_classes)
+        image = transforms.median_blur(
+            transforms.resize_image(image, self._image_size), self._median_blur
+        )
+        image = transforms.scale_intensity(image, self._window, self._offset)
+        return image, transforms.resize_mask(mask, self._image_size)
+
+    def _resolve_class_names(self) -> list[str]:
+        k = self._num_classes
+        if self._given_class_names is not None:
+            names = self._given_class_names
+            if len(names) != k or len(set(names)) != k:
+                raise LungsegError(
+                    f"data.class_names {names} must be {k} distinct names, one per class "
+                    f"(data.num_classes or the classes found in the masks is {k}). Fix the "
+                    f"list, or set data.class_names to null to name the classes automatically."
+                )
+            return [str(n) for n in names]
+        if self._palette_names is not None:
+            return list(self._palette_names)
+        if self._mask_mode == "binary":
+            return ["background", "foreground"]
+        return ["background"] + [f"class_{i}" for i in range(1, k)]
+
+    def _loader(self, dataset: CachedSegDataset, train: bool) -> DataLoader:
+        # Worker seeds come from pl.seed_everything(workers=True) in the training task.
+        return DataLoader(
+            dataset,
+            batch_size=self._batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self._batch_size,
+            num_workers=self._num_workers,
+            pin_memory=self._pin_memory,
+            persistent_workers=self._persistent_workers and self._num_workers > 0,
+        )
+
+    def _summary(
+        self, pairs: list[Pair], members: dict[str, list[int]], train_masks: list[np.ndarray]
+    ) -> str:
+        counts = "/".join(str(len(members[s])) for s in splits.SPLITS)
+        patients = ""
+        if self._group_pattern is not None:
+            ids = splits.patient_ids([p.stem for p in pairs], self._group_pattern)
+            per_split = [{ids[pairs[i].stem] for i in members[s]} for s in splits.SPLITS]
+            patients = f" ({'/'.join(str(len(p)) for p in per_split)} patients)"
+            shared = sorted(set.union(*[a & b for a in per_split for b in per_split if a is not b]))
+            if shared:
+                log.warning(
+                    "data.split_file puts %d patients into more than one split (leakage "
+                    "between train, val and test): %s",
+                    len(shared),
+                    ", ".join(shared[:_SHOW]),
+                )
+        pixels = sum(np.bincount(m.ravel(), minlength=self._num_classes) for m in train_masks)
+        fractions = pixels / max(1, pixels.sum()) if train_masks else np.zeros(self._num_classes)
+        classes = ", ".join(
+            f"{n} {f:.1%}" for n, f in zip(self._class_names, fractions, strict=True)
+        )
+        source = "demo data" if self._demo else str(self._image_dir)
+        return (
+            f"{len(pairs)} image/mask pairs from {source}; train/val/test {counts}{patients}; "
+            f"{self._num_classes} classes, train pixels: {classes}"
+        )
+
+
+def _parse_palette(
+    palette: Mapping | Sequence | None, mask_mode: str, demo: bool
+) -> tuple[list[str] | None, list[list[int]] | None]:
+    """(class names or None, colours) from data.palette; decode_mask checks the colours."""
+    if mask_mode != "palette":
+        if palette is not None:
+            raise LungsegError(
+                f"data.palette is set but data.mask_mode is {mask_mode!r}, which ignores it. "
+                f"Set data.mask_mode=palette if the masks are colour-coded, or remove "
+                f"data.palette."
+            )
+        return None, None
+    if palette is None:
+        if demo:
+            return list(DEMO_CLASSES), [list(c) for c in DEMO_PALETTE]
+        raise LungsegError(
+            "data.mask_mode=palette needs data.palette: the RGB colour of each class in class "
+            "order, background first, e.g. in the data config\n  palette:\n    background: "
+            "[0, 0, 0]\n    lung: [0, 255, 0]\n    tumour: [255, 0, 0]\nFor masks that store "
+            "class ids as gray values use data.mask_mode=index, for black/white masks binary."
+        )
+    if isinstance(palette, Mapping):
+        return [str(n) for n in palette], list(palette.values())
+    if isinstance(palette, list | tuple):
+        return None, list(palette)
+    raise LungsegError(
+        f"data.palette is {palette!r}; write it as {{class_name: [r, g, b]}} in class order, "
+        f"background first, e.g. {{background: [0, 0, 0], lung: [0, 255, 0]}}."
+    )
+
+
+def _fixed_num_classes(
+    mask_mode: str, palette: list[list[int]] | None, num_classes: int | None
+) -> int | None:
+    """The class count the settings fix (None: index masks, counted in setup)."""
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+        raise LungsegError(
+            f"data.num_classes is {num_classes!r}; it must be an integer >= 2 (background "
+            f"plus at least one class) or null to infer it from the masks."
+        )
+    implied = {"palette": None if palette is None else len(palette), "binary": 2}.get(mask_mode)
+    if num_classes is not None and implied is not None and num_classes != implied:
+        source = "data.palette has" if mask_mode == "palette" else "data.mask_mode=binary has"
+        raise LungsegError(
+            f"data.num_classes is {num_classes} but {source} {implied} classes. Set "
+            f"data.num_classes to {implied} or to null (inferred)."
+        )
+    return implied if implied is not None else num_classes
+
+
+def _parse_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    size = [image_size] * 2 if isinstance(image_size, int) else list(image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise LungsegError(
+            f"data.image_size is {image_size!r}; it must be a positive integer (square) or "
+            f"[height, width] in pixels, e.g. 128 or [128, 160]."
+        )
+    return size[0], size[1]
+
+
+def _channel_stats(
+    images: list[np.ndarray], window: list[float] | None
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std over (H, W, C) float32 images in [0, 1], pooled over pixels."""
+    if not images:
+        raise LungsegError(
+            "data.normalize=dataset needs training images for its mean and std, but the train "
+            "split is empty. Give data.split a train fraction > 0 (or list train files in "
+            "data.split_file), or use data.normalize=image."
+        )
+    n = sum(im.shape[0] * im.shape[1] for im in images)
+    mean = sum(im.sum(axis=(0, 1), dtype=np.float64) for im in images) / n
+    var = sum(np.square(im - mean).sum(axis=(0, 1)) for im in images) / n
+    std = np.sqrt(var)
+    if (std == 0).any():
+        channel = int(np.argmin(std))
+        raise LungsegError(
+            f"Channel {channel} of every training image has the same value {mean[channel]:.3g} "
+            f"after intensity scaling (data.window={window}), so it cannot be normalised. "
+            f"Check the images, and that data.window and data.intensity_offset match their "
+            f"raw values (everything outside the window is clipped to one value)."
+        )
+    return [float(v) for v in mean], [float(v) for v in std]

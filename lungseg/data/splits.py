@@ -1,0 +1,226 @@
+"""Train/val/test splits of file stems: reproducible, grouped by patient, or read from a CSV.
+
+A split is a dict ``stem -> "train" | "val" | "test"``. It depends only on the set of stems,
+the fractions, the seed and the patient pattern, never on the order the files were listed in,
+so a run can be repeated on another machine and a CSV written by ``write_split`` reproduces it.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lungseg.errors import LungsegError
+
+SPLITS = ("train", "val", "test")
+_SHOW = 5  # how many offending names an error message lists
+_FRACTION_TOLERANCE = 1e-6
+
+
+def make_split(
+    stems: Sequence[str],
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 42,
+    group_pattern: str | None = None,
+    split_file: str | Path | None = None,
+) -> dict[str, str]:
+    """Assign every stem to "train", "val" or "test".
+
+    Random split: the sorted unique groups (one group per stem, or per patient with
+    ``group_pattern``) are shuffled with ``np.random.default_rng(seed)`` and laid end to end,
+    each group taking as many places as it has files. The fractions put two cut points on
+    that line, at ``fractions[0] * N`` and ``(fractions[0] + fractions[1]) * N`` files; a group
+    goes to the split in which its middle falls. Without grouping the file counts are thus the
+    fractions of N rounded to whole files; with grouping whole patients move together, so each
+    split is off by at most half a patient's files at each cut.
+
+    ``group_pattern`` is a regex searched (``re.search``) in each stem; its first capture group
+    is the patient id, e.g. ``r"^(patient\\d+)_"``.
+
+    ``split_file`` is a CSV with columns ``file,split`` that lists every stem exactly once (by
+    stem or by file name); it replaces the fractions and the pattern.
+
+    Raises LungsegError for fractions that are not three numbers >= 0 summing to 1, for a split
+    with a fraction > 0 that gets no file, for a pattern that is not a regex with a group or
+    does not match every stem, and for a split file that does not match the data.
+    """
+    stems = sorted(set(stems))
+    if split_file is not None:
+        return _read_split_file(Path(split_file), stems)
+    fractions = _check_fractions(fractions)
+    groups = _group(stems, group_pattern)
+    names = sorted(set(groups.values()))
+    sizes = {name: 0 for name in names}
+    for name in groups.values():
+        sizes[name] += 1
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    cuts = np.cumsum(fractions)[:2] * len(stems)
+    group_split, start = {}, 0
+    for name in order:
+        middle = start + sizes[name] / 2
+        group_split[name] = SPLITS[int(np.searchsorted(cuts, middle, side="right"))]
+        start += sizes[name]
+    split = {stem: group_split[groups[stem]] for stem in stems}
+    _check_not_empty(split, fractions, group_pattern, len(names))
+    return split
+
+
+def patient_ids(stems: Sequence[str], group_pattern: str) -> dict[str, str]:
+    """stem -> patient id (the first capture group of ``group_pattern``); errors as make_split."""
+    return _group(sorted(set(stems)), group_pattern)
+
+
+def write_split(split: Mapping[str, str], path: str | Path) -> None:
+    """Write ``split`` as a CSV with header ``file,split``, one row per stem, sorted by stem.
+
+    The file can be passed back as ``data.split_file`` to reproduce the split exactly.
+    """
+    assert set(split.values()) <= set(SPLITS), set(split.values())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "split"])
+        writer.writerows(sorted(split.items()))
+
+
+def _check_fractions(fractions: Sequence[float]) -> list[float]:
+    try:
+        values = [float(f) for f in fractions]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1) > _FRACTION_TOLERANCE:
+        raise LungsegError(
+            f"data.split is {fractions!r}, but it must be three numbers >= 0 (the train, val "
+            f"and test fractions) that sum to 1, e.g. [0.6, 0.2, 0.2]. Fix data.split, or set "
+            f"data.split_file to a CSV that lists the split of every file."
+        )
+    return values
+
+
+def _group(stems: list[str], group_pattern: str | None) -> dict[str, str]:
+    """stem -> group name: the stem itself without a pattern, else the pattern's first group."""
+    if group_pattern is None:
+        return {stem: stem for stem in stems}
+    try:
+        regex = re.compile(group_pattern)
+    except re.error as e:
+        raise LungsegError(
+            f"data.group_pattern '{group_pattern}' is not a valid regular expression ({e}). "
+            f"Write a Python regex whose first capture group is the patient id, e.g. "
+            f"'^(patient\\d+)_' for files named patient001_slice12.png."
+        ) from None
+    if regex.groups < 1:
+        raise LungsegError(
+            f"data.group_pattern '{group_pattern}' has no capture group, so it cannot tell "
+            f"which patient a file belongs to. Put the patient id in parentheses, e.g. "
+            f"'^(patient\\d+)_' for files named patient001_slice12.png."
+        )
+    groups, unmatched = {}, []
+    for stem in stems:
+        match = regex.search(stem)
+        if match is None or not match.group(1):
+            unmatched.append(stem)
+        else:
+            groups[stem] = match.group(1)
+    if unmatched and not groups:
+        raise LungsegError(
+            f"data.group_pattern '{group_pattern}' matches none of the {len(stems)} file "
+            f"names, e.g. {', '.join(stems[:_SHOW])}. Adjust the pattern so that its first "
+            f"capture group is the patient id in every file name (it is searched with "
+            f"re.search in the file name without extension)."
+        )
+    if unmatched:
+        raise LungsegError(
+            f"data.group_pattern '{group_pattern}' finds no patient id in {len(unmatched)} of "
+            f"the {len(stems)} file names, e.g. {', '.join(unmatched[:_SHOW])}. Every file "
+            f"needs a patient so that no patient is split across train, val and test: adjust "
+            f"the pattern, or rename or remove those files."
+        )
+    return groups
+
+
+def _check_not_empty(
+    split: dict[str, str], fractions: list[float], group_pattern: str | None, num_groups: int
+) -> None:
+    counts = {name: 0 for name in SPLITS}
+    for name in split.values():
+        counts[name] += 1
+    empty = [name for name, f in zip(SPLITS, fractions, strict=True) if f > 0 and counts[name] == 0]
+    if empty:
+        source = f"{len(split)} files" + (f" of {num_groups} patients" if group_pattern else "")
+        raise LungsegError(
+            f"data.split {fractions} leaves the {' and '.join(empty)} split empty: "
+            f"{source} give train/val/test = {counts['train']}/"
+            f"{counts['val']}/{counts['test']} files. Add images, raise the fraction of "
+            f"{' and '.join(empty)}, or set it to 0 to do without that split."
+        )
+
+
+def _read_split_file(path: Path, stems: list[str]) -> dict[str, str]:
+    if not path.is_file():
+        raise LungsegError(
+            f"data.split_file {str(path)!r} does not exist. Give the path of a CSV with "
+            f"header 'file,split' (e.g. one written by a previous run as split.csv), or set "
+            f"data.split_file to null to split by data.split fractions."
+        )
+    # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, skipinitialspace=True)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "file" not in columns or "split" not in columns:
+            raise LungsegError(
+                f"data.split_file {str(path)!r} has columns {columns}, but it needs a header "
+                f"row with the columns 'file' and 'split', e.g. 'file,split' then rows like "
+                f"'patient001_slice12.png,train'."
+            )
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    known = set(stems)
+    split, unknown_files, bad_splits, conflicts = {}, [], [], []
+    for row in rows:
+        stem = _stem_of(row["file"], known)
+        value = row["split"].lower()
+        if stem is None:
+            unknown_files.append(row["file"])
+        elif value not in SPLITS:
+            bad_splits.append(f"{row['file']}: {row['split']!r}")
+        elif split.setdefault(stem, value) != value:
+            conflicts.append(row["file"])
+    where = f"data.split_file {str(path)!r}"
+    if bad_splits:
+        raise LungsegError(
+            f"{where} has {len(bad_splits)} rows whose split is not one of {list(SPLITS)}: "
+            f"{'; '.join(bad_splits[:_SHOW])}. Use only train, val and test in the split column."
+        )
+    if conflicts:
+        raise LungsegError(
+            f"{where} lists {len(conflicts)} files more than once with different splits: "
+            f"{', '.join(conflicts[:_SHOW])}. Keep one row per file."
+        )
+    if unknown_files:
+        raise LungsegError(
+            f"{where} names {len(unknown_files)} files that are not in the data: "
+            f"{', '.join(unknown_files[:_SHOW])}. Remove those rows, or point data.image_dir "
+            f"and data.mask_dir at the data the file was written for."
+        )
+    missing = [stem for stem in stems if stem not in split]
+    if missing:
+        raise LungsegError(
+            f"{where} does not list {len(missing)} of the {len(stems)} files in the data, "
+            f"e.g. {', '.join(missing[:_SHOW])}. Add a row 'file,split' for each of them, or "
+            f"remove those images and masks from the data folders."
+        )
+    return split
+
+
+def _stem_of(file: str, known: set[str]) -> str | None:
+    """The known stem a split-file entry names: the stem itself or a file name (with folders)."""
+    name = Path(file).name
+    for candidate in (file, name, Path(name).stem):
+        if candidate in known:
+            return candidate
+    return None

@@ -1,0 +1,172 @@
+"""Image and mask transforms: intensity scaling, resizing, denoising, normalisation, augmentation.
+
+Images are numpy arrays (H, W, C) as read from disk (uint8, uint16 or float32) until
+``scale_intensity`` turns them into float32 in [0, 1]; masks are (H, W) uint8 class ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import albumentations as A
+import cv2
+import hydra.utils
+import numpy as np
+
+from lungseg.errors import LungsegError
+
+NORMALIZE_MODES = ("dataset", "image", "none")
+_MIN_STD = 1e-6  # per-image z-score of a constant image: avoid dividing by zero
+
+
+def scale_intensity(
+    image: np.ndarray, window: Sequence[float] | None = None, offset: float = 0.0
+) -> np.ndarray:
+    """Map raw intensities to float32 in [0, 1], same shape.
+
+    Without ``window``: uint8 / 255, uint16 / 65535; float input is returned as float32,
+    unchanged. With ``window = [lo, hi]``: ``clip(raw - offset, lo, hi)`` mapped linearly to
+    [0, 1]; e.g. CT stored as HU + 32768 in uint16 with offset 32768 and window [-1000, 400].
+    """
+    if window is None:
+        if offset != 0:
+            raise LungsegError(
+                f"data.intensity_offset is {offset} but data.window is not set; the offset is "
+                f"subtracted only before windowing. Set data.window (e.g. [-1000, 400] for "
+                f"lung CT in HU) or set data.intensity_offset to 0."
+            )
+        if np.issubdtype(image.dtype, np.floating):
+            return image.astype(np.float32, copy=False)
+        if image.dtype in (np.uint8, np.uint16):
+            return image.astype(np.float32) / np.iinfo(image.dtype).max
+        raise LungsegError(
+            f"Images of dtype {image.dtype} have no natural intensity range. Set data.window "
+            f"to the [low, high] raw values to map to [0, 1] (after subtracting "
+            f"data.intensity_offset)."
+        )
+    lo, hi = _check_window(window)
+    image = image.astype(np.float32) - np.float32(offset)
+    return (np.clip(image, lo, hi) - np.float32(lo)) / np.float32(hi - lo)
+
+
+def _check_window(window: Sequence[float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        lo = hi = 0.0
+    if not lo < hi:
+        raise LungsegError(
+            f"data.window is {window!r}, but it must be two numbers [low, high] with "
+            f"low < high, in raw units after subtracting data.intensity_offset, e.g. "
+            f"[-1000, 400] for lung CT in HU."
+        )
+    return lo, hi
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (H, W) or (H, W, C) to ``size = (height, width)``; same dtype and channel count.
+
+    INTER_AREA when shrinking (averages instead of aliasing), INTER_LINEAR when enlarging.
+    """
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    shrink = height <= image.shape[0] and width <= image.shape[1]
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (width, height), interpolation=interpolation)
+    # cv2 drops a trailing channel axis of length 1
+    return resized.reshape(height, width, *image.shape[2:])
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W) class-id mask to ``size = (height, width)`` by nearest neighbour.
+
+    INTER_NEAREST_EXACT samples pixel centres like INTER_AREA/INTER_LINEAR do for the image;
+    plain INTER_NEAREST shifts the mask by up to half a pixel against the image.
+    """
+    height, width = size
+    if mask.shape[:2] == (height, width):
+        return mask
+    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def median_blur(image: np.ndarray, ksize: int) -> np.ndarray:
+    """Median filter each channel of an (H, W, C) image with an odd ``ksize``; 0 or 1 = off.
+
+    OpenCV filters uint8 with any odd size, uint16 and float32 only with 3 or 5.
+    """
+    if ksize in (0, 1):
+        return image
+    if not isinstance(ksize, int) or ksize < 3 or ksize % 2 == 0:
+        raise LungsegError(
+            f"data.median_blur is {ksize!r}, but it must be 0 (off) or an odd kernel size "
+            f"in pixels, e.g. 3 or 5."
+        )
+    if image.dtype != np.uint8 and ksize > 5:
+        raise LungsegError(
+            f"data.median_blur is {ksize}, but OpenCV's median filter supports kernel sizes "
+            f"above 5 only for 8-bit images and these images are {image.dtype}. Use "
+            f"data.median_blur 3 or 5, or convert the images to 8 bits."
+        )
+    channels = [
+        cv2.medianBlur(np.ascontiguousarray(image[..., c]), ksize) for c in range(image.shape[2])
+    ]
+    return np.stack(channels, axis=-1)
+
+
+def normalize_image(
+    image: np.ndarray,
+    mode: str,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Normalise an (H, W, C) float32 image in [0, 1]; returns float32 (H, W, C).
+
+    "dataset": ``(x - mean[c]) / std[c]`` with the train split's per-channel statistics;
+    "image": per-image, per-channel z-score; "none": unchanged.
+    """
+    if mode == "dataset":
+        return (image - np.float32(mean)) / np.float32(std)
+    if mode == "image":
+        image_mean = image.mean(axis=(0, 1), dtype=np.float64)
+        image_std = np.maximum(image.std(axis=(0, 1), dtype=np.float64), _MIN_STD)
+        return ((image - image_mean) / image_std).astype(np.float32)
+    assert mode == "none", mode
+    return image
+
+
+def build_augmentation(specs: Sequence[Mapping] | None) -> A.Compose:
+    """An albumentations Compose from specs like ``{"_target_": "albumentations.Rotate"}``.
+
+    Each entry is built with ``hydra.utils.instantiate`` (an entry that already is an
+    albumentations transform is used as is); None or [] gives a Compose that
+    returns its input unchanged. Apply it as ``compose(image=image, mask=mask)`` so that
+    geometric transforms move image and mask together.
+    """
+    transforms = []
+    for i, spec in enumerate(specs or []):
+        if isinstance(spec, A.BasicTransform | A.BaseCompose):  # already built by a caller
+            transforms.append(spec)
+            continue
+        target = spec.get("_target_") if isinstance(spec, Mapping) else None
+        if target is None:
+            raise LungsegError(
+                f"Augmentation entry {i} is {spec!r}, but each entry must be a mapping with a "
+                f"'_target_', e.g. {{_target_: albumentations.HorizontalFlip, p: 0.5}}."
+            )
+        try:
+            transform = hydra.utils.instantiate(dict(spec), _convert_="all")
+        except Exception as e:
+            raise LungsegError(
+                f"Augmentation entry {i} ({target}) could not be built: {e}. Check the class "
+                f"name (e.g. albumentations.HorizontalFlip) and its arguments in the "
+                f"albumentations documentation."
+            ) from None
+        if not isinstance(transform, A.BasicTransform | A.BaseCompose):
+            raise LungsegError(
+                f"Augmentation entry {i} ({target}) built a {type(transform).__name__}, not an "
+                f"albumentations transform. Use a class from albumentations, e.g. "
+                f"albumentations.Rotate."
+            )
+        transforms.append(transform)
+    return A.Compose(transforms)

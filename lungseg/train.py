@@ -1,0 +1,142 @@
+"""The training task: build data, model, callbacks, logger and trainer from a Hydra config,
+fit, test the best checkpoint and write the run's record."""
+
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lungseg.errors import LungsegError
+from lungseg.module import SegmentationModule
+
+log = logging.getLogger(__name__)
+
+# Lightning's advice to add DataLoader workers does not apply: the data is decoded once and
+# cached in memory, and on a 2-core CPU workers would compete with the network for cores.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def plain(cfg: DictConfig | None) -> Any:
+    """A resolved, OmegaConf-free copy of a config node (what checkpoints may hold)."""
+    return None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
+
+
+def accelerator_settings(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Map the Lightning 1.x ``gpus`` key onto ``accelerator``/``devices`` and check that a
+    requested GPU exists, so a CPU-only machine gets one clear sentence, not a traceback.
+
+    gpus: null (use accelerator/devices as given), 0 (CPU), N (N GPUs), -1 (all GPUs) or a
+    list of GPU indices."""
+    cfg = dict(trainer_cfg)
+    gpus = cfg.pop("gpus", None)
+    if gpus is not None:
+        if gpus == 0 or gpus == []:
+            cfg.update(accelerator="cpu", devices=1)
+        else:
+            cfg.update(accelerator="gpu", devices=gpus)
+    if cfg.get("accelerator") in ("gpu", "cuda"):
+        asked = f"trainer.gpus={gpus}" if gpus is not None else "trainer.accelerator=gpu"
+        if not torch.cuda.is_available():
+            raise LungsegError(
+                f"{asked} asks for a GPU, but PyTorch sees none (torch.cuda.is_available() is "
+                f"False; this torch build is {torch.__version__}). Train on the CPU by leaving "
+                "out trainer.gpus (or with trainer=cpu), or install a CUDA build of PyTorch on "
+                "a machine with an NVIDIA GPU."
+            )
+        wanted = cfg.get("devices")
+        count = torch.cuda.device_count()
+        if isinstance(wanted, int) and wanted > count:
+            raise LungsegError(
+                f"{asked} asks for {wanted} GPUs but this machine has {count}; "
+                f"use trainer.gpus={count} or fewer."
+            )
+    return cfg
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """Instantiate and set up the data, then write the inferred class count back into the
+    config, so ``model.num_classes: ${data.num_classes}`` resolves to it."""
+    datamodule = instantiate(
+        cfg.data, augmentation=plain(cfg.augmentation), _convert_="all", _recursive_=False
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    OmegaConf.update(cfg, "data.num_classes", datamodule.num_classes)
+    return datamodule
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"width": 8}} → {"model.width": 8}, lists as strings (TensorBoard hparams)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    value = tree if isinstance(tree, int | float | str | bool) else str(tree)
+    return {prefix[:-1]: value}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint, and write into ``cfg.output_dir``: ``checkpoints/``,
+    ``tensorboard/``, ``split.csv``, ``config.yaml`` (resolved) and ``metrics.json``.
+    Returns the metrics written to metrics.json."""
+    started = time.monotonic()
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_datamodule(cfg)
+    datamodule.write_split(out_dir / "split.csv")
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    module = SegmentationModule(
+        net=plain(cfg.model),
+        loss=plain(cfg.loss),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+        data_info=datamodule.data_info(),
+        channels_last=cfg.get("channels_last", False),
+    )
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer = instantiate(
+        accelerator_settings(plain(cfg.trainer)), callbacks=callbacks, logger=loggers
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    metrics: dict[str, Any] = {
+        "epochs_trained": trainer.current_epoch,
+        "best_checkpoint": best_path or None,
+        "best_epoch": torch.load(best_path, map_location="cpu")["epoch"] if best_path else None,
+        "monitor": checkpoint.monitor if checkpoint is not None else None,
+        "best_score": float(checkpoint.best_model_score)
+        if checkpoint is not None and checkpoint.best_model_score is not None
+        else None,
+    }
+    if cfg.get("test_after_fit", True):
+        # Without a saved best checkpoint (fast_dev_run) the weights in memory are tested.
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
+        metrics.update(results[0] if results else {})
+    metrics["train_minutes"] = (time.monotonic() - started) / 60
+    metrics = {
+        k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
+    }
+
+    if trainer.is_global_zero:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        final = {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(flatten(plain(cfg)), final)
+            logger.finalize("success")  # flush: the trainer already closed its writers
+        log.info("metrics written to %s", out_dir / "metrics.json")
+    return metrics

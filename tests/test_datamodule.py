@@ -1,0 +1,296 @@
+import csv
+import logging
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lungseg.data.datamodule import SegDataModule
+from lungseg.data.transforms import build_augmentation, median_blur, resize_image
+from lungseg.errors import LungsegError
+
+H, W = 40, 48
+PALETTE = {"background": [0, 0, 0], "lung": [0, 255, 0], "tumour": [255, 0, 0]}
+
+
+def label_map(i, h=H, w=W):
+    """(h, w) uint8 class ids 0..2, different per image and left/right asymmetric."""
+    mask = np.zeros((h, w), np.uint8)
+    mask[4 : h // 2, 3 + i % 5 : w // 2] = 1
+    mask[h // 2 + 2 : h - 4, w // 2 + i % 3 : w - 6] = 2
+    return mask
+
+
+def gray_image(mask, i):
+    """uint8 image whose intensity follows the mask, plus a left-to-right ramp and noise."""
+    rng = np.random.default_rng(i)
+    ramp = np.linspace(0, 40, mask.shape[1])[None, :]
+    noise = rng.integers(0, 20, mask.shape)
+    return (30 + 80 * mask + ramp + noise).astype(np.uint8)
+
+
+def write_data(root, n=10, mode="index", sizes=None, rgb=False, dtype=np.uint8):
+    """root/images/case{i}.png and root/masks/case{i}.png; returns (image_dir, mask_dir, masks)."""
+    image_dir, mask_dir = root / "images", root / "masks"
+    image_dir.mkdir(parents=True)
+    mask_dir.mkdir(parents=True)
+    masks = {}
+    for i in range(n):
+        h, w = sizes[i % len(sizes)] if sizes else (H, W)
+        mask = label_map(i, h, w)
+        if mode == "binary":
+            mask = (mask > 0).astype(np.uint8)
+        image = gray_image(mask, i)
+        if dtype == np.uint16:
+            image = image.astype(np.uint16) * 257
+        if rgb:  # three different channels, stored BGR by cv2
+            image = np.stack([image, image // 2, 255 - image], axis=-1)
+        stored = {
+            "index": mask,
+            "binary": mask * 255,
+            "palette": np.array(list(PALETTE.values()), np.uint8)[mask][:, :, ::-1],
+        }[mode]
+        cv2.imwrite(str(image_dir / f"case{i:02d}.png"), image)
+        cv2.imwrite(str(mask_dir / f"case{i:02d}.png"), stored)
+        masks[f"case{i:02d}"] = mask
+    return image_dir, mask_dir, masks
+
+
+def make_dm(image_dir, mask_dir, **kwargs):
+    kwargs = {"mask_mode": "index", "image_size": [H, W], "batch_size": 4, **kwargs}
+    dm = SegDataModule(str(image_dir), str(mask_dir), **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def all_items(dataset):
+    return [dataset[i] for i in range(len(dataset))]
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra", "num_classes", "names"),
+    [
+        ("index", {}, 3, ["background", "class_1", "class_2"]),
+        ("binary", {}, 2, ["background", "foreground"]),
+        ("palette", {"palette": PALETTE}, 3, ["background", "lung", "tumour"]),
+    ],
+)
+def test_mask_modes(tmp_path, mode, extra, num_classes, names):
+    image_dir, mask_dir, masks = write_data(tmp_path, mode=mode)
+    dm = make_dm(image_dir, mask_dir, mask_mode=mode, **extra)
+    assert dm.num_classes == num_classes
+    assert dm.class_names == names
+    assert dm.colors.shape == (num_classes, 3) and dm.colors.dtype == np.uint8
+    for dataset in (dm.train_dataset, dm.val_dataset, dm.test_dataset):
+        for item in all_items(dataset):
+            assert torch.equal(item["mask"], torch.from_numpy(masks[item["name"]]).long())
+    if mode == "palette":
+        assert dm.colors.tolist() == list(PALETTE.values())
+
+
+def test_index_num_classes_given_and_class_names(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path)
+    dm = make_dm(image_dir, mask_dir, num_classes=5, class_names=list("abcde"))
+    assert dm.num_classes == 5 and dm.class_names == list("abcde")  # classes 3, 4 absent: fine
+    with pytest.raises(LungsegError, match="class ids 2"):
+        make_dm(image_dir, mask_dir, num_classes=2)
+    with pytest.raises(LungsegError, match="data.class_names"):
+        make_dm(image_dir, mask_dir, class_names=["a", "b"])
+
+
+def test_config_errors(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path, mode="palette")
+    with pytest.raises(LungsegError, match="data.mask_dir is null"):
+        SegDataModule(image_dir=str(image_dir))
+    with pytest.raises(LungsegError, match="needs data.palette"):
+        make_dm(image_dir, mask_dir, mask_mode="palette")
+    with pytest.raises(LungsegError, match="data.num_classes is 4 but data.palette has 3"):
+        make_dm(image_dir, mask_dir, mask_mode="palette", palette=PALETTE, num_classes=4)
+    with pytest.raises(LungsegError, match="data.mask_mode is 'index', which ignores it"):
+        make_dm(image_dir, mask_dir, palette=PALETTE)
+    with pytest.raises(LungsegError, match="data.image_size"):
+        make_dm(image_dir, mask_dir, image_size=[32])
+    with pytest.raises(LungsegError, match="data.normalize"):
+        make_dm(image_dir, mask_dir, normalize="zscore")
+    with pytest.raises(LungsegError, match=r"entry 0 \(albumentations.NoSuchFlip\)"):
+        make_dm(
+            image_dir, mask_dir, augmentation={"train": [{"_target_": "albumentations.NoSuchFlip"}]}
+        )
+
+
+def test_batches_and_dataset_normalisation(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path, n=12)
+    dm = make_dm(image_dir, mask_dir, normalize="dataset")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 1, H, W) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (4, H, W) and batch["mask"].dtype == torch.int64
+    assert len(batch["name"]) == 4
+    train = torch.stack([item["image"] for item in all_items(dm.train_dataset)])
+    assert abs(train.mean().item()) < 1e-4
+    assert abs(train.std(unbiased=False).item() - 1) < 1e-4
+    info = dm.data_info()
+    assert info["normalize"] == "dataset" and len(info["mean"]) == len(info["std"]) == 1
+    # 12 files: 7 train, so with batch size 4 the train loader drops the last incomplete batch
+    assert len(dm.train_dataset) == 7 and len(dm.train_dataloader()) == 1
+    assert len(dm.val_dataloader()) == 1
+
+
+def test_image_and_no_normalisation(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path)
+    per_image = make_dm(image_dir, mask_dir, normalize="image")
+    for item in all_items(per_image.train_dataset):
+        assert abs(item["image"].mean().item()) < 1e-4
+        assert abs(item["image"].std(unbiased=False).item() - 1) < 1e-3
+    raw = make_dm(image_dir, mask_dir, normalize="none")
+    item = raw.train_dataset[0]
+    expected = cv2.imread(str(image_dir / f"{item['name']}.png"), cv2.IMREAD_UNCHANGED) / 255
+    assert torch.allclose(item["image"][0], torch.from_numpy(expected).float())
+    assert raw.data_info()["mean"] is None
+
+
+def test_augmentation_moves_image_and_mask_together(tmp_path):
+    image_dir, mask_dir, masks = write_data(tmp_path)
+    flip = {"train": [{"_target_": "albumentations.HorizontalFlip", "p": 1.0}]}
+    dm = make_dm(image_dir, mask_dir, normalize="none", augmentation=flip)
+    for item in all_items(dm.train_dataset):
+        original = cv2.imread(str(image_dir / f"{item['name']}.png"), cv2.IMREAD_UNCHANGED)
+        image, mask = item["image"][0].numpy(), item["mask"].numpy()
+        assert np.allclose(image, original[:, ::-1] / 255, atol=1e-6)
+        assert np.array_equal(mask, masks[item["name"]][:, ::-1])
+        assert not np.array_equal(mask, masks[item["name"]])
+    for item in all_items(dm.val_dataset):  # eval augmentation: none
+        assert np.array_equal(item["mask"].numpy(), masks[item["name"]])
+
+
+def test_cache_needs_no_files_after_setup(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path)
+    dm = make_dm(image_dir, mask_dir)
+    shutil.rmtree(image_dir)
+    shutil.rmtree(mask_dir)
+    dm.setup("test")  # a second setup returns at once, without reading
+    for _ in range(2):
+        for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+            assert sum(len(batch["name"]) for batch in loader) > 0
+
+
+def test_mask_size_mismatch_names_both_files(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path, n=4)
+    cv2.imwrite(str(mask_dir / "case02.png"), np.zeros((H, W + 2), np.uint8))
+    with pytest.raises(LungsegError, match="case02.png") as error:
+        make_dm(image_dir, mask_dir)
+    message = str(error.value)
+    assert str(image_dir / "case02.png") in message and str(mask_dir / "case02.png") in message
+    assert f"{W}x{H}" in message and f"{W + 2}x{H}" in message
+
+
+def test_gray_to_three_channels_and_rgb_to_one(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path / "gray")
+    item = make_dm(image_dir, mask_dir, in_channels=3, normalize="none").train_dataset[0]
+    assert item["image"].shape == (3, H, W)
+    assert torch.equal(item["image"][0], item["image"][1])
+    assert torch.equal(item["image"][0], item["image"][2])
+    image_dir, mask_dir, _ = write_data(tmp_path / "rgb", rgb=True)
+    dm = make_dm(image_dir, mask_dir, in_channels=1)
+    assert dm.train_dataset[0]["image"].shape == (1, H, W)
+    dm = make_dm(image_dir, mask_dir, in_channels=3)
+    assert dm.train_dataset[0]["image"].shape == (3, H, W)
+    assert len(dm.data_info()["mean"]) == 3
+
+
+def test_16_bit_images_and_ct_window(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path, n=6, dtype=np.uint16)
+    dm = make_dm(image_dir, mask_dir, normalize="none")
+    for item in all_items(dm.train_dataset):
+        raw = cv2.imread(str(image_dir / f"{item['name']}.png"), cv2.IMREAD_UNCHANGED)
+        assert raw.dtype == np.uint16
+        assert np.allclose(item["image"][0].numpy(), raw / 65535, atol=1e-6)
+    # CT stored as HU + 32768: a ramp from -2000 to 1000 HU
+    hu = np.tile(np.linspace(-2000, 1000, W).round(), (H, 1))
+    for name in ("case00", "case01"):
+        cv2.imwrite(str(image_dir / f"{name}.png"), (hu + 32768).astype(np.uint16))
+    ct = make_dm(image_dir, mask_dir, normalize="none", window=[-1000, 400], intensity_offset=32768)
+    expected = (np.clip(hu, -1000, 400) + 1000) / 1400
+    items = {
+        item["name"]: item
+        for ds in (ct.train_dataset, ct.val_dataset, ct.test_dataset)
+        for item in all_items(ds)
+    }
+    assert np.allclose(items["case00"]["image"][0].numpy(), expected, atol=1e-5)
+    assert ct.data_info()["window"] == [-1000.0, 400.0]
+    assert ct.data_info()["intensity_offset"] == 32768.0
+
+
+def test_non_square_size_and_mixed_input_sizes(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path, sizes=[(40, 48), (32, 32), (48, 36)])
+    dm = make_dm(image_dir, mask_dir, image_size=[24, 40])
+    for dataset in (dm.train_dataset, dm.val_dataset, dm.test_dataset):
+        for item in all_items(dataset):
+            assert item["image"].shape == (1, 24, 40) and item["mask"].shape == (24, 40)
+            assert set(item["mask"].unique().tolist()) <= {0, 1, 2}
+    assert dm.data_info()["image_size"] == [24, 40]
+
+
+def test_demo_data(tmp_path, caplog):
+    dm = SegDataModule(
+        demo_dir=str(tmp_path / "demo"), demo_num_images=10, demo_size=64, image_size=32
+    )
+    dm.prepare_data()
+    with caplog.at_level(logging.INFO, logger="lungseg.data.datamodule"):
+        dm.setup("fit")
+    assert "10 image/mask pairs" in caplog.text and "train/val/test 6/2/2" in caplog.text
+    assert dm.num_classes == 3 and dm.class_names == ["background", "lung", "tumour"]
+    assert dm.data_info()["palette"] == [[0, 0, 0], [0, 255, 0], [255, 0, 0]]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape[1:] == (1, 32, 32)
+    with pytest.raises(LungsegError, match="demo data"):
+        SegDataModule(demo_dir=str(tmp_path / "demo"), mask_mode="index")
+
+
+def test_write_split_and_reuse_it(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path, n=12)
+    dm = make_dm(image_dir, mask_dir, seed=3)
+    dm.write_split(tmp_path / "run" / "split.csv")
+    with (tmp_path / "run" / "split.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {row["file"]: row["split"] for row in rows} == dm.split
+    assert [row["file"] for row in rows] == sorted(dm.split)
+    again = make_dm(image_dir, mask_dir, seed=4, split_file=str(tmp_path / "run" / "split.csv"))
+    assert again.split == dm.split
+    assert [item["name"] for item in all_items(again.val_dataset)] == sorted(
+        s for s, name in dm.split.items() if name == "val"
+    )
+
+
+def test_grouped_split_keeps_patients_together(tmp_path, caplog):
+    image_dir, mask_dir, _ = write_data(tmp_path, n=12)
+    with caplog.at_level(logging.INFO, logger="lungseg.data.datamodule"):
+        dm = make_dm(image_dir, mask_dir, group_pattern=r"case\d(\d)")  # 10 patients
+    assert "(6/2/2 patients)" in caplog.text
+    for a in ("0", "1"):  # the patients with two slices
+        assert dm.split[f"case0{a}"] == dm.split[f"case1{a}"]
+
+
+def test_data_info_survives_weights_only_load(tmp_path):
+    image_dir, mask_dir, _ = write_data(tmp_path, mode="palette")
+    info = make_dm(image_dir, mask_dir, mask_mode="palette", palette=PALETTE).data_info()
+    torch.save({"data_info": info}, tmp_path / "info.pt")
+    assert torch.load(tmp_path / "info.pt", weights_only=True)["data_info"] == info
+    assert info["class_names"] == list(PALETTE) and info["num_classes"] == 3
+
+
+def test_transform_helpers():
+    gray = np.arange(20 * 30, dtype=np.uint8).reshape(20, 30, 1)
+    assert resize_image(gray, (10, 12)).shape == (10, 12, 1)
+    assert resize_image(gray, (40, 60)).shape == (40, 60, 1)
+    assert median_blur(gray.astype(np.uint16), 5).shape == (20, 30, 1)
+    assert median_blur(gray, 7).dtype == np.uint8
+    with pytest.raises(LungsegError, match="only for 8-bit"):
+        median_blur(gray.astype(np.uint16), 7)
+    with pytest.raises(LungsegError, match="odd kernel size"):
+        median_blur(gray, 4)
+    assert len(build_augmentation(None).transforms) == 0
+    with pytest.raises(LungsegError, match="entry 1"):
+        build_augmentation([{"_target_": "albumentations.HorizontalFlip"}, {"p": 0.5}])

@@ -1,0 +1,128 @@
+import csv
+import random
+
+import pytest
+
+from lungseg.data.splits import SPLITS, make_split, write_split
+from lungseg.errors import LungsegError
+
+STEMS = [f"img{i:03d}" for i in range(100)]
+# 12 patients x 3 slices; patient numbers of different widths so sorting is not trivial
+SLICES = [f"p{p}_slice{s}" for p in range(1, 13) for s in range(3)]
+PATIENT = r"^(p\d+)_"
+
+
+def counts(split):
+    return {name: sum(v == name for v in split.values()) for name in SPLITS}
+
+
+def test_same_stems_in_any_order_give_the_same_split():
+    shuffled = STEMS[:]
+    random.Random(1).shuffle(shuffled)
+    assert make_split(STEMS, seed=7) == make_split(shuffled, seed=7)
+    assert make_split(SLICES, group_pattern=PATIENT) == make_split(
+        SLICES[::-1], group_pattern=PATIENT
+    )
+
+
+def test_seed_changes_the_split():
+    assert make_split(STEMS, seed=1) != make_split(STEMS, seed=2)
+
+
+def test_fractions_give_file_counts():
+    split = make_split(STEMS, (0.6, 0.2, 0.2))
+    assert set(split) == set(STEMS)
+    assert counts(split) == {"train": 60, "val": 20, "test": 20}
+    assert counts(make_split(STEMS[:10], (0.7, 0.3, 0.0))) == {"train": 7, "val": 3, "test": 0}
+
+
+def test_patient_grouping_keeps_each_patient_in_one_split():
+    for seed in range(5):
+        split = make_split(SLICES, (0.6, 0.2, 0.2), seed=seed, group_pattern=PATIENT)
+        by_patient = {}
+        for stem, name in split.items():
+            by_patient.setdefault(stem.split("_")[0], set()).add(name)
+        assert len(by_patient) == 12
+        assert all(len(names) == 1 for names in by_patient.values()), by_patient
+        n = counts(split)
+        assert all(n[s] % 3 == 0 and n[s] > 0 for s in SPLITS), n
+        assert abs(n["train"] - 0.6 * len(SLICES)) <= 3, n
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        (r"^(q\d+)_", "matches none of the 36"),
+        (r"^(p1\d)_", "finds no patient id in 27"),
+        (r"^(p\d+_", "not a valid regular expression"),
+        (r"^p\d+_", "no capture group"),
+    ],
+)
+def test_bad_group_pattern_is_explained(pattern, message):
+    with pytest.raises(LungsegError, match=message) as error:
+        make_split(SLICES, group_pattern=pattern)
+    assert "data.group_pattern" in str(error.value)
+
+
+def test_partial_pattern_lists_unmatched_names():
+    with pytest.raises(LungsegError, match="p1_slice0"):
+        make_split(SLICES, group_pattern=r"^(p1\d)_")
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.2, 0.2), (0.8, 0.3, -0.1), (0.5, 0.5), "abc"])
+def test_bad_fractions(fractions):
+    with pytest.raises(LungsegError, match="data.split"):
+        make_split(STEMS, fractions)
+
+
+def test_split_that_gets_no_file_is_an_error():
+    with pytest.raises(LungsegError, match=r"val split empty.*5 files.*4/0/1"):
+        make_split(STEMS[:5], (0.8, 0.1, 0.1))
+    with pytest.raises(LungsegError, match="of 2 patients"):
+        make_split(["a_1", "a_2", "b_1"], (0.4, 0.3, 0.3), group_pattern="^(.)_")
+
+
+def test_zero_fraction_may_be_empty():
+    assert set(make_split(STEMS[:3], (1.0, 0.0, 0.0)).values()) == {"train"}
+    assert counts(make_split(STEMS[:5], (0.8, 0.2, 0.0)))["test"] == 0
+
+
+def write_csv(path, rows, header=("file", "split")):
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def test_split_file_overrides_fractions_and_pattern(tmp_path):
+    rows = [(f"{s}.png" if i % 2 else s, SPLITS[i % 3]) for i, s in enumerate(SLICES)]
+    path = write_csv(tmp_path / "split.csv", rows)
+    split = make_split(SLICES, (1.0, 0.0, 0.0), group_pattern=r"^(nomatch)", split_file=path)
+    assert split == {s: SPLITS[i % 3] for i, s in enumerate(SLICES)}
+
+
+def test_write_split_round_trips(tmp_path):
+    split = make_split(STEMS)
+    path = tmp_path / "out" / "split.csv"
+    write_split(split, path)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "file,split"
+    assert lines[1:] == [f"{s},{split[s]}" for s in sorted(split)]
+    assert make_split(STEMS, seed=99, split_file=path) == split
+
+
+def test_split_file_errors(tmp_path):
+    stems = ["a", "b", "c"]
+    with pytest.raises(LungsegError, match="does not exist"):
+        make_split(stems, split_file=tmp_path / "missing.csv")
+    bad_header = write_csv(tmp_path / "h.csv", [("a", "train")], header=("name", "set"))
+    with pytest.raises(LungsegError, match="'file' and 'split'"):
+        make_split(stems, split_file=bad_header)
+    bad_name = write_csv(tmp_path / "n.csv", [("a", "train"), ("b", "training"), ("c", "val")])
+    with pytest.raises(LungsegError, match="b: 'training'"):
+        make_split(stems, split_file=bad_name)
+    missing = write_csv(tmp_path / "m.csv", [("a.png", "train")])
+    with pytest.raises(LungsegError, match=r"does not list 2 of the 3 files.*b, c"):
+        make_split(stems, split_file=missing)
+    extra = write_csv(tmp_path / "e.csv", [(s, "train") for s in [*stems, "zz.png"]])
+    with pytest.raises(LungsegError, match=r"not in the data: zz.png"):
+        make_split(stems, split_file=extra)

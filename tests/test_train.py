@@ -1,0 +1,137 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY
+from omegaconf import OmegaConf
+
+from lungseg.errors import LungsegError
+from lungseg.module import SegmentationModule
+from lungseg.train import accelerator_settings, train
+
+ARCHITECTURES = ["unet", "fcn", "segnet", "deeplab"]
+
+
+@pytest.mark.parametrize("model", ARCHITECTURES)
+def test_training_run_writes_the_run_record(make_cfg, model):
+    cfg = make_cfg(f"model={model}")
+    metrics = train(cfg)
+    run = Path(cfg.output_dir)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["test/loss"] == pytest.approx(metrics["test/loss"])
+    for key in ("test/acc", "test/dice", "test/dice_lung", "test/iou_tumour", "best_epoch"):
+        assert key in saved
+    assert 0.0 <= saved["test/acc"] <= 1.0
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert saved["best_checkpoint"] and list((run / "checkpoints").glob("best-epoch*.ckpt"))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    split = (run / "split.csv").read_text().splitlines()
+    assert split[0] == "file,split" and len(split) == 17
+    resolved = OmegaConf.load(run / "config.yaml")
+    assert resolved.model.num_classes == 3  # inferred from the demo's palette masks
+
+
+def test_checkpoint_loads_with_weights_only_and_predicts(make_cfg):
+    cfg = make_cfg("model=unet")
+    metrics = train(cfg)
+    # load_from_checkpoint uses torch.load(weights_only=True): hparams must be plain values.
+    module = SegmentationModule.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu")
+    info = module.hparams.data_info
+    assert info["class_names"] == ["background", "lung", "tumour"]
+    x = torch.randn(2, info["in_channels"], 37, 41)
+    assert module.eval()(x).shape == (2, 3, 37, 41)
+    raw = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert raw["hyper_parameters"]["net"]["width"] == 4
+
+
+def test_tensorboard_gets_scalars_images_and_hparams(make_cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg("trainer.max_epochs=2")
+    train(cfg)
+    events = sorted((Path(cfg.output_dir) / "tensorboard").glob("events.out.tfevents.*"))
+    tags: dict[str, list] = {"scalars": [], "images": []}
+    plugins = set()
+    for path in events:
+        acc = EventAccumulator(str(path)).Reload()
+        tags["scalars"] += acc.Tags()["scalars"]
+        tags["images"] += acc.Tags()["images"]
+        plugins |= {tag for tag in acc.summary_metadata if tag.startswith("_hparams_/")}
+    for scalar in (
+        "train/loss_epoch",
+        "val/loss",
+        "val/dice",
+        "val/dice_lung",
+        "val/acc",
+        "lr-AdamW",
+    ):
+        assert scalar in tags["scalars"], tags["scalars"]
+    assert "val/predictions" in tags["images"]
+    assert "_hparams_/session_start_info" in plugins, "hyper-parameters were not logged"
+    assert "hp/test/dice" in tags["scalars"], "final metrics were not logged beside them"
+
+
+def test_article_experiment_composes_the_tutorial_recipe(make_cfg):
+    cfg = make_cfg("experiment=article")
+    # TINY shrinks sizes for speed; the recipe's other choices must come from the experiment.
+    assert cfg.model._target_ == "lungseg.models.unet.UNet" and cfg.model.dropout == 0.5
+    assert cfg.loss._target_ == "lungseg.losses.CrossEntropyLoss"
+    assert cfg.optimizer._target_ == "torch.optim.Adam"
+    assert cfg.data.median_blur == 3 and list(cfg.data.split) == [0.6, 0.2, 0.2]
+    assert cfg.callbacks.early_stopping.patience == 3 and cfg.trainer.max_epochs == 1
+    full = make_cfg("experiment=article", "model.width=64", "data.image_size=256")
+    assert full.model.width == 64 and full.data.image_size == 256 and full.seed == 42
+    train(cfg)
+
+
+def test_gpus_key_maps_to_accelerator(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert accelerator_settings({"gpus": 1, "devices": 1}) == {"accelerator": "gpu", "devices": 1}
+    assert accelerator_settings({"gpus": [0, 1]})["devices"] == [0, 1]
+    assert accelerator_settings({"gpus": 0}) == {"accelerator": "cpu", "devices": 1}
+    assert accelerator_settings({"gpus": None, "accelerator": "auto"}) == {"accelerator": "auto"}
+    with pytest.raises(LungsegError, match="has 2"):
+        accelerator_settings({"gpus": 4})
+
+
+def test_gpus_on_a_cpu_machine_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LungsegError, match=r"trainer.gpus=1 asks for a GPU.*trainer=cpu"):
+        accelerator_settings({"gpus": 1})
+    with pytest.raises(LungsegError, match="trainer.accelerator=gpu"):
+        accelerator_settings({"accelerator": "gpu", "devices": 1})
+
+
+def run_cli(args, cwd, timeout=600):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cli_gpus_without_gpu_prints_one_line(tmp_path):
+    result = run_cli(
+        ["model=deeplab", "trainer.gpus=1", f"data.demo_dir={tmp_path}/demo", *TINY], tmp_path
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "lungseg: error: trainer.gpus=1 asks for a GPU" in result.stderr
+
+
+def test_cli_multirun_writes_one_folder_per_model(tmp_path):
+    result = run_cli(["-m", "model=unet,fcn", f"data.demo_dir={tmp_path}/demo", *TINY], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs" / "train").glob("multirun_*"))
+    assert len(sweeps) == 1
+    runs = sorted(p.name for p in sweeps[0].iterdir() if (p / "metrics.json").is_file())
+    assert len(runs) == 2
+    assert runs[0].startswith("0_") and "model=unet" in runs[0]
+    assert runs[1].startswith("1_") and "model=fcn" in runs[1]
