@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lungseg.data import splits, transforms
 from lungseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
-from lungseg.data.folders import Pair, find_pairs, read_image, to_channels
+from lungseg.data.folders import Pair, find_pairs, read_image
 from lungseg.data.masks import MASK_MODES, decode_mask, default_colors
 from lungseg.errors import LungsegError
 
@@ -34,8 +34,9 @@ class CachedSegDataset(Dataset):
     """Images and masks decoded once and held in memory.
 
     Items: ``{"image": float32 (C, H, W), "mask": int64 (H, W), "name": stem}``. The cached
-    image (float32 (H, W, C) in [0, 1]) and mask ((H, W) uint8) are augmented together, then
-    the image is normalised.
+    image (float32 (H, W, C) in [0, 1], from ``transforms.preprocess``) and mask ((H, W) uint8)
+    are augmented together, then the image goes through ``transforms.normalize`` with
+    ``image_info`` (normalize, mean, std), as at prediction time.
     """
 
     def __init__(
@@ -44,13 +45,11 @@ class CachedSegDataset(Dataset):
         images: list[np.ndarray],
         masks: list[np.ndarray],
         augment: A.Compose,
-        normalize: str,
-        mean: list[float] | None,
-        std: list[float] | None,
+        image_info: Mapping[str, Any],
     ):
         assert len(names) == len(images) == len(masks)
         self.names, self.images, self.masks = names, images, masks
-        self.augment, self.normalize, self.mean, self.std = augment, normalize, mean, std
+        self.augment, self.image_info = augment, image_info
 
     def __len__(self) -> int:
         return len(self.names)
@@ -58,7 +57,7 @@ class CachedSegDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         # Copies: an in-place transform must not alter the cache for later epochs.
         out = self.augment(image=self.images[i].copy(), mask=self.masks[i].copy())
-        image = transforms.normalize_image(out["image"], self.normalize, self.mean, self.std)
+        image = transforms.normalize(out["image"], self.image_info)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])).long(),
@@ -195,9 +194,7 @@ class SegDataModule(pl.LightningDataModule):
                 [images[i] for i in members[name]],
                 [masks[i] for i in members[name]],
                 self._train_augment if name == "train" else self._eval_augment,
-                self._normalize,
-                self._mean,
-                self._std,
+                self._image_info(),
             )
         self._split = split
         log.info(self._summary(pairs, members, [masks[i] for i in members["train"]]))
@@ -262,19 +259,17 @@ class SegDataModule(pl.LightningDataModule):
         mean/std: per-channel train statistics of the [0, 1] images (normalize=dataset only).
         """
         self._check_setup()
+        info = self._image_info()
         return {
-            "in_channels": int(self._in_channels),
-            "image_size": list(self._image_size),
+            **info,
+            # Checked while decoding, so these casts cannot hide a bad value.
+            "in_channels": int(info["in_channels"]),
+            "median_blur": int(info["median_blur"]),
+            "window": None if info["window"] is None else [float(v) for v in info["window"]],
             "mask_mode": self._mask_mode,
             "palette": None if self._palette is None else self.colors.tolist(),
             "class_names": list(self._class_names),
             "num_classes": int(self._num_classes),
-            "window": None if self._window is None else [float(v) for v in self._window],
-            "intensity_offset": self._offset,
-            "median_blur": int(self._median_blur),
-            "normalize": self._normalize,
-            "mean": None if self._mean is None else list(self._mean),
-            "std": None if self._std is None else list(self._std),
         }
 
     # ---- internals -------------------------------------------------------------------------
@@ -287,22 +282,31 @@ class SegDataModule(pl.LightningDataModule):
             return make_demo_dataset(*self._demo_args)
         return Path(self._image_dir).expanduser(), Path(self._mask_dir).expanduser()
 
+    def _image_info(self) -> dict[str, Any]:
+        """The data_info entries that transforms.preprocess and transforms.normalize read."""
+        return {
+            "in_channels": self._in_channels,
+            "image_size": list(self._image_size),
+            "median_blur": self._median_blur,
+            "window": self._window,
+            "intensity_offset": self._offset,
+            "normalize": self._normalize,
+            "mean": None if self._mean is None else list(self._mean),
+            "std": None if self._std is None else list(self._std),
+        }
+
     def _decode(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, C) float32 image in [0, 1] and (H, W) uint8 mask, both at image_size."""
-        image = to_channels(read_image(pair.image), self._in_channels, pair.image)
-        raw_mask = read_image(pair.mask)
-        if raw_mask.shape[:2] != image.shape[:2]:
+        raw, raw_mask = read_image(pair.image), read_image(pair.mask)
+        if raw_mask.shape[:2] != raw.shape[:2]:
             raise LungsegError(
-                f"Image {pair.image} is {image.shape[1]}x{image.shape[0]} pixels (width x "
+                f"Image {pair.image} is {raw.shape[1]}x{raw.shape[0]} pixels (width x "
                 f"height) but its mask {pair.mask} is {raw_mask.shape[1]}x{raw_mask.shape[0]}. "
                 f"A mask must have its image's size; re-export the mask at the image's size or "
                 f"remove the pair."
             )
         mask = decode_mask(raw_mask, self._mask_mode, pair.mask, self._palette, self._num_classes)
-        image = transforms.median_blur(
-            transforms.resize_image(image, self._image_size), self._median_blur
-        )
-        image = transforms.scale_intensity(image, self._window, self._offset)
+        image = transforms.preprocess(raw, self._image_info(), pair.image)
         return image, transforms.resize_mask(mask, self._image_size)
 
     def _resolve_class_names(self) -> list[str]:

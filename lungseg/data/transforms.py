@@ -2,17 +2,24 @@
 
 Images are numpy arrays (H, W, C) as read from disk (uint8, uint16 or float32) until
 ``scale_intensity`` turns them into float32 in [0, 1]; masks are (H, W) uint8 class ids.
+
+Training (SegDataModule) and prediction (lungseg.inference) prepare images with the same two
+steps, so they cannot drift apart: ``preprocess`` (once per file; cached in training), then, after
+any augmentation, ``normalize``. Both read their settings from a ``data_info`` mapping, the one
+saved in every checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import albumentations as A
 import cv2
 import hydra.utils
 import numpy as np
 
+from lungseg.data.folders import to_channels
 from lungseg.errors import LungsegError
 
 NORMALIZE_MODES = ("dataset", "image", "none")
@@ -133,6 +140,23 @@ def normalize_image(
         return ((image - image_mean) / image_std).astype(np.float32)
     assert mode == "none", mode
     return image
+
+
+def preprocess(raw: np.ndarray, info: Mapping, path: Path | None = None) -> np.ndarray:
+    """A ``read_image`` result ((H, W) or (H, W, 3), any size and dtype) → float32
+    (image_size[0], image_size[1], in_channels) in [0, 1]: to_channels → resize_image →
+    median_blur → scale_intensity, with ``info``'s in_channels, image_size, median_blur, window
+    and intensity_offset. ``path`` only names the file in error messages."""
+    image = to_channels(raw, info["in_channels"], path)
+    image = resize_image(image, tuple(info["image_size"]))
+    image = median_blur(image, info["median_blur"])
+    return scale_intensity(image, info["window"], info["intensity_offset"])
+
+
+def normalize(image: np.ndarray, info: Mapping) -> np.ndarray:
+    """The last step before the network, after augmentation: ``normalize_image`` with
+    ``info``'s normalize, mean and std. (H, W, C) float32 → (H, W, C) float32."""
+    return normalize_image(image, info["normalize"], info["mean"], info["std"])
 
 
 def build_augmentation(specs: Sequence[Mapping] | None) -> A.Compose:

@@ -1,0 +1,264 @@
+"""Score a checkpoint on labelled images: metrics per image and class, and their summary.
+
+Predictions are made at the network's size and their softmax probabilities resized bilinearly
+to each mask's original size before the argmax (``inference.predict_probabilities``), so every
+metric, HD95 included, is measured at the original resolution, in pixels.
+
+For each image and each foreground class c (pred = prediction == c, gt = ground truth == c;
+TP, FP, TN, FN pixel counts from torchmetrics' ``multiclass_stat_scores``):
+
+- dice = 2 TP / (2 TP + FP + FN); iou = TP / (TP + FP + FN);
+- precision = TP / (TP + FP); recall (sensitivity) = TP / (TP + FN);
+  specificity = TN / (TN + FP);
+- hd95: symmetric 95th-percentile Hausdorff distance: the 95th percentile (numpy's default
+  linear interpolation) of the union of both directed surface-distance sets, i.e. the
+  Euclidean distance from every boundary pixel of pred to the nearest boundary pixel of gt and
+  from every boundary pixel of gt to the nearest one of pred. A boundary pixel is a pixel of
+  the mask with a 4-neighbour outside it (beyond the image edge counts as outside).
+
+Empty masks. A ratio whose denominator is 0 is 1 when pred and gt agree and 0 when they do not:
+both empty → dice = iou = precision = recall = 1 (specificity is then TN / TN = 1) and hd95 = 0;
+exactly one empty → dice = iou = precision = recall = 0 and hd95 = the image diagonal
+sqrt(H² + W²) in pixels (specificity keeps its formula: 1 if only gt has the class, below 1
+if only pred has it). Every image therefore counts in every class's mean, unlike the training
+metrics, which leave out images where a class is absent from both.
+"""
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics.functional.classification import multiclass_stat_scores
+from tqdm import tqdm
+
+from lungseg.data import splits
+from lungseg.data.demo import make_demo_dataset
+from lungseg.data.folders import Pair, find_pairs, read_image
+from lungseg.data.masks import decode_mask
+from lungseg.errors import LungsegError
+from lungseg.inference import batches, load_from_config, predict_probabilities
+
+METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95")
+DEFAULT_MASK_SUFFIXES = ("", "_mask")
+log = logging.getLogger(__name__)
+
+
+def boundary(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels of ``mask`` with a 4-neighbour outside it (or off the image)."""
+    padded = np.pad(mask.astype(bool), 1)
+    interior = (
+        padded[1:-1, 1:-1]
+        & padded[:-2, 1:-1]
+        & padded[2:, 1:-1]
+        & padded[1:-1, :-2]
+        & padded[1:-1, 2:]
+    )
+    return padded[1:-1, 1:-1] & ~interior
+
+
+def hd95(pred: np.ndarray, target: np.ndarray) -> float:
+    """Symmetric 95th-percentile Hausdorff distance in pixels between two (H, W) bool masks:
+    95th percentile of the union of both directed boundary-to-boundary distance sets. Both
+    empty → 0; exactly one empty → the image diagonal sqrt(H² + W²)."""
+    if not pred.any() and not target.any():
+        return 0.0
+    if not pred.any() or not target.any():
+        return float(np.hypot(*pred.shape))
+    a, b = boundary(pred), boundary(target)
+    distances = np.concatenate([_distance_to(b)[a], _distance_to(a)[b]])
+    return float(np.percentile(distances, 95))
+
+
+def _distance_to(points: np.ndarray) -> np.ndarray:
+    """(H, W) float32 exact Euclidean distance of every pixel to the nearest True pixel."""
+    return cv2.distanceTransform((~points).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+
+def _ratio(numerator: int, denominator: int, agree: bool) -> float:
+    """numerator / denominator, where 0 / 0 is 1 if prediction and ground truth agree, else 0."""
+    if denominator == 0:
+        return 1.0 if agree else 0.0
+    return numerator / denominator
+
+
+def image_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict[int, dict]:
+    """Metrics of one image for each foreground class: ``{c: {"dice": ..., ..., "hd95": ...,
+    "target_pixels": n, "pred_pixels": n}}`` for c in 1..num_classes-1. pred, target: (H, W)
+    class ids at the same (original) size. Formulas and the empty-mask rule: module docstring."""
+    assert pred.shape == target.shape, (pred.shape, target.shape)
+    stats = multiclass_stat_scores(
+        torch.from_numpy(pred.astype(np.int64))[None],
+        torch.from_numpy(target.astype(np.int64))[None],
+        num_classes,
+        average=None,
+        multidim_average="samplewise",
+        validate_args=False,
+    )[0]
+    out = {}
+    for c in range(1, num_classes):
+        tp, fp, tn, fn = (int(v) for v in stats[c, :4])
+        agree = fp == 0 and fn == 0
+        out[c] = {
+            "dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),
+            "iou": _ratio(tp, tp + fp + fn, agree),
+            "precision": _ratio(tp, tp + fp, agree),
+            "recall": _ratio(tp, tp + fn, agree),
+            "specificity": _ratio(tn, tn + fp, agree),
+            "hd95": hd95(pred == c, target == c),
+            "target_pixels": tp + fn,
+            "pred_pixels": tp + fp,
+        }
+    return out
+
+
+def summarize(rows: list[dict[str, Any]], class_names: list[str]) -> dict[str, Any]:
+    """Per foreground class: mean, median and population std (ddof=0) over the images of each
+    metric, and the counts behind them; plus the mean over classes of each metric's mean."""
+    classes = {}
+    for name in class_names[1:]:
+        gt_empty = np.array([row[f"target_pixels_{name}"] == 0 for row in rows])
+        pred_empty = np.array([row[f"pred_pixels_{name}"] == 0 for row in rows])
+        entry: dict[str, Any] = {
+            "n_images": len(rows),
+            "n_empty_ground_truth": int(gt_empty.sum()),
+            "n_empty_prediction": int(pred_empty.sum()),
+            "n_both_empty": int((gt_empty & pred_empty).sum()),
+            "n_one_empty": int((gt_empty ^ pred_empty).sum()),
+        }
+        for metric in METRICS:
+            values = np.array([row[f"{metric}_{name}"] for row in rows], dtype=np.float64)
+            entry[metric] = {
+                "mean": float(values.mean()),
+                "median": float(np.median(values)),
+                "std": float(values.std()),
+            }
+        classes[name] = entry
+    mean = {m: float(np.mean([c[m]["mean"] for c in classes.values()])) for m in METRICS}
+    return {"n_images": len(rows), "classes": classes, "mean_over_classes": mean}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Score ``cfg.ckpt_path`` (conf/eval.yaml) and write ``per_image.csv`` and
+    ``summary.json`` into ``cfg.output_dir``. Returns the summary."""
+    model = load_from_config(cfg)
+    info = model.hparams.data_info
+    class_names, num_classes = list(info["class_names"]), int(info["num_classes"])
+    pairs, source = eval_pairs(cfg)
+    mask_mode = cfg.data.mask_mode or info["mask_mode"]
+    palette = _palette(cfg.data.palette) or info["palette"]
+    flips = list(cfg.tta_flips) if cfg.tta else []
+    log.info("scoring %s on %d images: %s", cfg.ckpt_path, len(pairs), source)
+
+    rows = []
+    with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
+        for batch in batches(pairs, cfg.batch_size):
+            probs = predict_probabilities(model, [read_image(p.image) for p in batch], flips)
+            for pair, prob in zip(batch, probs, strict=True):
+                target = _read_mask(pair, prob.shape[1:], mask_mode, palette, num_classes)
+                height, width = target.shape
+                row: dict[str, Any] = {"image": pair.stem, "height": height, "width": width}
+                for c, values in image_metrics(prob.argmax(axis=0), target, num_classes).items():
+                    row.update({f"{k}_{class_names[c]}": v for k, v in values.items()})
+                rows.append(row)
+            bar.update(len(batch))
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "per_image.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {
+        "checkpoint": str(Path(cfg.ckpt_path).expanduser().absolute()),
+        "images": source,
+        "mask_mode": mask_mode,
+        "tta_flips": flips,
+        **summarize(rows, class_names),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name, entry in summary["classes"].items():
+        log.info(
+            "%s: dice %.4f (median %.4f), hd95 %.2f px over %d images, %d of them "
+            "without %s in the ground truth",
+            name,
+            entry["dice"]["mean"],
+            entry["dice"]["median"],
+            entry["hd95"]["mean"],
+            entry["n_images"],
+            entry["n_empty_ground_truth"],
+            name,
+        )
+    log.info("per_image.csv and summary.json written to %s", out_dir)
+    return summary
+
+
+def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
+    """The image/mask pairs to score and a description of where they come from: all pairs of
+    ``data.image_dir`` + ``data.mask_dir`` when given, else the test split of the checkpoint's
+    training run (``<run>/config.yaml`` and ``<run>/split.csv``, run = two folders up)."""
+    data = cfg.data
+    if data.image_dir is not None or data.mask_dir is not None:
+        if data.image_dir is None or data.mask_dir is None:
+            raise LungsegError(
+                "Only one of data.image_dir and data.mask_dir is set. Give both to score all "
+                "image/mask pairs of those folders, or neither to score the test split of the "
+                "checkpoint's training run."
+            )
+        suffixes = data.mask_suffixes or DEFAULT_MASK_SUFFIXES
+        pairs = find_pairs(data.image_dir, data.mask_dir, list(suffixes), data.strict)
+        return pairs, f"all pairs of {data.image_dir} and {data.mask_dir}"
+
+    run = Path(cfg.ckpt_path).expanduser().absolute().parent.parent
+    config_file, split_file = run / "config.yaml", run / "split.csv"
+    if not (config_file.is_file() and split_file.is_file()):
+        raise LungsegError(
+            f"{cfg.ckpt_path} is not inside a training run folder: {run} (two folders up) has "
+            f"no config.yaml and split.csv, which name the data and its test split. Keep the "
+            f"checkpoint in <run>/checkpoints/, or score other data with "
+            f"data.image_dir=<images> data.mask_dir=<masks>."
+        )
+    run_data = OmegaConf.load(config_file).data
+    if run_data.image_dir is None:  # the run used the demo data; regenerated if deleted
+        folders = make_demo_dataset(
+            Path(run_data.demo_dir).expanduser(), run_data.demo_num_images, run_data.demo_size
+        )
+    else:
+        folders = (run_data.image_dir, run_data.mask_dir)
+    suffixes = data.mask_suffixes or run_data.mask_suffixes
+    pairs = find_pairs(*folders, list(suffixes), run_data.strict)
+    split = splits.make_split([p.stem for p in pairs], split_file=split_file)
+    test = [p for p in pairs if split[p.stem] == "test"]
+    if not test:
+        raise LungsegError(
+            f"The test split in {split_file} is empty (the run used a test fraction of 0). "
+            f"Score other data with data.image_dir=<images> data.mask_dir=<masks>."
+        )
+    return test, f"test split of {run} ({folders[0]})"
+
+
+def _palette(palette: Any) -> list[list[int]] | None:
+    """data.palette as a colour list: ``{name: [r, g, b]}`` (class order) or ``[[r, g, b]]``."""
+    if palette is None:
+        return None
+    palette = OmegaConf.to_container(palette) if OmegaConf.is_config(palette) else palette
+    return list(palette.values()) if isinstance(palette, dict) else list(palette)
+
+
+def _read_mask(
+    pair: Pair, size: tuple[int, int], mode: str, palette: Any, num_classes: int
+) -> np.ndarray:
+    """(H, W) class ids of pair.mask, which must have its image's size."""
+    raw = read_image(pair.mask)
+    if raw.shape[:2] != tuple(size):
+        raise LungsegError(
+            f"Image {pair.image} is {size[1]}x{size[0]} pixels (width x height) but its mask "
+            f"{pair.mask} is {raw.shape[1]}x{raw.shape[0]}. A mask must have its image's size; "
+            f"re-export the mask at the image's size or remove the pair."
+        )
+    return decode_mask(raw, mode, pair.mask, palette, num_classes)

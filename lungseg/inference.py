@@ -1,0 +1,190 @@
+"""From a checkpoint to class probabilities at each image's own size.
+
+The checkpoint carries everything needed (``hparams.data_info``: channels, image size,
+intensity window, median blur, normalisation, class names and mask encoding), so prediction
+needs no training config. Images go through ``transforms.preprocess`` and
+``transforms.normalize``, the functions training uses, so the two cannot drift apart.
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from lungseg.data import transforms
+from lungseg.errors import LungsegError
+from lungseg.module import SegmentationModule
+
+# Dims of an (N, C, H, W) batch that each test-time flip reverses.
+FLIPS = {"horizontal": (-1,), "vertical": (-2,)}
+T = TypeVar("T")
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for a ``device`` setting: "auto" (the first GPU if PyTorch sees one,
+    else the CPU), or a torch device name such as "cpu", "cuda" or "cuda:1"."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise LungsegError(
+            f"device={device} asks for a GPU, but PyTorch sees none (this torch build is "
+            f"{torch.__version__}). Use device=cpu or device=auto."
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise LungsegError(
+            f"device={device!r} is not a device name ({err}); use auto, cpu or cuda."
+        ) from None
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: torch.device,
+    trusted_modules: Sequence[str] = ("lungseg", "torch.nn", "torch.optim"),
+) -> SegmentationModule:
+    """A trained SegmentationModule in eval mode on ``device``.
+
+    The file is read with ``torch.load(weights_only=True)`` (plain values and tensors only: a
+    pickle that would run code is refused). The hyper-parameters name the classes the module
+    builds (Hydra ``_target_``); a ``_target_`` outside ``trusted_modules`` (package or module
+    names: "torch.nn" trusts torch.nn.CrossEntropyLoss) is refused before anything is built,
+    so a doctored checkpoint cannot make Hydra call arbitrary functions. Raises LungsegError
+    for a missing, unreadable, refused or non-lungseg file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        problem = "is a folder" if path.is_dir() else "does not exist"
+        raise LungsegError(
+            f"ckpt_path {path} {problem}. Give the path of a checkpoint written by "
+            f"`python train.py`, e.g. outputs/train/<run>/checkpoints/last.ckpt."
+        )
+    hparams = _read_hparams(path)
+    untrusted = sorted(
+        target
+        for target in _targets(hparams)
+        if not any(target == m or target.startswith(f"{m}.") for m in trusted_modules)
+    )
+    if untrusted:
+        raise LungsegError(
+            f"{path} asks to build {', '.join(untrusted)}, which are outside the trusted "
+            f"modules {list(trusted_modules)}; lungseg refuses to call them. If you trust "
+            f"this checkpoint and these are your own classes, add their package to "
+            f"trusted_modules (e.g. trusted_modules=[lungseg,mypackage])."
+        )
+    try:
+        module = SegmentationModule.load_from_checkpoint(
+            path, map_location=device, weights_only=True
+        )
+    except Exception as err:  # a file that passed the checks above but does not fit the code
+        raise LungsegError(
+            f"{path} could not be loaded as a lungseg model ({type(err).__name__}: {err}). "
+            f"It may come from another lungseg version or architecture; retrain or use a "
+            f"checkpoint written by this version."
+        ) from None
+    return module.eval()
+
+
+def load_from_config(cfg: DictConfig) -> SegmentationModule:
+    """load_checkpoint with the ckpt_path, device and trusted_modules of conf/eval.yaml or
+    conf/predict.yaml."""
+    if cfg.get("ckpt_path") is None:
+        raise LungsegError(
+            "ckpt_path is not set. Pass the checkpoint to use, e.g. "
+            "ckpt_path=outputs/train/<run>/checkpoints/last.ckpt"
+        )
+    return load_checkpoint(cfg.ckpt_path, resolve_device(cfg.device), list(cfg.trusted_modules))
+
+
+def _read_hparams(path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, not a torch file, or objects weights_only refuses
+        raise LungsegError(
+            f"{path} is not a lungseg checkpoint: torch.load(weights_only=True) refused it "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Give a "
+            f"checkpoint written by `python train.py` (<run>/checkpoints/*.ckpt); lungseg never "
+            f"loads checkpoints in the unsafe weights_only=False mode."
+        ) from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("data_info"), dict):
+        raise LungsegError(
+            f"{path} is a PyTorch file but not a lungseg checkpoint: it has no "
+            f"hyper_parameters with data_info (image size, classes, normalisation). Give a "
+            f"checkpoint written by `python train.py` (<run>/checkpoints/*.ckpt)."
+        )
+    return hparams
+
+
+def _targets(tree: Any) -> Iterator[str]:
+    """Every Hydra ``_target_`` in a nested dict/list."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "_target_":
+                yield str(value)
+            else:
+                yield from _targets(value)
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            yield from _targets(value)
+
+
+def check_flips(flips: Sequence[str]) -> list[str]:
+    """The test-time flips as a list; LungsegError for a name not in FLIPS."""
+    unknown = [f for f in flips if f not in FLIPS]
+    if unknown:
+        raise LungsegError(
+            f"tta_flips {list(flips)} holds {unknown}; test-time flips are "
+            f"{', '.join(FLIPS)}, e.g. tta_flips=[horizontal,vertical]."
+        )
+    return list(flips)
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: SegmentationModule,
+    images: Sequence[np.ndarray],
+    flips: Sequence[str] = (),
+) -> list[np.ndarray]:
+    """Softmax probabilities for a batch of raw images, each at its own size.
+
+    images: ``read_image`` results ((H, W) or (H, W, 3), any size, 8/16-bit or float), which
+    may differ in size. Each is prepared for the network exactly as in training, the softmax is
+    taken at the network's size, then resized bilinearly (half-pixel centres) back to the image's
+    size, so the argmax is taken at the original resolution. With ``flips`` (test-time
+    augmentation) the softmax of the unflipped batch and of each flipped batch (flipped back)
+    are averaged. Returns one float32 (num_classes, H, W) array per image.
+    """
+    info = model.hparams.data_info
+    batch = torch.from_numpy(np.stack([_network_input(image, info) for image in images]))
+    batch = batch.to(model.device)
+    probs = model(batch).softmax(dim=1)
+    for flip in check_flips(flips):
+        dims = FLIPS[flip]
+        probs += model(batch.flip(dims)).softmax(dim=1).flip(dims)
+    probs /= 1 + len(flips)
+    out = []
+    for image, prob in zip(images, probs, strict=True):
+        size = image.shape[:2]
+        if prob.shape[1:] != size:
+            prob = F.interpolate(prob[None], size=size, mode="bilinear", align_corners=False)[0]
+        out.append(prob.float().cpu().numpy())
+    return out
+
+
+def _network_input(raw: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
+    """(C, h, w) float32 at the network's size: preprocess + normalize, as in training."""
+    image = transforms.normalize(transforms.preprocess(raw, info), info)
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of at most ``size`` items."""
+    if not isinstance(size, int) or size < 1:
+        raise LungsegError(f"batch_size is {size!r}; it must be a positive integer, e.g. 8.")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

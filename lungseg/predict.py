@@ -1,0 +1,127 @@
+"""Predict a folder of images: a mask and an overlay per image, at the image's own size.
+
+For input ``<name>.<ext>`` the outputs are ``<stem>.png``, the mask in the encoding the model
+was trained on (index: class ids; binary: 0/255; palette: the training colours), and
+``<stem>_overlay.png``, the image with the classes blended in colour. ``<stem>`` is the input's
+stem with characters that could leave the output folder (path separators, control and
+Windows-reserved characters) replaced by "_" and leading dots dropped.
+"""
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from lungseg.data.folders import _list_images, _listing, read_image, write_image
+from lungseg.data.masks import default_colors, encode_mask
+from lungseg.data.transforms import scale_intensity
+from lungseg.errors import LungsegError
+from lungseg.inference import batches, load_from_config, predict_probabilities
+from lungseg.visualize import overlay
+
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+log = logging.getLogger(__name__)
+
+
+def output_stem(stem: str) -> str:
+    """A file stem that names a file directly inside the output folder on any OS."""
+    return _UNSAFE.sub("_", stem).lstrip(". ") or "_"
+
+
+def output_paths(images: list[Path], output_dir: Path) -> dict[Path, tuple[Path, Path]]:
+    """image → (mask path, overlay path), all directly in output_dir; LungsegError when two
+    images would write the same file (compared without letter case, as macOS and Windows do)."""
+    outputs, claimed, clashes = {}, {}, []
+    for image in images:
+        stem = output_stem(image.stem)
+        paths = (output_dir / f"{stem}.png", output_dir / f"{stem}_overlay.png")
+        for path in paths:
+            assert path.parent == output_dir, path
+            other = claimed.setdefault(path.name.casefold(), image)
+            if other != image:
+                clashes.append(f"{other.name} and {image.name} → {path.name}")
+        outputs[image] = paths
+    if clashes:
+        raise LungsegError(
+            f"{len(clashes)} output files would be written twice: {_listing(clashes)}. Each "
+            f"image writes <stem>.png and <stem>_overlay.png; rename the inputs so that no two "
+            f"of them map to the same names."
+        )
+    return outputs
+
+
+def predict(cfg: DictConfig) -> list[Path]:
+    """Write a mask and an overlay for every image in ``cfg.input_dir`` into
+    ``cfg.output_dir`` (conf/predict.yaml). Existing output files stop the run before anything
+    is written, unless ``cfg.overwrite``. Returns the files written."""
+    outputs = _plan_outputs(cfg)
+    model = load_from_config(cfg)
+    info = model.hparams.data_info
+    colors = np.array(info["palette"] or default_colors(info["num_classes"]), np.uint8)
+    flips = list(cfg.tta_flips) if cfg.tta else []
+    output_dir = Path(cfg.output_dir).expanduser()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    written: list[Path] = []
+    with tqdm(total=len(outputs), unit="image", disable=not cfg.progress_bar) as bar:
+        for batch in batches(list(outputs), cfg.batch_size):
+            try:
+                raws = [read_image(path) for path in batch]
+            except LungsegError as err:
+                if not written:
+                    raise
+                raise LungsegError(
+                    f"{err} The outputs of the {len(written) // 2} images before it are in "
+                    f"{output_dir}; rerun with overwrite=true once the file is fixed."
+                ) from None
+            probs = predict_probabilities(model, raws, flips)
+            for path, raw, prob in zip(batch, raws, probs, strict=True):
+                pred = prob.argmax(axis=0)
+                mask_path, overlay_path = outputs[path]
+                display = scale_intensity(raw, info["window"], info["intensity_offset"])
+                _write(mask_path, encode_mask(pred, info["mask_mode"], info["palette"]))
+                _write(overlay_path, overlay(display, pred, colors, cfg.overlay_alpha))
+                written += [mask_path, overlay_path]
+            bar.update(len(batch))
+    log.info("%d masks and their overlays written to %s", len(outputs), output_dir)
+    return written
+
+
+def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
+    """output_paths for the images of cfg.input_dir, after checking the settings and that no
+    output file exists (unless cfg.overwrite): every LungsegError comes before any write."""
+    for key in ("input_dir", "output_dir"):
+        if cfg.get(key) is None:
+            raise LungsegError(
+                f"{key} is not set. Usage: python predict.py ckpt_path=<checkpoint> "
+                f"input_dir=<folder of images> output_dir=<folder for the masks>"
+            )
+    input_dir, output_dir = Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser()
+    images = _list_images(input_dir, "input", "input_dir")
+    if output_dir.resolve() == input_dir.resolve():
+        raise LungsegError(
+            f"output_dir is input_dir ({input_dir}): the masks <stem>.png would replace the "
+            f"input images. Choose another output_dir."
+        )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise LungsegError(f"output_dir {output_dir} is a file; give a folder (created if needed).")
+    outputs = output_paths(images, output_dir)
+    # is_symlink: a dangling link exists as a name, and writing through it would leave the folder
+    existing = [p for ps in outputs.values() for p in ps if p.exists() or p.is_symlink()]
+    if existing and not cfg.overwrite:
+        raise LungsegError(
+            f"{len(existing)} output files already exist in {output_dir}: "
+            f"{_listing(p.name for p in existing)}. Nothing was written. Set overwrite=true to "
+            f"replace them, or choose another output_dir."
+        )
+    return outputs
+
+
+def _write(path: Path, pixels: np.ndarray) -> None:
+    # A link in place of an output file would redirect the write; replace the link itself.
+    if path.is_symlink():
+        path.unlink()
+    write_image(path, pixels)

@@ -1,0 +1,270 @@
+"""Per-image metrics against a direct numpy computation, the empty-mask rule, and eval runs on a
+training run's test split and on a folder."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from test_inference import CPU, trained_checkpoints, write_pairs
+
+from lungseg.data.folders import read_image
+from lungseg.data.masks import decode_mask
+from lungseg.errors import LungsegError
+from lungseg.evaluate import METRICS, evaluate, hd95, image_metrics
+from lungseg.inference import load_checkpoint, predict_probabilities
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, demo_dir):
+    return trained_checkpoints(tmp_path_factory, demo_dir)
+
+
+def brute_boundary(mask):
+    """Pixels of mask with a 4-neighbour outside it or outside the image, by looping."""
+    h, w = mask.shape
+    out = np.zeros_like(mask, bool)
+    for y in range(h):
+        for x in range(w):
+            if mask[y, x]:
+                neighbours = [(y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)]
+                out[y, x] = any(
+                    not (0 <= j < h and 0 <= i < w) or not mask[j, i] for j, i in neighbours
+                )
+    return out
+
+
+def brute_hd95(a, b):
+    if not a.any() and not b.any():
+        return 0.0
+    if not a.any() or not b.any():
+        return float(np.sqrt(a.shape[0] ** 2 + a.shape[1] ** 2))
+    pa, pb = np.argwhere(brute_boundary(a)), np.argwhere(brute_boundary(b))
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))  # all pairs
+    return float(np.percentile(np.concatenate([d.min(1), d.min(0)]), 95))
+
+
+def reference(pred, target, num_classes):
+    """{class: {metric: value}} straight from pixel counts; 0/0 → 1 if the masks agree else 0."""
+    out = {}
+    for c in range(1, num_classes):
+        p, t = pred == c, target == c
+        tp, fp = int((p & t).sum()), int((p & ~t).sum())
+        fn, tn = int((~p & t).sum()), int((~p & ~t).sum())
+        same = np.array_equal(p, t)
+
+        def ratio(n, d, same=same):
+            return (1.0 if same else 0.0) if d == 0 else n / d
+
+        out[c] = {
+            "dice": ratio(2 * tp, 2 * tp + fp + fn),
+            "iou": ratio(tp, tp + fp + fn),
+            "precision": ratio(tp, tp + fp),
+            "recall": ratio(tp, tp + fn),
+            "specificity": ratio(tn, tn + fp),
+            "hd95": brute_hd95(p, t),
+            "target_pixels": int(t.sum()),
+            "pred_pixels": int(p.sum()),
+        }
+    return out
+
+
+def assert_metrics_equal(got, expected):
+    assert got.keys() == expected.keys()
+    for c in expected:
+        for key, value in expected[c].items():
+            assert got[c][key] == pytest.approx(value, abs=1e-4), (c, key)
+
+
+def random_masks(rng, h, w, num_classes):
+    """Blobby class maps: smoothed noise cut into classes, so boundaries are irregular."""
+    noise = rng.random((h // 3 + 2, w // 3 + 2))
+    field = np.kron(noise, np.ones((3, 3)))[:h, :w] + 0.3 * rng.random((h, w))
+    return np.digitize(field, np.linspace(0.5, 1.2, num_classes)[: num_classes - 1]).astype(
+        np.uint8
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_match_numpy(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(6, 20, size=2)
+    target = random_masks(rng, h, w, 4)
+    pred = random_masks(rng, h, w, 4)
+    if seed == 0:
+        target[target == 3] = 0  # class 3 only in the prediction
+    if seed == 1:
+        pred[pred == 2] = 0  # class 2 only in the ground truth
+    got = image_metrics(pred, target, 4)
+    assert_metrics_equal(got, reference(pred, target, 4))
+    assert any(0 < got[c]["hd95"] < np.hypot(h, w) for c in got)  # a non-trivial distance
+
+
+def test_hd95_in_pixels():
+    a, b = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
+    a[1, 1], b[4, 5] = True, True  # 3 down, 4 across
+    assert hd95(a, b) == pytest.approx(5.0)
+    a, b = np.zeros((20, 30), bool), np.zeros((20, 30), bool)
+    a[5:15, 5:15], b[5:15, 8:18] = True, True  # a square and the same square 3 px right
+    assert hd95(a, b) == pytest.approx(brute_hd95(a, b), abs=1e-4)
+    assert hd95(a, b) == pytest.approx(3.0)
+
+
+def test_empty_mask_rule():
+    h, w = 6, 8
+    empty, blob = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
+    blob[2:4, 3:6] = 1
+    both = image_metrics(empty, empty, 2)[1]
+    assert both == {
+        "dice": 1.0,
+        "iou": 1.0,
+        "precision": 1.0,
+        "recall": 1.0,
+        "specificity": 1.0,
+        "hd95": 0.0,
+        "target_pixels": 0,
+        "pred_pixels": 0,
+    }
+    missed = image_metrics(empty, blob, 2)[1]  # ground truth has the class, prediction not
+    false_alarm = image_metrics(blob, empty, 2)[1]  # prediction has it, ground truth not
+    for one in (missed, false_alarm):
+        assert one["dice"] == one["iou"] == one["precision"] == one["recall"] == 0.0
+        assert one["hd95"] == pytest.approx(10.0)  # the 6 x 8 image's diagonal
+    assert missed["specificity"] == 1.0  # no false positives
+    assert false_alarm["specificity"] == pytest.approx((48 - 6) / 48)
+    full = np.ones((h, w), np.uint8)  # no background: specificity is 0/0
+    assert image_metrics(full, full, 2)[1]["specificity"] == 1.0
+    assert image_metrics(blob, full, 2)[1]["specificity"] == 0.0
+
+
+def eval_cfg(tmp_path, ckpt, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "eval",
+            overrides=[
+                f"ckpt_path={ckpt}",
+                f"output_dir={tmp_path / 'eval'}",
+                "progress_bar=false",
+                *overrides,
+            ],
+        )
+
+
+def read_outputs(out_dir):
+    with (out_dir / "per_image.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return rows, json.loads((out_dir / "summary.json").read_text())
+
+
+def check_rows(rows, model, images, masks, mask_mode, palette):
+    """Every number of per_image.csv equals the numpy reference on the model's prediction."""
+    info = model.hparams.data_info
+    names, k = info["class_names"], info["num_classes"]
+    for row in rows:
+        raw = read_image(images[row["image"]])
+        pred = predict_probabilities(model, [raw])[0].argmax(0)
+        target = decode_mask(read_image(masks[row["image"]]), mask_mode, Path(), palette, k)
+        assert (int(row["height"]), int(row["width"])) == target.shape == raw.shape[:2]
+        expected = reference(pred, target, k)
+        got = {c: {key: float(row[f"{key}_{names[c]}"]) for key in expected[c]} for c in expected}
+        assert_metrics_equal(got, expected)
+
+
+def check_summary(rows, summary, class_names):
+    assert summary["n_images"] == len(rows)
+    for name in class_names[1:]:
+        entry = summary["classes"][name]
+        gt_empty = np.array([row[f"target_pixels_{name}"] == "0" for row in rows])
+        pred_empty = np.array([row[f"pred_pixels_{name}"] == "0" for row in rows])
+        assert entry["n_empty_ground_truth"] == gt_empty.sum()
+        assert entry["n_empty_prediction"] == pred_empty.sum()
+        assert entry["n_both_empty"] == (gt_empty & pred_empty).sum()
+        assert entry["n_one_empty"] == (gt_empty != pred_empty).sum()
+        for metric in METRICS:
+            values = np.array([float(row[f"{metric}_{name}"]) for row in rows])
+            assert entry[metric]["mean"] == pytest.approx(values.mean())
+            assert entry[metric]["median"] == pytest.approx(np.median(values))
+            assert entry[metric]["std"] == pytest.approx(values.std())
+    for metric in METRICS:
+        means = [summary["classes"][n][metric]["mean"] for n in class_names[1:]]
+        assert summary["mean_over_classes"][metric] == pytest.approx(np.mean(means))
+
+
+def test_eval_on_the_test_split_of_the_training_run(tmp_path, checkpoints):
+    ckpt = checkpoints["palette"]
+    run = ckpt.parent.parent
+    summary = evaluate(eval_cfg(tmp_path, ckpt))
+    rows, saved = read_outputs(tmp_path / "eval")
+    assert saved == json.loads(json.dumps(summary))
+    with (run / "split.csv").open() as f:
+        test = sorted(r["file"] for r in csv.DictReader(f) if r["split"] == "test")
+    assert [row["image"] for row in rows] == test and test
+    model = load_checkpoint(ckpt, CPU)
+    info = model.hparams.data_info
+    demo = Path(OmegaConf.load(run / "config.yaml").data.demo_dir)
+    images = {s: demo / "images" / f"{s}.png" for s in test}
+    masks = {s: demo / "masks" / f"{s}.png" for s in test}
+    assert read_image(images[test[0]]).shape == (48, 48)  # scored at 48 px, predicted at 32
+    check_rows(rows, model, images, masks, "palette", info["palette"])
+    check_summary(rows, saved, info["class_names"])
+    assert saved["images"].startswith("test split of")
+
+
+def test_eval_on_a_folder_with_empty_masks(tmp_path, checkpoints):
+    """Index masks scored by a model trained on palette masks (data.mask_mode overrides the
+    checkpoint's), mixed sizes, `_mask` names, two masks without any class."""
+    ckpt = checkpoints["palette"]
+    sizes = [(48, 48), (40, 56), (33, 47), (48, 48), (60, 40)]
+    image_dir, mask_dir = write_pairs(tmp_path / "data", sizes, empty=(1, 3), mask_suffix="_mask")
+    cfg = eval_cfg(
+        tmp_path,
+        ckpt,
+        f"data.image_dir={image_dir}",
+        f"data.mask_dir={mask_dir}",
+        "data.mask_mode=index",
+    )
+    summary = evaluate(cfg)
+    rows, saved = read_outputs(tmp_path / "eval")
+    stems = [f"img{i}" for i in range(len(sizes))]
+    assert [row["image"] for row in rows] == stems
+    assert saved["classes"]["lung"]["n_empty_ground_truth"] == 2
+    assert saved["classes"]["tumour"]["n_empty_ground_truth"] == 2
+    assert summary["mask_mode"] == "index"
+    model = load_checkpoint(ckpt, CPU)
+    images = {s: image_dir / f"{s}.png" for s in stems}
+    masks = {s: mask_dir / f"{s}_mask.png" for s in stems}
+    check_rows(rows, model, images, masks, "index", None)
+    check_summary(rows, saved, model.hparams.data_info["class_names"])
+    for row in rows[1], rows[3]:  # empty ground truth: perfect or zero, nothing in between
+        for name in ("lung", "tumour"):
+            diagonal = np.hypot(int(row["height"]), int(row["width"]))
+            nothing_predicted = row[f"pred_pixels_{name}"] == "0"
+            assert float(row[f"dice_{name}"]) == (1.0 if nothing_predicted else 0.0)
+            assert float(row[f"hd95_{name}"]) == pytest.approx(0 if nothing_predicted else diagonal)
+
+
+def test_eval_errors(tmp_path, checkpoints):
+    ckpt = checkpoints["palette"]
+    loose = tmp_path / "loose" / "model.ckpt"  # not inside a run folder
+    loose.parent.mkdir()
+    shutil.copy(ckpt, loose)
+    with pytest.raises(LungsegError, match="not inside a training run folder"):
+        evaluate(eval_cfg(tmp_path, loose))
+    image_dir, mask_dir = write_pairs(tmp_path / "data", [(40, 40), (30, 30)])
+    with pytest.raises(LungsegError, match="Only one of data.image_dir and data.mask_dir"):
+        evaluate(eval_cfg(tmp_path, ckpt, f"data.image_dir={image_dir}"))
+    with pytest.raises(LungsegError, match="colours that are not in data.palette"):
+        # index masks read with the checkpoint's palette encoding: a clear error, not garbage
+        evaluate(
+            eval_cfg(tmp_path, ckpt, f"data.image_dir={image_dir}", f"data.mask_dir={mask_dir}")
+        )
+    torch.save({}, tmp_path / "bad.ckpt")
+    with pytest.raises(LungsegError, match="not a lungseg checkpoint"):
+        evaluate(eval_cfg(tmp_path, tmp_path / "bad.ckpt"))
+    assert not (tmp_path / "eval" / "per_image.csv").exists()

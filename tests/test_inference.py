@@ -1,0 +1,276 @@
+"""Checkpoint loading, the shared preprocessing and probabilities at the original size.
+
+The ``checkpoints`` fixture (also used by test_evaluate.py and test_predict.py) trains two
+tiny models once per session."""
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, TINY
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lungseg.data.datamodule import SegDataModule
+from lungseg.data.folders import read_image
+from lungseg.data.transforms import normalize, preprocess
+from lungseg.errors import LungsegError
+from lungseg.inference import load_checkpoint, predict_probabilities, resolve_device
+from lungseg.train import train
+
+CPU = torch.device("cpu")
+_TRAINED: dict[str, Path] = {}  # filled once per test session
+
+
+def write_pairs(root, sizes, mode="index", rgb=False, empty=(), seed=0, mask_suffix=""):
+    """root/images/img{i}.png and root/masks/img{i}{mask_suffix}.png with a class-1 ellipse and
+    a class-2 disc inside it (index: ids, binary: one class as 0/255, palette: the demo
+    colours); masks listed in ``empty`` are all background. Returns (image_dir, mask_dir)."""
+    rng = np.random.default_rng(seed)
+    image_dir, mask_dir = root / "images", root / "masks"
+    image_dir.mkdir(parents=True)
+    mask_dir.mkdir(parents=True)
+    for i, (h, w) in enumerate(sizes):
+        mask = np.zeros((h, w), np.uint8)
+        if i not in empty:
+            centre = (int(rng.integers(w // 3, 2 * w // 3)), int(rng.integers(h // 3, 2 * h // 3)))
+            cv2.ellipse(mask, centre, (w // 4, h // 5), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+            if mode != "binary":
+                cv2.circle(mask, centre, max(2, min(h, w) // 10), 2, -1)
+        image = (50 + 90 * mask + rng.integers(0, 30, (h, w))).astype(np.uint8)
+        if rgb:
+            image = np.stack([image, 255 - image, image // 2], axis=-1)
+        stored = {
+            "index": mask,
+            "binary": mask * 255,
+            "palette": np.array([[0, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)[mask],  # BGR
+        }[mode]
+        cv2.imwrite(str(image_dir / f"img{i}.png"), image)
+        cv2.imwrite(str(mask_dir / f"img{i}{mask_suffix}.png"), stored)
+    return image_dir, mask_dir
+
+
+def save_variant(ckpt: Path, path: Path, data_info=None, force_class=None, hparams=None) -> Path:
+    """A copy of a checkpoint with data_info entries replaced, other hyper-parameters replaced,
+    or the output bias of class ``force_class`` raised so that it wins at every pixel."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["data_info"].update(data_info or {})
+    checkpoint["hyper_parameters"].update(hparams or {})
+    if force_class is not None:
+        checkpoint["state_dict"]["net.head.bias"][force_class] += 1e4
+    torch.save(checkpoint, path)
+    return path
+
+
+def trained_checkpoints(tmp_path_factory, demo_dir) -> dict[str, Path]:
+    """Two tiny models, trained once per test session (the ``checkpoints`` fixture of
+    test_inference.py, test_evaluate.py and test_predict.py):
+    "palette": demo data (gray, 3 classes, colour masks, 48 px images at 32 px);
+    "binary": RGB images, 0/255 masks, 3 input channels, median blur, per-image normalisation,
+    40x48 images at 24x32; "index": the binary model relabelled as trained on index masks."""
+    if not _TRAINED:
+        root = tmp_path_factory.mktemp("trained")
+        image_dir, mask_dir = write_pairs(root / "data", [(40, 48)] * 12, "binary", rgb=True)
+        runs = {
+            "palette": [f"data.demo_dir={demo_dir}"],
+            "binary": [
+                f"data.image_dir={image_dir}",
+                f"data.mask_dir={mask_dir}",
+                "data.mask_mode=binary",
+                "data.in_channels=3",
+                "data.median_blur=3",
+                "data.normalize=image",
+                "data.image_size=[24,32]",
+            ],
+        }
+        for name, overrides in runs.items():
+            with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+                cfg = compose(
+                    "config",
+                    overrides=[
+                        f"output_dir={root / name}",
+                        *TINY,
+                        "test_after_fit=false",
+                        *overrides,
+                    ],
+                )
+            _TRAINED[name] = Path(train(cfg)["best_checkpoint"])
+        _TRAINED["index"] = save_variant(
+            _TRAINED["binary"], root / "index.ckpt", {"mask_mode": "index"}
+        )
+    return dict(_TRAINED)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, demo_dir) -> dict[str, Path]:
+    return trained_checkpoints(tmp_path_factory, demo_dir)
+
+
+def run_data(ckpt: Path) -> tuple[SegDataModule, Path]:
+    """The training run's data, set up from its config.yaml as train.py does, and its image
+    folder."""
+    cfg = OmegaConf.load(ckpt.parent.parent / "config.yaml")
+    dm = instantiate(cfg.data, _convert_="all", _recursive_=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm, Path(cfg.data.image_dir or Path(cfg.data.demo_dir) / "images")
+
+
+def test_preprocessing_is_the_training_preprocessing(tmp_path):
+    """The cached training images are exactly transforms.preprocess + normalize of the files,
+    with the settings the checkpoint stores (RGB → gray, shrink, median blur, CT window)."""
+    image_dir, mask_dir = write_pairs(tmp_path, [(40, 48), (30, 36), (41, 47)] * 2, rgb=True)
+    for path in image_dir.iterdir():  # 16-bit CT-like values with an offset
+        cv2.imwrite(str(path), cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 40)
+    dm = SegDataModule(
+        str(image_dir),
+        str(mask_dir),
+        mask_mode="index",
+        image_size=[24, 28],
+        median_blur=3,
+        window=[500, 9000],
+        intensity_offset=100,
+        normalize="dataset",
+        split=[0.5, 0.0, 0.5],
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    info = dm.data_info()
+    for dataset in (dm.train_dataset, dm.test_dataset):
+        for item in (dataset[i] for i in range(len(dataset))):
+            raw = read_image(image_dir / f"{item['name']}.png")
+            expected = normalize(preprocess(raw, info), info).transpose(2, 0, 1)
+            assert item["image"].shape == (1, 24, 28)
+            assert torch.equal(item["image"], torch.from_numpy(np.ascontiguousarray(expected)))
+
+
+def test_load_checkpoint(checkpoints):
+    model = load_checkpoint(checkpoints["palette"], CPU)
+    assert not model.training
+    info = model.hparams.data_info
+    assert info["class_names"] == ["background", "lung", "tumour"]
+    assert info["image_size"] == [32, 32] and info["mask_mode"] == "palette"
+    assert load_checkpoint(checkpoints["binary"], CPU).hparams.data_info["in_channels"] == 3
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _MakeDirs:
+    """Pickles as a call to os.makedirs: unpickling it with weights_only=False would run it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "does not exist"),
+        ("folder", "is a folder"),
+        ("text", "is not a lungseg checkpoint"),
+        ("empty", "is not a lungseg checkpoint"),
+        ("pickle_runs_code", "weights_only=True"),
+        ("plain_torch_file", "no hyper_parameters with data_info"),
+        ("hydra_target_runs_code", "outside the trusted modules"),
+        ("wrong_architecture", "could not be loaded as a lungseg model"),
+    ],
+)
+def test_bad_checkpoints_are_refused(tmp_path, checkpoints, case, message):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "model.ckpt"
+    if case == "folder":
+        path.mkdir()
+    elif case == "text":
+        path.write_text("not a checkpoint\n")
+    elif case == "empty":
+        path.touch()
+    elif case == "pickle_runs_code":
+        torch.save({"state_dict": _MakeDirs(marker)}, path)
+    elif case == "plain_torch_file":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif case == "hydra_target_runs_code":
+        net = {"_target_": "os.makedirs", "name": str(marker)}
+        save_variant(checkpoints["palette"], path, hparams={"net": net})
+    elif case == "wrong_architecture":
+        net = torch.load(checkpoints["palette"], weights_only=True)["hyper_parameters"]["net"]
+        save_variant(checkpoints["palette"], path, hparams={"net": {**net, "width": 8}})
+    with pytest.raises(LungsegError, match=message) as error:
+        load_checkpoint(path, CPU)
+    assert str(path) in str(error.value)
+    assert not marker.exists()
+
+
+def test_trusted_modules_are_package_prefixes(tmp_path, checkpoints):
+    ckpt = checkpoints["palette"]
+    with pytest.raises(LungsegError, match="lungseg.losses.DiceCELoss, lungseg.models.unet.UNet"):
+        load_checkpoint(ckpt, CPU, trusted_modules=["torch"])
+    assert load_checkpoint(ckpt, CPU, trusted_modules=["torch", "lungseg.models", "lungseg.losses"])
+    lookalike = {"_target_": "lungseg_extra.Net"}  # starts with "lungseg" but is not in it
+    path = save_variant(ckpt, tmp_path / "m.ckpt", hparams={"loss": lookalike})
+    with pytest.raises(LungsegError, match="lungseg_extra.Net"):
+        load_checkpoint(path, CPU)
+
+
+def _softmax_at(model, x, size, flips=()):
+    """Reference: mean softmax of x (1, C, h, w) and its flips, resized to size (H, W)."""
+    with torch.no_grad():
+        probs = [model(x).softmax(1)] + [model(x.flip(d)).softmax(1).flip(d) for d in flips]
+        prob = torch.stack(probs).mean(0)
+        return F.interpolate(prob, size=size, mode="bilinear", align_corners=False)[0].numpy()
+
+
+@pytest.mark.parametrize("name", ["palette", "binary"])
+def test_probabilities_at_original_size_match_the_training_pipeline(checkpoints, name):
+    """Network inputs from the training DataModule, softmax, bilinear resize to the file's
+    size: what predict_probabilities returns from the raw file."""
+    model = load_checkpoint(checkpoints[name], CPU)
+    dm, folder = run_data(checkpoints[name])
+    items = [dm.test_dataset[i] for i in range(len(dm.test_dataset))]
+    raws = [read_image(folder / f"{item['name']}.png") for item in items]
+    probs = predict_probabilities(model, raws)
+    for item, raw, prob in zip(items, raws, probs, strict=True):
+        assert prob.shape == (model.hparams.data_info["num_classes"], *raw.shape[:2])
+        assert prob.dtype == np.float32
+        assert np.allclose(prob.sum(0), 1, atol=1e-5)
+        expected = _softmax_at(model, item["image"][None], raw.shape[:2])
+        assert np.allclose(prob, expected, atol=1e-5)
+
+
+def test_mixed_sizes_in_one_batch(checkpoints):
+    model = load_checkpoint(checkpoints["binary"], CPU)
+    rng = np.random.default_rng(1)
+    raws = [
+        rng.integers(0, 255, (37, 53), dtype=np.uint8),  # gray into a 3-channel model
+        rng.integers(0, 65535, (20, 70, 3), dtype=np.uint16),
+        rng.random((64, 64), dtype=np.float32),
+    ]
+    probs = predict_probabilities(model, raws)
+    assert [p.shape for p in probs] == [(2, 37, 53), (2, 20, 70), (2, 64, 64)]
+    # one at a time gives the same: the images of a batch do not interact
+    alone = predict_probabilities(model, raws[1:2])[0]
+    assert np.allclose(alone, probs[1], atol=1e-5)
+
+
+def test_test_time_augmentation(checkpoints):
+    model = load_checkpoint(checkpoints["palette"], CPU)
+    dm, folder = run_data(checkpoints["palette"])
+    item = dm.test_dataset[0]
+    raw = read_image(folder / f"{item['name']}.png")
+    plain = predict_probabilities(model, [raw])[0]
+    for flips, dims in [(["horizontal"], [(-1,)]), (["horizontal", "vertical"], [(-1,), (-2,)])]:
+        tta = predict_probabilities(model, [raw], flips)[0]
+        assert np.allclose(
+            tta, _softmax_at(model, item["image"][None], raw.shape[:2], dims), atol=1e-5
+        )
+        difference = np.abs(tta - plain)
+        assert difference.max() > 1e-4, "TTA changed nothing"
+        assert difference.mean() < 0.1, "TTA should average, not replace, the prediction"
+    with pytest.raises(LungsegError, match="tta_flips"):
+        predict_probabilities(model, [raw], ["diagonal"])

@@ -1,0 +1,220 @@
+"""Folder prediction: original sizes, the training encoding, overwrite protection, safe names,
+TTA, and the two command lines."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+from test_inference import CPU, save_variant, trained_checkpoints
+
+from lungseg.data.folders import read_image
+from lungseg.data.masks import decode_mask
+from lungseg.errors import LungsegError
+from lungseg.inference import load_checkpoint, predict_probabilities
+from lungseg.predict import output_paths, output_stem, predict
+
+PALETTE = [[0, 0, 0], [0, 255, 0], [255, 0, 0]]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, demo_dir):
+    return trained_checkpoints(tmp_path_factory, demo_dir)
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    """Mixed formats, sizes, bit depths and channel counts."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ramp = np.linspace(0, 1, 53)[None, :] * np.ones((37, 1))
+    cv2.imwrite(str(folder / "gray8.png"), rng.integers(0, 255, (48, 48), dtype=np.uint8))
+    cv2.imwrite(str(folder / "ct16.tif"), (ramp * 60000).astype(np.uint16))
+    cv2.imwrite(str(folder / "colour.jpg"), rng.integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    cv2.imwrite(str(folder / "wide.bmp"), rng.integers(0, 255, (20, 70), dtype=np.uint8))
+    (folder / "notes.txt").write_text("not an image\n")
+    return folder
+
+
+def predict_cfg(ckpt, input_dir, output_dir, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "predict",
+            overrides=[
+                f"ckpt_path={ckpt}",
+                f"input_dir={input_dir}",
+                f"output_dir={output_dir}",
+                "progress_bar=false",
+                *overrides,
+            ],
+        )
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("name", ["palette", "binary", "index"])
+def test_masks_at_original_size_in_the_training_encoding(tmp_path, checkpoints, inputs, name):
+    out = tmp_path / "out"
+    written = predict(predict_cfg(checkpoints[name], inputs, out))
+    stems = ["colour", "ct16", "gray8", "wide"]
+    assert sorted(p.name for p in written) == sorted(
+        n for s in stems for n in (f"{s}.png", f"{s}_overlay.png")
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    model = load_checkpoint(checkpoints[name], CPU)
+    info = model.hparams.data_info
+    for stem in stems:
+        raw = read_image(next(inputs.glob(f"{stem}.*")))
+        expected = predict_probabilities(model, [raw])[0].argmax(0)
+        stored = read_image(out / f"{stem}.png")
+        decoded = decode_mask(
+            stored, name, out / f"{stem}.png", info["palette"], info["num_classes"]
+        )
+        assert decoded.shape == raw.shape[:2]
+        assert np.array_equal(decoded, expected)
+        if name == "palette":
+            assert stored.shape == (*raw.shape[:2], 3)
+            assert {tuple(c) for c in stored.reshape(-1, 3)} <= {tuple(c) for c in PALETTE}
+        else:
+            assert stored.ndim == 2 and stored.dtype == np.uint8
+            assert set(np.unique(stored)) <= ({0, 255} if name == "binary" else {0, 1})
+        overlay = read_image(out / f"{stem}_overlay.png")
+        assert overlay.shape == (*raw.shape[:2], 3) and overlay.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("name", "pixel"), [("palette", PALETTE[1]), ("binary", 255), ("index", 1)]
+)
+def test_each_encoding_writes_its_own_values(tmp_path, checkpoints, inputs, name, pixel):
+    """A model forced to predict class 1 everywhere: the mask pixels tell the encodings apart."""
+    ckpt = save_variant(checkpoints[name], tmp_path / "forced.ckpt", force_class=1)
+    predict(predict_cfg(ckpt, inputs, tmp_path / "out"))
+    stored = read_image(tmp_path / "out" / "gray8.png")
+    assert stored.shape[:2] == (48, 48)
+    assert (stored == np.array(pixel, np.uint8)).all()
+
+
+def test_existing_outputs_are_never_overwritten_by_default(tmp_path, checkpoints, inputs):
+    out = tmp_path / "out"
+    cfg = predict_cfg(checkpoints["palette"], inputs, out)
+    predict(cfg)
+    before = snapshot(out)
+    with pytest.raises(LungsegError, match="8 output files already exist") as error:
+        predict(cfg)
+    assert "'colour.png'" in str(error.value) and "overwrite=true" in str(error.value)
+    assert snapshot(out) == before
+    # one old output left: the check comes before anything is written
+    for path in out.iterdir():
+        if path.name != "wide_overlay.png":
+            path.unlink()
+    with pytest.raises(LungsegError, match="1 output files already exist in .*'wide_overlay.png'"):
+        predict(cfg)
+    assert [p.name for p in out.iterdir()] == ["wide_overlay.png"]
+    (out / "wide_overlay.png").write_bytes(b"stale")
+    predict(predict_cfg(checkpoints["palette"], inputs, out, "overwrite=true"))
+    after = snapshot(out)
+    assert after.keys() == before.keys()
+    assert all(after[n][0] == before[n][0] for n in before)  # same model, same outputs again
+
+
+def test_names_cannot_leave_the_output_folder(tmp_path, checkpoints):
+    out = tmp_path / "nest" / "out"
+    for stem in ["../../evil", "a/b", "..\\..\\x", "C:\\x", "..", ".hidden", "", "a\x00b", "ok ü"]:
+        safe = output_stem(stem)
+        assert "/" not in safe and "\\" not in safe and not safe.startswith(".") and safe
+        assert (out / f"{safe}.png").resolve().parent == out.resolve()
+    assert output_stem("ok ü") == "ok ü"
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = np.full((20, 24), 128, np.uint8)
+    for name in ["sub\\..\\..\\evil.png", "a:b?.png", "-rf .png", "..png"]:  # ..png: hidden
+        cv2.imencode(".png", image)[1].tofile(folder / name)
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"keep me")
+    out.mkdir(parents=True)
+    (out / "-rf .png").symlink_to(victim)  # a link where an output goes: replaced, not followed
+    outside = {p for p in tmp_path.rglob("*") if out not in p.parents}
+    predict(predict_cfg(checkpoints["palette"], folder, out, "overwrite=true"))
+    assert {p for p in tmp_path.rglob("*") if out not in p.parents} == outside
+    assert victim.read_bytes() == b"keep me"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["-rf .png", "-rf _overlay.png", "a_b_.png", "a_b__overlay.png"]
+        + ["sub_.._.._evil.png", "sub_.._.._evil_overlay.png"]
+    )
+    assert not (out / "-rf .png").is_symlink()
+
+
+def test_clashing_names_and_missing_settings(tmp_path, checkpoints, inputs):
+    folder = tmp_path / "clash"
+    folder.mkdir()
+    for name in ["a:b.png", "a_b.tif", "x.png", "x_overlay.png"]:
+        cv2.imwrite(str(folder / name), np.zeros((8, 8), np.uint8))
+    with pytest.raises(LungsegError, match="written twice: 'a:b.png and a_b.tif → a_b.png'"):
+        output_paths(sorted(folder.iterdir()), tmp_path / "out")
+    with pytest.raises(LungsegError, match="x_overlay.png"):
+        predict(predict_cfg(checkpoints["palette"], folder, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(LungsegError, match="output_dir is input_dir"):
+        predict(predict_cfg(checkpoints["palette"], folder, folder))
+    with pytest.raises(LungsegError, match="output_dir is not set"):
+        predict(predict_cfg(checkpoints["palette"], folder, "null"))
+    with pytest.raises(LungsegError, match="ckpt_path is not set"):
+        predict(predict_cfg("null", inputs, tmp_path / "out"))
+
+
+def test_tta_is_wired_through(tmp_path, checkpoints, inputs):
+    out = tmp_path / "out"
+    flips = "tta_flips=[horizontal,vertical]"
+    predict(predict_cfg(checkpoints["palette"], inputs, out, "tta=true", flips))
+    model = load_checkpoint(checkpoints["palette"], CPU)
+    raw = read_image(inputs / "ct16.tif")
+    expected = predict_probabilities(model, [raw], ["horizontal", "vertical"])[0].argmax(0)
+    decoded = decode_mask(read_image(out / "ct16.png"), "palette", out, PALETTE, 3)
+    assert np.array_equal(decoded, expected)
+
+
+def test_command_lines(tmp_path, checkpoints, inputs):
+    """`python eval.py` and `python predict.py`, run side by side (each spends seconds
+    importing torch): exit 0 and their files written."""
+    runs = {
+        "eval": [
+            "eval.py",
+            f"ckpt_path={checkpoints['palette']}",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+            "progress_bar=false",
+        ],
+        "predict": [
+            "predict.py",
+            f"ckpt_path={checkpoints['binary']}",
+            f"input_dir={inputs}",
+            f"output_dir={tmp_path / 'out'}",
+            f"hydra.run.dir={tmp_path / 'predict'}",
+        ],
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / script), *overrides],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (script, *overrides) in runs.items()
+    }
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name}: {stderr}"
+    assert (tmp_path / "eval" / "per_image.csv").is_file()
+    assert (tmp_path / "eval" / "summary.json").is_file()
+    assert len(list((tmp_path / "out").glob("*_overlay.png"))) == 4
+    assert (tmp_path / "predict" / "predict.log").is_file()
