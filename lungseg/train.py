@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
+from lungseg.visualize import save_curves
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write into ``cfg.output_dir``: ``checkpoints/``,
-    ``tensorboard/``, ``split.csv``, ``config.yaml`` (resolved) and ``metrics.json``.
+    ``tensorboard/``, ``split.csv``, ``config.yaml`` (resolved), ``metrics.json`` and
+    ``curves.png``.
     Returns the metrics written to metrics.json."""
     started = time.monotonic()
     out_dir = Path(cfg.output_dir)
@@ -104,6 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         scheduler=plain(cfg.scheduler),
         data_info=datamodule.data_info(),
         channels_last=cfg.get("channels_last", False),
+        compile=cfg.get("compile", False),
     )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
@@ -139,4 +142,5 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             logger.log_hyperparams(flatten(plain(cfg)), final)
             logger.finalize("success")  # flush: the trainer already closed its writers
         log.info("metrics written to %s", out_dir / "metrics.json")
+        save_curves(trainer, out_dir / "curves.png", metrics["best_epoch"])
     return metrics

@@ -1,10 +1,18 @@
-"""Pictures of segmentations: colour overlays, and a grid of fixed validation images that is
-logged to TensorBoard after every validation epoch."""
+"""Pictures of segmentations: colour overlays, a grid of fixed validation images that is
+logged to TensorBoard after every validation epoch, and a run's training curves."""
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from matplotlib.figure import Figure
 from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+log = logging.getLogger(__name__)
 
 
 def to_display(image: np.ndarray) -> np.ndarray:
@@ -87,3 +95,75 @@ class PredictionGrid(pl.Callback):
             logger.experiment.add_image(
                 "val/predictions", grid, global_step=trainer.current_epoch, dataformats="HWC"
             )
+
+
+# One panel each: title, train tag, val tag, as SegmentationModule logs them per epoch.
+CURVES = (
+    ("loss", "train/loss_epoch", "val/loss"),
+    ("pixel accuracy", "train/acc", "val/acc"),
+    ("Dice (mean over foreground classes)", "train/dice", "val/dice"),
+)
+
+
+def read_epoch_scalars(
+    log_dir: str | Path, tags: Sequence[str] | None = None
+) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(epoch, value), ...]}`` sorted by epoch, from the TensorBoard event files in
+    ``log_dir``, for ``tags`` (default: those of ``CURVES``); tags without values are left out.
+
+    Lightning logs at step = optimiser steps so far and writes an ``epoch`` scalar at the same
+    step, which maps steps to epochs. A resumed run repeats epochs: the latest value wins.
+    """
+    events: dict[str, list] = {}
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0}).Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            events.setdefault(tag, []).extend(accumulator.Scalars(tag))
+    in_order = {tag: sorted(found, key=lambda e: e.wall_time) for tag, found in events.items()}
+    epoch_at = {e.step: int(e.value) for e in in_order.get("epoch", [])}
+    history = {}
+    for tag in tags or [tag for _, *pair in CURVES for tag in pair]:
+        values = {epoch_at[e.step]: e.value for e in in_order.get(tag, []) if e.step in epoch_at}
+        if values:
+            history[tag] = sorted(values.items())
+    return history
+
+
+def plot_curves(
+    history: Mapping[str, Sequence[tuple[int, float]]],
+    path: str | Path,
+    best_epoch: int | None = None,
+) -> None:
+    """Save loss, pixel accuracy and Dice per epoch, train and val, side by side as a PNG.
+
+    history: ``{tag: [(epoch, value), ...]}`` with the tags of ``CURVES`` (missing ones are
+    skipped); best_epoch: marked with a dotted line (the checkpoint that was tested).
+    """
+    # Figure without pyplot renders with Agg: no GUI backend, no global state between runs.
+    figure = Figure(figsize=(4 * len(CURVES), 3.5), layout="constrained")
+    for ax, (title, *tags) in zip(figure.subplots(1, len(CURVES)), CURVES, strict=True):
+        for tag, style in zip(tags, ("o-", "s--"), strict=True):
+            if history.get(tag):
+                epochs, values = zip(*history[tag], strict=True)
+                ax.plot(epochs, values, style, markersize=3, label=tag.split("/")[0])
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="gray", linestyle=":", label="best checkpoint")
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend()
+    figure.savefig(path, dpi=100)
+
+
+def save_curves(trainer: pl.Trainer, path: str | Path, best_epoch: int | None = None) -> bool:
+    """Plot the epoch curves of the trainer's TensorBoard logger into ``path`` (PNG). False,
+    with nothing written, when there is no TensorBoard logger or it holds no epoch values."""
+    log_dirs = [lg.log_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    history = read_epoch_scalars(log_dirs[0]) if log_dirs else {}
+    if not history:
+        log.info("no epoch metrics in TensorBoard event files: %s not written", path)
+        return False
+    plot_curves(history, path, best_epoch)
+    log.info("training curves written to %s", path)
+    return True

@@ -1,0 +1,177 @@
+"""The export task: a checkpoint's network → ONNX or TorchScript, checked against PyTorch, with
+a JSON file beside it that says how to prepare images and read the logits without lungseg."""
+
+import json
+import logging
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lungseg.errors import LungsegError
+from lungseg.inference import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+# torch.export specialises batch sizes 0 and 1 to constants, so the example batch holds 2; the
+# check runs a third size, which only works if the exported batch axis is really free.
+TRACE_BATCH = 2
+CHECK_BATCH = 3
+
+# For people without lungseg: what lungseg.data does to an image before the network sees it.
+PREPROCESSING = [
+    "read the image as stored: (H, W) grayscale or (H, W, 3) RGB, uint8, uint16 or float32",
+    "in_channels 1: RGB to gray as 0.299 R + 0.587 G + 0.114 B; in_channels 3: gray repeated",
+    "resize to image_size [height, width]: cv2.INTER_AREA when shrinking, INTER_LINEAR else",
+    "median_blur > 1: cv2.medianBlur with that kernel on each channel",
+    "to float32 in [0, 1]: with window, clip(x - intensity_offset, lo, hi) mapped to [0, 1]; "
+    "without, uint8 / 255, uint16 / 65535, float unchanged",
+    "normalize 'dataset': (x - mean[c]) / std[c]; 'image': per-channel z-score of the image; "
+    "'none': unchanged",
+    "to (N, C, H, W) float32",
+]
+POSTPROCESSING = "argmax over the class axis (1) gives class ids: class_names[id], palette[id]"
+
+
+def load_network(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network of ``cfg.ckpt_path`` in eval mode on the CPU, and its hyper-parameters."""
+    if not cfg.ckpt_path:
+        raise LungsegError(
+            "ckpt_path is not set. Name the checkpoint to export, e.g. `python export.py "
+            "ckpt_path=outputs/train/<run>/checkpoints/last.ckpt format=onnx`."
+        )
+    module = load_checkpoint(cfg.ckpt_path, torch.device("cpu"), list(cfg.trusted_modules))
+    hparams = dict(module.hparams)
+    # A fresh copy: with compile=true the module compiled its network in place, and compiled
+    # code can be neither traced nor exported by the TorchScript-based tools.
+    net = instantiate(hparams["net"])
+    net.load_state_dict(module.net.state_dict())
+    return net.eval(), hparams
+
+
+def write_model(
+    net: torch.nn.Module, example: torch.Tensor, path: Path, fmt: str, opset: int
+) -> None:
+    """Write ``net`` to ``path`` in ``fmt`` with a free batch axis, traced on ``example``.
+
+    ONNX (input ``images``, output ``logits``) through torch's dynamo exporter: the legacy
+    TorchScript-based one, like torch.jit.trace, cannot trace SegNet's MaxUnpool2d with torch
+    2.13 (pytorch/pytorch#189298). TorchScript by tracing, which records shapes as operations
+    on the input, so the batch stays free (scripting fails on SegNet too)."""
+    try:
+        if fmt == "onnx":
+            torch.onnx.export(
+                net,
+                (example,),
+                str(path),
+                input_names=["images"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit)
+                verbose=False,
+            )
+        else:
+            # check_trace would run the network twice more; export() checks it on a new batch.
+            torch.jit.save(torch.jit.trace(net, example, check_trace=False), str(path))
+    except Exception as error:
+        other = "torchscript" if fmt == "onnx" else "onnx"
+        raise LungsegError(
+            f"{type(net).__name__} could not be exported to {fmt} with torch {torch.__version__} "
+            f"({type(error).__name__}: {str(error).strip().splitlines()[0]}). Export it with "
+            f"format={other} instead."
+        ) from error
+
+
+def check_onnx_packages() -> None:
+    missing = [name for name in ONNX_PACKAGES if find_spec(name) is None]
+    if missing:
+        raise LungsegError(
+            f"format=onnx needs the packages {', '.join(ONNX_PACKAGES)}, and "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed. Install "
+            f'them with `pip install -e ".[onnx]"` in the lungseg folder (or `pip install '
+            f"{' '.join(ONNX_PACKAGES)}`), or export with format=torchscript."
+        )
+
+
+def run_exported(path: Path, fmt: str, images: torch.Tensor) -> np.ndarray:
+    """Logits of an exported model, run by onnxruntime or by torch.jit."""
+    if fmt == "onnx":
+        import onnxruntime  # optional dependency, checked by check_onnx_packages
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["logits"], {"images": images.numpy()})[0]
+    with torch.no_grad():
+        return torch.jit.load(str(path), map_location="cpu")(images).numpy()
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Export ``cfg.ckpt_path``'s network to ``cfg.format``, check it against PyTorch on a batch
+    of another size than the traced one and write ``<model file>.json`` beside the model.
+    Returns the JSON's content."""
+    if cfg.format not in FORMATS:
+        raise LungsegError(
+            f"format={cfg.format!r}; choose format=onnx (onnxruntime and most inference "
+            f"servers) or format=torchscript (torch.jit.load, C++ libtorch)."
+        )
+    if cfg.format == "onnx":
+        check_onnx_packages()
+    net, hparams = load_network(cfg)
+    ckpt_path = Path(cfg.ckpt_path).expanduser()
+    info = hparams["data_info"]
+    path = Path(cfg.output or ckpt_path.with_suffix(FORMATS[cfg.format])).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    shape = (info["in_channels"], *info["image_size"])
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(TRACE_BATCH, *shape, generator=generator)
+    write_model(net, example, path, cfg.format, cfg.opset)
+
+    images = torch.randn(CHECK_BATCH, *shape, generator=generator)
+    with torch.no_grad():
+        expected = net(images).numpy()
+    actual = run_exported(path, cfg.format, images)
+    if actual.shape != expected.shape:
+        path.unlink()
+        raise LungsegError(
+            f"The exported model gives logits of shape {actual.shape} for a batch of "
+            f"{CHECK_BATCH}, PyTorch {expected.shape}; the file was removed. The batch axis "
+            f"is not free in this export: please report it with the checkpoint's config."
+        )
+    diff = float(np.abs(actual - expected).max())
+    if not diff <= cfg.tolerance:
+        path.unlink()
+        raise LungsegError(
+            f"The exported {cfg.format} model's logits differ from PyTorch's by up to {diff:.3g} "
+            f"(tolerance {cfg.tolerance:g}); the file was removed. Try the other format, or "
+            f"raise tolerance if the difference is acceptable for your use."
+        )
+    log.info("%s written; max abs difference to PyTorch %.3g", path, diff)
+
+    record = {
+        "format": cfg.format,
+        "model": path.name,
+        "checkpoint": str(ckpt_path.resolve()),
+        "architecture": hparams["net"]["_target_"],
+        "input": {"name": "images", "shape": ["batch", *shape], "dtype": "float32"},
+        "output": {
+            "name": "logits",
+            "shape": ["batch", info["num_classes"], *info["image_size"]],
+            "dtype": "float32",
+        },
+        "max_abs_diff": diff,
+        "data_info": info,
+        "preprocessing": PREPROCESSING,
+        "postprocessing": POSTPROCESSING,
+    }
+    info_path = path.with_name(path.name + ".json")
+    info_path.write_text(json.dumps(record, indent=2) + "\n")
+    log.info("preprocessing and classes written to %s", info_path)
+    return record

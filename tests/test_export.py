@@ -1,0 +1,192 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+
+from lungseg.data import transforms
+from lungseg.data.folders import read_image
+from lungseg.errors import LungsegError
+from lungseg.export import CHECK_BATCH, TRACE_BATCH, export, load_network, write_model
+from lungseg.models.segnet import SegNet
+from lungseg.train import train
+
+
+def readme_prepare(path: str, info: dict) -> np.ndarray:
+    """The README's preprocessing for the ONNX model, from the exported JSON's data_info alone
+    (numpy and OpenCV, no lungseg): an image file → (C, H, W) float32."""
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # keeps 16 bits
+    if image.ndim == 3:  # OpenCV reads colour as BGR(A)
+        to = cv2.COLOR_BGR2GRAY if info["in_channels"] == 1 else cv2.COLOR_BGR2RGB
+        image = cv2.cvtColor(image[..., :3], to)
+    image = image.reshape(*image.shape[:2], -1)
+    image = np.repeat(image, info["in_channels"] // image.shape[2], axis=2)  # gray → RGB
+    h, w = info["image_size"]
+    smaller = h <= image.shape[0] and w <= image.shape[1]
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if smaller else cv2.INTER_LINEAR)
+    image = image.reshape(h, w, -1)
+    if info["median_blur"] > 1:
+        channels = [np.ascontiguousarray(image[..., c]) for c in range(image.shape[2])]
+        image = np.dstack([cv2.medianBlur(c, info["median_blur"]) for c in channels])
+    if info["window"]:  # e.g. CT in HU: clip to the window, scale to [0, 1]
+        lo, hi = info["window"]
+        x = (np.clip(image.astype(np.float32) - info["intensity_offset"], lo, hi) - lo) / (hi - lo)
+    else:  # 8/16-bit to [0, 1]; float images as they are
+        x = image.astype(np.float32) / (np.iinfo(image.dtype).max if image.dtype.kind == "u" else 1)
+    if info["normalize"] == "dataset":
+        x = (x - np.float32(info["mean"])) / np.float32(info["std"])
+    elif info["normalize"] == "image":
+        x = (x - x.mean((0, 1))) / np.maximum(x.std((0, 1)), 1e-6)
+    return x.astype(np.float32).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("image", "settings"),
+    [
+        ("ct16", {"window": [-1000.0, 400.0], "intensity_offset": 32768.0, "median_blur": 3}),
+        ("ct16", {"normalize": "image", "image_size": [48, 40]}),  # enlarged: INTER_LINEAR
+        ("rgb8", {"in_channels": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.3]}),
+        ("rgb8", {"median_blur": 5, "normalize": "none"}),
+    ],
+)
+def test_readme_preprocessing_matches_lungseg(tmp_path, image, settings):
+    rng = np.random.default_rng(0)
+    pixels = {
+        "ct16": rng.integers(31000, 34000, (37, 29), dtype=np.uint16),
+        "rgb8": rng.integers(0, 256, (37, 29, 3), dtype=np.uint8),
+    }[image]
+    path = tmp_path / f"{image}.png"
+    cv2.imwrite(str(path), pixels[..., ::-1] if pixels.ndim == 3 else pixels)  # OpenCV: BGR
+    info = {
+        "in_channels": 1,
+        "image_size": [16, 24],
+        "median_blur": 0,
+        "window": None,
+        "intensity_offset": 0.0,
+        "normalize": "dataset",
+        "mean": [0.45],
+        "std": [0.25],
+        **settings,
+    }
+    expected = transforms.normalize(transforms.preprocess(read_image(path), info), info)
+    np.testing.assert_allclose(
+        readme_prepare(str(path), info), expected.transpose(2, 0, 1), atol=1e-5
+    )
+
+
+@pytest.fixture
+def checkpoint(make_cfg):
+    """Train a tiny run of an architecture and return its best checkpoint."""
+
+    def make(model: str, *overrides: str) -> Path:
+        metrics = train(make_cfg(f"model={model}", "test_after_fit=false", *overrides))
+        return Path(metrics["best_checkpoint"])
+
+    return make
+
+
+def export_cfg(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("export", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("model", ["unet", "fcn", "segnet", "deeplab"])
+def test_onnx_export_runs_in_onnxruntime_like_pytorch(checkpoint, demo_dir, model):
+    ckpt = checkpoint(model, "data.median_blur=3")
+    record = export(export_cfg(f"ckpt_path={ckpt}", "format=onnx"))
+    onnx_path = ckpt.with_suffix(".onnx")  # default: next to the checkpoint
+    assert record["max_abs_diff"] <= 1e-4
+    saved = json.loads(onnx_path.with_name(onnx_path.name + ".json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    info = saved["data_info"]
+    assert info["class_names"] == ["background", "lung", "tumour"] and info["median_blur"] == 3
+    assert saved["input"]["shape"] == ["batch", 1, 32, 32]
+    assert not list(ckpt.parent.glob("*.data")), "weights must be inside the .onnx file"
+
+    # The README's recipe, from the JSON alone, prepares images as lungseg does ...
+    paths = sorted((demo_dir / "images").glob("*.png"))[:5]
+    batch = np.stack([readme_prepare(str(p), info) for p in paths])
+    lungseg = [
+        transforms.normalize(transforms.preprocess(read_image(p), info), info) for p in paths
+    ]
+    np.testing.assert_allclose(batch, np.stack(lungseg).transpose(0, 3, 1, 2), atol=1e-5)
+    # ... and onnxruntime gives PyTorch's logits for a batch size it was not traced with.
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"images": batch})[0]
+    net, _ = load_network(export_cfg(f"ckpt_path={ckpt}"))
+    with torch.no_grad():
+        expected = net(torch.from_numpy(batch)).numpy()
+    assert logits.shape == (5, 3, 32, 32)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_torchscript_export_has_a_free_batch_axis_and_is_checked(checkpoint, tmp_path):
+    ckpt = checkpoint("unet")
+    output = tmp_path / "exported" / "unet.pt"
+    record = export(export_cfg(f"ckpt_path={ckpt}", "format=torchscript", f"output={output}"))
+    assert record["max_abs_diff"] <= 1e-4 and record["format"] == "torchscript"
+    assert (tmp_path / "exported" / "unet.pt.json").is_file()
+    scripted = torch.jit.load(str(output))
+    for batch in (1, TRACE_BATCH, CHECK_BATCH + 2):
+        assert scripted(torch.randn(batch, 1, 32, 32)).shape == (batch, 3, 32, 32)
+
+    output.unlink()
+    strict = export_cfg(
+        f"ckpt_path={ckpt}", "format=torchscript", f"output={output}", "tolerance=-1"
+    )
+    with pytest.raises(LungsegError, match=r"differ from PyTorch's by up to .*tolerance -1"):
+        export(strict)
+    assert not output.exists(), "a model that failed the check must not be left behind"
+
+
+def test_segnet_to_torchscript_is_a_clear_error(tmp_path):
+    # torch 2.13 can neither trace MaxUnpool2d (pytorch/pytorch#189298) nor script it.
+    net = SegNet(in_channels=1, num_classes=3, width=4).eval()
+    example = torch.randn(TRACE_BATCH, 1, 32, 32)
+    with pytest.raises(LungsegError, match="SegNet could not be exported to torchscript.*onnx"):
+        write_model(net, example, tmp_path / "segnet.pt", "torchscript", opset=18)
+
+
+def test_missing_onnx_packages_name_the_extra(monkeypatch):
+    import lungseg.export
+
+    monkeypatch.setattr(
+        lungseg.export, "find_spec", lambda name: None if name == "onnxruntime" else "found"
+    )
+    with pytest.raises(
+        LungsegError, match=r'onnxruntime is not installed.*pip install -e "\.\[onnx\]"'
+    ):
+        lungseg.export.check_onnx_packages()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["format=tflite"], "choose format=onnx"),
+        ([], "ckpt_path is not set"),
+    ],
+)
+def test_bad_settings_are_clear_errors(overrides, message):
+    with pytest.raises(LungsegError, match=message):
+        export(export_cfg(*overrides))
+
+
+def test_cli_error_is_one_line_and_leaves_the_working_directory_clean(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "export.py"), f"ckpt_path={tmp_path}/x.ckpt", "format=tflite"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("lungseg: error: format='tflite'"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log file

@@ -1,0 +1,159 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from lungseg.errors import LungsegError
+from lungseg.sweep import SweepSummary, collect_runs, record_error, write_summary
+
+SHARED = ["data.image_size=32", "trainer.max_epochs=1"]
+
+
+def fake_run(sweep: Path, job: int, model: str, metrics: dict | None = None) -> Path:
+    """A job folder as Hydra and train() leave it: .hydra/ and, when given, metrics.json."""
+    run = sweep / f"{job}_model={model}"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save([f"model={model}", *SHARED], run / ".hydra" / "overrides.yaml")
+    OmegaConf.save({"hydra": {"job": {"num": job}}}, run / ".hydra" / "hydra.yaml")
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def metrics(dice: float) -> dict:
+    return {
+        "best_epoch": 3,
+        "test/dice": dice,
+        "test/iou": dice / 2,
+        "test/acc": 0.9,
+        "test/dice_lung": dice + 0.1,
+        "test/dice_tumour": dice - 0.1,
+        "test/loss": 0.5,
+        "train_minutes": 1.5,
+    }
+
+
+def test_summary_lists_runs_best_dice_first_and_failed_runs_with_their_error(tmp_path):
+    fake_run(tmp_path, 0, "unet", metrics(0.6))
+    record_error(fake_run(tmp_path, 1, "fcn"), LungsegError("model.width is -1.\nSecond line."))
+    fake_run(tmp_path, 2, "segnet", metrics(0.8))
+    fake_run(tmp_path, 3, "deeplab")  # still running: no metrics.json, no error.txt
+    fake_run(tmp_path, 10, "unet", metrics(0.6))  # ties keep the job order: 0 before 10
+
+    rows = write_summary(tmp_path)
+    assert [row["job"] for row in rows] == [2, 0, 10, 1, 3]
+    assert [row["status"] for row in rows] == ["ok", "ok", "ok", "failed", "incomplete"]
+    assert rows[3]["error"] == "model.width is -1."
+
+    with open(tmp_path / "summary.csv", newline="") as file:
+        table = list(csv.DictReader(file))
+    assert list(table[0]) == [
+        "job",
+        "overrides",
+        "status",
+        "best_epoch",
+        "test/dice",
+        "test/iou",
+        "test/acc",
+        "test/dice_lung",
+        "test/dice_tumour",
+        "minutes",
+        "error",
+        "run",
+    ]
+    assert table[0]["overrides"] == "model=segnet data.image_size=32 trainer.max_epochs=1"
+    assert float(table[0]["test/dice_lung"]) == pytest.approx(0.9)
+    assert table[0]["run"] == "2_model=segnet" and table[3]["test/dice"] == ""
+
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "5 runs (2 failed or unfinished)" in markdown
+    assert "Overrides of every run: `data.image_size=32 trainer.max_epochs=1`" in markdown
+    assert "| 2 | model=segnet | ok | 3 | 0.8000 | 0.4000 | 0.9000 | 0.9000 | 0.7000 |" in markdown
+    assert "| 1 | model=fcn | failed |" in markdown and "model.width is -1. |" in markdown
+
+
+def hydra_config(sweep: Path, run: Path, mode: RunMode = RunMode.MULTIRUN):
+    runtime = {"cwd": str(sweep.parent), "output_dir": str(run)}
+    return OmegaConf.create(
+        {"hydra": {"mode": mode, "runtime": runtime, "sweep": {"dir": sweep.name}}}
+    )
+
+
+def test_callback_records_crashes_and_fails_the_sweep(tmp_path):
+    sweep = tmp_path / "multirun"
+    ok, crashed = fake_run(sweep, 0, "unet", metrics(0.7)), fake_run(sweep, 1, "fcn")
+    job = JobReturn(status=JobStatus.FAILED, overrides=["model=fcn"])
+    try:
+        try:
+            raise RuntimeError("CUDA out of memory")
+        except RuntimeError as cause:
+            raise ValueError("Error in call to target 'Trainer':") from cause  # like instantiate
+    except ValueError as error:
+        job.return_value = error
+    callback = SweepSummary()
+
+    callback.on_job_end(hydra_config(sweep, crashed, RunMode.RUN), job)  # single runs: no-op
+    assert not (crashed / "error.txt").exists() and not (sweep / "summary.csv").exists()
+
+    callback.on_job_end(hydra_config(sweep, crashed), job)
+    error = (crashed / "error.txt").read_text()
+    assert error.startswith("RuntimeError: CUDA out of memory\n") and "Traceback" in error
+    assert [row["status"] for row in collect_runs(sweep)] == ["ok", "failed"]
+    assert (sweep / "summary.md").is_file()
+
+    with pytest.raises(SystemExit, match=r"1 of 2 runs failed \(job 1\)"):
+        callback.on_multirun_end(hydra_config(sweep, ok))
+    (crashed / "error.txt").unlink()
+    (crashed / "metrics.json").write_text(json.dumps(metrics(0.5)))
+    callback.on_multirun_end(hydra_config(sweep, ok))  # all ok: returns, exit status 0
+
+
+def test_cli_multirun_with_a_failing_job_runs_the_others_and_summarises(tmp_path):
+    # Job 1 gives 2 class weights for the demo's 3 classes: a LungsegError inside train().
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "loss.class_weights=[1,2],null",
+            f"data.demo_dir={tmp_path}/demo",
+            *TINY,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "lungseg: error: 1 of 2 runs failed (job 0)" in result.stderr
+    (sweep,) = (tmp_path / "outputs" / "train").glob("multirun_*")
+    with open(sweep / "summary.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["job"], row["status"]) for row in rows] == [("1", "ok"), ("0", "failed")]
+    assert float(rows[0]["test/dice"]) >= 0 and rows[0]["test/dice_tumour"] != ""
+    assert rows[1]["error"].startswith("loss.class_weights has 2 values but the data has 3")
+    assert "loss.class_weights=null" in rows[0]["overrides"]
+    assert (sweep / rows[1]["run"] / "error.txt").is_file()
+    assert (sweep / rows[0]["run"] / "curves.png").is_file()
+    assert "| 1 | loss.class_weights=null | ok |" in (sweep / "summary.md").read_text()
+
+
+def test_record_error_shows_the_lungseg_error_inside_hydras_wrapper(tmp_path):
+    try:
+        try:
+            raise LungsegError("data.normalize is 'bogus'; choose one of dataset, image, none.")
+        except LungsegError as cause:
+            raise RuntimeError("Error in call to target 'SegDataModule':") from cause
+    except RuntimeError as error:
+        record_error(tmp_path, error)
+    assert (tmp_path / "error.txt").read_text() == (
+        "data.normalize is 'bogus'; choose one of dataset, image, none.\n"
+    )
