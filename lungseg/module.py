@@ -1,6 +1,7 @@
 """One LightningModule for every architecture: a network, a loss, metrics and an optimiser,
 each built from a plain dict of its Hydra config."""
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,6 +12,7 @@ from lungseg.errors import LungsegError
 from lungseg.metrics import SegmentationMetrics
 
 STAGES = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -31,6 +33,7 @@ class SegmentationModule(pl.LightningModule):
         scheduler: dict[str, Any] | None = None,
         data_info: dict[str, Any] | None = None,
         channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         # Logged to TensorBoard at the end of training together with the final metrics.
@@ -51,6 +54,10 @@ class SegmentationModule(pl.LightningModule):
             setattr(self, f"{stage}_metrics", SegmentationMetrics(self.class_names))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        if compile:
+            # In place: the state_dict keys stay those of the plain network, so checkpoints of
+            # compiled and uncompiled runs are interchangeable.
+            self.net.compile()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -98,6 +105,16 @@ class SegmentationModule(pl.LightningModule):
         dice = values.pop("dice")
         self.log(f"{stage}/dice", dice, prog_bar=True)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
+        if stage == "val" and not self.trainer.sanity_checking:
+            # One line per epoch in train.log, also when the progress bar is off.
+            loss = self.trainer.callback_metrics.get("val/loss", float("nan"))
+            log.info(
+                "epoch %d: val/loss %.4f  val/dice %.4f  val/acc %.4f",
+                self.current_epoch,
+                float(loss),
+                dice,
+                values["acc"],
+            )
 
     def on_train_epoch_end(self):
         self._log_epoch_metrics("train")

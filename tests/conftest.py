@@ -17,7 +17,6 @@ TINY = [
     "trainer.limit_train_batches=2",
     "trainer.accelerator=cpu",
     "trainer.enable_progress_bar=false",
-    "callbacks.progress_bar=null",
 ]
 
 

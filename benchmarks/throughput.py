@@ -1,0 +1,254 @@
+"""Throughput of each architecture: lungseg's training (Lightning + DataModule + metrics +
+TensorBoard logging, through the same `train()` the CLI runs) against a bare PyTorch loop on the
+same network, batches, loss and optimiser; inference; achieved GFLOP/s against a large matrix
+product measured in the same process; peak memory; and the DataModule's own delivery rate.
+
+    python benchmarks/throughput.py                                 # CPU, width 16, 128 px
+    python benchmarks/throughput.py --width 64 --size 256 --batch 4 --models unet
+    python benchmarks/throughput.py --channels-last --precision bf16-mixed
+    python benchmarks/throughput.py --device cuda --precision bf16-mixed --size 512
+
+Every rate is the median over --repeats; lungseg and the bare loop alternate within a repeat.
+"""
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lungseg.train import build_datamodule, plain, train  # noqa: E402
+
+
+class StepTimer(pl.Callback):
+    """Times training steps after `warmup` steps; the result lands in `StepTimer.seconds`."""
+
+    seconds: list[float] = []
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps = warmup, steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.warmup + self.steps:
+            sync(pl_module.device)
+            StepTimer.seconds.append(time.perf_counter() - self.start)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_cfg(args, model: str, workdir: Path):
+    images = int((args.warmup + args.steps + 2) * args.batch / 0.6) + args.batch
+    overrides = [
+        f"model={model}",
+        f"model.width={args.width}",
+        f"data.image_size={args.size}",
+        f"data.batch_size={args.batch}",
+        f"data.demo_dir={workdir / 'demo'}",
+        f"data.demo_num_images={images}",
+        f"data.demo_size={max(args.size, 64)}",
+        f"data.num_workers={args.workers}",
+        f"data.persistent_workers={args.workers > 0}",
+        f"output_dir={workdir / model}",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        f"trainer.precision={args.precision}",
+        f"trainer.max_steps={args.warmup + args.steps}",
+        "trainer.max_epochs=-1",
+        "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        f"channels_last={args.channels_last}",
+        f"compile={args.compile}",
+        "test_after_fit=false",
+        "callbacks.model_checkpoint=null",
+        "callbacks.early_stopping=null",
+        "callbacks.prediction_grid=null",
+        "+callbacks.timer._target_=__main__.StepTimer",
+        f"+callbacks.timer.warmup={args.warmup}",
+        f"+callbacks.timer.steps={args.steps}",
+    ]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def lungseg_rate(cfg, args) -> float:
+    StepTimer.seconds.clear()
+    train(cfg)
+    return args.steps * args.batch / StepTimer.seconds[-1]
+
+
+def build_bare(cfg, device, channels_last: bool):
+    torch.manual_seed(cfg.seed)
+    net = instantiate(plain(cfg.model)).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = instantiate(plain(cfg.optimizer), params=net.parameters())
+    return net, optimizer, instantiate(plain(cfg.loss)).to(device)
+
+
+def bare_step(net, optimizer, loss_fn, x, y, autocast):
+    with autocast():
+        loss = loss_fn(net(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def bare_rate(net, optimizer, loss_fn, batches, args, autocast) -> float:
+    for x, y in batches[: args.warmup]:
+        bare_step(net, optimizer, loss_fn, x, y, autocast)
+    sync(args.device)
+    start = time.perf_counter()
+    for x, y in batches[args.warmup : args.warmup + args.steps]:
+        bare_step(net, optimizer, loss_fn, x, y, autocast)
+    sync(args.device)
+    return args.steps * args.batch / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def inference_rate(net, x, args, autocast) -> float:
+    net.eval()
+    for _ in range(args.warmup):
+        net(x)
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        with autocast():
+            net(x)
+    sync(args.device)
+    net.train()
+    return args.steps * x.shape[0] / (time.perf_counter() - start)
+
+
+def train_flops_per_image(net, optimizer, loss_fn, x, y, autocast) -> float:
+    with FlopCounterMode(display=False) as counter:
+        bare_step(net, optimizer, loss_fn, x, y, autocast)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def matmul_gflops(device, dtype, n: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def data_rate(datamodule, batches: int) -> float:
+    loader = datamodule.train_dataloader()
+    start = time.perf_counter()
+    seen = 0
+    for i, batch in enumerate(loader):
+        seen += batch["image"].shape[0]
+        if i + 1 == batches:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def peak_memory_mb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["unet", "fcn", "segnet", "deeplab"])
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--workers", type=int, default=0)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: PyTorch sees no GPU on this machine")
+
+    bf16 = args.precision == "bf16-mixed"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def autocast():
+        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16)
+
+    peak = matmul_gflops(args.device, dtype)
+    print(
+        f"# device {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"width {args.width}, {args.size} px, batch {args.batch}, {args.precision}, "
+        f"channels_last {args.channels_last}, compile {args.compile}, "
+        f"{args.steps} timed steps x {args.repeats} repeats (median)"
+    )
+    print(f"# {'bf16' if bf16 else 'fp32'} matrix product (2048^3): {peak:.1f} GFLOP/s")
+    header = (
+        "| model | params (M) | lungseg train img/s | bare train img/s | ratio | infer img/s "
+        "| train GFLOP/img | lungseg GFLOP/s | % of matmul | peak MB | data img/s | data/train |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            cfg = make_cfg(args, model, Path(tmp))
+            datamodule = build_datamodule(cfg)
+            batches = []
+            for batch in datamodule.train_dataloader():
+                x = batch["image"].to(args.device)
+                if args.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                batches.append((x, batch["mask"].to(args.device)))
+            assert len(batches) >= args.warmup + args.steps, "not enough batches"
+            net, optimizer, loss_fn = build_bare(cfg, args.device, args.channels_last)
+            if args.compile:
+                net = torch.compile(net)
+            if torch.device(args.device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ours, bare = [], []
+            for _ in range(args.repeats):
+                ours.append(lungseg_rate(cfg, args))
+                bare.append(bare_rate(net, optimizer, loss_fn, batches, args, autocast))
+            infer = inference_rate(net, batches[0][0], args, autocast)
+            flops = train_flops_per_image(net, optimizer, loss_fn, *batches[0], autocast)
+            delivered = data_rate(datamodule, args.warmup + args.steps)
+            ours_rate, bare_rate_ = statistics.median(ours), statistics.median(bare)
+            achieved = flops * ours_rate / 1e9
+            params = sum(p.numel() for p in net.parameters()) / 1e6
+            memory = peak_memory_mb(args.device)
+            print(
+                f"| {model} | {params:.2f} | {ours_rate:.2f} | {bare_rate_:.2f} "
+                f"| {ours_rate / bare_rate_:.3f} | {infer:.2f} | {flops / 1e9:.2f} "
+                f"| {achieved:.1f} | {100 * achieved / peak:.0f}% | {memory:.0f} "
+                f"| {delivered:.0f} | {delivered / ours_rate:.0f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
