@@ -81,3 +81,54 @@ class DiceCELoss(nn.Module):
         return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(
             logits, target
         )
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): mean over pixels of -a[y] (1 - p_y)^gamma log p_y.
+
+    Down-weights pixels the network already gets right, so the rare hard ones (small
+    nodules, boundaries) dominate the gradient; gamma=0 and no weights is cross-entropy."""
+
+    def __init__(self, gamma: float = 2.0, class_weights: Sequence[float] | None = None):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", _weights(class_weights), persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits.float(), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+        loss = -((1 - log_p.exp()) ** self.gamma) * log_p
+        if self.weight is not None:
+            loss = loss * self.weight[target]
+        return loss.mean()
+
+
+class TverskyLoss(nn.Module):
+    """Tversky loss (Salehi et al. 2017): 1 - mean over classes of
+    (TP + smooth) / (TP + alpha FP + beta FN + smooth), soft counts pooled over the batch.
+
+    alpha = beta = 0.5 is the Dice loss; beta > alpha penalises missed foreground more than
+    false alarms, which raises recall on small structures."""
+
+    def __init__(
+        self,
+        alpha: float = 0.3,
+        beta: float = 0.7,
+        include_background: bool = False,
+        smooth: float = 1.0,
+    ):
+        super().__init__()
+        self.alpha, self.beta = alpha, beta
+        self.include_background = include_background
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(dim=1)
+        onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+        dims = (0, 2, 3)
+        tp = (probs * onehot).sum(dims)
+        fp = (probs * (1 - onehot)).sum(dims)
+        fn = ((1 - probs) * onehot).sum(dims)
+        index = (tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)
+        if not self.include_background:
+            index = index[1:]
+        return 1 - index.mean()

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lungseg.losses import CrossEntropyLoss, DiceCELoss, DiceLoss
+from lungseg.losses import CrossEntropyLoss, DiceCELoss, DiceLoss, FocalLoss, TverskyLoss
 
 
 def perfect_logits(target: torch.Tensor, num_classes: int, scale: float = 50.0) -> torch.Tensor:
@@ -58,3 +58,27 @@ def test_losses_accept_bf16_logits(target):
     logits = torch.randn(2, 3, 8, 8).bfloat16()
     for loss in (DiceLoss(), CrossEntropyLoss(), DiceCELoss()):
         assert torch.isfinite(loss(logits, target))
+
+
+def test_focal_loss_matches_formula_and_reduces_to_ce(target):
+    logits = torch.randn(2, 3, 8, 8)
+    assert FocalLoss(gamma=0.0)(logits, target).item() == pytest.approx(
+        F.cross_entropy(logits, target).item(), rel=1e-5
+    )
+    log_p = F.log_softmax(logits, 1).gather(1, target[:, None])[:, 0]
+    w = torch.tensor([0.5, 1.0, 2.0])[target]
+    expected = (-((1 - log_p.exp()) ** 2) * log_p * w).mean()
+    got = FocalLoss(gamma=2.0, class_weights=[0.5, 1.0, 2.0])(logits, target)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_tversky_with_equal_weights_is_dice_and_penalises_misses(target):
+    logits = torch.randn(2, 3, 8, 8)
+    tversky = TverskyLoss(alpha=0.5, beta=0.5)(logits, target)
+    # Same value as Dice once the smoothing terms line up (Dice adds smooth to 2TP).
+    assert tversky.item() == pytest.approx(DiceLoss(smooth=2.0)(logits, target).item(), rel=1e-5)
+    # Predicting background everywhere misses all foreground: beta-heavy Tversky punishes it more.
+    miss = perfect_logits(torch.zeros_like(target), 3, scale=5.0)
+    assert TverskyLoss(alpha=0.3, beta=0.7)(miss, target) > TverskyLoss(alpha=0.7, beta=0.3)(
+        miss, target
+    )
