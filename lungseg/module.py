@@ -72,8 +72,7 @@ class SegmentationModule(pl.LightningModule):
             raise LungsegError(
                 f"the {stage} loss became {loss.item()} at epoch {self.current_epoch}, step "
                 f"{self.global_step}. Lower optimizer.lr, check the images for NaN/inf pixels, "
-                "or train in 32-bit precision (trainer.precision=32-true). The last good "
-                "checkpoint is kept in the run's checkpoints/ folder."
+                f"or train in 32-bit precision (trainer.precision=32-true). {self._kept()}"
             )
         # Metrics accumulate on the device; nothing here forces a host sync per step.
         getattr(self, f"{stage}_metrics").update(logits.argmax(dim=1), masks)
@@ -87,6 +86,15 @@ class SegmentationModule(pl.LightningModule):
             sync_dist=stage != "train",
         )
         return loss
+
+    def _kept(self) -> str:
+        """Where the last good weights are: a non-finite loss stops the run before any
+        checkpoint callback could save the broken ones."""
+        callback = self.trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        if not last:
+            return "No checkpoint had been saved yet."
+        return f"The last good checkpoint is kept: {last}."
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")

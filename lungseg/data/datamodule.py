@@ -8,7 +8,9 @@ mislabelled file stops the run before the first epoch, not in the middle of one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import random
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,11 @@ class CachedSegDataset(Dataset):
         return len(self.names)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        # albumentations' Compose draws from its own generator, seeded from the OS and copied
+        # unchanged into every DataLoader worker. Seeding it from torch's generator per item
+        # makes augmentation follow the run's seed (and EpochLoader's reseed) and differ
+        # between workers, whose torch generators PyTorch seeds one by one.
+        self.augment.set_random_seed(int(torch.randint(2**32, ()).item()))
         # Copies: an in-place transform must not alter the cache for later epochs.
         out = self.augment(image=self.images[i].copy(), mask=self.masks[i].copy())
         image = transforms.normalize(out["image"], self.image_info)
@@ -63,6 +70,18 @@ class CachedSegDataset(Dataset):
             "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])).long(),
             "name": self.names[i],
         }
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that calls ``on_epoch()`` whenever a pass over it (an epoch) begins."""
+
+    def __init__(self, *args: Any, on_epoch: Callable[[], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.on_epoch = on_epoch
+
+    def __iter__(self):
+        self.on_epoch()
+        return super().__iter__()
 
 
 class SegDataModule(pl.LightningDataModule):
@@ -158,6 +177,7 @@ class SegDataModule(pl.LightningDataModule):
         self._datasets: dict[str, CachedSegDataset] = {}
         self._mean: list[float] | None = None
         self._std: list[float] | None = None
+        self._train_epochs = 0
 
     # ---- Lightning hooks -------------------------------------------------------------------
 
@@ -174,13 +194,11 @@ class SegDataModule(pl.LightningDataModule):
         if self._split is not None:
             return
         pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict)
+        pairs, images, masks = self._decode_all(pairs)
         names = [p.stem for p in pairs]
         split = splits.make_split(
             names, self._fractions, self._seed, self._group_pattern, self._split_file
         )
-        # Threads: PNG decoding and the numpy work release the GIL, so this scales with cores.
-        with ThreadPoolExecutor() as pool:
-            images, masks = zip(*pool.map(self._decode, pairs), strict=True)
         if self._num_classes is None:  # index masks without data.num_classes
             self._num_classes = max(2, max(int(m.max()) for m in masks) + 1)
         self._class_names = self._resolve_class_names()
@@ -295,6 +313,44 @@ class SegDataModule(pl.LightningDataModule):
             "std": None if self._std is None else list(self._std),
         }
 
+    def _decode_all(
+        self, pairs: list[Pair]
+    ) -> tuple[list[Pair], list[np.ndarray], list[np.ndarray]]:
+        """The pairs that decode, with their images and masks. Every pair is tried, so that one
+        message lists all the files that fail (corrupt, mask size or values wrong). They stop
+        the run, or with data.strict=false are skipped with one warning; when every pair fails
+        (usually a setting, not the files) the first error stops the run either way."""
+
+        def attempt(pair: Pair) -> tuple[np.ndarray, np.ndarray] | LungsegError:
+            try:
+                return self._decode(pair)
+            except LungsegError as error:
+                return error
+
+        # Threads: PNG decoding and the numpy work release the GIL, so this scales with cores.
+        with ThreadPoolExecutor() as pool:
+            results = list(pool.map(attempt, pairs))
+        failed = [(p, r) for p, r in zip(pairs, results, strict=True) if isinstance(r, Exception)]
+        if failed and len(failed) == len(pairs):
+            raise failed[0][1]
+        if failed and self._strict:
+            others = [p.image.name for p, _ in failed[1:]]
+            listed = ", ".join(others[:_SHOW])
+            listed += f", ... ({len(others)} in total)" if len(others) > _SHOW else ""
+            more = f" Other pairs that cannot be used: {listed}." if others else ""
+            raise LungsegError(
+                f"{failed[0][1]}{more} Or set data.strict=false to skip the pairs that cannot "
+                f"be used, with a warning."
+            )
+        if failed:
+            warnings.warn(
+                f"Skipping {len(failed)} of {len(pairs)} image/mask pairs (data.strict=false): "
+                + " ".join(f"({i}) {e}" for i, (_, e) in enumerate(failed[:_SHOW], 1)),
+                stacklevel=3,
+            )
+        kept = [(p, r) for p, r in zip(pairs, results, strict=True) if isinstance(r, tuple)]
+        return [p for p, _ in kept], [r[0] for _, r in kept], [r[1] for _, r in kept]
+
     def _decode(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, C) float32 image in [0, 1] and (H, W) uint8 mask, both at image_size."""
         raw, raw_mask = read_image(pair.image), read_image(pair.mask)
@@ -327,16 +383,42 @@ class SegDataModule(pl.LightningDataModule):
         return ["background"] + [f"class_{i}" for i in range(1, k)]
 
     def _loader(self, dataset: CachedSegDataset, train: bool) -> DataLoader:
-        # Worker seeds come from pl.seed_everything(workers=True) in the training task.
-        return DataLoader(
-            dataset,
-            batch_size=self._batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self._batch_size,
-            num_workers=self._num_workers,
-            pin_memory=self._pin_memory,
-            persistent_workers=self._persistent_workers and self._num_workers > 0,
+        options = {
+            "batch_size": self._batch_size,
+            "num_workers": self._num_workers,
+            "pin_memory": self._pin_memory,
+            "persistent_workers": self._persistent_workers and self._num_workers > 0,
+        }
+        if not train:
+            return DataLoader(dataset, **options)
+        drop_last = len(dataset) > self._batch_size
+        return EpochLoader(
+            dataset, shuffle=True, drop_last=drop_last, on_epoch=self._reseed, **options
         )
+
+    def _reseed(self) -> None:
+        """Reseed Python's, NumPy's and torch's generators from (seed, epoch, rank) as a training
+        epoch begins. Its shuffle order, augmentations (in worker processes too: PyTorch seeds
+        them from torch's generator) and dropout masks then do not depend on what ran before
+        it, and a run resumed from an epoch-end checkpoint, which holds the epoch count (see
+        ``state_dict``), trains exactly as the uninterrupted run. The reseed sits in the loader,
+        not in an epoch hook, because Lightning creates the first iterator of a fit, and
+        fetches its first batch, before the first ``on_train_epoch_start``."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        entropy = [self._seed, self._train_epochs, rank]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        # Not pl.seed_everything: that would also reset PL_GLOBAL_SEED and PL_SEED_WORKERS.
+        random.seed(seed)
+        np.random.seed(seed)  # noqa: NPY002 - the legacy global generator, for any code using it
+        torch.manual_seed(seed)
+        self._train_epochs += 1
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in Lightning checkpoints: the training epochs begun so far."""
+        return {"train_epochs": self._train_epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_epochs = int(state_dict.get("train_epochs", 0))
 
     def _summary(
         self, pairs: list[Pair], members: dict[str, list[int]], train_masks: list[np.ndarray]

@@ -103,11 +103,12 @@ def _decode_index(raw: np.ndarray, path: Path, num_classes: int | None) -> np.nd
             "unsigned integer class ids. Save the mask as an 8-bit or 16-bit PNG."
         )
     values = np.flatnonzero(np.bincount(raw.ravel()))
-    looks_binary = values[-1] == 255 and set(values.tolist()) <= {0, 255}
-    if looks_binary and (num_classes is None or num_classes <= 255):
+    top = int(values[-1])  # 0/255 (8-bit) or 0/65535 (16-bit): white on black
+    looks_binary = top in (255, 65535) and set(values.tolist()) <= {0, top}
+    if looks_binary and (num_classes is None or num_classes <= top):
         raise LungsegError(
-            f"Mask {path} holds only the values 0 and 255, which looks like a binary "
-            "(black/white) mask, but data.mask_mode=index reads 255 as class 255. Set "
+            f"Mask {path} holds only the values 0 and {top}, which looks like a binary "
+            f"(black/white) mask, but data.mask_mode=index reads {top} as class {top}. Set "
             "data.mask_mode=binary (non-zero = foreground), or store class ids 0 and 1."
         )
     limit = 256 if num_classes is None else min(num_classes, 256)  # ids are stored as uint8

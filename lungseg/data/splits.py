@@ -82,7 +82,7 @@ def write_split(split: Mapping[str, str], path: str | Path) -> None:
     assert set(split.values()) <= set(SPLITS), set(split.values())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "split"])
         writer.writerows(sorted(split.items()))

@@ -1,0 +1,172 @@
+"""A training run's folder: never written over, resumable, and recorded well enough to
+repeat the run (``environment.json``: package versions, platform, git commit)."""
+
+import json
+import logging
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import albumentations
+import cv2
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
+
+from lungseg.errors import LungsegError
+
+log = logging.getLogger(__name__)
+
+# What train() writes into a run folder before and while it trains; a folder holding any of
+# them holds a run (Hydra's own .hydra/ and train.log are there before train() starts).
+RUN_FILES = ("split.csv", "config.yaml", "environment.json", "checkpoints", "metrics.json")
+PACKAGES = {
+    "torch": torch,
+    "pytorch-lightning": pl,
+    "hydra-core": hydra,
+    "torchmetrics": torchmetrics,
+    "albumentations": albumentations,
+    "opencv": cv2,
+    "numpy": np,
+}
+_GIT_TIMEOUT_S = 10
+
+
+def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checkpoint this run continues from, or None for a fresh start: ``ckpt_path``, else
+    with ``resume=true`` the folder's ``checkpoints/last.ckpt`` when it exists.
+
+    Raises LungsegError when ``out_dir`` already holds a run that this one does not continue
+    (a run folder is never written over), and for a checkpoint that is missing or that
+    ``torch.load(weights_only=True)`` refuses (damaged, or a pickle that would run code)."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path).expanduser()
+    elif cfg.get("resume") and last.is_file():
+        path = last
+    else:
+        path = None
+    if path is not None:
+        read_checkpoint(path)
+    continues = path is not None and out_dir.resolve() in path.resolve().parents
+    # The other ranks of a DDP run start in the folder that rank 0 has begun to fill.
+    if not continues and rank_zero_only.rank == 0:
+        _check_unused(out_dir, bool(cfg.get("resume")))
+    return None if path is None else str(path)
+
+
+def _check_unused(out_dir: Path, resume: bool) -> None:
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found:
+        return
+    saved = (out_dir / "metrics.json").exists() or any(out_dir.glob("checkpoints/*.ckpt"))
+    if resume and not saved:
+        log.warning("resume=true: %s holds no checkpoint yet; starting the run again", out_dir)
+        return
+    how = (
+        "resume=true finds no checkpoints/last.ckpt there; continue from another of its "
+        "checkpoints with ckpt_path=<checkpoint>"
+        if resume
+        else "Continue it with resume=true (from its checkpoints/last.ckpt)"
+    )
+    raise LungsegError(
+        f"The run folder {out_dir} already holds a run ({', '.join(found)}), and lungseg never "
+        f"writes over one. {how}, or start a new run in a new folder: leave hydra.run.dir "
+        f"unset (each run gets its own timestamped folder) or give an unused path."
+    )
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint read with ``torch.load(weights_only=True)``: tensors and plain
+    values only, so unpickling cannot run code. LungsegError for anything else."""
+    if not path.is_file():
+        problem = "is a folder" if path.is_dir() else "does not exist"
+        raise LungsegError(
+            f"ckpt_path {path} {problem}. Give a checkpoint written by `python train.py`, e.g. "
+            f"<run>/checkpoints/last.ckpt, or resume=true to continue the run in hydra.run.dir."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # damaged, not a torch file, or objects weights_only refuses
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise LungsegError(
+            f"{path} cannot be trained from: torch.load(weights_only=True) refused it "
+            f"({type(err).__name__}: {first_line}). lungseg only loads checkpoints that hold "
+            f"plain values and tensors, never ones that would run code when unpickled. If it is "
+            f"a checkpoint of a run that was killed while saving it, use another checkpoint of "
+            f"that run (e.g. checkpoints/best-*.ckpt) as ckpt_path."
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise LungsegError(
+            f"{path} is a PyTorch file but not a checkpoint written by `python train.py` (it "
+            f"has no state_dict). Give <run>/checkpoints/last.ckpt or best-*.ckpt."
+        )
+    return checkpoint
+
+
+def check_fits(path: str, module: torch.nn.Module) -> None:
+    """LungsegError unless the checkpoint's weights have the names and shapes of ``module``'s,
+    so that a run continued with other model settings stops with a sentence, not a traceback."""
+    saved = read_checkpoint(Path(path))["state_dict"]
+    own = module.state_dict()
+    differ = sorted(
+        key
+        for key in own.keys() | saved.keys()
+        if key not in own or key not in saved or own[key].shape != saved[key].shape
+    )
+    if differ:
+        raise LungsegError(
+            f"{path} holds another network than this run builds: {len(differ)} weights differ "
+            f"in name or shape (e.g. {', '.join(differ[:3])}). Continue with the settings it was "
+            f"trained with (model.*, data.in_channels, data.num_classes: see config.yaml in its "
+            f"run folder), or train from scratch without ckpt_path and resume."
+        )
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, Python, platform, the command line and lungseg's git commit
+    (``git_dirty``: tracked files changed since it). Outside a git checkout of lungseg (an
+    installed package) the commit is "unknown" and ``git_dirty`` null."""
+    commit, dirty = _git_state(Path(__file__).resolve().parents[1])
+    return {
+        **{name: module.__version__ for name, module in PACKAGES.items()},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "command": shlex.join(sys.argv),
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def _git_state(root: Path) -> tuple[str, bool | None]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=_GIT_TIMEOUT_S,
+        ).stdout.strip()
+
+    try:
+        # A package installed into a virtual environment inside some other repository must not
+        # report that repository's commit.
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return "unknown", None
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, or git hangs
+        return "unknown", None
+
+
+def write_environment(out_dir: Path) -> None:
+    """``<out_dir>/environment.json``: ``environment()``, written by rank 0 only."""
+    if rank_zero_only.rank == 0:
+        text = json.dumps(environment(), indent=2) + "\n"
+        (out_dir / "environment.json").write_text(text, encoding="utf-8")

@@ -1,0 +1,237 @@
+"""Bad data through the user's path: `train(cfg)` composed like `python train.py` (or the
+DataModule it sets up) on tiny folders in tmp_path. Each case ends in one LungsegError paragraph
+that names the file (or setting) and the fix, in a warning and a skip with data.strict=false,
+or in a run that works.
+
+Function-level cases live beside their functions: tests/test_folders.py (pairing, reading),
+test_masks.py (decoding), test_splits.py (fractions, patterns, split files) and
+test_datamodule.py (settings)."""
+
+import csv
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import ROOT
+from test_inference import write_pairs
+
+from lungseg.data.datamodule import SegDataModule
+from lungseg.data.folders import write_image
+from lungseg.errors import user_error
+from lungseg.train import train
+
+SIZES = [(24, 28)] * 6  # 6 pairs split 4/1/1
+
+
+def folders(make_cfg, image_dir, mask_dir, *overrides):
+    # Quoted: Hydra's override grammar ends an unquoted value at a space.
+    return make_cfg(
+        f"data.image_dir='{image_dir}'",
+        f"data.mask_dir='{mask_dir}'",
+        "data.mask_mode=index",
+        *overrides,
+    )
+
+
+def error_of(cfg) -> str:
+    """The message `python train.py` would print for cfg (Hydra's instantiate wraps errors
+    raised in constructors, the entry point unwraps them)."""
+    with pytest.raises(Exception) as info:
+        train(cfg)
+    error = user_error(info.value)
+    assert error is not None, f"not a LungsegError: {info.value!r}"
+    message = str(error)
+    assert "\n\n" not in message and "Traceback" not in message
+    return message
+
+
+def setup(image_dir, mask_dir, **kwargs) -> SegDataModule:
+    dm = SegDataModule(str(image_dir), str(mask_dir), mask_mode="index", image_size=16, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def counts(dm: SegDataModule) -> tuple[int, int, int]:
+    return len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)
+
+
+def test_empty_folders(make_cfg, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    message = error_of(folders(make_cfg, tmp_path / "images", tmp_path / "masks"))
+    assert str(tmp_path / "images") in message and "holds no image files" in message
+    assert "Point data.image_dir at the folder" in message
+
+
+def test_image_without_mask_and_mask_without_image(make_cfg, tmp_path):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    (image_dir / "img5.png").rename(image_dir / "lonely image.png")
+    message = error_of(folders(make_cfg, image_dir, mask_dir))
+    assert "'lonely image.png'" in message and "'img5.png'" in message
+    assert "1 images without a mask" in message and "1 masks without an image" in message
+    assert "data.strict=false" in message
+    with pytest.warns(UserWarning, match="Skipping unpaired files.*lonely image.png"):
+        dm = setup(image_dir, mask_dir, strict=False)
+    assert sum(counts(dm)) == 5
+
+
+@pytest.mark.parametrize("content", ["zero-byte", "garbage", "truncated"])
+def test_corrupt_or_truncated_image(make_cfg, tmp_path, content):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    path = image_dir / "img3.png"
+    broken = {
+        "zero-byte": b"",
+        "garbage": b"GIF89a not really",
+        "truncated": path.read_bytes()[:80],
+    }
+    path.write_bytes(broken[content])
+    message = error_of(folders(make_cfg, image_dir, mask_dir))
+    assert f"{path} could not be decoded as an image" in message
+    assert "Re-export it or remove it" in message and "data.strict=false" in message
+    with pytest.warns(UserWarning, match=r"Skipping 1 of 6 image/mask pairs.*img3\.png"):
+        dm = setup(image_dir, mask_dir, strict=False)
+    assert sum(counts(dm)) == 5 and "img3" not in dm.split
+
+
+def test_non_image_files_are_ignored(tmp_path):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    for folder in (image_dir, mask_dir):
+        (folder / "notes.txt").write_text("not an image\n")
+        (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (folder / "._img0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+        (folder / "sub.png").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert counts(setup(image_dir, mask_dir)) == (4, 1, 1)
+
+
+def test_mask_size_differs_from_image(make_cfg, tmp_path):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    write_image(mask_dir / "img2.png", np.zeros((24, 30), np.uint8))
+    message = error_of(folders(make_cfg, image_dir, mask_dir))
+    assert str(mask_dir / "img2.png") in message and "28x24" in message and "30x24" in message
+    assert "re-export the mask at the image's size" in message
+
+
+@pytest.mark.parametrize("mode", ["index", "palette"])
+def test_mask_values_outside_the_declared_classes(make_cfg, tmp_path, mode):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES, mode)
+    mask = cv2.imread(str(mask_dir / "img4.png"), cv2.IMREAD_UNCHANGED)
+    mask[:2, :2] = 7 if mode == "index" else (0, 128, 255)  # BGR orange
+    cv2.imwrite(str(mask_dir / "img4.png"), mask)
+    palette = "data.palette={background:[0,0,0],lung:[0,255,0],tumour:[255,0,0]}"
+    extra = ["data.num_classes=3"] if mode == "index" else ["data.mask_mode=palette", palette]
+    message = error_of(folders(make_cfg, image_dir, mask_dir, *extra))
+    assert str(mask_dir / "img4.png") in message
+    if mode == "index":
+        assert "class ids 7" in message and "data.num_classes to at least 8" in message
+    else:
+        assert "(255, 128, 0): 4 pixels" in message and "Add them to data.palette" in message
+
+
+def test_rgb_mask_in_index_mode(make_cfg, tmp_path):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES, "palette")
+    message = error_of(folders(make_cfg, image_dir, mask_dir))
+    assert str(mask_dir / "img0.png") in message and "is a colour image" in message
+    assert "set data.mask_mode=palette" in message
+
+
+def test_16_bit_masks(make_cfg, tmp_path):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    for path in mask_dir.iterdir():  # class ids 0..2 stored as 16-bit: fine
+        write_image(path, cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.uint16))
+    dm = setup(image_dir, mask_dir)
+    assert dm.num_classes == 3 and counts(dm) == (4, 1, 1)
+    binary = (cv2.imread(str(mask_dir / "img1.png"), cv2.IMREAD_UNCHANGED) > 0) * 65535
+    write_image(mask_dir / "img1.png", binary.astype(np.uint16))
+    message = error_of(folders(make_cfg, image_dir, mask_dir))
+    assert str(mask_dir / "img1.png") in message and "only the values 0 and 65535" in message
+    assert "Set data.mask_mode=binary" in message
+
+
+def test_images_of_mixed_sizes_and_channel_counts_work(tmp_path):
+    sizes = [(24, 28), (40, 18), (17, 33), (64, 64), (24, 28), (31, 29)]
+    image_dir, mask_dir = write_pairs(tmp_path, sizes)
+    gray = {p.stem: cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in image_dir.iterdir()}
+    write_image(image_dir / "img1.png", np.dstack([gray["img1"]] * 3))  # RGB
+    alpha = np.full_like(gray["img2"], 255)
+    cv2.imwrite(str(image_dir / "img2.png"), np.dstack([gray["img2"]] * 3 + [alpha]))  # RGBA
+    write_image(image_dir / "img3.png", gray["img3"].astype(np.uint16) * 257)  # 16-bit
+    (image_dir / "img4.png").unlink()
+    cv2.imwrite(str(image_dir / "img4.jpg"), np.dstack([gray["img4"]] * 3))  # colour JPEG
+    for channels in (1, 3):
+        dm = setup(image_dir, mask_dir, in_channels=channels)
+        for item in (dm.train_dataset[i] for i in range(len(dm.train_dataset))):
+            assert item["image"].shape == (channels, 16, 16) and item["mask"].shape == (16, 16)
+        assert counts(dm) == (4, 1, 1)
+
+
+def test_non_ascii_and_space_names_work(make_cfg, tmp_path):
+    image_dir, mask_dir = write_pairs(tmp_path / "données patients", SIZES)
+    image_dir = image_dir.rename(image_dir.with_name("bilder ü"))
+    names = ["Patient Ä 01", "患者 2", "spaced  name", "ñ-3", "a b", "z"]
+    for i, name in enumerate(names):
+        (image_dir / f"img{i}.png").rename(image_dir / f"{name}.png")
+        (mask_dir / f"img{i}.png").rename(mask_dir / f"{name}_mask.png")
+    cfg = folders(make_cfg, image_dir, mask_dir, "test_after_fit=false")
+    train(cfg)
+    with (Path(cfg.output_dir) / "split.csv").open(encoding="utf-8", newline="") as f:
+        rows = dict(csv.reader(f))
+    assert set(rows) == {"file", *names} and set(rows.values()) == {"split", "train", "val", "test"}
+
+
+def test_split_that_leaves_val_or_test_empty(make_cfg, tmp_path):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES[:3])
+    message = error_of(folders(make_cfg, image_dir, mask_dir))
+    assert "data.split [0.6, 0.2, 0.2] leaves the val split empty" in message
+    assert "3 files give train/val/test = 2/0/1" in message
+    assert "raise the fraction of val, or set it to 0" in message
+
+
+def test_patient_pattern_that_matches_nothing(make_cfg, tmp_path):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    message = error_of(
+        folders(make_cfg, image_dir, mask_dir, r"data.group_pattern='^(patient\d+)_'")
+    )
+    assert "matches none of the 6 file names, e.g. img0" in message
+    assert "Adjust the pattern" in message
+
+
+@pytest.mark.parametrize("mode", ["index", "palette"])
+def test_num_classes_not_matching_the_data(make_cfg, tmp_path, mode):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES, mode)
+    palette = "data.palette={background:[0,0,0],lung:[0,255,0],tumour:[255,0,0]}"
+    extra = [] if mode == "index" else ["data.mask_mode=palette", palette]
+    message = error_of(folders(make_cfg, image_dir, mask_dir, "data.num_classes=2", *extra))
+    if mode == "index":
+        assert str(mask_dir / "img0.png") in message and "class ids 2" in message
+        assert "Set data.num_classes to at least 3" in message
+    else:
+        assert "data.num_classes is 2 but data.palette has 3 classes" in message
+        assert "Set data.num_classes to 3 or to null" in message
+
+
+def test_cli_empty_folder_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"data.image_dir={tmp_path / 'images'}",
+            f"data.mask_dir={tmp_path / 'masks'}",
+            "data.mask_mode=index",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lungseg: error:")]
+    assert len(errors) == 1 and "holds no image files" in errors[0], result.stderr[-2000:]

@@ -1,0 +1,248 @@
+"""Interruptions lose nothing, runs repeat exactly, run folders are never written over, and
+untrusted checkpoint files stay inert.
+
+Related tests elsewhere: test_inference.py::test_bad_checkpoints_are_refused (every way a
+checkpoint file can be refused by load_checkpoint) and
+test_predict.py::test_names_cannot_leave_the_output_folder (predict writes nothing outside
+output_dir whatever the input names; eval writes only per_image.csv and summary.json there)."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY
+from hydra import compose, initialize_config_dir
+
+from lungseg.data.folders import write_image
+from lungseg.errors import LungsegError
+from lungseg.evaluate import evaluate
+from lungseg.inference import load_checkpoint
+from lungseg.module import SegmentationModule
+from lungseg.predict import predict
+from lungseg.run_folder import PACKAGES, _git_state
+from lungseg.train import train
+
+DETERMINISTIC = "trainer.deterministic=true"
+# Leaves out what these tests do not look at (TensorBoard, and the curves.png drawn from it).
+LEAN = ["logger.tensorboard=null", "callbacks.lr_monitor=null", "callbacks.prediction_grid=null"]
+# Only these may differ between two runs of the same command.
+RUN_SPECIFIC = {"best_checkpoint", "train_minutes"}
+
+
+@pytest.fixture(autouse=True)
+def restore_deterministic_mode(monkeypatch):
+    """trainer.deterministic=true switches torch's global deterministic mode on (and sets
+    CUBLAS_WORKSPACE_CONFIG); other test modules must not inherit it."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""))
+    enabled = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled)
+
+
+@pytest.fixture
+def lean_cfg(make_cfg):
+    return lambda *overrides: make_cfg(*LEAN, *overrides)
+
+
+def comparable(metrics: dict) -> dict:
+    assert metrics.get("test/dice") is not None
+    return {k: v for k, v in metrics.items() if k not in RUN_SPECIFIC}
+
+
+def assert_same_metrics(a: dict, b: dict, tolerance: float = 1e-6) -> None:
+    a, b = comparable(a), comparable(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], float):
+            assert b[key] == pytest.approx(a[key], abs=tolerance), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_same_command_twice_gives_identical_metrics_and_records_the_environment(make_cfg, tmp_path):
+    runs = [make_cfg(DETERMINISTIC, f"output_dir={tmp_path / name}") for name in ("a", "b")]
+    first, second = (train(cfg) for cfg in runs)
+    assert_same_metrics(first, second, tolerance=0.0)
+    run = Path(runs[0].output_dir)
+    assert (run / "config.yaml").is_file() and (run / "split.csv").is_file()
+    environment = json.loads((run / "environment.json").read_text())
+    for name, module in PACKAGES.items():
+        assert environment[name] == module.__version__
+    assert environment["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert environment["platform"]
+    assert len(environment["git_commit"]) == 40 or environment["git_commit"] == "unknown"
+    assert environment["git_dirty"] in (True, False, None)
+
+
+def test_git_state_is_unknown_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
+    assert _git_state(tmp_path) == ("unknown", None)
+    commit, dirty = _git_state(ROOT)
+    assert commit == "unknown" or (len(commit) == 40 and isinstance(dirty, bool))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable at all
+    assert _git_state(ROOT) == ("unknown", None)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(lean_cfg, monkeypatch):
+    step = SegmentationModule._step
+
+    def nan_pixels_from_epoch_1(self, batch, stage):
+        if self.current_epoch >= 1:
+            batch = {**batch, "image": batch["image"] * float("nan")}
+        return step(self, batch, stage)
+
+    monkeypatch.setattr(SegmentationModule, "_step", nan_pixels_from_epoch_1)
+    cfg = lean_cfg("trainer.max_epochs=3")
+    with pytest.raises(LungsegError) as error:
+        train(cfg)
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    message = str(error.value)
+    assert "the train loss became nan at epoch 1" in message and "Lower optimizer.lr" in message
+    assert f"The last good checkpoint is kept: {last}" in message
+    assert not (Path(cfg.output_dir) / "metrics.json").exists()
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
+    model = load_checkpoint(last, torch.device("cpu"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# Runs train.py, but stops in the middle of epoch 1 (its epoch-0 checkpoint written) and says
+# so on stdout, then waits to be killed.
+PAUSING_TRAIN_PY = """
+import runpy, sys, threading
+from lungseg.module import SegmentationModule
+
+step = SegmentationModule.training_step
+
+def training_step(self, batch, batch_idx):
+    if self.current_epoch == 1 and batch_idx == 1:
+        print("PAUSED", flush=True)
+        threading.Event().wait()
+    return step(self, batch, batch_idx)
+
+SegmentationModule.training_step = training_step
+sys.argv[0] = {train_py!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_run_killed_mid_epoch_resumes_to_the_metrics_of_an_uninterrupted_run(
+    lean_cfg, tmp_path, demo_dir
+):
+    epochs = [DETERMINISTIC, "trainer.max_epochs=3"]  # of two batches each
+    whole = train(lean_cfg(*epochs, f"output_dir={tmp_path / 'whole'}"))
+
+    killed = tmp_path / "killed"
+    script = tmp_path / "pausing_train.py"
+    script.write_text(PAUSING_TRAIN_PY.format(train_py=str(ROOT / "train.py")))
+    args = [f"hydra.run.dir={killed}", f"data.demo_dir={demo_dir}", *TINY, *LEAN, *epochs]
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, str(script), *args],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        watchdog = threading.Timer(300, child.kill)  # never hang the suite
+        watchdog.start()
+        try:
+            paused = any(line.strip() == "PAUSED" for line in iter(child.stdout.readline, ""))
+            assert paused, (tmp_path / "stderr.txt").read_text()[-3000:]
+            assert (killed / "checkpoints" / "last.ckpt").is_file()
+            child.kill()  # SIGKILL: no handler, no clean-up, no checkpoint on the way out
+            assert child.wait() == -9
+        finally:
+            watchdog.cancel()
+            child.kill()
+            child.stdout.close()
+    assert not (killed / "metrics.json").exists()
+    last = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0  # the kill came in epoch 1: that epoch is trained again
+
+    resumed = train(lean_cfg(*epochs, f"output_dir={killed}", "resume=true"))
+    assert resumed["epochs_trained"] == 3
+    assert_same_metrics(whole, resumed)
+    assert json.loads((killed / "metrics.json").read_text())["test/dice"] == resumed["test/dice"]
+
+
+def test_a_run_folder_is_never_written_over(lean_cfg, tmp_path):
+    cfg = lean_cfg("test_after_fit=false")
+    train(cfg)
+    run = Path(cfg.output_dir)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+    with pytest.raises(LungsegError) as error:
+        train(lean_cfg("test_after_fit=false"))
+    assert f"The run folder {run} already holds a run" in str(error.value)
+    assert "Continue it with resume=true" in str(error.value)
+    with pytest.raises(LungsegError, match="holds another network than this run builds"):
+        train(lean_cfg("test_after_fit=false", "resume=true", "model.width=8"))
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+    # resume=true continues it (here for one more epoch), as does a ckpt_path inside it.
+    more = train(lean_cfg("test_after_fit=false", "resume=true", "trainer.max_epochs=2"))
+    assert more["epochs_trained"] == 2
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    again = train(lean_cfg("test_after_fit=false", f"ckpt_path={last}", "trainer.max_epochs=3"))
+    assert again["epochs_trained"] == 3
+
+
+def test_resume_true_starts_a_run_that_saved_no_checkpoint_yet(lean_cfg, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)  # as left by a run killed in its first epoch
+    (run / "split.csv").write_text("file,split\n")
+    with pytest.raises(LungsegError, match="already holds a run"):
+        train(lean_cfg("test_after_fit=false"))
+    cfg = lean_cfg("resume=true", "test_after_fit=false", "trainer.limit_train_batches=1")
+    assert train(cfg)["epochs_trained"] == 1
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_default_run_folders_differ_for_runs_started_in_the_same_second():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        dirs = {compose("config", return_hydra_config=True).hydra.run.dir for _ in range(3)}
+        sweeps = {compose("config", return_hydra_config=True).hydra.sweep.dir for _ in range(3)}
+    assert len(dirs) == 3 and len(sweeps) == 3
+
+
+class _RunsShell:
+    """Unpickling this calls os.system: a checkpoint that would run code when loaded unsafely."""
+
+    def __init__(self, marker: Path):
+        self.command = f"touch '{marker}'"
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("entry", ["train", "eval", "predict"])
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_a_malicious_checkpoint_runs_nothing(lean_cfg, tmp_path, entry, zipped):
+    marker = tmp_path / "code_ran"
+    bad = tmp_path / "model.ckpt"
+    payload = {"state_dict": _RunsShell(marker), "hyper_parameters": {"data_info": {}}}
+    torch.save(payload, bad, _use_new_zipfile_serialization=zipped)  # both formats pickle
+    out = tmp_path / "out"
+    if entry == "train":
+        task, cfg = train, lean_cfg(f"ckpt_path={bad}", f"output_dir={out}")
+    else:
+        (tmp_path / "in").mkdir()
+        write_image(tmp_path / "in" / "scan.png", np.zeros((8, 8), np.uint8))
+        overrides = [f"ckpt_path={bad}", f"output_dir={out}", "device=cpu", "progress_bar=false"]
+        if entry == "predict":
+            overrides.append(f"input_dir={tmp_path / 'in'}")
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(entry, overrides=overrides)
+        task = evaluate if entry == "eval" else predict
+    with pytest.raises(LungsegError, match=r"weights_only=True\) refused it") as error:
+        task(cfg)
+    assert str(bad) in str(error.value)
+    assert not marker.exists() and not out.exists()
+    torch.load(bad, weights_only=False)  # the control: an unsafe load does run the payload
+    assert marker.exists()
