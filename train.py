@@ -1,29 +1,74 @@
 """Train a segmentation model: `python train.py [overrides]` (see README.md and conf/)."""
 
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, read_write
 
 from lungseg.errors import run_cli, user_error
 from lungseg.sweep import record_error
 from lungseg.train import train
 
+log = logging.getLogger(__name__)
+# Set in the environment of the processes that Lightning's ddp strategy starts for the ranks
+# 1..N-1 of a multirun job.
+SWEEP_RANK = "LUNGSEG_SWEEP_RANK"
+
+
+@contextmanager
+def ddp_ranks_in_this_job() -> Iterator[None]:
+    """Keep the extra processes of Lightning's ``ddp`` strategy inside this multirun job.
+
+    The strategy starts ranks 1..N-1 by re-running ``sys.argv`` with ``hydra.run.dir=<this
+    job's hydra.run.dir>``. Under ``-m`` that would re-run the whole sweep into a second sweep
+    folder; here they run this job alone (its overrides, ``hydra.mode=RUN``) in this job's
+    folder. Afterwards the process group and the launcher's environment variables (LOCAL_RANK,
+    MASTER_PORT, ...) are released, so that the next job starts its own ranks.
+    """
+    hydra_cfg = HydraConfig.get()
+    argv, environ = sys.argv, dict(os.environ)
+    sys.argv = [argv[0], *hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    os.environ[SWEEP_RANK] = "1"
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
+    sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
+    if not sweep_job and SWEEP_RANK not in os.environ:
+        metrics = run_cli(lambda: train(cfg))
+    else:
         try:
-            metrics = train(cfg)
+            with ddp_ranks_in_this_job() if sweep_job else nullcontext():
+                metrics = train(cfg)
         except Exception as error:
             if user_error(error) is None:
                 raise
-            # sys.exit would end the whole sweep. The next job runs instead; the sweep summary
-            # (lungseg.sweep.SweepSummary) lists this one and makes the sweep exit with status 1.
-            record_error(cfg.output_dir, error)
+            # Exiting would end the whole sweep (Lightning ends every rank when one exits with
+            # an error). The next job runs instead; rank 0 records the error, and the sweep
+            # summary (lungseg.sweep.SweepSummary) lists it and makes the sweep exit with 1.
+            if sweep_job:
+                record_error(cfg.output_dir, error)
+            else:
+                log.error("this rank stopped; rank 0 records the error: %s", user_error(error))
             return None
-    else:
-        metrics = run_cli(lambda: train(cfg))
     # The value a Hydra sweeper (e.g. Optuna) maximises.
     return metrics.get("best_score")
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
+from lungseg.run_folder import check_fits, resume_checkpoint, write_environment
 from lungseg.visualize import save_curves
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,12 @@ def accelerator_settings(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
                 f"{asked} asks for {wanted} GPUs but this machine has {count}; "
                 f"use trainer.gpus={count} or fewer."
             )
+    accelerator = cfg.get("accelerator", "auto")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if cfg.get("sync_batchnorm") and not on_gpu:
+        # PyTorch's SyncBatchNorm refuses CPU modules ("only work with GPU modules").
+        log.info("trainer.sync_batchnorm is GPU-only: each CPU process normalises its own batch")
+        cfg["sync_batchnorm"] = False
     return cfg
 
 
@@ -87,18 +94,17 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write into ``cfg.output_dir``: ``checkpoints/``,
-    ``tensorboard/``, ``split.csv``, ``config.yaml`` (resolved), ``metrics.json`` and
-    ``curves.png``.
+    ``tensorboard/``, ``split.csv``, ``config.yaml`` (resolved), ``environment.json``
+    (versions, git commit), ``metrics.json`` and ``curves.png``. A folder that already holds a
+    run is refused unless this run continues it (``resume=true``, or ``ckpt_path`` in it).
     Returns the metrics written to metrics.json."""
     started = time.monotonic()
     out_dir = Path(cfg.output_dir)
+    ckpt_path = resume_checkpoint(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
-    datamodule.write_split(out_dir / "split.csv")
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
     module = SegmentationModule(
         net=plain(cfg.model),
         loss=plain(cfg.loss),
@@ -108,19 +114,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         channels_last=cfg.get("channels_last", False),
         compile=cfg.get("compile", False),
     )
+    if ckpt_path is not None:
+        check_fits(ckpt_path, module)
+    datamodule.write_split(out_dir / "split.csv")
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    write_environment(out_dir)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(
         accelerator_settings(plain(cfg.trainer)), callbacks=callbacks, logger=loggers
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     metrics: dict[str, Any] = {
         "epochs_trained": trainer.current_epoch,
         "best_checkpoint": best_path or None,
-        "best_epoch": torch.load(best_path, map_location="cpu")["epoch"] if best_path else None,
+        "best_epoch": torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]
+        if best_path
+        else None,
         "monitor": checkpoint.monitor if checkpoint is not None else None,
         "best_score": float(checkpoint.best_model_score)
         if checkpoint is not None and checkpoint.best_model_score is not None
@@ -128,7 +141,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.get("test_after_fit", True):
         # Without a saved best checkpoint (fast_dev_run) the weights in memory are tested.
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
+        results = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True
+        )
         metrics.update(results[0] if results else {})
     metrics["train_minutes"] = (time.monotonic() - started) / 60
     metrics = {

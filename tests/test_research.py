@@ -1,0 +1,173 @@
+"""The research workflow: Optuna search, DistributedDataParallel (2 CPU processes, gloo) and
+the SLURM launcher's configuration."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from subprocess import PIPE
+
+import pytest
+import pytorch_lightning as pl
+from conftest import ROOT, TINY
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lungseg.module import SegmentationModule
+from lungseg.train import accelerator_settings, build_datamodule
+
+# 20 demo images split 12/4/4: val and test divide evenly between 2 processes, so
+# DistributedSampler repeats no image and the DDP metrics can equal single-process ones.
+DDP_DATA = {"data.demo_num_images": "20", "data.batch_size": "2"}
+# Metric states are sums and concatenations gathered across processes: only the order of
+# float32 additions differs from a single process.
+TOLERANCE = 1e-5
+RESEARCH = 'needs the research extra: pip install -e ".[research]"'
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python train.py *args` in its own process group: on a timeout the DDP ranks it started
+    are killed with it (a rank left behind would wait for its peers for 30 minutes)."""
+    command = [sys.executable, str(ROOT / "train.py"), *args]
+    with subprocess.Popen(
+        command, cwd=cwd, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def with_overrides(base: list[str], changes: dict[str, str]) -> list[str]:
+    """``base`` overrides with the values of ``changes`` replaced (or appended)."""
+    kept = [o for o in base if o.split("=", 1)[0] not in changes]
+    return kept + [f"{k}={v}" for k, v in changes.items()]
+
+
+def test_optuna_search_writes_best_parameters_and_a_trial_table(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason=RESEARCH)
+    result = run_cli(
+        ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"data.demo_dir={tmp_path}/d"]
+        + TINY,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs" / "train").iterdir())
+    assert len(sweeps) == 1
+    results = OmegaConf.load(sweeps[0] / "optimization_results.yaml")
+    # model.width=4 on the command line (TINY) takes it out of the search space.
+    assert set(results.best_params) == {"optimizer.lr", "loss", "augmentation"}
+    assert 1e-4 <= results.best_params["optimizer.lr"] <= 1e-2
+    assert results.best_params["loss"] in {"dice_ce", "ce", "dice"}
+    # The objective is what train.py returns: the best val Dice of each trial.
+    trials = sorted(p for p in sweeps[0].iterdir() if (p / "metrics.json").is_file())
+    assert [p.name for p in trials] == ["0", "1"]
+    scores = [json.loads((p / "metrics.json").read_text())["best_score"] for p in trials]
+    assert results.best_value == pytest.approx(max(scores))
+    with open(sweeps[0] / "summary.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert sorted(row["job"] for row in rows) == ["0", "1"]
+    assert all(row["status"] == "ok" and "optimizer.lr=" in row["overrides"] for row in rows)
+
+
+@pytest.fixture(scope="module")
+def ddp_sweep(tmp_path_factory) -> Path:
+    """The sweep folder of a 2-job multirun, each job trained by 2 DDP processes on the CPU.
+    Job 0's learning rate makes the loss NaN on both ranks (a LungsegError); job 1 trains."""
+    cwd = tmp_path_factory.mktemp("ddp")
+    overrides = with_overrides(TINY, DDP_DATA)
+    result = run_cli(
+        ["-m", "trainer=ddp", "optimizer=sgd", "optimizer.lr=1e12,1e-3", "loss=ce"]
+        # Job folders 0 and 1: <n>_<overrides> would pass the 255-character limit on names.
+        + ["hydra.sweep.subdir=${hydra.job.num}", f"data.demo_dir={cwd}/demo", *overrides],
+        cwd,
+    )
+    # Status 1: a job failed, and the sweep went on. Lightning ends every process when one of
+    # the ranks it started exits with an error: had job 0's rank 1 done so, job 1 would be killed.
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 of 2 runs failed (job 0)" in result.stderr
+    sweeps = list((cwd / "outputs" / "train").iterdir())
+    # Rank 1 of each job ran that job alone, in its folder: no second sweep folder, no run folder.
+    assert len(sweeps) == 1 and sweeps[0].name.startswith("multirun_")
+    return sweeps[0]
+
+
+def job_folders(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if p.is_dir())
+
+
+def test_ddp_multirun_writes_one_folder_per_job_and_rank_zero_writes_the_record(ddp_sweep):
+    failed, trained = job_folders(ddp_sweep)
+    assert (failed.name, trained.name) == ("0", "1")
+    for name in ("metrics.json", "curves.png", "split.csv", "checkpoints/last.ckpt"):
+        assert (trained / name).is_file(), name
+    rank0, rank1 = ((trained / f).read_text() for f in ("train.log", "train_ddp_process_1.log"))
+    assert "metrics written to" in rank0 and "training curves written" in rank0
+    assert "metrics written to" not in rank1 and "curves written" not in rank1
+    # Both ranks log the same synchronised validation metrics.
+    epoch = [line.split(" - ", 1)[1] for line in rank0.splitlines() if "epoch 0:" in line]
+    assert epoch and epoch[0] in rank1
+    assert "loss became nan" in (failed / "error.txt").read_text()
+    assert "rank 0 records the error" in (failed / "train_ddp_process_1.log").read_text()
+    with open(ddp_sweep / "summary.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert sorted((row["job"], row["status"]) for row in rows) == [("0", "failed"), ("1", "ok")]
+
+
+def test_ddp_test_metrics_equal_a_single_process_test_of_the_same_checkpoint(ddp_sweep):
+    job = job_folders(ddp_sweep)[1]
+    ddp = json.loads((job / "metrics.json").read_text())
+    cfg = OmegaConf.load(job / "config.yaml")  # the run's resolved config: same data and split
+    datamodule = build_datamodule(cfg)
+    module = SegmentationModule.load_from_checkpoint(ddp["best_checkpoint"], map_location="cpu")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    single = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    assert len(datamodule.test_dataset) == 4
+    for key in (
+        "test/loss",
+        "test/acc",
+        "test/dice",
+        "test/iou",
+        "test/dice_lung",
+        "test/iou_lung",
+    ):
+        assert ddp[key] == pytest.approx(single[key], abs=TOLERANCE), key
+
+
+def test_sync_batchnorm_is_turned_off_on_the_cpu():
+    settings = accelerator_settings({"accelerator": "cpu", "devices": 2, "sync_batchnorm": True})
+    assert settings["sync_batchnorm"] is False
+
+
+def test_slurm_launcher_composes_with_tasks_and_gpus_matching_the_devices():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason=RESEARCH)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "trainer=ddp",
+                "trainer.devices=4",
+                "trainer.num_nodes=2",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["partition"] == "gpu"
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 4
+    assert launcher["nodes"] == 2
+    assert launcher["timeout_min"] > 0 and launcher["mem_gb"] > 0
+    assert launcher["submitit_folder"].startswith(cfg.hydra.sweep.dir)
