@@ -90,8 +90,10 @@ def make_cfg(args, model: str, workdir: Path):
         return compose("config", overrides=overrides)
 
 
-def lungseg_rate(cfg, args) -> float:
+def lungseg_rate(cfg, args, repeat: int) -> float:
     StepTimer.seconds.clear()
+    cfg = cfg.copy()
+    cfg.output_dir = f"{cfg.output_dir}-{repeat}"  # lungseg never reuses a run folder
     train(cfg)
     return args.steps * args.batch / StepTimer.seconds[-1]
 
@@ -231,8 +233,8 @@ def main() -> None:
             if torch.device(args.device).type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             ours, bare = [], []
-            for _ in range(args.repeats):
-                ours.append(lungseg_rate(cfg, args))
+            for repeat in range(args.repeats):
+                ours.append(lungseg_rate(cfg, args, repeat))
                 bare.append(bare_rate(net, optimizer, loss_fn, batches, args, autocast))
             infer = inference_rate(net, batches[0][0], args, autocast)
             flops = train_flops_per_image(net, optimizer, loss_fn, *batches[0], autocast)
