@@ -7,6 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def soft_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Soft true positives, false positives and false negatives per class, (C,) each, summed
+    over the batch and all pixels, with p = softmax(logits)."""
+    probs = logits.float().softmax(dim=1)
+    onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    dims = (0, 2, 3)
+    tp = (probs * onehot).sum(dims)
+    return tp, probs.sum(dims) - tp, onehot.sum(dims) - tp
+
+
 def _weights(class_weights: Sequence[float] | None) -> torch.Tensor | None:
     return None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
 
@@ -48,12 +58,8 @@ class DiceLoss(nn.Module):
         self.smooth = smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs = logits.float().softmax(dim=1)
-        onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-        dims = (0, 2, 3)
-        intersection = (probs * onehot).sum(dims)
-        denominator = probs.sum(dims) + onehot.sum(dims)
-        dice = (2 * intersection + self.smooth) / (denominator + self.smooth)
+        tp, fp, fn = soft_counts(logits, target)
+        dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth)
         weight = self.weight if self.weight is not None else torch.ones_like(dice)
         if not self.include_background:
             dice, weight = dice[1:], weight[1:]
@@ -122,12 +128,7 @@ class TverskyLoss(nn.Module):
         self.smooth = smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probs = logits.float().softmax(dim=1)
-        onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-        dims = (0, 2, 3)
-        tp = (probs * onehot).sum(dims)
-        fp = (probs * (1 - onehot)).sum(dims)
-        fn = ((1 - probs) * onehot).sum(dims)
+        tp, fp, fn = soft_counts(logits, target)
         index = (tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)
         if not self.include_background:
             index = index[1:]
