@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from lungseg.data import transforms
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
+from lungseg.run_folder import load_safely
 
 # Dims of an (N, C, H, W) batch that each test-time flip reverses.
 FLIPS = {"horizontal": (-1,), "vertical": (-2,)}
@@ -101,15 +102,12 @@ def load_from_config(cfg: DictConfig) -> SegmentationModule:
 
 
 def _read_hparams(path: Path) -> dict[str, Any]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, not a torch file, or objects weights_only refuses
-        raise LungsegError(
-            f"{path} is not a lungseg checkpoint: torch.load(weights_only=True) refused it "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Give a "
-            f"checkpoint written by `python train.py` (<run>/checkpoints/*.ckpt); lungseg never "
-            f"loads checkpoints in the unsafe weights_only=False mode."
-        ) from None
+    checkpoint = load_safely(
+        path,
+        "is not a lungseg checkpoint",
+        "Give a checkpoint written by `python train.py` (<run>/checkpoints/*.ckpt); lungseg "
+        "never loads checkpoints in the unsafe weights_only=False mode.",
+    )
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or not isinstance(hparams.get("data_info"), dict):
         raise LungsegError(

@@ -83,6 +83,19 @@ def _check_unused(out_dir: Path, resume: bool) -> None:
     )
 
 
+def load_safely(path: Path, problem: str, fix: str) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain values only, so unpickling
+    cannot run code. A file it refuses raises LungsegError "<path> <problem>: ... <fix>"."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # damaged, not a torch file, or objects weights_only refuses
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise LungsegError(
+            f"{path} {problem}: torch.load(weights_only=True) refused it "
+            f"({type(err).__name__}: {first_line}). {fix}"
+        ) from None
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A Lightning checkpoint read with ``torch.load(weights_only=True)``: tensors and plain
     values only, so unpickling cannot run code. LungsegError for anything else."""
@@ -92,17 +105,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"ckpt_path {path} {problem}. Give a checkpoint written by `python train.py`, e.g. "
             f"<run>/checkpoints/last.ckpt, or resume=true to continue the run in hydra.run.dir."
         )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # damaged, not a torch file, or objects weights_only refuses
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise LungsegError(
-            f"{path} cannot be trained from: torch.load(weights_only=True) refused it "
-            f"({type(err).__name__}: {first_line}). lungseg only loads checkpoints that hold "
-            f"plain values and tensors, never ones that would run code when unpickled. If it is "
-            f"a checkpoint of a run that was killed while saving it, use another checkpoint of "
-            f"that run (e.g. checkpoints/best-*.ckpt) as ckpt_path."
-        ) from None
+    checkpoint = load_safely(
+        path,
+        "cannot be trained from",
+        "lungseg only loads checkpoints that hold plain values and tensors, never ones that "
+        "would run code when unpickled. If it is a checkpoint of a run that was killed while "
+        "saving it, use another checkpoint of that run (e.g. checkpoints/best-*.ckpt) as "
+        "ckpt_path.",
+    )
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise LungsegError(
             f"{path} is a PyTorch file but not a checkpoint written by `python train.py` (it "
