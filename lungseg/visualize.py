@@ -12,6 +12,8 @@ from matplotlib.figure import Figure
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lungseg.metrics import predicted_classes
+
 log = logging.getLogger(__name__)
 
 
@@ -83,7 +85,7 @@ class PredictionGrid(pl.Callback):
         images = torch.stack([s["image"] for s in samples])
         targets = torch.stack([s["mask"] for s in samples])
         with torch.no_grad():
-            preds = pl_module(images.to(pl_module.device)).argmax(dim=1).cpu()
+            preds = predicted_classes(pl_module(images.to(pl_module.device))).cpu()
         grid = prediction_grid(
             images.float().numpy(),
             targets.numpy(),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lungseg.metrics import SegmentationMetrics
+from lungseg.metrics import SegmentationMetrics, predicted_classes
 
 
 def numpy_dice(pred: np.ndarray, target: np.ndarray, c: int) -> float:
@@ -53,3 +53,60 @@ def test_reset_starts_a_new_epoch():
     metrics.reset()
     metrics.update(t, t)
     assert metrics.compute()["dice_lung"] == 1.0
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_metrics_equal_torchmetrics_reference_classes(num_classes):
+    """The confusion-matrix metric reproduces torchmetrics' samplewise DiceScore, per-class
+    MeanIoU and micro accuracy, including empty images and absent classes."""
+    from torchmetrics.classification import MulticlassAccuracy
+    from torchmetrics.segmentation import DiceScore, MeanIoU
+
+    generator = torch.Generator().manual_seed(num_classes)
+    target = torch.randint(0, num_classes, (6, 12, 12), generator=generator)
+    pred = torch.where(
+        torch.rand(6, 12, 12, generator=generator) < 0.7,
+        target,
+        torch.randint(0, num_classes, (6, 12, 12), generator=generator),
+    )
+    target[0] = 0  # an empty slice with false positives
+    target[1], pred[1] = 0, 0  # an empty slice predicted empty: no foreground score
+    names = [f"c{i}" for i in range(num_classes)]
+    ours = SegmentationMetrics(names)
+    dice = DiceScore(
+        num_classes, average="none", aggregation_level="samplewise", input_format="index"
+    )
+    iou = MeanIoU(num_classes, per_class=True, input_format="index")
+    acc = MulticlassAccuracy(num_classes, average="micro", multidim_average="global")
+    for part in (slice(0, 4), slice(4, 6)):
+        ours.update(pred[part], target[part])
+        for reference in (dice, iou, acc):
+            reference.update(pred[part], target[part])
+    out = ours.compute()
+    assert out["acc"] == pytest.approx(float(acc.compute()), abs=1e-6)
+    for c, name in enumerate(names):
+        assert out[f"dice_{name}"] == pytest.approx(float(dice.compute()[c]), abs=1e-5)
+        assert out[f"iou_{name}"] == pytest.approx(float(iou.compute()[c]), abs=1e-5)
+
+
+def test_predicted_classes_equal_argmax_with_ties():
+    logits = torch.randn(2, 4, 5, 5)
+    logits[:, 2] = logits[:, 1]  # ties: the first maximum wins, as with argmax
+    assert torch.equal(predicted_classes(logits), logits.argmax(dim=1))
+
+
+def test_dice_on_non_empty_slices_and_false_positive_rate_on_empty_ones():
+    target = torch.zeros(4, 8, 8, dtype=torch.long)
+    pred = torch.zeros_like(target)
+    target[0, :4] = 1
+    pred[0, :2] = 1  # non-empty slice, Dice 2*16 / (16 + 32) = 2/3
+    target[1, :4] = 1
+    pred[1, :4] = 1  # non-empty slice, Dice 1
+    pred[2, 0, 0] = 1  # empty slice with a false positive
+    metrics = SegmentationMetrics(["background", "nodule"])  # slice 3: empty, predicted empty
+    metrics.update(pred, target)
+    out = metrics.compute()
+    assert out["dice_nonempty_nodule"] == pytest.approx((2 / 3 + 1) / 2)
+    assert out["fp_empty_nodule"] == pytest.approx(1 / 2)
+    assert out["dice_nodule"] == pytest.approx((2 / 3 + 1 + 0) / 3)  # slice 3 has no score
+    assert out["dice_nonempty"] == out["dice_nonempty_nodule"]
