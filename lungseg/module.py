@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from lungseg.errors import LungsegError
-from lungseg.metrics import SegmentationMetrics
+from lungseg.metrics import SegmentationMetrics, predicted_classes
 
 STAGES = ("train", "val", "test")
 log = logging.getLogger(__name__)
@@ -22,7 +22,15 @@ class SegmentationModule(pl.LightningModule):
     Hydra ``_target_``. They are saved as hyper-parameters and the objects are built here, so a
     checkpoint loads with ``torch.load(weights_only=True)`` and carries everything needed to
     rebuild the network. ``data_info`` describes the data the network expects (image size,
-    channels, normalisation, class names, mask encoding) for prediction on new images.
+    channels, normalisation, class names, mask encoding) for prediction on new images;
+    ``postprocess`` is the post-processing eval.py and predict.py apply by default
+    (``lungseg.postprocess``).
+
+    Nothing in a training step waits for the device: training metrics are updated on every
+    ``train_metrics_every_n_steps``-th batch (validation and test metrics on every batch), and
+    on a GPU or under DDP a non-finite loss is noted on the device and looked at every
+    ``trainer.log_every_n_steps`` steps and before each validation (on one CPU process,
+    where looking is free, at once).
     """
 
     def __init__(
@@ -34,6 +42,8 @@ class SegmentationModule(pl.LightningModule):
         data_info: dict[str, Any] | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        train_metrics_every_n_steps: int = 1,
+        postprocess: dict[str, Any] | None = None,
     ):
         super().__init__()
         # Logged to TensorBoard at the end of training together with the final metrics.
@@ -54,6 +64,12 @@ class SegmentationModule(pl.LightningModule):
             setattr(self, f"{stage}_metrics", SegmentationMetrics(self.class_names))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        if train_metrics_every_n_steps < 1:
+            raise LungsegError(
+                f"train_metrics_every_n_steps is {train_metrics_every_n_steps}; give 1 (every "
+                "training batch) or more."
+            )
+        self._nonfinite: torch.Tensor | None = None  # device flag, see _check_finite
         if compile:
             # In place: the state_dict keys stay those of the plain network, so checkpoints of
             # compiled and uncompiled runs are interchangeable.
@@ -68,14 +84,10 @@ class SegmentationModule(pl.LightningModule):
         images, masks = batch["image"], batch["mask"]
         logits = self(images)
         loss = self.loss_fn(logits, masks)
-        if not torch.isfinite(loss):
-            raise LungsegError(
-                f"the {stage} loss became {loss.item()} at epoch {self.current_epoch}, step "
-                f"{self.global_step}. Lower optimizer.lr, check the images for NaN/inf pixels, "
-                f"or train in 32-bit precision (trainer.precision=32-true). {self._kept()}"
-            )
-        # Metrics accumulate on the device; nothing here forces a host sync per step.
-        getattr(self, f"{stage}_metrics").update(logits.argmax(dim=1), masks)
+        self._check_finite(loss, stage)
+        if stage != "train" or self.global_step % self.hparams.train_metrics_every_n_steps == 0:
+            # Metrics accumulate on the device; updating them forces no host sync.
+            getattr(self, f"{stage}_metrics").update(predicted_classes(logits.detach()), masks)
         self.log(
             f"{stage}/loss",
             loss,
@@ -86,6 +98,43 @@ class SegmentationModule(pl.LightningModule):
             sync_dist=stage != "train",
         )
         return loss
+
+    def _eager_check(self) -> bool:
+        """Look at the loss at once only where that costs nothing: one process on the CPU."""
+        return self.device.type == "cpu" and self.trainer.world_size == 1
+
+    def _check_finite(self, loss: torch.Tensor, stage: str) -> None:
+        where = f"at epoch {self.current_epoch}, step {self.global_step}"
+        if self._eager_check():
+            if not torch.isfinite(loss):
+                self._raise_nonfinite(f"the {stage} loss became {loss.item()} {where}")
+            return
+        bad = ~torch.isfinite(loss.detach())
+        if self._nonfinite is None:
+            self._nonfinite = bad
+        else:
+            self._nonfinite |= bad
+        if stage == "train" and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self._raise_if_nonfinite(where)
+
+    def _raise_if_nonfinite(self, where: str) -> None:
+        """One host sync (and, under DDP, one all-reduce, so that every process stops
+        together instead of the others waiting for the stopped one)."""
+        if self._nonfinite is None and self.trainer.world_size == 1:
+            return
+        bad = self._nonfinite is not None and bool(self._nonfinite)
+        bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        self._nonfinite = None
+        if bad:
+            self._raise_nonfinite(
+                f"a loss became nan or inf (on some process) between the last check and {where}"
+            )
+
+    def _raise_nonfinite(self, what: str) -> None:
+        raise LungsegError(
+            f"{what}. Lower optimizer.lr, check the images for NaN/inf pixels, "
+            f"or train in 32-bit precision (trainer.precision=32-true). {self._kept()}"
+        )
 
     def _kept(self) -> str:
         """Where the last good weights are: a non-finite loss stops the run before any
@@ -124,13 +173,24 @@ class SegmentationModule(pl.LightningModule):
                 values["acc"],
             )
 
+    def _where(self) -> str:
+        return f"the end of epoch {self.current_epoch} (step {self.global_step})"
+
     def on_train_epoch_end(self):
+        # Before the checkpoint callbacks, which run after this hook: broken weights are
+        # never saved.
+        self._raise_if_nonfinite(self._where())
         self._log_epoch_metrics("train")
 
+    def on_validation_epoch_start(self):
+        self._raise_if_nonfinite(self._where())
+
     def on_validation_epoch_end(self):
+        self._raise_if_nonfinite(self._where())
         self._log_epoch_metrics("val")
 
     def on_test_epoch_end(self):
+        self._raise_if_nonfinite(self._where())
         self._log_epoch_metrics("test")
 
     def configure_optimizers(self):

@@ -113,6 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         data_info=datamodule.data_info(),
         channels_last=cfg.get("channels_last", False),
         compile=cfg.get("compile", False),
+        train_metrics_every_n_steps=cfg.get("train_metrics_every_n_steps", 1),
+        postprocess=plain(cfg.get("postprocess")),
     )
     if ckpt_path is not None:
         check_fits(ckpt_path, module)

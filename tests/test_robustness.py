@@ -110,6 +110,30 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(lean_c
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_deferred_non_finite_check_of_gpu_and_ddp_runs_also_keeps_the_good_checkpoint(
+    lean_cfg, monkeypatch
+):
+    """On a GPU or under DDP the loss is not looked at every step (that would wait for the
+    device): a NaN is noted on the device and caught before the next validation or save."""
+    step = SegmentationModule._step
+
+    def nan_pixels_from_epoch_1(self, batch, stage):
+        if self.current_epoch >= 1:
+            batch = {**batch, "image": batch["image"] * float("nan")}
+        return step(self, batch, stage)
+
+    monkeypatch.setattr(SegmentationModule, "_step", nan_pixels_from_epoch_1)
+    monkeypatch.setattr(SegmentationModule, "_eager_check", lambda self: False)
+    cfg = lean_cfg("trainer.max_epochs=3")
+    with pytest.raises(LungsegError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert "a loss became nan or inf" in message and "epoch 1" in message
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    assert f"The last good checkpoint is kept: {last}" in message
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
+
+
 # Runs train.py, but stops in the middle of epoch 1 (its epoch-0 checkpoint written) and says
 # so on stdout, then waits to be killed.
 PAUSING_TRAIN_PY = """
