@@ -294,3 +294,25 @@ def test_transform_helpers():
     assert len(build_augmentation(None).transforms) == 0
     with pytest.raises(LungsegError, match="entry 1"):
         build_augmentation([{"_target_": "albumentations.HorizontalFlip"}, {"p": 0.5}])
+
+
+def test_foreground_oversampling_fills_each_batch_share(tmp_path):
+    from lungseg.data.datamodule import ForegroundSampler
+
+    image_dir, mask_dir, _ = write_data(tmp_path, n=20)
+    dm = make_dm(image_dir, mask_dir, split=[1.0, 0.0, 0.0], batch_size=4)
+    dataset = dm.train_dataset
+    for i in range(16):  # only 4 of the 20 slices keep foreground
+        dataset.masks[i][:] = 0
+    sampler = ForegroundSampler(dataset, batch_size=4, fraction=0.5)
+    torch.manual_seed(0)
+    order = list(sampler)
+    assert len(order) == 20 and set(sampler.foreground) == {16, 17, 18, 19}
+    for start in range(0, 20, 4):
+        assert sum(i in sampler.foreground for i in order[start : start + 4]) >= 2
+    torch.manual_seed(0)
+    assert list(sampler) == order  # follows torch's generator, which EpochLoader reseeds
+    with pytest.raises(LungsegError, match="foreground_fraction"):
+        make_dm(image_dir, mask_dir, foreground_fraction=1.5)
+    loader = make_dm(image_dir, mask_dir, foreground_fraction=0.5).train_dataloader()
+    assert isinstance(loader.sampler, ForegroundSampler)

@@ -126,3 +126,33 @@ def test_split_file_errors(tmp_path):
     extra = write_csv(tmp_path / "e.csv", [(s, "train") for s in [*stems, "zz.png"]])
     with pytest.raises(LungsegError, match=r"not in the data: zz.png"):
         make_split(stems, split_file=extra)
+
+
+def test_k_fold_tests_every_patient_once_and_never_trains_on_it():
+    folds = [make_split(SLICES, (0.75, 0.25, 0.0), 3, PATIENT, None, 4, k) for k in range(4)]
+    tested = [stem for split in folds for stem, name in split.items() if name == "test"]
+    assert sorted(tested) == sorted(SLICES)  # each slice in exactly one test fold
+    for split in folds:
+        patients = {
+            name: {s.split("_")[0] for s, v in split.items() if v == name} for name in SPLITS
+        }
+        assert not (patients["test"] & patients["train"]) and not (
+            patients["test"] & patients["val"]
+        )
+        assert not (patients["train"] & patients["val"])
+        assert counts(split) == {"train": 21, "val": 6, "test": 9}  # 3 patients per fold
+    assert folds[0] == make_split(SLICES[::-1], (0.75, 0.25, 0.0), 3, PATIENT, None, 4, 0)
+
+
+@pytest.mark.parametrize(
+    ("num_folds", "fold", "words"),
+    [
+        (5, None, "needs both"),
+        (1, 0, "at least 2"),
+        (5, 5, "outside 0..4"),
+        (40, 0, "more than the 12"),
+    ],
+)
+def test_bad_fold_settings_are_explained(num_folds, fold, words):
+    with pytest.raises(LungsegError, match=words):
+        make_split(SLICES, (0.8, 0.2, 0.0), 0, PATIENT, None, num_folds, fold)

@@ -19,7 +19,7 @@ import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lungseg.data import splits, transforms
 from lungseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
@@ -72,6 +72,38 @@ class CachedSegDataset(Dataset):
         }
 
 
+class ForegroundSampler(Sampler[int]):
+    """Oversamples slices that contain foreground: in every run of ``batch_size`` indices (one
+    batch), the first ``round(fraction * batch_size)`` come from slices whose mask has a
+    foreground pixel and the rest from all slices, each source a fresh random permutation,
+    restarted when used up. An epoch has as many samples as the dataset. Random numbers come
+    from torch's global generator, which EpochLoader reseeds per epoch (reproducible, resumable).
+    The foreground share of a batch is therefore at least ``fraction`` (nnU-Net's
+    "oversample_foreground_percent"); under DDP Lightning splits the indices between processes,
+    which keeps the overall share."""
+
+    def __init__(self, dataset: CachedSegDataset, batch_size: int, fraction: float):
+        self.size, self.batch_size = len(dataset), batch_size
+        self.foreground = [i for i, m in enumerate(dataset.masks) if m.any()]
+        self.per_batch = round(fraction * batch_size) if self.foreground else 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        sources = {"fg": self.foreground, "all": list(range(self.size))}
+        queues: dict[str, list[int]] = {"fg": [], "all": []}
+
+        def draw(source: str) -> int:
+            if not queues[source]:
+                order = torch.randperm(len(sources[source])).tolist()
+                queues[source] = [sources[source][i] for i in order]
+            return queues[source].pop()
+
+        for position in range(self.size):
+            yield draw("fg" if position % self.batch_size < self.per_batch else "all")
+
+
 class EpochLoader(DataLoader):
     """A DataLoader that calls ``on_epoch()`` whenever a pass over it (an epoch) begins."""
 
@@ -113,6 +145,9 @@ class SegDataModule(pl.LightningDataModule):
         seed: int = 42,
         group_pattern: str | None = None,
         split_file: str | None = None,
+        num_folds: int | None = None,
+        fold: int | None = None,
+        foreground_fraction: float | None = None,
         strict: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -160,6 +195,13 @@ class SegDataModule(pl.LightningDataModule):
         self._offset = float(intensity_offset)
         self._fractions, self._seed = split, seed
         self._group_pattern, self._split_file = group_pattern, split_file
+        self._num_folds, self._fold = num_folds, fold
+        if foreground_fraction is not None and not 0 <= foreground_fraction <= 1:
+            raise LungsegError(
+                f"data.foreground_fraction is {foreground_fraction}; give a share of each "
+                f"training batch between 0 and 1 (e.g. 0.5), or null to sample slices uniformly."
+            )
+        self._foreground_fraction = foreground_fraction
         self._batch_size, self._num_workers = batch_size, num_workers
         self._pin_memory, self._persistent_workers = pin_memory, persistent_workers
         augmentation = augmentation or {}
@@ -197,7 +239,13 @@ class SegDataModule(pl.LightningDataModule):
         pairs, images, masks = self._decode_all(pairs)
         names = [p.stem for p in pairs]
         split = splits.make_split(
-            names, self._fractions, self._seed, self._group_pattern, self._split_file
+            names,
+            self._fractions,
+            self._seed,
+            self._group_pattern,
+            self._split_file,
+            self._num_folds,
+            self._fold,
         )
         if self._num_classes is None:  # index masks without data.num_classes
             self._num_classes = max(2, max(int(m.max()) for m in masks) + 1)
@@ -392,9 +440,12 @@ class SegDataModule(pl.LightningDataModule):
         if not train:
             return DataLoader(dataset, **options)
         drop_last = len(dataset) > self._batch_size
-        return EpochLoader(
-            dataset, shuffle=True, drop_last=drop_last, on_epoch=self._reseed, **options
-        )
+        if self._foreground_fraction:
+            sampler = ForegroundSampler(dataset, self._batch_size, self._foreground_fraction)
+            options["sampler"] = sampler
+        else:
+            options["shuffle"] = True
+        return EpochLoader(dataset, drop_last=drop_last, on_epoch=self._reseed, **options)
 
     def _reseed(self) -> None:
         """Reseed Python's, NumPy's and torch's generators from (seed, epoch, rank) as a training

@@ -27,6 +27,8 @@ def make_split(
     seed: int = 42,
     group_pattern: str | None = None,
     split_file: str | Path | None = None,
+    num_folds: int | None = None,
+    fold: int | None = None,
 ) -> dict[str, str]:
     """Assign every stem to "train", "val" or "test".
 
@@ -44,6 +46,12 @@ def make_split(
     ``split_file`` is a CSV with columns ``file,split`` that lists every stem exactly once (by
     stem or by file name); it replaces the fractions and the pattern.
 
+    Cross-validation (``num_folds`` k and ``fold`` i in 0..k-1): the shuffled groups are laid
+    end to end as above and cut into k parts of about N/k files; part i is the test split, and
+    the other parts, in the same order, are cut into train and val in the ratio
+    ``fractions[0] : fractions[1]`` (``fractions[2]`` is then unused). Over i = 0..k-1 every
+    file (and patient) is tested exactly once, and never trained on in the fold that tests it.
+
     Raises LungsegError for fractions that are not three numbers >= 0 summing to 1, for a split
     with a fraction > 0 that gets no file, for a pattern that is not a regex with a group or
     does not match every stem, and for a split file that does not match the data.
@@ -58,15 +66,59 @@ def make_split(
     for name in groups.values():
         sizes[name] += 1
     order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    cuts = np.cumsum(fractions)[:2] * len(stems)
-    group_split, start = {}, 0
-    for name in order:
-        middle = start + sizes[name] / 2
-        group_split[name] = SPLITS[int(np.searchsorted(cuts, middle, side="right"))]
-        start += sizes[name]
+    if num_folds is None and fold is None:
+        cuts = np.cumsum(fractions)[:2] * len(stems)
+        group_split = _cut(order, sizes, cuts, SPLITS)
+    else:
+        num_folds, fold = _check_fold(num_folds, fold, len(names))
+        parts = _cut(
+            order, sizes, np.arange(1, num_folds) * len(stems) / num_folds, range(num_folds)
+        )
+        group_split = {name: "test" for name in order if parts[name] == fold}
+        rest = [name for name in order if parts[name] != fold]
+        train_share = fractions[0] / (fractions[0] + fractions[1] or 1)
+        total = sum(sizes[name] for name in rest)
+        group_split.update(_cut(rest, sizes, [train_share * total], ("train", "val")))
+        fractions = [fractions[0], fractions[1], 1.0]
     split = {stem: group_split[groups[stem]] for stem in stems}
     _check_not_empty(split, fractions, group_pattern, len(names))
     return split
+
+
+def _cut(order: list[str], sizes: dict[str, int], cuts, labels) -> dict[str, object]:
+    """Lay the groups end to end (each as long as its file count) and label each by the
+    interval between ``cuts`` in which its middle falls."""
+    labels, out, start = list(labels), {}, 0
+    for name in order:
+        middle = start + sizes[name] / 2
+        out[name] = labels[int(np.searchsorted(cuts, middle, side="right"))]
+        start += sizes[name]
+    return out
+
+
+def _check_fold(num_folds, fold, num_groups: int) -> tuple[int, int]:
+    if num_folds is None or fold is None:
+        raise LungsegError(
+            f"data.fold is {fold} and data.num_folds is {num_folds}: cross-validation needs "
+            f"both, e.g. data.num_folds=5 data.fold=0 (then 1, 2, 3, 4; or -m data.fold="
+            f"0,1,2,3,4), or neither for a plain data.split."
+        )
+    if not isinstance(num_folds, int) or not isinstance(fold, int) or num_folds < 2:
+        raise LungsegError(
+            f"data.num_folds={num_folds} data.fold={fold}: give a whole number of folds of at "
+            f"least 2 and a fold index from 0 to num_folds - 1."
+        )
+    if not 0 <= fold < num_folds:
+        raise LungsegError(
+            f"data.fold={fold} is outside 0..{num_folds - 1} for data.num_folds={num_folds}; "
+            f"the folds are numbered from 0."
+        )
+    if num_folds > num_groups:
+        raise LungsegError(
+            f"data.num_folds={num_folds} is more than the {num_groups} units (patients, or "
+            f"files without data.group_pattern) there are to spread over the folds; lower it."
+        )
+    return num_folds, fold
 
 
 def patient_ids(stems: Sequence[str], group_pattern: str) -> dict[str, str]:
