@@ -4,12 +4,20 @@ then its best checkpoint is scored with `evaluate()` (eval.py) on the test split
 original resolution. Prints one Markdown table.
 
     python benchmarks/quality.py --image-dir ../shared/data/lung_ct/images \
-        --mask-dir ../shared/data/lung_ct/masks --mask-mode index
+        --mask-dir ../shared/data/lung_ct/masks --experiment lung_ct
     python benchmarks/quality.py ... --runs unet article -- trainer.max_epochs=20 data.image_size=96
+
+With --experiment, the four architectures train with that recipe (conf/experiment/<name>.yaml,
+model=<architecture> on top), and the article's recipe keeps its own settings but takes the
+recipe's mask encoding and split (patient grouping, folds), so every row is scored on the same
+test images. Overrides after "--" apply to every run.
 
 Each run's folder (outputs/quality/<date>_<time>/<run>/) keeps its checkpoints, metrics and
 evaluation. Per-image numbers follow eval.py's rules (an image empty in both ground truth and
-prediction scores Dice 1); "pooled Dice" sums true positives and pixel counts over all images.
+prediction scores Dice 1); "pooled Dice" sums true positives and pixel counts over all images;
+"Dice non-empty" is the mean over the images whose mask has the class, "FP rate empty" the share
+of the images without it on which the class is predicted (n/a: every mask has it). Scores are
+after the recipe's post-processing (postprocess.min_size), as eval.py applies it.
 """
 
 import argparse
@@ -20,6 +28,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,6 +43,33 @@ RUNS = {
     "deeplab": ["model=deeplab"],
     "article": ["experiment=article"],
 }
+
+
+# What the article's run takes from the recipe: how masks are read and which images are tested.
+SPLIT_KEYS = (
+    "mask_mode",
+    "class_names",
+    "group_pattern",
+    "num_folds",
+    "fold",
+    "split",
+    "split_file",
+)
+
+
+def _override_value(value) -> str:
+    """A Hydra override value for a plain config value (lists, strings with regex characters)."""
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"  # Hydra keeps other backslashes as they are
+    return str(value)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def compose_config(name: str, overrides: list[str]):
@@ -59,7 +95,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-dir", required=True)
     parser.add_argument("--mask-dir", required=True)
-    parser.add_argument("--mask-mode", default="index", choices=["index", "binary", "palette"])
+    parser.add_argument(
+        "--mask-mode",
+        default=None,
+        choices=["index", "binary", "palette"],
+        help="default: the recipe's",
+    )
+    parser.add_argument("--experiment", default=None, help="recipe of the four architectures")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument(
         "--out", default=str(ROOT / "outputs" / "quality" / time.strftime("%Y-%m-%d_%H-%M-%S"))
@@ -70,17 +112,26 @@ def main() -> None:
     data = [
         f"data.image_dir={Path(args.image_dir).resolve()}",
         f"data.mask_dir={Path(args.mask_dir).resolve()}",
-        f"data.mask_mode={args.mask_mode}",
         "trainer.enable_progress_bar=false",
     ]
+    if args.mask_mode:
+        data.append(f"data.mask_mode={args.mask_mode}")
+    recipe = [f"experiment={args.experiment}"] if args.experiment else []
+    shared = []  # the recipe's data encoding and split, for the article's run
+    if args.experiment:
+        recipe_data = compose_config("config", recipe).data
+        for key in SPLIT_KEYS:
+            value = OmegaConf.to_container(recipe_data)[key]
+            shared.append(f"data.{key}={_override_value(value)}")
     header = (
         "| run | parameters (M) | training min | test Dice mean | median | pooled Dice "
-        "| IoU mean | HD95 mean (px) | best epoch |"
+        "| Dice non-empty | FP rate empty | IoU mean | HD95 mean (px) | best epoch |"
     )
     rows = []
     for run in args.runs:
         out = Path(args.out) / run
-        cfg = compose_config("config", [*RUNS[run], *data, f"output_dir={out}", *args.overrides])
+        runs = [*RUNS[run], *shared] if run == "article" else [*recipe, *RUNS[run]]
+        cfg = compose_config("config", [*runs, *data, f"output_dir={out}", *args.overrides])
         metrics = train(cfg)
         eval_cfg = compose_config(
             "eval",
@@ -97,13 +148,17 @@ def main() -> None:
         params = sum(p.numel() for p in instantiate(plain(cfg.model)).parameters()) / 1e6
         dice, iou, hd = entry["dice"], entry["iou"]["mean"], entry["hd95"]["mean"]
         pooled = pooled_dice(out / "eval" / "per_image.csv", name)
+        nonempty, fp_rate = entry["dice_nonempty"]["mean"], entry["fp_rate_empty"]
         rows.append(
             f"| {run} | {params:.2f} | {metrics['train_minutes']:.1f} | {dice['mean']:.4f} "
-            f"| {dice['median']:.4f} | {pooled:.4f} | {iou:.4f} | {hd:.2f} "
-            f"| {metrics['best_epoch']} |"
+            f"| {dice['median']:.4f} | {pooled:.4f} | {_num(nonempty)} | {_num(fp_rate)} "
+            f"| {iou:.4f} | {hd:.2f} | {metrics['best_epoch']} |"
         )
-        print("\n".join([header, "|---" * 9 + "|", *rows]), flush=True)
-    print(f"\n# {args.image_dir}, class '{name}', overrides {args.overrides}, runs in {args.out}")
+        print("\n".join([header, "|---" * 11 + "|", *rows]), flush=True)
+    print(
+        f"\n# {args.image_dir}, class '{name}', experiment {args.experiment}, overrides "
+        f"{args.overrides}, runs in {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,14 @@ both empty → dice = iou = precision = recall = 1 (specificity is then TN / TN 
 exactly one empty → dice = iou = precision = recall = 0 and hd95 = the image diagonal
 sqrt(H² + W²) in pixels (specificity keeps its formula: 1 if only gt has the class, below 1
 if only pred has it). Every image therefore counts in every class's mean, unlike the training
-metrics, which leave out images where a class is absent from both.
+metrics, which leave out images where a class is absent from both. For lesions, which most
+slices lack, the summary also gives ``dice_nonempty`` (over the images whose ground truth has
+the class) and ``fp_rate_empty`` (the share of the images without the class in the ground
+truth on which some pixel is predicted as it).
+
+Post-processing (``postprocess.min_size``, by default the checkpoint's) is applied before
+scoring; the summary then also holds the scores without it (``without_postprocessing``), and
+the log says what it changed.
 """
 
 import csv
@@ -37,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.functional.classification import multiclass_stat_scores
 from tqdm import tqdm
 
+from lungseg import postprocess
 from lungseg.data import splits
 from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import Pair, find_pairs, read_image
@@ -138,6 +146,14 @@ def summarize(rows: list[dict[str, Any]], class_names: list[str]) -> dict[str, A
                 "median": float(np.median(values)),
                 "std": float(values.std()),
             }
+        dice = np.array([row[f"dice_{name}"] for row in rows], dtype=np.float64)[~gt_empty]
+        entry["dice_nonempty"] = {
+            "mean": float(dice.mean()) if dice.size else None,
+            "median": float(np.median(dice)) if dice.size else None,
+        }
+        entry["fp_rate_empty"] = (
+            float((gt_empty & ~pred_empty).sum() / gt_empty.sum()) if gt_empty.any() else None
+        )
         classes[name] = entry
     mean = {m: float(np.mean([c[m]["mean"] for c in classes.values()])) for m in METRICS}
     return {"n_images": len(rows), "classes": classes, "mean_over_classes": mean}
@@ -153,9 +169,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     mask_mode = cfg.data.mask_mode or info["mask_mode"]
     palette = _palette(cfg.data.palette) or info["palette"]
     flips = list(cfg.tta_flips) if cfg.tta else []
+    post = postprocess.settings(cfg.get("postprocess"), model.hparams.get("postprocess"))
     log.info("scoring %s on %d images: %s", cfg.ckpt_path, len(pairs), source)
 
-    rows = []
+    rows, raw_rows = [], []
     with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(pairs, cfg.batch_size):
             probs = predict_probabilities(model, [read_image(p.image) for p in batch], flips)
@@ -163,9 +180,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 target = _read_mask(pair, prob.shape[1:], mask_mode, palette, num_classes)
                 height, width = target.shape
                 row: dict[str, Any] = {"image": pair.stem, "height": height, "width": width}
-                for c, values in image_metrics(prob.argmax(axis=0), target, num_classes).items():
+                raw_row = dict(row)
+                pred = prob.argmax(axis=0)
+                final = postprocess.apply(pred, post, info)
+                for c, values in image_metrics(final, target, num_classes).items():
                     row.update({f"{k}_{class_names[c]}": v for k, v in values.items()})
                 rows.append(row)
+                if final is not pred:
+                    for c, values in image_metrics(pred, target, num_classes).items():
+                        raw_row.update({f"{k}_{class_names[c]}": v for k, v in values.items()})
+                    raw_rows.append(raw_row)
             bar.update(len(batch))
 
     out_dir = Path(cfg.output_dir)
@@ -179,8 +203,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "images": source,
         "mask_mode": mask_mode,
         "tta_flips": flips,
+        "postprocess": post,
         **summarize(rows, class_names),
     }
+    if raw_rows:
+        summary["without_postprocessing"] = summarize(raw_rows, class_names)
+        for name, entry in summary["classes"].items():
+            before = summary["without_postprocessing"]["classes"][name]
+            log.info(
+                "post-processing (components under %g px at the network size removed), %s: "
+                "dice %.4f -> %.4f, dice on non-empty %s -> %s, false positives on empty "
+                "slices %s -> %s",
+                post["min_size"],
+                name,
+                before["dice"]["mean"],
+                entry["dice"]["mean"],
+                _fmt(before["dice_nonempty"]["mean"]),
+                _fmt(entry["dice_nonempty"]["mean"]),
+                _fmt(before["fp_rate_empty"]),
+                _fmt(entry["fp_rate_empty"]),
+            )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name, entry in summary["classes"].items():
         log.info(
@@ -198,10 +240,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
     """The image/mask pairs to score and a description of where they come from: all pairs of
-    ``data.image_dir`` + ``data.mask_dir`` when given, else the test split of the checkpoint's
-    training run (``<run>/config.yaml`` and ``<run>/split.csv``, run = two folders up)."""
+    ``data.image_dir`` + ``data.mask_dir`` when given, else the test (or, with ``split=val``,
+    the validation) split of the checkpoint's training run (``<run>/config.yaml`` and
+    ``<run>/split.csv``, run = two folders up)."""
     data = cfg.data
     if data.image_dir is not None or data.mask_dir is not None:
         if data.image_dir is None or data.mask_dir is None:
@@ -233,13 +280,16 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
     suffixes = data.mask_suffixes or run_data.mask_suffixes
     pairs = find_pairs(*folders, list(suffixes), run_data.strict)
     split = splits.make_split([p.stem for p in pairs], split_file=split_file)
-    test = [p for p in pairs if split[p.stem] == "test"]
-    if not test:
+    which = cfg.get("split") or "test"
+    if which not in ("val", "test"):
+        raise LungsegError(f"split is {which!r}; score the run's 'test' or 'val' split.")
+    chosen = [p for p in pairs if split[p.stem] == which]
+    if not chosen:
         raise LungsegError(
-            f"The test split in {split_file} is empty (the run used a test fraction of 0). "
-            f"Score other data with data.image_dir=<images> data.mask_dir=<masks>."
+            f"The {which} split in {split_file} is empty (the run used a {which} fraction of "
+            f"0). Score other data with data.image_dir=<images> data.mask_dir=<masks>."
         )
-    return test, f"test split of {run} ({folders[0]})"
+    return chosen, f"{which} split of {run} ({folders[0]})"
 
 
 def _palette(palette: Any) -> list[list[int]] | None:

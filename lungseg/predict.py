@@ -15,6 +15,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from lungseg import postprocess
 from lungseg.data.folders import _list_images, _listing, read_image, write_image
 from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
@@ -62,6 +63,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     info = model.hparams.data_info
     colors = np.array(info["palette"] or default_colors(info["num_classes"]), np.uint8)
     flips = list(cfg.tta_flips) if cfg.tta else []
+    post = postprocess.settings(cfg.get("postprocess"), model.hparams.get("postprocess"))
     output_dir = Path(cfg.output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -79,7 +81,7 @@ def predict(cfg: DictConfig) -> list[Path]:
                 ) from None
             probs = predict_probabilities(model, raws, flips)
             for path, raw, prob in zip(batch, raws, probs, strict=True):
-                pred = prob.argmax(axis=0)
+                pred = postprocess.apply(prob.argmax(axis=0), post, info)
                 mask_path, overlay_path = outputs[path]
                 display = scale_intensity(raw, info["window"], info["intensity_offset"])
                 _write(mask_path, encode_mask(pred, info["mask_mode"], info["palette"]))

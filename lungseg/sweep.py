@@ -1,6 +1,8 @@
 """The summary of a multirun (`python train.py -m model=unet,fcn,segnet,deeplab`):
 ``summary.csv`` and ``summary.md`` in the sweep folder list every run's overrides, best epoch
-and test metrics, best test Dice first, and the error of each failed run."""
+and test metrics, best test Dice first, and the error of each failed run; ``summary.md`` ends
+with the mean ± std of each metric over the finished runs (the cross-validation result of a
+sweep over ``data.fold``)."""
 
 import csv
 import json
@@ -20,7 +22,8 @@ from lungseg.errors import LungsegError
 log = logging.getLogger(__name__)
 
 ERROR_FILE = "error.txt"
-METRICS = ("test/dice", "test/iou", "test/acc")  # then test/dice_<class> for every class
+# Then test/dice_<class> for every class.
+METRICS = ("test/dice", "test/iou", "test/acc", "test/dice_nonempty", "test/fp_empty")
 
 
 def record_error(run_dir: str | Path, error: BaseException) -> None:
@@ -52,7 +55,10 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         run = overrides.parent.parent
         hydra_yaml = overrides.with_name("hydra.yaml")
         row: dict[str, Any] = {
-            "job": OmegaConf.load(hydra_yaml).hydra.job.num if hydra_yaml.is_file() else None,
+            # None for a run started on its own (hydra.job.num is only set in a multirun).
+            "job": OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.num", default=None)
+            if hydra_yaml.is_file()
+            else None,
             "run": run.relative_to(sweep_dir).as_posix(),
             "overrides": " ".join(OmegaConf.load(overrides)),
             "status": "incomplete",
@@ -62,9 +68,13 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
             row.update(status="failed", error=lines[0] if lines else "")
         elif (run / "metrics.json").is_file():
             metrics = json.loads((run / "metrics.json").read_text())
-            per_class = [key for key in metrics if key.startswith("test/dice_")]
+            per_class = [
+                key
+                for key in metrics
+                if key.startswith("test/dice_") and not key.startswith("test/dice_nonempty")
+            ]
             row.update(status="ok", best_epoch=metrics.get("best_epoch"))
-            row.update({key: metrics.get(key) for key in [*METRICS, *per_class]})
+            row.update({key: metrics.get(key) for key in [*METRICS, *per_class] if key in metrics})
             row["minutes"] = metrics.get("train_minutes")
         rows.append(row)
     return sorted(rows, key=_rank)
@@ -80,12 +90,19 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     that differ between runs, 4 decimals) into ``sweep_dir``; returns the rows."""
     sweep_dir = Path(sweep_dir)
     rows = collect_runs(sweep_dir)
-    columns = ["job", "overrides", "status", "best_epoch", *METRICS]
+    found = {key for row in rows for key, value in row.items() if value is not None}
+    # The first three always; the lesion scores where the runs report them.
+    columns = ["job", "overrides", "status", "best_epoch", *METRICS[:3]]
+    columns += [key for key in METRICS[3:] if key in found]
     for row in rows:
-        columns += [key for key in row if key.startswith("test/dice_") and key not in columns]
+        columns += [
+            key
+            for key in row
+            if key.startswith("test/dice_") and key not in columns and key not in METRICS
+        ]
     columns += ["minutes", "error"]
     with open(sweep_dir / "summary.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, [*columns, "run"])
+        writer = csv.DictWriter(file, [*columns, "run"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     (sweep_dir / "summary.md").write_text(_markdown(rows, columns, sweep_dir))
@@ -109,7 +126,27 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path) -
         own = " ".join(o for o in row["overrides"].split() if o not in shared)
         cells = [_cell(own if column == "overrides" else row.get(column)) for column in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    spread = mean_std(rows)
+    if spread:
+        ok = sum(row["status"] == "ok" for row in rows)
+        lines += ["", f"Mean ± std (population) over the {ok} finished runs:", ""]
+        lines += [f"- {key}: {mean:.4f} ± {std:.4f}" for key, (mean, std) in spread.items()]
     return "\n".join(lines) + "\n"
+
+
+def mean_std(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """{metric: (mean, std)} over the finished runs, for every test metric and minutes."""
+    out = {}
+    ok = [row for row in rows if row["status"] == "ok"]
+    keys = [k for row in ok for k in row if k.startswith("test/") or k == "minutes"]
+    for key in dict.fromkeys(keys):
+        values = [row[key] for row in ok if isinstance(row.get(key), int | float)]
+        values = [v for v in values if v == v]  # NaN: no image qualified in that run
+        if values:
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+            out[key] = (mean, std)
+    return out
 
 
 def _cell(value: Any) -> str:

@@ -157,3 +157,25 @@ def test_record_error_shows_the_lungseg_error_inside_hydras_wrapper(tmp_path):
     assert (tmp_path / "error.txt").read_text() == (
         "data.normalize is 'bogus'; choose one of dataset, image, none.\n"
     )
+
+
+def test_summary_ends_with_mean_and_std_over_finished_runs(tmp_path):
+    for fold, dice in enumerate([0.7, 0.8, 0.9]):
+        values = {**metrics(dice), "test/dice_nonempty": dice - 0.05, "test/fp_empty": 0.1}
+        fake_run(tmp_path, fold, f"unet_fold{fold}", values)
+    record_error(fake_run(tmp_path, 3, "fcn"), LungsegError("broken"))
+    write_summary(tmp_path)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "Mean ± std (population) over the 3 finished runs:" in markdown
+    assert "- test/dice: 0.8000 ± 0.0816" in markdown
+    assert "- test/dice_nonempty: 0.7500 ± 0.0816" in markdown
+    assert "- test/fp_empty: 0.1000 ± 0.0000" in markdown
+    with open(tmp_path / "summary.csv", newline="") as file:
+        header = next(csv.reader(file))
+    assert header[4:9] == [
+        "test/dice",
+        "test/iou",
+        "test/acc",
+        "test/dice_nonempty",
+        "test/fp_empty",
+    ]

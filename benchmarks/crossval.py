@@ -1,0 +1,113 @@
+"""Cross-validation report of a sweep over folds, with post-processing chosen on validation.
+
+    python train.py -m experiment=lidc_nodules data.image_dir=<images> data.mask_dir=<masks> \
+        data.fold=0,1,2,3,4
+    python benchmarks/crossval.py outputs/train/multirun_<date>
+
+For every finished run under the folder (a folder with metrics.json), the best checkpoint is
+scored with eval.py's `evaluate()` on the run's validation split for each --min-sizes value
+(post-processing: predicted components below that many pixels at the network size removed).
+The one with the highest mean validation Dice over the folds (per image, an image empty in both
+ground truth and prediction scoring 1, so false positives on empty slices count) is then
+applied to each test split, which is scored with and without it. Prints one Markdown table:
+per fold and mean ± std (population) over the folds, the test Dice over the slices whose mask is
+not empty and the false-positive rate on the empty ones. The test splits play no part in any
+choice.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lungseg.evaluate import evaluate  # noqa: E402
+
+
+def score(checkpoint: str, out: Path, split: str, min_size: float) -> dict:
+    """The first foreground class's summary entry of evaluate()."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "eval",
+            [
+                f"ckpt_path={checkpoint}",
+                f"split={split}",
+                f"postprocess.min_size={min_size}",
+                f"output_dir={out / f'{split}_min{min_size:g}'}",
+                "progress_bar=false",
+            ],
+        )
+    return next(iter(evaluate(cfg)["classes"].values()))
+
+
+def mean_std(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    return f"{statistics.fmean(values):.4f} ± {statistics.pstdev(values):.4f}"
+
+
+def cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", type=Path, help="folder holding the fold runs")
+    parser.add_argument("--min-sizes", type=float, nargs="+", default=[0, 4, 8, 16, 32])
+    args = parser.parse_args()
+
+    runs = sorted(path.parent for path in args.sweep.glob("**/metrics.json"))
+    if not runs:
+        sys.exit(f"crossval: no finished run (metrics.json) under {args.sweep}")
+    checkpoints = {run: json.loads((run / "metrics.json").read_text()) for run in runs}
+    for run, metrics in checkpoints.items():
+        if not metrics.get("best_checkpoint"):
+            sys.exit(f"crossval: {run} saved no best checkpoint")
+
+    val = {
+        size: [
+            score(m["best_checkpoint"], run / "crossval", "val", size)
+            for run, m in checkpoints.items()
+        ]
+        for size in args.min_sizes
+    }
+    val_dice = {size: statistics.fmean(e["dice"]["mean"] for e in val[size]) for size in val}
+    chosen = max(args.min_sizes, key=lambda size: (val_dice[size], -size))
+    print("| min_size | validation Dice mean over folds |\n|---|---|")
+    for size in args.min_sizes:
+        print(f"| {size:g}{' (chosen)' if size == chosen else ''} | {val_dice[size]:.4f} |")
+
+    header = (
+        "| fold run | best epoch | test Dice non-empty | with post-processing | FP rate empty "
+        "| with post-processing | test Dice (all slices) | with post-processing |"
+    )
+    print(f"\n{header}\n" + "|---" * 8 + "|")
+    table = []
+    for run, metrics in checkpoints.items():
+        raw = score(metrics["best_checkpoint"], run / "crossval", "test", 0)
+        post = (
+            score(metrics["best_checkpoint"], run / "crossval", "test", chosen) if chosen else raw
+        )
+        row = [
+            raw["dice_nonempty"]["mean"],
+            post["dice_nonempty"]["mean"],
+            raw["fp_rate_empty"],
+            post["fp_rate_empty"],
+            raw["dice"]["mean"],
+            post["dice"]["mean"],
+        ]
+        table.append(row)
+        name = run.relative_to(args.sweep).as_posix()
+        print(f"| {name} | {metrics['best_epoch']} | " + " | ".join(cell(v) for v in row) + " |")
+    spread = [mean_std([row[i] for row in table]) for i in range(6)]
+    print(f"| mean ± std ({len(table)} folds) | | " + " | ".join(spread) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

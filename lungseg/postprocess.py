@@ -1,0 +1,55 @@
+"""Post-processing of predicted class maps: removal of small connected components.
+
+Small isolated blobs are the typical false positives of a segmentation network on lesion data
+(a speck predicted on a slice without a nodule). ``postprocess.min_size`` removes, per
+foreground class, every 8-connected component with fewer pixels than that; the removed pixels
+become background. The size is given in pixels of the network's input grid (``data.image_size``)
+and scaled to each image's own resolution, so one setting means the same physical share of the
+image whatever the size of the files.
+"""
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+def min_pixels(min_size: float, network_size: tuple[int, int], image_size: tuple[int, int]) -> int:
+    """``min_size`` pixels of the network grid, in pixels of an image of ``image_size``."""
+    scale = (image_size[0] * image_size[1]) / (network_size[0] * network_size[1])
+    return int(round(min_size * scale))
+
+
+def remove_small_components(pred: np.ndarray, min_pixels: int, num_classes: int) -> np.ndarray:
+    """A copy of ``pred`` (H, W class ids) without the components of fewer than ``min_pixels``
+    pixels (8-connectivity), per foreground class; ``min_pixels`` <= 1 changes nothing."""
+    out = pred.copy()
+    if min_pixels <= 1:
+        return out
+    for c in range(1, num_classes):
+        mask = (pred == c).astype(np.uint8)
+        if not mask.any():
+            continue
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_pixels)
+        small = small[small != 0]  # label 0 is everything that is not class c
+        if small.size:
+            out[np.isin(labels, small)] = 0
+    return out
+
+
+def settings(cfg_value: Any, checkpoint_value: Any) -> dict[str, Any]:
+    """The post-processing to apply: the command's ``postprocess`` where it sets a value,
+    else what the checkpoint was trained with (``postprocess`` of its training config)."""
+    chosen = dict(checkpoint_value or {})
+    chosen.update({k: v for k, v in dict(cfg_value or {}).items() if v is not None})
+    return {"min_size": float(chosen.get("min_size") or 0)}
+
+
+def apply(pred: np.ndarray, chosen: dict[str, Any], data_info: dict[str, Any]) -> np.ndarray:
+    """``pred`` (H, W class ids at the image's resolution) post-processed as ``chosen`` says
+    (``settings``), for a checkpoint whose network input size is ``data_info["image_size"]``."""
+    if not chosen.get("min_size"):
+        return pred
+    threshold = min_pixels(chosen["min_size"], tuple(data_info["image_size"]), pred.shape[:2])
+    return remove_small_components(pred, threshold, int(data_info["num_classes"]))
