@@ -29,16 +29,21 @@ sys.path.insert(0, str(ROOT))
 from lungseg.evaluate import evaluate  # noqa: E402
 
 
+def quote(path) -> str:
+    """A path as a quoted Hydra override value (sweep folders hold '=' and ',')."""
+    return "'" + str(path).replace("'", "\\'") + "'"
+
+
 def score(checkpoint: str, out: Path, split: str, min_size: float) -> dict:
     """The first foreground class's summary entry of evaluate()."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "eval",
             [
-                f"ckpt_path={checkpoint}",
+                f"ckpt_path={quote(checkpoint)}",
                 f"split={split}",
                 f"postprocess.min_size={min_size}",
-                f"output_dir={out / f'{split}_min{min_size:g}'}",
+                f"output_dir={quote(out / f'{split}_min{min_size:g}')}",
                 "progress_bar=false",
             ],
         )

@@ -110,12 +110,12 @@ def main() -> None:
     args = parser.parse_args()
 
     data = [
-        f"data.image_dir={Path(args.image_dir).resolve()}",
-        f"data.mask_dir={Path(args.mask_dir).resolve()}",
+        f"data.image_dir={_override_value(str(Path(args.image_dir).resolve()))}",
+        f"data.mask_dir={_override_value(str(Path(args.mask_dir).resolve()))}",
         "trainer.enable_progress_bar=false",
     ]
-    if args.mask_mode:
-        data.append(f"data.mask_mode={args.mask_mode}")
+    if args.mask_mode or not args.experiment:
+        data.append(f"data.mask_mode={args.mask_mode or 'index'}")
     recipe = [f"experiment={args.experiment}"] if args.experiment else []
     shared = []  # the recipe's data encoding and split, for the article's run
     if args.experiment:
@@ -123,6 +123,9 @@ def main() -> None:
         for key in SPLIT_KEYS:
             value = OmegaConf.to_container(recipe_data)[key]
             shared.append(f"data.{key}={_override_value(value)}")
+        # Scored like the other rows: with the recipe's post-processing.
+        min_size = compose_config("config", recipe).postprocess.min_size
+        shared.append(f"postprocess.min_size={min_size}")
     header = (
         "| run | parameters (M) | training min | test Dice mean | median | pooled Dice "
         "| Dice non-empty | FP rate empty | IoU mean | HD95 mean (px) | best epoch |"
@@ -131,13 +134,14 @@ def main() -> None:
     for run in args.runs:
         out = Path(args.out) / run
         runs = [*RUNS[run], *shared] if run == "article" else [*recipe, *RUNS[run]]
-        cfg = compose_config("config", [*runs, *data, f"output_dir={out}", *args.overrides])
+        output = f"output_dir={_override_value(str(out))}"
+        cfg = compose_config("config", [*runs, *data, output, *args.overrides])
         metrics = train(cfg)
         eval_cfg = compose_config(
             "eval",
             [
-                f"ckpt_path={metrics['best_checkpoint']}",
-                f"output_dir={out / 'eval'}",
+                f"ckpt_path={_override_value(metrics['best_checkpoint'])}",
+                f"output_dir={_override_value(str(out / 'eval'))}",
                 "progress_bar=false",
             ],
         )

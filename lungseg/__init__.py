@@ -1,3 +1,26 @@
 """lungseg: 2D medical image segmentation with PyTorch Lightning and Hydra."""
 
+import os
+
+# albumentations asks PyPI for its latest version when imported (a network request at run
+# time, and a warning on machines without internet). lungseg is imported before it.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hashlib
+
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
+
+
+def short_dirname(name: str, limit: int = 120) -> str:
+    """A multirun job's folder name (Hydra's override_dirname) kept under file-system limits:
+    names longer than ``limit`` keep their start and end a hash of the whole name."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name[: limit - 11]}-{digest}"
+
+
+# Used by hydra.sweep.subdir in conf/config.yaml; registered on import of the package.
+OmegaConf.register_new_resolver("lungseg_dirname", short_dirname, replace=True)

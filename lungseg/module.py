@@ -80,12 +80,12 @@ class SegmentationModule(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, torch.Tensor], stage: str, batch_idx: int = 0) -> torch.Tensor:
         images, masks = batch["image"], batch["mask"]
         logits = self(images)
         loss = self.loss_fn(logits, masks)
         self._check_finite(loss, stage)
-        if stage != "train" or self.global_step % self.hparams.train_metrics_every_n_steps == 0:
+        if stage != "train" or batch_idx % self.hparams.train_metrics_every_n_steps == 0:
             # Metrics accumulate on the device; updating them forces no host sync.
             getattr(self, f"{stage}_metrics").update(predicted_classes(logits.detach()), masks)
         self.log(
@@ -146,7 +146,7 @@ class SegmentationModule(pl.LightningModule):
         return f"The last good checkpoint is kept: {last}."
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")

@@ -91,10 +91,10 @@ def test_git_state_is_unknown_outside_a_checkout_or_without_git(tmp_path, monkey
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(lean_cfg, monkeypatch):
     step = SegmentationModule._step
 
-    def nan_pixels_from_epoch_1(self, batch, stage):
+    def nan_pixels_from_epoch_1(self, batch, stage, batch_idx=0):
         if self.current_epoch >= 1:
             batch = {**batch, "image": batch["image"] * float("nan")}
-        return step(self, batch, stage)
+        return step(self, batch, stage, batch_idx)
 
     monkeypatch.setattr(SegmentationModule, "_step", nan_pixels_from_epoch_1)
     cfg = lean_cfg("trainer.max_epochs=3")
@@ -117,10 +117,10 @@ def test_deferred_non_finite_check_of_gpu_and_ddp_runs_also_keeps_the_good_check
     device): a NaN is noted on the device and caught before the next validation or save."""
     step = SegmentationModule._step
 
-    def nan_pixels_from_epoch_1(self, batch, stage):
+    def nan_pixels_from_epoch_1(self, batch, stage, batch_idx=0):
         if self.current_epoch >= 1:
             batch = {**batch, "image": batch["image"] * float("nan")}
-        return step(self, batch, stage)
+        return step(self, batch, stage, batch_idx)
 
     monkeypatch.setattr(SegmentationModule, "_step", nan_pixels_from_epoch_1)
     monkeypatch.setattr(SegmentationModule, "_eager_check", lambda self: False)

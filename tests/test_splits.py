@@ -156,3 +156,9 @@ def test_k_fold_tests_every_patient_once_and_never_trains_on_it():
 def test_bad_fold_settings_are_explained(num_folds, fold, words):
     with pytest.raises(LungsegError, match=words):
         make_split(SLICES, (0.8, 0.2, 0.0), 0, PATIENT, None, num_folds, fold)
+
+
+def test_split_file_and_folds_together_are_refused(tmp_path):
+    write_split(make_split(SLICES), tmp_path / "split.csv")
+    with pytest.raises(LungsegError, match="split_file and data.num_folds"):
+        make_split(SLICES, split_file=tmp_path / "split.csv", num_folds=5, fold=0)

@@ -179,3 +179,45 @@ def test_summary_ends_with_mean_and_std_over_finished_runs(tmp_path):
         "test/dice_nonempty",
         "test/fp_empty",
     ]
+
+
+def test_fold_sweep_and_crossval_report(tmp_path):
+    """A 2-fold cross-validation as the README runs it: the multirun, its mean ± std, and
+    benchmarks/crossval.py choosing post-processing on the validation folds (the run folders'
+    names hold '=' and ',', which Hydra overrides must quote)."""
+    folds = ["data.num_folds=2", "data.fold=0,1", "data.split=[0.5,0.5,0.0]"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *folds, f"data.demo_dir={tmp_path}/demo"]
+        + [*TINY, "data.demo_num_images=12"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "train").glob("multirun_*")
+    assert "Mean ± std (population) over the 2 finished runs:" in (sweep / "summary.md").read_text()
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "crossval.py"),
+            str(sweep),
+            "--min-sizes",
+            "0",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| mean ± std (2 folds) |" in report.stdout
+    assert report.stdout.count("(chosen)") == 1
+
+
+def test_long_override_lists_give_short_distinct_folder_names():
+    from lungseg import short_dirname
+
+    assert short_dirname("model=unet") == "model=unet"
+    long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
+    assert len(short_dirname(long_a)) == 120 and short_dirname(long_a) != short_dirname(long_b)

@@ -8,6 +8,7 @@ mislabelled file stops the run before the first epoch, not in the middle of one.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -74,18 +75,19 @@ class CachedSegDataset(Dataset):
 
 class ForegroundSampler(Sampler[int]):
     """Oversamples slices that contain foreground: in every run of ``batch_size`` indices (one
-    batch), the first ``round(fraction * batch_size)`` come from slices whose mask has a
+    batch), the first ``ceil(fraction * batch_size)`` come from slices whose mask has a
     foreground pixel and the rest from all slices, each source a fresh random permutation,
     restarted when used up. An epoch has as many samples as the dataset. Random numbers come
     from torch's global generator, which EpochLoader reseeds per epoch (reproducible, resumable).
     The foreground share of a batch is therefore at least ``fraction`` (nnU-Net's
-    "oversample_foreground_percent"); under DDP Lightning splits the indices between processes,
-    which keeps the overall share."""
+    "oversample_foreground_percent"). Under DDP Lightning gives each process every W-th index
+    of its own (differently seeded) list: the overall share is kept, but the processes' samples
+    are not disjoint within an epoch."""
 
     def __init__(self, dataset: CachedSegDataset, batch_size: int, fraction: float):
         self.size, self.batch_size = len(dataset), batch_size
         self.foreground = [i for i, m in enumerate(dataset.masks) if m.any()]
-        self.per_batch = round(fraction * batch_size) if self.foreground else 0
+        self.per_batch = math.ceil(fraction * batch_size) if self.foreground else 0
 
     def __len__(self) -> int:
         return self.size

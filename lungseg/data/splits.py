@@ -58,6 +58,12 @@ def make_split(
     """
     stems = sorted(set(stems))
     if split_file is not None:
+        if num_folds is not None or fold is not None:
+            raise LungsegError(
+                "data.split_file and data.num_folds/data.fold are both set; a split file "
+                "fixes the split, so folds cannot apply. Set data.split_file=null for "
+                "cross-validation, or data.num_folds=null data.fold=null to use the file."
+            )
         return _read_split_file(Path(split_file), stems)
     fractions = _check_fractions(fractions)
     groups = _group(stems, group_pattern)
