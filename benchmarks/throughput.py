@@ -222,8 +222,9 @@ def main() -> None:
     )
     print(f"# {'bf16' if bf16 else 'fp32'} matrix product ({n}^3): {peak:.1f} GFLOP/s")
     header = (
-        "| model | params (M) | lungseg train img/s | bare train img/s | ratio (range) | infer img/s "
-        "| train GFLOP/img | lungseg GFLOP/s | % of matmul | peak MB | data img/s | data/train |"
+        "| model | params (M) | lungseg train img/s | bare train img/s | ratio (range) "
+        "| infer img/s | train GFLOP/img | lungseg GFLOP/s | % of matmul | peak MB "
+        "| data img/s | data/train |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -264,7 +265,8 @@ def main() -> None:
             memory = peak_memory_mb(args.device)
             print(
                 f"| {model} | {params:.2f} | {ours_rate:.2f} | {bare_rate_:.2f} "
-                f"| {ratio:.3f} ({min(ratios):.2f}-{max(ratios):.2f}) | {infer:.2f} | {flops / 1e9:.2f} "
+                f"| {ratio:.3f} ({min(ratios):.2f}-{max(ratios):.2f}) | {infer:.2f} "
+                f"| {flops / 1e9:.2f} "
                 f"| {achieved:.1f} | {100 * achieved / peak:.0f}% | {memory:.0f} "
                 f"| {delivered:.0f} | {delivered / ours_rate:.0f}x |",
                 flush=True,
