@@ -88,15 +88,20 @@ def test_git_state_is_unknown_outside_a_checkout_or_without_git(tmp_path, monkey
     assert _git_state(ROOT) == ("unknown", None)
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(lean_cfg, monkeypatch):
+def nan_pixels_from_epoch_1(monkeypatch) -> None:
+    """From epoch 1 on, every batch's images are NaN."""
     step = SegmentationModule._step
 
-    def nan_pixels_from_epoch_1(self, batch, stage, batch_idx=0):
+    def patched(self, batch, stage, batch_idx=0):
         if self.current_epoch >= 1:
             batch = {**batch, "image": batch["image"] * float("nan")}
         return step(self, batch, stage, batch_idx)
 
-    monkeypatch.setattr(SegmentationModule, "_step", nan_pixels_from_epoch_1)
+    monkeypatch.setattr(SegmentationModule, "_step", patched)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(lean_cfg, monkeypatch):
+    nan_pixels_from_epoch_1(monkeypatch)
     cfg = lean_cfg("trainer.max_epochs=3")
     with pytest.raises(LungsegError) as error:
         train(cfg)
@@ -115,14 +120,7 @@ def test_deferred_non_finite_check_of_gpu_and_ddp_runs_also_keeps_the_good_check
 ):
     """On a GPU or under DDP the loss is not looked at every step (that would wait for the
     device): a NaN is noted on the device and caught before the next validation or save."""
-    step = SegmentationModule._step
-
-    def nan_pixels_from_epoch_1(self, batch, stage, batch_idx=0):
-        if self.current_epoch >= 1:
-            batch = {**batch, "image": batch["image"] * float("nan")}
-        return step(self, batch, stage, batch_idx)
-
-    monkeypatch.setattr(SegmentationModule, "_step", nan_pixels_from_epoch_1)
+    nan_pixels_from_epoch_1(monkeypatch)
     monkeypatch.setattr(SegmentationModule, "_eager_check", lambda self: False)
     cfg = lean_cfg("trainer.max_epochs=3")
     with pytest.raises(LungsegError) as error:
