@@ -26,16 +26,17 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.quality import override_value  # noqa: E402
 from lungseg.evaluate import evaluate  # noqa: E402
 
 
 def quote(path) -> str:
     """A path as a quoted Hydra override value (sweep folders hold '=' and ',')."""
-    return "'" + str(path).replace("'", "\\'") + "'"
+    return override_value(str(path))
 
 
 def score(checkpoint: str, out: Path, split: str, min_size: float) -> dict:
-    """The first foreground class's summary entry of evaluate()."""
+    """evaluate()'s summary (with ``without_postprocessing`` when min_size > 0)."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "eval",
@@ -47,7 +48,12 @@ def score(checkpoint: str, out: Path, split: str, min_size: float) -> dict:
                 "progress_bar=false",
             ],
         )
-    return next(iter(evaluate(cfg)["classes"].values()))
+    return evaluate(cfg)
+
+
+def first_class(summary: dict) -> dict:
+    """The summary entry of the first foreground class."""
+    return next(iter(summary["classes"].values()))
 
 
 def mean_std(values: list[float | None]) -> str:
@@ -77,7 +83,7 @@ def main() -> None:
 
     val = {
         size: [
-            score(m["best_checkpoint"], run / "crossval", "val", size)
+            first_class(score(m["best_checkpoint"], run / "crossval", "val", size))
             for run, m in checkpoints.items()
         ]
         for size in args.min_sizes
@@ -95,10 +101,10 @@ def main() -> None:
     print(f"\n{header}\n" + "|---" * 8 + "|")
     table = []
     for run, metrics in checkpoints.items():
-        raw = score(metrics["best_checkpoint"], run / "crossval", "test", 0)
-        post = (
-            score(metrics["best_checkpoint"], run / "crossval", "test", chosen) if chosen else raw
-        )
+        # One scoring gives both: evaluate() keeps the scores before post-processing.
+        summary = score(metrics["best_checkpoint"], run / "crossval", "test", chosen)
+        post = first_class(summary)
+        raw = first_class(summary.get("without_postprocessing", summary))
         row = [
             raw["dice_nonempty"]["mean"],
             post["dice_nonempty"]["mean"],

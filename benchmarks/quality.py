@@ -57,12 +57,12 @@ SPLIT_KEYS = (
 )
 
 
-def _override_value(value) -> str:
+def override_value(value) -> str:
     """A Hydra override value for a plain config value (lists, strings with regex characters)."""
     if value is None:
         return "null"
     if isinstance(value, list):
-        return "[" + ",".join(_override_value(v) for v in value) + "]"
+        return "[" + ",".join(override_value(v) for v in value) + "]"
     if isinstance(value, str):
         return "'" + value.replace("'", "\\'") + "'"  # Hydra keeps other backslashes as they are
     return str(value)
@@ -110,8 +110,8 @@ def main() -> None:
     args = parser.parse_args()
 
     data = [
-        f"data.image_dir={_override_value(str(Path(args.image_dir).resolve()))}",
-        f"data.mask_dir={_override_value(str(Path(args.mask_dir).resolve()))}",
+        f"data.image_dir={override_value(str(Path(args.image_dir).resolve()))}",
+        f"data.mask_dir={override_value(str(Path(args.mask_dir).resolve()))}",
         "trainer.enable_progress_bar=false",
     ]
     if args.mask_mode or not args.experiment:
@@ -122,7 +122,7 @@ def main() -> None:
         recipe_data = compose_config("config", recipe).data
         for key in SPLIT_KEYS:
             value = OmegaConf.to_container(recipe_data)[key]
-            shared.append(f"data.{key}={_override_value(value)}")
+            shared.append(f"data.{key}={override_value(value)}")
         # Scored like the other rows: with the recipe's post-processing.
         min_size = compose_config("config", recipe).postprocess.min_size
         shared.append(f"postprocess.min_size={min_size}")
@@ -134,14 +134,14 @@ def main() -> None:
     for run in args.runs:
         out = Path(args.out) / run
         runs = [*RUNS[run], *shared] if run == "article" else [*recipe, *RUNS[run]]
-        output = f"output_dir={_override_value(str(out))}"
+        output = f"output_dir={override_value(str(out))}"
         cfg = compose_config("config", [*runs, *data, output, *args.overrides])
         metrics = train(cfg)
         eval_cfg = compose_config(
             "eval",
             [
-                f"ckpt_path={_override_value(metrics['best_checkpoint'])}",
-                f"output_dir={_override_value(str(out / 'eval'))}",
+                f"ckpt_path={override_value(metrics['best_checkpoint'])}",
+                f"output_dir={override_value(str(out / 'eval'))}",
                 "progress_bar=false",
             ],
         )

@@ -103,11 +103,13 @@ class SegmentationModule(pl.LightningModule):
         """Look at the loss at once only where that costs nothing: one process on the CPU."""
         return self.device.type == "cpu" and self.trainer.world_size == 1
 
+    def _step_where(self) -> str:
+        return f"at epoch {self.current_epoch}, step {self.global_step}"
+
     def _check_finite(self, loss: torch.Tensor, stage: str) -> None:
-        where = f"at epoch {self.current_epoch}, step {self.global_step}"
         if self._eager_check():
             if not torch.isfinite(loss):
-                self._raise_nonfinite(f"the {stage} loss became {loss.item()} {where}")
+                self._raise_nonfinite(f"the {stage} loss became {loss.item()} {self._step_where()}")
             return
         bad = ~torch.isfinite(loss.detach())
         if self._nonfinite is None:
@@ -115,7 +117,7 @@ class SegmentationModule(pl.LightningModule):
         else:
             self._nonfinite |= bad
         if stage == "train" and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self._raise_if_nonfinite(where)
+            self._raise_if_nonfinite(self._step_where())
 
     def _raise_if_nonfinite(self, where: str) -> None:
         """One host sync (and, under DDP, one all-reduce, so that every process stops
