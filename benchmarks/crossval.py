@@ -5,9 +5,10 @@
     python benchmarks/crossval.py outputs/train/multirun_<date>
 
 For every finished run under the folder (a folder with metrics.json), the best checkpoint is
-scored with eval.py's `evaluate()` on the run's validation split for each --min-sizes value
-(post-processing: predicted components below that many pixels at the network size removed).
-The one with the highest mean validation Dice over the folds (per image, an image empty in both
+scored on the run's validation split under every pair of --thresholds (foreground where its
+probability reaches this; "argmax" = the most probable class) and --min-sizes (predicted
+components below that many pixels at the network size removed), from one prediction per image.
+The pair with the highest mean validation Dice over the folds (per image, an image empty in both
 ground truth and prediction scoring 1, so false positives on empty slices count) is then
 applied to each test split, which is scored with and without it. Prints one Markdown table:
 per fold and mean ± std (population) over the folds, the test Dice over the slices whose mask is
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import override_value  # noqa: E402
-from lungseg.evaluate import evaluate  # noqa: E402
+from lungseg.evaluate import evaluate, evaluate_grid  # noqa: E402
 
 
 def quote(path) -> str:
@@ -35,20 +36,27 @@ def quote(path) -> str:
     return override_value(str(path))
 
 
-def score(checkpoint: str, out: Path, split: str, min_size: float) -> dict:
-    """evaluate()'s summary (with ``without_postprocessing`` when min_size > 0)."""
+def eval_cfg(checkpoint: str, out: Path, split: str, post: dict):
+    """eval.py's config scoring ``checkpoint`` on ``split`` with the post-processing ``post``."""
+    threshold = post["threshold"]
+    name = f"{split}_t{'argmax' if threshold is None else f'{threshold:g}'}_min{post['min_size']:g}"
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
+        return compose(
             "eval",
             [
                 f"ckpt_path={quote(checkpoint)}",
                 f"split={split}",
-                f"postprocess.min_size={min_size}",
-                f"output_dir={quote(out / f'{split}_min{min_size:g}')}",
+                f"postprocess.min_size={post['min_size']}",
+                f"postprocess.threshold={'argmax' if threshold is None else threshold}",
+                f"output_dir={quote(out / name)}",
                 "progress_bar=false",
             ],
         )
-    return evaluate(cfg)
+
+
+def label(post: dict) -> str:
+    threshold = "argmax" if post["threshold"] is None else f"{post['threshold']:g}"
+    return f"{threshold} | {post['min_size']:g}"
 
 
 def first_class(summary: dict) -> dict:
@@ -71,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", type=Path, help="folder holding the fold runs")
     parser.add_argument("--min-sizes", type=float, nargs="+", default=[0, 4, 8, 16, 32])
+    parser.add_argument("--thresholds", nargs="+", default=["argmax", "0.6", "0.7", "0.8", "0.9"])
     args = parser.parse_args()
 
     runs = sorted(path.parent for path in args.sweep.glob("**/metrics.json"))
@@ -81,18 +90,25 @@ def main() -> None:
         if not metrics.get("best_checkpoint"):
             sys.exit(f"crossval: {run} saved no best checkpoint")
 
-    val = {
-        size: [
-            first_class(score(m["best_checkpoint"], run / "crossval", "val", size))
-            for run, m in checkpoints.items()
-        ]
+    grid = [
+        {"threshold": None if t == "argmax" else float(t), "min_size": float(size)}
+        for t in args.thresholds
         for size in args.min_sizes
-    }
-    val_dice = {size: statistics.fmean(e["dice"]["mean"] for e in val[size]) for size in val}
-    chosen = max(args.min_sizes, key=lambda size: (val_dice[size], -size))
-    print("| min_size | validation Dice mean over folds |\n|---|---|")
-    for size in args.min_sizes:
-        print(f"| {size:g}{' (chosen)' if size == chosen else ''} | {val_dice[size]:.4f} |")
+    ]
+    val = [
+        evaluate_grid(eval_cfg(m["best_checkpoint"], run / "crossval", "val", grid[0]), grid)
+        for run, m in checkpoints.items()
+    ]
+    val_dice = [
+        statistics.fmean(first_class(per_run[i])["dice"]["mean"] for per_run in val)
+        for i in range(len(grid))
+    ]
+    # Ties go to the least post-processing (the earliest in the grid).
+    best = max(range(len(grid)), key=lambda i: (val_dice[i], -i))
+    chosen = grid[best]
+    print("| threshold | min_size | validation Dice mean over folds |\n|---|---|---|")
+    for i, post in enumerate(grid):
+        print(f"| {label(post)}{' (chosen)' if i == best else ''} | {val_dice[i]:.4f} |")
 
     header = (
         "| fold run | best epoch | test Dice non-empty | with post-processing | FP rate empty "
@@ -102,7 +118,7 @@ def main() -> None:
     table = []
     for run, metrics in checkpoints.items():
         # One scoring gives both: evaluate() keeps the scores before post-processing.
-        summary = score(metrics["best_checkpoint"], run / "crossval", "test", chosen)
+        summary = evaluate(eval_cfg(metrics["best_checkpoint"], run / "crossval", "test", chosen))
         post = first_class(summary)
         raw = first_class(summary.get("without_postprocessing", summary))
         row = [

@@ -5,7 +5,7 @@ to each mask's original size before the argmax (``inference.predict_probabilitie
 metric, HD95 included, is measured at the original resolution, in pixels.
 
 For each image and each foreground class c (pred = prediction == c, gt = ground truth == c;
-TP, FP, TN, FN pixel counts from torchmetrics' ``multiclass_stat_scores``):
+TP, FP, TN, FN pixel counts from the image's confusion matrix):
 
 - dice = 2 TP / (2 TP + FP + FN); iou = TP / (TP + FP + FN);
 - precision = TP / (TP + FP); recall (sensitivity) = TP / (TP + FN);
@@ -26,9 +26,9 @@ slices lack, the summary also gives ``dice_nonempty`` (over the images whose gro
 the class) and ``fp_rate_empty`` (the share of the images without the class in the ground
 truth on which some pixel is predicted as it).
 
-Post-processing (``postprocess.min_size``, by default the checkpoint's) is applied before
-scoring; the summary then also holds the scores without it (``without_postprocessing``), and
-the log says what it changed.
+Post-processing (``postprocess.threshold`` and ``postprocess.min_size``, by default the
+checkpoint's) is applied before scoring; the summary then also holds the scores without it
+(``without_postprocessing``), and the log says what it changed.
 """
 
 import csv
@@ -39,9 +39,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics.functional.classification import multiclass_stat_scores
 from tqdm import tqdm
 
 from lungseg import postprocess
@@ -100,17 +98,17 @@ def image_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dic
     "target_pixels": n, "pred_pixels": n}}`` for c in 1..num_classes-1. pred, target: (H, W)
     class ids at the same (original) size. Formulas and the empty-mask rule: module docstring."""
     assert pred.shape == target.shape, (pred.shape, target.shape)
-    stats = multiclass_stat_scores(
-        torch.from_numpy(pred.astype(np.int64))[None],
-        torch.from_numpy(target.astype(np.int64))[None],
-        num_classes,
-        average=None,
-        multidim_average="samplewise",
-        validate_args=False,
-    )[0]
+    # Confusion matrix (rows: ground truth, columns: prediction) in one pass.
+    confusion = np.bincount(
+        target.ravel().astype(np.int64) * num_classes + pred.ravel(),
+        minlength=num_classes * num_classes,
+    ).reshape(num_classes, num_classes)
     out = {}
     for c in range(1, num_classes):
-        tp, fp, tn, fn = (int(v) for v in stats[c, :4])
+        tp = int(confusion[c, c])
+        fp = int(confusion[:, c].sum()) - tp
+        fn = int(confusion[c, :].sum()) - tp
+        tn = int(target.size) - tp - fp - fn
         agree = fp == 0 and fn == 0
         out[c] = {
             "dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),
@@ -163,34 +161,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score ``cfg.ckpt_path`` (conf/eval.yaml) and write ``per_image.csv`` and
     ``summary.json`` into ``cfg.output_dir``. Returns the summary."""
     model = load_from_config(cfg)
-    info = model.hparams.data_info
-    class_names, num_classes = list(info["class_names"]), int(info["num_classes"])
-    pairs, source = eval_pairs(cfg)
-    mask_mode = cfg.data.mask_mode or info["mask_mode"]
-    palette = _palette(cfg.data.palette) or info["palette"]
-    flips = list(cfg.tta_flips) if cfg.tta else []
     post = postprocess.settings(cfg.get("postprocess"), model.hparams.get("postprocess"))
-    log.info("scoring %s on %d images: %s", cfg.ckpt_path, len(pairs), source)
-
-    rows, raw_rows = [], []
-    with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
-        for batch in batches(pairs, cfg.batch_size):
-            probs = predict_probabilities(model, [read_image(p.image) for p in batch], flips)
-            for pair, prob in zip(batch, probs, strict=True):
-                target = _read_mask(pair, prob.shape[1:], mask_mode, palette, num_classes)
-                height, width = target.shape
-                row: dict[str, Any] = {"image": pair.stem, "height": height, "width": width}
-                raw_row = dict(row)
-                pred = prob.argmax(axis=0)
-                final = postprocess.apply(pred, post, info)
-                for c, values in image_metrics(final, target, num_classes).items():
-                    row.update({f"{k}_{class_names[c]}": v for k, v in values.items()})
-                rows.append(row)
-                if final is not pred:
-                    for c, values in image_metrics(pred, target, num_classes).items():
-                        raw_row.update({f"{k}_{class_names[c]}": v for k, v in values.items()})
-                    raw_rows.append(raw_row)
-            bar.update(len(batch))
+    grid = [post, postprocess.settings({"min_size": 0}, None)]
+    if not postprocess.active(post):
+        grid = grid[:1]
+    scored, source, mask_mode, flips = _score(cfg, model, grid)
+    rows = scored[0]
+    raw_rows = scored[1] if len(scored) > 1 else []
+    info = model.hparams.data_info
+    class_names = list(info["class_names"])
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,9 +190,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for name, entry in summary["classes"].items():
             before = summary["without_postprocessing"]["classes"][name]
             log.info(
-                "post-processing (components under %g px at the network size removed), %s: "
+                "post-processing (foreground threshold %s, components under %g px at the "
+                "network size removed), %s: "
                 "dice %.4f -> %.4f, dice on non-empty %s -> %s, false positives on empty "
                 "slices %s -> %s",
+                "argmax" if post["threshold"] is None else post["threshold"],
                 post["min_size"],
                 name,
                 before["dice"]["mean"],
@@ -238,6 +219,47 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     log.info("per_image.csv and summary.json written to %s", out_dir)
     return summary
+
+
+def evaluate_grid(cfg: DictConfig, grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The summaries (``summarize``) of ``cfg.ckpt_path`` on the images of ``cfg`` (as
+    ``evaluate`` picks them) under each post-processing of ``grid`` (``postprocess.settings``
+    dicts), from one prediction per image; nothing is written. benchmarks/crossval.py chooses
+    the post-processing with it."""
+    model = load_from_config(cfg)
+    scored = _score(cfg, model, grid)[0]
+    class_names = list(model.hparams.data_info["class_names"])
+    return [summarize(rows, class_names) for rows in scored]
+
+
+def _score(
+    cfg: DictConfig, model: Any, grid: list[dict[str, Any]]
+) -> tuple[list[list[dict[str, Any]]], str, str, list[str]]:
+    """Per-image metric rows of the evaluation images, one list per post-processing of
+    ``grid``; also the images' source, the mask mode and the test-time flips."""
+    info = model.hparams.data_info
+    class_names, num_classes = list(info["class_names"]), int(info["num_classes"])
+    pairs, source = eval_pairs(cfg)
+    mask_mode = cfg.data.mask_mode or info["mask_mode"]
+    palette = _palette(cfg.data.palette) or info["palette"]
+    flips = list(cfg.tta_flips) if cfg.tta else []
+    log.info("scoring %s on %d images: %s", cfg.ckpt_path, len(pairs), source)
+
+    scored: list[list[dict[str, Any]]] = [[] for _ in grid]
+    with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
+        for batch in batches(pairs, cfg.batch_size):
+            probs = predict_probabilities(model, [read_image(p.image) for p in batch], flips)
+            for pair, prob in zip(batch, probs, strict=True):
+                target = _read_mask(pair, prob.shape[1:], mask_mode, palette, num_classes)
+                height, width = target.shape
+                for post, rows in zip(grid, scored, strict=True):
+                    pred = postprocess.classes(prob, post, info)
+                    row: dict[str, Any] = {"image": pair.stem, "height": height, "width": width}
+                    for c, values in image_metrics(pred, target, num_classes).items():
+                        row.update({f"{k}_{class_names[c]}": v for k, v in values.items()})
+                    rows.append(row)
+            bar.update(len(batch))
+    return scored, source, mask_mode, flips
 
 
 def _fmt(value: float | None) -> str:

@@ -7,12 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def soft_counts(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Soft true positives, false positives and false negatives per class, (C,) each, summed
-    over the batch and all pixels, with p = softmax(logits)."""
+def soft_counts(
+    logits: torch.Tensor, target: torch.Tensor, per_image: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Soft true positives, false positives and false negatives per class, with
+    p = softmax(logits): (C,) each, summed over the batch and all pixels, or (N, C) each,
+    summed over each image's pixels, with ``per_image``."""
     probs = logits.float().softmax(dim=1)
     onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    dims = (0, 2, 3)
+    dims = (2, 3) if per_image else (0, 2, 3)
     tp = (probs * onehot).sum(dims)
     return tp, probs.sum(dims) - tp, onehot.sum(dims) - tp
 
@@ -40,9 +43,13 @@ class DiceLoss(nn.Module):
     """Soft Dice loss: 1 - sum_c w_c D_c / sum_c w_c, with
     D_c = (2 sum p_c t_c + smooth) / (sum p_c + sum t_c + smooth), p = softmax(logits).
 
-    Sums run over the whole batch and all pixels ("batch Dice"): a class absent from one
-    image does not give that image a meaningless 0/0 term, which keeps the loss stable with
-    small foreground structures. The background class is left out by default because it
+    By default the sums run over the whole batch and all pixels ("batch Dice"): a class absent
+    from one image does not give that image a meaningless 0/0 term, which keeps the loss stable
+    with small foreground structures. ``per_image=True`` takes D_c per image and averages over
+    the images (nnU-Net's "sample Dice"), the way lesion Dice is scored: every small nodule
+    weighs as much as a large one, and on an image without class c any predicted c costs
+    close to the whole term (D_c = smooth / (sum p_c + smooth)), which pushes against false
+    positives on empty slices. The background class is left out by default because it
     dominates the pixel count and its Dice is near 1 from the start.
     """
 
@@ -51,15 +58,19 @@ class DiceLoss(nn.Module):
         include_background: bool = False,
         class_weights: Sequence[float] | None = None,
         smooth: float = 1.0,
+        per_image: bool = False,
     ):
         super().__init__()
         self.include_background = include_background
         self.register_buffer("weight", _weights(class_weights), persistent=False)
         self.smooth = smooth
+        self.per_image = per_image
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        tp, fp, fn = soft_counts(logits, target)
+        tp, fp, fn = soft_counts(logits, target, self.per_image)
         dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth)
+        if self.per_image:
+            dice = dice.mean(dim=0)
         weight = self.weight if self.weight is not None else torch.ones_like(dice)
         if not self.include_background:
             dice, weight = dice[1:], weight[1:]
@@ -76,9 +87,14 @@ class DiceCELoss(nn.Module):
         ce_weight: float = 1.0,
         include_background: bool = False,
         class_weights: Sequence[float] | None = None,
+        per_image: bool = False,
     ):
         super().__init__()
-        self.dice = DiceLoss(include_background=include_background, class_weights=class_weights)
+        self.dice = DiceLoss(
+            include_background=include_background,
+            class_weights=class_weights,
+            per_image=per_image,
+        )
         self.ce = CrossEntropyLoss(class_weights=class_weights)
         self.dice_weight = dice_weight
         self.ce_weight = ce_weight

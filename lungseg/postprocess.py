@@ -1,17 +1,24 @@
-"""Post-processing of predicted class maps: removal of small connected components.
+"""Post-processing of predicted probabilities into class maps: a foreground threshold and
+removal of small connected components.
 
 Small isolated blobs are the typical false positives of a segmentation network on lesion data
-(a speck predicted on a slice without a nodule). ``postprocess.min_size`` removes, per
-foreground class, every 8-connected component with fewer pixels than that; the removed pixels
-become background. The size is given in pixels of the network's input grid (``data.image_size``)
-and scaled to each image's own resolution, so one setting means the same physical share of the
-image whatever the size of the files.
+(a speck predicted on a slice without a nodule). ``postprocess.threshold`` makes a pixel
+foreground only where the network gives foreground (all classes but background together) at
+least that probability, instead of the argmax (0.5 for two classes); the pixel's class is then
+the most probable foreground class. ``postprocess.min_size`` removes, per foreground class,
+every 8-connected component with fewer pixels than that; the removed pixels become background.
+The size is given in pixels of the network's input grid (``data.image_size``) and scaled to
+each image's own resolution, so one setting means the same physical share of the image
+whatever the size of the files. Both are best chosen on validation data
+(``benchmarks/crossval.py`` does, over the folds).
 """
 
 from typing import Any
 
 import cv2
 import numpy as np
+
+from lungseg.errors import LungsegError
 
 
 def min_pixels(min_size: float, network_size: tuple[int, int], image_size: tuple[int, int]) -> int:
@@ -40,15 +47,48 @@ def remove_small_components(pred: np.ndarray, min_pixels: int, num_classes: int)
 
 def settings(cfg_value: Any, checkpoint_value: Any) -> dict[str, Any]:
     """The post-processing to apply: the command's ``postprocess`` where it sets a value,
-    else what the checkpoint was trained with (``postprocess`` of its training config)."""
+    else what the checkpoint was trained with (``postprocess`` of its training config).
+    ``threshold: argmax`` asks for the most probable class whatever the checkpoint says."""
     chosen = dict(checkpoint_value or {})
     chosen.update({k: v for k, v in dict(cfg_value or {}).items() if v is not None})
-    return {"min_size": float(chosen.get("min_size") or 0)}
+    threshold = chosen.get("threshold")
+    if threshold == "argmax":  # explicit, where null means "the checkpoint's"
+        threshold = None
+    if threshold is not None and not (
+        isinstance(threshold, int | float) and 0 < float(threshold) < 1
+    ):
+        raise LungsegError(
+            f"postprocess.threshold is {threshold!r}; give a foreground probability between 0 "
+            "and 1 (exclusive), or argmax for the most probable class."
+        )
+    return {
+        "min_size": float(chosen.get("min_size") or 0),
+        "threshold": None if threshold is None else float(threshold),
+    }
+
+
+def active(chosen: dict[str, Any]) -> bool:
+    """Whether ``chosen`` (``settings``) changes anything against the plain argmax."""
+    return bool(chosen.get("min_size")) or chosen.get("threshold") is not None
+
+
+def classes(prob: np.ndarray, chosen: dict[str, Any], data_info: dict[str, Any]) -> np.ndarray:
+    """The class map (H, W) of ``prob`` (C, H, W softmax probabilities at the image's
+    resolution) post-processed as ``chosen`` says (``settings``), for a checkpoint whose network
+    input size is ``data_info["image_size"]``."""
+    threshold = chosen.get("threshold")
+    if threshold is None:
+        pred = prob.argmax(axis=0)
+    else:
+        foreground = prob[1:].argmax(axis=0) + 1
+        pred = np.where(1 - prob[0] >= threshold, foreground, 0)
+    return apply(pred, chosen, data_info)
 
 
 def apply(pred: np.ndarray, chosen: dict[str, Any], data_info: dict[str, Any]) -> np.ndarray:
-    """``pred`` (H, W class ids at the image's resolution) post-processed as ``chosen`` says
-    (``settings``), for a checkpoint whose network input size is ``data_info["image_size"]``."""
+    """``pred`` (H, W class ids at the image's resolution) with the components under
+    ``chosen["min_size"]`` removed (``settings``; the threshold needs the probabilities:
+    ``classes``)."""
     if not chosen.get("min_size"):
         return pred
     threshold = min_pixels(chosen["min_size"], tuple(data_info["image_size"]), pred.shape[:2])

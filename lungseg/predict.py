@@ -81,7 +81,7 @@ def predict(cfg: DictConfig) -> list[Path]:
                 ) from None
             probs = predict_probabilities(model, raws, flips)
             for path, raw, prob in zip(batch, raws, probs, strict=True):
-                pred = postprocess.apply(prob.argmax(axis=0), post, info)
+                pred = postprocess.classes(prob, post, info)
                 mask_path, overlay_path = outputs[path]
                 display = scale_intensity(raw, info["window"], info["intensity_offset"])
                 _write(mask_path, encode_mask(pred, info["mask_mode"], info["palette"]))

@@ -35,6 +35,27 @@ def test_dice_loss_matches_formula(target):
     assert with_bg == pytest.approx(1 - dice.mean().item(), rel=1e-5)
 
 
+def test_per_image_dice_matches_formula_and_punishes_false_positives_on_empty_images(target):
+    logits = torch.randn(2, 3, 8, 8)
+    p = logits.softmax(1)
+    t = F.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    dice = (2 * (p * t).sum((2, 3)) + 1) / (p.sum((2, 3)) + t.sum((2, 3)) + 1)  # (N, C)
+    expected = 1 - dice.mean(0)[1:].mean()
+    assert DiceLoss(per_image=True)(logits, target).item() == pytest.approx(expected.item())
+    combined = DiceCELoss(per_image=True)(logits, target).item()
+    ce = F.cross_entropy(logits, target).item()
+    assert combined == pytest.approx(expected.item() + ce, rel=1e-5)
+    # Image 0 has no class 2: a 3-pixel false positive of class 2 there costs the per-image
+    # loss about half of a class-and-image term (1/4 of the mean over 2 classes x 2 images),
+    # batch Dice much less, since image 1's class-2 pixels dilute it.
+    pred = target.clone()
+    pred[0, 0, :3] = 2
+    batch_cost = DiceLoss(smooth=1e-6)(perfect_logits(pred, 3), target).item()
+    image_cost = DiceLoss(smooth=1e-6, per_image=True)(perfect_logits(pred, 3), target).item()
+    assert image_cost == pytest.approx(0.25, abs=1e-3)
+    assert batch_cost < 0.1
+
+
 def test_class_weights_change_the_losses(target):
     logits = torch.randn(2, 3, 8, 8)
     plain_ce = CrossEntropyLoss()(logits, target)

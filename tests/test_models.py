@@ -15,6 +15,7 @@ ARCHS = {
     "unet-bilinear": (UNet, {"bilinear": True}),
     "unet-depth3": (UNet, {"depth": 3}),
     "fcn": (FCN, {}),
+    "fcn-2s": (FCN, {"skips": 4}),
     "segnet": (SegNet, {}),
     "deeplab": (DeepLab, {}),
     "deeplab-os8": (DeepLab, {"output_stride": 8, "atrous_rates": (12, 24, 36)}),
@@ -150,3 +151,23 @@ def test_deeplab_aspp_input_is_at_output_stride(output_stride):
 def test_deeplab_rejects_an_unreachable_output_stride():
     with pytest.raises(LungsegError, match="output_stride=12"):
         DeepLab(output_stride=12)
+
+
+def test_fcn_finer_skips_start_as_fcn8s_and_fuse_pool2_and_pool1():
+    torch.manual_seed(0)
+    fcn8 = FCN(width=4, skips=2).eval()
+    fcn2 = FCN(width=4, skips=4).eval()
+    extra = {k: v for k, v in fcn2.state_dict().items() if k not in fcn8.state_dict()}
+    assert sorted(extra) == [f"score_finer.{i}.{p}" for i in (0, 1) for p in ("bias", "weight")]
+    assert [extra[f"score_finer.{i}.weight"].shape[1] for i in (0, 1)] == [8, 4]  # pool2, pool1
+    assert all(not extra[k].any() for k in extra)  # zero-initialised: FCN-8s scores at first
+    fcn2.load_state_dict({**fcn8.state_dict(), **extra})  # an FCN-8s checkpoint plus the skips
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        # Zero skips leave the FCN-8s scores, upsampled in x2 steps rather than one x8 step.
+        assert torch.allclose(fcn2(x).mean((2, 3)), fcn8(x).mean((2, 3)), atol=1e-3)
+        before = fcn2(x)
+        fcn2.score_finer[1].weight.fill_(1.0)  # pool1 scores reach the output at stride 2
+        assert not torch.allclose(fcn2(x), before)
+    with pytest.raises(ValueError, match="skips must be 2"):
+        FCN(skips=5)

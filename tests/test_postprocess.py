@@ -1,6 +1,15 @@
 import numpy as np
+import pytest
 
-from lungseg.postprocess import apply, min_pixels, remove_small_components, settings
+from lungseg.errors import LungsegError
+from lungseg.postprocess import (
+    active,
+    apply,
+    classes,
+    min_pixels,
+    remove_small_components,
+    settings,
+)
 
 
 def test_small_components_of_each_class_are_removed_large_ones_kept():
@@ -29,6 +38,26 @@ def test_size_is_given_at_the_network_grid_and_scaled_to_the_image():
 
 
 def test_command_setting_overrides_the_checkpoint_and_null_keeps_it():
-    assert settings({"min_size": None}, {"min_size": 8}) == {"min_size": 8.0}
-    assert settings({"min_size": 0}, {"min_size": 8}) == {"min_size": 0.0}
-    assert settings(None, None) == {"min_size": 0.0}
+    assert settings({"min_size": None}, {"min_size": 8}) == {"min_size": 8.0, "threshold": None}
+    assert settings({"min_size": 0}, {"min_size": 8})["min_size"] == 0.0
+    assert settings(None, None) == {"min_size": 0.0, "threshold": None}
+    assert not active(settings(None, None))
+    assert settings({"threshold": None}, {"threshold": 0.7})["threshold"] == 0.7
+    assert settings({"threshold": 0.3}, {"threshold": 0.7})["threshold"] == 0.3
+    assert active(settings(None, {"threshold": 0.7}))
+    assert settings({"threshold": "argmax"}, {"threshold": 0.7})["threshold"] is None
+    for bad in (1.5, 0, "high"):
+        with pytest.raises(LungsegError, match=f"postprocess.threshold is {bad!r}"):
+            settings({"threshold": bad}, None)
+
+
+def test_threshold_is_on_the_summed_foreground_probability():
+    info = {"image_size": [2, 2], "num_classes": 3}
+    prob = np.zeros((3, 2, 2))
+    prob[:, 0, 0] = [0.4, 0.35, 0.25]  # argmax: background; foreground 0.6 in all
+    prob[:, 0, 1] = [0.2, 0.3, 0.5]  # foreground 0.8, class 2 most probable
+    prob[:, 1, 0] = [0.9, 0.05, 0.05]
+    prob[:, 1, 1] = [0.3, 0.6, 0.1]  # foreground 0.7
+    assert (classes(prob, settings(None, None), info) == [[0, 2], [0, 1]]).all()
+    assert (classes(prob, settings({"threshold": 0.5}, None), info) == [[1, 2], [0, 1]]).all()
+    assert (classes(prob, settings({"threshold": 0.75}, None), info) == [[0, 2], [0, 0]]).all()
