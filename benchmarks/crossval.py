@@ -99,16 +99,26 @@ def main() -> None:
         evaluate_grid(eval_cfg(m["best_checkpoint"], run / "crossval", "val", grid[0]), grid)
         for run, m in checkpoints.items()
     ]
-    val_dice = [
-        statistics.fmean(first_class(per_run[i])["dice"]["mean"] for per_run in val)
-        for i in range(len(grid))
-    ]
+    def val_mean(i: int, key: str) -> float | None:
+        """Mean over the folds of one first-class summary entry for grid setting i."""
+        values = [first_class(per_run[i])[key] for per_run in val]
+        values = [v["mean"] if isinstance(v, dict) else v for v in values]
+        values = [v for v in values if v is not None]
+        return statistics.fmean(values) if values else None
+
+    val_dice = [val_mean(i, "dice") for i in range(len(grid))]
     # Ties go to the least post-processing (the earliest in the grid).
     best = max(range(len(grid)), key=lambda i: (val_dice[i], -i))
     chosen = grid[best]
-    print("| threshold | min_size | validation Dice mean over folds |\n|---|---|---|")
+    print(
+        "| threshold | min_size | validation Dice mean over folds | Dice non-empty "
+        "| FP rate empty |\n|---|---|---|---|---|"
+    )
     for i, post in enumerate(grid):
-        print(f"| {label(post)}{' (chosen)' if i == best else ''} | {val_dice[i]:.4f} |")
+        print(
+            f"| {label(post)}{' (chosen)' if i == best else ''} | {val_dice[i]:.4f} "
+            f"| {cell(val_mean(i, 'dice_nonempty'))} | {cell(val_mean(i, 'fp_rate_empty'))} |"
+        )
 
     header = (
         "| fold run | best epoch | test Dice non-empty | with post-processing | FP rate empty "

@@ -17,7 +17,9 @@ evaluation. Per-image numbers follow eval.py's rules (an image empty in both gro
 prediction scores Dice 1); "pooled Dice" sums true positives and pixel counts over all images;
 "Dice non-empty" is the mean over the images whose mask has the class, "FP rate empty" the share
 of the images without it on which the class is predicted (n/a: every mask has it). Scores are
-after the recipe's post-processing (postprocess.min_size), as eval.py applies it.
+after the recipe's post-processing (postprocess.threshold and min_size), as eval.py applies it.
+"val Dice" is the best checkpoint's validation Dice at the network's size (what recipes are
+chosen on; the test columns are for reporting only).
 """
 
 import argparse
@@ -124,11 +126,12 @@ def main() -> None:
             value = OmegaConf.to_container(recipe_data)[key]
             shared.append(f"data.{key}={override_value(value)}")
         # Scored like the other rows: with the recipe's post-processing.
-        min_size = compose_config("config", recipe).postprocess.min_size
-        shared.append(f"postprocess.min_size={min_size}")
+        post = compose_config("config", recipe).postprocess
+        shared.append(f"postprocess.min_size={post.min_size}")
+        shared.append(f"postprocess.threshold={override_value(post.threshold)}")
     header = (
-        "| run | parameters (M) | training min | test Dice mean | median | pooled Dice "
-        "| Dice non-empty | FP rate empty | IoU mean | HD95 mean (px) | best epoch |"
+        "| run | parameters (M) | training min | val Dice | test Dice mean | median "
+        "| pooled Dice | Dice non-empty | FP rate empty | IoU mean | HD95 mean (px) | best epoch |"
     )
     rows = []
     for run in args.runs:
@@ -154,11 +157,12 @@ def main() -> None:
         pooled = pooled_dice(out / "eval" / "per_image.csv", name)
         nonempty, fp_rate = entry["dice_nonempty"]["mean"], entry["fp_rate_empty"]
         rows.append(
-            f"| {run} | {params:.2f} | {metrics['train_minutes']:.1f} | {dice['mean']:.4f} "
+            f"| {run} | {params:.2f} | {metrics['train_minutes']:.1f} "
+            f"| {metrics['best_score']:.4f} | {dice['mean']:.4f} "
             f"| {dice['median']:.4f} | {pooled:.4f} | {_num(nonempty)} | {_num(fp_rate)} "
             f"| {iou:.4f} | {hd:.2f} | {metrics['best_epoch']} |"
         )
-        print("\n".join([header, "|---" * 11 + "|", *rows]), flush=True)
+        print("\n".join([header, "|---" * 12 + "|", *rows]), flush=True)
     print(
         f"\n# {args.image_dir}, class '{name}', experiment {args.experiment}, overrides "
         f"{args.overrides}, runs in {args.out}"

@@ -57,7 +57,7 @@ def sync(device) -> None:
 
 
 def make_cfg(args, model: str, workdir: Path):
-    images = int((args.warmup + args.steps + 2) * args.batch / 0.6) + args.batch
+    images = int((max(args.warmup, args.workers) + args.steps + 2) * args.batch / 0.6) + args.batch
     overrides = [
         f"model={model}",
         f"model.width={args.width}",
@@ -135,8 +135,9 @@ def bare_rate(net, optimizer, loss_fn, batches, args, autocast) -> float:
 @torch.no_grad()
 def inference_rate(net, x, args, autocast) -> float:
     net.eval()
-    for _ in range(args.warmup):
-        net(x)
+    for _ in range(args.warmup):  # under autocast too: a compiled network compiles for it here
+        with autocast():
+            net(x)
     sync(args.device)
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -166,14 +167,16 @@ def matmul_gflops(device, dtype, n: int, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def data_rate(datamodule, batches: int) -> float:
-    loader = datamodule.train_dataloader()
+def data_rate(datamodule, warmup: int, batches: int) -> float:
+    """Images/s the training loader delivers, timed after its first ``warmup`` batches (worker
+    start-up is a one-off cost, with persistent workers once per run)."""
+    loader = iter(datamodule.train_dataloader())
+    for _ in range(warmup):
+        next(loader)
     start = time.perf_counter()
     seen = 0
-    for i, batch in enumerate(loader):
-        seen += batch["image"].shape[0]
-        if i + 1 == batches:
-            break
+    for _ in range(batches):
+        seen += next(loader)["image"].shape[0]
     return seen / (time.perf_counter() - start)
 
 
@@ -258,7 +261,7 @@ def main() -> None:
             ratio = statistics.median(ratios)
             infer = inference_rate(net, batches[0][0], args, autocast)
             flops = train_flops_per_image(net, optimizer, loss_fn, *batches[0], autocast)
-            delivered = data_rate(datamodule, args.warmup + args.steps)
+            delivered = data_rate(datamodule, max(args.warmup, args.workers), args.steps)
             ours_rate, bare_rate_ = statistics.median(ours), statistics.median(bare)
             achieved = flops * ours_rate / 1e9
             params = sum(p.numel() for p in net.parameters()) / 1e6

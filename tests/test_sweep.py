@@ -202,9 +202,8 @@ def test_fold_sweep_and_crossval_report(tmp_path):
             sys.executable,
             str(ROOT / "benchmarks" / "crossval.py"),
             str(sweep),
-            "--min-sizes",
-            "0",
-            "4",
+            *("--min-sizes", "0", "4"),
+            *("--thresholds", "argmax", "0.7"),
         ],
         capture_output=True,
         text=True,
@@ -213,6 +212,8 @@ def test_fold_sweep_and_crossval_report(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| mean ± std (2 folds) |" in report.stdout
     assert report.stdout.count("(chosen)") == 1
+    for grid_row in ("| argmax | 0", "| argmax | 4", "| 0.7 | 0", "| 0.7 | 4"):
+        assert grid_row in report.stdout
 
 
 def test_long_override_lists_give_short_distinct_folder_names():

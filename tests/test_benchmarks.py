@@ -1,0 +1,111 @@
+"""The benchmark scripts run end to end at toy sizes and print their tables; the recipes compose
+with their per-architecture settings (conf/recipe/)."""
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+
+
+def run(script: str, *args: str, cwd=None) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def table(stdout: str) -> list[list[str]]:
+    """The rows of the last Markdown table in ``stdout`` (header first), cells stripped
+    (quality.py prints its table again after every run)."""
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("|---")) - 1
+    rows = [line for line in lines[start:] if line.startswith("|") and "---" not in line]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_throughput_prints_one_row_per_architecture_with_positive_rates(tmp_path):
+    out = run(
+        "throughput.py",
+        *("--models", "unet", "fcn", "--width", "4", "--size", "32", "--batch", "2"),
+        *("--steps", "2", "--warmup", "1", "--repeats", "2"),
+        cwd=tmp_path,
+    )
+    header, *rows = table(out)
+    assert header[:5] == [
+        "model",
+        "params (M)",
+        "lungseg train img/s",
+        "bare train img/s",
+        "ratio (range)",
+    ]
+    assert [row[0] for row in rows] == ["unet", "fcn"]
+    for row in rows:
+        assert len(row) == len(header)
+        lungseg, bare, infer, data = (float(row[i]) for i in (2, 3, 5, 10))
+        assert min(lungseg, bare, infer, data) > 0
+        assert float(row[4].split()[0]) == pytest.approx(lungseg / bare, rel=0.5)
+
+
+def write_binary_set(root, n: int = 12, size: int = 40):
+    """``n`` image/mask pairs: a bright square on noise, masks 0/1."""
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True)
+    for i in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        y, x = rng.integers(4, size - 16, 2)
+        mask[y : y + 12, x : x + 12] = 1
+        image = (rng.normal(60, 10, (size, size)) + 120 * mask).clip(0, 255).astype(np.uint8)
+        cv2.imwrite(str(root / "images" / f"s{i:02d}.png"), image)
+        cv2.imwrite(str(root / "masks" / f"s{i:02d}.png"), mask)
+
+
+def test_quality_trains_each_run_and_scores_it_on_the_same_test_images(tmp_path):
+    write_binary_set(tmp_path / "data")
+    out = run(
+        "quality.py",
+        *("--image-dir", str(tmp_path / "data" / "images")),
+        *("--mask-dir", str(tmp_path / "data" / "masks")),
+        *("--experiment", "lung_ct", "--runs", "fcn", "article"),
+        *("--out", str(tmp_path / "quality"), "--"),
+        *("trainer.max_epochs=1", "data.image_size=32", "model.width=4", "data.batch_size=4"),
+    )
+    header, *rows = table(out)
+    assert header[:5] == ["run", "parameters (M)", "training min", "val Dice", "test Dice mean"]
+    assert [row[0] for row in rows] == ["fcn", "article"]
+    for row in rows:
+        assert 0 <= float(row[3]) <= 1 and 0 <= float(row[4]) <= 1
+    # Both scored on the recipe's test split: the same images.
+    fcn_csv = (tmp_path / "quality" / "fcn" / "eval" / "per_image.csv").read_text()
+    article_csv = (tmp_path / "quality" / "article" / "eval" / "per_image.csv").read_text()
+    names = [[line.split(",")[0] for line in text.splitlines()] for text in (fcn_csv, article_csv)]
+    assert names[0] == names[1] and len(names[0]) > 1
+    # The FCN row ran lung_ct's FCN settings (conf/recipe/lung_ct_fcn.yaml).
+    assert "skips: 4" in (tmp_path / "quality" / "fcn" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides,skips,size",
+    [
+        (["experiment=lung_ct"], None, 160),
+        (["experiment=lung_ct", "model=fcn"], 4, 256),
+        (["experiment=lung_ct", "model=deeplab"], None, 256),
+        (["experiment=lung_ct", "model=deeplab", "data.image_size=192"], None, 192),
+        (["model=fcn"], 2, 128),
+        (["experiment=lidc_nodules", "model=fcn"], 2, 128),
+    ],
+)
+def test_recipes_pick_up_their_per_architecture_settings(overrides, skips, size):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    assert cfg.model.get("skips") == skips
+    assert cfg.data.image_size == size  # the command line still wins
