@@ -99,6 +99,7 @@ def main() -> None:
         evaluate_grid(eval_cfg(m["best_checkpoint"], run / "crossval", "val", grid[0]), grid)
         for run, m in checkpoints.items()
     ]
+
     def val_mean(i: int, key: str) -> float | None:
         """Mean over the folds of one first-class summary entry for grid setting i."""
         values = [first_class(per_run[i])[key] for per_run in val]
