@@ -121,12 +121,12 @@ def main() -> None:
     recipe = [f"experiment={args.experiment}"] if args.experiment else []
     shared = []  # the recipe's data encoding and split, for the article's run
     if args.experiment:
-        recipe_data = compose_config("config", recipe).data
+        recipe_cfg = compose_config("config", recipe)
+        recipe_data = OmegaConf.to_container(recipe_cfg.data)
         for key in SPLIT_KEYS:
-            value = OmegaConf.to_container(recipe_data)[key]
-            shared.append(f"data.{key}={override_value(value)}")
+            shared.append(f"data.{key}={override_value(recipe_data[key])}")
         # Scored like the other rows: with the recipe's post-processing.
-        post = compose_config("config", recipe).postprocess
+        post = recipe_cfg.postprocess
         shared.append(f"postprocess.min_size={post.min_size}")
         shared.append(f"postprocess.threshold={override_value(post.threshold)}")
     header = (

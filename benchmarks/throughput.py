@@ -122,13 +122,24 @@ def bare_step(net, optimizer, loss_fn, x, y, autocast):
     return loss
 
 
+def on_device(batch: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DataModule batch as the bare loop takes it: (images, masks) on the device."""
+    x = batch["image"].to(args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, batch["mask"].to(args.device)
+
+
 def bare_rate(net, optimizer, loss_fn, batches, args, autocast) -> float:
-    for x, y in batches[: args.warmup]:
-        bare_step(net, optimizer, loss_fn, x, y, autocast)
+    """Training images/s of the bare loop over ``batches`` (an iterable of (images, masks)):
+    ``args.warmup`` steps, then ``args.steps`` timed ones."""
+    batches = iter(batches)
+    for _ in range(args.warmup):
+        bare_step(net, optimizer, loss_fn, *next(batches), autocast)
     sync(args.device)
     start = time.perf_counter()
-    for x, y in batches[args.warmup : args.warmup + args.steps]:
-        bare_step(net, optimizer, loss_fn, x, y, autocast)
+    for _ in range(args.steps):
+        bare_step(net, optimizer, loss_fn, *next(batches), autocast)
     sync(args.device)
     return args.steps * args.batch / (time.perf_counter() - start)
 
@@ -137,23 +148,8 @@ def bare_loader_rate(net, optimizer, loss_fn, datamodule, args, autocast) -> flo
     """The bare loop fed by the DataModule's training loader (augmentation on) instead of
     prepared tensors: what a hand-written loop with the same data would reach. lungseg against
     it is the cost of Lightning, metrics and logging alone."""
-    loader = iter(datamodule.train_dataloader())
-
-    def batch():
-        b = next(loader)
-        x = b["image"].to(args.device)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, b["mask"].to(args.device)
-
-    for _ in range(args.warmup):
-        bare_step(net, optimizer, loss_fn, *batch(), autocast)
-    sync(args.device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        bare_step(net, optimizer, loss_fn, *batch(), autocast)
-    sync(args.device)
-    return args.steps * args.batch / (time.perf_counter() - start)
+    fed = (on_device(batch, args) for batch in datamodule.train_dataloader())
+    return bare_rate(net, optimizer, loss_fn, fed, args, autocast)
 
 
 @torch.no_grad()
@@ -259,12 +255,7 @@ def main() -> None:
         for model in args.models:
             cfg = make_cfg(args, model, Path(tmp))
             datamodule = build_datamodule(cfg)
-            batches = []
-            for batch in datamodule.train_dataloader():
-                x = batch["image"].to(args.device)
-                if args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                batches.append((x, batch["mask"].to(args.device)))
+            batches = [on_device(batch, args) for batch in datamodule.train_dataloader()]
             assert len(batches) >= args.warmup + args.steps, "not enough batches"
             net, optimizer, loss_fn = build_bare(cfg, args.device, args.channels_last)
             if args.compile:
