@@ -1,4 +1,6 @@
-"""Segmentation losses. All take logits (N, C, H, W) and an int64 target (N, H, W) of class ids."""
+"""Segmentation losses. All take logits (N, C, H, W) and a target that is either int64 class ids
+(N, H, W) or float class fractions (N, C, H, W) summing to 1 over C (soft masks,
+``data.soft_masks``); a one-hot float target gives the same loss as its class ids."""
 
 from collections.abc import Sequence
 
@@ -14,10 +16,17 @@ def soft_counts(
     p = softmax(logits): (C,) each, summed over the batch and all pixels, or (N, C) each,
     summed over each image's pixels, with ``per_image``."""
     probs = logits.float().softmax(dim=1)
-    onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    onehot = class_fractions(target, probs.shape[1])
     dims = (2, 3) if per_image else (0, 2, 3)
     tp = (probs * onehot).sum(dims)
     return tp, probs.sum(dims) - tp, onehot.sum(dims) - tp
+
+
+def class_fractions(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """float32 (N, C, H, W): a soft target as it is, class ids (N, H, W) one-hot encoded."""
+    if target.is_floating_point():
+        return target.float()
+    return F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()
 
 
 def _weights(class_weights: Sequence[float] | None) -> torch.Tensor | None:
@@ -34,9 +43,21 @@ class CrossEntropyLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.float(), target, weight=self.weight, label_smoothing=self.label_smoothing
-        )
+        if not target.is_floating_point():
+            return F.cross_entropy(
+                logits.float(), target, weight=self.weight, label_smoothing=self.label_smoothing
+            )
+        # Soft target t: sum over pixels of -sum_c w_c t_c log p_c over the sum of w_c t_c, the
+        # class-id formula above for a one-hot t (torch's own soft-target cross-entropy
+        # divides by the pixel count instead, which differs once classes are weighted).
+        num_classes = logits.shape[1]
+        t = class_fractions(target, num_classes)
+        weight = torch.ones(num_classes, device=t.device) if self.weight is None else self.weight
+        weight = weight.view(1, -1, 1, 1)
+        total = (t * weight).sum().clamp_min(1e-12)  # before smoothing, as torch does
+        if self.label_smoothing:
+            t = t * (1 - self.label_smoothing) + self.label_smoothing / num_classes
+        return -(t * weight * F.log_softmax(logits.float(), dim=1)).sum() / total
 
 
 class DiceLoss(nn.Module):
@@ -117,7 +138,11 @@ class FocalLoss(nn.Module):
         self.register_buffer("weight", _weights(class_weights), persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(logits.float(), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+        log_p = F.log_softmax(logits.float(), dim=1)
+        if target.is_floating_point():  # soft target: sum_c t_c (w_c) (1 - p_c)^gamma log p_c
+            t = target.float() if self.weight is None else target * self.weight.view(1, -1, 1, 1)
+            return -(t * (1 - log_p.exp()) ** self.gamma * log_p).sum(dim=1).mean()
+        log_p = log_p.gather(1, target.unsqueeze(1)).squeeze(1)
         loss = -((1 - log_p.exp()) ** self.gamma) * log_p
         if self.weight is not None:
             loss = loss * self.weight[target]

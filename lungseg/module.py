@@ -83,7 +83,8 @@ class SegmentationModule(pl.LightningModule):
     def _step(self, batch: dict[str, torch.Tensor], stage: str, batch_idx: int = 0) -> torch.Tensor:
         images, masks = batch["image"], batch["mask"]
         logits = self(images)
-        loss = self.loss_fn(logits, masks)
+        # "target": class fractions (N, C, H, W) with data.soft_masks; masks are then their arg-max
+        loss = self.loss_fn(logits, batch.get("target", masks))
         self._check_finite(loss, stage)
         if stage != "train" or batch_idx % self.hparams.train_metrics_every_n_steps == 0:
             # Metrics accumulate on the device; updating them forces no host sync.

@@ -316,3 +316,59 @@ def test_foreground_oversampling_fills_each_batch_share(tmp_path):
         make_dm(image_dir, mask_dir, foreground_fraction=1.5)
     loader = make_dm(image_dir, mask_dir, foreground_fraction=0.5).train_dataloader()
     assert isinstance(loader.sampler, ForegroundSampler)
+
+
+def test_soft_masks_give_class_fractions_for_the_loss(tmp_path):
+    """data.soft_masks: the loss's target holds each class's share of a pixel (the mask's one-hot
+    encoding area-resized like the image), the metrics' mask is its arg-max, augmentation moves
+    it with the image, and the foreground sampler still reads hard masks."""
+    from lungseg.data.transforms import soft_mask, soft_mask_augmentation
+
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, 3:] = 1  # the boundary falls inside a pixel at 4 x 4
+    soft = soft_mask(mask, 3, (4, 4))
+    assert soft.shape == (4, 4, 3) and soft.dtype == np.float32
+    assert np.allclose(soft.sum(-1), 1) and np.allclose(soft[:, 1], [0.5, 0.5, 0.0])
+    assert np.array_equal(soft_mask(mask, 2, (8, 8)).argmax(-1), mask)  # same size: one-hot
+
+    import albumentations as A
+
+    compose = soft_mask_augmentation(A.Compose([A.OneOf([A.Affine(p=1)]), A.HorizontalFlip()]))
+    assert compose.transforms[0].transforms[0].mask_interpolation == cv2.INTER_LINEAR
+
+    image_dir, mask_dir, masks = write_data(tmp_path, n=10, mode="index")
+    size = [H // 2 - 1, W // 2 - 1]  # boundaries fall between the network's pixels
+    dm = make_dm(image_dir, mask_dir, image_size=size, soft_masks=True, split=[1.0, 0.0, 0.0])
+    item = dm.train_dataset[0]
+    target, hard = item["target"], item["mask"]
+    assert target.shape == (3, *size) and target.dtype == torch.float32
+    assert torch.allclose(target.sum(0), torch.ones(size)) and ((target > 0) & (target < 1)).any()
+    assert torch.equal(hard, target.argmax(0))
+    name = item["name"]
+    expected = soft_mask(masks[name], 3, tuple(size))
+    assert np.allclose(target.numpy().transpose(1, 2, 0), expected, atol=1e-6)
+    assert dm.train_dataset.masks[0].shape == tuple(size)  # hard, for ForegroundSampler
+    known = make_dm(  # classes known before decoding: fractions made as each file is read
+        image_dir, mask_dir, image_size=size, soft_masks=True, split=[1.0, 0.0, 0.0], num_classes=3
+    )
+    assert torch.equal(known.train_dataset[0]["target"], target)
+
+    flip = {"train": [{"_target_": "albumentations.HorizontalFlip", "p": 1.0}]}
+    flipped = make_dm(
+        image_dir, mask_dir, image_size=size, soft_masks=True, split=[1.0, 0.0, 0.0],
+        augmentation=flip,
+    ).train_dataset[0]
+    assert torch.allclose(flipped["target"], target.flip(-1))
+    assert torch.allclose(flipped["image"], item["image"].flip(-1))
+
+    move = {"train": [{"_target_": "albumentations.Affine", "translate_px": {"x": [5, 5], "y": [0, 0]}, "p": 1.0}]}
+    moved = make_dm(
+        image_dir, mask_dir, image_size=size, soft_masks=True, split=[1.0, 0.0, 0.0],
+        augmentation=move,
+    ).train_dataset[0]["target"]
+    # what moved in from outside counts as background; fractions still sum to 1
+    assert torch.allclose(moved.sum(0), torch.ones(size), atol=1e-5)
+    assert torch.all(moved[0, :, :5] == 1)
+
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["target"].shape == (4, 3, *size) and batch["mask"].dtype == torch.int64

@@ -103,3 +103,39 @@ def test_tversky_with_equal_weights_is_dice_and_penalises_misses(target):
     assert TverskyLoss(alpha=0.3, beta=0.7)(miss, target) > TverskyLoss(alpha=0.7, beta=0.3)(
         miss, target
     )
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        CrossEntropyLoss(),
+        CrossEntropyLoss(class_weights=[1.0, 2.0, 3.0], label_smoothing=0.1),
+        DiceLoss(),
+        DiceLoss(per_image=True, include_background=True),
+        DiceCELoss(class_weights=[1.0, 2.0, 3.0]),
+        FocalLoss(),
+        FocalLoss(class_weights=[1.0, 2.0, 3.0]),
+        TverskyLoss(),
+    ],
+    ids=lambda loss: type(loss).__name__,
+)
+def test_soft_targets_one_hot_equal_class_ids_and_fractions_count(loss, target):
+    """data.soft_masks feeds class fractions (N, C, H, W): a one-hot one is the class-id loss;
+    a pixel half lung, half background pulls the prediction to 0.5 there."""
+    torch.manual_seed(0)
+    logits = torch.randn(target.shape[0], 3, *target.shape[1:], requires_grad=True)
+    onehot = F.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    assert torch.allclose(loss(logits, onehot), loss(logits, target), atol=1e-6)
+    soft = onehot.clone()
+    soft[:, :, 0, 0] = torch.tensor([0.5, 0.5, 0.0])
+    assert not torch.allclose(loss(logits, soft), loss(logits, target))
+    loss(logits, soft).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_soft_cross_entropy_is_minimal_at_the_fractions():
+    """Cross-entropy against fractions t is lowest where softmax(logits) = t (not at t's arg-max)."""
+    t = torch.tensor([0.3, 0.7]).view(1, 2, 1, 1)
+    loss = CrossEntropyLoss()
+    at = [loss(torch.log(torch.tensor([1 - q, q])).view(1, 2, 1, 1), t) for q in (0.5, 0.7, 0.99)]
+    assert at[1] < at[0] and at[1] < at[2]

@@ -34,6 +34,16 @@ def test_training_run_writes_the_run_record(make_cfg, model):
     assert resolved.model.num_classes == 3  # inferred from the demo's palette masks
 
 
+def test_soft_masks_train_with_every_loss_family(make_cfg, tmp_path):
+    """data.soft_masks: the module hands the class fractions to the loss and the arg-max mask to
+    the metrics, for the Dice, cross-entropy and focal families alike."""
+    for loss in ("dice_ce", "focal", "tversky"):
+        cfg = make_cfg("data.soft_masks=true", f"loss={loss}", f"output_dir={tmp_path / loss}")
+        metrics = train(cfg)
+        assert torch.isfinite(torch.tensor(metrics["test/loss"]))
+        assert 0.0 <= metrics["test/dice"] <= 1.0
+
+
 def test_checkpoint_loads_with_weights_only_and_predicts(make_cfg):
     cfg = make_cfg("model=unet")
     metrics = train(cfg)

@@ -40,6 +40,13 @@ class CachedSegDataset(Dataset):
     image (float32 (H, W, C) in [0, 1], from ``transforms.preprocess``) and mask ((H, W) uint8)
     are augmented together, then the image goes through ``transforms.normalize`` with
     ``image_info`` (normalize, mean, std), as at prediction time.
+
+    With ``soft`` (one float32 (H, W, K) array of class fractions per mask, ``transforms.
+    soft_mask``), the soft mask is augmented in the mask's place (``augment`` should
+    interpolate masks linearly: ``transforms.soft_mask_augmentation``) and items also hold
+    ``"target"``: float32 (K, H, W), the loss's target; ``"mask"`` is then its arg-max, for the
+    metrics. Pixels an augmentation moved in from outside the image count as background.
+    ``masks`` stay the hard (H, W) masks either way (ForegroundSampler reads them).
     """
 
     def __init__(
@@ -49,9 +56,11 @@ class CachedSegDataset(Dataset):
         masks: list[np.ndarray],
         augment: A.Compose,
         image_info: Mapping[str, Any],
+        soft: list[np.ndarray] | None = None,
     ):
         assert len(names) == len(images) == len(masks)
-        self.names, self.images, self.masks = names, images, masks
+        assert soft is None or len(soft) == len(masks)
+        self.names, self.images, self.masks, self.soft = names, images, masks, soft
         self.augment, self.image_info = augment, image_info
 
     def __len__(self) -> int:
@@ -64,13 +73,20 @@ class CachedSegDataset(Dataset):
         # between workers, whose torch generators PyTorch seeds one by one.
         self.augment.set_random_seed(int(torch.randint(2**32, ()).item()))
         # Copies: an in-place transform must not alter the cache for later epochs.
-        out = self.augment(image=self.images[i].copy(), mask=self.masks[i].copy())
+        mask = self.masks[i] if self.soft is None else self.soft[i]
+        out = self.augment(image=self.images[i].copy(), mask=mask.copy())
         image = transforms.normalize(out["image"], self.image_info)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])).long(),
-            "name": self.names[i],
-        }
+        item = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
+        if self.soft is None:
+            item["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
+        else:
+            target = out["mask"].reshape(*out["mask"].shape[:2], -1)
+            # Affine & co. fill what they move in with 0 in every channel: that is background.
+            target[..., 0] += np.clip(1 - target.sum(axis=-1), 0, None)
+            item["target"] = torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1)))
+            item["mask"] = item["target"].argmax(dim=0)
+        item["name"] = self.names[i]
+        return item
 
 
 class ForegroundSampler(Sampler[int]):
@@ -150,6 +166,7 @@ class SegDataModule(pl.LightningDataModule):
         num_folds: int | None = None,
         fold: int | None = None,
         foreground_fraction: float | None = None,
+        soft_masks: bool = False,
         strict: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -204,6 +221,7 @@ class SegDataModule(pl.LightningDataModule):
                 f"training batch between 0 and 1 (e.g. 0.5), or null to sample slices uniformly."
             )
         self._foreground_fraction = foreground_fraction
+        self._soft_masks = bool(soft_masks)
         self._batch_size, self._num_workers = batch_size, num_workers
         self._pin_memory, self._persistent_workers = pin_memory, persistent_workers
         augmentation = augmentation or {}
@@ -215,6 +233,9 @@ class SegDataModule(pl.LightningDataModule):
             )
         self._train_augment = transforms.build_augmentation(augmentation.get("train"))
         self._eval_augment = transforms.build_augmentation(augmentation.get("eval"))
+        if self._soft_masks:
+            for compose in (self._train_augment, self._eval_augment):
+                transforms.soft_mask_augmentation(compose)
         self._demo_args = (Path(demo_dir).expanduser(), demo_num_images, demo_size)
         self._class_names: list[str] | None = None
         self._split: dict[str, str] | None = None
@@ -239,6 +260,10 @@ class SegDataModule(pl.LightningDataModule):
             return
         pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict)
         pairs, images, masks = self._decode_all(pairs)
+        soft = None
+        if self._soft_masks:  # (soft mask or full-size mask, hard mask at image_size)
+            soft = [m[0] for m in masks]
+            masks = [m[1] for m in masks]
         names = [p.stem for p in pairs]
         split = splits.make_split(
             names,
@@ -251,6 +276,11 @@ class SegDataModule(pl.LightningDataModule):
         )
         if self._num_classes is None:  # index masks without data.num_classes
             self._num_classes = max(2, max(int(m.max()) for m in masks) + 1)
+        if soft is not None:  # the full-size masks of index masks without data.num_classes
+            soft = [
+                transforms.soft_mask(m, self._num_classes, self._image_size) if m.ndim == 2 else m
+                for m in soft
+            ]
         self._class_names = self._resolve_class_names()
         members = {s: [i for i, n in enumerate(names) if split[n] == s] for s in splits.SPLITS}
         train_images = [images[i] for i in members["train"]]
@@ -263,6 +293,7 @@ class SegDataModule(pl.LightningDataModule):
                 [masks[i] for i in members[name]],
                 self._train_augment if name == "train" else self._eval_augment,
                 self._image_info(),
+                None if soft is None else [soft[i] for i in members[name]],
             )
         self._split = split
         log.info(self._summary(pairs, members, [masks[i] for i in members["train"]]))
@@ -401,8 +432,11 @@ class SegDataModule(pl.LightningDataModule):
         kept = [(p, r) for p, r in zip(pairs, results, strict=True) if isinstance(r, tuple)]
         return [p for p, _ in kept], [r[0] for _, r in kept], [r[1] for _, r in kept]
 
-    def _decode(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W, C) float32 image in [0, 1] and (H, W) uint8 mask, both at image_size."""
+    def _decode(self, pair: Pair) -> tuple[np.ndarray, Any]:
+        """(H, W, C) float32 image in [0, 1] and (H, W) uint8 mask, both at image_size; with
+        data.soft_masks the mask is (its class fractions at image_size, the mask), the
+        fractions left to ``setup`` (the mask at its own size in their place) while the number
+        of classes is not known yet."""
         raw, raw_mask = read_image(pair.image), read_image(pair.mask)
         if raw_mask.shape[:2] != raw.shape[:2]:
             raise LungsegError(
@@ -413,6 +447,10 @@ class SegDataModule(pl.LightningDataModule):
             )
         mask = decode_mask(raw_mask, self._mask_mode, pair.mask, self._palette, self._num_classes)
         image = transforms.preprocess(raw, self._image_info(), pair.image)
+        if self._soft_masks:
+            k = self._num_classes
+            soft = mask if k is None else transforms.soft_mask(mask, k, self._image_size)
+            return image, (soft, transforms.resize_mask(mask, self._image_size))
         return image, transforms.resize_mask(mask, self._image_size)
 
     def _resolve_class_names(self) -> list[str]:
