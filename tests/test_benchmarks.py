@@ -80,10 +80,19 @@ def test_quality_trains_each_run_and_scores_it_on_the_same_test_images(tmp_path)
         *("trainer.max_epochs=1", "data.image_size=32", "model.width=4", "data.batch_size=4"),
     )
     header, *rows = table(out)
-    assert header[:5] == ["run", "parameters (M)", "training min", "val Dice", "test Dice mean"]
+    assert header[:6] == [
+        "run", "parameters (M)", "training min", "val Dice", "val Dice, net px", "test Dice mean"
+    ]
     assert [row[0] for row in rows] == ["fcn", "article"]
     for row in rows:
-        assert 0 <= float(row[3]) <= 1 and 0 <= float(row[4]) <= 1
+        assert all(0 <= float(row[i]) <= 1 for i in (3, 4, 5))
+    # val Dice: eval.py on the validation split, at the masks' resolution
+    val_names, test_names = (
+        {line.split(",")[0] for line in (tmp_path / "quality" / "fcn" / f / "per_image.csv")
+         .read_text().splitlines()[1:]}
+        for f in ("eval_val", "eval")
+    )
+    assert val_names and test_names and not val_names & test_names
     # Both scored on the recipe's test split: the same images.
     fcn_csv = (tmp_path / "quality" / "fcn" / "eval" / "per_image.csv").read_text()
     article_csv = (tmp_path / "quality" / "article" / "eval" / "per_image.csv").read_text()
@@ -96,10 +105,10 @@ def test_quality_trains_each_run_and_scores_it_on_the_same_test_images(tmp_path)
 @pytest.mark.parametrize(
     "overrides,skips,size",
     [
-        (["experiment=lung_ct"], None, 160),
+        (["experiment=lung_ct"], None, 192),
         (["experiment=lung_ct", "model=fcn"], 4, 256),
         (["experiment=lung_ct", "model=deeplab"], None, 256),
-        (["experiment=lung_ct", "model=deeplab", "data.image_size=192"], None, 192),
+        (["experiment=lung_ct", "model=deeplab", "data.image_size=160"], None, 160),
         (["model=fcn"], 2, 128),
         (["experiment=lidc_nodules", "model=fcn"], 2, 128),
     ],
