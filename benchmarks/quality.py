@@ -145,7 +145,9 @@ def main() -> None:
         cfg = compose_config("config", [*runs, *data, output, *args.overrides])
         metrics = train(cfg)
         scored = {}
-        for split, folder in (("val", "eval_val"), ("test", "eval")):
+        with open(out / "split.csv") as f:  # a run without a validation split: val Dice n/a
+            has_val = any(row["split"] == "val" for row in csv.DictReader(f))
+        for split, folder in (("val", "eval_val"), ("test", "eval"))[0 if has_val else 1 :]:
             eval_cfg = compose_config(
                 "eval",
                 [
@@ -159,7 +161,7 @@ def main() -> None:
         summary = scored["test"]
         name = next(iter(summary["classes"]))  # first foreground class
         entry = summary["classes"][name]
-        val_dice = scored["val"]["classes"][name]["dice"]["mean"]
+        val_dice = scored["val"]["classes"][name]["dice"]["mean"] if has_val else None
         # train() filled in the inferred class count, so the network can be rebuilt from cfg.
         params = sum(p.numel() for p in instantiate(plain(cfg.model)).parameters()) / 1e6
         dice, iou, hd = entry["dice"], entry["iou"]["mean"], entry["hd95"]["mean"]
@@ -167,7 +169,7 @@ def main() -> None:
         nonempty, fp_rate = entry["dice_nonempty"]["mean"], entry["fp_rate_empty"]
         rows.append(
             f"| {run} | {params:.2f} | {metrics['train_minutes']:.1f} "
-            f"| {val_dice:.4f} | {metrics['best_score']:.4f} | {dice['mean']:.4f} "
+            f"| {_num(val_dice)} | {metrics['best_score']:.4f} | {dice['mean']:.4f} "
             f"| {dice['median']:.4f} | {pooled:.4f} | {_num(nonempty)} | {_num(fp_rate)} "
             f"| {iou:.4f} | {hd:.2f} | {metrics['best_epoch']} |"
         )

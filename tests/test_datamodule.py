@@ -318,20 +318,31 @@ def test_foreground_oversampling_fills_each_batch_share(tmp_path):
     assert isinstance(loader.sampler, ForegroundSampler)
 
 
-def test_soft_masks_give_class_fractions_for_the_loss(tmp_path):
-    """data.soft_masks: the loss's target holds each class's share of a pixel (the mask's one-hot
-    encoding area-resized like the image), the metrics' mask is its arg-max, augmentation moves
-    it with the image, and the foreground sampler still reads hard masks."""
-    from lungseg.data.transforms import soft_mask, soft_mask_augmentation
+def test_soft_mask_fractions_target_and_tie_break():
+    from lungseg.data.transforms import hard_mask, soft_mask, soft_target
 
     mask = np.zeros((8, 8), np.uint8)
     mask[:, 3:] = 1  # the boundary falls inside a pixel at 4 x 4
     soft = soft_mask(mask, 3, (4, 4))
-    assert soft.shape == (4, 4, 3) and soft.dtype == np.float32
-    assert np.allclose(soft.sum(-1), 1) and np.allclose(soft[:, 1], [0.5, 0.5, 0.0])
-    assert np.array_equal(soft_mask(mask, 2, (8, 8)).argmax(-1), mask)  # same size: one-hot
+    assert soft.shape == (4, 4, 3) and soft.dtype == np.uint8  # fractions x 255
+    target = soft_target(soft)
+    assert target.dtype == np.float32 and np.allclose(target.sum(-1), 1)
+    assert np.allclose(target[:, 1], [0.5, 0.5, 0.0], atol=1 / 255)
+    assert np.array_equal(hard_mask(soft_mask(mask, 2, (8, 8))), mask)  # same size: one-hot
+    # ties (the half-lung column) alternate between the classes: no side gains area
+    assert hard_mask(soft)[:, 1].tolist() == [0, 1, 0, 1]
+    # sums over 1 are scaled down, missing shares go to the background
+    odd = np.array([[[200, 200, 0], [0, 100, 0]]], np.uint8)
+    assert np.allclose(soft_target(odd), [[[0.5, 0.5, 0.0], [155 / 255, 100 / 255, 0.0]]])
 
+
+def test_soft_masks_give_class_fractions_for_the_loss(tmp_path):
+    """data.soft_masks: the loss's target holds each class's share of a pixel (the mask's one-hot
+    encoding area-resized like the image), the metrics' mask and the sampler's masks are its
+    hard_mask, and augmentation moves it with the image, interpolating linearly."""
     import albumentations as A
+
+    from lungseg.data.transforms import hard_mask, soft_mask, soft_mask_augmentation, soft_target
 
     compose = soft_mask_augmentation(A.Compose([A.OneOf([A.Affine(p=1)]), A.HorizontalFlip()]))
     assert compose.transforms[0].transforms[0].mask_interpolation == cv2.INTER_LINEAR
@@ -343,11 +354,10 @@ def test_soft_masks_give_class_fractions_for_the_loss(tmp_path):
     target, hard = item["target"], item["mask"]
     assert target.shape == (3, *size) and target.dtype == torch.float32
     assert torch.allclose(target.sum(0), torch.ones(size)) and ((target > 0) & (target < 1)).any()
-    assert torch.equal(hard, target.argmax(0))
-    name = item["name"]
-    expected = soft_mask(masks[name], 3, tuple(size))
+    assert torch.equal(hard, torch.from_numpy(hard_mask(target.numpy().transpose(1, 2, 0))).long())
+    expected = soft_target(soft_mask(masks[item["name"]], 3, tuple(size)))
     assert np.allclose(target.numpy().transpose(1, 2, 0), expected, atol=1e-6)
-    assert dm.train_dataset.masks[0].shape == tuple(size)  # hard, for ForegroundSampler
+    assert np.array_equal(dm.train_dataset.masks[0], hard.numpy())  # ForegroundSampler's
     known = make_dm(  # classes known before decoding: fractions made as each file is read
         image_dir, mask_dir, image_size=size, soft_masks=True, split=[1.0, 0.0, 0.0], num_classes=3
     )
@@ -361,14 +371,24 @@ def test_soft_masks_give_class_fractions_for_the_loss(tmp_path):
     assert torch.allclose(flipped["target"], target.flip(-1))
     assert torch.allclose(flipped["image"], item["image"].flip(-1))
 
-    move = {"train": [{"_target_": "albumentations.Affine", "translate_px": {"x": [5, 5], "y": [0, 0]}, "p": 1.0}]}
-    moved = make_dm(
-        image_dir, mask_dir, image_size=size, soft_masks=True, split=[1.0, 0.0, 0.0],
-        augmentation=move,
+    # At the masks' own size the fractions are one-hot; a rotation interpolated linearly makes
+    # fractions along the boundaries (nearest neighbour would keep them 0/1), and what it moves
+    # in from outside the image is background.
+    turn = {
+        "train": [
+            {"_target_": "albumentations.Affine", "rotate": [20, 20], "p": 1.0},
+            {"_target_": "albumentations.Affine", "translate_px": {"x": [5, 5], "y": [0, 0]},
+             "p": 1.0},
+        ]
+    }
+    plain = make_dm(image_dir, mask_dir, soft_masks=True, split=[1.0, 0.0, 0.0])
+    assert set(plain.train_dataset[0]["target"].unique().tolist()) == {0.0, 1.0}
+    turned = make_dm(
+        image_dir, mask_dir, soft_masks=True, split=[1.0, 0.0, 0.0], augmentation=turn
     ).train_dataset[0]["target"]
-    # what moved in from outside counts as background; fractions still sum to 1
-    assert torch.allclose(moved.sum(0), torch.ones(size), atol=1e-5)
-    assert torch.all(moved[0, :, :5] == 1)
+    assert ((turned > 0.1) & (turned < 0.9)).float().mean() > 0.01
+    assert torch.allclose(turned.sum(0), torch.ones(H, W), atol=1e-5)
+    assert torch.all(turned[0, :, :5] == 1)
 
     batch = next(iter(dm.train_dataloader()))
     assert batch["target"].shape == (4, 3, *size) and batch["mask"].dtype == torch.int64

@@ -37,11 +37,27 @@ def test_training_run_writes_the_run_record(make_cfg, model):
 def test_soft_masks_train_with_every_loss_family(make_cfg, tmp_path):
     """data.soft_masks: the module hands the class fractions to the loss and the arg-max mask to
     the metrics, for the Dice, cross-entropy and focal families alike."""
+    seen = []
+    original = SegmentationModule._step
+
+    def step(self, batch, stage, batch_idx=0):
+        seen.append((batch["target"].dtype, batch["target"].dim(), batch["mask"].dtype))
+        forward = self.loss_fn.forward
+        self.loss_fn.forward = lambda logits, target: (
+            seen.append(("loss", target.dtype, tuple(target.shape) == tuple(logits.shape)))
+            or forward(logits, target)
+        )
+        return original(self, batch, stage, batch_idx)
+
     for loss in ("dice_ce", "focal", "tversky"):
         cfg = make_cfg("data.soft_masks=true", f"loss={loss}", f"output_dir={tmp_path / loss}")
-        metrics = train(cfg)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(SegmentationModule, "_step", step)
+            metrics = train(cfg)
         assert torch.isfinite(torch.tensor(metrics["test/loss"]))
         assert 0.0 <= metrics["test/dice"] <= 1.0
+    assert seen and (torch.float32, 4, torch.int64) in seen
+    assert {entry for entry in seen if entry[0] == "loss"} == {("loss", torch.float32, True)}
 
 
 def test_checkpoint_loads_with_weights_only_and_predicts(make_cfg):

@@ -41,12 +41,12 @@ class CachedSegDataset(Dataset):
     are augmented together, then the image goes through ``transforms.normalize`` with
     ``image_info`` (normalize, mean, std), as at prediction time.
 
-    With ``soft`` (one float32 (H, W, K) array of class fractions per mask, ``transforms.
-    soft_mask``), the soft mask is augmented in the mask's place (``augment`` should
-    interpolate masks linearly: ``transforms.soft_mask_augmentation``) and items also hold
-    ``"target"``: float32 (K, H, W), the loss's target; ``"mask"`` is then its arg-max, for the
-    metrics. Pixels an augmentation moved in from outside the image count as background.
-    ``masks`` stay the hard (H, W) masks either way (ForegroundSampler reads them).
+    With ``soft`` (one (H, W, K) array of class fractions per mask, ``transforms.soft_mask``),
+    the soft mask is augmented in the mask's place (``augment`` should interpolate masks
+    linearly: ``transforms.soft_mask_augmentation``) and items also hold ``"target"``: float32
+    (K, H, W) fractions (``transforms.soft_target``), the loss's target; ``"mask"`` is then
+    their ``transforms.hard_mask``, for the metrics, as ``masks`` (which ForegroundSampler
+    reads) are of the cached soft masks.
     """
 
     def __init__(
@@ -80,11 +80,9 @@ class CachedSegDataset(Dataset):
         if self.soft is None:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
         else:
-            target = out["mask"].reshape(*out["mask"].shape[:2], -1)
-            # Affine & co. fill what they move in with 0 in every channel: that is background.
-            target[..., 0] += np.clip(1 - target.sum(axis=-1), 0, None)
+            target = transforms.soft_target(out["mask"])
             item["target"] = torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1)))
-            item["mask"] = item["target"].argmax(dim=0)
+            item["mask"] = torch.from_numpy(transforms.hard_mask(target)).long()
         item["name"] = self.names[i]
         return item
 
@@ -260,10 +258,6 @@ class SegDataModule(pl.LightningDataModule):
             return
         pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict)
         pairs, images, masks = self._decode_all(pairs)
-        soft = None
-        if self._soft_masks:  # (soft mask or full-size mask, hard mask at image_size)
-            soft = [m[0] for m in masks]
-            masks = [m[1] for m in masks]
         names = [p.stem for p in pairs]
         split = splits.make_split(
             names,
@@ -276,11 +270,13 @@ class SegDataModule(pl.LightningDataModule):
         )
         if self._num_classes is None:  # index masks without data.num_classes
             self._num_classes = max(2, max(int(m.max()) for m in masks) + 1)
-        if soft is not None:  # the full-size masks of index masks without data.num_classes
+        soft = None
+        if self._soft_masks:  # full-size masks (classes were not known) → fractions
             soft = [
                 transforms.soft_mask(m, self._num_classes, self._image_size) if m.ndim == 2 else m
-                for m in soft
+                for m in masks
             ]
+            masks = [transforms.hard_mask(transforms.soft_target(m)) for m in soft]
         self._class_names = self._resolve_class_names()
         members = {s: [i for i, n in enumerate(names) if split[n] == s] for s in splits.SPLITS}
         train_images = [images[i] for i in members["train"]]
@@ -432,11 +428,11 @@ class SegDataModule(pl.LightningDataModule):
         kept = [(p, r) for p, r in zip(pairs, results, strict=True) if isinstance(r, tuple)]
         return [p for p, _ in kept], [r[0] for _, r in kept], [r[1] for _, r in kept]
 
-    def _decode(self, pair: Pair) -> tuple[np.ndarray, Any]:
+    def _decode(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, C) float32 image in [0, 1] and (H, W) uint8 mask, both at image_size; with
-        data.soft_masks the mask is (its class fractions at image_size, the mask), the
-        fractions left to ``setup`` (the mask at its own size in their place) while the number
-        of classes is not known yet."""
+        data.soft_masks the mask's class fractions at image_size (``transforms.soft_mask``), or,
+        while the number of classes is not known yet, the mask at its own size for ``setup``
+        to count the classes in and convert."""
         raw, raw_mask = read_image(pair.image), read_image(pair.mask)
         if raw_mask.shape[:2] != raw.shape[:2]:
             raise LungsegError(
@@ -449,8 +445,7 @@ class SegDataModule(pl.LightningDataModule):
         image = transforms.preprocess(raw, self._image_info(), pair.image)
         if self._soft_masks:
             k = self._num_classes
-            soft = mask if k is None else transforms.soft_mask(mask, k, self._image_size)
-            return image, (soft, transforms.resize_mask(mask, self._image_size))
+            return image, mask if k is None else transforms.soft_mask(mask, k, self._image_size)
         return image, transforms.resize_mask(mask, self._image_size)
 
     def _resolve_class_names(self) -> list[str]:

@@ -97,17 +97,44 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
+SOFT_SCALE = 255  # soft masks are cached as uint8 class fractions x 255: a quarter of float32
+
+
 def soft_mask(mask: np.ndarray, num_classes: int, size: tuple[int, int]) -> np.ndarray:
-    """An (H, W) class-id mask as float32 (height, width, num_classes) class fractions at
-    ``size``: its one-hot encoding resized like the image (``resize_image``: area averaging when
-    shrinking), so a pixel on a boundary keeps the share of each class it covers.
+    """An (H, W) class-id mask as (height, width, num_classes) class fractions at ``size``,
+    uint8 in units of 1/255 (``soft_target`` makes them float): its one-hot encoding resized
+    like the image (``resize_image``: area averaging when shrinking), so a pixel on a boundary
+    keeps the share of each class it covers.
 
     A nearest-neighbour mask moves every boundary to the network's pixel grid: at 160 px a
     perfect prediction of a 512-px lung mask, resized back, scores Dice 0.991; its class
     fractions (the probabilities a perfect network would give) score 0.998 (lung_ct).
     """
     onehot = (mask[..., None] == np.arange(num_classes, dtype=mask.dtype)).astype(np.float32)
-    return resize_image(onehot, size)
+    fractions = resize_image(onehot, size)
+    return np.rint(fractions * SOFT_SCALE).astype(np.uint8)
+
+
+def soft_target(soft: np.ndarray) -> np.ndarray:
+    """float32 (H, W, K) class fractions from a (possibly augmented) ``soft_mask``, each pixel
+    summing to 1: values clipped to [0, 1], sums above 1 (rounding) scaled down, and what is
+    missing (an augmentation fills what it moves in from outside with 0 in every channel)
+    added to class 0, the background."""
+    target = np.clip(soft.reshape(*soft.shape[:2], -1).astype(np.float32) / SOFT_SCALE, 0, 1)
+    total = target.sum(axis=-1, keepdims=True)
+    target /= np.maximum(total, 1)
+    target[..., 0] += 1 - np.minimum(total[..., 0], 1)
+    return target
+
+
+def hard_mask(soft: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 class ids, the largest fraction of a (H, W, K) soft mask per pixel. A tie (a
+    pixel half lung, half background) goes to the higher class on one colour of a checkerboard
+    and to the lower on the other, so that neither side of a boundary gains area."""
+    h, w = soft.shape[:2]
+    checker = np.where((np.arange(h)[:, None] + np.arange(w)) % 2 == 0, 1e-4, -1e-4)
+    nudged = soft.astype(np.float32) + checker[..., None] * np.arange(soft.shape[-1])
+    return nudged.argmax(axis=-1).astype(np.uint8)
 
 
 def soft_mask_augmentation(compose: A.BaseCompose) -> A.BaseCompose:
