@@ -11,6 +11,7 @@ saved in every checkpoint.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -131,10 +132,16 @@ def hard_mask(soft: np.ndarray) -> np.ndarray:
     """(H, W) uint8 class ids, the largest fraction of a (H, W, K) soft mask per pixel. A tie (a
     pixel half lung, half background) goes to the higher class on one colour of a checkerboard
     and to the lower on the other, so that neither side of a boundary gains area."""
-    h, w = soft.shape[:2]
-    checker = np.where((np.arange(h)[:, None] + np.arange(w)) % 2 == 0, 1e-4, -1e-4)
-    nudged = soft.astype(np.float32) + checker[..., None] * np.arange(soft.shape[-1])
+    nudged = soft.astype(np.float32) + _tie_break(*soft.shape)
     return nudged.argmax(axis=-1).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _tie_break(h: int, w: int, k: int) -> np.ndarray:
+    """hard_mask's (h, w, k) nudge: +-1e-4 x class id on a checkerboard, made once per shape
+    (hard_mask runs for every training item)."""
+    checker = np.where((np.arange(h)[:, None] + np.arange(w)) % 2 == 0, 1e-4, -1e-4)
+    return (checker[..., None] * np.arange(k)).astype(np.float32)
 
 
 def soft_mask_augmentation(compose: A.BaseCompose) -> A.BaseCompose:
