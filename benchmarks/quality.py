@@ -134,8 +134,9 @@ def main() -> None:
         shared.append(f"postprocess.min_size={post.min_size}")
         shared.append(f"postprocess.threshold={override_value(post.threshold)}")
     header = (
-        "| run | parameters (M) | training min | val Dice | val Dice, net px | test Dice mean | median "
-        "| pooled Dice | Dice non-empty | FP rate empty | IoU mean | HD95 mean (px) | best epoch |"
+        "| run | parameters (M) | training min | val Dice | val Dice, net px | test Dice mean "
+        "| median | pooled Dice | Dice non-empty | FP rate empty | IoU mean | HD95 mean (px) "
+        "| best epoch |"
     )
     rows = []
     for run in args.runs:

@@ -22,5 +22,13 @@ def short_dirname(name: str, limit: int = 120) -> str:
     return f"{name[: limit - 11]}-{digest}"
 
 
-# Used by hydra.sweep.subdir in conf/config.yaml; registered on import of the package.
+def input_channels(in_channels: int, context_slices: int) -> int:
+    """The network's input channels: in_channels for each of the 2 * context_slices + 1 slices
+    (``lungseg.data.context``)."""
+    return int(in_channels) * (2 * int(context_slices) + 1)
+
+
+# Used by hydra.sweep.subdir in conf/config.yaml and by conf/model/*.yaml; registered on import
+# of the package.
 OmegaConf.register_new_resolver("lungseg_dirname", short_dirname, replace=True)
+OmegaConf.register_new_resolver("lungseg_input_channels", input_channels, replace=True)

@@ -48,7 +48,7 @@ from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import Pair, find_pairs, read_image
 from lungseg.data.masks import decode_mask
 from lungseg.errors import LungsegError
-from lungseg.inference import batches, load_from_config, predict_probabilities
+from lungseg.inference import batches, load_from_config, predict_probabilities, read_inputs
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95")
 DEFAULT_MASK_SUFFIXES = ("", "_mask")
@@ -244,11 +244,15 @@ def _score(
     palette = _palette(cfg.data.palette) or info["palette"]
     flips = list(cfg.tta_flips) if cfg.tta else []
     log.info("scoring %s on %d images: %s", cfg.ckpt_path, len(pairs), source)
+    # 2.5-D models take neighbouring slices from the images' folders, other splits included
+    folders = dict.fromkeys(p.image.parent for p in pairs) if info.get("context_slices") else {}
+    pool = [image for folder in folders for image in sorted(folder.iterdir())]
 
     scored: list[list[dict[str, Any]]] = [[] for _ in grid]
     with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(pairs, cfg.batch_size):
-            probs = predict_probabilities(model, [read_image(p.image) for p in batch], flips)
+            images = read_inputs([p.image for p in batch], info, pool)
+            probs = predict_probabilities(model, images, flips)
             for pair, prob in zip(batch, probs, strict=True):
                 target = _read_mask(pair, prob.shape[1:], mask_mode, palette, num_classes)
                 height, width = target.shape

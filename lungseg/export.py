@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lungseg import input_channels
 from lungseg.errors import LungsegError
 from lungseg.inference import load_checkpoint
 
@@ -32,6 +33,8 @@ PREPROCESSING = [
     "median_blur > 1: cv2.medianBlur with that kernel on each channel",
     "to float32 in [0, 1]: with window, clip(x - intensity_offset, lo, hi) mapped to [0, 1]; "
     "without, uint8 / 255, uint16 / 65535, float unchanged",
+    "context_slices n > 0 (2.5-D): slices k-n .. k+n of the image's volume, each prepared as "
+    "above, concatenated along the channel axis (a missing one repeats the nearest towards k)",
     "normalize 'dataset': (x - mean[c]) / std[c]; 'image': per-channel z-score of the image; "
     "'none': unchanged",
     "to (N, C, H, W) float32",
@@ -129,7 +132,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     path = Path(cfg.output or ckpt_path.with_suffix(FORMATS[cfg.format])).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    shape = (info["in_channels"], *info["image_size"])
+    channels = input_channels(info["in_channels"], info.get("context_slices", 0))
+    shape = (channels, *info["image_size"])
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(TRACE_BATCH, *shape, generator=generator)
     write_model(net, example, path, cfg.format, cfg.opset)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from lungseg.data import transforms
+from lungseg.data import context, transforms
+from lungseg.data.folders import read_image
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
 from lungseg.run_folder import load_safely
@@ -145,17 +146,19 @@ def check_flips(flips: Sequence[str]) -> list[str]:
 @torch.inference_mode()
 def predict_probabilities(
     model: SegmentationModule,
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray | Sequence[np.ndarray]],
     flips: Sequence[str] = (),
 ) -> list[np.ndarray]:
     """Softmax probabilities for a batch of raw images, each at its own size.
 
     images: ``read_image`` results ((H, W) or (H, W, 3), any size, 8/16-bit or float), which
-    may differ in size. Each is prepared for the network exactly as in training, the softmax is
-    taken at the network's size, then resized bilinearly (half-pixel centres) back to the image's
-    size, so the argmax is taken at the original resolution. With ``flips`` (test-time
-    augmentation) the softmax of the unflipped batch and of each flipped batch (flipped back)
-    are averaged. Returns one float32 (num_classes, H, W) array per image.
+    may differ in size; for a model trained with data.context_slices=n, each is instead the
+    2n+1 slices ``k-n .. k+n`` (``read_inputs``), and the size is the centre slice's. Each is
+    prepared for the network exactly as in training, the softmax is taken at the network's
+    size, then resized bilinearly (half-pixel centres) back to the image's size, so the argmax
+    is taken at the original resolution. With ``flips`` (test-time augmentation) the softmax of
+    the unflipped batch and of each flipped batch (flipped back) are averaged. Returns one
+    float32 (num_classes, H, W) array per image.
     """
     info = model.hparams.data_info
     batch = torch.from_numpy(np.stack([_network_input(image, info) for image in images]))
@@ -167,17 +170,46 @@ def predict_probabilities(
     probs /= 1 + len(flips)
     out = []
     for image, prob in zip(images, probs, strict=True):
-        size = image.shape[:2]
+        size = (image if isinstance(image, np.ndarray) else image[len(image) // 2]).shape[:2]
         if prob.shape[1:] != size:
             prob = F.interpolate(prob[None], size=size, mode="bilinear", align_corners=False)[0]
         out.append(prob.float().cpu().numpy())
     return out
 
 
-def _network_input(raw: np.ndarray, info: Mapping[str, Any]) -> np.ndarray:
-    """(C, h, w) float32 at the network's size: preprocess + normalize, as in training."""
-    image = transforms.normalize(transforms.preprocess(raw, info), info)
+def _network_input(raw: np.ndarray | Sequence[np.ndarray], info: Mapping[str, Any]) -> np.ndarray:
+    """(C, h, w) float32 at the network's size: preprocess (each slice of a 2.5-D input, then
+    stacked along the channels) + normalize, as in training."""
+    n = int(info.get("context_slices", 0))
+    slices = [raw] if isinstance(raw, np.ndarray) else list(raw)
+    if len(slices) != 2 * n + 1:
+        raise LungsegError(
+            f"The model takes {2 * n + 1} slices per image (data.context_slices={n}), but "
+            f"{len(slices)} were given; read the images with lungseg.inference.read_inputs."
+        )
+    image = np.concatenate([transforms.preprocess(s, info) for s in slices], axis=2)
+    image = transforms.normalize(image, info)
     return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def read_inputs(
+    paths: Sequence[Path], info: Mapping[str, Any], pool: Sequence[Path] = ()
+) -> list[np.ndarray | list[np.ndarray]]:
+    """What ``predict_probabilities`` takes for these image files: each image (``read_image``),
+    or for a model trained with data.context_slices=n its 2n+1 slices, found by
+    data.slice_pattern among ``paths`` and ``pool`` (e.g. all images of their folder)."""
+    n = int(info.get("context_slices", 0))
+    if not n:
+        return [read_image(path) for path in paths]
+    rows = context.neighbour_paths(paths, pool, n, info.get("slice_pattern"))
+    cache: dict[Path, np.ndarray] = {}
+
+    def read(path: Path) -> np.ndarray:
+        if path not in cache:
+            cache[path] = read_image(path)
+        return cache[path]
+
+    return [[read(path) for path in row] for row in rows]
 
 
 def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

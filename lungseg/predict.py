@@ -16,11 +16,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from lungseg import postprocess
-from lungseg.data.folders import _list_images, _listing, read_image, write_image
+from lungseg.data.folders import _list_images, _listing, write_image
 from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
 from lungseg.errors import LungsegError
-from lungseg.inference import batches, load_from_config, predict_probabilities
+from lungseg.inference import batches, load_from_config, predict_probabilities, read_inputs
 from lungseg.visualize import overlay
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
@@ -71,7 +71,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     with tqdm(total=len(outputs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(list(outputs), cfg.batch_size):
             try:
-                raws = [read_image(path) for path in batch]
+                inputs = read_inputs(batch, info, list(outputs))
             except LungsegError as err:
                 if not written:
                     raise
@@ -79,8 +79,9 @@ def predict(cfg: DictConfig) -> list[Path]:
                     f"{err} The outputs of the {len(written) // 2} images before it are in "
                     f"{output_dir}; rerun with overwrite=true once the file is fixed."
                 ) from None
-            probs = predict_probabilities(model, raws, flips)
-            for path, raw, prob in zip(batch, raws, probs, strict=True):
+            probs = predict_probabilities(model, inputs, flips)
+            for path, raw, prob in zip(batch, inputs, probs, strict=True):
+                raw = raw if isinstance(raw, np.ndarray) else raw[len(raw) // 2]  # 2.5-D: centre
                 pred = postprocess.classes(prob, post, info)
                 mask_path, overlay_path = outputs[path]
                 display = scale_intensity(raw, info["window"], info["intensity_offset"])

@@ -81,15 +81,24 @@ def test_quality_trains_each_run_and_scores_it_on_the_same_test_images(tmp_path)
     )
     header, *rows = table(out)
     assert header[:6] == [
-        "run", "parameters (M)", "training min", "val Dice", "val Dice, net px", "test Dice mean"
+        "run",
+        "parameters (M)",
+        "training min",
+        "val Dice",
+        "val Dice, net px",
+        "test Dice mean",
     ]
     assert [row[0] for row in rows] == ["fcn", "article"]
     for row in rows:
         assert all(0 <= float(row[i]) <= 1 for i in (3, 4, 5))
     # val Dice: eval.py on the validation split, at the masks' resolution
     val_names, test_names = (
-        {line.split(",")[0] for line in (tmp_path / "quality" / "fcn" / f / "per_image.csv")
-         .read_text().splitlines()[1:]}
+        {
+            line.split(",")[0]
+            for line in (tmp_path / "quality" / "fcn" / f / "per_image.csv")
+            .read_text()
+            .splitlines()[1:]
+        }
         for f in ("eval_val", "eval")
     )
     assert val_names and test_names and not val_names & test_names

@@ -365,7 +365,11 @@ def test_soft_masks_give_class_fractions_for_the_loss(tmp_path):
 
     flip = {"train": [{"_target_": "albumentations.HorizontalFlip", "p": 1.0}]}
     flipped = make_dm(
-        image_dir, mask_dir, image_size=size, soft_masks=True, split=[1.0, 0.0, 0.0],
+        image_dir,
+        mask_dir,
+        image_size=size,
+        soft_masks=True,
+        split=[1.0, 0.0, 0.0],
         augmentation=flip,
     ).train_dataset[0]
     assert torch.allclose(flipped["target"], target.flip(-1))
@@ -377,8 +381,11 @@ def test_soft_masks_give_class_fractions_for_the_loss(tmp_path):
     turn = {
         "train": [
             {"_target_": "albumentations.Affine", "rotate": [20, 20], "p": 1.0},
-            {"_target_": "albumentations.Affine", "translate_px": {"x": [5, 5], "y": [0, 0]},
-             "p": 1.0},
+            {
+                "_target_": "albumentations.Affine",
+                "translate_px": {"x": [5, 5], "y": [0, 0]},
+                "p": 1.0,
+            },
         ]
     }
     plain = make_dm(image_dir, mask_dir, soft_masks=True, split=[1.0, 0.0, 0.0])

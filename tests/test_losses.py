@@ -134,7 +134,7 @@ def test_soft_targets_one_hot_equal_class_ids_and_fractions_count(loss, target):
 
 
 def test_soft_cross_entropy_is_minimal_at_the_fractions():
-    """Cross-entropy against fractions t is lowest where softmax(logits) = t (not at t's arg-max)."""
+    """Cross-entropy against fractions t is lowest where softmax(logits) = t, not at its arg-max."""
     t = torch.tensor([0.3, 0.7]).view(1, 2, 1, 1)
     loss = CrossEntropyLoss()
     at = [loss(torch.log(torch.tensor([1 - q, q])).view(1, 2, 1, 1), t) for q in (0.5, 0.7, 0.99)]

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lungseg.data import splits, transforms
+from lungseg.data import context, splits, transforms
 from lungseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
 from lungseg.data.folders import Pair, find_pairs, read_image
 from lungseg.data.masks import MASK_MODES, decode_mask, default_colors
@@ -152,6 +152,8 @@ class SegDataModule(pl.LightningDataModule):
         class_names: Sequence[str] | None = None,
         num_classes: int | None = None,
         in_channels: int = 1,
+        context_slices: int = 0,
+        slice_pattern: str | None = None,
         image_size: int | Sequence[int] = 128,
         median_blur: int = 0,
         window: Sequence[float] | None = None,
@@ -207,6 +209,10 @@ class SegDataModule(pl.LightningDataModule):
         self._mask_suffixes, self._mask_mode, self._strict = tuple(mask_suffixes), mask_mode, strict
         self._given_class_names = None if class_names is None else list(class_names)
         self._in_channels, self._image_size = in_channels, _parse_size(image_size)
+        self._context = context.check_context(context_slices)
+        self._slice_pattern = slice_pattern
+        if self._context:  # a bad pattern stops the run before any file is read
+            context.slice_keys([], slice_pattern)
         self._median_blur, self._normalize = median_blur, normalize
         self._window = window  # checked by scale_intensity
         self._offset = float(intensity_offset)
@@ -259,6 +265,9 @@ class SegDataModule(pl.LightningDataModule):
         pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict)
         pairs, images, masks = self._decode_all(pairs)
         names = [p.stem for p in pairs]
+        if self._context:  # 2.5-D: each slice with its neighbours as channels
+            rows = context.neighbours(names, self._context, self._slice_pattern)
+            images = [np.concatenate([images[j] for j in row], axis=2) for row in rows]
         split = splits.make_split(
             names,
             self._fractions,
@@ -381,6 +390,8 @@ class SegDataModule(pl.LightningDataModule):
         """The data_info entries that transforms.preprocess and transforms.normalize read."""
         return {
             "in_channels": self._in_channels,
+            "context_slices": self._context,
+            "slice_pattern": self._slice_pattern,
             "image_size": list(self._image_size),
             "median_blur": self._median_blur,
             "window": self._window,
