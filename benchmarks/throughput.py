@@ -7,6 +7,7 @@ product measured in the same process; peak memory; and the DataModule's own deli
     python benchmarks/throughput.py --width 64 --size 256 --batch 4 --models unet
     python benchmarks/throughput.py --channels-last --precision bf16-mixed
     python benchmarks/throughput.py --device cuda --precision bf16-mixed --size 512
+    python benchmarks/throughput.py --augmentation device   # batches augmented on the device
 
 Every rate is the median over --repeats; lungseg, the bare loop and the bare loop fed by the
 DataModule's loader ("bare+loader") run back to back in each repeat (in rotating order), and
@@ -68,6 +69,7 @@ def make_cfg(args, model: str, workdir: Path):
         f"data.demo_num_images={images}",
         f"data.demo_size={max(args.size, 64)}",
         f"data.num_workers={args.workers}",
+        f"augmentation={args.augmentation}",
         f"data.persistent_workers={args.workers > 0}",
         f"output_dir={workdir / model}",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
@@ -122,12 +124,15 @@ def bare_step(net, optimizer, loss_fn, x, y, autocast):
     return loss
 
 
-def on_device(batch: dict, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """A DataModule batch as the bare loop takes it: (images, masks) on the device."""
-    x = batch["image"].to(args.device)
+def on_device(batch: dict, args, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DataModule batch as the bare loop takes it: (images, masks) on the device, augmented
+    and normalised there with --augmentation device (as lungseg's on_after_batch_transfer)."""
+    batch = {"image": batch["image"].to(args.device), "mask": batch["mask"].to(args.device)}
+    batch = datamodule.device_transform(batch)
+    x = batch["image"]
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, batch["mask"].to(args.device)
+    return x, batch["mask"]
 
 
 def bare_rate(net, optimizer, loss_fn, batches, args, autocast) -> float:
@@ -148,7 +153,7 @@ def bare_loader_rate(net, optimizer, loss_fn, datamodule, args, autocast) -> flo
     """The bare loop fed by the DataModule's training loader (augmentation on) instead of
     prepared tensors: what a hand-written loop with the same data would reach. lungseg against
     it is the cost of Lightning, metrics and logging alone."""
-    fed = (on_device(batch, args) for batch in datamodule.train_dataloader())
+    fed = (on_device(batch, args, datamodule) for batch in datamodule.train_dataloader())
     return bare_rate(net, optimizer, loss_fn, fed, args, autocast)
 
 
@@ -187,16 +192,19 @@ def matmul_gflops(device, dtype, n: int, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def data_rate(datamodule, warmup: int, batches: int) -> float:
-    """Images/s the training loader delivers, timed after its first ``warmup`` batches (worker
-    start-up is a one-off cost, with persistent workers once per run)."""
-    loader = iter(datamodule.train_dataloader())
+def data_rate(datamodule, args, warmup: int, batches: int) -> float:
+    """Images/s the training loader delivers, augmented and on the device (with --augmentation
+    device, augmented there), timed after its first ``warmup`` batches (worker start-up is a
+    one-off cost, with persistent workers once per run)."""
+    loader = (on_device(batch, args, datamodule) for batch in datamodule.train_dataloader())
     for _ in range(warmup):
         next(loader)
+    sync(args.device)
     start = time.perf_counter()
     seen = 0
     for _ in range(batches):
-        seen += next(loader)["image"].shape[0]
+        seen += next(loader)[0].shape[0]
+    sync(args.device)
     return seen / (time.perf_counter() - start)
 
 
@@ -221,6 +229,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument(
+        "--augmentation", default="default", help="conf/augmentation/<name>: default, device"
+    )
+    parser.add_argument(
         "--train-metrics-every", type=int, default=None, help="default: the config's"
     )
     args = parser.parse_args()
@@ -241,6 +252,7 @@ def main() -> None:
         f"# device {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
         f"width {args.width}, {args.size} px, batch {args.batch}, {args.precision}, "
         f"channels_last {args.channels_last}, compile {args.compile}, "
+        f"augmentation {args.augmentation}, "
         f"{args.steps} timed steps x {args.repeats} repeats (median)"
     )
     print(f"# {'bf16' if bf16 else 'fp32'} matrix product ({n}^3): {peak:.1f} GFLOP/s")
@@ -255,7 +267,9 @@ def main() -> None:
         for model in args.models:
             cfg = make_cfg(args, model, Path(tmp))
             datamodule = build_datamodule(cfg)
-            batches = [on_device(batch, args) for batch in datamodule.train_dataloader()]
+            batches = [
+                on_device(batch, args, datamodule) for batch in datamodule.train_dataloader()
+            ]
             assert len(batches) >= args.warmup + args.steps, "not enough batches"
             net, optimizer, loss_fn = build_bare(cfg, args.device, args.channels_last)
             if args.compile:
@@ -279,7 +293,7 @@ def main() -> None:
             fed_ratio = statistics.median(o / f for o, f in zip(ours, fed, strict=True))
             infer = inference_rate(net, batches[0][0], args, autocast)
             flops = train_flops_per_image(net, optimizer, loss_fn, *batches[0], autocast)
-            delivered = data_rate(datamodule, max(args.warmup, args.workers), args.steps)
+            delivered = data_rate(datamodule, args, max(args.warmup, args.workers), args.steps)
             ours_rate, bare_rate_ = statistics.median(ours), statistics.median(bare)
             achieved = flops * ours_rate / 1e9
             params = sum(p.numel() for p in net.parameters()) / 1e6

@@ -55,6 +55,18 @@ def test_throughput_prints_one_row_per_architecture_with_positive_rates(tmp_path
         assert float(row[4].split()[0]) == pytest.approx(lungseg / bare, rel=0.5)
 
 
+def test_throughput_with_device_augmentation(tmp_path):
+    out = run(
+        "throughput.py",
+        *("--models", "deeplab", "--width", "4", "--size", "32", "--batch", "2"),
+        *("--steps", "2", "--warmup", "1", "--repeats", "1", "--augmentation", "device"),
+        cwd=tmp_path,
+    )
+    assert "augmentation device" in out.splitlines()[0]
+    header, row = table(out)
+    assert row[0] == "deeplab" and float(row[2]) > 0 and float(row[10]) > 0
+
+
 def write_binary_set(root, n: int = 12, size: int = 40):
     """``n`` image/mask pairs: a bright square on noise, masks 0/1."""
     rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lungseg.data import context, splits, transforms
+from lungseg.data import context, device_augment, splits, transforms
 from lungseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
 from lungseg.data.folders import Pair, find_pairs, read_image
 from lungseg.data.masks import MASK_MODES, decode_mask, default_colors
@@ -229,12 +229,18 @@ class SegDataModule(pl.LightningDataModule):
         self._batch_size, self._num_workers = batch_size, num_workers
         self._pin_memory, self._persistent_workers = pin_memory, persistent_workers
         augmentation = augmentation or {}
-        if not isinstance(augmentation, Mapping) or set(augmentation) - {"train", "eval"}:
+        if not isinstance(augmentation, Mapping) or set(augmentation) - {"train", "eval", "device"}:
             raise LungsegError(
                 f"augmentation is {augmentation!r}, but it must be a mapping with the keys "
                 f"'train' and/or 'eval', each a list of albumentations transforms, e.g. "
-                f"{{train: [{{_target_: albumentations.HorizontalFlip, p: 0.5}}], eval: []}}."
+                f"{{train: [{{_target_: albumentations.HorizontalFlip, p: 0.5}}], eval: []}}, "
+                f"and optionally 'device' (batches augmented on the training device, "
+                f"conf/augmentation/device.yaml)."
             )
+        self._device_settings = augmentation.get("device") or None
+        if self._device_settings is not None:  # checked before any file is read
+            device_augment.check_settings(self._device_settings)
+        self._device_augment: device_augment.BatchAugment | None = None
         self._train_augment = transforms.build_augmentation(augmentation.get("train"))
         self._eval_augment = transforms.build_augmentation(augmentation.get("eval"))
         if self._soft_masks:
@@ -291,17 +297,35 @@ class SegDataModule(pl.LightningDataModule):
         train_images = [images[i] for i in members["train"]]
         if self._normalize == "dataset":
             self._mean, self._std = _channel_stats(train_images, self._window)
+        info = self._image_info()
+        if self._device_settings is not None:  # normalised on the device, after augmenting
+            self._device_augment = device_augment.BatchAugment(self._device_settings, info)
         for name in splits.SPLITS:
+            deferred = name == "train" and self._device_augment is not None
             self._datasets[name] = CachedSegDataset(
                 [names[i] for i in members[name]],
                 [images[i] for i in members[name]],
                 [masks[i] for i in members[name]],
                 self._train_augment if name == "train" else self._eval_augment,
-                self._image_info(),
+                {**info, "normalize": "none"} if deferred else info,
                 None if soft is None else [soft[i] for i in members[name]],
             )
         self._split = split
         log.info(self._summary(pairs, members, [masks[i] for i in members["train"]]))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With device augmentation (``augmentation.device``), training batches are augmented
+        and normalised here, on the training device."""
+        if self.trainer is not None and self.trainer.training:
+            return self.device_transform(batch)
+        return batch
+
+    def device_transform(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A training batch, on its device, as the network trains on it: augmented and
+        normalised by ``augmentation.device`` when it is set, else unchanged (the loader
+        already did both)."""
+        self._check_setup()
+        return batch if self._device_augment is None else self._device_augment(batch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)
