@@ -45,10 +45,16 @@ from tqdm import tqdm
 from lungseg import postprocess
 from lungseg.data import splits
 from lungseg.data.demo import make_demo_dataset
-from lungseg.data.folders import Pair, find_pairs, read_image
+from lungseg.data.folders import Pair, _list_images, find_pairs, read_image
 from lungseg.data.masks import decode_mask
 from lungseg.errors import LungsegError
-from lungseg.inference import batches, load_from_config, predict_probabilities, read_inputs
+from lungseg.inference import (
+    batches,
+    load_from_config,
+    neighbour_table,
+    predict_probabilities,
+    read_inputs,
+)
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95")
 DEFAULT_MASK_SUFFIXES = ("", "_mask")
@@ -246,12 +252,13 @@ def _score(
     log.info("scoring %s on %d images: %s", cfg.ckpt_path, len(pairs), source)
     # 2.5-D models take neighbouring slices from the images' folders, other splits included
     folders = dict.fromkeys(p.image.parent for p in pairs) if info.get("context_slices") else {}
-    pool = [image for folder in folders for image in sorted(folder.iterdir())]
+    pool = [image for f in folders for image in _list_images(f, "image", "data.image_dir")]
+    table = neighbour_table([p.image for p in pairs], info, pool)
 
     scored: list[list[dict[str, Any]]] = [[] for _ in grid]
     with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(pairs, cfg.batch_size):
-            images = read_inputs([p.image for p in batch], info, pool)
+            images = read_inputs([p.image for p in batch], table)
             probs = predict_probabilities(model, images, flips)
             for pair, prob in zip(batch, probs, strict=True):
                 target = _read_mask(pair, prob.shape[1:], mask_mode, palette, num_classes)

@@ -185,23 +185,40 @@ def _network_input(raw: np.ndarray | Sequence[np.ndarray], info: Mapping[str, An
     if len(slices) != 2 * n + 1:
         raise LungsegError(
             f"The model takes {2 * n + 1} slices per image (data.context_slices={n}), but "
-            f"{len(slices)} were given; read the images with lungseg.inference.read_inputs."
+            f"{len(slices)} were given; read the images with lungseg.inference.read_inputs "
+            f"and a neighbour_table."
         )
     image = np.concatenate([transforms.preprocess(s, info) for s in slices], axis=2)
     image = transforms.normalize(image, info)
     return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
-def read_inputs(
+def neighbour_table(
     paths: Sequence[Path], info: Mapping[str, Any], pool: Sequence[Path] = ()
-) -> list[np.ndarray | list[np.ndarray]]:
-    """What ``predict_probabilities`` takes for these image files: each image (``read_image``),
-    or for a model trained with data.context_slices=n its 2n+1 slices, found by
-    data.slice_pattern among ``paths`` and ``pool`` (e.g. all images of their folder)."""
+) -> dict[Path, list[Path]] | None:
+    """For a model trained with data.context_slices=n, each of ``paths`` → the paths of its
+    2n+1 slices, found by data.slice_pattern among ``paths`` and ``pool`` (e.g. all images of
+    their folder); None for a 2-D model. Made once for all the images to score."""
     n = int(info.get("context_slices", 0))
     if not n:
+        return None
+    try:
+        rows = context.neighbour_paths(paths, pool, n, info.get("slice_pattern"))
+    except LungsegError as err:
+        raise LungsegError(
+            f"{err} (This model was trained on 2.5-D input, data.context_slices={n}, and "
+            f"data.slice_pattern {info.get('slice_pattern')!r}: the images must be named so.)"
+        ) from None
+    return dict(zip(paths, rows, strict=True))
+
+
+def read_inputs(
+    paths: Sequence[Path], table: Mapping[Path, list[Path]] | None = None
+) -> list[np.ndarray | list[np.ndarray]]:
+    """What ``predict_probabilities`` takes for these image files: each image (``read_image``),
+    or, with a ``neighbour_table``, its 2n+1 slices."""
+    if table is None:
         return [read_image(path) for path in paths]
-    rows = context.neighbour_paths(paths, pool, n, info.get("slice_pattern"))
     cache: dict[Path, np.ndarray] = {}
 
     def read(path: Path) -> np.ndarray:
@@ -209,7 +226,7 @@ def read_inputs(
             cache[path] = read_image(path)
         return cache[path]
 
-    return [[read(path) for path in row] for row in rows]
+    return [[read(path) for path in table[p]] for p in paths]
 
 
 def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

@@ -20,7 +20,13 @@ from lungseg.data.folders import _list_images, _listing, write_image
 from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
 from lungseg.errors import LungsegError
-from lungseg.inference import batches, load_from_config, predict_probabilities, read_inputs
+from lungseg.inference import (
+    batches,
+    load_from_config,
+    neighbour_table,
+    predict_probabilities,
+    read_inputs,
+)
 from lungseg.visualize import overlay
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
@@ -67,11 +73,12 @@ def predict(cfg: DictConfig) -> list[Path]:
     output_dir = Path(cfg.output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    table = neighbour_table(list(outputs), info)  # 2.5-D models: each image's neighbours
     written: list[Path] = []
     with tqdm(total=len(outputs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(list(outputs), cfg.batch_size):
             try:
-                inputs = read_inputs(batch, info, list(outputs))
+                inputs = read_inputs(batch, table)
             except LungsegError as err:
                 if not written:
                     raise

@@ -135,7 +135,8 @@ def check_fits(path: str, module: torch.nn.Module) -> None:
         raise LungsegError(
             f"{path} holds another network than this run builds: {len(differ)} weights differ "
             f"in name or shape (e.g. {', '.join(differ[:3])}). Continue with the settings it was "
-            f"trained with (model.*, data.in_channels, data.num_classes: see config.yaml in its "
+            f"trained with (model.*, data.in_channels, data.context_slices, data.num_classes: "
+            f"see config.yaml in its "
             f"run folder), or train from scratch without ckpt_path and resume."
         )
 

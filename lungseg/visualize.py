@@ -86,8 +86,11 @@ class PredictionGrid(pl.Callback):
         targets = torch.stack([s["mask"] for s in samples])
         with torch.no_grad():
             preds = predicted_classes(pl_module(images.to(pl_module.device))).cpu()
+        info = pl_module.hparams.get("data_info") or {}
+        n, per_slice = int(info.get("context_slices", 0)), int(info.get("in_channels", 1))
+        shown = images[:, n * per_slice : (n + 1) * per_slice]  # 2.5-D input: the centre slice
         grid = prediction_grid(
-            images.float().numpy(),
+            shown.float().numpy(),
             targets.numpy(),
             preds.numpy(),
             trainer.datamodule.colors,

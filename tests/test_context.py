@@ -11,7 +11,7 @@ from lungseg.data.context import neighbour_paths, neighbours, slice_keys
 from lungseg.data.datamodule import SegDataModule
 from lungseg.errors import LungsegError
 from lungseg.evaluate import evaluate
-from lungseg.inference import _network_input, load_checkpoint, read_inputs
+from lungseg.inference import _network_input, load_checkpoint, neighbour_table, read_inputs
 from lungseg.predict import predict
 from lungseg.train import train
 
@@ -97,7 +97,7 @@ def test_training_items_stack_the_neighbours_as_prediction_does(tmp_path):
     for dataset in (dm.train_dataset, dm.test_dataset):
         for item in (dataset[i] for i in range(len(dataset))):
             path = image_dir / f"{item['name']}.png"
-            (inputs,) = read_inputs([path], info, pool)
+            (inputs,) = read_inputs([path], neighbour_table([path], info, pool))
             expected = torch.from_numpy(_network_input(inputs, info))
             assert item["image"].shape == (3, 16, 16)
             assert torch.equal(item["image"], expected)

@@ -274,6 +274,7 @@ class SegDataModule(pl.LightningDataModule):
         if self._context:  # 2.5-D: each slice with its neighbours as channels
             rows = context.neighbours(names, self._context, self._slice_pattern)
             images = [np.concatenate([images[j] for j in row], axis=2) for row in rows]
+            self._log_context(names, rows)
         split = splits.make_split(
             names,
             self._fractions,
@@ -540,6 +541,40 @@ class SegDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._train_epochs = int(state_dict.get("train_epochs", 0))
+
+    def _log_context(self, names: list[str], rows: list[list[int]]) -> None:
+        """What data.slice_pattern made of the file names: volumes, slices per volume, how
+        many neighbours are padding; a warning where the pattern probably does not fit."""
+        volumes = [volume for volume, _ in context.slice_keys(names, self._slice_pattern)]
+        depths = sorted(np.unique(volumes, return_counts=True)[1].tolist())
+        centre = self._context
+        padded = sum(row[k] == row[centre] for row in rows for k in range(len(row)) if k != centre)
+        share = padded / max(1, 2 * centre * len(rows))
+        log.info(
+            "2.5-D input (data.context_slices=%d): %d volumes, %d-%d slices each (median %d); "
+            "%.0f%% of the neighbours repeat a nearer slice (stack ends, gaps)",
+            centre,
+            len(depths),
+            depths[0],
+            depths[-1],
+            depths[len(depths) // 2],
+            100 * share,
+        )
+        if share > 0.5:
+            log.warning(
+                "data.context_slices: %.0f%% of the neighbouring slices are missing, so most "
+                "inputs repeat their own slice. Check that data.slice_pattern (%s) finds the "
+                "volume and slice number in the file names (e.g. %s).",
+                100 * share,
+                self._slice_pattern or context.DEFAULT_SLICE_PATTERN,
+                names[0],
+            )
+        if self._group_pattern is None and self._split_file is None:
+            log.warning(
+                "data.context_slices without data.group_pattern: the split is by slice, so a "
+                "training slice's neighbours may be validation or test images (their pixels, "
+                "not their masks). Set data.group_pattern to split by patient or volume."
+            )
 
     def _summary(
         self, pairs: list[Pair], members: dict[str, list[int]], train_masks: list[np.ndarray]

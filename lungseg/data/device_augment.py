@@ -37,9 +37,11 @@ class BatchAugment:
 
     settings: ``{"hflip": p, "vflip": p, "affine": {"p", "scale": [lo, hi], "translate":
     fraction of the size, "rotate": degrees}, "brightness_contrast": {"p", "brightness",
-    "contrast"}}`` (any may be left out). ``image_info``: the DataModule's normalize, mean and
-    std. The batch holds ``image`` (N, C, H, W) in [0, 1], ``mask`` (N, H, W) class ids and,
-    with soft masks, ``target`` (N, K, H, W) class fractions.
+    "contrast"}}`` (any may be left out); translate, rotate, brightness and contrast are a
+    number v (drawn from [-v, v]) or a range [lo, hi], as in albumentations; one scale is drawn
+    for both axes. ``image_info``: the DataModule's normalize, mean and std. The batch holds
+    ``image`` (N, C, H, W) in [0, 1], ``mask`` (N, H, W) class ids and, with soft masks,
+    ``target`` (N, K, H, W) class fractions; they come back in their own dtypes.
     """
 
     def __init__(self, settings: Mapping[str, Any], image_info: Mapping[str, Any]):
@@ -55,55 +57,86 @@ class BatchAugment:
         self.vflip = _probability(settings.get("vflip", 0.0), "vflip")
         affine = _section(settings.get("affine"), _AFFINE, "affine")
         self.affine_p = _probability(affine.get("p", 0.0), "affine.p")
-        self.scale = [float(s) for s in affine.get("scale", [1.0, 1.0])]
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+        self.scale = _range(affine.get("scale", [1.0, 1.0]), "affine.scale", "[0.9, 1.1]")
+        if self.scale[0] <= 0:
             raise LungsegError(
-                f"augmentation.device.affine.scale is {self.scale}; give [low, high] with "
-                f"0 < low <= high, e.g. [0.9, 1.1]."
+                f"augmentation.device.affine.scale is {list(self.scale)}; scales must be "
+                f"positive, e.g. [0.9, 1.1]."
             )
-        self.translate = float(affine.get("translate", 0.0))
-        self.rotate = float(affine.get("rotate", 0.0))
+        self.translate = _range(affine.get("translate", 0.0), "affine.translate", "0.05")
+        self.rotate = _range(affine.get("rotate", 0.0), "affine.rotate", "10 (degrees)")
         intensity = _section(settings.get("brightness_contrast"), _INTENSITY, "brightness_contrast")
         self.intensity_p = _probability(intensity.get("p", 0.0), "brightness_contrast.p")
-        self.brightness = float(intensity.get("brightness", 0.0))
-        self.contrast = float(intensity.get("contrast", 0.0))
+        self.brightness = _range(
+            intensity.get("brightness", 0.0), "brightness_contrast.brightness", "0.1"
+        )
+        self.contrast = _range(
+            intensity.get("contrast", 0.0), "brightness_contrast.contrast", "0.1"
+        )
         if image_info["normalize"] not in NORMALIZE_MODES:
             raise LungsegError(f"normalize is {image_info['normalize']!r}")
         self.info = dict(image_info)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         image = batch["image"]
         n, _, h, w = image.shape
-        device = image.device
-        theta = self._theta(n, h, w)
-        if theta is not None:
-            grid = F.affine_grid(theta.to(device), [n, 1, h, w], align_corners=False)
-            image = F.grid_sample(image.float(), grid, "bilinear", "zeros", align_corners=False)
+        # Every random number of the batch is drawn on the CPU first (the generator the
+        # DataModule reseeds), then sent to the device in one copy.
+        theta, moves = self._theta(n, h, w)
+        alpha, beta, brightens = self._intensity_params(n)
+        params = torch.cat([theta.reshape(n, 6), alpha[:, None], beta[:, None]], dim=1)
+        params = params.to(image.device, non_blocking=True)
+        theta, alpha, beta = params[:, :6].view(n, 2, 3), params[:, 6], params[:, 7]
+        out = dict(batch)
+        x = image.float()  # float32 maths whatever the batch's dtype (e.g. bf16-true)
+        if moves:
+            grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+            x = F.grid_sample(x, grid, "bilinear", "zeros", align_corners=False)
             if "target" in batch:
-                target = F.grid_sample(batch["target"], grid, "bilinear", "zeros", False)
+                target = batch["target"].float()
+                target = F.grid_sample(target, grid, "bilinear", "zeros", align_corners=False)
                 target = target.clamp(0, 1)
                 total = target.sum(dim=1, keepdim=True)
                 target = target / total.clamp(min=1)
                 target[:, :1] += 1 - total.clamp(max=1)  # moved in from outside: background
-                batch = {**batch, "target": target, "mask": hard_mask(target)}
+                out["target"] = target.to(batch["target"].dtype)
+                out["mask"] = hard_mask(target).to(batch["mask"].dtype)
             else:
                 mask = batch["mask"][:, None].float()
                 mask = F.grid_sample(mask, grid, "nearest", "zeros", align_corners=False)
-                batch = {**batch, "mask": mask[:, 0].round().long()}
-        image = self._intensity(image)
-        return {**batch, "image": normalize(image, self.info)}
+                out["mask"] = mask[:, 0].round().to(batch["mask"].dtype)
+        if brightens:
+            x = (x * alpha.view(n, 1, 1, 1) + beta.view(n, 1, 1, 1)).clamp(0, 1)
+        out["image"] = self._normalize(x).to(image.dtype)
+        return out
 
-    def _theta(self, n: int, h: int, w: int) -> torch.Tensor | None:
+    def _normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """``normalize`` with mean and std kept on the device (copied there once)."""
+        if self.info["normalize"] != "dataset":
+            return normalize(image, self.info)
+        if image.device not in self._stats:
+            mean, std = (torch.tensor(self.info[k], dtype=torch.float32) for k in ("mean", "std"))
+            self._stats[image.device] = (
+                mean.view(1, -1, 1, 1).to(image.device),
+                std.view(1, -1, 1, 1).to(image.device),
+            )
+        mean, std = self._stats[image.device]
+        return (image - mean) / std
+
+    def _theta(self, n: int, h: int, w: int) -> tuple[torch.Tensor, bool]:
         """(N, 2, 3) affine_grid matrices (output → input, normalised coordinates) of each
-        image's flips and affine; None when no image of the batch is moved."""
+        image's flips and affine, and whether any image of the batch moves."""
         flip_x = torch.where(torch.rand(n) < self.hflip, -1.0, 1.0)
         flip_y = torch.where(torch.rand(n) < self.vflip, -1.0, 1.0)
         moved = torch.rand(n) < self.affine_p
         scale = torch.empty(n).uniform_(*self.scale)
-        angle = torch.empty(n).uniform_(-self.rotate, self.rotate) * math.pi / 180
-        shift = torch.empty(n, 2).uniform_(-self.translate, self.translate)
-        if not moved.any() and (flip_x > 0).all() and (flip_y > 0).all():
-            return None
+        angle = torch.empty(n).uniform_(*self.rotate) * math.pi / 180
+        shift = torch.stack(
+            [torch.empty(n).uniform_(*self.translate), torch.empty(n).uniform_(*self.translate)],
+            dim=1,
+        )
+        moves = bool(moved.any() or (flip_x < 0).any() or (flip_y < 0).any())
         scale = torch.where(moved, scale, 1.0)
         angle = torch.where(moved, angle, 0.0)
         shift = torch.where(moved[:, None], shift, 0.0)
@@ -120,18 +153,15 @@ class BatchAugment:
         theta = torch.zeros(n, 2, 3)
         theta[:, :, :2] = inverse * half[None, None, :] / half[None, :, None]
         theta[:, :, 2] = -(inverse @ t[:, :, None])[:, :, 0] / half
-        return theta
+        return theta, moves
 
-    def _intensity(self, image: torch.Tensor) -> torch.Tensor:
-        n = image.shape[0]
+    def _intensity_params(self, n: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Each image's contrast factor and brightness shift (1 and 0 where not drawn), and
+        whether any image of the batch is changed."""
         chosen = torch.rand(n) < self.intensity_p
-        if not chosen.any():
-            return image
-        alpha = 1 + torch.empty(n).uniform_(-self.contrast, self.contrast)
-        beta = torch.empty(n).uniform_(-self.brightness, self.brightness)
-        alpha = torch.where(chosen, alpha, 1.0).to(image.device).view(n, 1, 1, 1)
-        beta = torch.where(chosen, beta, 0.0).to(image.device).view(n, 1, 1, 1)
-        return (image * alpha + beta).clamp(0, 1)
+        alpha = 1 + torch.empty(n).uniform_(*self.contrast)
+        beta = torch.empty(n).uniform_(*self.brightness)
+        return torch.where(chosen, alpha, 1.0), torch.where(chosen, beta, 0.0), bool(chosen.any())
 
 
 def normalize(image: torch.Tensor, info: Mapping[str, Any]) -> torch.Tensor:
@@ -165,6 +195,23 @@ def _probability(value: Any, name: str) -> float:
             f"augmentation.device.{name} is {value!r}; give a probability between 0 and 1."
         )
     return float(value)
+
+
+def _range(value: Any, name: str, example: str) -> tuple[float, float]:
+    """A number v >= 0 as (-v, v), or [lo, hi] with lo <= hi as (lo, hi)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    if number(value) and value >= 0:
+        return -float(value), float(value)
+    pair = isinstance(value, Sequence) and len(value) == 2 and all(number(v) for v in value)
+    if pair and value[0] <= value[1]:
+        return float(value[0]), float(value[1])
+    raise LungsegError(
+        f"augmentation.device.{name} is {value!r}; give a number v >= 0 (drawn from [-v, v]) "
+        f"or a range [low, high] with low <= high, e.g. {example}."
+    )
 
 
 def _section(value: Any, keys: set[str], name: str) -> dict[str, Any]:
