@@ -170,7 +170,7 @@ def predict_probabilities(
     probs /= 1 + len(flips)
     out = []
     for image, prob in zip(images, probs, strict=True):
-        size = (image if isinstance(image, np.ndarray) else image[len(image) // 2]).shape[:2]
+        size = centre_slice(image).shape[:2]
         if prob.shape[1:] != size:
             prob = F.interpolate(prob[None], size=size, mode="bilinear", align_corners=False)[0]
         out.append(prob.float().cpu().numpy())
@@ -191,6 +191,11 @@ def _network_input(raw: np.ndarray | Sequence[np.ndarray], info: Mapping[str, An
     image = np.concatenate([transforms.preprocess(s, info) for s in slices], axis=2)
     image = transforms.normalize(image, info)
     return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def centre_slice(item: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """The image itself of a ``read_inputs`` item: the item, or the middle of its 2n+1 slices."""
+    return item if isinstance(item, np.ndarray) else item[len(item) // 2]
 
 
 def neighbour_table(

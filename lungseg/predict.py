@@ -22,6 +22,7 @@ from lungseg.data.transforms import scale_intensity
 from lungseg.errors import LungsegError
 from lungseg.inference import (
     batches,
+    centre_slice,
     load_from_config,
     neighbour_table,
     predict_probabilities,
@@ -87,8 +88,8 @@ def predict(cfg: DictConfig) -> list[Path]:
                     f"{output_dir}; rerun with overwrite=true once the file is fixed."
                 ) from None
             probs = predict_probabilities(model, inputs, flips)
-            for path, raw, prob in zip(batch, inputs, probs, strict=True):
-                raw = raw if isinstance(raw, np.ndarray) else raw[len(raw) // 2]  # 2.5-D: centre
+            for path, item, prob in zip(batch, inputs, probs, strict=True):
+                raw = centre_slice(item)  # 2.5-D input: the image itself
                 pred = postprocess.classes(prob, post, info)
                 mask_path, overlay_path = outputs[path]
                 display = scale_intensity(raw, info["window"], info["intensity_offset"])

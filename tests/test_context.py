@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
 from lungseg.data.context import neighbour_paths, neighbours, slice_keys
@@ -110,24 +110,18 @@ def test_training_items_stack_the_neighbours_as_prediction_does(tmp_path):
     assert levels[1] - levels[0] == pytest.approx(10 if k > 0 else 0, abs=3)
 
 
-def test_a_context_model_trains_evaluates_and_predicts(tmp_path):
+def test_a_context_model_trains_evaluates_and_predicts(tmp_path, make_cfg):
     image_dir, mask_dir = write_stacks(tmp_path / "data")
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"output_dir={tmp_path / 'run'}",
-                *TINY,
-                f"data.image_dir={image_dir}",
-                f"data.mask_dir={mask_dir}",
-                "data.mask_mode=binary",
-                "data.context_slices=1",
-                "data.image_size=16",
-                "data.group_pattern='^(vol\\d+)_'",
-                "data.split=[0.34,0.33,0.33]",
-                "test_after_fit=false",
-            ],
-        )
+    cfg = make_cfg(
+        f"data.image_dir={image_dir}",
+        f"data.mask_dir={mask_dir}",
+        "data.mask_mode=binary",
+        "data.context_slices=1",
+        "data.image_size=16",
+        "data.group_pattern='^(vol\\d+)_'",
+        "data.split=[0.34,0.33,0.33]",
+        "test_after_fit=false",
+    )
     assert cfg.model.in_channels == 3
     ckpt = train(cfg)["best_checkpoint"]
     model = load_checkpoint(ckpt, torch.device("cpu"))

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, TINY
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lungseg.data import transforms
@@ -167,20 +165,13 @@ class BatchProbe(pl.Callback):
             BatchProbe.val_untouched.append(torch.equal(batch["image"].cpu(), items))
 
 
-def test_training_with_device_augmentation(tmp_path, demo_dir):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"output_dir={tmp_path / 'run'}",
-                f"data.demo_dir={demo_dir}",
-                *TINY,
-                "augmentation=device",
-                "data.soft_masks=true",
-                "test_after_fit=false",
-                "+callbacks.probe._target_=test_device_augment.BatchProbe",
-            ],
-        )
+def test_training_with_device_augmentation(make_cfg):
+    cfg = make_cfg(
+        "augmentation=device",
+        "data.soft_masks=true",
+        "test_after_fit=false",
+        "+callbacks.probe._target_=test_device_augment.BatchProbe",
+    )
     assert OmegaConf.select(cfg, "augmentation.device.affine.p") == 0.5
     BatchProbe.images.clear()
     BatchProbe.val_untouched.clear()

@@ -112,17 +112,10 @@ class BatchAugment:
         return out
 
     def _normalize(self, image: torch.Tensor) -> torch.Tensor:
-        """``normalize`` with mean and std kept on the device (copied there once)."""
-        if self.info["normalize"] != "dataset":
-            return normalize(image, self.info)
-        if image.device not in self._stats:
-            mean, std = (torch.tensor(self.info[k], dtype=torch.float32) for k in ("mean", "std"))
-            self._stats[image.device] = (
-                mean.view(1, -1, 1, 1).to(image.device),
-                std.view(1, -1, 1, 1).to(image.device),
-            )
-        mean, std = self._stats[image.device]
-        return (image - mean) / std
+        """``normalize``, with the dataset's mean and std copied to the device once."""
+        if self.info["normalize"] == "dataset" and image.device not in self._stats:
+            self._stats[image.device] = _dataset_stats(self.info, image.device)
+        return normalize(image, self.info, self._stats.get(image.device))
 
     def _theta(self, n: int, h: int, w: int) -> tuple[torch.Tensor, bool]:
         """(N, 2, 3) affine_grid matrices (output → input, normalised coordinates) of each
@@ -164,18 +157,30 @@ class BatchAugment:
         return torch.where(chosen, alpha, 1.0), torch.where(chosen, beta, 0.0), bool(chosen.any())
 
 
-def normalize(image: torch.Tensor, info: Mapping[str, Any]) -> torch.Tensor:
-    """``transforms.normalize_image`` on an (N, C, H, W) tensor of [0, 1] intensities."""
+def normalize(
+    image: torch.Tensor,
+    info: Mapping[str, Any],
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``transforms.normalize_image`` on an (N, C, H, W) tensor of [0, 1] intensities;
+    ``stats``: the dataset's mean and std already on the device (``_dataset_stats``)."""
     mode = info["normalize"]
     if mode == "dataset":
-        mean = torch.tensor(info["mean"], dtype=image.dtype, device=image.device)
-        std = torch.tensor(info["std"], dtype=image.dtype, device=image.device)
-        return (image - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        mean, std = stats if stats is not None else _dataset_stats(info, image.device)
+        return (image - mean) / std
     if mode == "image":
         mean = image.mean(dim=(2, 3), keepdim=True)
         std = image.std(dim=(2, 3), keepdim=True, unbiased=False).clamp(min=_MIN_STD)
         return (image - mean) / std
     return image
+
+
+def _dataset_stats(info: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The dataset's per-channel mean and std as (1, C, 1, 1) float32 tensors on ``device``."""
+    return tuple(
+        torch.tensor(info[k], dtype=torch.float32).view(1, -1, 1, 1).to(device)
+        for k in ("mean", "std")
+    )
 
 
 def hard_mask(target: torch.Tensor) -> torch.Tensor:
