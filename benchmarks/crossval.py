@@ -5,12 +5,16 @@
     python benchmarks/crossval.py outputs/train/multirun_<date>
 
 For every finished run under the folder (a folder with metrics.json), the best checkpoint is
-scored on the run's validation split under every pair of --thresholds (foreground where its
-probability reaches this; "argmax" = the most probable class) and --min-sizes (predicted
-components below that many pixels at the network size removed), from one prediction per image.
-The pair with the highest mean validation Dice over the folds (per image, an image empty in both
-ground truth and prediction scoring 1, so false positives on empty slices count) is then
-applied to each test split, which is scored with and without it. Prints one Markdown table:
+scored on the run's validation split under every combination of --thresholds (foreground where
+its probability reaches this; "argmax" = the most probable class), --min-sizes (predicted
+components below that many pixels at the network size removed) and --min-confidences
+(components whose most confident pixel stays below this removed), from one prediction per
+image. The setting with the highest mean validation Dice over the folds (per image, an image
+empty in both ground truth and prediction scoring 1, so false positives on empty slices count)
+is then applied to each test split, which is scored with and without it. With --max-fp-rate F
+the choice is instead the highest validation Dice over the non-empty slices among the settings
+whose mean validation false-positive rate on empty slices is at most F: an operating point for
+a required false-positive rate. Prints one Markdown table:
 per fold and mean ± std (population) over the folds, the test Dice over the slices whose mask is
 not empty and the false-positive rate on the empty ones. The test splits play no part in any
 choice.
@@ -39,7 +43,10 @@ def quote(path) -> str:
 def eval_cfg(checkpoint: str, out: Path, split: str, post: dict):
     """eval.py's config scoring ``checkpoint`` on ``split`` with the post-processing ``post``."""
     threshold = post["threshold"]
-    name = f"{split}_t{'argmax' if threshold is None else f'{threshold:g}'}_min{post['min_size']:g}"
+    name = (
+        f"{split}_t{'argmax' if threshold is None else f'{threshold:g}'}"
+        f"_min{post['min_size']:g}_conf{post['min_confidence']:g}"
+    )
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose(
             "eval",
@@ -48,6 +55,7 @@ def eval_cfg(checkpoint: str, out: Path, split: str, post: dict):
                 f"split={split}",
                 f"postprocess.min_size={post['min_size']}",
                 f"postprocess.threshold={'argmax' if threshold is None else threshold}",
+                f"postprocess.min_confidence={post['min_confidence']}",
                 f"output_dir={quote(out / name)}",
                 "progress_bar=false",
             ],
@@ -56,7 +64,7 @@ def eval_cfg(checkpoint: str, out: Path, split: str, post: dict):
 
 def label(post: dict) -> str:
     threshold = "argmax" if post["threshold"] is None else f"{post['threshold']:g}"
-    return f"{threshold} | {post['min_size']:g}"
+    return f"{threshold} | {post['min_size']:g} | {post['min_confidence']:g}"
 
 
 def first_class(summary: dict) -> dict:
@@ -75,11 +83,44 @@ def cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def choose(
+    dice: list[float | None],
+    nonempty: list[float | None],
+    fp_rate: list[float | None],
+    max_fp_rate: float | None,
+) -> int:
+    """The index of the chosen setting: the best mean Dice over all slices or, with
+    ``max_fp_rate``, the best Dice over the non-empty slices among the settings whose FP rate on
+    the empty slices is at most that (none: the lowest FP rate). A missing value (no empty or no
+    non-empty slice) counts as the worst; ties go to the least post-processing, the earliest in
+    the grid."""
+
+    def value(values: list[float | None], i: int, worst: float) -> float:
+        return worst if values[i] is None else values[i]
+
+    indices = range(len(dice))
+    if max_fp_rate is None:
+        return max(indices, key=lambda i: (value(dice, i, -1), -i))
+    allowed = [i for i in indices if value(fp_rate, i, 0) <= max_fp_rate]
+    if not allowed:
+        return min(indices, key=lambda i: (value(fp_rate, i, 0), i))
+    return max(allowed, key=lambda i: (value(nonempty, i, -1), -i))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", type=Path, help="folder holding the fold runs")
     parser.add_argument("--min-sizes", type=float, nargs="+", default=[0, 4, 8, 16, 32])
     parser.add_argument("--thresholds", nargs="+", default=["argmax", "0.6", "0.7", "0.8", "0.9"])
+    parser.add_argument(
+        "--min-confidences", type=float, nargs="+", default=[0, 0.9, 0.95, 0.98, 0.99]
+    )
+    parser.add_argument(
+        "--max-fp-rate",
+        type=float,
+        help="choose the best validation Dice on non-empty slices among the settings with at "
+        "most this validation false-positive rate on empty slices",
+    )
     args = parser.parse_args()
 
     runs = sorted(path.parent for path in args.sweep.glob("**/metrics.json"))
@@ -90,10 +131,18 @@ def main() -> None:
         if not metrics.get("best_checkpoint"):
             sys.exit(f"crossval: {run} saved no best checkpoint")
 
+    for value in args.min_confidences:
+        if not 0 <= value < 1:
+            sys.exit(f"crossval: --min-confidences {value:g}: give values from 0 to 1 (exclusive)")
     grid = [
-        {"threshold": None if t == "argmax" else float(t), "min_size": float(size)}
+        {
+            "threshold": None if t == "argmax" else float(t),
+            "min_size": float(size),
+            "min_confidence": float(confidence),
+        }
         for t in args.thresholds
         for size in args.min_sizes
+        for confidence in args.min_confidences
     ]
     val = [
         evaluate_grid(eval_cfg(m["best_checkpoint"], run / "crossval", "val", grid[0]), grid)
@@ -108,17 +157,23 @@ def main() -> None:
         return statistics.fmean(values) if values else None
 
     val_dice = [val_mean(i, "dice") for i in range(len(grid))]
-    # Ties go to the least post-processing (the earliest in the grid).
-    best = max(range(len(grid)), key=lambda i: (val_dice[i], -i))
+    val_nonempty = [val_mean(i, "dice_nonempty") for i in range(len(grid))]
+    val_fp = [val_mean(i, "fp_rate_empty") for i in range(len(grid))]
+    best = choose(val_dice, val_nonempty, val_fp, args.max_fp_rate)
     chosen = grid[best]
     print(
-        "| threshold | min_size | validation Dice mean over folds | Dice non-empty "
-        "| FP rate empty |\n|---|---|---|---|---|"
+        "| threshold | min_size | min_confidence | validation Dice mean over folds "
+        "| Dice non-empty | FP rate empty |\n|---|---|---|---|---|---|"
     )
     for i, post in enumerate(grid):
         print(
             f"| {label(post)}{' (chosen)' if i == best else ''} | {val_dice[i]:.4f} "
-            f"| {cell(val_mean(i, 'dice_nonempty'))} | {cell(val_mean(i, 'fp_rate_empty'))} |"
+            f"| {cell(val_nonempty[i])} | {cell(val_fp[i])} |"
+        )
+    if args.max_fp_rate is not None and not (val_fp[best] or 0) <= args.max_fp_rate:
+        print(
+            f"\nNo setting keeps the validation FP rate at or under {args.max_fp_rate:g}; "
+            "chosen: the lowest FP rate."
         )
 
     header = (

@@ -17,7 +17,8 @@ evaluation. Per-image numbers follow eval.py's rules (an image empty in both gro
 prediction scores Dice 1); "pooled Dice" sums true positives and pixel counts over all images;
 "Dice non-empty" is the mean over the images whose mask has the class, "FP rate empty" the share
 of the images without it on which the class is predicted (n/a: every mask has it). Scores are
-after the recipe's post-processing (postprocess.threshold and min_size), as eval.py applies it.
+after the recipe's post-processing (postprocess.threshold, min_size and min_confidence), as
+eval.py applies it.
 "val Dice" is the best checkpoint's mean Dice on the validation split scored the same way (at
 the masks' resolution, eval.py split=val): what recipes are chosen on, the test columns being
 for reporting only. "val Dice, net px" is the validation Dice at the network's size that chose
@@ -133,6 +134,7 @@ def main() -> None:
         post = recipe_cfg.postprocess
         shared.append(f"postprocess.min_size={post.min_size}")
         shared.append(f"postprocess.threshold={override_value(post.threshold)}")
+        shared.append(f"postprocess.min_confidence={post.min_confidence}")
     header = (
         "| run | parameters (M) | training min | val Dice | val Dice, net px | test Dice mean "
         "| median | pooled Dice | Dice non-empty | FP rate empty | IoU mean | HD95 mean (px) "

@@ -26,8 +26,8 @@ slices lack, the summary also gives ``dice_nonempty`` (over the images whose gro
 the class) and ``fp_rate_empty`` (the share of the images without the class in the ground
 truth on which some pixel is predicted as it).
 
-Post-processing (``postprocess.threshold`` and ``postprocess.min_size``, by default the
-checkpoint's) is applied before scoring; the summary then also holds the scores without it
+Post-processing (``postprocess.threshold``, ``postprocess.min_size`` and
+``postprocess.min_confidence``, by default the checkpoint's) is applied before scoring; the summary then also holds the scores without it
 (``without_postprocessing``), and the log says what it changed.
 """
 
@@ -196,12 +196,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for name, entry in summary["classes"].items():
             before = summary["without_postprocessing"]["classes"][name]
             log.info(
-                "post-processing (foreground threshold %s, components under %g px at the "
-                "network size removed), %s: "
+                "post-processing (%s, at the network size), %s: "
                 "dice %.4f -> %.4f, dice on non-empty %s -> %s, false positives on empty "
                 "slices %s -> %s",
-                "argmax" if post["threshold"] is None else post["threshold"],
-                post["min_size"],
+                postprocess.describe(post),
                 name,
                 before["dice"]["mean"],
                 entry["dice"]["mean"],

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lungseg import input_channels
+from lungseg import input_channels, postprocess
 from lungseg.errors import LungsegError
 from lungseg.inference import load_checkpoint
 
@@ -39,7 +39,16 @@ PREPROCESSING = [
     "'none': unchanged",
     "to (N, C, H, W) float32",
 ]
-POSTPROCESSING = "argmax over the class axis (1) gives class ids: class_names[id], palette[id]"
+POSTPROCESSING = [
+    "softmax over the class axis (1); at each image's own size (probabilities resized "
+    "bilinearly), class ids: argmax, or with postprocess.threshold t: background where "
+    "1 - p[0] < t, else the most probable other class",
+    "postprocess.min_confidence c > 0: per foreground class, 8-connected components whose "
+    "largest 1 - p[0] is under c become background",
+    "postprocess.min_size s > 0: per foreground class, 8-connected components of fewer than "
+    "s x (H x W) / (image_size[0] x image_size[1]) pixels become background",
+    "class ids name class_names[id] and, for palette masks, colour palette[id]",
+]
 
 
 def load_network(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -174,6 +183,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "data_info": info,
         "preprocessing": PREPROCESSING,
         "postprocessing": POSTPROCESSING,
+        # what eval.py and predict.py apply to this checkpoint unless told otherwise
+        "postprocess": postprocess.settings(None, hparams.get("postprocess")),
     }
     info_path = path.with_name(path.name + ".json")
     info_path.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,5 +1,5 @@
-"""Post-processing of predicted probabilities into class maps: a foreground threshold and
-removal of small connected components.
+"""Post-processing of predicted probabilities into class maps: a foreground threshold, and
+removal of connected components that are small or that the network is not sure of.
 
 Small isolated blobs are the typical false positives of a segmentation network on lesion data
 (a speck predicted on a slice without a nodule). ``postprocess.threshold`` makes a pixel
@@ -9,8 +9,11 @@ the most probable foreground class. ``postprocess.min_size`` removes, per foregr
 every 8-connected component with fewer pixels than that; the removed pixels become background.
 The size is given in pixels of the network's input grid (``data.image_size``) and scaled to
 each image's own resolution, so one setting means the same physical share of the image
-whatever the size of the files. Both are best chosen on validation data
-(``benchmarks/crossval.py`` does, over the folds).
+whatever the size of the files. ``postprocess.min_confidence`` removes every component whose
+most confident pixel has a foreground probability below it: a threshold with hysteresis, where
+``threshold`` sets a lesion's extent and ``min_confidence`` whether the lesion is there at all
+(a faint blob on a slice without a nodule goes, the rim of a sure nodule stays). All three are
+best chosen on validation data (``benchmarks/crossval.py`` does, over the folds).
 """
 
 from typing import Any
@@ -45,6 +48,29 @@ def remove_small_components(pred: np.ndarray, min_pixels: int, num_classes: int)
     return out
 
 
+def remove_unsure_components(
+    pred: np.ndarray, confidence: np.ndarray, min_confidence: float, num_classes: int
+) -> np.ndarray:
+    """A copy of ``pred`` (H, W class ids) without the components (8-connectivity, per
+    foreground class) in which no pixel's ``confidence`` (H, W) reaches ``min_confidence``;
+    0 changes nothing."""
+    out = pred.copy()
+    if min_confidence <= 0:
+        return out
+    for c in range(1, num_classes):
+        mask = (pred == c).astype(np.uint8)
+        if not mask.any():
+            continue
+        count, labels = cv2.connectedComponents(mask, connectivity=8)
+        peak = np.zeros(count)
+        np.maximum.at(peak, labels[mask > 0], confidence[mask > 0])
+        unsure = np.flatnonzero(peak < min_confidence)
+        unsure = unsure[unsure != 0]  # label 0 is everything that is not class c
+        if unsure.size:
+            out[np.isin(labels, unsure)] = 0
+    return out
+
+
 def settings(cfg_value: Any, checkpoint_value: Any) -> dict[str, Any]:
     """The post-processing to apply: the command's ``postprocess`` where it sets a value,
     else what the checkpoint was trained with (``postprocess`` of its training config).
@@ -61,15 +87,36 @@ def settings(cfg_value: Any, checkpoint_value: Any) -> dict[str, Any]:
             f"postprocess.threshold is {threshold!r}; give a foreground probability between 0 "
             "and 1 (exclusive), or argmax for the most probable class."
         )
+    confidence = chosen.get("min_confidence") or 0
+    if not (isinstance(confidence, int | float) and 0 <= float(confidence) < 1):
+        raise LungsegError(
+            f"postprocess.min_confidence is {confidence!r}; give the foreground probability "
+            "(0 to 1, exclusive) a predicted component must reach somewhere to be kept, or 0 "
+            "to keep every component."
+        )
     return {
         "min_size": float(chosen.get("min_size") or 0),
         "threshold": None if threshold is None else float(threshold),
+        "min_confidence": float(confidence),
     }
 
 
 def active(chosen: dict[str, Any]) -> bool:
     """Whether ``chosen`` (``settings``) changes anything against the plain argmax."""
-    return bool(chosen.get("min_size")) or chosen.get("threshold") is not None
+    return (
+        bool(chosen.get("min_size"))
+        or bool(chosen.get("min_confidence"))
+        or chosen.get("threshold") is not None
+    )
+
+
+def describe(chosen: dict[str, Any]) -> str:
+    """``chosen`` (``settings``) in words, for logs and tables."""
+    threshold = chosen.get("threshold")
+    words = f"foreground {'argmax' if threshold is None else f'>= {threshold:g}'}"
+    if chosen.get("min_confidence"):
+        words += f", components peaking under {chosen['min_confidence']:g} removed"
+    return words + f", components under {chosen.get('min_size') or 0:g} px removed"
 
 
 def classes(prob: np.ndarray, chosen: dict[str, Any], data_info: dict[str, Any]) -> np.ndarray:
@@ -82,6 +129,9 @@ def classes(prob: np.ndarray, chosen: dict[str, Any], data_info: dict[str, Any])
     else:
         foreground = prob[1:].argmax(axis=0) + 1
         pred = np.where(1 - prob[0] >= threshold, foreground, 0)
+    if chosen.get("min_confidence"):
+        num_classes = int(data_info["num_classes"])
+        pred = remove_unsure_components(pred, 1 - prob[0], chosen["min_confidence"], num_classes)
     return apply(pred, chosen, data_info)
 
 

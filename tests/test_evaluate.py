@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_inference import CPU, trained_checkpoints, write_pairs
 
+from lungseg import postprocess
 from lungseg.data.folders import read_image
 from lungseg.data.masks import decode_mask
 from lungseg.errors import LungsegError
@@ -247,6 +248,27 @@ def test_eval_on_a_folder_with_empty_masks(tmp_path, checkpoints):
             nothing_predicted = row[f"pred_pixels_{name}"] == "0"
             assert float(row[f"dice_{name}"]) == (1.0 if nothing_predicted else 0.0)
             assert float(row[f"hd95_{name}"]) == pytest.approx(0 if nothing_predicted else diagonal)
+
+
+def test_eval_applies_the_post_processing_and_keeps_the_scores_without_it(tmp_path, checkpoints):
+    """postprocess.* from the command: every image scored on exactly the post-processed
+    prediction, the scores before it kept beside (removing components only removes pixels)."""
+    ckpt = checkpoints["palette"]
+    overrides = ["postprocess.min_confidence=0.9", "postprocess.min_size=3"]
+    summary = evaluate(eval_cfg(tmp_path, ckpt, *overrides))
+    rows, saved = read_outputs(tmp_path / "eval")
+    assert saved["postprocess"] == {"min_size": 3.0, "threshold": None, "min_confidence": 0.9}
+    model = load_checkpoint(ckpt, CPU)
+    info = model.hparams.data_info
+    demo = Path(OmegaConf.load(ckpt.parent.parent / "config.yaml").data.demo_dir)
+    for row in rows:
+        prob = predict_probabilities(model, [read_image(demo / "images" / f"{row['image']}.png")])
+        pred = postprocess.classes(prob[0], saved["postprocess"], info)
+        for c, name in enumerate(info["class_names"][1:], start=1):
+            assert int(row[f"pred_pixels_{name}"]) == (pred == c).sum()
+    before = summary["without_postprocessing"]["classes"]
+    for name, entry in summary["classes"].items():
+        assert entry["n_empty_prediction"] >= before[name]["n_empty_prediction"]
 
 
 def test_eval_errors(tmp_path, checkpoints):

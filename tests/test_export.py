@@ -105,6 +105,7 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch(checkpoint, demo_dir, mode
     assert record["max_abs_diff"] <= 1e-4
     saved = json.loads(onnx_path.with_name(onnx_path.name + ".json").read_text())
     assert saved == json.loads(json.dumps(record))
+    assert saved["postprocess"] == {"min_size": 0.0, "threshold": None, "min_confidence": 0.0}
     info = saved["data_info"]
     assert info["class_names"] == ["background", "lung", "tumour"] and info["median_blur"] == 3
     assert saved["input"]["shape"] == ["batch", 1, 32, 32]

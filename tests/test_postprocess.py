@@ -7,7 +7,9 @@ from lungseg.postprocess import (
     apply,
     classes,
     min_pixels,
+    describe,
     remove_small_components,
+    remove_unsure_components,
     settings,
 )
 
@@ -38,9 +40,13 @@ def test_size_is_given_at_the_network_grid_and_scaled_to_the_image():
 
 
 def test_command_setting_overrides_the_checkpoint_and_null_keeps_it():
-    assert settings({"min_size": None}, {"min_size": 8}) == {"min_size": 8.0, "threshold": None}
+    assert settings({"min_size": None}, {"min_size": 8}) == {
+        "min_size": 8.0,
+        "threshold": None,
+        "min_confidence": 0.0,
+    }
     assert settings({"min_size": 0}, {"min_size": 8})["min_size"] == 0.0
-    assert settings(None, None) == {"min_size": 0.0, "threshold": None}
+    assert settings(None, None) == {"min_size": 0.0, "threshold": None, "min_confidence": 0.0}
     assert not active(settings(None, None))
     assert settings({"threshold": None}, {"threshold": 0.7})["threshold"] == 0.7
     assert settings({"threshold": 0.3}, {"threshold": 0.7})["threshold"] == 0.3
@@ -61,3 +67,43 @@ def test_threshold_is_on_the_summed_foreground_probability():
     assert (classes(prob, settings(None, None), info) == [[0, 2], [0, 1]]).all()
     assert (classes(prob, settings({"threshold": 0.5}, None), info) == [[1, 2], [0, 1]]).all()
     assert (classes(prob, settings({"threshold": 0.75}, None), info) == [[0, 2], [0, 0]]).all()
+
+
+def test_components_whose_peak_confidence_is_low_are_removed_whole():
+    pred = np.zeros((12, 12), np.int64)
+    confidence = np.zeros((12, 12))
+    pred[1:5, 1:5] = 1  # a sure blob with an unsure rim: kept whole
+    confidence[1:5, 1:5] = 0.6
+    confidence[2, 2] = 0.97
+    pred[8:11, 8:11] = 1  # a faint blob: removed
+    confidence[8:11, 8:11] = 0.8
+    pred[8:10, 0:2] = 2  # class 2, sure: kept
+    confidence[8:10, 0:2] = 0.99
+    out = remove_unsure_components(pred, confidence, 0.95, 3)
+    assert (out[1:5, 1:5] == 1).all() and (out[8:11, 8:11] == 0).all()
+    assert (out[8:10, 0:2] == 2).all()
+    assert (remove_unsure_components(pred, confidence, 0.0, 3) == pred).all()
+    assert (remove_unsure_components(pred, confidence, 0.8, 3) == pred).all()  # peak == bar
+    assert pred[9, 9] == 1  # the input is not changed
+
+
+def test_min_confidence_gates_components_on_the_foreground_probability():
+    info = {"image_size": [6, 6], "num_classes": 2}
+    prob = np.zeros((2, 6, 6))
+    prob[1] = 0.1
+    prob[1, 0:2, 0:2] = 0.7  # above the argmax, peak 0.7: goes at min_confidence 0.9
+    prob[1, 3:6, 3:6] = 0.6
+    prob[1, 4, 4] = 0.95  # peak 0.95: the whole component stays
+    prob[0] = 1 - prob[1]
+    chosen = settings({"min_confidence": 0.9}, None)
+    assert active(chosen) and "peaking under 0.9" in describe(chosen)
+    pred = classes(prob, chosen, info)
+    assert (pred[0:2, 0:2] == 0).all() and (pred[3:6, 3:6] == 1).all()
+    assert (classes(prob, settings(None, None), info)[0:2, 0:2] == 1).all()
+    # with a threshold, the extent follows it and the gate still looks at the peak
+    pred = classes(prob, settings({"min_confidence": 0.9, "threshold": 0.65}, None), info)
+    assert pred.sum() == 1 and pred[4, 4] == 1
+    for bad in (1, -0.1, "sure"):
+        with pytest.raises(LungsegError, match=f"postprocess.min_confidence is {bad!r}"):
+            settings({"min_confidence": bad}, None)
+    assert settings({"min_confidence": None}, {"min_confidence": 0.9})["min_confidence"] == 0.9

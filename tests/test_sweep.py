@@ -1,3 +1,4 @@
+import itertools
 import csv
 import json
 import subprocess
@@ -204,6 +205,7 @@ def test_fold_sweep_and_crossval_report(tmp_path):
             str(sweep),
             *("--min-sizes", "0", "4"),
             *("--thresholds", "argmax", "0.7"),
+            *("--min-confidences", "0", "0.9"),
         ],
         capture_output=True,
         text=True,
@@ -212,8 +214,22 @@ def test_fold_sweep_and_crossval_report(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| mean ± std (2 folds) |" in report.stdout
     assert report.stdout.count("(chosen)") == 1
-    for grid_row in ("| argmax | 0", "| argmax | 4", "| 0.7 | 0", "| 0.7 | 4"):
-        assert grid_row in report.stdout
+    for threshold, size, confidence in itertools.product(["argmax", "0.7"], [0, 4], [0, 0.9]):
+        assert f"| {threshold} | {size} | {confidence:g} " in report.stdout
+
+
+def test_crossval_chooses_on_validation_dice_or_under_a_false_positive_budget():
+    from benchmarks.crossval import choose
+
+    dice = [0.70, 0.72, 0.72, 0.60]
+    nonempty = [0.80, 0.78, 0.79, 0.74]
+    fp_rate = [0.60, 0.40, 0.30, 0.10]
+    assert choose(dice, nonempty, fp_rate, None) == 1  # best over all slices; tie: the earliest
+    assert choose(dice, nonempty, fp_rate, 0.35) == 2  # best non-empty Dice with FP <= 0.35
+    assert choose(dice, nonempty, fp_rate, 0.2) == 3
+    assert choose(dice, nonempty, fp_rate, 0.05) == 3  # none qualifies: the lowest FP rate
+    # no empty slices (FP rate None) pass any budget; no non-empty ones count as the worst
+    assert choose(dice, [None, 0.5, None, None], [None, None, 0.9, 0.9], 0.35) == 1
 
 
 def test_long_override_lists_give_short_distinct_folder_names():
