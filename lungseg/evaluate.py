@@ -27,8 +27,9 @@ the class) and ``fp_rate_empty`` (the share of the images without the class in t
 truth on which some pixel is predicted as it).
 
 Post-processing (``postprocess.threshold``, ``postprocess.min_size`` and
-``postprocess.min_confidence``, by default the checkpoint's) is applied before scoring; the summary then also holds the scores without it
-(``without_postprocessing``), and the log says what it changed.
+``postprocess.min_confidence``, by default the checkpoint's) is applied before scoring; the
+summary then also holds the scores without it (``without_postprocessing``), and the log says
+what it changed.
 """
 
 import csv

@@ -16,6 +16,7 @@ most confident pixel has a foreground probability below it: a threshold with hys
 best chosen on validation data (``benchmarks/crossval.py`` does, over the folds).
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -30,22 +31,33 @@ def min_pixels(min_size: float, network_size: tuple[int, int], image_size: tuple
     return int(round(min_size * scale))
 
 
-def remove_small_components(pred: np.ndarray, min_pixels: int, num_classes: int) -> np.ndarray:
-    """A copy of ``pred`` (H, W class ids) without the components of fewer than ``min_pixels``
-    pixels (8-connectivity), per foreground class; ``min_pixels`` <= 1 changes nothing."""
+def _remove_components(
+    pred: np.ndarray, num_classes: int, select: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """A copy of ``pred`` (H, W class ids) in which, per foreground class, the 8-connected
+    components that ``select(labels, areas)`` names (labels: cv2's component map of the class,
+    0 outside it; areas: pixels per label) become background."""
     out = pred.copy()
-    if min_pixels <= 1:
-        return out
     for c in range(1, num_classes):
         mask = (pred == c).astype(np.uint8)
         if not mask.any():
             continue
         _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_pixels)
-        small = small[small != 0]  # label 0 is everything that is not class c
-        if small.size:
-            out[np.isin(labels, small)] = 0
+        drop = select(labels, stats[:, cv2.CC_STAT_AREA])
+        drop = drop[drop != 0]  # label 0 is everything that is not class c
+        if drop.size:
+            out[np.isin(labels, drop)] = 0
     return out
+
+
+def remove_small_components(pred: np.ndarray, min_pixels: int, num_classes: int) -> np.ndarray:
+    """A copy of ``pred`` (H, W class ids) without the components of fewer than ``min_pixels``
+    pixels (8-connectivity), per foreground class; ``min_pixels`` <= 1 changes nothing."""
+    if min_pixels <= 1:
+        return pred.copy()
+    return _remove_components(
+        pred, num_classes, lambda _, areas: np.flatnonzero(areas < min_pixels)
+    )
 
 
 def remove_unsure_components(
@@ -54,21 +66,15 @@ def remove_unsure_components(
     """A copy of ``pred`` (H, W class ids) without the components (8-connectivity, per
     foreground class) in which no pixel's ``confidence`` (H, W) reaches ``min_confidence``;
     0 changes nothing."""
-    out = pred.copy()
     if min_confidence <= 0:
-        return out
-    for c in range(1, num_classes):
-        mask = (pred == c).astype(np.uint8)
-        if not mask.any():
-            continue
-        count, labels = cv2.connectedComponents(mask, connectivity=8)
-        peak = np.zeros(count)
-        np.maximum.at(peak, labels[mask > 0], confidence[mask > 0])
-        unsure = np.flatnonzero(peak < min_confidence)
-        unsure = unsure[unsure != 0]  # label 0 is everything that is not class c
-        if unsure.size:
-            out[np.isin(labels, unsure)] = 0
-    return out
+        return pred.copy()
+
+    def unsure(labels: np.ndarray, areas: np.ndarray) -> np.ndarray:
+        peak = np.zeros(len(areas))
+        np.maximum.at(peak, labels, confidence)  # label 0's peak is never used
+        return np.flatnonzero(peak < min_confidence)
+
+    return _remove_components(pred, num_classes, unsure)
 
 
 def settings(cfg_value: Any, checkpoint_value: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-import itertools
 import csv
+import itertools
 import json
 import subprocess
 import sys
