@@ -399,3 +399,43 @@ def test_soft_masks_give_class_fractions_for_the_loss(tmp_path):
 
     batch = next(iter(dm.train_dataloader()))
     assert batch["target"].shape == (4, 3, *size) and batch["mask"].dtype == torch.int64
+
+
+def test_foreground_oversampling_under_ddp_gives_disjoint_shards_with_the_batch_share(tmp_path):
+    """Each process's sampler (as the DataModule builds it for 2 processes) keeps the
+    foreground share in its own batches, the processes draw disjoint samples, the stream
+    follows the epoch, and Lightning keeps the sampler instead of wrapping it."""
+    from types import SimpleNamespace
+
+    from torch.utils.data.distributed import DistributedSampler
+
+    from lungseg.data.datamodule import DistributedForegroundSampler
+
+    image_dir, mask_dir, _ = write_data(tmp_path, n=40)
+    dm = make_dm(image_dir, mask_dir, split=[1.0, 0.0, 0.0], batch_size=4, foreground_fraction=0.5)
+    for i in range(20):  # 20 of the 40 slices keep foreground
+        dm.train_dataset.masks[i][:] = 0
+    orders = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        sampler = dm.train_dataloader().sampler
+        assert isinstance(sampler, DistributedForegroundSampler)
+        assert isinstance(sampler, DistributedSampler)  # Lightning's test for "leave it alone"
+        assert len(sampler) == 20
+        sampler.set_epoch(3)
+        torch.manual_seed(rank)  # the global generator (reseeded per rank) plays no part
+        order = list(sampler)
+        for start in range(0, 20, 4):
+            assert sum(i >= 20 for i in order[start : start + 4]) >= 2
+        torch.manual_seed(7)
+        assert list(sampler) == order
+        sampler.set_epoch(4)
+        assert list(sampler) != order
+        orders.append(order)
+    # The first 2 of every 4 samples of a process are its foreground draws: 20 in all, of 20
+    # foreground slices, so the two processes drew each exactly once; the other draws, 20 of
+    # all 40 slices, are distinct too (a slice may be drawn once from each source).
+    foreground = [i for order in orders for k, i in enumerate(order) if k % 4 < 2]
+    others = [i for order in orders for k, i in enumerate(order) if k % 4 >= 2]
+    assert sorted(foreground) == list(range(20, 40))
+    assert len(set(others)) == 20

@@ -83,6 +83,7 @@ def ddp_sweep(tmp_path_factory) -> Path:
     overrides = with_overrides(TINY, DDP_DATA)
     result = run_cli(
         ["-m", "trainer=ddp", "optimizer=sgd", "optimizer.lr=1e12,1e-3", "loss=ce"]
+        + ["data.foreground_fraction=0.5"]  # each rank a shard of one oversampled stream
         # Job folders 0 and 1: <n>_<overrides> would pass the 255-character limit on names.
         + ["hydra.sweep.subdir=${hydra.job.num}", f"data.demo_dir={cwd}/demo", *overrides],
         cwd,
@@ -109,6 +110,8 @@ def test_ddp_multirun_writes_one_folder_per_job_and_rank_zero_writes_the_record(
     rank0, rank1 = ((trained / f).read_text() for f in ("train.log", "train_ddp_process_1.log"))
     assert "metrics written to" in rank0 and "training curves written" in rank0
     assert "metrics written to" not in rank1 and "curves written" not in rank1
+    for rank, log in enumerate((rank0, rank1)):
+        assert f"process {rank} of 2 takes one sample in 2 of a stream common" in log
     # Both ranks log the same synchronised validation metrics.
     epoch = [line.split(" - ", 1)[1] for line in rank0.splitlines() if "epoch 0:" in line]
     assert epoch and epoch[0] in rank1

@@ -21,6 +21,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 from lungseg.data import context, device_augment, splits, transforms
 from lungseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
@@ -94,30 +95,67 @@ class ForegroundSampler(Sampler[int]):
     restarted when used up. An epoch has as many samples as the dataset. Random numbers come
     from torch's global generator, which EpochLoader reseeds per epoch (reproducible, resumable).
     The foreground share of a batch is therefore at least ``fraction`` (nnU-Net's
-    "oversample_foreground_percent"). Under DDP Lightning gives each process every W-th index
-    of its own (differently seeded) list: the overall share is kept, but the processes' samples
-    are not disjoint within an epoch."""
+    "oversample_foreground_percent"). For several processes (DDP) see
+    ``DistributedForegroundSampler``."""
 
     def __init__(self, dataset: CachedSegDataset, batch_size: int, fraction: float):
         self.size, self.batch_size = len(dataset), batch_size
         self.foreground = [i for i, m in enumerate(dataset.masks) if m.any()]
         self.per_batch = math.ceil(fraction * batch_size) if self.foreground else 0
+        self.replicas, self.rank = 1, 0
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / self.replicas)
+
+    def _generator(self) -> torch.Generator | None:
+        return None  # torch's global generator
 
     def __iter__(self):
         sources = {"fg": self.foreground, "all": list(range(self.size))}
         queues: dict[str, list[int]] = {"fg": [], "all": []}
+        generator = self._generator()
 
         def draw(source: str) -> int:
             if not queues[source]:
-                order = torch.randperm(len(sources[source])).tolist()
+                order = torch.randperm(len(sources[source]), generator=generator).tolist()
                 queues[source] = [sources[source][i] for i in order]
             return queues[source].pop()
 
-        for position in range(self.size):
-            yield draw("fg" if position % self.batch_size < self.per_batch else "all")
+        # One stream for all processes, process r taking positions r, r + W, ...: its k-th
+        # sample is the k-th of a batch of its own, so the batch share holds in every process.
+        for position in range(len(self) * self.replicas):
+            in_batch = (position // self.replicas) % self.batch_size
+            index = draw("fg" if in_batch < self.per_batch else "all")
+            if position % self.replicas == self.rank:
+                yield index
+
+
+class DistributedForegroundSampler(ForegroundSampler, DistributedSampler):
+    """``ForegroundSampler`` for process ``rank`` of ``replicas`` (DDP). Every process draws the
+    same stream from a generator seeded by (seed, epoch) (Lightning calls ``set_epoch``) and
+    keeps every ``replicas``-th index of it: within an epoch the processes' samples are
+    disjoint until a source is used up, as DistributedSampler's are, and each process's
+    batches keep the foreground share. Being a DistributedSampler, Lightning uses it as it is
+    instead of wrapping it (its wrapper would shuffle the stream, losing the batch share, and
+    each process would draw its own)."""
+
+    def __init__(
+        self,
+        dataset: CachedSegDataset,
+        batch_size: int,
+        fraction: float,
+        replicas: int,
+        rank: int,
+        seed: int,
+    ):
+        # DistributedSampler.__init__ is not called: it would need the process group; what it
+        # sets that Lightning reads (epoch, through set_epoch) is set here.
+        ForegroundSampler.__init__(self, dataset, batch_size, fraction)
+        self.replicas, self.rank, self.seed, self.epoch = replicas, rank, seed, 0
+
+    def _generator(self) -> torch.Generator:
+        entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(entropy))
 
 
 class EpochLoader(DataLoader):
@@ -512,8 +550,20 @@ class SegDataModule(pl.LightningDataModule):
             return DataLoader(dataset, **options)
         drop_last = len(dataset) > self._batch_size
         if self._foreground_fraction:
-            sampler = ForegroundSampler(dataset, self._batch_size, self._foreground_fraction)
-            options["sampler"] = sampler
+            args = (dataset, self._batch_size, self._foreground_fraction)
+            replicas = self.trainer.world_size if self.trainer is not None else 1
+            if replicas > 1:
+                rank = self.trainer.global_rank
+                options["sampler"] = DistributedForegroundSampler(*args, replicas, rank, self._seed)
+                log.info(
+                    "foreground oversampling: process %d of %d takes one sample in %d of a "
+                    "stream common to all processes",
+                    rank,
+                    replicas,
+                    replicas,
+                )
+            else:
+                options["sampler"] = ForegroundSampler(*args)
         else:
             options["shuffle"] = True
         return EpochLoader(dataset, drop_last=drop_last, on_epoch=self._reseed, **options)
