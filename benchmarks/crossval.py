@@ -91,9 +91,10 @@ def choose(
 ) -> int:
     """The index of the chosen setting: the best mean Dice over all slices or, with
     ``max_fp_rate``, the best Dice over the non-empty slices among the settings whose FP rate on
-    the empty slices is at most that (none: the lowest FP rate). A missing value (no empty or no
-    non-empty slice) counts as the worst; ties go to the least post-processing, the earliest in
-    the grid."""
+    the empty slices is at most that (none: the lowest FP rate). A missing Dice (no non-empty
+    slice) counts as the worst, a missing FP rate (no empty slice) as 0; either depends on the
+    ground truth alone, so it is the same for every setting. Ties go to the least
+    post-processing, the earliest in the grid."""
 
     def value(values: list[float | None], i: int, worst: float) -> float:
         return worst if values[i] is None else values[i]
@@ -133,7 +134,9 @@ def main() -> None:
 
     for value in args.min_confidences:
         if not 0 <= value < 1:
-            sys.exit(f"crossval: --min-confidences {value:g}: give values from 0 to 1 (exclusive)")
+            sys.exit(f"crossval: --min-confidences {value:g}: give values in [0, 1)")
+    if args.max_fp_rate is not None and not 0 <= args.max_fp_rate <= 1:
+        sys.exit(f"crossval: --max-fp-rate {args.max_fp_rate:g}: give a share in [0, 1]")
     grid = [
         {
             "threshold": None if t == "argmax" else float(t),
@@ -143,6 +146,8 @@ def main() -> None:
         for t in args.thresholds
         for size in args.min_sizes
         for confidence in args.min_confidences
+        # a component above the threshold already peaks above any lower confidence bar
+        if not (t != "argmax" and 0 < confidence <= float(t))
     ]
     val = [
         evaluate_grid(eval_cfg(m["best_checkpoint"], run / "crossval", "val", grid[0]), grid)

@@ -13,7 +13,9 @@ whatever the size of the files. ``postprocess.min_confidence`` removes every com
 most confident pixel has a foreground probability below it: a threshold with hysteresis, where
 ``threshold`` sets a lesion's extent and ``min_confidence`` whether the lesion is there at all
 (a faint blob on a slice without a nodule goes, the rim of a sure nodule stays). All three are
-best chosen on validation data (``benchmarks/crossval.py`` does, over the folds).
+best chosen on validation data (``benchmarks/crossval.py`` does, over the folds). With several
+foreground classes, components are taken class by class (for ``min_confidence`` too: a rim
+of class 2 around a sure core of class 1 is judged by its own peak).
 """
 
 from collections.abc import Callable
@@ -97,8 +99,8 @@ def settings(cfg_value: Any, checkpoint_value: Any) -> dict[str, Any]:
     if not (isinstance(confidence, int | float) and 0 <= float(confidence) < 1):
         raise LungsegError(
             f"postprocess.min_confidence is {confidence!r}; give the foreground probability "
-            "(0 to 1, exclusive) a predicted component must reach somewhere to be kept, or 0 "
-            "to keep every component."
+            "in [0, 1) that a predicted component must reach somewhere to be kept (0 keeps "
+            "every component)."
         )
     return {
         "min_size": float(chosen.get("min_size") or 0),
@@ -122,7 +124,9 @@ def describe(chosen: dict[str, Any]) -> str:
     words = f"foreground {'argmax' if threshold is None else f'>= {threshold:g}'}"
     if chosen.get("min_confidence"):
         words += f", components peaking under {chosen['min_confidence']:g} removed"
-    return words + f", components under {chosen.get('min_size') or 0:g} px removed"
+    if chosen.get("min_size"):
+        words += f", components under {chosen['min_size']:g} px removed"
+    return words
 
 
 def classes(prob: np.ndarray, chosen: dict[str, Any], data_info: dict[str, Any]) -> np.ndarray:

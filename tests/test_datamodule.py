@@ -315,7 +315,7 @@ def test_foreground_oversampling_fills_each_batch_share(tmp_path):
     with pytest.raises(LungsegError, match="foreground_fraction"):
         make_dm(image_dir, mask_dir, foreground_fraction=1.5)
     loader = make_dm(image_dir, mask_dir, foreground_fraction=0.5).train_dataloader()
-    assert isinstance(loader.sampler, ForegroundSampler)
+    assert type(loader.sampler) is ForegroundSampler
 
 
 def test_soft_mask_fractions_target_and_tie_break():
@@ -418,18 +418,22 @@ def test_foreground_oversampling_under_ddp_gives_disjoint_shards_with_the_batch_
     orders = []
     for rank in (0, 1):
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
-        sampler = dm.train_dataloader().sampler
-        assert isinstance(sampler, DistributedForegroundSampler)
+        dm.load_state_dict({"train_epochs": 3})  # as a resumed run's checkpoint restores it
+        loader = dm.train_dataloader()
+        sampler = loader.sampler
+        assert type(sampler) is DistributedForegroundSampler
         assert isinstance(sampler, DistributedSampler)  # Lightning's test for "leave it alone"
         assert len(sampler) == 20
-        sampler.set_epoch(3)
+        iter(loader)  # the epoch's loader starts: the stream of epoch 3, set before any prefetch
+        sampler.set_epoch(0)  # Lightning's call, after a worker loader prefetched: ignored
+        assert sampler.stream_epoch == 3
         torch.manual_seed(rank)  # the global generator (reseeded per rank) plays no part
         order = list(sampler)
         for start in range(0, 20, 4):
             assert sum(i >= 20 for i in order[start : start + 4]) >= 2
         torch.manual_seed(7)
         assert list(sampler) == order
-        sampler.set_epoch(4)
+        sampler.stream_epoch = 4
         assert list(sampler) != order
         orders.append(order)
     # The first 2 of every 4 samples of a process are its foreground draws: 20 in all, of 20
@@ -439,3 +443,8 @@ def test_foreground_oversampling_under_ddp_gives_disjoint_shards_with_the_batch_
     others = [i for order in orders for k, i in enumerate(order) if k % 4 >= 2]
     assert sorted(foreground) == list(range(20, 40))
     assert len(set(others)) == 20
+    # drop_last looks at a process's share: 40 slices over 10 processes is one batch of 4 each
+    dm.trainer = SimpleNamespace(world_size=10, global_rank=0)
+    assert dm.train_dataloader().drop_last is False
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0)
+    assert dm.train_dataloader().drop_last is True

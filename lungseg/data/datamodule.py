@@ -132,12 +132,14 @@ class ForegroundSampler(Sampler[int]):
 
 class DistributedForegroundSampler(ForegroundSampler, DistributedSampler):
     """``ForegroundSampler`` for process ``rank`` of ``replicas`` (DDP). Every process draws the
-    same stream from a generator seeded by (seed, epoch) (Lightning calls ``set_epoch``) and
-    keeps every ``replicas``-th index of it: within an epoch the processes' samples are
-    disjoint until a source is used up, as DistributedSampler's are, and each process's
-    batches keep the foreground share. Being a DistributedSampler, Lightning uses it as it is
-    instead of wrapping it (its wrapper would shuffle the stream, losing the batch share, and
-    each process would draw its own)."""
+    same stream from a generator seeded by (seed, ``stream_epoch``) and keeps every
+    ``replicas``-th index of it: within an epoch no slice is drawn twice from the same source
+    (foreground slices, all slices) until that source is used up, and each process's batches
+    keep the foreground share. Being a DistributedSampler, Lightning uses it as it is instead
+    of wrapping it (its wrapper would shuffle the stream, losing the batch share, and each
+    process would draw its own). The DataModule sets ``stream_epoch`` as each training epoch's
+    loader starts, from the epoch count a checkpoint restores; Lightning's ``set_epoch`` comes
+    after a loader with workers has begun to prefetch, so it is ignored."""
 
     def __init__(
         self,
@@ -148,13 +150,16 @@ class DistributedForegroundSampler(ForegroundSampler, DistributedSampler):
         rank: int,
         seed: int,
     ):
-        # DistributedSampler.__init__ is not called: it would need the process group; what it
-        # sets that Lightning reads (epoch, through set_epoch) is set here.
+        # DistributedSampler.__init__ is not called: it would need the process group, and
+        # Lightning reads none of what it sets from a sampler it does not wrap.
         ForegroundSampler.__init__(self, dataset, batch_size, fraction)
-        self.replicas, self.rank, self.seed, self.epoch = replicas, rank, seed, 0
+        self.replicas, self.rank, self.seed, self.stream_epoch = replicas, rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: see the class's note."""
 
     def _generator(self) -> torch.Generator:
-        entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+        entropy = np.random.SeedSequence([self.seed, self.stream_epoch]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(entropy))
 
 
@@ -291,6 +296,7 @@ class SegDataModule(pl.LightningDataModule):
         self._mean: list[float] | None = None
         self._std: list[float] | None = None
         self._train_epochs = 0
+        self._train_sampler: Sampler[int] | None = None
 
     # ---- Lightning hooks -------------------------------------------------------------------
 
@@ -548,10 +554,11 @@ class SegDataModule(pl.LightningDataModule):
         }
         if not train:
             return DataLoader(dataset, **options)
-        drop_last = len(dataset) > self._batch_size
+        replicas = self.trainer.world_size if self.trainer is not None else 1
+        # each process's share of the split: one short batch rather than none
+        drop_last = math.ceil(len(dataset) / replicas) > self._batch_size
         if self._foreground_fraction:
             args = (dataset, self._batch_size, self._foreground_fraction)
-            replicas = self.trainer.world_size if self.trainer is not None else 1
             if replicas > 1:
                 rank = self.trainer.global_rank
                 options["sampler"] = DistributedForegroundSampler(*args, replicas, rank, self._seed)
@@ -566,6 +573,7 @@ class SegDataModule(pl.LightningDataModule):
                 options["sampler"] = ForegroundSampler(*args)
         else:
             options["shuffle"] = True
+        self._train_sampler = options.get("sampler")
         return EpochLoader(dataset, drop_last=drop_last, on_epoch=self._reseed, **options)
 
     def _reseed(self) -> None:
@@ -578,6 +586,8 @@ class SegDataModule(pl.LightningDataModule):
         fetches its first batch, before the first ``on_train_epoch_start``."""
         rank = self.trainer.global_rank if self.trainer is not None else 0
         entropy = [self._seed, self._train_epochs, rank]
+        if isinstance(self._train_sampler, DistributedForegroundSampler):
+            self._train_sampler.stream_epoch = self._train_epochs  # before workers prefetch
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         # Not pl.seed_everything: that would also reset PL_GLOBAL_SEED and PL_SEED_WORKERS.
         random.seed(seed)
