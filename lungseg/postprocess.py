@@ -119,7 +119,7 @@ def active(chosen: dict[str, Any]) -> bool:
 
 
 def describe(chosen: dict[str, Any]) -> str:
-    """``chosen`` (``settings``) in words, for logs and tables."""
+    """``chosen`` (``settings``) in words, for the log."""
     threshold = chosen.get("threshold")
     words = f"foreground {'argmax' if threshold is None else f'>= {threshold:g}'}"
     if chosen.get("min_confidence"):
