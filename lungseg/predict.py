@@ -20,6 +20,7 @@ from lungseg.data.folders import _list_images, _listing, write_image
 from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
 from lungseg.errors import LungsegError
+from lungseg.hostmem import retain_freed_memory
 from lungseg.inference import (
     batches,
     centre_slice,
@@ -65,6 +66,8 @@ def predict(cfg: DictConfig) -> list[Path]:
     """Write a mask and an overlay for every image in ``cfg.input_dir`` into
     ``cfg.output_dir`` (conf/predict.yaml). Existing output files stop the run before anything
     is written, unless ``cfg.overwrite``. Returns the files written."""
+    if cfg.get("retain_freed_memory", True):
+        retain_freed_memory()
     outputs = _plan_outputs(cfg)
     model = load_from_config(cfg)
     info = model.hparams.data_info
