@@ -4,6 +4,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from lungseg.data.datamodule import SegDataModule
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough for a 2-core CPU: 32-px images, 4-channel networks, a couple of batches.
@@ -43,3 +45,15 @@ def make_cfg(tmp_path, demo_dir):
             )
 
     return make
+
+
+def split_items(image_dir: Path, mask_dir: Path, **data) -> tuple[SegDataModule, list[dict]]:
+    """A set-up SegDataModule over the folders (half train, half test, normalised with the
+    dataset's statistics) and every item both splits hand to the network."""
+    dm = SegDataModule(
+        str(image_dir), str(mask_dir), normalize="dataset", split=[0.5, 0.0, 0.5], **data
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    items = [ds[i] for ds in (dm.train_dataset, dm.test_dataset) for i in range(len(ds))]
+    return dm, items

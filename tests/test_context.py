@@ -4,11 +4,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, split_items
 from hydra import compose, initialize_config_dir
 
 from lungseg.data.context import neighbour_paths, neighbours, slice_keys
-from lungseg.data.datamodule import SegDataModule
 from lungseg.errors import LungsegError
 from lungseg.evaluate import evaluate
 from lungseg.inference import _network_input, load_checkpoint, neighbour_table, read_inputs
@@ -80,27 +79,18 @@ def write_stacks(root, volumes=3, depth=4, size=24):
 
 def test_training_items_stack_the_neighbours_as_prediction_does(tmp_path):
     image_dir, mask_dir = write_stacks(tmp_path)
-    dm = SegDataModule(
-        str(image_dir),
-        str(mask_dir),
-        mask_mode="binary",
-        image_size=16,
-        context_slices=1,
-        normalize="dataset",
-        split=[0.5, 0.0, 0.5],
+    dm, items = split_items(
+        image_dir, mask_dir, mask_mode="binary", image_size=16, context_slices=1
     )
-    dm.prepare_data()
-    dm.setup("fit")
     info = dm.data_info()
     assert info["context_slices"] == 1 and len(info["mean"]) == 3
     pool = sorted(image_dir.iterdir())
-    for dataset in (dm.train_dataset, dm.test_dataset):
-        for item in (dataset[i] for i in range(len(dataset))):
-            path = image_dir / f"{item['name']}.png"
-            (inputs,) = read_inputs([path], neighbour_table([path], info, pool))
-            expected = torch.from_numpy(_network_input(inputs, info))
-            assert item["image"].shape == (3, 16, 16)
-            assert torch.equal(item["image"], expected)
+    for item in items:
+        path = image_dir / f"{item['name']}.png"
+        (inputs,) = read_inputs([path], neighbour_table([path], info, pool))
+        expected = torch.from_numpy(_network_input(inputs, info))
+        assert item["image"].shape == (3, 16, 16)
+        assert torch.equal(item["image"], expected)
     # the centre channel is the slice itself, the others its neighbours (level 10 per slice)
     raw = dm.test_dataset[0]["image"] * torch.tensor(info["std"]).view(3, 1, 1)
     raw += torch.tensor(info["mean"]).view(3, 1, 1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, split_items
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -127,26 +127,21 @@ def test_preprocessing_is_the_training_preprocessing(tmp_path):
     image_dir, mask_dir = write_pairs(tmp_path, [(40, 48), (30, 36), (41, 47)] * 2, rgb=True)
     for path in image_dir.iterdir():  # 16-bit CT-like values with an offset
         cv2.imwrite(str(path), cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 40)
-    dm = SegDataModule(
-        str(image_dir),
-        str(mask_dir),
+    dm, items = split_items(
+        image_dir,
+        mask_dir,
         mask_mode="index",
         image_size=[24, 28],
         median_blur=3,
         window=[500, 9000],
         intensity_offset=100,
-        normalize="dataset",
-        split=[0.5, 0.0, 0.5],
     )
-    dm.prepare_data()
-    dm.setup("fit")
     info = dm.data_info()
-    for dataset in (dm.train_dataset, dm.test_dataset):
-        for item in (dataset[i] for i in range(len(dataset))):
-            raw = read_image(image_dir / f"{item['name']}.png")
-            expected = normalize(preprocess(raw, info), info).transpose(2, 0, 1)
-            assert item["image"].shape == (1, 24, 28)
-            assert torch.equal(item["image"], torch.from_numpy(np.ascontiguousarray(expected)))
+    for item in items:
+        raw = read_image(image_dir / f"{item['name']}.png")
+        expected = normalize(preprocess(raw, info), info).transpose(2, 0, 1)
+        assert item["image"].shape == (1, 24, 28)
+        assert torch.equal(item["image"], torch.from_numpy(np.ascontiguousarray(expected)))
 
 
 def test_load_checkpoint(checkpoints):
