@@ -8,7 +8,7 @@ allocation page-faults in fresh, zeroed pages. On the article's U-Net (width 64,
 2 cores) that was 1.5 million page faults and 5 s of kernel time in every 14 s step. With both
 returns turned off (mallopt M_MMAP_MAX=0 and the largest M_TRIM_THRESHOLD), freed blocks are
 reused: 57,000 faults and 0.7 s of kernel time a step, and the bare loop went from 0.29 to 0.37
-images/s; inference from 0.9 to 1.5 images/s (README, "Speed"). jemalloc and tcmalloc, which
+images/s; inference from 0.98 to 1.30 (README, "Speed"). jemalloc and tcmalloc, which
 Intel's PyTorch tuning guide suggests preloading, keep memory the same way; this needs no
 preload. The cost: the process keeps its peak heap, a little more than the peak it had (2.95
 against 2.36 GB at that size, steady after the fourth step; 0.64 against 0.59 GB at width 16,
