@@ -163,16 +163,15 @@ def bare_loader_rate(net, optimizer, loss_fn, datamodule, args, autocast) -> flo
 @torch.no_grad()
 def inference_rate(net, x, args, autocast) -> float:
     net.eval()
-    with torch.inference_mode():  # as eval.py and predict.py run it: no autograd graph
-        for _ in range(args.warmup):  # under autocast too: a compiled network compiles for it
-            with autocast():
-                net(x)
-        sync(args.device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            with autocast():
-                net(x)
-        sync(args.device)
+    for _ in range(args.warmup):  # under autocast too: a compiled network compiles for it here
+        with autocast():
+            net(x)
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        with autocast():
+            net(x)
+    sync(args.device)
     net.train()
     return args.steps * x.shape[0] / (time.perf_counter() - start)
 

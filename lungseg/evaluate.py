@@ -43,13 +43,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from lungseg import postprocess
+from lungseg import hostmem, postprocess
 from lungseg.data import splits
 from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import Pair, _list_images, find_pairs, read_image
 from lungseg.data.masks import decode_mask
 from lungseg.errors import LungsegError
-from lungseg.hostmem import retain_freed_memory
 from lungseg.inference import (
     batches,
     load_from_config,
@@ -168,8 +167,7 @@ def summarize(rows: list[dict[str, Any]], class_names: list[str]) -> dict[str, A
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score ``cfg.ckpt_path`` (conf/eval.yaml) and write ``per_image.csv`` and
     ``summary.json`` into ``cfg.output_dir``. Returns the summary."""
-    if cfg.get("retain_freed_memory", True):
-        retain_freed_memory()
+    hostmem.configure(cfg.get("retain_freed_memory", True))
     model = load_from_config(cfg)
     post = postprocess.settings(cfg.get("postprocess"), model.hparams.get("postprocess"))
     grid = [post, postprocess.settings({"min_size": 0}, None)]

@@ -15,12 +15,11 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from lungseg import postprocess
+from lungseg import hostmem, postprocess
 from lungseg.data.folders import _list_images, _listing, write_image
 from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
 from lungseg.errors import LungsegError
-from lungseg.hostmem import retain_freed_memory
 from lungseg.inference import (
     batches,
     centre_slice,
@@ -66,8 +65,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     """Write a mask and an overlay for every image in ``cfg.input_dir`` into
     ``cfg.output_dir`` (conf/predict.yaml). Existing output files stop the run before anything
     is written, unless ``cfg.overwrite``. Returns the files written."""
-    if cfg.get("retain_freed_memory", True):
-        retain_freed_memory()
+    hostmem.configure(cfg.get("retain_freed_memory", True))
     outputs = _plan_outputs(cfg)
     model = load_from_config(cfg)
     info = model.hparams.data_info

@@ -14,8 +14,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lungseg import hostmem
 from lungseg.errors import LungsegError
-from lungseg.hostmem import retain_freed_memory
 from lungseg.module import SegmentationModule
 from lungseg.run_folder import check_fits, resume_checkpoint, write_environment
 from lungseg.visualize import save_curves
@@ -100,8 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run is refused unless this run continues it (``resume=true``, or ``ckpt_path`` in it).
     Returns the metrics written to metrics.json."""
     started = time.monotonic()
-    if cfg.get("retain_freed_memory", True):
-        retain_freed_memory()
+    hostmem.configure(cfg.get("retain_freed_memory", True))
     out_dir = Path(cfg.output_dir)
     ckpt_path = resume_checkpoint(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
