@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at toy sizes and print their tables; the recipes compose
 with their per-architecture settings (conf/recipe/)."""
 
+import re
 import subprocess
 import sys
 
@@ -52,7 +53,11 @@ def test_throughput_prints_one_row_per_architecture_with_positive_rates(tmp_path
         assert len(row) == len(header)
         lungseg, bare, infer, data = (float(row[i]) for i in (2, 3, 5, 10))
         assert min(lungseg, bare, infer, data) > 0
-        assert float(row[4].split()[0]) == pytest.approx(lungseg / bare, rel=0.5)
+        # The median of the repeats' ratios, and the ratio of the median rates, both lie within
+        # the repeats' range of ratios, however much a busy machine slows single repeats.
+        ratio, low, high = (float(x) for x in re.findall(r"[\d.]+", row[4]))
+        assert low - 0.01 <= ratio <= high + 0.01
+        assert low * 0.99 - 0.01 <= lungseg / bare <= high * 1.01 + 0.01
 
 
 def test_throughput_with_device_augmentation(tmp_path):
