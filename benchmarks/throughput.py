@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lungseg.hostmem import retain_freed_memory  # noqa: E402
+from lungseg import hostmem  # noqa: E402
 from lungseg.train import build_datamodule, plain, train  # noqa: E402
 
 
@@ -255,7 +255,7 @@ def main() -> None:
     def autocast():
         return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16)
 
-    retained = not args.return_freed_memory and retain_freed_memory()
+    retained = hostmem.configure(not args.return_freed_memory)
     n = 8192 if args.device == "cuda" else 2048  # large enough to reach each device's peak
     peak = matmul_gflops(args.device, dtype, n)
     print(
