@@ -87,6 +87,7 @@ def make_cfg(args, model: str, workdir: Path):
         f"retain_freed_memory={not args.return_freed_memory}",
         "test_after_fit=false",
         "callbacks.model_checkpoint=null",
+        "callbacks.last_checkpoint=null",
         "callbacks.early_stopping=null",
         "callbacks.prediction_grid=null",
         "+callbacks.timer._target_=__main__.StepTimer",

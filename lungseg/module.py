@@ -2,6 +2,7 @@
 each built from a plain dict of its Hydra config."""
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -142,10 +143,16 @@ class SegmentationModule(pl.LightningModule):
     def _kept(self) -> str:
         """Where the last good weights are: a non-finite loss stops the run before any
         checkpoint callback could save the broken ones."""
-        callback = self.trainer.checkpoint_callback
-        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-        if not last:
+        saved = [
+            Path(path)
+            for callback in self.trainer.checkpoint_callbacks
+            for path in (callback.last_model_path, callback.best_model_path)
+            if path and Path(path).is_file()
+        ]
+        if not saved:
             return "No checkpoint had been saved yet."
+        # The newest file; on a tie the later callback's (last.ckpt is saved after the best).
+        _, last = max(enumerate(saved), key=lambda item: (item[1].stat().st_mtime_ns, item[0]))
         return f"The last good checkpoint is kept: {last}."
 
     def training_step(self, batch, batch_idx):

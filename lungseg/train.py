@@ -130,7 +130,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
-    checkpoint = trainer.checkpoint_callback
+    # The callback that keeps the best epoch (callbacks.model_checkpoint), not last.ckpt's.
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     metrics: dict[str, Any] = {
         "epochs_trained": trainer.current_epoch,

@@ -215,6 +215,35 @@ def test_a_run_folder_is_never_written_over(lean_cfg, tmp_path):
     assert again["epochs_trained"] == 3
 
 
+def test_last_checkpoint_is_the_newest_epoch_when_the_best_is_older(lean_cfg, monkeypatch):
+    """resume=true continues from the newest epoch, not from the best one: epochs after the
+    best are not trained again. (Lightning 2.6's save_last writes last.ckpt only in epochs
+    that improve the monitor.) Monitoring the epoch number for its minimum keeps epoch 0 best."""
+    oldest_is_best = [
+        "callbacks.model_checkpoint.monitor=epoch",
+        "callbacks.model_checkpoint.mode=min",
+    ]
+    first = train(lean_cfg("test_after_fit=false", "trainer.max_epochs=3", *oldest_is_best))
+    checkpoints = Path(first["best_checkpoint"]).parent
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert first["best_epoch"] == 0
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2
+
+    started = []
+    monkeypatch.setattr(
+        SegmentationModule,
+        "on_train_epoch_start",
+        lambda self: started.append(self.current_epoch),
+        raising=False,
+    )
+    more = train(
+        lean_cfg("test_after_fit=false", "trainer.max_epochs=4", "resume=true", *oldest_is_best)
+    )
+    assert started == [3]
+    assert more["epochs_trained"] == 4 and more["best_epoch"] == 0
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 3
+
+
 def test_resume_true_starts_a_run_that_saved_no_checkpoint_yet(lean_cfg, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)  # as left by a run killed in its first epoch
