@@ -6,6 +6,7 @@ needs no training config. Images go through ``transforms.preprocess`` and
 ``transforms.normalize``, the functions training uses, so the two cannot drift apart.
 """
 
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.utils import _locate
 from omegaconf import DictConfig
 
 from lungseg.data import context, transforms
@@ -24,6 +26,18 @@ from lungseg.run_folder import load_safely
 # Dims of an (N, C, H, W) batch that each test-time flip reverses.
 FLIPS = {"horizontal": (-1,), "vertical": (-2,)}
 T = TypeVar("T")
+# The hyper-parameters SegmentationModule builds with Hydra (net and loss when it is made,
+# optimizer and scheduler in configure_optimizers), and the classes each may build: every
+# _target_ in them, nested ones too (Hydra builds those first), must name a subclass.
+BUILT = {
+    "net": ("torch.nn.Module",),
+    "loss": ("torch.nn.Module",),
+    "optimizer": ("torch.optim.Optimizer",),
+    "scheduler": (
+        "torch.optim.lr_scheduler.LRScheduler",
+        "torch.optim.lr_scheduler.ReduceLROnPlateau",
+    ),
+}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,10 +67,12 @@ def load_checkpoint(
 
     The file is read with ``torch.load(weights_only=True)`` (plain values and tensors only: a
     pickle that would run code is refused). The hyper-parameters name the classes the module
-    builds (Hydra ``_target_``); a ``_target_`` outside ``trusted_modules`` (package or module
-    names: "torch.nn" trusts torch.nn.CrossEntropyLoss) is refused before anything is built,
-    so a doctored checkpoint cannot make Hydra call arbitrary functions. Raises LungsegError
-    for a missing, unreadable, refused or non-lungseg file.
+    builds (Hydra ``_target_``). Before anything is built, so that a doctored checkpoint
+    cannot make Hydra call arbitrary functions, a ``_target_`` is refused when it lies outside
+    ``trusted_modules`` (package or module names: "torch.nn" trusts torch.nn.CrossEntropyLoss)
+    and, in the hyper-parameters the module builds (``BUILT``, nested ``_target_`` included),
+    when it does not name a class of that kind defined in ``trusted_modules``. Raises
+    LungsegError for a missing, unreadable, refused or non-lungseg file.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -66,21 +82,13 @@ def load_checkpoint(
             f"`python train.py`, e.g. outputs/train/<run>/checkpoints/last.ckpt."
         )
     hparams = _read_hparams(path)
-    untrusted = sorted(
-        target
-        for target in _targets(hparams)
-        if not any(target == m or target.startswith(f"{m}.") for m in trusted_modules)
-    )
-    if untrusted:
-        raise LungsegError(
-            f"{path} asks to build {', '.join(untrusted)}, which are outside the trusted "
-            f"modules {list(trusted_modules)}; lungseg refuses to call them. If you trust "
-            f"this checkpoint and these are your own classes, add their package to "
-            f"trusted_modules (e.g. trusted_modules=[lungseg,mypackage])."
-        )
+    _check_targets(path, hparams, trusted_modules)
+    init_args = _init_args(path, hparams)
     try:
+        # Every argument given: Lightning would otherwise fill missing ones from older
+        # checkpoint keys ("hparams", "module_arguments") that the checks above never saw.
         module = SegmentationModule.load_from_checkpoint(
-            path, map_location=device, weights_only=True
+            path, map_location=device, weights_only=True, **init_args
         )
     except Exception as err:  # a file that passed the checks above but does not fit the code
         raise LungsegError(
@@ -119,17 +127,86 @@ def _read_hparams(path: Path) -> dict[str, Any]:
     return hparams
 
 
-def _targets(tree: Any) -> Iterator[str]:
-    """Every Hydra ``_target_`` in a nested dict/list."""
+def _check_targets(path: Path, hparams: dict[str, Any], trusted_modules: Sequence[str]) -> None:
+    """LungsegError unless every ``_target_`` lies in ``trusted_modules`` and each one that
+    SegmentationModule builds names a class of its kind. Names are checked before any is
+    imported: importing a module can run code."""
+    targets = [value for key, value in _items(hparams) if key == "_target_"]
+    untrusted = sorted(str(t) for t in targets if not _trusted(t, trusted_modules))
+    if untrusted:
+        raise LungsegError(
+            f"{path} asks to build {', '.join(untrusted)}, which are outside the trusted "
+            f"modules {list(trusted_modules)}; lungseg refuses to call them. If you trust "
+            f"this checkpoint and these are your own classes, add their package to "
+            f"trusted_modules (e.g. trusted_modules=[lungseg,mypackage])."
+        )
+    for name, kinds in BUILT.items():
+        for key, value in _items(hparams.get(name)):
+            if isinstance(value, str) and "${" in value:
+                problem = f"{value!r} is an interpolation, which Hydra would resolve unchecked"
+            elif key == "_target_":
+                problem = _class_problem(value, kinds, trusted_modules)
+            else:
+                continue
+            if problem:
+                raise LungsegError(
+                    f"{path} is refused: in its {name} hyper-parameter, {problem}. lungseg "
+                    f"builds only subclasses of {' or '.join(kinds)} from {name}, from "
+                    f"resolved values (as `python train.py` saves them); nothing was built."
+                )
+
+
+def _class_problem(target: str, kinds: Sequence[str], trusted_modules: Sequence[str]) -> str:
+    """Why ``_target_`` ``target`` (inside trusted_modules) is not a class of one of
+    ``kinds`` defined in trusted_modules, or "" when it is one."""
+    try:
+        cls = _locate(target)  # found as Hydra finds it, not called
+    except Exception as err:
+        return f"_target_ {target} cannot be imported ({' '.join(str(err).split())})"
+    if not isinstance(cls, type):
+        return f"_target_ {target} is a {type(cls).__name__}, not a class"
+    if not _trusted(cls.__module__, trusted_modules):
+        return f"_target_ {target} is defined in {cls.__module__}, outside the trusted modules"
+    if not issubclass(cls, tuple(_locate(kind) for kind in kinds)):
+        return f"_target_ {target} is not a subclass of {' or '.join(kinds)}"
+    return ""
+
+
+def _trusted(name: Any, trusted_modules: Sequence[str]) -> bool:
+    """Whether ``name`` is one of ``trusted_modules`` or lies inside one."""
+    return isinstance(name, str) and any(
+        name == m or name.startswith(f"{m}.") for m in trusted_modules
+    )
+
+
+def _items(tree: Any) -> Iterator[tuple[Any, Any]]:
+    """(key, value) of every entry of a nested dict/list, at every depth (key None in lists)."""
     if isinstance(tree, dict):
         for key, value in tree.items():
-            if key == "_target_":
-                yield str(value)
-            else:
-                yield from _targets(value)
+            yield key, value
+            yield from _items(value)
     elif isinstance(tree, list | tuple):
         for value in tree:
-            yield from _targets(value)
+            yield None, value
+            yield from _items(value)
+
+
+def _init_args(path: Path, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Every argument of SegmentationModule: its hyper-parameter, else the default."""
+    args = {}
+    params = list(inspect.signature(SegmentationModule.__init__).parameters.values())
+    for param in params[1:]:  # after self
+        if param.name in hparams:
+            args[param.name] = hparams[param.name]
+        elif param.default is not param.empty:
+            args[param.name] = param.default
+        else:
+            raise LungsegError(
+                f"{path} is not a lungseg checkpoint this version can load: its "
+                f"hyper_parameters have no {param.name}. Give a checkpoint written by `python "
+                f"train.py` (<run>/checkpoints/*.ckpt)."
+            )
+    return args
 
 
 def check_flips(flips: Sequence[str]) -> list[str]:

@@ -21,7 +21,8 @@ from lungseg.data.folders import read_image
 from lungseg.data.transforms import normalize, preprocess
 from lungseg.errors import LungsegError
 from lungseg.inference import load_checkpoint, predict_probabilities, resolve_device
-from lungseg.train import train
+from lungseg.module import SegmentationModule
+from lungseg.train import plain, train
 
 CPU = torch.device("cpu")
 _TRAINED: dict[str, Path] = {}  # filled once per test session
@@ -211,6 +212,131 @@ def test_trusted_modules_are_package_prefixes(tmp_path, checkpoints):
     path = save_variant(ckpt, tmp_path / "m.ckpt", hparams={"loss": lookalike})
     with pytest.raises(LungsegError, match="lungseg_extra.Net"):
         load_checkpoint(path, CPU)
+
+
+def _hostile_hparams(case: str, victim: Path, net: dict) -> dict:
+    """Hyper-parameters naming callables under the default trusted modules that are not
+    classes of the kind their entry builds; write_split would overwrite ``victim``."""
+    write_split = {
+        "_target_": "lungseg.data.splits.write_split",
+        "split": {"img0": "train"},
+        "path": str(victim),
+    }
+    clip = {"_target_": "torch.nn.utils.clip_grad_norm_", "parameters": [], "max_norm": 1.0}
+    hidden = f"{{_target_:{write_split['_target_']},split:{{img0:train}},path:'{victim}'}}"
+    return {
+        "function_as_net": {"net": write_split},
+        "nested_function_in_net": {"net": {**net, "norm": write_split}},
+        "torch_function_as_loss": {
+            "loss": {"_target_": "torch.nn.init.zeros_", "tensor": torch.ones(3)}
+        },
+        "nested_function_in_loss_args": {
+            "loss": {"_target_": "torch.nn.Sequential", "_args_": [clip]}
+        },
+        "function_as_optimizer": {"optimizer": {"_target_": "torch.optim.swa_utils.update_bn"}},
+        "module_as_optimizer": {"optimizer": {"_target_": "torch.nn.Linear"}},
+        "optimizer_as_scheduler": {"scheduler": {"_target_": "torch.optim.SGD"}},
+        "class_defined_outside": {"net": {"_target_": "lungseg.module.pl.LightningModule"}},
+        "interpolation_in_net": {"net": {**net, "dropout": f"${{oc.create:{hidden}}}"}},
+        "older_hparams_key": {"hparams": {"loss": write_split}},
+    }[case]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("function_as_net", "_target_ lungseg.data.splits.write_split is a function, not a class"),
+        ("nested_function_in_net", "lungseg.data.splits.write_split is a function, not a class"),
+        ("torch_function_as_loss", "_target_ torch.nn.init.zeros_ is a function, not a class"),
+        ("nested_function_in_loss_args", "torch.nn.utils.clip_grad_norm_ is a function"),
+        ("function_as_optimizer", "torch.optim.swa_utils.update_bn is a function, not a class"),
+        ("module_as_optimizer", "torch.nn.Linear is not a subclass of torch.optim.Optimizer"),
+        (
+            "optimizer_as_scheduler",
+            "torch.optim.SGD is not a subclass of torch.optim.lr_scheduler.LRScheduler",
+        ),
+        ("class_defined_outside", "LightningModule is defined in pytorch_lightning"),
+        ("interpolation_in_net", "in its net hyper-parameter, .* is an interpolation"),
+        ("older_hparams_key", "hyper_parameters have no loss"),
+    ],
+)
+def test_targets_must_be_classes_of_their_kind(tmp_path, checkpoints, case, message):
+    """Under the trusted modules, only classes of the kind each entry builds (nested ones
+    too) are accepted, and refused before anything is called: write_split, reached as the
+    network, nested in it, through an interpolation or through Lightning's older
+    hyper-parameter key "hparams", leaves the victim file alone."""
+    victim = tmp_path / "victim" / "important.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious\n")
+    checkpoint = torch.load(checkpoints["palette"], weights_only=True)
+    hostile = _hostile_hparams(case, victim, checkpoint["hyper_parameters"]["net"])
+    if "hparams" in hostile:  # Lightning merges it in under hyper_parameters
+        del checkpoint["hyper_parameters"]["loss"]
+        checkpoint.update(hostile)
+    else:
+        checkpoint["hyper_parameters"].update(hostile)
+    path = tmp_path / "model.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(LungsegError, match=message) as error:
+        load_checkpoint(path, CPU)
+    assert str(path) in str(error.value)
+    assert victim.read_text() == "precious\n"
+
+
+def test_untrusted_modules_are_not_imported(tmp_path, checkpoints, monkeypatch):
+    """Importing a module can run code, so a target outside trusted_modules is refused by
+    its name alone."""
+    marker = tmp_path / "imported"
+    (tmp_path / "lungseg_plugin.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = {"_target_": "lungseg_plugin.Net"}
+    path = save_variant(checkpoints["palette"], tmp_path / "m.ckpt", hparams={"net": net})
+    with pytest.raises(LungsegError, match="lungseg_plugin.Net, which are outside"):
+        load_checkpoint(path, CPU)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "loss", "optimizer", "scheduler"),
+    [
+        ("unet", "ce", "adam", "none"),
+        ("fcn", "dice", "adamw", "cosine"),
+        ("segnet", "focal", "sgd", "plateau"),
+        ("deeplab", "tversky", "adamw", "cosine"),
+    ],
+)
+def test_every_architecture_loads(tmp_path, checkpoints, model, loss, optimizer, scheduler):
+    """A checkpoint of each architecture, with the losses, optimisers and schedulers of conf/
+    (the trained checkpoints use dice_ce), passes the checks, loads its weights and builds its
+    optimiser and scheduler."""
+    checkpoint = torch.load(checkpoints["palette"], weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                *TINY,
+                f"data.num_classes={hparams['net']['num_classes']}",
+                f"model={model}",
+                f"loss={loss}",
+                f"optimizer={optimizer}",
+                f"scheduler={scheduler}",
+            ],
+        )
+    hparams.update(
+        net=plain(cfg.model),
+        loss=plain(cfg.loss),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+    )
+    saved = SegmentationModule(**hparams)
+    checkpoint["state_dict"] = saved.state_dict()
+    torch.save(checkpoint, tmp_path / "m.ckpt")
+    loaded = load_checkpoint(tmp_path / "m.ckpt", CPU)
+    assert type(loaded.net) is type(saved.net)
+    weights = loaded.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in saved.state_dict().items())
+    loaded.configure_optimizers()
 
 
 def _softmax_at(model, x, size, flips=()):
