@@ -174,3 +174,18 @@ def test_slurm_launcher_composes_with_tasks_and_gpus_matching_the_devices():
     assert launcher["nodes"] == 2
     assert launcher["timeout_min"] > 0 and launcher["mem_gb"] > 0
     assert launcher["submitit_folder"].startswith(cfg.hydra.sweep.dir)
+
+
+@pytest.mark.parametrize("gpus, per_node", [("2", 2), ("[0,3,5]", 3)])
+def test_slurm_jobs_get_the_gpus_that_trainer_gpus_asks_for(gpus, per_node):
+    """trainer.gpus becomes accelerator/devices only when the run starts; the sbatch script is
+    written before that, from the composed config."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason=RESEARCH)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", f"trainer.gpus={gpus}"],
+            return_hydra_config=True,
+        )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == per_node
