@@ -107,6 +107,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
+    datamodule.check_fit_split()
     module = SegmentationModule(
         net=plain(cfg.model),
         loss=plain(cfg.loss),

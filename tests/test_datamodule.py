@@ -1,6 +1,7 @@
 import csv
 import logging
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from lungseg.data.datamodule import SegDataModule
 from lungseg.data.transforms import build_augmentation, median_blur, resize_image
 from lungseg.errors import LungsegError
+from lungseg.train import train
 
 H, W = 40, 48
 PALETTE = {"background": [0, 0, 0], "lung": [0, 255, 0], "tumour": [255, 0, 0]}
@@ -294,6 +296,45 @@ def test_transform_helpers():
     assert len(build_augmentation(None).transforms) == 0
     with pytest.raises(LungsegError, match="entry 1"):
         build_augmentation([{"_target_": "albumentations.HorizontalFlip"}, {"p": 0.5}])
+
+
+def test_more_than_4_channels_shrink_by_a_non_integer_factor():
+    """OpenCV's INTER_AREA takes at most 4 channels at a non-integer factor (here 12 x 18 to
+    8 x 12, 1.5): a 5-class soft mask and a 9-channel 2.5-D context stack are resized channel
+    by channel; where one call works (a factor of 2) its result is kept."""
+    from lungseg.data.transforms import soft_mask
+
+    rng = np.random.default_rng(0)
+
+    def per_channel(image, size):
+        return np.stack(
+            [
+                cv2.resize(
+                    np.ascontiguousarray(image[..., c]), size[::-1], interpolation=cv2.INTER_AREA
+                )
+                for c in range(image.shape[2])
+            ],
+            axis=-1,
+        )
+
+    mask = rng.integers(0, 5, (12, 18)).astype(np.uint8)
+    onehot = (mask[..., None] == np.arange(5)).astype(np.float32)
+    soft = soft_mask(mask, 5, (8, 12))
+    assert np.array_equal(soft, np.rint(per_channel(onehot, (8, 12)) * 255).astype(np.uint8))
+    assert np.abs(soft.sum(-1).astype(int) - 255).max() <= 2  # 5 classes, each rounded <= 1/2
+    context = rng.random((12, 18, 9), dtype=np.float32)
+    assert np.array_equal(resize_image(context, (8, 12)), per_channel(context, (8, 12)))
+    whole = cv2.resize(context, (9, 6), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(resize_image(context, (6, 9)), whole)
+
+
+def test_training_without_validation_files_is_refused(make_cfg):
+    """Checkpointing and early stopping watch val/loss: with no val file Lightning failed
+    after the first epoch; the fit stops at its start and names the setting instead."""
+    cfg = make_cfg("data.split=[0.75,0.0,0.25]")
+    with pytest.raises(LungsegError, match=r"data.split \[0.75, 0.0, 0.25\] leaves the val"):
+        train(cfg)
+    assert not list(Path(cfg.output_dir).glob("*"))  # before anything is written
 
 
 def test_foreground_oversampling_fills_each_batch_share(tmp_path):

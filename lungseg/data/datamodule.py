@@ -308,10 +308,25 @@ class SegDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Pair, split, decode and cache every file, and compute the normalisation statistics.
 
-        Runs once; later calls (Lightning calls it per stage) return at once.
+        The first call does the work; later ones (Lightning calls it per stage) reuse it. A
+        Trainer's fit (stage "fit", trainer attached) also needs files in train and val
+        (``splits.check_fit_split``); without a trainer, to read the data (and in ``train``,
+        which sets up before it builds the trainer and calls check_fit_split itself before it
+        writes anything), any split is accepted.
         """
-        if self._split is not None:
-            return
+        if self._split is None:
+            self._cache_all()
+        if stage == "fit" and self.trainer is not None:
+            self.check_fit_split()
+
+    def check_fit_split(self) -> None:
+        """LungsegError unless train and val both have files (``splits.check_fit_split``)."""
+        splits.check_fit_split(
+            self._split, self._fractions, self._split_file, self._num_folds, self._fold
+        )
+
+    def _cache_all(self) -> None:
+        """setup's work: pair, split, decode, cache, statistics."""
         pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict)
         pairs, images, masks = self._decode_all(pairs)
         names = [p.stem for p in pairs]
@@ -732,8 +747,8 @@ def _channel_stats(
     if not images:
         raise LungsegError(
             "data.normalize=dataset needs training images for its mean and std, but the train "
-            "split is empty. Give data.split a train fraction > 0 (or list train files in "
-            "data.split_file), or use data.normalize=image."
+            "split is empty. Give data.split a train fraction > 0, e.g. [0.6, 0.2, 0.2] (or "
+            "list train files in data.split_file): training needs them with any data.normalize."
         )
     n = sum(im.shape[0] * im.shape[1] for im in images)
     mean = sum(im.sum(axis=(0, 1), dtype=np.float64) for im in images) / n

@@ -202,12 +202,60 @@ def _group(stems: list[str], group_pattern: str | None) -> dict[str, str]:
     return groups
 
 
-def _check_not_empty(
-    split: dict[str, str], fractions: list[float], group_pattern: str | None, num_groups: int
+def check_fit_split(
+    split: Mapping[str, str],
+    fractions: Sequence[float],
+    split_file: str | Path | None = None,
+    num_folds: int | None = None,
+    fold: int | None = None,
 ) -> None:
+    """Raise LungsegError where ``split``, made by ``make_split`` with these settings, leaves
+    train or val without a file: fitting learns from train and chooses the best checkpoint and
+    when to stop by the val/* metrics, which an empty val split never logs (Lightning's
+    callbacks then fail after the first epoch). An empty test split is fine.
+
+    make_split already refuses a split with a fraction > 0 that gets no file, so this finds a
+    fraction of 0 (data.split, or its train:val ratio with folds) or a split file without
+    train or val rows.
+    """
+    counts = _counts(split)
+    empty = " and ".join(name for name in ("train", "val") if counts[name] == 0)
+    if not empty:
+        return
+    if split_file is not None:
+        source = f"data.split_file {str(split_file)!r}"
+        fix = (
+            f"List some files as {empty} in its split column, or set data.split_file=null to "
+            f"split by the data.split fractions."
+        )
+    elif num_folds is not None:
+        source = f"data.split {list(fractions)} with data.num_folds={num_folds} data.fold={fold}"
+        fix = (
+            f"Give data.split a {empty} fraction > 0, e.g. [0.8, 0.2, 0.0] (with folds the "
+            f"test split is fold data.fold and the third fraction is unused)."
+        )
+    else:
+        source = f"data.split {list(fractions)}"
+        fix = f"Give data.split a {empty} fraction > 0, e.g. [0.6, 0.2, 0.2]."
+    raise LungsegError(
+        f"{source} leaves the {empty} split empty (train/val/test = {counts['train']}/"
+        f"{counts['val']}/{counts['test']} files), but training needs files in both train "
+        f"and val: it learns from train, and chooses the best checkpoint and when to stop (and "
+        f"a plateau scheduler the learning rate) by the val/* metrics. {fix}"
+    )
+
+
+def _counts(split: Mapping[str, str]) -> dict[str, int]:
     counts = {name: 0 for name in SPLITS}
     for name in split.values():
         counts[name] += 1
+    return counts
+
+
+def _check_not_empty(
+    split: dict[str, str], fractions: list[float], group_pattern: str | None, num_groups: int
+) -> None:
+    counts = _counts(split)
     empty = [name for name, f in zip(SPLITS, fractions, strict=True) if f > 0 and counts[name] == 0]
     if empty:
         source = f"{len(split)} files" + (f" of {num_groups} patients" if group_pattern else "")

@@ -25,6 +25,7 @@ from lungseg.errors import LungsegError
 
 NORMALIZE_MODES = ("dataset", "image", "none")
 _MIN_STD = 1e-6  # per-image z-score of a constant image: avoid dividing by zero
+_CV_MAX_CHANNELS = 4  # the most cv2.resize's INTER_AREA takes at a non-integer factor
 
 
 def scale_intensity(
@@ -81,7 +82,19 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return image
     shrink = height <= image.shape[0] and width <= image.shape[1]
     interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (width, height), interpolation=interpolation)
+    try:
+        resized = cv2.resize(image, (width, height), interpolation=interpolation)
+    except cv2.error:
+        # INTER_AREA takes more than 4 channels only at whole-number factors (OpenCV's fast
+        # path, whose test is its own floating-point one), e.g. not a 5-class soft mask from 48
+        # to 32 px. It works channel by channel, so resize 4 at a time; where one call works
+        # it is kept, as groups can round differently from it.
+        if image.ndim < 3 or image.shape[2] <= _CV_MAX_CHANNELS:
+            raise
+        groups = range(0, image.shape[2], _CV_MAX_CHANNELS)
+        resized = np.concatenate(
+            [resize_image(image[..., i : i + _CV_MAX_CHANNELS], size) for i in groups], axis=2
+        )
     # cv2 drops a trailing channel axis of length 1
     return resized.reshape(height, width, *image.shape[2:])
 
