@@ -2,6 +2,7 @@
 each built from a plain dict of its Hydra config."""
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,59 @@ class SegmentationModule(pl.LightningModule):
     def _where(self) -> str:
         return f"the end of epoch {self.current_epoch} (step {self.global_step})"
 
+    def on_train_start(self):
+        if self.trainer.ckpt_path is not None:
+            for change in self._apply_configured_settings():
+                log.info("continued with the configured %s", change)
+
+    def _apply_configured_settings(self) -> list[str]:
+        """A continued run (``resume=true``, ``ckpt_path``) trains with the optimiser and
+        scheduler settings configured now, not with those its checkpoint restored (Lightning
+        restores the saved optimiser and scheduler as they were, so ``trainer.max_epochs=60
+        resume=true`` kept a cosine decay planned for the old epochs, and ``optimizer.lr``
+        had no effect). The schedule keeps its position: a new ``optimizer.lr`` scales the
+        current rate by new/old, and a cosine decay takes the rate it would have at this epoch
+        had it been planned with its new ``T_max`` from the start. Returns what changed."""
+        changed = []
+        optimizer_cfg = {k: v for k, v in (self.hparams.optimizer or {}).items() if k[0] != "_"}
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                for key, value in optimizer_cfg.items():
+                    base_key = "initial_lr" if key == "lr" and "initial_lr" in group else key
+                    if base_key not in group or _same(group[base_key], value):
+                        continue
+                    changed.append(
+                        f"optimizer.{key} {value} (the checkpoint had {group[base_key]})"
+                    )
+                    if key == "lr":
+                        group["lr"] *= value / group[base_key]
+                    group[base_key] = tuple(value) if isinstance(group[base_key], tuple) else value
+        lightning_keys = {"interval", "monitor", "frequency"}
+        scheduler_cfg = {
+            k: v
+            for k, v in (self.hparams.scheduler or {}).items()
+            if k[0] != "_" and k not in lightning_keys
+        }
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if hasattr(scheduler, "base_lrs"):
+                groups = scheduler.optimizer.param_groups
+                scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in groups]
+            for key, value in scheduler_cfg.items():
+                if hasattr(scheduler, key) and not _same(getattr(scheduler, key), value):
+                    changed.append(
+                        f"scheduler.{key} {value} (the checkpoint had {getattr(scheduler, key)})"
+                    )
+                    setattr(scheduler, key, value)
+            if changed and isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                progress = (1 + math.cos(math.pi * scheduler.last_epoch / scheduler.T_max)) / 2
+                for group, base in zip(
+                    scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True
+                ):
+                    group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * progress
+                scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+        return changed
+
     def on_train_epoch_end(self):
         # Before the checkpoint callbacks, which run after this hook: broken weights are
         # never saved.
@@ -219,3 +273,13 @@ class SegmentationModule(pl.LightningModule):
                 "interval": interval,
             },
         }
+
+
+def _same(current: Any, configured: Any) -> bool:
+    """A restored optimiser or scheduler setting equals the configured one (floats within
+    rounding; a configured list equals a restored tuple, e.g. Adam's betas)."""
+    if isinstance(current, tuple | list) and isinstance(configured, tuple | list):
+        return len(current) == len(configured) and all(map(_same, current, configured))
+    if isinstance(current, float | int) and isinstance(configured, float | int):
+        return math.isclose(current, configured, rel_tol=1e-9, abs_tol=0.0)
+    return current == configured

@@ -1,12 +1,14 @@
 """A training run's folder: never written over, resumable, and recorded well enough to
 repeat the run (``environment.json``: package versions, platform, git commit)."""
 
+import csv
 import json
 import logging
 import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
         path = None
     if path is not None:
         read_checkpoint(path)
-    continues = path is not None and out_dir.resolve() in path.resolve().parents
+    continues = continues_run(None if path is None else str(path), out_dir)
     # The other ranks of a DDP run start in the folder that rank 0 has begun to fill.
     if not continues and rank_zero_only.rank == 0:
         _check_unused(out_dir, bool(cfg.get("resume")))
@@ -141,6 +143,83 @@ def check_fits(path: str, module: torch.nn.Module) -> None:
         )
 
 
+def continues_run(ckpt_path: str | None, out_dir: Path) -> bool:
+    """Whether the checkpoint lies in ``out_dir``: this run continues the run of that folder."""
+    return ckpt_path is not None and out_dir.resolve() in Path(ckpt_path).resolve().parents
+
+
+def check_continuable(cfg: DictConfig, path: str) -> None:
+    """LungsegError when the checkpoint's run has nothing left to train under ``cfg``: its
+    epochs reach ``trainer.max_epochs``, or early stopping ended it and the configured patience
+    would end it again. (Lightning would then train nothing, or one epoch, and the run's
+    metrics.json and best checkpoint would be written again.)"""
+    checkpoint = read_checkpoint(Path(path))
+    done = int(checkpoint.get("epoch", -1)) + 1  # saved at the end of an epoch
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and 0 <= max_epochs <= done:
+        raise LungsegError(
+            f"{path} has trained {done} epochs and trainer.max_epochs is {max_epochs}: nothing "
+            f"is left to train. Give trainer.max_epochs above {done} to train it further, or "
+            f"score it with `python eval.py ckpt_path={path}`."
+        )
+    early = cfg.get("callbacks", {}).get("early_stopping")
+    if early is None:
+        return
+    patience = early.get("patience", 3)
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not key.startswith("EarlyStopping") or not isinstance(state, dict):
+            continue
+        waited = int(state.get("wait_count", 0))
+        if state.get("stopped_epoch", 0) and waited >= patience:
+            raise LungsegError(
+                f"early stopping ended the run of {path} after epoch {state['stopped_epoch']}: "
+                f"{early.get('monitor')} had not improved for {waited} epochs "
+                f"(callbacks.early_stopping.patience={patience}). Give "
+                f"callbacks.early_stopping.patience above {waited} (or "
+                f"callbacks.early_stopping=null) to train it further, or score it with "
+                f"`python eval.py ckpt_path={path}`."
+            )
+
+
+def check_same_split(saved: Path, split: Mapping[str, str]) -> None:
+    """LungsegError unless ``split`` is the one the run saved in ``saved`` (its split.csv): a
+    run continued in its folder must not train on what it has validated or tested on."""
+    with saved.open(newline="", encoding="utf-8") as f:
+        before = {row["file"]: row["split"] for row in csv.DictReader(f)}
+    if before == dict(split):
+        return
+    moved = sorted(s for s in before.keys() & split.keys() if before[s] != split[s])
+    added, missing = sorted(split.keys() - before.keys()), sorted(before.keys() - split.keys())
+    found = [
+        f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
+        for names, what in (
+            (moved, "files in another split than before"),
+            (added, "files it did not have"),
+            (missing, "of its files missing"),
+        )
+        if names
+    ]
+    raise LungsegError(
+        f"{saved} holds the split this run started with, but the data and split settings now "
+        f"give another: {'; '.join(found)}. Continuing would train on images it has validated "
+        f"or tested on. Continue with the data folders and split settings it started with "
+        f"(seed, data.split, data.fold, data.group_pattern: see config.yaml there), or keep "
+        f"its split with data.split_file={saved} (which must list every file), or start a new "
+        f"run."
+    )
+
+
+def keep_previous(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``; an earlier, different file there is kept as
+    ``<stem>.<n><suffix>`` (n = 1, 2, ...): a continued run loses nothing of what it had."""
+    if path.is_file() and path.read_text(encoding="utf-8") != text:
+        n = 1
+        while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+            n += 1
+        path.rename(kept)
+    path.write_text(text, encoding="utf-8")
+
+
 def environment() -> dict[str, Any]:
     """Package versions, Python, platform, the command line and lungseg's git commit
     (``git_dirty``: tracked files changed since it). Outside a git checkout of lungseg (an
@@ -177,7 +256,8 @@ def _git_state(root: Path) -> tuple[str, bool | None]:
 
 
 def write_environment(out_dir: Path) -> None:
-    """``<out_dir>/environment.json``: ``environment()``, written by rank 0 only."""
+    """``<out_dir>/environment.json``: ``environment()``, written by rank 0 only (that of an
+    earlier start of the run kept beside it)."""
     if rank_zero_only.rank == 0:
         text = json.dumps(environment(), indent=2) + "\n"
-        (out_dir / "environment.json").write_text(text, encoding="utf-8")
+        keep_previous(out_dir / "environment.json", text)

@@ -13,11 +13,20 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg import hostmem
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
-from lungseg.run_folder import check_fits, resume_checkpoint, write_environment
+from lungseg.run_folder import (
+    check_continuable,
+    check_fits,
+    check_same_split,
+    continues_run,
+    keep_previous,
+    resume_checkpoint,
+    write_environment,
+)
 from lungseg.visualize import save_curves
 
 log = logging.getLogger(__name__)
@@ -101,6 +110,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns the metrics written to metrics.json."""
     started = time.monotonic()
     hostmem.configure(cfg.get("retain_freed_memory", True))
+    trainer_settings = accelerator_settings(plain(cfg.trainer))  # before anything is written
     out_dir = Path(cfg.output_dir)
     ckpt_path = resume_checkpoint(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,19 +131,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     if ckpt_path is not None:
         check_fits(ckpt_path, module)
-    datamodule.write_split(out_dir / "split.csv")
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        check_continuable(cfg, ckpt_path)
+    continuing = continues_run(ckpt_path, out_dir)
+    if continuing and (out_dir / "split.csv").is_file():
+        check_same_split(out_dir / "split.csv", datamodule.split)
+    elif rank_zero_only.rank == 0:
+        datamodule.write_split(out_dir / "split.csv")
+    if (
+        rank_zero_only.rank == 0
+    ):  # a continued run keeps the config it started with as config.1.yaml
+        keep_previous(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_environment(out_dir)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    trainer = instantiate(
-        accelerator_settings(plain(cfg.trainer)), callbacks=callbacks, logger=loggers
-    )
+    trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     # The callback that keeps the best epoch (callbacks.model_checkpoint), not last.ckpt's.
     checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    if best_path and not continues_run(best_path, out_dir):
+        best_path = ""  # the restored path of the run a ckpt_path came from, not of this one
     metrics: dict[str, Any] = {
         "epochs_trained": trainer.current_epoch,
         "best_checkpoint": best_path or None,
@@ -157,7 +175,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
 
     if trainer.is_global_zero:
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        keep_previous(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         final = {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
         for logger in trainer.loggers:
             logger.log_hyperparams(flatten(plain(cfg)), final)

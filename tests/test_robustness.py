@@ -7,6 +7,7 @@ test_predict.py::test_names_cannot_leave_the_output_folder (predict writes nothi
 output_dir whatever the input names; eval writes only per_image.csv and summary.json there)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -242,6 +243,97 @@ def test_last_checkpoint_is_the_newest_epoch_when_the_best_is_older(lean_cfg, mo
     assert started == [3]
     assert more["epochs_trained"] == 4 and more["best_epoch"] == 0
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 3
+
+
+def test_a_continued_run_keeps_its_split_and_its_earlier_records(lean_cfg):
+    first = lean_cfg("test_after_fit=false")
+    train(first)
+    run = Path(first.output_dir)
+    split = (run / "split.csv").read_text()
+    with pytest.raises(LungsegError) as error:  # another seed splits the files otherwise
+        train(lean_cfg("test_after_fit=false", "resume=true", "trainer.max_epochs=2", "seed=7"))
+    message = str(error.value)
+    assert f"{run / 'split.csv'} holds the split this run started with" in message
+    assert "files in another split than before" in message and "data.split_file=" in message
+    assert (run / "split.csv").read_text() == split
+
+    config, metrics = (run / "config.yaml").read_text(), (run / "metrics.json").read_text()
+    train(lean_cfg("test_after_fit=false", "resume=true", "trainer.max_epochs=2"))
+    assert (run / "split.csv").read_text() == split
+    assert (run / "config.1.yaml").read_text() == config  # what it started with
+    assert "max_epochs: 2" in (run / "config.yaml").read_text()
+    assert (run / "metrics.1.json").read_text() == metrics
+    assert json.loads((run / "metrics.json").read_text())["epochs_trained"] == 2
+
+
+def test_a_finished_run_is_not_trained_again(lean_cfg, monkeypatch):
+    """Running the command of a finished run again (resume=true) changes nothing: its epochs
+    are done, or early stopping ended it and would end it again."""
+    stops_at_epoch_1 = [
+        "test_after_fit=false",
+        "trainer.max_epochs=6",
+        "callbacks.early_stopping.patience=1",
+        "callbacks.early_stopping.min_delta=10",  # val/loss must fall by 10: never after epoch 0
+    ]
+    first = train(lean_cfg(*stops_at_epoch_1))
+    assert first["epochs_trained"] == 2
+    run = Path(lean_cfg().output_dir)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(LungsegError, match="early stopping ended the run of .* after epoch 1"):
+        train(lean_cfg(*stops_at_epoch_1, "resume=true"))
+    with pytest.raises(LungsegError, match="has trained 2 epochs and trainer.max_epochs is 2"):
+        train(lean_cfg(*stops_at_epoch_1, "resume=true", "trainer.max_epochs=2"))
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+    # More patience continues it, with that patience (Lightning restores the saved one):
+    # epochs 2 and 3 do not improve either, and patience 3 is spent after epoch 3.
+    started = []
+    monkeypatch.setattr(
+        SegmentationModule,
+        "on_train_epoch_start",
+        lambda self: started.append(self.current_epoch),
+        raising=False,
+    )
+    more = train(lean_cfg(*stops_at_epoch_1, "resume=true", "callbacks.early_stopping.patience=3"))
+    assert started == [2, 3] and more["epochs_trained"] == 4
+
+
+def test_a_continued_run_trains_with_the_configured_schedule_and_rate(lean_cfg, monkeypatch):
+    """The cosine decay of a run resumed with more epochs is the one planned for them (not the
+    restored one for the old epochs), and a new learning rate applies."""
+    rates = {}
+    monkeypatch.setattr(
+        SegmentationModule,
+        "on_train_epoch_start",
+        lambda self: rates.setdefault(self.current_epoch, self.optimizers().param_groups[0]["lr"]),
+        raising=False,
+    )
+    train(lean_cfg("test_after_fit=false", "trainer.max_epochs=2"))
+    lr, eta_min = 2e-3, 1e-5  # conf/optimizer/adamw.yaml, conf/scheduler/cosine.yaml
+    assert rates[1] == pytest.approx(eta_min + (lr - eta_min) * (1 + math.cos(math.pi / 2)) / 2)
+
+    train(lean_cfg("test_after_fit=false", "trainer.max_epochs=8", "resume=true"))
+    planned = [eta_min + (lr - eta_min) * (1 + math.cos(math.pi * e / 8)) / 2 for e in range(8)]
+    assert [rates[e] for e in range(2, 8)] == pytest.approx(planned[2:], rel=1e-6)
+
+    run = Path(lean_cfg().output_dir)
+    rates.clear()
+    last = run / "checkpoints" / "last.ckpt"
+    train(
+        lean_cfg(
+            "test_after_fit=false",
+            f"output_dir={run.parent / 'finetuned'}",
+            f"ckpt_path={last}",
+            "trainer.max_epochs=9",
+            "optimizer.lr=1e-3",
+            "optimizer.weight_decay=0.05",
+        )
+    )
+    assert rates[8] == pytest.approx(
+        eta_min + (1e-3 - eta_min) * (1 + math.cos(math.pi * 8 / 9)) / 2
+    )
+    saved = torch.load(run.parent / "finetuned" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.05
 
 
 def test_resume_true_starts_a_run_that_saved_no_checkpoint_yet(lean_cfg, tmp_path):
