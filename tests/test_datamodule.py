@@ -489,3 +489,20 @@ def test_foreground_oversampling_under_ddp_gives_disjoint_shards_with_the_batch_
     assert dm.train_dataloader().drop_last is False
     dm.trainer = SimpleNamespace(world_size=2, global_rank=0)
     assert dm.train_dataloader().drop_last is True
+
+
+def test_a_stray_mask_value_is_named_not_trained_in_silence(tmp_path, caplog):
+    image_dir, mask_dir, masks = write_data(tmp_path, n=10)
+    mask = masks["case03"].copy()
+    mask[0, 0] = 7  # one pixel of a value no other mask holds
+    cv2.imwrite(str(mask_dir / "case03.png"), mask)
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
+        dm = make_dm(image_dir, mask_dir, image_size=[H, W])
+    assert dm.num_classes == 8  # the masks say so; the warning says why
+    assert "largest class value is 7 (1 pixels, in 1 masks: case03)" in caplog.text
+    assert "the values 3-6 occur in no mask" in caplog.text and "data.num_classes=8" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
+        make_dm(*write_data(tmp_path / "clean", n=10)[:2])
+    assert "largest class value" not in caplog.text

@@ -344,7 +344,7 @@ class SegDataModule(pl.LightningDataModule):
             self._fold,
         )
         if self._num_classes is None:  # index masks without data.num_classes
-            self._num_classes = max(2, max(int(m.max()) for m in masks) + 1)
+            self._num_classes = _infer_num_classes(names, masks)
         soft = None
         if self._soft_masks:  # full-size masks (classes were not known) → fractions
             soft = [
@@ -738,6 +738,44 @@ def _parse_size(image_size: int | Sequence[int]) -> tuple[int, int]:
             f"[height, width] in pixels, e.g. 128 or [128, 160]."
         )
     return size[0], size[1]
+
+
+def _infer_num_classes(names: Sequence[str], masks: Sequence[np.ndarray]) -> int:
+    """The class count of index masks without data.num_classes: their largest value + 1. A
+    warning names the masks that hold it when values below it occur in no mask (one stray
+    value, e.g. 7 in 0/1 masks, would otherwise make an 8-class network in silence)."""
+    counts = sum(np.bincount(m.ravel(), minlength=256)[:256] for m in masks)
+    largest = int(np.flatnonzero(counts).max()) if counts.any() else 0
+    missing = [v for v in range(1, largest) if counts[v] == 0]
+    if missing:
+        holders = [n for n, m in zip(names, masks, strict=True) if (m == largest).any()]
+        listed = ", ".join(holders[:_SHOW]) + (", ..." if len(holders) > _SHOW else "")
+        log.warning(
+            "The masks' largest class value is %d (%d pixels, in %d masks: %s), so %d classes "
+            "are trained, but the values %s occur in no mask. If %d is a stray value, fix those "
+            "masks (or give data.mask_mode=binary for 0/non-zero masks); if the classes are "
+            "right, give data.num_classes=%d (and data.class_names) to say so.",
+            largest,
+            counts[largest],
+            len(holders),
+            listed,
+            largest + 1,
+            _ranges(missing),
+            largest,
+            largest + 1,
+        )
+    return max(2, largest + 1)
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """[2, 3, 4, 6] -> "2-4, 6"."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _channel_stats(
