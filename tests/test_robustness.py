@@ -216,6 +216,21 @@ def test_a_run_folder_is_never_written_over(lean_cfg, tmp_path):
     assert again["epochs_trained"] == 3
 
 
+def record_epoch_starts(monkeypatch, record=None) -> list[int]:
+    """The epochs that training starts from now on (``record(module)`` also runs at each)."""
+    started = []
+
+    def on_train_epoch_start(self):
+        started.append(self.current_epoch)
+        if record is not None:
+            record(self)
+
+    monkeypatch.setattr(
+        SegmentationModule, "on_train_epoch_start", on_train_epoch_start, raising=False
+    )
+    return started
+
+
 def test_last_checkpoint_is_the_newest_epoch_when_the_best_is_older(lean_cfg, monkeypatch):
     """resume=true continues from the newest epoch, not from the best one: epochs after the
     best are not trained again. (Lightning 2.6's save_last writes last.ckpt only in epochs
@@ -230,13 +245,7 @@ def test_last_checkpoint_is_the_newest_epoch_when_the_best_is_older(lean_cfg, mo
     assert first["best_epoch"] == 0
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2
 
-    started = []
-    monkeypatch.setattr(
-        SegmentationModule,
-        "on_train_epoch_start",
-        lambda self: started.append(self.current_epoch),
-        raising=False,
-    )
+    started = record_epoch_starts(monkeypatch)
     more = train(
         lean_cfg("test_after_fit=false", "trainer.max_epochs=4", "resume=true", *oldest_is_best)
     )
@@ -287,13 +296,7 @@ def test_a_finished_run_is_not_trained_again(lean_cfg, monkeypatch):
 
     # More patience continues it, with that patience (Lightning restores the saved one):
     # epochs 2 and 3 do not improve either, and patience 3 is spent after epoch 3.
-    started = []
-    monkeypatch.setattr(
-        SegmentationModule,
-        "on_train_epoch_start",
-        lambda self: started.append(self.current_epoch),
-        raising=False,
-    )
+    started = record_epoch_starts(monkeypatch)
     more = train(lean_cfg(*stops_at_epoch_1, "resume=true", "callbacks.early_stopping.patience=3"))
     assert started == [2, 3] and more["epochs_trained"] == 4
 
@@ -302,11 +305,9 @@ def test_a_continued_run_trains_with_the_configured_schedule_and_rate(lean_cfg, 
     """The cosine decay of a run resumed with more epochs is the one planned for them (not the
     restored one for the old epochs), and a new learning rate applies."""
     rates = {}
-    monkeypatch.setattr(
-        SegmentationModule,
-        "on_train_epoch_start",
-        lambda self: rates.setdefault(self.current_epoch, self.optimizers().param_groups[0]["lr"]),
-        raising=False,
+    record_epoch_starts(
+        monkeypatch,
+        lambda m: rates.setdefault(m.current_epoch, m.optimizers().param_groups[0]["lr"]),
     )
     train(lean_cfg("test_after_fit=false", "trainer.max_epochs=2"))
     lr, eta_min = 2e-3, 1e-5  # conf/optimizer/adamw.yaml, conf/scheduler/cosine.yaml
