@@ -72,6 +72,7 @@ class SegmentationModule(pl.LightningModule):
                 "training batch) or more."
             )
         self._nonfinite: torch.Tensor | None = None  # device flag, see _check_finite
+        self._plateau_pending: dict[str, float] = {}  # see on_save_checkpoint
         if compile:
             # In place: the state_dict keys stay those of the plain network, so checkpoints of
             # compiled and uncompiled runs are interchangeable.
@@ -187,10 +188,34 @@ class SegmentationModule(pl.LightningModule):
     def _where(self) -> str:
         return f"the end of epoch {self.current_epoch} (step {self.global_step})"
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved at the end of a training epoch precedes that epoch's
+        ReduceLROnPlateau step (Lightning steps it after the checkpoint callbacks, and skips it
+        when it continues the run, as its checkpoints hold no metric): the values the plateau
+        schedules watch are saved with it, so that a continued run takes the step."""
+        progress = self.trainer.fit_loop.epoch_progress.current
+        if progress.processed > progress.completed:  # in the epoch's end, before the step
+            metrics = self.trainer.callback_metrics
+            checkpoint["lungseg_plateau_pending"] = {
+                c.monitor: float(metrics[c.monitor])
+                for c in self.trainer.lr_scheduler_configs
+                if c.reduce_on_plateau and c.monitor in metrics
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._plateau_pending = dict(checkpoint.get("lungseg_plateau_pending") or {})
+
     def on_train_start(self):
-        if self.trainer.ckpt_path is not None:
-            for change in self._apply_configured_settings():
-                log.info("continued with the configured %s", change)
+        if self.trainer.ckpt_path is None:
+            return
+        epoch = self.trainer.current_epoch  # the epoch after the checkpoint's
+        for config in self.trainer.lr_scheduler_configs:
+            value = self._plateau_pending.get(config.monitor)
+            if config.reduce_on_plateau and value is not None and epoch % config.frequency == 0:
+                config.scheduler.step(value)
+        self._plateau_pending = {}
+        for change in self._apply_configured_settings():
+            log.info("continued with the configured %s", change)
 
     def _apply_configured_settings(self) -> list[str]:
         """A continued run (``resume=true``, ``ckpt_path``) trains with the optimiser and
@@ -205,7 +230,9 @@ class SegmentationModule(pl.LightningModule):
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 for key, value in optimizer_cfg.items():
-                    base_key = "initial_lr" if key == "lr" and "initial_lr" in group else key
+                    # The configured rate is initial_lr (lr is where the schedule has got to);
+                    # a checkpoint without it cannot say which rate it was configured with.
+                    base_key = "initial_lr" if key == "lr" else key
                     if base_key not in group or _same(group[base_key], value):
                         continue
                     changed.append(
@@ -259,6 +286,11 @@ class SegmentationModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = instantiate(self.hparams.optimizer, params=self.parameters())
+        for group in optimizer.param_groups:
+            # The configured rate, saved with the optimiser's state (torch's LRSchedulers set it
+            # too; ReduceLROnPlateau and a constant rate do not), so that a continued run can
+            # tell a new optimizer.lr from a rate the schedule has lowered.
+            group.setdefault("initial_lr", group["lr"])
         scheduler = dict(self.hparams.scheduler or {})
         if not scheduler:
             return optimizer

@@ -336,6 +336,16 @@ def test_a_continued_run_trains_with_the_configured_schedule_and_rate(lean_cfg, 
     saved = torch.load(run.parent / "finetuned" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.05
 
+    # A rate the plateau schedule has lowered stays lowered (it is no new optimizer.lr), and
+    # the schedule's step at the end of the checkpoint's epoch is taken (Lightning skips it):
+    # the rates of an uninterrupted run.
+    rates.clear()
+    never_better = ["scheduler=plateau", "scheduler.patience=0", "+scheduler.threshold=10"]
+    plateau = [*never_better, f"output_dir={run.parent / 'plateau'}", "test_after_fit=false"]
+    train(lean_cfg(*plateau, "trainer.max_epochs=2"))
+    train(lean_cfg(*plateau, "trainer.max_epochs=3", "resume=true"))
+    assert [rates[e] for e in range(3)] == pytest.approx([lr, lr / 2, lr / 4])
+
 
 def test_resume_true_starts_a_run_that_saved_no_checkpoint_yet(lean_cfg, tmp_path):
     run = tmp_path / "run"
