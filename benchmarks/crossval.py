@@ -9,15 +9,18 @@ scored on the run's validation split under every combination of --thresholds (fo
 its probability reaches this; "argmax" = the most probable class), --min-sizes (predicted
 components below that many pixels at the network size removed) and --min-confidences
 (components whose most confident pixel stays below this removed), from one prediction per
-image. The setting with the highest mean validation Dice over the folds (per image, an image
-empty in both ground truth and prediction scoring 1, so false positives on empty slices count)
-is then applied to each test split, which is scored with and without it. With --max-fp-rate F
-the choice is instead the highest validation Dice over the non-empty slices among the settings
-whose mean validation false-positive rate on empty slices is at most F: an operating point for
-a required false-positive rate. Prints one Markdown table:
-per fold and mean ± std (population) over the folds, the test Dice over the slices whose mask is
-not empty and the false-positive rate on the empty ones. The test splits play no part in any
-choice.
+image. Each fold takes the setting with the highest Dice on its own validation split (per
+image, an image empty in both ground truth and prediction scoring 1, so false positives on
+empty slices count) and applies it to its own test split, which is scored with and without
+it. With --max-fp-rate F the choice is instead the highest validation Dice over the non-empty
+slices among the settings whose validation false-positive rate on empty slices is at most F:
+an operating point for a required false-positive rate. Prints two Markdown tables: every
+setting's validation scores as the mean over the folds (for reading the trade-off), and per
+fold its choice and test scores, the test Dice over the slices whose mask is not empty and the
+false-positive rate on the empty ones, with mean ± std (population) over the folds.
+
+No test image plays a part in the choice applied to it. (A choice by the mean validation score
+over the folds would: every fold's validation patients are another fold's test patients.)
 """
 
 import argparse
@@ -77,6 +80,15 @@ def mean_std(values: list[float | None]) -> str:
     if not values:
         return "n/a"
     return f"{statistics.fmean(values):.4f} ± {statistics.pstdev(values):.4f}"
+
+
+KEYS = ("dice", "dice_nonempty", "fp_rate_empty")  # what choose() weighs, in its order
+
+
+def entry(summary: dict, key: str) -> float | None:
+    """The first foreground class's mean ``key`` (a number for the FP rate) in a summary."""
+    value = first_class(summary)[key]
+    return value["mean"] if isinstance(value, dict) else value
 
 
 def cell(value: float | None) -> str:
@@ -153,43 +165,41 @@ def main() -> None:
         evaluate_grid(eval_cfg(m["best_checkpoint"], run / "crossval", "val", grid[0]), grid)
         for run, m in checkpoints.items()
     ]
+    # Per fold and grid setting: Dice over all slices, over the non-empty ones, FP rate.
+    scores = [[[entry(summary, key) for summary in per_run] for key in KEYS] for per_run in val]
+    chosen = [choose(*fold, args.max_fp_rate) for fold in scores]
 
-    def val_mean(i: int, key: str) -> float | None:
-        """Mean over the folds of one first-class summary entry for grid setting i."""
-        values = [first_class(per_run[i])[key] for per_run in val]
-        values = [v["mean"] if isinstance(v, dict) else v for v in values]
-        values = [v for v in values if v is not None]
+    def mean_over_folds(key: int, i: int) -> float | None:
+        values = [fold[key][i] for fold in scores if fold[key][i] is not None]
         return statistics.fmean(values) if values else None
 
-    val_dice = [val_mean(i, "dice") for i in range(len(grid))]
-    val_nonempty = [val_mean(i, "dice_nonempty") for i in range(len(grid))]
-    val_fp = [val_mean(i, "fp_rate_empty") for i in range(len(grid))]
-    best = choose(val_dice, val_nonempty, val_fp, args.max_fp_rate)
-    chosen = grid[best]
     print(
-        "| threshold | min_size | min_confidence | validation Dice mean over folds "
-        "| Dice non-empty | FP rate empty |\n|---|---|---|---|---|---|"
+        "| threshold | min_size | min_confidence | validation Dice, mean over folds "
+        "| Dice non-empty | FP rate empty | chosen by fold |\n|---|---|---|---|---|---|---|"
     )
     for i, post in enumerate(grid):
-        print(
-            f"| {label(post)}{' (chosen)' if i == best else ''} | {val_dice[i]:.4f} "
-            f"| {cell(val_nonempty[i])} | {cell(val_fp[i])} |"
-        )
-    if args.max_fp_rate is not None and not (val_fp[best] or 0) <= args.max_fp_rate:
-        print(
-            f"\nNo setting keeps the validation FP rate at or under {args.max_fp_rate:g}; "
-            "chosen: the lowest FP rate."
-        )
+        by = ", ".join(str(k) for k, best in enumerate(chosen) if best == i)
+        means = [cell(mean_over_folds(key, i)) for key in range(len(KEYS))]
+        print(f"| {label(post)} | " + " | ".join(means) + f" | {by} |")
+    if args.max_fp_rate is not None:
+        over = [k for k, fold in enumerate(scores) if (fold[2][chosen[k]] or 0) > args.max_fp_rate]
+        if over:
+            print(
+                f"\nFolds {', '.join(map(str, over))}: no setting keeps the validation FP rate "
+                f"at or under {args.max_fp_rate:g}; chosen there: the lowest FP rate."
+            )
 
     header = (
-        "| fold run | best epoch | test Dice non-empty | with post-processing | FP rate empty "
-        "| with post-processing | test Dice (all slices) | with post-processing |"
+        "| fold | run | best epoch | chosen: threshold, min_size, min_confidence | its val Dice "
+        "| test Dice non-empty | with post-processing | FP rate empty | with post-processing "
+        "| test Dice (all slices) | with post-processing |"
     )
-    print(f"\n{header}\n" + "|---" * 8 + "|")
+    print(f"\n{header}\n" + "|---" * 11 + "|")
     table = []
-    for run, metrics in checkpoints.items():
+    for k, (run, metrics) in enumerate(checkpoints.items()):
+        post_k = grid[chosen[k]]
         # One scoring gives both: evaluate() keeps the scores before post-processing.
-        summary = evaluate(eval_cfg(metrics["best_checkpoint"], run / "crossval", "test", chosen))
+        summary = evaluate(eval_cfg(metrics["best_checkpoint"], run / "crossval", "test", post_k))
         post = first_class(summary)
         raw = first_class(summary.get("without_postprocessing", summary))
         row = [
@@ -202,9 +212,13 @@ def main() -> None:
         ]
         table.append(row)
         name = run.relative_to(args.sweep).as_posix()
-        print(f"| {name} | {metrics['best_epoch']} | " + " | ".join(cell(v) for v in row) + " |")
+        setting = label(post_k).replace(" |", ",")
+        print(
+            f"| {k} | {name} | {metrics['best_epoch']} | {setting} "
+            f"| {cell(scores[k][0][chosen[k]])} | " + " | ".join(cell(v) for v in row) + " |"
+        )
     spread = [mean_std([row[i] for row in table]) for i in range(6)]
-    print(f"| mean ± std ({len(table)} folds) | | " + " | ".join(spread) + " |", flush=True)
+    print(f"| mean ± std | {len(table)} folds | | | | " + " | ".join(spread) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -179,6 +179,13 @@ def test_k_fold_tests_every_patient_once_and_never_trains_on_it():
         assert not (patients["train"] & patients["val"])
         assert counts(split) == {"train": 21, "val": 6, "test": 9}  # 3 patients per fold
     assert folds[0] == make_split(SLICES[::-1], (0.75, 0.25, 0.0), 3, PATIENT, None, 4, 0)
+    # The folds validate on different patients, each fold's from the test part of the fold
+    # before it: a choice made on the mean validation score over the folds does not rest on
+    # one fold's test patients (with the parts in plain order, folds 0-2 validated on fold 3's).
+    val = [{s for s, v in split.items() if v == "val"} for split in folds]
+    test = [{s for s, v in split.items() if v == "test"} for split in folds]
+    assert all(not (val[i] & val[j]) for i in range(4) for j in range(i))
+    assert all(val[k] <= test[k - 1] for k in range(4))
 
 
 @pytest.mark.parametrize(

@@ -48,9 +48,11 @@ def make_split(
 
     Cross-validation (``num_folds`` k and ``fold`` i in 0..k-1): the shuffled groups are laid
     end to end as above and cut into k parts of about N/k files; part i is the test split, and
-    the other parts, in the same order, are cut into train and val in the ratio
-    ``fractions[0] : fractions[1]`` (``fractions[2]`` is then unused). Over i = 0..k-1 every
-    file (and patient) is tested exactly once, and never trained on in the fold that tests it.
+    the other parts, laid from part i + 1 round to part i - 1, are cut into train and val in
+    the ratio ``fractions[0] : fractions[1]`` (``fractions[2]`` is then unused), so that val
+    comes from part i - 1 (mod k): the folds validate on different patients. Over i = 0..k-1
+    every file (and patient) is tested exactly once, and never trained on in the fold that
+    tests it.
 
     Raises LungsegError for fractions that are not three numbers >= 0 summing to 1, for a split
     with a fraction > 0 that gets no file, for a pattern that is not a regex with a group or
@@ -81,7 +83,16 @@ def make_split(
             order, sizes, np.arange(1, num_folds) * len(stems) / num_folds, range(num_folds)
         )
         group_split = {name: "test" for name in order if parts[name] == fold}
-        rest = [name for name in order if parts[name] != fold]
+        # The other parts from the one after the test part round to the one before it: val,
+        # cut from the end, lies in part fold - 1, so every fold validates on other patients
+        # (with the parts in plain order, folds 0 to k-2 all validated on part k-1, the test
+        # split of fold k-1).
+        rest = [
+            name
+            for part in (*range(fold + 1, num_folds), *range(fold))
+            for name in order
+            if parts[name] == part
+        ]
         train_share = fractions[0] / (fractions[0] + fractions[1] or 1)
         total = sum(sizes[name] for name in rest)
         group_split.update(_cut(rest, sizes, [train_share * total], ("train", "val")))
