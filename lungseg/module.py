@@ -9,6 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from torchmetrics import MeanMetric
 
 from lungseg.errors import LungsegError
 from lungseg.metrics import SegmentationMetrics, predicted_classes
@@ -64,6 +65,9 @@ class SegmentationModule(pl.LightningModule):
         # Separate attributes: a ModuleDict key "train" would shadow nn.Module.train().
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", SegmentationMetrics(self.class_names))
+        # val/test loss: a mean weighted by images, summed across DDP processes once at the
+        # epoch's end (their shares of a split can differ by an image: no padding repeats).
+        self.val_loss_mean, self.test_loss_mean = MeanMetric(), MeanMetric()
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if train_metrics_every_n_steps < 1:
@@ -92,14 +96,17 @@ class SegmentationModule(pl.LightningModule):
         if stage != "train" or batch_idx % self.hparams.train_metrics_every_n_steps == 0:
             # Metrics accumulate on the device; updating them forces no host sync.
             getattr(self, f"{stage}_metrics").update(predicted_classes(logits.detach()), masks)
+        logged = loss
+        if stage != "train":
+            logged = getattr(self, f"{stage}_loss_mean")
+            logged.update(loss.detach(), weight=images.shape[0])
         self.log(
             f"{stage}/loss",
-            loss,
+            logged,
             on_step=stage == "train",
             on_epoch=True,
             prog_bar=True,
             batch_size=images.shape[0],
-            sync_dist=stage != "train",
         )
         return loss
 

@@ -20,6 +20,7 @@ import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
@@ -567,9 +568,17 @@ class SegDataModule(pl.LightningDataModule):
             "pin_memory": self._pin_memory,
             "persistent_workers": self._persistent_workers and self._num_workers > 0,
         }
-        if not train:
-            return DataLoader(dataset, **options)
         replicas = self.trainer.world_size if self.trainer is not None else 1
+        if not train:
+            if 1 < replicas <= len(dataset):
+                # Each image once over all processes: Lightning's DistributedSampler would pad
+                # the split with repeats to equal shares, counting them twice in val/test
+                # metrics. Uneven shares are safe: the metrics and the logged loss are summed
+                # across processes once, at the epoch's end (with fewer images than processes,
+                # a process without a batch would never log: padding is kept there).
+                rank = self.trainer.global_rank
+                options["sampler"] = UnrepeatedDistributedSampler(dataset, replicas, rank, False)
+            return DataLoader(dataset, **options)
         # each process's share of the split: one short batch rather than none
         drop_last = math.ceil(len(dataset) / replicas) > self._batch_size
         if self._foreground_fraction:
