@@ -82,7 +82,8 @@ def remove_unsure_components(
 def settings(cfg_value: Any, checkpoint_value: Any) -> dict[str, Any]:
     """The post-processing to apply: the command's ``postprocess`` where it sets a value,
     else what the checkpoint was trained with (``postprocess`` of its training config).
-    ``threshold: argmax`` asks for the most probable class whatever the checkpoint says."""
+    ``threshold: argmax`` asks for the most probable class whatever the checkpoint says.
+    LungsegError for a value of the wrong type or out of its range."""
     chosen = dict(checkpoint_value or {})
     chosen.update({k: v for k, v in dict(cfg_value or {}).items() if v is not None})
     threshold = chosen.get("threshold")
@@ -102,8 +103,15 @@ def settings(cfg_value: Any, checkpoint_value: Any) -> dict[str, Any]:
             "in [0, 1) that a predicted component must reach somewhere to be kept (0 keeps "
             "every component)."
         )
+    min_size = chosen.get("min_size") or 0
+    if not (isinstance(min_size, int | float) and float(min_size) >= 0):
+        raise LungsegError(
+            f"postprocess.min_size is {min_size!r}; give the size in pixels (at "
+            "data.image_size) under which predicted components are removed, 0 or more (0 "
+            "keeps every component), e.g. postprocess.min_size=20."
+        )
     return {
-        "min_size": float(chosen.get("min_size") or 0),
+        "min_size": float(min_size),
         "threshold": None if threshold is None else float(threshold),
         "min_confidence": float(confidence),
     }

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg import hostmem
+from lungseg.checks import check_settings
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
 from lungseg.run_folder import (
@@ -108,6 +109,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (versions, git commit), ``metrics.json`` and ``curves.png``. A folder that already holds a
     run is refused unless this run continues it (``resume=true``, or ``ckpt_path`` in it).
     Returns the metrics written to metrics.json."""
+    check_settings(cfg)  # wrong types and ranges, missing data folders: before anything
     started = time.monotonic()
     hostmem.configure(cfg.get("retain_freed_memory", True))
     trainer_settings = accelerator_settings(plain(cfg.trainer))  # before anything is written

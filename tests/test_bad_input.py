@@ -1,7 +1,8 @@
 """Bad data through the user's path: `train(cfg)` composed like `python train.py` (or the
 DataModule it sets up) on tiny folders in tmp_path. Each case ends in one LungsegError paragraph
 that names the file (or setting) and the fix, in a warning and a skip with data.strict=false,
-or in a run that works.
+or in a run that works. Settings of a wrong type or range are refused by check_settings,
+which train() runs before it builds or writes anything; they are tested on the composed config.
 
 Function-level cases live beside their functions: tests/test_folders.py (pairing, reading),
 test_masks.py (decoding), test_splits.py (fractions, patterns, split files) and
@@ -17,11 +18,13 @@ import cv2
 import numpy as np
 import pytest
 from conftest import ROOT
+from hydra import compose, initialize_config_dir
 from test_inference import write_pairs
 
+from lungseg.checks import check_settings
 from lungseg.data.datamodule import SegDataModule
-from lungseg.data.folders import write_image
-from lungseg.errors import user_error
+from lungseg.data.folders import check_data_dirs, write_image
+from lungseg.errors import LungsegError, user_error
 from lungseg.train import train
 
 SIZES = [(24, 28)] * 6  # 6 pairs split 4/1/1
@@ -57,6 +60,90 @@ def setup(image_dir, mask_dir, **kwargs) -> SegDataModule:
 
 def counts(dm: SegDataModule) -> tuple[int, int, int]:
     return len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "data.batch_size=0",
+            r"data.batch_size is 0; give a whole number of images per batch, 1 or more "
+            r"\(e.g. data.batch_size=8\).$",
+        ),
+        ("data.batch_size=true", "data.batch_size is true; give a whole number"),
+        ("data.batch_size=2.5", "data.batch_size is 2.5; give a whole number"),
+        ("data.image_size=[32,0]", r"data.image_size is \[32, 0\]; give the network's input"),
+        ("data.image_size=true", "data.image_size is true; give the network's input size"),
+        ("data.num_workers=-1", "data.num_workers is -1; give a whole number of DataLoader"),
+        ("data.num_workers=abc", "data.num_workers is 'abc'"),
+        ("data.demo_num_images=abc", "data.demo_num_images is 'abc'"),
+        ("model.width=abc", "model.width is 'abc'; give a whole number of channels"),
+        ("model.depth=0", "model.depth is 0; give a whole number of down-sampling stages"),
+        ("model.dropout=1.0", "model.dropout is 1.0; give a dropout probability"),
+        ("trainer.max_epochs=abc", "trainer.max_epochs is 'abc'; give a whole number of epochs"),
+        ("trainer.max_epochs=-2", "trainer.max_epochs is -2"),
+        ("trainer.max_epochs=true", "trainer.max_epochs is true"),
+        ("+trainer.max_steps=abc", "trainer.max_steps is 'abc'"),
+        ("trainer.num_sanity_val_steps=abc", "trainer.num_sanity_val_steps is 'abc'"),
+        ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches is 1.5"),
+        ("trainer.max_time=abc", "trainer.max_time is 'abc'; give a duration \"DD:HH:MM:SS\""),
+        ("trainer.precision=abc", "trainer.precision is 'abc'; give one of .*bf16-mixed"),
+        ("trainer.devices=0", "trainer.devices is 0"),
+        ("optimizer.lr=0", "optimizer.lr is 0; give a learning rate, a number above 0"),
+        ("optimizer.lr=abc", "optimizer.lr is 'abc'"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay is -1"),
+        ("seed=abc", "seed is 'abc'"),
+        # the cosine schedule's T_max follows max_epochs; null fails at its first step
+        ("trainer.max_epochs=null", "scheduler.T_max is null.*scheduler=none"),
+        ("postprocess.min_size=-5", "postprocess.min_size is -5"),
+    ],
+)
+def test_wrong_settings_are_refused_before_anything_is_built(make_cfg, override, message):
+    # Left to Lightning, torch and Hydra, most of these were bare tracebacks, some after the
+    # run folder already held config.yaml, split.csv and environment.json.
+    with pytest.raises(LungsegError, match=message):
+        check_settings(make_cfg(override))
+
+
+def test_train_checks_its_settings_before_it_writes(make_cfg):
+    cfg = make_cfg("data.batch_size=0")
+    with pytest.raises(LungsegError, match="data.batch_size is 0"):
+        train(cfg)
+    assert not Path(cfg.output_dir).exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        *[[f"model={m}"] for m in ("unet", "fcn", "segnet", "deeplab")],
+        *[[f"trainer={t}"] for t in ("cpu", "ddp", "gpu")],
+        *[[f"optimizer={o}"] for o in ("adam", "sgd")],
+        *[[f"experiment={e}"] for e in ("article", "lidc_nodules", "lung_ct")],
+        ["experiment=lung_ct", "model=fcn"],
+        ["hparams_search=optuna"],
+        ["trainer.max_epochs=-1", "+trainer.max_steps=10", "trainer.limit_val_batches=0"],
+        ["trainer.max_time=00:00:15:00", "trainer.devices=[0,1]", "trainer.precision=16"],
+        ["data.image_size=[32,48]", "trainer.limit_train_batches=3", "optimizer.lr=1"],
+    ],
+)
+def test_shipped_configs_pass_the_settings_check(tmp_path, overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"output_dir={tmp_path}", *overrides])
+    check_settings(cfg)
+
+
+def test_missing_data_folder_is_reported_before_the_palette(make_cfg, tmp_path):
+    # data.mask_mode=palette (the default) needs data.palette for your own data; a wrong path
+    # was reported as that missing palette.
+    cfg = make_cfg("data.image_dir=/nonexist", "data.mask_dir=/nonexist2")
+    with pytest.raises(LungsegError, match="The image folder /nonexist does not exist. Set data"):
+        check_settings(cfg)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks.png").write_bytes(b"")
+    with pytest.raises(LungsegError, match="mask folder .*masks.png is not a folder. Set data.m"):
+        check_data_dirs(tmp_path / "images", tmp_path / "masks.png")
+    check_data_dirs(None, None)  # the demo data
 
 
 def test_empty_folders(make_cfg, tmp_path):

@@ -57,6 +57,17 @@ def test_command_setting_overrides_the_checkpoint_and_null_keeps_it():
             settings({"threshold": bad}, None)
 
 
+def test_negative_or_non_numeric_min_size_is_refused():
+    # Accepted in silence before (summary.json recorded min_size -5), from the command line
+    # or from the checkpoint's training config.
+    for bad in (-5, "abc", float("nan")):
+        with pytest.raises(LungsegError, match=f"postprocess.min_size is {bad!r}; give the size"):
+            settings({"min_size": bad}, None)
+    with pytest.raises(LungsegError, match="postprocess.min_size is -5"):
+        settings(None, {"min_size": -5})
+    assert settings({"min_size": 12}, {"min_size": -5})["min_size"] == 12.0
+
+
 def test_threshold_is_on_the_summed_foreground_probability():
     info = {"image_size": [2, 2], "num_classes": 3}
     prob = np.zeros((3, 2, 2))

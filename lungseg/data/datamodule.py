@@ -26,7 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lungseg.data import context, device_augment, splits, transforms
 from lungseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
-from lungseg.data.folders import Pair, find_pairs, read_image
+from lungseg.data.folders import Pair, check_data_dirs, find_pairs, read_image
 from lungseg.data.masks import MASK_MODES, decode_mask, default_colors
 from lungseg.errors import LungsegError
 
@@ -229,6 +229,7 @@ class SegDataModule(pl.LightningDataModule):
                 f"image and mask folders, or leave both null to use the bundled demo data."
             )
         self._demo = image_dir is None
+        check_data_dirs(image_dir, mask_dir)  # a missing folder before any mask setting
         if mask_mode not in MASK_MODES:
             raise LungsegError(
                 f"data.mask_mode is {mask_mode!r}; choose one of {', '.join(MASK_MODES)}: index "

@@ -78,13 +78,26 @@ def find_pairs(
     return [Pair(s, image_by_stem[s], masks_by_stem[s][0]) for s in sorted(masks_by_stem)]
 
 
-def _list_images(folder: Path, role: str, setting: str) -> list[Path]:
+def check_data_dirs(image_dir: str | Path | None, mask_dir: str | Path | None) -> None:
+    """LungsegError unless data.image_dir and data.mask_dir, where set, are existing folders.
+    Checked first: a mistyped path also makes the settings that suit the data look wrong
+    (data.palette, needed for your own palette masks), and the path is the mistake to report."""
+    for folder, role in ((image_dir, "image"), (mask_dir, "mask")):
+        if folder is not None:
+            _check_folder(Path(folder).expanduser(), role, f"data.{role}_dir")
+
+
+def _check_folder(folder: Path, role: str, setting: str) -> None:
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
         raise LungsegError(
             f"The {role} folder {folder} {problem}. Set {setting} to the folder that holds "
             f"your {role} files (a relative path is resolved from the directory you run in)."
         )
+
+
+def _list_images(folder: Path, role: str, setting: str) -> list[Path]:
+    _check_folder(folder, role, setting)
     files = sorted(
         p
         for p in folder.iterdir()

@@ -1,0 +1,209 @@
+"""Checks of the training settings a user commonly types (``data.batch_size=0``,
+``trainer.max_epochs=abc``), made before anything is built or written.
+
+Left to the libraries, such a value fails deep inside Lightning, torch or Hydra's instantiate
+with a bare traceback, some only when fitting starts, after the run folder already holds
+config.yaml, split.csv and environment.json (and a rerun into it is refused). Each check names
+the setting, its value and what to give instead; the first bad setting raises.
+"""
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, get_args
+
+from lightning_fabric import connector
+from omegaconf import DictConfig, OmegaConf
+
+from lungseg import postprocess
+from lungseg.data.folders import check_data_dirs
+from lungseg.errors import LungsegError
+
+# What Lightning's Trainer accepts for `precision` (it refuses anything else), from its private
+# type aliases: where a Lightning version lacks them, the value is left to Lightning.
+_NAMES = get_args(getattr(connector, "_PRECISION_INPUT_STR", None))
+PRECISIONS = _NAMES + tuple(
+    value
+    for alias in ("_PRECISION_INPUT_INT", "_PRECISION_INPUT_STR_ALIAS")
+    for value in get_args(getattr(connector, alias, None))
+)
+_ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
+
+
+def is_whole(value: Any, low: int, high: int | None = None) -> bool:
+    """Whether value is an int (a bool is not) in [low, high]."""
+    return isinstance(value, int) and is_number(value, low, high)
+
+
+def is_number(value: Any, low: float, high: float | None = None) -> bool:
+    """Whether value is an int or a float (a bool is neither) in [low, high]; NaN is not."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and low <= value
+        and (high is None or value <= high)
+    )
+
+
+def require(ok: bool, key: str, value: Any, wanted: str, example: str) -> None:
+    """LungsegError "<key> is <value>; give <wanted> (e.g. <example>)." unless ok."""
+    if not ok:
+        raise LungsegError(f"{key} is {_shown(value)}; give {wanted} (e.g. {example}).")
+
+
+def _shown(value: Any) -> str:
+    """A value as the command line writes it: null, true, 'abc', [32, 0]."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _size(value: Any) -> bool:
+    pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+    return is_whole(value, 1) or (pair and all(is_whole(v, 1) for v in value))
+
+
+def _batches(value: Any) -> bool:
+    return value is None or is_whole(value, 0) or is_number(value, 0, 1)
+
+
+def _duration(value: Any) -> bool:
+    return (
+        value is None
+        or isinstance(value, Mapping)
+        or (isinstance(value, str) and bool(re.fullmatch(r"\d+:\d\d:\d\d:\d\d", value.strip())))
+    )
+
+
+def _devices(value: Any) -> bool:
+    if isinstance(value, str):  # "auto", "2", "0,1": Lightning parses them
+        return bool(re.fullmatch(r"auto|-1|\d+|(\d+,)+\d*", value.strip()))
+    if isinstance(value, Sequence):
+        return len(value) > 0 and all(is_whole(v, 0) for v in value)
+    return is_whole(value, -1) and value != 0
+
+
+# key → (accepts the value, what to give, an example). Keys the config lacks are skipped
+# (model.depth is the U-Net's, optimizer.momentum SGD's). In this order: trainer.max_epochs
+# before scheduler.T_max, which follows it.
+RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "seed": (
+        lambda v: is_whole(v, 0, 2**32 - 1),
+        "a whole number from 0 to 4294967295 for the random generators",
+        "seed=42",
+    ),
+    "data.batch_size": (
+        lambda v: is_whole(v, 1),
+        "a whole number of images per batch, 1 or more",
+        "data.batch_size=8",
+    ),
+    "data.image_size": (
+        _size,
+        "the network's input size in pixels: a whole number 1 or more (square), or [height, width]",
+        "data.image_size=128 or data.image_size=[128,160]",
+    ),
+    "data.num_workers": (
+        lambda v: is_whole(v, 0),
+        "a whole number of DataLoader worker processes, 0 or more (0: load in the training "
+        "process)",
+        "data.num_workers=2",
+    ),
+    "data.demo_num_images": (
+        lambda v: is_whole(v, 1),
+        "a whole number of demo images to generate, 1 or more",
+        "data.demo_num_images=120",
+    ),
+    "data.demo_size": (
+        lambda v: is_whole(v, 1),
+        "the side of the demo images in pixels, a whole number 1 or more",
+        "data.demo_size=256",
+    ),
+    "model.width": (
+        lambda v: is_whole(v, 1),
+        "a whole number of channels for the network's first layer, 1 or more",
+        "model.width=16",
+    ),
+    "model.depth": (
+        lambda v: is_whole(v, 1),
+        "a whole number of down-sampling stages, 1 or more",
+        "model.depth=4",
+    ),
+    "model.dropout": (
+        lambda v: is_number(v, 0) and v < 1,
+        "a dropout probability from 0 up to (not including) 1",
+        "model.dropout=0.1",
+    ),
+    "trainer.max_epochs": (
+        lambda v: v is None or is_whole(v, -1),
+        "a whole number of epochs, 0 or more, or -1 for no limit",
+        "trainer.max_epochs=40",
+    ),
+    "trainer.max_steps": (
+        lambda v: v is None or is_whole(v, -1),
+        "a whole number of optimiser steps, 0 or more, or -1 for no limit",
+        "trainer.max_steps=1000",
+    ),
+    "trainer.max_time": (
+        _duration,
+        'a duration "DD:HH:MM:SS", or null for no time limit',
+        'trainer.max_time="00:12:00:00"',
+    ),
+    "trainer.num_sanity_val_steps": (
+        lambda v: is_whole(v, -1),
+        "a whole number of validation batches to run before training, 0 to skip, -1 for all",
+        "trainer.num_sanity_val_steps=1",
+    ),
+    **{
+        f"trainer.limit_{stage}_batches": (
+            _batches,
+            "a whole number of batches (0 or more), a fraction of them from 0.0 to 1.0, or "
+            "null for all",
+            f"trainer.limit_{stage}_batches=0.25",
+        )
+        for stage in ("train", "val", "test")
+    },
+    "trainer.precision": (
+        lambda v: not PRECISIONS or (not isinstance(v, bool | float) and v in PRECISIONS),
+        f"one of {', '.join(map(str, _NAMES))}",
+        "trainer.precision=bf16-mixed",
+    ),
+    "trainer.devices": (
+        _devices,
+        "a number of devices, 1 or more (-1: all), a list of device indices, or auto",
+        "trainer.devices=2 or trainer.devices=[0,2]",
+    ),
+    "optimizer.lr": (
+        lambda v: is_number(v, 0) and v > 0,
+        "a learning rate, a number above 0",
+        "optimizer.lr=1e-3",
+    ),
+    "optimizer.weight_decay": (
+        lambda v: is_number(v, 0),
+        "a weight decay, a number 0 or more",
+        "optimizer.weight_decay=1e-4",
+    ),
+    "optimizer.momentum": (
+        lambda v: is_number(v, 0),
+        "a momentum, a number 0 or more",
+        "optimizer.momentum=0.9",
+    ),
+    "scheduler.T_max": (
+        lambda v: is_whole(v, -1),
+        "the number of epochs the cosine schedule decays over, a whole number; it follows "
+        "trainer.max_epochs, so for training without an epoch limit choose scheduler=none "
+        "or scheduler=plateau",
+        "trainer.max_epochs=40",
+    ),
+}
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """LungsegError for the first setting of ``RULES`` the config holds with a wrong type or
+    range, then for a data folder that does not exist, then for bad ``postprocess`` values (the
+    checkpoint keeps them for eval.py and predict.py). Reads nothing but the config and the
+    data folders' existence, writes nothing."""
+    for key, (accepts, wanted, example) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT:
+            require(accepts(value), key, value, wanted, example)
+    check_data_dirs(OmegaConf.select(cfg, "data.image_dir"), OmegaConf.select(cfg, "data.mask_dir"))
+    postprocess.settings(cfg.get("postprocess"), None)
