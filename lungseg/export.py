@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lungseg import input_channels, postprocess
+from lungseg.checks import is_number, require
 from lungseg.errors import LungsegError
 from lungseg.inference import load_checkpoint
 
@@ -124,25 +125,39 @@ def run_exported(path: Path, fmt: str, images: torch.Tensor) -> np.ndarray:
         return torch.jit.load(str(path), map_location="cpu")(images).numpy()
 
 
-def export(cfg: DictConfig) -> dict[str, Any]:
-    """Export ``cfg.ckpt_path``'s network to ``cfg.format``, check it against PyTorch on a batch
-    of another size than the traced one and write ``<model file>.json`` beside the model.
-    Returns the JSON's content."""
-    if cfg.format not in FORMATS:
+def check_outputs(path: Path, ckpt_path: Path, cfg: DictConfig) -> Path:
+    """The JSON file's path beside the model file ``path``. LungsegError, before anything is
+    written, when ``path`` is the checkpoint or a folder, or when it or the JSON exists and
+    not ``cfg.overwrite`` (as predict.py treats its outputs)."""
+    if path.resolve() == ckpt_path.resolve():
         raise LungsegError(
-            f"format={cfg.format!r}; choose format=onnx (onnxruntime and most inference "
-            f"servers) or format=torchscript (torch.jit.load, C++ libtorch)."
+            f"output is ckpt_path ({path}): the export would replace the checkpoint. Give "
+            f"another file, e.g. output={path.with_name('model' + FORMATS[cfg.format])}."
         )
-    if cfg.format == "onnx":
-        check_onnx_packages()
-    net, hparams = load_network(cfg)
-    ckpt_path = Path(cfg.ckpt_path).expanduser()
-    info = hparams["data_info"]
-    path = Path(cfg.output or ckpt_path.with_suffix(FORMATS[cfg.format])).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise LungsegError(
+            f"output {path} is a folder; give the model file's name, e.g. "
+            f"output={path / ('model' + FORMATS[cfg.format])}."
+        )
+    info_path = path.with_name(path.name + ".json")
+    # is_symlink: a dangling link exists as a name too
+    existing = [p for p in (path, info_path) if p.exists() or p.is_symlink()]
+    if existing and not cfg.overwrite:
+        one = len(existing) == 1
+        raise LungsegError(
+            f"{' and '.join(str(p) for p in existing)} already {'exists' if one else 'exist'}. "
+            f"Nothing was written. Set overwrite=true to replace {'it' if one else 'them'}, "
+            f"or give another output=<file>."
+        )
+    return info_path
 
-    channels = input_channels(info["in_channels"], info.get("context_slices", 0))
-    shape = (channels, *info["image_size"])
+
+def write_checked(
+    net: torch.nn.Module, shape: tuple[int, ...], path: Path, cfg: DictConfig
+) -> float:
+    """Write ``net`` for inputs of ``shape`` (C, H, W) to ``path`` and return the largest
+    difference of its logits to PyTorch's on a batch of another size; LungsegError when the
+    shapes differ or the difference is above ``cfg.tolerance`` (the caller removes ``path``)."""
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(TRACE_BATCH, *shape, generator=generator)
     write_model(net, example, path, cfg.format, cfg.opset)
@@ -152,20 +167,56 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         expected = net(images).numpy()
     actual = run_exported(path, cfg.format, images)
     if actual.shape != expected.shape:
-        path.unlink()
         raise LungsegError(
             f"The exported model gives logits of shape {actual.shape} for a batch of "
-            f"{CHECK_BATCH}, PyTorch {expected.shape}; the file was removed. The batch axis "
+            f"{CHECK_BATCH}, PyTorch {expected.shape}; nothing was written. The batch axis "
             f"is not free in this export: please report it with the checkpoint's config."
         )
     diff = float(np.abs(actual - expected).max())
     if not diff <= cfg.tolerance:
-        path.unlink()
         raise LungsegError(
             f"The exported {cfg.format} model's logits differ from PyTorch's by up to {diff:.3g} "
-            f"(tolerance {cfg.tolerance:g}); the file was removed. Try the other format, or "
+            f"(tolerance {cfg.tolerance:g}); nothing was written. Try the other format, or "
             f"raise tolerance if the difference is acceptable for your use."
         )
+    return diff
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Export ``cfg.ckpt_path``'s network to ``cfg.format``, check it against PyTorch on a batch
+    of another size than the traced one and write ``<model file>.json`` beside the model.
+    Existing output files stop the export before anything is written, unless
+    ``cfg.overwrite``; the model is written under a temporary name and takes its place only
+    once checked, so a failed export leaves every file as it was. Returns the JSON's content."""
+    if cfg.format not in FORMATS:
+        raise LungsegError(
+            f"format={cfg.format!r}; choose format=onnx (onnxruntime and most inference "
+            f"servers) or format=torchscript (torch.jit.load, C++ libtorch)."
+        )
+    require(
+        is_number(cfg.tolerance, 0),
+        "tolerance",
+        cfg.tolerance,
+        "the largest accepted difference of the exported logits to PyTorch's, 0 or more",
+        "tolerance=1e-4",
+    )
+    if cfg.format == "onnx":
+        check_onnx_packages()
+    net, hparams = load_network(cfg)
+    ckpt_path = Path(cfg.ckpt_path).expanduser()
+    info = hparams["data_info"]
+    path = Path(cfg.output or ckpt_path.with_suffix(FORMATS[cfg.format])).expanduser()
+    info_path = check_outputs(path, ckpt_path, cfg)
+
+    channels = input_channels(info["in_channels"], info.get("context_slices", 0))
+    shape = (channels, *info["image_size"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        diff = write_checked(net, shape, partial, cfg)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     log.info("%s written; max abs difference to PyTorch %.3g", path, diff)
 
     record = {
@@ -186,7 +237,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         # what eval.py and predict.py apply to this checkpoint unless told otherwise
         "postprocess": postprocess.settings(None, hparams.get("postprocess")),
     }
-    info_path = path.with_name(path.name + ".json")
+    info_path.unlink(missing_ok=True)  # a link in its place: replaced, not written through
     info_path.write_text(json.dumps(record, indent=2) + "\n")
     log.info("preprocessing and classes written to %s", info_path)
     return record

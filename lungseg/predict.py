@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from lungseg import hostmem, postprocess
+from lungseg.checks import is_number, is_whole, require
 from lungseg.data.folders import _list_images, _listing, write_image
 from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
@@ -23,6 +24,7 @@ from lungseg.errors import LungsegError
 from lungseg.inference import (
     batches,
     centre_slice,
+    check_flips,
     load_from_config,
     neighbour_table,
     predict_probabilities,
@@ -72,10 +74,8 @@ def predict(cfg: DictConfig) -> list[Path]:
     colors = np.array(info["palette"] or default_colors(info["num_classes"]), np.uint8)
     flips = list(cfg.tta_flips) if cfg.tta else []
     post = postprocess.settings(cfg.get("postprocess"), model.hparams.get("postprocess"))
-    output_dir = Path(cfg.output_dir).expanduser()
-    output_dir.mkdir(parents=True, exist_ok=True)
-
     table = neighbour_table(list(outputs), info)  # 2.5-D models: each image's neighbours
+    output_dir = Path(cfg.output_dir).expanduser()  # created by the first write
     written: list[Path] = []
     with tqdm(total=len(outputs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(list(outputs), cfg.batch_size):
@@ -104,13 +104,30 @@ def predict(cfg: DictConfig) -> list[Path]:
 
 def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
     """output_paths for the images of cfg.input_dir, after checking the settings and that no
-    output file exists (unless cfg.overwrite): every LungsegError comes before any write."""
+    output file exists (unless cfg.overwrite): these LungsegErrors come before any write (and
+    the output folder is made by the first write)."""
     for key in ("input_dir", "output_dir"):
         if cfg.get(key) is None:
             raise LungsegError(
                 f"{key} is not set. Usage: python predict.py ckpt_path=<checkpoint> "
                 f"input_dir=<folder of images> output_dir=<folder for the masks>"
             )
+    require(
+        is_whole(cfg.batch_size, 1),
+        "batch_size",
+        cfg.batch_size,
+        "a whole number of images per batch, 1 or more",
+        "batch_size=8",
+    )
+    require(
+        is_number(cfg.overlay_alpha, 0, 1),
+        "overlay_alpha",
+        cfg.overlay_alpha,
+        "the opacity of the class colours in the overlays, from 0 to 1",
+        "overlay_alpha=0.5",
+    )
+    if cfg.tta:
+        check_flips(cfg.tta_flips)
     input_dir, output_dir = Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser()
     images = _list_images(input_dir, "input", "input_dir")
     if output_dir.resolve() == input_dir.resolve():
@@ -136,4 +153,5 @@ def _write(path: Path, pixels: np.ndarray) -> None:
     # A link in place of an output file would redirect the write; replace the link itself.
     if path.is_symlink():
         path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_image(path, pixels)

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
+import lungseg.export
 from lungseg.data import transforms
 from lungseg.data.folders import read_image
 from lungseg.errors import LungsegError
@@ -128,7 +129,7 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch(checkpoint, demo_dir, mode
     np.testing.assert_allclose(logits, expected, atol=1e-4)
 
 
-def test_torchscript_export_has_a_free_batch_axis_and_is_checked(checkpoint, tmp_path):
+def test_torchscript_export_has_a_free_batch_axis_and_is_checked(checkpoint, tmp_path, monkeypatch):
     ckpt = checkpoint("unet")
     output = tmp_path / "exported" / "unet.pt"
     record = export(export_cfg(f"ckpt_path={ckpt}", "format=torchscript", f"output={output}"))
@@ -139,12 +140,41 @@ def test_torchscript_export_has_a_free_batch_axis_and_is_checked(checkpoint, tmp
         assert scripted(torch.randn(batch, 1, 32, 32)).shape == (batch, 3, 32, 32)
 
     output.unlink()
-    strict = export_cfg(
-        f"ckpt_path={ckpt}", "format=torchscript", f"output={output}", "tolerance=-1"
-    )
-    with pytest.raises(LungsegError, match=r"differ from PyTorch's by up to .*tolerance -1"):
-        export(strict)
+    run_exported = lungseg.export.run_exported
+    monkeypatch.setattr(lungseg.export, "run_exported", lambda *args: run_exported(*args) + 1)
+    with pytest.raises(LungsegError, match=r"differ from PyTorch's by up to 1 .*tolerance 0.0001"):
+        export(
+            export_cfg(
+                f"ckpt_path={ckpt}", "format=torchscript", f"output={output}", "overwrite=true"
+            )
+        )
     assert not output.exists(), "a model that failed the check must not be left behind"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["unet.pt.json"]
+
+
+def test_existing_files_are_never_replaced_or_removed_by_default(checkpoint, monkeypatch):
+    # They were: output=<the checkpoint> wrote the model over it, and an export whose check
+    # failed then deleted the file it had written over.
+    ckpt = checkpoint("unet")
+    mine = ckpt.with_name("mine.pt")
+    mine.write_bytes(b"my model")
+    kept = {p: p.read_bytes() for p in (ckpt, mine)}
+    names = sorted(p.name for p in ckpt.parent.iterdir())
+    run = ["format=torchscript", f"ckpt_path={ckpt}"]
+    with pytest.raises(LungsegError, match="output is ckpt_path .* would replace the checkpoint"):
+        export(export_cfg(*run, f"output={ckpt}", "overwrite=true"))
+    with pytest.raises(LungsegError, match=r"mine.pt already exists. Nothing was written. Set ov"):
+        export(export_cfg(*run, f"output={mine}"))
+    monkeypatch.setattr(lungseg.export, "run_exported", lambda *args: np.zeros(1))
+    with pytest.raises(LungsegError, match="logits of shape"):
+        export(export_cfg(*run, f"output={mine}", "overwrite=true"))
+    assert {p: p.read_bytes() for p in (ckpt, mine)} == kept
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == names  # nor a partial file
+    monkeypatch.undo()
+    export(export_cfg(*run, f"output={mine}", "overwrite=true"))
+    assert mine.read_bytes() != b"my model" and ckpt.read_bytes() == kept[ckpt]
+    with pytest.raises(LungsegError, match=r"mine.pt and .*mine.pt.json already exist"):
+        export(export_cfg(*run, f"output={mine}"))
 
 
 def test_segnet_to_torchscript_is_a_clear_error(tmp_path):
@@ -156,8 +186,6 @@ def test_segnet_to_torchscript_is_a_clear_error(tmp_path):
 
 
 def test_missing_onnx_packages_name_the_extra(monkeypatch):
-    import lungseg.export
-
     monkeypatch.setattr(
         lungseg.export, "find_spec", lambda name: None if name == "onnxruntime" else "found"
     )
@@ -171,6 +199,7 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch):
     ("overrides", "message"),
     [
         (["format=tflite"], "choose format=onnx"),
+        (["tolerance=abc"], "tolerance is 'abc'; give the largest accepted difference"),
         ([], "ckpt_path is not set"),
     ],
 )

@@ -171,6 +171,33 @@ def test_clashing_names_and_missing_settings(tmp_path, checkpoints, inputs):
         predict(predict_cfg("null", inputs, tmp_path / "out"))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("batch_size=0", r"batch_size is 0; give a whole number of images per batch"),
+        ("overlay_alpha=2", r"overlay_alpha is 2; give the opacity"),
+        ("tta_flips=[diagonal]", r"tta_flips \['diagonal'\] holds"),
+    ],
+)
+def test_bad_settings_stop_before_the_output_folder_is_made(
+    tmp_path, checkpoints, inputs, override, message
+):
+    # batch_size and tta_flips were checked only once the loop started, after the output
+    # folder had been created (empty).
+    out = tmp_path / "out"
+    with pytest.raises(LungsegError, match=message):
+        predict(predict_cfg(checkpoints["palette"], inputs, out, "tta=true", override))
+    assert not out.exists()
+
+
+def test_unreadable_first_image_leaves_no_output_folder(tmp_path, checkpoints, inputs):
+    (inputs / "colour.jpg").write_bytes(b"not a jpeg")  # the first image, sorted by name
+    out = tmp_path / "out"
+    with pytest.raises(LungsegError, match="colour.jpg could not be decoded"):
+        predict(predict_cfg(checkpoints["palette"], inputs, out))
+    assert not out.exists()
+
+
 def test_tta_is_wired_through(tmp_path, checkpoints, inputs):
     out = tmp_path / "out"
     flips = "tta_flips=[horizontal,vertical]"
