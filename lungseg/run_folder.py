@@ -204,8 +204,8 @@ def check_same_split(saved: Path, split: Mapping[str, str]) -> None:
         f"give another: {'; '.join(found)}. Continuing would train on images it has validated "
         f"or tested on. Continue with the data folders and split settings it started with "
         f"(seed, data.split, data.fold, data.group_pattern: see config.yaml there), or keep "
-        f"its split with data.split_file={saved} (which must list every file), or start a new "
-        f"run."
+        f"its split with data.split_file={saved} (which must list every file; for a k-fold "
+        f"run also data.num_folds=null data.fold=null), or start a new run."
     )
 
 
