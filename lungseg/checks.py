@@ -70,7 +70,7 @@ def _duration(value: Any) -> bool:
     return (
         value is None
         or isinstance(value, Mapping)
-        or (isinstance(value, str) and bool(re.fullmatch(r"\d+:\d\d:\d\d:\d\d", value.strip())))
+        or (isinstance(value, str) and bool(re.fullmatch(r"\d+:\d+:\d+:\d+", value.strip())))
     )
 
 
@@ -88,7 +88,8 @@ def _devices(value: Any) -> bool:
 RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "seed": (
         lambda v: is_whole(v, 0, 2**32 - 1),
-        "a whole number from 0 to 4294967295 for the random generators",
+        "a whole number from 0 to 4294967295 for the random generators (the data split is "
+        "drawn from it, so it cannot be left to chance)",
         "seed=42",
     ),
     "data.batch_size": (
@@ -148,7 +149,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         'trainer.max_time="00:12:00:00"',
     ),
     "trainer.num_sanity_val_steps": (
-        lambda v: is_whole(v, -1),
+        lambda v: v is None or is_whole(v, -1),
         "a whole number of validation batches to run before training, 0 to skip, -1 for all",
         "trainer.num_sanity_val_steps=1",
     ),
@@ -162,7 +163,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         for stage in ("train", "val", "test")
     },
     "trainer.precision": (
-        lambda v: not PRECISIONS or (not isinstance(v, bool | float) and v in PRECISIONS),
+        lambda v: (
+            v is None or not PRECISIONS or (not isinstance(v, bool | float) and v in PRECISIONS)
+        ),
         f"one of {', '.join(map(str, _NAMES))}",
         "trainer.precision=bf16-mixed",
     ),

@@ -234,31 +234,23 @@ class SegmentationModule(pl.LightningModule):
         had it been planned with its new ``T_max`` from the start. Returns what changed."""
         changed = []
         optimizer_cfg = {k: v for k, v in (self.hparams.optimizer or {}).items() if k[0] != "_"}
+        schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
         for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                for key, value in optimizer_cfg.items():
-                    # The configured rate is initial_lr (lr is where the schedule has got to);
-                    # a checkpoint without it cannot say which rate it was configured with.
-                    base_key = "initial_lr" if key == "lr" else key
-                    if base_key not in group or _same(group[base_key], value):
-                        continue
-                    changed.append(
-                        f"optimizer.{key} {value} (the checkpoint had {group[base_key]})"
-                    )
-                    if key == "lr":
-                        group["lr"] *= value / group[base_key]
-                    group[base_key] = tuple(value) if isinstance(group[base_key], tuple) else value
+            groups = optimizer.param_groups
+            for key, value in optimizer_cfg.items():
+                if key == "lr":
+                    changed += self._apply_lr(groups, value, schedulers)
+                elif key in groups[0] and not _same(groups[0][key], value):
+                    changed.append(f"optimizer.{key} {value} (the checkpoint had {groups[0][key]})")
+                    for group in groups:
+                        group[key] = tuple(value) if isinstance(group[key], tuple) else value
         lightning_keys = {"interval", "monitor", "frequency"}
         scheduler_cfg = {
             k: v
             for k, v in (self.hparams.scheduler or {}).items()
             if k[0] != "_" and k not in lightning_keys
         }
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if hasattr(scheduler, "base_lrs"):
-                groups = scheduler.optimizer.param_groups
-                scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in groups]
+        for scheduler in schedulers:
             for key, value in scheduler_cfg.items():
                 if hasattr(scheduler, key) and not _same(getattr(scheduler, key), value):
                     changed.append(
@@ -273,6 +265,37 @@ class SegmentationModule(pl.LightningModule):
                     group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * progress
                 scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
         return changed
+
+    @staticmethod
+    def _apply_lr(groups: list[dict], lr: float, schedulers: list) -> list[str]:
+        """A new ``optimizer.lr`` scales every group's rate, and the base rates of the schedules
+        that start from it, by new/old: the schedule keeps its position and the groups their
+        ratios. "Old" is the configured rate saved with the optimiser (``lungseg_lr``, see
+        configure_optimizers), not its current rate, which the schedule has moved."""
+        old = groups[0].get("lungseg_lr")
+        if old is None and not schedulers:
+            old = groups[0]["lr"]  # a constant rate, saved before lungseg_lr was
+        if old is None:
+            log.warning(
+                "optimizer.lr=%s is not applied: the checkpoint predates lungseg's record of "
+                "its configured rate, and its schedule has moved the rate since",
+                lr,
+            )
+            return []
+        if _same(old, lr):
+            return []
+        ratio = lr / old
+        for scheduler in schedulers:  # those that start from initial_lr (not CyclicLR)
+            bases = getattr(scheduler, "base_lrs", None)
+            pairs = zip(bases or [], groups, strict=False)
+            if bases and all(_same(b, g.get("initial_lr")) for b, g in pairs):
+                scheduler.base_lrs = [b * ratio for b in bases]
+        for group in groups:
+            group["lr"] *= ratio
+            group["lungseg_lr"] = group.get("lungseg_lr", old) * ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        return [f"optimizer.lr {lr} (the checkpoint had {old})"]
 
     def on_train_epoch_end(self):
         # Before the checkpoint callbacks, which run after this hook: broken weights are
@@ -294,10 +317,10 @@ class SegmentationModule(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = instantiate(self.hparams.optimizer, params=self.parameters())
         for group in optimizer.param_groups:
-            # The configured rate, saved with the optimiser's state (torch's LRSchedulers set it
-            # too; ReduceLROnPlateau and a constant rate do not), so that a continued run can
-            # tell a new optimizer.lr from a rate the schedule has lowered.
-            group.setdefault("initial_lr", group["lr"])
+            # The configured rate, saved with the optimiser's state before a schedule moves it
+            # (torch's initial_lr is the schedule's start: OneCycleLR's is not optimizer.lr),
+            # so that a continued run tells a new optimizer.lr from a moved rate.
+            group["lungseg_lr"] = group["lr"]
         scheduler = dict(self.hparams.scheduler or {})
         if not scheduler:
             return optimizer

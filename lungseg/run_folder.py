@@ -148,6 +148,9 @@ def continues_run(ckpt_path: str | None, out_dir: Path) -> bool:
     return ckpt_path is not None and out_dir.resolve() in Path(ckpt_path).resolve().parents
 
 
+_PATIENCE = 3  # Lightning's EarlyStoppingReason.PATIENCE_EXHAUSTED in a checkpoint
+
+
 def check_continuable(cfg: DictConfig, path: str) -> None:
     """LungsegError when the checkpoint's run has nothing left to train under ``cfg``: its
     epochs reach ``trainer.max_epochs``, or early stopping ended it and the configured patience
@@ -170,15 +173,23 @@ def check_continuable(cfg: DictConfig, path: str) -> None:
         if not key.startswith("EarlyStopping") or not isinstance(state, dict):
             continue
         waited = int(state.get("wait_count", 0))
-        if state.get("stopped_epoch", 0) and waited >= patience:
-            raise LungsegError(
-                f"early stopping ended the run of {path} after epoch {state['stopped_epoch']}: "
-                f"{early.get('monitor')} had not improved for {waited} epochs "
-                f"(callbacks.early_stopping.patience={patience}). Give "
-                f"callbacks.early_stopping.patience above {waited} (or "
-                f"callbacks.early_stopping=null) to train it further, or score it with "
-                f"`python eval.py ckpt_path={path}`."
-            )
+        # Lightning 2.6 saves why it stopped (0: it did not); earlier versions only the epoch.
+        reason = state.get("stopping_reason", _PATIENCE if state.get("stopped_epoch") else 0)
+        if reason == 0 or (reason == _PATIENCE and waited < patience):
+            continue  # not stopped, or more patience now: it trains on
+        why = (
+            f"{early.get('monitor')} had not improved for {waited} epochs "
+            f"(callbacks.early_stopping.patience={patience}). Give "
+            f"callbacks.early_stopping.patience above {waited} (or "
+            f"callbacks.early_stopping=null) to train it further"
+            if reason == _PATIENCE
+            else f"{(state.get('stopping_reason_message') or 'a threshold').rstrip('.')}. Give "
+            f"callbacks.early_stopping=null to train it further"
+        )
+        raise LungsegError(
+            f"early stopping ended the run of {path} after epoch {state['stopped_epoch']}: "
+            f"{why}, or score it with `python eval.py ckpt_path={path}`."
+        )
 
 
 def check_same_split(saved: Path, split: Mapping[str, str]) -> None:

@@ -125,6 +125,12 @@ def test_train_checks_its_settings_before_it_writes(make_cfg):
         ["trainer.max_epochs=-1", "+trainer.max_steps=10", "trainer.limit_val_batches=0"],
         ["trainer.max_time=00:00:15:00", "trainer.devices=[0,1]", "trainer.precision=16"],
         ["data.image_size=[32,48]", "trainer.limit_train_batches=3", "optimizer.lr=1"],
+        # Lightning's own defaults and forms it parses
+        [
+            "trainer.precision=null",
+            "trainer.num_sanity_val_steps=null",
+            "trainer.max_time=0:0:15:0",
+        ],
     ],
 )
 def test_shipped_configs_pass_the_settings_check(tmp_path, overrides):

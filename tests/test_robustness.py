@@ -300,6 +300,16 @@ def test_a_finished_run_is_not_trained_again(lean_cfg, monkeypatch):
     more = train(lean_cfg(*stops_at_epoch_1, "resume=true", "callbacks.early_stopping.patience=3"))
     assert started == [2, 3] and more["epochs_trained"] == 4
 
+    # Stopped by a threshold, not by patience: more patience would not train it further.
+    threshold = ["trainer.max_epochs=6", "+callbacks.early_stopping.stopping_threshold=1e9"]
+    other = f"output_dir={run.parent / 'threshold'}"
+    assert train(lean_cfg("test_after_fit=false", other, *threshold))["epochs_trained"] == 1
+    with pytest.raises(
+        LungsegError,
+        match=r"after epoch 0: Stopping threshold reached.*stop\. Give callbacks.early_stopping=",
+    ):
+        train(lean_cfg("test_after_fit=false", other, *threshold, "resume=true"))
+
 
 def test_a_continued_run_trains_with_the_configured_schedule_and_rate(lean_cfg, monkeypatch):
     """The cosine decay of a run resumed with more epochs is the one planned for them (not the
@@ -345,6 +355,36 @@ def test_a_continued_run_trains_with_the_configured_schedule_and_rate(lean_cfg, 
     train(lean_cfg(*plateau, "trainer.max_epochs=2"))
     train(lean_cfg(*plateau, "trainer.max_epochs=3", "resume=true"))
     assert [rates[e] for e in range(3)] == pytest.approx([lr, lr / 2, lr / 4])
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ["+scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "+scheduler.max_lr=0.01"]
+        + ["+scheduler.total_steps=8", "+scheduler.interval=step"],
+        ["+scheduler._target_=torch.optim.lr_scheduler.CyclicLR", "+scheduler.base_lr=1e-4"]
+        + ["+scheduler.max_lr=1e-2", "+scheduler.step_size_up=3"]
+        + ["+scheduler.cycle_momentum=false", "+scheduler.interval=step"],
+    ],
+    ids=["one_cycle", "cyclic"],
+)
+def test_schedules_that_set_their_own_rates_resume_as_uninterrupted(
+    lean_cfg, monkeypatch, schedule
+):
+    """Their start rate is not optimizer.lr (OneCycleLR's initial_lr is max_lr / div_factor,
+    CyclicLR's base rate its base_lr): a resume must not take them for a new optimizer.lr."""
+    rates = {}
+    record_epoch_starts(
+        monkeypatch,
+        lambda m: rates.setdefault(m.current_epoch, m.optimizers().param_groups[0]["lr"]),
+    )
+    runs = ["scheduler=none", *schedule, "test_after_fit=false"]
+    train(lean_cfg(*runs, "trainer.max_epochs=4", f"output_dir={lean_cfg().output_dir}_whole"))
+    whole = dict(rates)
+    rates.clear()
+    train(lean_cfg(*runs, "trainer.max_epochs=2"))
+    train(lean_cfg(*runs, "trainer.max_epochs=4", "resume=true"))
+    assert rates == pytest.approx(whole, rel=1e-9)
 
 
 def test_resume_true_starts_a_run_that_saved_no_checkpoint_yet(lean_cfg, tmp_path):

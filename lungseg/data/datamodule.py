@@ -571,7 +571,13 @@ class SegDataModule(pl.LightningDataModule):
         }
         replicas = self.trainer.world_size if self.trainer is not None else 1
         if not train:
-            if 1 < replicas <= len(dataset):
+            limit = getattr(
+                self.trainer,
+                f"limit_{'val' if dataset is self.val_dataset else 'test'}_batches",
+                None,
+            )
+            # A fraction of the batches rounds each process's share: one could get none.
+            if 1 < replicas <= len(dataset) and not (isinstance(limit, float) and limit < 1):
                 # Each image once over all processes: Lightning's DistributedSampler would pad
                 # the split with repeats to equal shares, counting them twice in val/test
                 # metrics. Uneven shares are safe: the metrics and the logged loss are summed
