@@ -123,10 +123,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_fits(path: str, module: torch.nn.Module) -> None:
+def check_fits(path: str, module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
     """LungsegError unless the checkpoint's weights have the names and shapes of ``module``'s,
     so that a run continued with other model settings stops with a sentence, not a traceback."""
-    saved = read_checkpoint(Path(path))["state_dict"]
+    saved = checkpoint["state_dict"]
     own = module.state_dict()
     differ = sorted(
         key
@@ -151,12 +151,11 @@ def continues_run(ckpt_path: str | None, out_dir: Path) -> bool:
 _PATIENCE = 3  # Lightning's EarlyStoppingReason.PATIENCE_EXHAUSTED in a checkpoint
 
 
-def check_continuable(cfg: DictConfig, path: str) -> None:
+def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) -> None:
     """LungsegError when the checkpoint's run has nothing left to train under ``cfg``: its
     epochs reach ``trainer.max_epochs``, or early stopping ended it and the configured patience
     would end it again. (Lightning would then train nothing, or one epoch, and the run's
     metrics.json and best checkpoint would be written again.)"""
-    checkpoint = read_checkpoint(Path(path))
     done = int(checkpoint.get("epoch", -1)) + 1  # saved at the end of an epoch
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs is not None and 0 <= max_epochs <= done:

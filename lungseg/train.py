@@ -25,6 +25,7 @@ from lungseg.run_folder import (
     check_same_split,
     continues_run,
     keep_previous,
+    read_checkpoint,
     resume_checkpoint,
     write_environment,
 )
@@ -132,8 +133,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         postprocess=plain(cfg.get("postprocess")),
     )
     if ckpt_path is not None:
-        check_fits(ckpt_path, module)
-        check_continuable(cfg, ckpt_path)
+        saved = read_checkpoint(Path(ckpt_path))  # once for both checks
+        check_fits(ckpt_path, module, saved)
+        check_continuable(cfg, ckpt_path, saved)
+        del saved  # Lightning reads it again to restore it
     continuing = continues_run(ckpt_path, out_dir)
     if continuing and (out_dir / "split.csv").is_file():
         check_same_split(out_dir / "split.csv", datamodule.split)
