@@ -15,6 +15,7 @@ from lungseg.errors import LungsegError
 from lungseg.metrics import SegmentationMetrics, predicted_classes
 
 STAGES = ("train", "val", "test")
+_UNSET = object()
 log = logging.getLogger(__name__)
 
 
@@ -77,6 +78,7 @@ class SegmentationModule(pl.LightningModule):
             )
         self._nonfinite: torch.Tensor | None = None  # device flag, see _check_finite
         self._plateau_pending: dict[str, float] = {}  # see on_save_checkpoint
+        self._saved_scheduler: dict[str, Any] = {}  # see on_load_checkpoint
         if compile:
             # In place: the state_dict keys stay those of the plain network, so checkpoints of
             # compiled and uncompiled runs are interchangeable.
@@ -211,18 +213,23 @@ class SegmentationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._plateau_pending = dict(checkpoint.get("lungseg_plateau_pending") or {})
+        # The scheduler settings the checkpoint's run was configured with (see
+        # _apply_configured_settings).
+        saved = (checkpoint.get("hyper_parameters") or {}).get("scheduler")
+        self._saved_scheduler = dict(saved) if isinstance(saved, dict) else {}
 
     def on_train_start(self):
         if self.trainer.ckpt_path is None:
             return
+        # The settings first: the plateau step left pending below takes its configured min_lr.
+        for change in self._apply_configured_settings():
+            log.info("continued with the configured %s", change)
         epoch = self.trainer.current_epoch  # the epoch after the checkpoint's
         for config in self.trainer.lr_scheduler_configs:
             value = self._plateau_pending.get(config.monitor)
             if config.reduce_on_plateau and value is not None and epoch % config.frequency == 0:
                 config.scheduler.step(value)
         self._plateau_pending = {}
-        for change in self._apply_configured_settings():
-            log.info("continued with the configured %s", change)
 
     def _apply_configured_settings(self) -> list[str]:
         """A continued run (``resume=true``, ``ckpt_path``) trains with the optimiser and
@@ -251,12 +258,28 @@ class SegmentationModule(pl.LightningModule):
             if k[0] != "_" and k not in lightning_keys
         }
         for scheduler in schedulers:
-            for key, value in scheduler_cfg.items():
+            settings = dict(scheduler_cfg)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                changed += _apply_plateau_settings(scheduler, settings)
+            for key, value in settings.items():
                 if hasattr(scheduler, key) and not _same(getattr(scheduler, key), value):
                     changed.append(
                         f"scheduler.{key} {value} (the checkpoint had {getattr(scheduler, key)})"
                     )
                     setattr(scheduler, key, value)
+                elif not hasattr(scheduler, key) and not _same(
+                    self._saved_scheduler.get(key, _UNSET), value
+                ):
+                    log.warning(
+                        "scheduler.%s=%s is not applied to the continued run: %s keeps the "
+                        "schedule its checkpoint planned with %s. Start a new run from the "
+                        "checkpoint (ckpt_path=<its last.ckpt> and another output_dir) to "
+                        "change it.",
+                        key,
+                        value,
+                        type(scheduler).__name__,
+                        self._saved_scheduler.get(key, "its default"),
+                    )
             if changed and isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
                 progress = (1 + math.cos(math.pi * scheduler.last_epoch / scheduler.T_max)) / 2
                 for group, base in zip(
@@ -335,6 +358,40 @@ class SegmentationModule(pl.LightningModule):
                 "interval": interval,
             },
         }
+
+
+def _apply_plateau_settings(
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau, settings: dict[str, Any]
+) -> list[str]:
+    """The ReduceLROnPlateau settings that are not plain attributes of the same name, taken out
+    of ``settings`` and applied: ``min_lr`` (kept per group as ``min_lrs``), and ``mode``,
+    ``threshold`` and ``threshold_mode`` (set together by torch; a new mode also forgets the
+    best value and the epochs without improvement, which were counted the other way)."""
+    changed = []
+    if "min_lr" in settings:
+        value = settings.pop("min_lr")
+        groups = len(scheduler.optimizer.param_groups)
+        lrs = [float(v) for v in value] if isinstance(value, list | tuple) else [value] * groups
+        if len(lrs) != groups:
+            raise LungsegError(
+                f"scheduler.min_lr has {len(lrs)} values for {groups} parameter groups; give "
+                "one number."
+            )
+        if not _same(scheduler.min_lrs, lrs):
+            changed.append(f"scheduler.min_lr {value} (the checkpoint had {scheduler.min_lrs})")
+            scheduler.min_lrs = lrs
+    keys = ("mode", "threshold", "threshold_mode")
+    wanted = {k: settings.pop(k, getattr(scheduler, k)) for k in keys}
+    new = [k for k in keys if not _same(getattr(scheduler, k), wanted[k])]
+    if new:
+        changed += [
+            f"scheduler.{k} {wanted[k]} (the checkpoint had {getattr(scheduler, k)})" for k in new
+        ]
+        mode_changed = "mode" in new
+        scheduler._init_is_better(**wanted)
+        if mode_changed:
+            scheduler.best, scheduler.num_bad_epochs = scheduler.mode_worse, 0
+    return changed
 
 
 def _same(current: Any, configured: Any) -> bool:

@@ -357,6 +357,35 @@ def test_a_continued_run_trains_with_the_configured_schedule_and_rate(lean_cfg, 
     assert [rates[e] for e in range(3)] == pytest.approx([lr, lr / 2, lr / 4])
 
 
+def test_a_continued_plateau_schedule_takes_the_configured_min_lr_and_mode(lean_cfg, monkeypatch):
+    """ReduceLROnPlateau keeps min_lr per group as min_lrs, and its mode beside the best value
+    seen: both used to stay as the checkpoint had them (scheduler.min_lr had no effect, and a
+    new mode compared with a best value counted the other way)."""
+    rates = {}
+    record_epoch_starts(
+        monkeypatch,
+        lambda m: rates.setdefault(m.current_epoch, m.optimizers().param_groups[0]["lr"]),
+    )
+    never_better = ["scheduler=plateau", "scheduler.patience=0", "+scheduler.threshold=10"]
+    plateau = [*never_better, "test_after_fit=false"]
+    train(lean_cfg(*plateau, "trainer.max_epochs=2"))
+    lr = rates[0]
+    # The step pending at the checkpoint (lr / 4) is floored by the new min_lr too.
+    floor = f"+scheduler.min_lr={lr / 3}"
+    train(lean_cfg(*plateau, floor, "trainer.max_epochs=4", "resume=true"))
+    assert [rates[e] for e in range(4)] == pytest.approx([lr, lr / 2, lr / 3, lr / 3])
+
+    # Now watching the Dice: the best loss seen (inf: the threshold allows no improvement) is
+    # forgotten, so that the first Dice is an improvement. (last.ckpt precedes that step.)
+    maximise = ["scheduler.mode=max", "scheduler.monitor=val/dice"]
+    train(lean_cfg(*plateau, floor, *maximise, "trainer.max_epochs=5", "resume=true"))
+    last = Path(lean_cfg().output_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["lr_schedulers"][0]
+    assert state["mode"] == "max" and state["mode_worse"] == -math.inf
+    assert state["min_lrs"] == pytest.approx([lr / 3])
+    assert state["best"] == -math.inf and state["num_bad_epochs"] == 0
+
+
 @pytest.mark.parametrize(
     "schedule",
     [
@@ -385,6 +414,16 @@ def test_schedules_that_set_their_own_rates_resume_as_uninterrupted(
     train(lean_cfg(*runs, "trainer.max_epochs=2"))
     train(lean_cfg(*runs, "trainer.max_epochs=4", "resume=true"))
     assert rates == pytest.approx(whole, rel=1e-9)
+
+
+def test_a_scheduler_setting_a_continued_schedule_cannot_take_is_named(lean_cfg, caplog):
+    one_cycle = ["scheduler=none", "+scheduler._target_=torch.optim.lr_scheduler.OneCycleLR"]
+    one_cycle += ["+scheduler.max_lr=0.01", "+scheduler.total_steps=8", "+scheduler.interval=step"]
+    train(lean_cfg(*one_cycle, "test_after_fit=false", "trainer.max_epochs=1"))
+    caplog.clear()
+    more = [*one_cycle, "test_after_fit=false", "trainer.max_epochs=2", "resume=true"]
+    train(lean_cfg(*more, "+scheduler.pct_start=0.5"))
+    assert "scheduler.pct_start=0.5 is not applied to the continued run" in caplog.text
 
 
 def test_resume_true_starts_a_run_that_saved_no_checkpoint_yet(lean_cfg, tmp_path):
