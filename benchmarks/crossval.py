@@ -60,6 +60,8 @@ def eval_cfg(checkpoint: str, out: Path, split: str, post: dict):
                 f"postprocess.threshold={'argmax' if threshold is None else threshold}",
                 f"postprocess.min_confidence={post['min_confidence']}",
                 f"output_dir={quote(out / name)}",
+                # <run>/crossval is this script's own output, regenerated on every run of it
+                "overwrite=true",
                 "progress_bar=false",
             ],
         )

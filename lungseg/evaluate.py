@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from lungseg import hostmem, postprocess
+from lungseg.checks import require
 from lungseg.data import splits
 from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import Pair, _list_images, find_pairs, read_image
@@ -58,6 +59,7 @@ from lungseg.inference import (
 )
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95")
+OUTPUT_FILES = ("per_image.csv", "summary.json")  # what evaluate() writes into output_dir
 DEFAULT_MASK_SUFFIXES = ("", "_mask")
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,9 @@ def summarize(rows: list[dict[str, Any]], class_names: list[str]) -> dict[str, A
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score ``cfg.ckpt_path`` (conf/eval.yaml) and write ``per_image.csv`` and
-    ``summary.json`` into ``cfg.output_dir``. Returns the summary."""
+    ``summary.json`` into ``cfg.output_dir``; a folder that already holds either is refused
+    before any scoring, unless ``cfg.overwrite``. Returns the summary."""
+    per_image, summary_file = _output_paths(cfg)
     hostmem.configure(cfg.get("retain_freed_memory", True))
     model = load_from_config(cfg)
     post = postprocess.settings(cfg.get("postprocess"), model.hparams.get("postprocess"))
@@ -179,9 +183,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     info = model.hparams.data_info
     class_names = list(info["class_names"])
 
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "per_image.csv").open("w", newline="") as f:
+    per_image.parent.mkdir(parents=True, exist_ok=True)
+    with per_image.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -210,7 +213,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 _fmt(before["fp_rate_empty"]),
                 _fmt(entry["fp_rate_empty"]),
             )
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     for name, entry in summary["classes"].items():
         log.info(
             "%s: dice %.4f (median %.4f), hd95 %.2f px over %d images, %d of them "
@@ -223,8 +226,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             entry["n_empty_ground_truth"],
             name,
         )
-    log.info("per_image.csv and summary.json written to %s", out_dir)
+    log.info("%s and %s written to %s", *OUTPUT_FILES, per_image.parent)
     return summary
+
+
+def _output_paths(cfg: DictConfig) -> tuple[Path, Path]:
+    """The paths of ``OUTPUT_FILES`` in ``cfg.output_dir``. LungsegError, before anything is
+    read or scored, when output_dir is a file or already holds one of them (the results of an
+    earlier evaluation), unless ``cfg.overwrite``."""
+    require(
+        isinstance(cfg.overwrite, bool),
+        "overwrite",
+        cfg.overwrite,
+        "true or false",
+        "overwrite=true",
+    )
+    out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LungsegError(f"output_dir {out_dir} is a file; give a folder (created if needed).")
+    paths = tuple(out_dir / name for name in OUTPUT_FILES)
+    # is_symlink: a dangling link exists as a name too
+    existing = [p.name for p in paths if p.exists() or p.is_symlink()]
+    if existing and not cfg.overwrite:
+        one = len(existing) == 1
+        raise LungsegError(
+            f"{out_dir} already holds {' and '.join(existing)} of an earlier evaluation. "
+            f"Nothing was scored or written. Give another folder with output_dir=<folder>, or "
+            f"set overwrite=true to replace {'it' if one else 'them'}."
+        )
+    return paths
 
 
 def evaluate_grid(cfg: DictConfig, grid: list[dict[str, Any]]) -> list[dict[str, Any]]:

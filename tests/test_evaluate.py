@@ -274,6 +274,32 @@ def test_eval_applies_the_post_processing_and_keeps_the_scores_without_it(tmp_pa
         assert entry["n_empty_prediction"] >= before[name]["n_empty_prediction"]
 
 
+def test_eval_keeps_the_results_of_an_earlier_evaluation_unless_told_to_overwrite(
+    tmp_path, checkpoints
+):
+    """Was: per_image.csv and summary.json already in output_dir silently replaced."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "summary.json").write_text("earlier\n")
+    # Refused before the checkpoint is even read: this one does not exist.
+    with pytest.raises(LungsegError) as error:
+        evaluate(eval_cfg(tmp_path, tmp_path / "missing.ckpt"))
+    message = str(error.value)
+    assert f"{out} already holds summary.json of an earlier evaluation" in message
+    assert "output_dir=<folder>" in message and "overwrite=true" in message
+    assert (out / "summary.json").read_text() == "earlier\n"
+    assert not (out / "per_image.csv").exists()
+
+    ckpt = checkpoints["palette"]
+    summary = evaluate(eval_cfg(tmp_path, ckpt, "overwrite=true"))
+    assert read_outputs(out)[1] == json.loads(json.dumps(summary))
+    with pytest.raises(LungsegError, match="holds per_image.csv and summary.json of an earlier"):
+        evaluate(eval_cfg(tmp_path, ckpt))
+    with pytest.raises(LungsegError, match="overwrite is 'yes'; give true or false"):
+        evaluate(eval_cfg(tmp_path, ckpt, "overwrite=yes"))
+    assert read_outputs(out)[1] == json.loads(json.dumps(summary))
+
+
 def test_eval_errors(tmp_path, checkpoints):
     ckpt = checkpoints["palette"]
     loose = tmp_path / "loose" / "model.ckpt"  # not inside a run folder
