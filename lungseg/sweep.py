@@ -157,6 +157,24 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def check_some_run_finished(config: DictConfig) -> None:
+    """LungsegError when the sweep has runs and none of them finished (each failed or was cut
+    short), after bringing summary.md up to date. A search (hparams_search=optuna) that ends
+    so has no best trial: Optuna's own error says only "No trials are completed yet"."""
+    sweep_dir = _sweep_dir(config)
+    rows = collect_runs(sweep_dir)  # none: the folder may not exist yet
+    if not rows or any(row["status"] == "ok" for row in rows):
+        return
+    write_summary(sweep_dir)
+    first = next((row for row in rows if row.get("error")), None)  # rows in job order
+    raise LungsegError(
+        f"All {len(rows)} trials of the search failed, so it has no best parameters. Each "
+        f"trial's error is in error.txt in its folder under {sweep_dir} and in "
+        f"{sweep_dir / 'summary.md'}"
+        + (f"; the first (job {first['job']}): {first['error']}" if first else ".")
+    )
+
+
 def _sweep_dir(config: DictConfig) -> Path:
     """Absolute: with hydra.job.chdir=true a job's callbacks run inside its run folder."""
     return Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)

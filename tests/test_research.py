@@ -76,6 +76,27 @@ def test_optuna_search_writes_best_parameters_and_a_trial_table(tmp_path):
     assert all(row["status"] == "ok" and "optimizer.lr=" in row["overrides"] for row in rows)
 
 
+def test_optuna_search_whose_trials_all_fail_ends_with_a_lungseg_error(tmp_path):
+    """Was Optuna's traceback "No trials are completed yet" from the sweeper."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason=RESEARCH)
+    sweep, missing = tmp_path / "sweep", tmp_path / "missing"
+    result = run_cli(
+        ["hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
+        + [f"data.image_dir={missing}", f"data.mask_dir={missing}"],  # each fails before fitting
+        tmp_path,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "lungseg: error: All 2 trials of the search failed" in result.stderr
+    assert f"error.txt in its folder under {sweep} and in {sweep / 'summary.md'}" in result.stderr
+    assert f"(job 0): The image folder {missing} does not exist" in result.stderr
+    with open(sweep / "summary.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert sorted((row["job"], row["status"]) for row in rows) == [("0", "failed"), ("1", "failed")]
+    assert (sweep / "summary.md").is_file() and (sweep / "1" / "error.txt").is_file()
+    assert not (sweep / "optimization_results.yaml").exists()
+
+
 @pytest.fixture(scope="module")
 def ddp_sweep(tmp_path_factory) -> Path:
     """The sweep folder of a 2-job multirun, each job trained by 2 DDP processes on the CPU.
