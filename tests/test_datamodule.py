@@ -167,6 +167,29 @@ def test_augmentation_moves_image_and_mask_together(tmp_path):
         assert np.array_equal(item["mask"].numpy(), masks[item["name"]])
 
 
+def test_augmentation_follows_torch_seed_and_differs_between_draws(tmp_path):
+    """Each item's augmentation is drawn from torch's generator (reproducible from the run's
+    seed, different in every DataLoader worker), whichever transform of the pipeline draws."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=4)
+    pipeline = {
+        "train": [
+            {"_target_": "albumentations.HorizontalFlip", "p": 0.5},
+            {"_target_": "albumentations.Affine", "rotate": [-30, 30], "p": 1.0},
+            {"_target_": "albumentations.RandomBrightnessContrast", "p": 1.0},
+        ]
+    }
+    dataset = make_dm(image_dir, mask_dir, augmentation=pipeline).train_dataset
+
+    def draws(seed, n=6):
+        torch.manual_seed(seed)
+        return [dataset[0]["image"] for _ in range(n)]
+
+    first, again, other = draws(0), draws(0), draws(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+    assert not any(torch.equal(first[0], b) for b in first[1:])
+
+
 def test_cache_needs_no_files_after_setup(tmp_path):
     image_dir, mask_dir, _ = write_data(tmp_path)
     dm = make_dm(image_dir, mask_dir)

@@ -33,6 +33,7 @@ from lungseg.errors import LungsegError
 log = logging.getLogger(__name__)
 
 _SHOW = 5  # how many offending names a message lists
+_PCG_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645  # PCG64's own 128-bit LCG multiplier
 
 
 class CachedSegDataset(Dataset):
@@ -64,16 +65,34 @@ class CachedSegDataset(Dataset):
         assert soft is None or len(soft) == len(masks)
         self.names, self.images, self.masks, self.soft = names, images, masks, soft
         self.augment, self.image_info = augment, image_info
+        # One NumPy and one Python generator for the pipeline and all its transforms, reseeded
+        # in place for each item (see __getitem__).
+        self._numpy_random = np.random.Generator(np.random.PCG64())
+        self._python_random = random.Random()
+        augment.set_random_state(self._numpy_random, self._python_random)
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def _reseed_augment(self, seed: int) -> None:
+        """Reseed the augmentation's generators in place: a tenth of a millisecond less per
+        item than Compose.set_random_seed, which builds two new generators for the pipeline
+        and for each of its transforms (a quarter of the data's time at 128 px)."""
+        state = (seed * _PCG_MULTIPLIER) % 2**128  # spread the 63 bits over PCG64's 128
+        self._numpy_random.bit_generator.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": state, "inc": (state << 1 | 1) % 2**128},
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        self._python_random.seed(seed)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         # albumentations' Compose draws from its own generator, seeded from the OS and copied
         # unchanged into every DataLoader worker. Seeding it from torch's generator per item
         # makes augmentation follow the run's seed (and EpochLoader's reseed) and differ
         # between workers, whose torch generators PyTorch seeds one by one.
-        self.augment.set_random_seed(int(torch.randint(2**32, ()).item()))
+        self._reseed_augment(int(torch.randint(2**63 - 1, ()).item()))
         # Copies: an in-place transform must not alter the cache for later epochs.
         mask = self.masks[i] if self.soft is None else self.soft[i]
         out = self.augment(image=self.images[i].copy(), mask=mask.copy())
