@@ -1,3 +1,4 @@
+import logging
 import time
 from pathlib import Path
 
@@ -62,12 +63,30 @@ def test_0_255_mask_in_index_mode_suggests_binary(num_classes):
 
 
 def test_binary_mask():
-    gray = np.array([[0, 255, 1, 7]], np.uint8)
-    np.testing.assert_array_equal(decode_mask(gray, "binary", PATH), [[0, 1, 1, 1]])
+    for values in ([0, 255, 255, 0], [0, 1, 1, 0], [0, 1, 2, 0]):  # 0/255, 0/1, two lungs 1/2
+        gray = np.array([values], np.uint8)
+        np.testing.assert_array_equal(decode_mask(gray, "binary", PATH), [[0, 1, 1, 0]])
+    np.testing.assert_array_equal(
+        decode_mask(np.array([[0, 7, 65535]], np.uint16), "binary", PATH), [[0, 0, 1]]
+    )
     rgb = np.zeros((1, 3, 3), np.uint8)
-    rgb[0, 1, 1] = 9  # only green set
+    rgb[0, 1, 1] = 255  # only green set
     rgb[0, 2] = 255
     np.testing.assert_array_equal(decode_mask(rgb, "binary", PATH), [[0, 1, 1]])
+
+
+def test_grey_level_binary_masks_are_cut_halfway_with_one_warning_per_folder(caplog):
+    """JPEG noise and anti-aliased edges (values between 0 and 255) are not foreground: 0 /
+    non-zero would grow every mask by its blurred edge and speckle the background."""
+    jpeg_like = np.array([[0, 3, 120, 128, 251, 255]], np.uint8)
+    folder = Path(f"/data/grey-{id(caplog)}")
+    with caplog.at_level(logging.WARNING):
+        for name in ("a.jpg", "b.jpg"):
+            decoded = decode_mask(jpeg_like, "binary", folder / name)
+            np.testing.assert_array_equal(decoded, [[0, 0, 0, 1, 1, 1]])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(folder / "a.jpg") in warnings[0]
+    assert "half of 255" in warnings[0] and "0/255 or 0/1 PNGs" in warnings[0]
 
 
 def test_palette_mask():

@@ -2,10 +2,14 @@
 
 - `index`:   pixel value = class id (8- or 16-bit, grayscale).
 - `binary`:  0 = background (class 0), anything else = foreground (class 1); written as 0/255.
+             A mask whose values run between 0 and a top value of at least half its type's
+             range (JPEG noise, anti-aliased or resized edges: 0, 3, 120, 254, 255 ...) is
+             cut halfway to its top value instead, with a warning.
 - `palette`: each class has an RGB colour, class i = palette[i].
 """
 
 import colorsys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +20,8 @@ from lungseg.errors import LungsegError
 MASK_MODES = ("index", "binary", "palette")
 _SHOWN = 5  # how many offending values an error message lists
 _GOLDEN = 0.618033988749895  # hue step that keeps consecutive class colours far apart
+_GREY_MASK_FOLDERS: set[str] = set()  # folders whose grey-level binary masks were warned of
+log = logging.getLogger(__name__)
 
 
 def decode_mask(
@@ -29,11 +35,34 @@ def decode_mask(
     if mode == "index":
         return _decode_index(raw, path, num_classes)
     if mode == "binary":
-        foreground = raw != 0
-        return (foreground.any(axis=2) if raw.ndim == 3 else foreground).astype(np.uint8)
+        return _decode_binary(raw.max(axis=2) if raw.ndim == 3 else raw, path)
     if mode == "palette":
         return _decode_palette(raw, path, _palette_array(palette, num_classes))
     raise _unknown_mode(mode)
+
+
+def _decode_binary(gray: np.ndarray, path: Path) -> np.ndarray:
+    """0 / non-zero, or, for a grey-level mask, below / above half its top value (see the
+    module's docstring). Index-like masks (0/1, 0/1/2 for two lungs) keep 0 / non-zero."""
+    top = gray.max()
+    full = np.iinfo(gray.dtype).max if np.issubdtype(gray.dtype, np.integer) else 1.0
+    if 2 * float(top) >= full and ((gray != 0) & (gray != top)).any():
+        folder = str(path.parent)
+        if folder not in _GREY_MASK_FOLDERS:
+            _GREY_MASK_FOLDERS.add(folder)
+            log.warning(
+                "Mask %s holds values between 0 and %s (%d distinct: JPEG compression, or "
+                "anti-aliased or resized edges), so data.mask_mode=binary takes a pixel as "
+                "foreground from half of %s up, not every non-zero pixel; other such masks in "
+                "%s are not named. Save masks as 0/255 or 0/1 PNGs to decide the edges yourself.",
+                path,
+                top,
+                len(np.unique(gray)),
+                top,
+                folder,
+            )
+        return (2 * gray.astype(np.float64) > float(top)).astype(np.uint8)
+    return (gray != 0).astype(np.uint8)
 
 
 def encode_mask(
