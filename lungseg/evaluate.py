@@ -342,6 +342,18 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
         folders = (run_data.image_dir, run_data.mask_dir)
     suffixes = data.mask_suffixes or run_data.mask_suffixes
     pairs = find_pairs(*folders, list(suffixes), run_data.strict)
+    if not run_data.strict:
+        # data.strict=false left out the pairs the run could not use (corrupt files, sizes
+        # that differ); its split.csv lists only those it trained, validated and tested on.
+        listed = splits.listed_stems(split_file, [p.stem for p in pairs])
+        left_out = [p.image.name for p in pairs if p.stem not in listed]
+        if left_out:
+            log.info(
+                "%d pairs the run left out (data.strict=false) are not scored: %s",
+                len(left_out),
+                ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else ""),
+            )
+        pairs = [p for p in pairs if p.stem in listed]
     split = splits.make_split([p.stem for p in pairs], split_file=split_file)
     which = cfg.get("split") or "test"
     if which not in ("val", "test"):

@@ -25,6 +25,7 @@ from lungseg.checks import check_settings
 from lungseg.data.datamodule import SegDataModule
 from lungseg.data.folders import check_data_dirs, write_image
 from lungseg.errors import LungsegError, user_error
+from lungseg.evaluate import evaluate
 from lungseg.train import train
 
 SIZES = [(24, 28)] * 6  # 6 pairs split 4/1/1
@@ -170,6 +171,26 @@ def test_image_without_mask_and_mask_without_image(make_cfg, tmp_path):
     with pytest.warns(UserWarning, match="Skipping unpaired files.*lonely image.png"):
         dm = setup(image_dir, mask_dir, strict=False)
     assert sum(counts(dm)) == 5
+
+
+def test_eval_scores_a_run_that_skipped_a_corrupt_pair(make_cfg, tmp_path):
+    """eval.py on the test split of a data.strict=false run: the pair the run left out is
+    not in its split.csv and is left out again (it stopped eval with 'does not list')."""
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    (image_dir / "img3.png").write_bytes(b"")
+    cfg = folders(make_cfg, image_dir, mask_dir, "data.strict=false", "data.split=[0.5,0.2,0.3]")
+    with pytest.warns(UserWarning, match="Skipping 1 of 6"):
+        checkpoint = train(cfg)["best_checkpoint"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        eval_cfg = compose(
+            "eval",
+            overrides=[f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'eval'}"]
+            + ["progress_bar=false"],
+        )
+    summary = evaluate(eval_cfg)
+    with (tmp_path / "eval" / "per_image.csv").open() as f:
+        scored = [row["image"] for row in csv.DictReader(f)]
+    assert scored and "img3" not in scored and summary["images"].startswith("test split")
 
 
 @pytest.mark.parametrize("content", ["zero-byte", "garbage", "truncated"])

@@ -334,6 +334,14 @@ def _read_split_file(path: Path, stems: list[str]) -> dict[str, str]:
     return split
 
 
+def listed_stems(path: str | Path, stems: Sequence[str]) -> set[str]:
+    """The ones of ``stems`` that the split file at ``path`` lists (by stem or file name)."""
+    with Path(path).open(newline="", encoding="utf-8-sig") as f:
+        files = [(row.get("file") or "").strip() for row in csv.DictReader(f)]
+    known = set(stems)
+    return {stem for stem in (_stem_of(file, known) for file in files) if stem is not None}
+
+
 def _stem_of(file: str, known: set[str]) -> str | None:
     """The known stem a split-file entry names: the stem itself or a file name (with folders)."""
     name = Path(file).name
