@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg import hostmem
@@ -104,6 +105,35 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+def stop_reason(trainer: pl.Trainer) -> str:
+    """Why fit ended: "early_stopping", "max_time", "max_epochs", "max_steps" or "other"
+    (fast_dev_run, an interrupt). A time limit that cut the planned epochs short is also
+    logged as a warning: the learning-rate schedule was planned for trainer.max_epochs."""
+    if any(getattr(c, "stopped_epoch", 0) for c in trainer.early_stopping_callbacks):
+        return "early_stopping"
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining() if timer is not None else None
+    epochs, planned = trainer.current_epoch, trainer.max_epochs
+    if remaining is not None and remaining <= 0:
+        if planned is not None and 0 <= epochs < planned:
+            log.warning(
+                "trainer.max_time stopped training after %d of trainer.max_epochs=%d epochs, "
+                "with the learning rate at %.3g of its schedule for %d epochs. Raise "
+                "trainer.max_time (or set it to null), or plan fewer epochs for this machine "
+                "and data.",
+                epochs,
+                planned,
+                trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan,
+                planned,
+            )
+        return "max_time"
+    if planned is not None and 0 <= planned <= epochs:
+        return "max_epochs"
+    if 0 <= trainer.max_steps <= trainer.global_step:
+        return "max_steps"
+    return "other"
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write into ``cfg.output_dir``: ``checkpoints/``,
     ``tensorboard/``, ``split.csv``, ``config.yaml`` (resolved), ``environment.json``
@@ -159,6 +189,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best_path = ""  # the restored path of the run a ckpt_path came from, not of this one
     metrics: dict[str, Any] = {
         "epochs_trained": trainer.current_epoch,
+        "stopped_by": stop_reason(trainer),
         "best_checkpoint": best_path or None,
         "best_epoch": torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]
         if best_path

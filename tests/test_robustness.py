@@ -303,7 +303,8 @@ def test_a_finished_run_is_not_trained_again(lean_cfg, monkeypatch):
     # Stopped by a threshold, not by patience: more patience would not train it further.
     threshold = ["trainer.max_epochs=6", "+callbacks.early_stopping.stopping_threshold=1e9"]
     other = f"output_dir={run.parent / 'threshold'}"
-    assert train(lean_cfg("test_after_fit=false", other, *threshold))["epochs_trained"] == 1
+    stopped = train(lean_cfg("test_after_fit=false", other, *threshold))
+    assert stopped["epochs_trained"] == 1 and stopped["stopped_by"] == "early_stopping"
     with pytest.raises(
         LungsegError,
         match=r"after epoch 0: Stopping threshold reached.*stop\. Give callbacks.early_stopping=",

@@ -24,7 +24,7 @@ def test_training_run_writes_the_run_record(make_cfg, model):
     assert saved["test/loss"] == pytest.approx(metrics["test/loss"])
     for key in ("test/acc", "test/dice", "test/dice_lung", "test/iou_tumour", "best_epoch"):
         assert key in saved
-    assert 0.0 <= saved["test/acc"] <= 1.0
+    assert 0.0 <= saved["test/acc"] <= 1.0 and saved["stopped_by"] == "max_epochs"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert saved["best_checkpoint"] and list((run / "checkpoints").glob("best-epoch*.ckpt"))
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -32,6 +32,18 @@ def test_training_run_writes_the_run_record(make_cfg, model):
     assert split[0] == "file,split" and len(split) == 17
     resolved = OmegaConf.load(run / "config.yaml")
     assert resolved.model.num_classes == 3  # inferred from the demo's palette masks
+
+
+def test_a_time_limit_that_cuts_the_planned_epochs_is_named(make_cfg, caplog):
+    """trainer.max_time ending fit before trainer.max_epochs: a warning says so (the cosine
+    schedule was planned for all epochs) and metrics.json records why training stopped."""
+    cfg = make_cfg(
+        "trainer.max_epochs=1000", "trainer.max_time=00:00:00:02", "test_after_fit=false"
+    )
+    metrics = train(cfg)
+    assert metrics["stopped_by"] == "max_time" and metrics["epochs_trained"] < 1000
+    assert f"trainer.max_time stopped training after {metrics['epochs_trained']} of" in caplog.text
+    assert "trainer.max_epochs=1000 epochs" in caplog.text
 
 
 def test_soft_masks_train_with_every_loss_family(make_cfg, tmp_path):
