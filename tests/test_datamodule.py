@@ -190,6 +190,34 @@ def test_augmentation_follows_torch_seed_and_differs_between_draws(tmp_path):
     assert not any(torch.equal(first[0], b) for b in first[1:])
 
 
+def test_mixed_bit_depths_and_12_bit_values_in_16_bit_files_are_named(tmp_path, caplog):
+    """8-bit / 255 beside 12-bit values / 65535: one set on two scales, 16x apart, in silence."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=6)
+    for i in (1, 4):  # a 12-bit DICOM export
+        path = image_dir / f"case{i:02d}.png"
+        twelve_bit = cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 16
+        cv2.imwrite(str(path), twelve_bit)
+    with caplog.at_level(logging.WARNING):
+        make_dm(image_dir, mask_dir, normalize="dataset")
+    assert "mix 4 8-bit files (e.g. case00.png) and 2 16-bit files (e.g. case01.png" in caplog.text
+    assert "fill 6 % of their range" in caplog.text and "data.normalize=image" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make_dm(image_dir, mask_dir, normalize="image")  # each image scaled on its own
+        make_dm(image_dir, mask_dir, window=[0, 4095])  # scaled as the user says
+    assert "bit" not in caplog.text
+
+    for i in (0, 2, 3, 5):  # now all 12-bit: only normalize=none leaves them dark
+        path = image_dir / f"case{i:02d}.png"
+        cv2.imwrite(str(path), cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 16)
+    with caplog.at_level(logging.WARNING):
+        make_dm(image_dir, mask_dir, normalize="dataset")
+        assert "bit" not in caplog.text
+        make_dm(image_dir, mask_dir, normalize="none")
+    assert "16-bit images hold values up to" in caplog.text
+    assert "data.window=[0," in caplog.text
+
+
 def test_cache_needs_no_files_after_setup(tmp_path):
     image_dir, mask_dir, _ = write_data(tmp_path)
     dm = make_dm(image_dir, mask_dir)

@@ -279,6 +279,7 @@ class SegDataModule(pl.LightningDataModule):
             context.slice_keys([], slice_pattern)
         self._median_blur, self._normalize = median_blur, normalize
         self._window = window  # checked by scale_intensity
+        self._bit_depths: dict[str, tuple[int, int]] = {}  # image name: (bits, largest value)
         self._offset = float(intensity_offset)
         self._fractions, self._seed = split, seed
         self._group_pattern, self._split_file = group_pattern, split_file
@@ -349,7 +350,10 @@ class SegDataModule(pl.LightningDataModule):
     def _cache_all(self) -> None:
         """setup's work: pair, split, decode, cache, statistics."""
         pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict)
+        self._bit_depths.clear()
         pairs, images, masks = self._decode_all(pairs)
+        if self._window is None:
+            _check_bit_depths(self._bit_depths, self._normalize)
         names = [p.stem for p in pairs]
         if self._context:  # 2.5-D: each slice with its neighbours as channels
             rows = context.neighbours(names, self._context, self._slice_pattern)
@@ -550,6 +554,8 @@ class SegDataModule(pl.LightningDataModule):
         while the number of classes is not known yet, the mask at its own size for ``setup``
         to count the classes in and convert."""
         raw, raw_mask = read_image(pair.image), read_image(pair.mask)
+        if raw.dtype in (np.uint8, np.uint16):  # for _check_bit_depths
+            self._bit_depths[pair.image.name] = (raw.dtype.itemsize * 8, int(raw.max()))
         if raw_mask.shape[:2] != raw.shape[:2]:
             raise LungsegError(
                 f"Image {pair.image} is {raw.shape[1]}x{raw.shape[0]} pixels (width x "
@@ -773,6 +779,40 @@ def _parse_size(image_size: int | Sequence[int]) -> tuple[int, int]:
             f"[height, width] in pixels, e.g. 128 or [128, 160]."
         )
     return size[0], size[1]
+
+
+def _check_bit_depths(depths: Mapping[str, tuple[int, int]], normalize: str) -> None:
+    """Warn where scaling by the type's range (8-bit / 255, 16-bit / 65535) puts images of
+    one set on different scales: 8- and 16-bit images mixed, or 16-bit images that hold
+    12-bit values (DICOM exports), which come out 16 times darker than the range allows."""
+    by_bits: dict[int, list[str]] = {}
+    for name, (bits, _) in depths.items():
+        by_bits.setdefault(bits, []).append(name)
+    largest = max((top for bits, top in depths.values() if bits == 16), default=None)
+    if len(by_bits) > 1 and normalize != "image":
+        log.warning(
+            "The images mix %d 8-bit files (e.g. %s) and %d 16-bit files (e.g. %s, largest value "
+            "%d): each is scaled by its type's range (/255, /65535), so the two kinds reach the "
+            "network at different brightness%s. Give data.normalize=image (each image to zero "
+            "mean and unit variance), or convert the images to one bit depth.",
+            len(by_bits[8]),
+            sorted(by_bits[8])[0],
+            len(by_bits[16]),
+            sorted(by_bits[16])[0],
+            largest,
+            f" (16-bit values up to {largest} fill {100 * largest / 65535:.0f} % of their range)"
+            if largest is not None and largest < 65535 // 4
+            else "",
+        )
+    elif largest is not None and largest < 65535 // 4 and normalize == "none":
+        log.warning(
+            "The 16-bit images hold values up to %d only (%.1f %% of the range they are scaled "
+            "by, e.g. 12-bit CT or X-ray), and data.normalize=none leaves them at that scale. "
+            "Give data.window=[0,%d], or data.normalize=dataset or image.",
+            largest,
+            100 * largest / 65535,
+            largest,
+        )
 
 
 def _infer_num_classes(names: Sequence[str], masks: Sequence[np.ndarray]) -> int:
