@@ -51,6 +51,8 @@ def ddp_ranks_in_this_job() -> Iterator[None]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    # Warnings (files skipped with data.strict=false, ...) into train.log too, not only stderr.
+    logging.captureWarnings(True)
     sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
     if not sweep_job and SWEEP_RANK not in os.environ:
         metrics = run_cli(lambda: train(cfg))

@@ -172,6 +172,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_same_split(out_dir / "split.csv", datamodule.split)
     elif rank_zero_only.rank == 0:
         datamodule.write_split(out_dir / "split.csv")
+        if datamodule.skipped:
+            datamodule.write_skipped(out_dir / "skipped.csv")
+            log.warning(
+                "%d files were left out (data.strict=false); each is listed with its reason in %s",
+                len(datamodule.skipped),
+                out_dir / "skipped.csv",
+            )
     if (
         rank_zero_only.rank == 0
     ):  # a continued run keeps the config it started with as config.1.yaml

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
 from test_inference import write_pairs
 
@@ -181,6 +181,10 @@ def test_eval_scores_a_run_that_skipped_a_corrupt_pair(make_cfg, tmp_path):
     cfg = folders(make_cfg, image_dir, mask_dir, "data.strict=false", "data.split=[0.5,0.2,0.3]")
     with pytest.warns(UserWarning, match="Skipping 1 of 6"):
         checkpoint = train(cfg)["best_checkpoint"]
+    with (Path(cfg.output_dir) / "skipped.csv").open() as f:
+        skipped = list(csv.DictReader(f))
+    assert [row["file"] for row in skipped] == [str(image_dir / "img3.png")]
+    assert "could not be decoded as an image (the file is empty)" in skipped[0]["reason"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         eval_cfg = compose(
             "eval",
@@ -327,6 +331,31 @@ def test_num_classes_not_matching_the_data(make_cfg, tmp_path, mode):
     else:
         assert "data.num_classes is 2 but data.palette has 3 classes" in message
         assert "Set data.num_classes to 3 or to null" in message
+
+
+def test_cli_strict_false_lists_what_it_skipped_in_train_log_and_skipped_csv(tmp_path):
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    (image_dir / "lonely.png").write_bytes((image_dir / "img0.png").read_bytes())
+    (mask_dir / "img2.png").write_bytes(b"")
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"data.image_dir={image_dir}"]
+        + [f"data.mask_dir={mask_dir}", "data.mask_mode=index", "data.strict=false"]
+        + [*TINY, f"hydra.run.dir={run}", "data.split=[0.5,0.25,0.25]"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (run / "train.log").read_text()
+    assert "Skipping unpaired files" in log and "Skipping 1 of 6 image/mask pairs" in log
+    with (run / "skipped.csv").open() as f:
+        rows = {Path(r["file"]).name: r["reason"] for r in csv.DictReader(f)}
+    assert (
+        rows.keys() == {"lonely.png", "img2.png"} and rows["lonely.png"] == "image without a mask"
+    )
+    assert "2 files were left out (data.strict=false)" in log
 
 
 def test_cli_empty_folder_is_one_line_without_traceback(tmp_path):

@@ -7,6 +7,7 @@ mislabelled file stops the run before the first epoch, not in the middle of one.
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import random
@@ -280,6 +281,7 @@ class SegDataModule(pl.LightningDataModule):
         self._median_blur, self._normalize = median_blur, normalize
         self._window = window  # checked by scale_intensity
         self._bit_depths: dict[str, tuple[int, int]] = {}  # image name: (bits, largest value)
+        self.skipped: list[tuple[Path, str]] = []  # data.strict=false: (file, reason)
         self._offset = float(intensity_offset)
         self._fractions, self._seed = split, seed
         self._group_pattern, self._split_file = group_pattern, split_file
@@ -349,7 +351,8 @@ class SegDataModule(pl.LightningDataModule):
 
     def _cache_all(self) -> None:
         """setup's work: pair, split, decode, cache, statistics."""
-        pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict)
+        self.skipped.clear()
+        pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict, self.skipped)
         self._bit_depths.clear()
         pairs, images, masks = self._decode_all(pairs)
         if self._window is None:
@@ -466,6 +469,14 @@ class SegDataModule(pl.LightningDataModule):
         """Write the split as CSV ``file,split``; pass it as data.split_file to reuse it."""
         splits.write_split(self.split, Path(path))
 
+    def write_skipped(self, path: str | Path) -> None:
+        """Write the files data.strict=false left out as CSV ``file,reason`` (the warnings
+        name the first few only)."""
+        with Path(path).open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "reason"])
+            writer.writerows((str(file), reason) for file, reason in self.skipped)
+
     def data_info(self) -> dict[str, Any]:
         """What prediction on new images needs, as plain values (safe for weights_only loads).
 
@@ -540,6 +551,7 @@ class SegDataModule(pl.LightningDataModule):
                 f"be used, with a warning."
             )
         if failed:
+            self.skipped += [(p.image, str(e)) for p, e in failed]
             warnings.warn(
                 f"Skipping {len(failed)} of {len(pairs)} image/mask pairs (data.strict=false): "
                 + " ".join(f"({i}) {e}" for i, (_, e) in enumerate(failed[:_SHOW], 1)),

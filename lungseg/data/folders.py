@@ -32,6 +32,7 @@ def find_pairs(
     mask_dir: str | Path,
     mask_suffixes: Sequence[str] = ("", "_mask"),
     strict: bool = True,
+    skipped: list[tuple[Path, str]] | None = None,
 ) -> list[Pair]:
     """Pair images and masks by file stem, never by sorted position. Image `a.png` pairs with a
     mask whose stem is `a` + one of mask_suffixes (`a.png`, `a_mask.png`, also other extensions:
@@ -40,7 +41,8 @@ def find_pairs(
     Files without an image extension and hidden files (`.DS_Store`, macOS `._a.png`) are ignored.
     When image_dir and mask_dir are the same folder, files whose stem ends with a non-empty
     suffix are the masks and the others the images. Unpaired files raise LungsegError
-    (strict=True) or are skipped with one warning (strict=False); ambiguous names always raise.
+    (strict=True) or are skipped with one warning (strict=False) and appended to ``skipped``
+    as (path, reason); ambiguous names always raise.
     """
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     suffixes = list(dict.fromkeys(mask_suffixes))
@@ -75,6 +77,9 @@ def find_pairs(
         _report_unpaired(
             orphan_images, orphan_masks, image_dir, mask_dir, suffixes, strict, bool(masks_by_stem)
         )
+        if skipped is not None:
+            skipped += [(p, "image without a mask") for p in orphan_images]
+            skipped += [(p, "mask without an image") for p in orphan_masks]
     return [Pair(s, image_by_stem[s], masks_by_stem[s][0]) for s in sorted(masks_by_stem)]
 
 
