@@ -55,7 +55,8 @@ from lungseg.inference import (
     load_from_config,
     neighbour_table,
     predict_probabilities,
-    read_inputs,
+    read_usable,
+    report_skipped,
 )
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95")
@@ -285,13 +286,22 @@ def _score(
     pool = [image for f in folders for image in _list_images(f, "image", "data.image_dir")]
     table = neighbour_table([p.image for p in pairs], info, pool)
 
+    strict = cfg.data.get("strict", True)
     scored: list[list[dict[str, Any]]] = [[] for _ in grid]
+    failed: list[tuple[Path, str]] = []  # strict=false: pairs that cannot be scored
     with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(pairs, cfg.batch_size):
-            images = read_inputs([p.image for p in batch], table)
-            probs = predict_probabilities(model, images, flips)
-            for pair, prob in zip(batch, probs, strict=True):
-                target = _read_mask(pair, prob.shape[1:], mask_mode, palette, num_classes)
+            kept, images, unread = read_usable([p.image for p in batch], table, strict)
+            failed += unread
+            probs = predict_probabilities(model, images, flips) if images else []
+            for pair, prob in zip([batch[i] for i in kept], probs, strict=True):
+                try:
+                    target = _read_mask(pair, prob.shape[1:], mask_mode, palette, num_classes)
+                except LungsegError as error:
+                    if strict:
+                        raise
+                    failed.append((pair.mask, str(error)))
+                    continue
                 height, width = target.shape
                 for post, rows in zip(grid, scored, strict=True):
                     pred = postprocess.classes(prob, post, info)
@@ -300,6 +310,12 @@ def _score(
                         row.update({f"{k}_{class_names[c]}": v for k, v in values.items()})
                     rows.append(row)
             bar.update(len(batch))
+    report_skipped(failed, "image/mask pairs that cannot be scored are")
+    if not scored[0]:
+        raise LungsegError(
+            f"None of the {len(pairs)} image/mask pairs could be scored ({source}); the first: "
+            f"{failed[0][1]}"
+        )
     return scored, source, mask_mode, flips
 
 

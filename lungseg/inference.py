@@ -7,6 +7,7 @@ needs no training config. Images go through ``transforms.preprocess`` and
 """
 
 import inspect
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from lungseg.run_folder import load_safely
 # Dims of an (N, C, H, W) batch that each test-time flip reverses.
 FLIPS = {"horizontal": (-1,), "vertical": (-2,)}
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # The hyper-parameters SegmentationModule builds with Hydra (net and loss when it is made,
 # optimizer and scheduler in configure_optimizers), and the classes each may build: every
 # _target_ in them, nested ones too (Hydra builds those first), must name a subclass.
@@ -309,6 +311,35 @@ def read_inputs(
         return cache[path]
 
     return [[read(path) for path in table[p]] for p in paths]
+
+
+def read_usable(
+    paths: Sequence[Path], table: Mapping[Path, list[Path]] | None, strict: bool
+) -> tuple[list[int], list[np.ndarray | list[np.ndarray]], list[tuple[Path, str]]]:
+    """``read_inputs`` of ``paths``, as (indices of the paths read, their inputs, failures).
+    strict: a file that cannot be read raises its LungsegError; otherwise it is left out and
+    returned in the failures as (path, error message)."""
+    if strict:
+        return list(range(len(paths))), read_inputs(paths, table), []
+    kept, inputs, failed = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            inputs += read_inputs([path], table)
+            kept.append(i)
+        except LungsegError as error:
+            failed.append((path, str(error)))
+    return kept, inputs, failed
+
+
+def report_skipped(failed: Sequence[tuple[Path, str]], what: str) -> None:
+    """One warning for the files ``strict=false`` left out, each with its reason."""
+    if failed:
+        log.warning(
+            "%d %s left out (strict=false): %s",
+            len(failed),
+            what,
+            " ".join(f"({i}) {reason}" for i, (_, reason) in enumerate(failed, 1)),
+        )
 
 
 def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

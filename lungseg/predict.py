@@ -28,7 +28,8 @@ from lungseg.inference import (
     load_from_config,
     neighbour_table,
     predict_probabilities,
-    read_inputs,
+    read_usable,
+    report_skipped,
 )
 from lungseg.visualize import overlay
 
@@ -77,19 +78,22 @@ def predict(cfg: DictConfig) -> list[Path]:
     table = neighbour_table(list(outputs), info)  # 2.5-D models: each image's neighbours
     output_dir = Path(cfg.output_dir).expanduser()  # created by the first write
     written: list[Path] = []
+    failed: list[tuple[Path, str]] = []  # strict=false: images that cannot be read
     with tqdm(total=len(outputs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(list(outputs), cfg.batch_size):
             try:
-                inputs = read_inputs(batch, table)
+                kept, inputs, unread = read_usable(batch, table, cfg.strict)
             except LungsegError as err:
                 if not written:
                     raise
                 raise LungsegError(
                     f"{err} The outputs of the {len(written) // 2} images before it are in "
-                    f"{output_dir}; rerun with overwrite=true once the file is fixed."
+                    f"{output_dir}; rerun with overwrite=true once the file is fixed, or with "
+                    f"strict=false to skip the images that cannot be read."
                 ) from None
-            probs = predict_probabilities(model, inputs, flips)
-            for path, item, prob in zip(batch, inputs, probs, strict=True):
+            failed += unread
+            probs = predict_probabilities(model, inputs, flips) if inputs else []
+            for path, item, prob in zip([batch[i] for i in kept], inputs, probs, strict=True):
                 raw = centre_slice(item)  # 2.5-D input: the image itself
                 pred = postprocess.classes(prob, post, info)
                 mask_path, overlay_path = outputs[path]
@@ -98,7 +102,8 @@ def predict(cfg: DictConfig) -> list[Path]:
                 _write(overlay_path, overlay(display, pred, colors, cfg.overlay_alpha))
                 written += [mask_path, overlay_path]
             bar.update(len(batch))
-    log.info("%d masks and their overlays written to %s", len(outputs), output_dir)
+    report_skipped(failed, "images that cannot be read are")
+    log.info("%d masks and their overlays written to %s", len(written) // 2, output_dir)
     return written
 
 
@@ -118,6 +123,13 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
         cfg.batch_size,
         "a whole number of images per batch, 1 or more",
         "batch_size=8",
+    )
+    require(
+        isinstance(cfg.get("strict"), bool),
+        "strict",
+        cfg.get("strict"),
+        "true or false",
+        "strict=false",
     )
     require(
         is_number(cfg.overlay_alpha, 0, 1),

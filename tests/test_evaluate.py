@@ -3,9 +3,11 @@ training run's test split and on a folder."""
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -248,6 +250,24 @@ def test_eval_on_a_folder_with_empty_masks(tmp_path, checkpoints):
             nothing_predicted = row[f"pred_pixels_{name}"] == "0"
             assert float(row[f"dice_{name}"]) == (1.0 if nothing_predicted else 0.0)
             assert float(row[f"hd95_{name}"]) == pytest.approx(0 if nothing_predicted else diagonal)
+
+
+def test_eval_on_folders_with_strict_false_skips_the_pairs_it_cannot_score(
+    tmp_path, checkpoints, caplog
+):
+    sizes = [(20, 24), (24, 20), (22, 22), (20, 20)]
+    image_dir, mask_dir = write_pairs(tmp_path / "data", sizes)
+    (image_dir / "img1.png").write_bytes(b"")  # unreadable image
+    cv2.imwrite(str(mask_dir / "img2.png"), np.zeros((5, 5), np.uint8))  # mask of another size
+    folders = [f"data.image_dir={image_dir}", f"data.mask_dir={mask_dir}", "data.mask_mode=index"]
+    with pytest.raises(LungsegError, match="img1.png could not be decoded"):
+        evaluate(eval_cfg(tmp_path, checkpoints["palette"], *folders))
+    with caplog.at_level(logging.WARNING):
+        evaluate(eval_cfg(tmp_path, checkpoints["palette"], *folders, "data.strict=false"))
+    rows, _ = read_outputs(tmp_path / "eval")
+    assert [row["image"] for row in rows] == ["img0", "img3"]
+    assert "2 image/mask pairs that cannot be scored are left out (strict=false)" in caplog.text
+    assert "img1.png could not be decoded" in caplog.text and "is 5x5" in caplog.text
 
 
 def test_eval_applies_the_post_processing_and_keeps_the_scores_without_it(tmp_path, checkpoints):

@@ -1,6 +1,7 @@
 """Folder prediction: original sizes, the training encoding, overwrite protection, safe names,
 TTA, and the two command lines."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -196,6 +197,19 @@ def test_unreadable_first_image_leaves_no_output_folder(tmp_path, checkpoints, i
     with pytest.raises(LungsegError, match="colour.jpg could not be decoded"):
         predict(predict_cfg(checkpoints["palette"], inputs, out))
     assert not out.exists()
+
+
+def test_strict_false_skips_the_images_that_cannot_be_read(tmp_path, checkpoints, inputs, caplog):
+    (inputs / "colour.jpg").write_bytes(b"not a jpeg")
+    (inputs / "wide.bmp").write_bytes(b"")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        written = predict(predict_cfg(checkpoints["palette"], inputs, out, "strict=false"))
+    assert sorted(p.name for p in written) == sorted(
+        ["ct16.png", "ct16_overlay.png", "gray8.png", "gray8_overlay.png"]
+    )
+    assert "2 images that cannot be read are left out (strict=false)" in caplog.text
+    assert "colour.jpg could not be decoded" in caplog.text and "wide.bmp" in caplog.text
 
 
 def test_tta_is_wired_through(tmp_path, checkpoints, inputs):
