@@ -109,8 +109,13 @@ def stop_reason(trainer: pl.Trainer) -> str:
     """Why fit ended: "early_stopping", "max_time", "max_epochs", "max_steps" or "other"
     (fast_dev_run, an interrupt). A time limit that cut the planned epochs short is also
     logged as a warning: the learning-rate schedule was planned for trainer.max_epochs."""
-    if any(getattr(c, "stopped_epoch", 0) for c in trainer.early_stopping_callbacks):
-        return "early_stopping"
+    for callback in trainer.early_stopping_callbacks:
+        reason = getattr(callback, "stopping_reason", None)  # an Enum, NOT_STOPPED = 0
+        stopped = callback.stopped_epoch > 0 if reason is None else reason.value != 0
+        # stopped_epoch: the epoch it stopped in, this run's last (a continued run restores
+        # the stop that ended the run before it)
+        if stopped and callback.stopped_epoch == trainer.current_epoch - 1:
+            return "early_stopping"
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     remaining = timer.time_remaining() if timer is not None else None
     epochs, planned = trainer.current_epoch, trainer.max_epochs
