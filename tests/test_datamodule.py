@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lungseg.data.datamodule import SegDataModule
+from lungseg.data.datamodule import CachedSegDataset, SegDataModule
 from lungseg.data.transforms import build_augmentation, median_blur, resize_image
 from lungseg.errors import LungsegError
 from lungseg.train import train
@@ -188,6 +188,16 @@ def test_augmentation_follows_torch_seed_and_differs_between_draws(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not any(torch.equal(a, b) for a, b in zip(first, other, strict=True))
     assert not any(torch.equal(first[0], b) for b in first[1:])
+    # Another dataset on the same pipeline (val and test share the eval one) does not take
+    # the first one's draws out of the seed's hands.
+    CachedSegDataset(
+        ["x"],
+        [np.zeros((4, 4, 1), np.float32)],
+        [np.zeros((4, 4), np.uint8)],
+        dataset.augment,
+        dataset.image_info,
+    )
+    assert all(torch.equal(a, b) for a, b in zip(first, draws(0), strict=True))
 
 
 def test_mixed_bit_depths_and_12_bit_values_in_16_bit_files_are_named(tmp_path, caplog):

@@ -67,10 +67,9 @@ class CachedSegDataset(Dataset):
         self.names, self.images, self.masks, self.soft = names, images, masks, soft
         self.augment, self.image_info = augment, image_info
         # One NumPy and one Python generator for the pipeline and all its transforms, reseeded
-        # in place for each item (see __getitem__).
-        self._numpy_random = np.random.Generator(np.random.PCG64())
-        self._python_random = random.Random()
-        augment.set_random_state(self._numpy_random, self._python_random)
+        # in place for each item (_reseed_augment). They belong to the pipeline: datasets that
+        # share it (val and test share the eval pipeline) reseed the same two.
+        augment.set_random_state(np.random.Generator(np.random.PCG64()), random.Random())
 
     def __len__(self) -> int:
         return len(self.names)
@@ -80,13 +79,13 @@ class CachedSegDataset(Dataset):
         item than Compose.set_random_seed, which builds two new generators for the pipeline
         and for each of its transforms (a quarter of the data's time at 128 px)."""
         state = (seed * _PCG_MULTIPLIER) % 2**128  # spread the 63 bits over PCG64's 128
-        self._numpy_random.bit_generator.state = {
+        self.augment.random_generator.bit_generator.state = {
             "bit_generator": "PCG64",
             "state": {"state": state, "inc": (state << 1 | 1) % 2**128},
             "has_uint32": 0,
             "uinteger": 0,
         }
-        self._python_random.seed(seed)
+        self.augment.py_random.seed(seed)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         # albumentations' Compose draws from its own generator, seeded from the OS and copied
