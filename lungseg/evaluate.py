@@ -311,7 +311,7 @@ def _score(
                     rows.append(row)
             bar.update(len(batch))
     report_skipped(failed, "image/mask pairs that cannot be scored are")
-    if not scored[0]:
+    if not scored[0] and failed:
         raise LungsegError(
             f"None of the {len(pairs)} image/mask pairs could be scored ({source}); the first: "
             f"{failed[0][1]}"

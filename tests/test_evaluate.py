@@ -268,6 +268,10 @@ def test_eval_on_folders_with_strict_false_skips_the_pairs_it_cannot_score(
     assert [row["image"] for row in rows] == ["img0", "img3"]
     assert "2 image/mask pairs that cannot be scored are left out (strict=false)" in caplog.text
     assert "img1.png could not be decoded" in caplog.text and "is 5x5" in caplog.text
+    for i in (0, 3):
+        (image_dir / f"img{i}.png").write_bytes(b"")
+    with pytest.raises(LungsegError, match="None of the 4 image/mask pairs could be scored"):
+        evaluate(eval_cfg(tmp_path / "all", checkpoints["palette"], *folders, "data.strict=false"))
 
 
 def test_eval_applies_the_post_processing_and_keeps_the_scores_without_it(tmp_path, checkpoints):
