@@ -228,6 +228,25 @@ def test_mixed_bit_depths_and_12_bit_values_in_16_bit_files_are_named(tmp_path, 
     assert "data.window=[0," in caplog.text
 
 
+def test_each_transform_draws_on_its_own():
+    """One seed per item used to seed every transform alike: two flips of p=0.5 were applied
+    together or not at all (both on half the images, never one alone)."""
+    image = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+    flips = build_augmentation(
+        [
+            {"_target_": "albumentations.HorizontalFlip", "p": 0.5},
+            {"_target_": "albumentations.VerticalFlip", "p": 0.5},
+        ]
+    )
+    info = {"normalize": "none", "mean": None, "std": None}
+    dataset = CachedSegDataset(["x"], [image], [np.zeros((4, 4), np.uint8)], flips, info)
+    torch.manual_seed(0)
+    corners = [dataset[0]["image"][0, 0, 0].item() for _ in range(800)]
+    counts = {v: corners.count(v) / len(corners) for v in (0.0, 3.0, 12.0, 15.0)}
+    assert sum(counts.values()) == 1  # none, horizontal, vertical, both
+    assert all(0.19 < share < 0.31 for share in counts.values()), counts
+
+
 def test_cache_needs_no_files_after_setup(tmp_path):
     image_dir, mask_dir, _ = write_data(tmp_path)
     dm = make_dm(image_dir, mask_dir)
