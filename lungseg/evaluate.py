@@ -47,7 +47,8 @@ from lungseg import hostmem, postprocess
 from lungseg.checks import require
 from lungseg.data import splits
 from lungseg.data.demo import make_demo_dataset
-from lungseg.data.folders import Pair, _list_images, find_pairs, read_image
+from lungseg.data.folders import Pair, _list_images, check_output_folder, find_pairs, read_image
+from lungseg.data.folders import existing as taken
 from lungseg.data.masks import decode_mask
 from lungseg.errors import LungsegError
 from lungseg.inference import (
@@ -243,11 +244,9 @@ def _output_paths(cfg: DictConfig) -> tuple[Path, Path]:
         "overwrite=true",
     )
     out_dir = Path(cfg.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LungsegError(f"output_dir {out_dir} is a file; give a folder (created if needed).")
+    check_output_folder(out_dir)
     paths = tuple(out_dir / name for name in OUTPUT_FILES)
-    # is_symlink: a dangling link exists as a name too
-    existing = [p.name for p in paths if p.exists() or p.is_symlink()]
+    existing = [p.name for p in taken(paths)]
     if existing and not cfg.overwrite:
         one = len(existing) == 1
         raise LungsegError(

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from lungseg import input_channels, postprocess
 from lungseg.checks import is_number, require
+from lungseg.data.folders import existing as taken
 from lungseg.errors import LungsegError
 from lungseg.inference import load_checkpoint
 
@@ -140,8 +141,7 @@ def check_outputs(path: Path, ckpt_path: Path, cfg: DictConfig) -> Path:
             f"output={path / ('model' + FORMATS[cfg.format])}."
         )
     info_path = path.with_name(path.name + ".json")
-    # is_symlink: a dangling link exists as a name too
-    existing = [p for p in (path, info_path) if p.exists() or p.is_symlink()]
+    existing = taken((path, info_path))
     if existing and not cfg.overwrite:
         one = len(existing) == 1
         raise LungsegError(

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from lungseg import hostmem, postprocess
 from lungseg.checks import is_number, is_whole, require
-from lungseg.data.folders import _list_images, _listing, write_image
+from lungseg.data.folders import _list_images, _listing, check_output_folder, write_image
+from lungseg.data.folders import existing as taken
 from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
 from lungseg.errors import LungsegError
@@ -147,11 +148,9 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
             f"output_dir is input_dir ({input_dir}): the masks <stem>.png would replace the "
             f"input images. Choose another output_dir."
         )
-    if output_dir.exists() and not output_dir.is_dir():
-        raise LungsegError(f"output_dir {output_dir} is a file; give a folder (created if needed).")
+    check_output_folder(output_dir)
     outputs = output_paths(images, output_dir)
-    # is_symlink: a dangling link exists as a name, and writing through it would leave the folder
-    existing = [p for ps in outputs.values() for p in ps if p.exists() or p.is_symlink()]
+    existing = taken(p for ps in outputs.values() for p in ps)
     if existing and not cfg.overwrite:
         raise LungsegError(
             f"{len(existing)} output files already exist in {output_dir}: "

@@ -83,6 +83,18 @@ def find_pairs(
     return [Pair(s, image_by_stem[s], masks_by_stem[s][0]) for s in sorted(masks_by_stem)]
 
 
+def existing(paths: Iterable[Path]) -> list[Path]:
+    """The ``paths`` taken by a file, folder or link (a dangling link exists as a name, and
+    writing through it would write outside the folder): outputs that must not be replaced."""
+    return [p for p in paths if p.exists() or p.is_symlink()]
+
+
+def check_output_folder(folder: Path) -> None:
+    """LungsegError when ``output_dir`` names a file, not a folder (created if needed)."""
+    if folder.exists() and not folder.is_dir():
+        raise LungsegError(f"output_dir {folder} is a file; give a folder (created if needed).")
+
+
 def check_data_dirs(image_dir: str | Path | None, mask_dir: str | Path | None) -> None:
     """LungsegError unless data.image_dir and data.mask_dir, where set, are existing folders.
     Checked first: a mistyped path also makes the settings that suit the data look wrong
