@@ -52,6 +52,7 @@ from lungseg.data.folders import existing as taken
 from lungseg.data.masks import decode_mask
 from lungseg.errors import LungsegError
 from lungseg.inference import (
+    BitDepthCheck,
     batches,
     load_from_config,
     neighbour_table,
@@ -288,10 +289,13 @@ def _score(
     strict = cfg.data.get("strict", True)
     scored: list[list[dict[str, Any]]] = [[] for _ in grid]
     failed: list[tuple[Path, str]] = []  # strict=false: pairs that cannot be scored
+    depths = BitDepthCheck(info)
     with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(pairs, cfg.batch_size):
             kept, images, unread = read_usable([p.image for p in batch], table, strict)
             failed += unread
+            for i, image in zip(kept, images, strict=True):
+                depths.see(batch[i].image, image)
             probs = predict_probabilities(model, images, flips) if images else []
             for pair, prob in zip([batch[i] for i in kept], probs, strict=True):
                 try:
@@ -310,6 +314,7 @@ def _score(
                     rows.append(row)
             bar.update(len(batch))
     report_skipped(failed, "image/mask pairs that cannot be scored are")
+    depths.report()
     if not scored[0] and failed:
         raise LungsegError(
             f"None of the {len(pairs)} image/mask pairs could be scored ({source}); the first: "

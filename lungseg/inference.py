@@ -331,6 +331,45 @@ def read_usable(
     return kept, inputs, failed
 
 
+class BitDepthCheck:
+    """Collects the images whose bit depth the model was not trained on (``see`` each read
+    input), for one warning at the end (``report``). Each image is scaled by its type's range
+    (8-bit /255, 16-bit /65535), and a window applies to the raw values, so a 16-bit image
+    given to a model trained on 8-bit ones (or the other way) reaches it on another scale,
+    e.g. 12-bit CT values in 16-bit files 16 times darker. Checkpoints from before lungseg
+    recorded the depths (data_info ``bit_depths``) are not checked, nor models that
+    normalise each image by itself without a window."""
+
+    def __init__(self, info: Mapping[str, Any]) -> None:
+        self.trained = [int(b) for b in info.get("bit_depths") or []]
+        per_image = info.get("normalize") == "image" and info.get("window") is None
+        self.active = bool(self.trained) and not per_image
+        self.other: dict[int, list[str]] = {}
+
+    def see(self, path: Path, item: np.ndarray | Sequence[np.ndarray]) -> None:
+        raw = centre_slice(item)
+        if self.active and raw.dtype in (np.uint8, np.uint16):
+            bits = raw.dtype.itemsize * 8
+            if bits not in self.trained:
+                self.other.setdefault(bits, []).append(str(path))
+
+    def report(self) -> None:
+        trained = " and ".join(f"{b}-bit" for b in self.trained)
+        for bits, paths in sorted(self.other.items()):
+            log.warning(
+                "%d of the images are %d-bit (e.g. %s), but the model was trained on %s images: "
+                "each image is scaled by its type's range (8-bit /255, 16-bit /65535) and "
+                "windowed on its raw values, so these reach the network on another scale than "
+                "it learned, and its predictions on them may be wrong without any error. "
+                "Convert them to the training images' bit depth (as they were exported for "
+                "training), or train with data.normalize=image.",
+                len(paths),
+                bits,
+                paths[0],
+                trained,
+            )
+
+
 def report_skipped(failed: Sequence[tuple[Path, str]], what: str) -> None:
     """One warning for the files ``strict=false`` left out, each with its reason."""
     if failed:

@@ -23,6 +23,7 @@ from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
 from lungseg.errors import LungsegError
 from lungseg.inference import (
+    BitDepthCheck,
     batches,
     centre_slice,
     check_flips,
@@ -80,6 +81,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     output_dir = Path(cfg.output_dir).expanduser()  # created by the first write
     written: list[Path] = []
     failed: list[tuple[Path, str]] = []  # strict=false: images that cannot be read
+    depths = BitDepthCheck(info)
     with tqdm(total=len(outputs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(list(outputs), cfg.batch_size):
             try:
@@ -93,6 +95,8 @@ def predict(cfg: DictConfig) -> list[Path]:
                     f"strict=false to skip the images that cannot be read."
                 ) from None
             failed += unread
+            for i, item in zip(kept, inputs, strict=True):
+                depths.see(batch[i], item)
             probs = predict_probabilities(model, inputs, flips) if inputs else []
             for path, item, prob in zip([batch[i] for i in kept], inputs, probs, strict=True):
                 raw = centre_slice(item)  # 2.5-D input: the image itself
@@ -104,6 +108,7 @@ def predict(cfg: DictConfig) -> list[Path]:
                 written += [mask_path, overlay_path]
             bar.update(len(batch))
     report_skipped(failed, "images that cannot be read are")
+    depths.report()
     log.info("%d masks and their overlays written to %s", len(written) // 2, output_dir)
     return written
 

@@ -212,6 +212,26 @@ def test_strict_false_skips_the_images_that_cannot_be_read(tmp_path, checkpoints
     assert "colour.jpg could not be decoded" in caplog.text and "wide.bmp" in caplog.text
 
 
+def test_images_of_another_bit_depth_than_the_training_ones_are_named(
+    tmp_path, checkpoints, inputs, caplog
+):
+    """The checkpoints were trained on 8-bit images: the 16-bit one is predicted, on another
+    scale than the network learned, and one warning names it (before, nothing was said)."""
+    assert load_checkpoint(checkpoints["palette"], CPU).hparams.data_info["bit_depths"] == [8]
+    with caplog.at_level(logging.WARNING):
+        written = predict(predict_cfg(checkpoints["palette"], inputs, tmp_path / "out"))
+    assert len(written) == 8
+    warned = [r.getMessage() for r in caplog.records if "-bit (e.g." in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].startswith("1 of the images are 16-bit (e.g. ") and "ct16.tif" in warned[0]
+    assert "trained on 8-bit images" in warned[0]
+    # A model that normalises each image by itself (no window) takes any depth alike.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        predict(predict_cfg(checkpoints["binary"], inputs, tmp_path / "out2"))
+    assert "-bit (e.g." not in caplog.text
+
+
 def test_tta_is_wired_through(tmp_path, checkpoints, inputs):
     out = tmp_path / "out"
     flips = "tta_flips=[horizontal,vertical]"

@@ -490,6 +490,8 @@ class SegDataModule(pl.LightningDataModule):
             "median_blur": int(info["median_blur"]),
             "window": None if info["window"] is None else [float(v) for v in info["window"]],
             "mask_mode": self._mask_mode,
+            # the images' bit depths (8, 16): predict.py and eval.py name other ones
+            "bit_depths": sorted({bits for bits, _ in self._bit_depths.values()}),
             "palette": None if self._palette is None else self.colors.tolist(),
             "class_names": list(self._class_names),
             "num_classes": int(self._num_classes),
