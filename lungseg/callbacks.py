@@ -1,9 +1,15 @@
 """Lightning callbacks with what a continued run needs."""
 
 import logging
+import math
+import statistics
+import time
 from typing import Any
 
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, Timer
 from pytorch_lightning.callbacks import EarlyStopping as _EarlyStopping
+from torch.optim.lr_scheduler import CosineAnnealingLR
 
 log = logging.getLogger(__name__)
 
@@ -24,3 +30,153 @@ class EarlyStopping(_EarlyStopping):
                 self.patience,
             )
         self.patience = patience
+
+
+class FitScheduleToTime(Callback):
+    """With ``trainer.max_time`` set, plan a cosine learning-rate decay over the epochs that
+    fit in the time, not over ``trainer.max_epochs`` epochs that the time limit would cut
+    (leaving the rate half-way down its schedule, on data larger or a machine slower than
+    the recipe was planned for).
+
+    At the end of every epoch (after its validation) the epochs still to come are estimated
+    from the time left and the median epoch so far (the first epoch of a process only while it
+    is the only one, as it carries the warm-up), each planned ``margin`` longer, with half an
+    epoch to spare. When fewer than ``trainer.max_epochs`` fit, the cosine schedule's
+    ``T_max`` and the trainer's epoch limit become that count, and
+    the rate is the one the shorter schedule has at this epoch; the plan follows each new
+    estimate. The plan is saved with the schedule (``lungseg_time_plan``), so a continued run
+    with the same settings keeps it. Other schedules (plateau, constant) are left alone: the
+    time limit cuts them as before. Runs without ``trainer.max_time`` are untouched.
+
+    Off unless ``enabled`` (``callbacks.time_plan.enabled=true``): on lung_ct with half the
+    epochs cut by the time limit it made no difference to the test Dice (README)."""
+
+    def __init__(self, enabled: bool = False, margin: float = 0.1) -> None:
+        if not 0 <= margin < 1:
+            raise ValueError(f"callbacks.time_plan.margin must be in [0, 1), not {margin}")
+        self.enabled, self.margin = bool(enabled), margin
+        self._epoch_seconds: list[float] = []
+        self._last_end: float | None = None
+        self._checked_restored = False
+        self._planned_epoch = -1
+
+    @staticmethod
+    def _timer(trainer: "pl.Trainer") -> Timer | None:
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        return timer if timer is not None and timer.time_remaining() is not None else None
+
+    @staticmethod
+    def _cosine(trainer: "pl.Trainer") -> CosineAnnealingLR | None:
+        for config in trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, CosineAnnealingLR) and config.interval == "epoch":
+                return config.scheduler
+        return None
+
+    @staticmethod
+    def _configured(pl_module: "pl.LightningModule") -> dict[str, Any]:
+        return dict(getattr(pl_module.hparams, "scheduler", None) or {})
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._epoch_seconds, self._last_end = [], time.monotonic()
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._checked_restored or not self.enabled:
+            return
+        # The first epoch of a continued run: after the module has applied the configured
+        # settings (on_train_start), which leave a planned T_max to this callback.
+        self._checked_restored = True
+        scheduler = self._cosine(trainer)
+        plan = getattr(scheduler, "lungseg_time_plan", None)
+        if scheduler is None or not plan:
+            return
+        timer = self._timer(trainer)
+        configured = self._configured(pl_module)
+        same = (
+            timer is not None
+            and plan.get("max_time") == timer._duration
+            and plan.get("max_epochs") == trainer.max_epochs
+            and plan.get("T_max") == configured.get("T_max")
+        )
+        if same:
+            trainer.fit_loop.max_epochs = min(trainer.max_epochs, plan["epochs"])
+            return
+        scheduler.lungseg_time_plan = None
+        if configured.get("T_max") is not None and scheduler.T_max != configured["T_max"]:
+            log.info(
+                "trainer.max_time or the epochs changed: the schedule planned for %d epochs "
+                "returns to scheduler.T_max=%s",
+                scheduler.T_max,
+                configured["T_max"],
+            )
+            _set_cosine_length(scheduler, configured["T_max"])
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Before the checkpoint callbacks save the epoch (Lightning runs them last): the
+        # checkpoint holds the plan its schedule follows.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._plan(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._plan(trainer, pl_module)  # an epoch without validation
+
+    def _plan(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._planned_epoch == trainer.current_epoch or not self.enabled:
+            return
+        self._planned_epoch = trainer.current_epoch
+        now = time.monotonic()
+        if self._last_end is not None:
+            self._epoch_seconds.append(now - self._last_end)
+        self._last_end = now
+        timer, scheduler = self._timer(trainer), self._cosine(trainer)
+        if timer is None or scheduler is None or not self._epoch_seconds:
+            return
+        plan = getattr(scheduler, "lungseg_time_plan", None) or {}
+        configured = self._configured(pl_module)
+        max_epochs = plan.get("max_epochs", trainer.max_epochs)
+        if max_epochs is None or max_epochs < 0:
+            return
+        measured = self._epoch_seconds[1:] or self._epoch_seconds
+        epoch = statistics.median(measured) * (1 + self.margin)
+        if epoch <= 0:
+            return
+        done = trainer.current_epoch + 1  # this epoch included
+        # Half an epoch to spare at the end as well: the last epoch may be a slow one.
+        fit = done + max(0, int((timer.time_remaining() - epoch / 2) // epoch))
+        epochs = trainer.strategy.broadcast(max(done, min(fit, max_epochs)), src=0)
+        if epochs >= max_epochs and not plan:
+            return  # all the planned epochs fit in the time
+        if plan.get("epochs") != epochs:
+            log.info(
+                "trainer.max_time leaves time for about %d more epochs (%.0f s each): the cosine "
+                "schedule now ends after epoch %d of trainer.max_epochs=%d",
+                epochs - done,
+                epoch,
+                epochs,
+                max_epochs,
+            )
+        length = min(configured.get("T_max") or scheduler.T_max, epochs)
+        if scheduler.T_max != length:
+            _set_cosine_length(scheduler, length)
+        scheduler.lungseg_time_plan = {
+            "epochs": epochs,
+            "max_time": timer._duration,
+            "max_epochs": max_epochs,
+            "T_max": configured.get("T_max"),
+        }
+        trainer.fit_loop.max_epochs = epochs
+
+    def planned_epochs(self, trainer: "pl.Trainer") -> int | None:
+        """The epochs the schedule was fitted to, or None when it was not (or when all of
+        trainer.max_epochs fit)."""
+        plan = getattr(self._cosine(trainer), "lungseg_time_plan", None)
+        return plan["epochs"] if plan and plan["epochs"] < plan["max_epochs"] else None
+
+
+def _set_cosine_length(scheduler: CosineAnnealingLR, length: int) -> None:
+    """Give a cosine schedule a new ``T_max`` and its groups the rate it has at its current
+    step with that length (torch's CosineAnnealingLR steps recursively from the current rate)."""
+    scheduler.T_max = length
+    progress = (1 + math.cos(math.pi * min(scheduler.last_epoch, length) / length)) / 2
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * progress
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]

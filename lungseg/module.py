@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
+from lungseg.callbacks import FitScheduleToTime
 from lungseg.errors import LungsegError
 from lungseg.metrics import SegmentationMetrics, predicted_classes
 
@@ -242,6 +243,9 @@ class SegmentationModule(pl.LightningModule):
         changed = []
         optimizer_cfg = {k: v for k, v in (self.hparams.optimizer or {}).items() if k[0] != "_"}
         schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
+        planner = any(
+            isinstance(c, FitScheduleToTime) and c.enabled for c in self.trainer.callbacks
+        )
         for optimizer in self.trainer.optimizers:
             groups = optimizer.param_groups
             for key, value in optimizer_cfg.items():
@@ -259,6 +263,15 @@ class SegmentationModule(pl.LightningModule):
         }
         for scheduler in schedulers:
             settings = dict(scheduler_cfg)
+            if getattr(scheduler, "lungseg_time_plan", None):
+                # A cosine length fitted to trainer.max_time: callbacks.time_plan
+                # (lungseg.callbacks.FitScheduleToTime) keeps or undoes it; without it, the
+                # configured T_max applies.
+                saved_length = self._saved_scheduler.get("T_max", _UNSET)
+                if planner and _same(saved_length, settings.get("T_max")):
+                    settings.pop("T_max", None)
+                elif not planner:
+                    scheduler.lungseg_time_plan = None
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 changed += _apply_plateau_settings(scheduler, settings)
             for key, value in settings.items():

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,7 @@ def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) ->
             f"is left to train. Give trainer.max_epochs above {done} to train it further, or "
             f"score it with `python eval.py ckpt_path={path}`."
         )
+    check_time_plan(cfg, path, checkpoint, done)
     early = cfg.get("callbacks", {}).get("early_stopping")
     if early is None:
         return
@@ -189,6 +191,39 @@ def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) ->
             f"early stopping ended the run of {path} after epoch {state['stopped_epoch']}: "
             f"{why}, or score it with `python eval.py ckpt_path={path}`."
         )
+
+
+def check_time_plan(cfg: DictConfig, path: str, checkpoint: dict[str, Any], done: int) -> None:
+    """LungsegError when the run has trained the epochs its schedule was fitted to in
+    trainer.max_time (callbacks.time_plan) and would be continued with the same settings."""
+    for state in checkpoint.get("lr_schedulers") or []:
+        plan = state.get("lungseg_time_plan") if isinstance(state, dict) else None
+        planner = cfg.get("callbacks", {}).get("time_plan") or {}
+        if not plan or done < plan["epochs"] or not planner.get("enabled", False):
+            continue
+        max_time = cfg.trainer.get("max_time")
+        seconds = _duration_seconds(max_time)
+        if seconds != plan["max_time"] or cfg.trainer.get("max_epochs") != plan["max_epochs"]:
+            continue
+        raise LungsegError(
+            f"{path} has trained the {done} epochs that trainer.max_time={max_time} left time "
+            f"for (its learning-rate schedule was fitted to them, see callbacks.time_plan): "
+            "nothing is left to train. Give a longer trainer.max_time (or trainer.max_time=null) "
+            f"to train it further, or score it with `python eval.py ckpt_path={path}`."
+        )
+
+
+def _duration_seconds(max_time: Any) -> float | None:
+    """trainer.max_time as Lightning's Timer reads it: "DD:HH:MM:SS", a dict of timedelta
+    arguments, or None."""
+    if max_time is None:
+        return None
+    if isinstance(max_time, str):
+        days, hours, minutes, seconds = (int(x) for x in max_time.strip().split(":"))
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+    if isinstance(max_time, Mapping):
+        return timedelta(**dict(max_time)).total_seconds()
+    return None
 
 
 def check_same_split(saved: Path, split: Mapping[str, str]) -> None:

@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg import hostmem
+from lungseg.callbacks import FitScheduleToTime
 from lungseg.checks import check_settings
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
@@ -105,6 +106,14 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+def planned_epochs(trainer: pl.Trainer) -> int | None:
+    """The epochs callbacks.time_plan fitted the schedule to in trainer.max_time, if it did."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, FitScheduleToTime):
+            return callback.planned_epochs(trainer)
+    return None
+
+
 def stop_reason(trainer: pl.Trainer) -> str:
     """Why fit ended: "early_stopping", "max_time", "max_epochs", "max_steps" or "other"
     (fast_dev_run, an interrupt). A time limit that cut the planned epochs short is also
@@ -119,15 +128,19 @@ def stop_reason(trainer: pl.Trainer) -> str:
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     remaining = timer.time_remaining() if timer is not None else None
     epochs, planned = trainer.current_epoch, trainer.max_epochs
+    fitted = planned_epochs(trainer)
+    if fitted is not None and 0 <= fitted <= epochs:
+        return "max_time"  # the epochs the schedule was fitted to in trainer.max_time
     if remaining is not None and remaining <= 0:
         if planned is not None and 0 <= epochs < planned:
             log.warning(
-                "trainer.max_time stopped training after %d of trainer.max_epochs=%d epochs, "
-                "with the learning rate at %.3g of its schedule for %d epochs. Raise "
-                "trainer.max_time (or set it to null), or plan fewer epochs for this machine "
-                "and data.",
+                "trainer.max_time stopped training after %d of %s epochs, with the learning "
+                "rate at %.3g of its schedule for %d epochs. Raise trainer.max_time (or set it "
+                "to null), or plan fewer epochs for this machine and data.",
                 epochs,
-                planned,
+                f"trainer.max_epochs={planned}"
+                if fitted is None
+                else f"the {planned} that callbacks.time_plan expected to fit in it",
                 trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan,
                 planned,
             )
@@ -202,6 +215,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "epochs_trained": trainer.current_epoch,
         "stopped_by": stop_reason(trainer),
+        "planned_epochs": planned_epochs(trainer),  # fitted to trainer.max_time, or null
         "best_checkpoint": best_path or None,
         "best_epoch": torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]
         if best_path

@@ -1,13 +1,17 @@
 import json
+import logging
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import pytorch_lightning.callbacks.timer
 import torch
 from conftest import ROOT, TINY
 from omegaconf import OmegaConf
 
+import lungseg.callbacks
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
 from lungseg.train import accelerator_settings, train
@@ -36,7 +40,8 @@ def test_training_run_writes_the_run_record(make_cfg, model):
 
 def test_a_time_limit_that_cuts_the_planned_epochs_is_named(make_cfg, caplog):
     """trainer.max_time ending fit before trainer.max_epochs: a warning says so (the cosine
-    schedule was planned for all epochs) and metrics.json records why training stopped."""
+    schedule was planned for all epochs; callbacks.time_plan is off by default) and
+    metrics.json records why training stopped."""
     cfg = make_cfg(
         "trainer.max_epochs=1000", "trainer.max_time=00:00:00:02", "test_after_fit=false"
     )
@@ -44,6 +49,81 @@ def test_a_time_limit_that_cuts_the_planned_epochs_is_named(make_cfg, caplog):
     assert metrics["stopped_by"] == "max_time" and metrics["epochs_trained"] < 1000
     assert f"trainer.max_time stopped training after {metrics['epochs_trained']} of" in caplog.text
     assert "trainer.max_epochs=1000 epochs" in caplog.text
+
+
+def test_a_cosine_schedule_is_fitted_to_the_time_limit(make_cfg, monkeypatch, caplog):
+    """With trainer.max_time and callbacks.time_plan.enabled=true the cosine decay ends in
+    the epochs that fit in the time (the time limit cuts it half-way otherwise): the last
+    epoch trains at the end of a schedule of that length, training stops there, metrics.json
+    says so, and the same command again is refused as finished. Giving more time continues
+    it."""
+    original = SegmentationModule.on_train_epoch_end
+    # Lightning's Timer and the plan read a clock that each epoch moves by 0.5 s, so the
+    # number of epochs does not depend on this machine's speed or load.
+    clock = types.SimpleNamespace(now=1000.0)
+    fake = types.SimpleNamespace(monotonic=lambda: clock.now)
+    monkeypatch.setattr(lungseg.callbacks, "time", fake)
+    monkeypatch.setattr(pytorch_lightning.callbacks.timer, "time", fake)
+
+    def slow_epoch(self):
+        clock.now += 0.5
+        original(self)
+
+    monkeypatch.setattr(SegmentationModule, "on_train_epoch_end", slow_epoch)
+    caplog.set_level(logging.INFO, logger="lungseg.callbacks")
+    settings = (
+        "callbacks.time_plan.enabled=true",
+        "trainer.max_epochs=100",
+        "trainer.max_time=00:00:00:05",
+        "test_after_fit=false",
+    )
+    metrics = train(make_cfg(*settings))
+    run = Path(make_cfg().output_dir)
+    epochs = metrics["epochs_trained"]
+    # 5 s of 0.5-s epochs, each planned 10 % longer with half an epoch to spare: 9 planned
+    # after the second epoch, 10 from the sixth on, as the time kept spare is not used
+    assert epochs == 10 and metrics["planned_epochs"] == 10
+    assert metrics["stopped_by"] == "max_time"
+    assert "the cosine schedule now ends after epoch" in caplog.text
+    assert "trainer.max_time stopped training" not in caplog.text  # not cut by the Timer
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    schedule = last["lr_schedulers"][0]
+    assert schedule["T_max"] == epochs and schedule["lungseg_time_plan"]["epochs"] == epochs
+    # The schedule ran to its end with the last epoch (Lightning steps it before validation,
+    # so the checkpoint holds the rate after the last step: the end of the cosine).
+    assert schedule["last_epoch"] == epochs
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-5)
+
+    with pytest.raises(LungsegError, match="left time for"):
+        train(make_cfg(*settings, "resume=true"))
+    more = train(
+        make_cfg(
+            "callbacks.time_plan.enabled=true",
+            "trainer.max_time=null",
+            "test_after_fit=false",
+            "resume=true",
+            f"trainer.max_epochs={epochs + 1}",
+        )
+    )
+    assert more["epochs_trained"] == epochs + 1 and more["planned_epochs"] is None
+    assert more["stopped_by"] == "max_epochs"
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["lr_schedulers"][0]["T_max"] == epochs + 1
+
+
+def test_a_time_limit_that_leaves_room_changes_nothing(make_cfg):
+    cfg = make_cfg(
+        "callbacks.time_plan.enabled=true",
+        "trainer.max_epochs=2",
+        "trainer.max_time=00:01:00:00",
+        "test_after_fit=false",
+    )
+    metrics = train(cfg)
+    assert metrics["stopped_by"] == "max_epochs" and metrics["planned_epochs"] is None
+    last = torch.load(
+        Path(cfg.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert last["lr_schedulers"][0]["T_max"] == 2
 
 
 def test_soft_masks_train_with_every_loss_family(make_cfg, tmp_path):
