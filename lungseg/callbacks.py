@@ -39,14 +39,16 @@ class FitScheduleToTime(Callback):
     the recipe was planned for).
 
     At the end of every epoch (after its validation) the epochs still to come are estimated
-    from the time left and the median epoch so far (the first epoch of a process only while it
-    is the only one, as it carries the warm-up), each planned ``margin`` longer, with half an
-    epoch to spare. When fewer than ``trainer.max_epochs`` fit, the cosine schedule's
-    ``T_max`` and the trainer's epoch limit become that count, and
-    the rate is the one the shorter schedule has at this epoch; the plan follows each new
-    estimate. The plan is saved with the schedule (``lungseg_time_plan``), so a continued run
-    with the same settings keeps it. Other schedules (plateau, constant) are left alone: the
-    time limit cuts them as before. Runs without ``trainer.max_time`` are untouched.
+    from the time left and the median epoch so far (not the first epoch of a process, which
+    carries the warm-up, once there is another; a continued run starts from the epoch time
+    saved with its plan), each planned ``margin`` longer, with half an epoch to spare. When
+    fewer than ``trainer.max_epochs`` fit, the cosine schedule's ``T_max`` and the trainer's
+    epoch limit become that count, and the rate is the one the shorter schedule has at this
+    epoch; the plan follows each new estimate. The plan is saved with the schedule
+    (``lungseg_time_plan``): a continued run with the same settings goes on with it, one with
+    another time limit or length is planned again before its first epoch. Other schedules
+    (plateau, constant) are left alone: the time limit cuts them as before. Runs without
+    ``trainer.max_time`` are untouched.
 
     Off unless ``enabled`` (``callbacks.time_plan.enabled=true``): on lung_ct with half the
     epochs cut by the time limit it made no difference to the test Dice (README)."""
@@ -59,6 +61,8 @@ class FitScheduleToTime(Callback):
         self._last_end: float | None = None
         self._checked_restored = False
         self._planned_epoch = -1
+        self._restored_seconds: float | None = None  # a continued run's epoch time
+        self._seconds: float | None = None  # the epoch time of the last plan
 
     @staticmethod
     def _timer(trainer: "pl.Trainer") -> Timer | None:
@@ -78,6 +82,12 @@ class FitScheduleToTime(Callback):
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._epoch_seconds, self._last_end = [], time.monotonic()
+        if self.enabled and (self._timer(trainer) is None or self._cosine(trainer) is None):
+            self._info(
+                trainer,
+                "callbacks.time_plan has nothing to fit: it needs trainer.max_time and the "
+                "cosine schedule (scheduler=cosine)",
+            )
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._checked_restored or not self.enabled:
@@ -91,33 +101,44 @@ class FitScheduleToTime(Callback):
             return
         timer = self._timer(trainer)
         configured = self._configured(pl_module)
-        same = (
-            timer is not None
-            and plan.get("max_time") == timer._duration
-            and plan.get("max_epochs") == trainer.max_epochs
-            and plan.get("T_max") == configured.get("T_max")
-        )
-        if same:
-            trainer.fit_loop.max_epochs = min(trainer.max_epochs, plan["epochs"])
+        self._restored_seconds = plan.get("epoch_seconds")
+        limited = trainer.max_epochs is not None and trainer.max_epochs >= 0
+        if timer is not None and limited and self._restored_seconds:
+            same_time = plan.get("max_time") == timer._duration
+            if same_time and plan.get("T_max") == configured.get("T_max"):
+                # The same settings: the plan goes on as saved (an interrupted run continues
+                # as it would have run on).
+                length = min(configured.get("T_max") or scheduler.T_max, plan["epochs"])
+                if scheduler.T_max != length:
+                    _set_cosine_length(scheduler, length)
+                trainer.fit_loop.max_epochs = min(trainer.max_epochs, plan["epochs"])
+                return
+            # Other settings: planned again at once, from the epoch time the run measured,
+            # so that the first epoch trains on the new plan.
+            self._seconds = self._restored_seconds
+            epoch = self._restored_seconds * (1 + self.margin)
+            done = trainer.current_epoch
+            self._fit(trainer, scheduler, configured, {}, epoch, done, trainer.max_epochs)
             return
         scheduler.lungseg_time_plan = None
         if configured.get("T_max") is not None and scheduler.T_max != configured["T_max"]:
-            log.info(
-                "trainer.max_time or the epochs changed: the schedule planned for %d epochs "
-                "returns to scheduler.T_max=%s",
+            self._info(
+                trainer,
+                "the schedule fitted to %d epochs in trainer.max_time returns to "
+                "scheduler.T_max=%s",
                 scheduler.T_max,
                 configured["T_max"],
             )
             _set_cosine_length(scheduler, configured["T_max"])
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # Before the checkpoint callbacks save the epoch (Lightning runs them last): the
-        # checkpoint holds the plan its schedule follows.
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._plan(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._plan(trainer, pl_module)  # an epoch without validation
+        # After on_validation_end; the checkpoint callbacks run after this (Lightning runs
+        # them last), so a checkpoint holds the plan its schedule follows.
+        self._plan(trainer, pl_module)  # once an epoch: here for an epoch without validation
 
     def _plan(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._planned_epoch == trainer.current_epoch or not self.enabled:
@@ -127,26 +148,49 @@ class FitScheduleToTime(Callback):
         if self._last_end is not None:
             self._epoch_seconds.append(now - self._last_end)
         self._last_end = now
-        timer, scheduler = self._timer(trainer), self._cosine(trainer)
-        if timer is None or scheduler is None or not self._epoch_seconds:
+        scheduler = self._cosine(trainer)
+        if self._timer(trainer) is None or scheduler is None or not self._epoch_seconds:
             return
         plan = getattr(scheduler, "lungseg_time_plan", None) or {}
-        configured = self._configured(pl_module)
         max_epochs = plan.get("max_epochs", trainer.max_epochs)
         if max_epochs is None or max_epochs < 0:
             return
-        measured = self._epoch_seconds[1:] or self._epoch_seconds
-        epoch = statistics.median(measured) * (1 + self.margin)
-        if epoch <= 0:
-            return
-        done = trainer.current_epoch + 1  # this epoch included
+        if len(self._epoch_seconds) > 1:
+            seconds = statistics.median(self._epoch_seconds[1:])
+        else:  # a process's first epoch (warm-up): what a continued run measured before
+            seconds = self._restored_seconds or self._epoch_seconds[0]
+        self._seconds = seconds
+        epoch = seconds * (1 + self.margin)
+        if epoch > 0:
+            configured = self._configured(pl_module)
+            done = trainer.current_epoch + 1  # this epoch included
+            self._fit(trainer, scheduler, configured, plan, epoch, done, max_epochs)
+
+    def _fit(
+        self,
+        trainer: "pl.Trainer",
+        scheduler: CosineAnnealingLR,
+        configured: dict[str, Any],
+        plan: dict[str, Any],
+        epoch: float,
+        done: int,
+        max_epochs: int,
+    ) -> None:
+        """Fit the schedule and the epochs to the time left after ``done`` epochs, planning
+        each epoch to take ``epoch`` seconds; ``plan``: the plan so far, or {}."""
+        timer = self._timer(trainer)
         # Half an epoch to spare at the end as well: the last epoch may be a slow one.
         fit = done + max(0, int((timer.time_remaining() - epoch / 2) // epoch))
         epochs = trainer.strategy.broadcast(max(done, min(fit, max_epochs)), src=0)
         if epochs >= max_epochs and not plan:
+            if scheduler.T_max != (configured.get("T_max") or scheduler.T_max):
+                _set_cosine_length(scheduler, configured["T_max"])  # a plan no longer needed
+            scheduler.lungseg_time_plan = None
+            trainer.fit_loop.max_epochs = max_epochs
             return  # all the planned epochs fit in the time
         if plan.get("epochs") != epochs:
-            log.info(
+            self._info(
+                trainer,
                 "trainer.max_time leaves time for about %d more epochs (%.0f s each): the cosine "
                 "schedule now ends after epoch %d of trainer.max_epochs=%d",
                 epochs - done,
@@ -162,8 +206,14 @@ class FitScheduleToTime(Callback):
             "max_time": timer._duration,
             "max_epochs": max_epochs,
             "T_max": configured.get("T_max"),
+            "epoch_seconds": self._seconds,  # the median epoch, before the margin
         }
         trainer.fit_loop.max_epochs = epochs
+
+    @staticmethod
+    def _info(trainer: "pl.Trainer", message: str, *args: Any) -> None:
+        if trainer.is_global_zero:
+            log.info(message, *args)
 
     def planned_epochs(self, trainer: "pl.Trainer") -> int | None:
         """The epochs the schedule was fitted to, or None when it was not (or when all of

@@ -189,6 +189,16 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         "a momentum, a number 0 or more",
         "optimizer.momentum=0.9",
     ),
+    "callbacks.time_plan.enabled": (
+        lambda v: isinstance(v, bool),
+        "true or false: fit the cosine decay to trainer.max_time",
+        "callbacks.time_plan.enabled=true",
+    ),
+    "callbacks.time_plan.margin": (
+        lambda v: is_number(v, 0, 0.99),
+        "the share of an epoch to plan on top of the median epoch, from 0 to 0.99",
+        "callbacks.time_plan.margin=0.1",
+    ),
     "scheduler.T_max": (
         lambda v: is_whole(v, -1),
         "the number of epochs the cosine schedule decays over, a whole number; it follows "

@@ -337,12 +337,14 @@ class BitDepthCheck:
     (8-bit /255, 16-bit /65535), and a window applies to the raw values, so a 16-bit image
     given to a model trained on 8-bit ones (or the other way) reaches it on another scale,
     e.g. 12-bit CT values in 16-bit files 16 times darker. Checkpoints from before lungseg
-    recorded the depths (data_info ``bit_depths``) are not checked, nor models that
-    normalise each image by itself without a window."""
+    recorded the depths (data_info ``bit_depths``) are not checked, nor models trained on
+    float images, nor models that normalise each image by itself without a window; float
+    images are not checked either."""
 
     def __init__(self, info: Mapping[str, Any]) -> None:
         self.trained = [int(b) for b in info.get("bit_depths") or []]
-        per_image = info.get("normalize") == "image" and info.get("window") is None
+        self.windowed = info.get("window") is not None
+        per_image = info.get("normalize") == "image" and not self.windowed
         self.active = bool(self.trained) and not per_image
         self.other: dict[int, list[str]] = {}
 
@@ -355,6 +357,7 @@ class BitDepthCheck:
 
     def report(self) -> None:
         trained = " and ".join(f"{b}-bit" for b in self.trained)
+        retrain = "" if self.windowed else ", or train with data.normalize=image"
         for bits, paths in sorted(self.other.items()):
             log.warning(
                 "%d of the images are %d-bit (e.g. %s), but the model was trained on %s images: "
@@ -362,11 +365,12 @@ class BitDepthCheck:
                 "windowed on its raw values, so these reach the network on another scale than "
                 "it learned, and its predictions on them may be wrong without any error. "
                 "Convert them to the training images' bit depth (as they were exported for "
-                "training), or train with data.normalize=image.",
+                "training)%s.",
                 len(paths),
                 bits,
                 paths[0],
                 trained,
+                retrain,
             )
 
 

@@ -195,7 +195,8 @@ def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) ->
 
 def check_time_plan(cfg: DictConfig, path: str, checkpoint: dict[str, Any], done: int) -> None:
     """LungsegError when the run has trained the epochs its schedule was fitted to in
-    trainer.max_time (callbacks.time_plan) and would be continued with the same settings."""
+    trainer.max_time (callbacks.time_plan) and would be continued with the same time limit:
+    the time is used up, whatever the epochs now."""
     for state in checkpoint.get("lr_schedulers") or []:
         plan = state.get("lungseg_time_plan") if isinstance(state, dict) else None
         planner = cfg.get("callbacks", {}).get("time_plan") or {}
@@ -203,7 +204,7 @@ def check_time_plan(cfg: DictConfig, path: str, checkpoint: dict[str, Any], done
             continue
         max_time = cfg.trainer.get("max_time")
         seconds = _duration_seconds(max_time)
-        if seconds != plan["max_time"] or cfg.trainer.get("max_epochs") != plan["max_epochs"]:
+        if seconds != plan["max_time"]:
             continue
         raise LungsegError(
             f"{path} has trained the {done} epochs that trainer.max_time={max_time} left time "

@@ -88,6 +88,8 @@ def counts(dm: SegDataModule) -> tuple[int, int, int]:
         ("trainer.num_sanity_val_steps=abc", "trainer.num_sanity_val_steps is 'abc'"),
         ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches is 1.5"),
         ("trainer.max_time=abc", "trainer.max_time is 'abc'; give a duration \"DD:HH:MM:SS\""),
+        ("callbacks.time_plan.margin=1.5", "callbacks.time_plan.margin is 1.5; give the share"),
+        ("callbacks.time_plan.enabled=yes", "callbacks.time_plan.enabled is 'yes'; give true"),
         ("trainer.precision=abc", "trainer.precision is 'abc'; give one of .*bf16-mixed"),
         ("trainer.devices=0", "trainer.devices is 0"),
         ("optimizer.lr=0", "optimizer.lr is 0; give a learning rate, a number above 0"),

@@ -1,5 +1,6 @@
 import json
 import logging
+import math
 import subprocess
 import sys
 import types
@@ -51,64 +52,123 @@ def test_a_time_limit_that_cuts_the_planned_epochs_is_named(make_cfg, caplog):
     assert "trainer.max_epochs=1000 epochs" in caplog.text
 
 
-def test_a_cosine_schedule_is_fitted_to_the_time_limit(make_cfg, monkeypatch, caplog):
-    """With trainer.max_time and callbacks.time_plan.enabled=true the cosine decay ends in
-    the epochs that fit in the time (the time limit cuts it half-way otherwise): the last
-    epoch trains at the end of a schedule of that length, training stops there, metrics.json
-    says so, and the same command again is refused as finished. Giving more time continues
-    it."""
-    original = SegmentationModule.on_train_epoch_end
-    # Lightning's Timer and the plan read a clock that each epoch moves by 0.5 s, so the
-    # number of epochs does not depend on this machine's speed or load.
-    clock = types.SimpleNamespace(now=1000.0)
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def half_second_epochs(monkeypatch):
+    """Lightning's Timer and callbacks.time_plan read a clock that each epoch moves by 0.5 s,
+    so the number of epochs does not depend on this machine's speed or load. Returns
+    {epoch: learning rate it trained with}, filled as runs train, and a setter for the epoch
+    at whose end a run is interrupted (an exception, as a crash would)."""
+    clock = types.SimpleNamespace(now=1000.0, stop_at=None)
     fake = types.SimpleNamespace(monotonic=lambda: clock.now)
     monkeypatch.setattr(lungseg.callbacks, "time", fake)
     monkeypatch.setattr(pytorch_lightning.callbacks.timer, "time", fake)
+    rates: dict[int, float] = {}
+    original = SegmentationModule.on_train_epoch_end
 
-    def slow_epoch(self):
+    def epoch_start(self):  # after the callbacks' hooks: the rate this epoch trains with
+        rates[self.current_epoch] = self.trainer.optimizers[0].param_groups[0]["lr"]
         clock.now += 0.5
+
+    def epoch_end(self):
+        if self.current_epoch == clock.stop_at:
+            raise Interrupted
         original(self)
 
-    monkeypatch.setattr(SegmentationModule, "on_train_epoch_end", slow_epoch)
+    monkeypatch.setattr(SegmentationModule, "on_train_epoch_start", epoch_start, raising=False)
+    monkeypatch.setattr(SegmentationModule, "on_train_epoch_end", epoch_end)
+    return rates, lambda epoch: setattr(clock, "stop_at", epoch)
+
+
+TIME_PLAN = (
+    "callbacks.time_plan.enabled=true",
+    "trainer.max_epochs=100",
+    "trainer.max_time=00:00:00:05",
+    "test_after_fit=false",
+)
+
+
+def cosine(step: int, length: int, base: float = 2e-3, low: float = 1e-5) -> float:
+    return low + (base - low) * (1 + math.cos(math.pi * step / length)) / 2
+
+
+def test_a_cosine_schedule_is_fitted_to_the_time_limit(make_cfg, half_second_epochs, caplog):
+    """With trainer.max_time and callbacks.time_plan.enabled=true the cosine decay ends in
+    the epochs that fit in the time (the time limit cuts it half-way otherwise): the last
+    epochs train on a schedule of that length, training stops there, metrics.json says so,
+    and the same command again is refused as finished. Without the limit it trains on with
+    the configured schedule."""
+    rates, _ = half_second_epochs
     caplog.set_level(logging.INFO, logger="lungseg.callbacks")
-    settings = (
-        "callbacks.time_plan.enabled=true",
-        "trainer.max_epochs=100",
-        "trainer.max_time=00:00:00:05",
-        "test_after_fit=false",
-    )
-    metrics = train(make_cfg(*settings))
+    metrics = train(make_cfg(*TIME_PLAN))
     run = Path(make_cfg().output_dir)
-    epochs = metrics["epochs_trained"]
-    # 5 s of 0.5-s epochs, each planned 10 % longer with half an epoch to spare: 9 planned
-    # after the second epoch, 10 from the sixth on, as the time kept spare is not used
-    assert epochs == 10 and metrics["planned_epochs"] == 10
+    # 5 s of 0.5-s epochs, each planned 10 % longer with half an epoch to spare: 8 planned
+    # after the first epoch, 9 from the fifth on, as the time kept spare is not used
+    assert metrics["epochs_trained"] == 9 and metrics["planned_epochs"] == 9
     assert metrics["stopped_by"] == "max_time"
-    assert "the cosine schedule now ends after epoch" in caplog.text
+    assert "the cosine schedule now ends after epoch 8 of trainer.max_epochs=100" in caplog.text
+    assert "the cosine schedule now ends after epoch 9 of trainer.max_epochs=100" in caplog.text
     assert "trainer.max_time stopped training" not in caplog.text  # not cut by the Timer
+    # Epochs 5-8 train on the cosine of 9 epochs (before, the rate stayed near its start).
+    assert [rates[k] for k in range(5, 9)] == pytest.approx([cosine(k, 9) for k in range(5, 9)])
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     schedule = last["lr_schedulers"][0]
-    assert schedule["T_max"] == epochs and schedule["lungseg_time_plan"]["epochs"] == epochs
-    # The schedule ran to its end with the last epoch (Lightning steps it before validation,
-    # so the checkpoint holds the rate after the last step: the end of the cosine).
-    assert schedule["last_epoch"] == epochs
-    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-5)
+    assert schedule["T_max"] == 9 and schedule["lungseg_time_plan"]["epochs"] == 9
 
     with pytest.raises(LungsegError, match="left time for"):
-        train(make_cfg(*settings, "resume=true"))
+        train(make_cfg(*TIME_PLAN, "resume=true"))
     more = train(
-        make_cfg(
-            "callbacks.time_plan.enabled=true",
-            "trainer.max_time=null",
-            "test_after_fit=false",
-            "resume=true",
-            f"trainer.max_epochs={epochs + 1}",
-        )
+        make_cfg(*TIME_PLAN, "trainer.max_time=null", "resume=true", "trainer.max_epochs=10")
     )
-    assert more["epochs_trained"] == epochs + 1 and more["planned_epochs"] is None
+    assert more["epochs_trained"] == 10 and more["planned_epochs"] is None
     assert more["stopped_by"] == "max_epochs"
-    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert last["lr_schedulers"][0]["T_max"] == epochs + 1
+    assert rates[9] == pytest.approx(cosine(9, 10))  # the configured length, 10 epochs
+
+
+def test_a_fitted_run_continues_as_it_would_have_run_on(make_cfg, half_second_epochs, tmp_path):
+    """An interrupted run continued with the same settings trains every epoch at the rate of
+    the uninterrupted run; one continued with more time is planned again before its first
+    epoch (not one epoch on the configured 100-epoch schedule first)."""
+    rates, interrupt_after = half_second_epochs
+    train(make_cfg(*TIME_PLAN))
+    whole = dict(rates)
+    rates.clear()
+    cut = (*TIME_PLAN, f"output_dir={tmp_path / 'cut'}")
+    interrupt_after(3)
+    with pytest.raises(Interrupted):
+        train(make_cfg(*cut))
+    interrupt_after(None)
+    metrics = train(make_cfg(*cut, "resume=true"))
+    assert metrics["epochs_trained"] == len(whole) == 9
+    assert rates == pytest.approx(whole)
+
+    rates.clear()
+    longer = train(make_cfg(*cut, "resume=true", "trainer.max_time=00:00:00:08"))
+    # 3.5 s left after 9 epochs: planned at once for 14 (0.55 s an epoch, half an epoch
+    # spare), 15 later as the spare time is not used
+    assert rates[9] == pytest.approx(cosine(9, 14))
+    assert longer["epochs_trained"] == longer["planned_epochs"] == 15
+
+
+def test_a_new_cosine_length_keeps_the_position():
+    """_set_cosine_length gives the rate the new length has at the current step, and torch's
+    recursive steps go on along the new curve."""
+    weights = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weights], lr=2e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=1e-5)
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+    lungseg.callbacks._set_cosine_length(schedule, 10)
+    seen = []
+    for _ in range(7):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx([cosine(k, 10) for k in range(3, 10)])
 
 
 def test_a_time_limit_that_leaves_room_changes_nothing(make_cfg):

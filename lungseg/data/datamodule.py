@@ -567,8 +567,6 @@ class SegDataModule(pl.LightningDataModule):
         while the number of classes is not known yet, the mask at its own size for ``setup``
         to count the classes in and convert."""
         raw, raw_mask = read_image(pair.image), read_image(pair.mask)
-        if raw.dtype in (np.uint8, np.uint16):  # for _check_bit_depths
-            self._bit_depths[pair.image.name] = (raw.dtype.itemsize * 8, int(raw.max()))
         if raw_mask.shape[:2] != raw.shape[:2]:
             raise LungsegError(
                 f"Image {pair.image} is {raw.shape[1]}x{raw.shape[0]} pixels (width x "
@@ -578,6 +576,8 @@ class SegDataModule(pl.LightningDataModule):
             )
         mask = decode_mask(raw_mask, self._mask_mode, pair.mask, self._palette, self._num_classes)
         image = transforms.preprocess(raw, self._image_info(), pair.image)
+        if raw.dtype in (np.uint8, np.uint16):  # of the pairs used: _check_bit_depths, data_info
+            self._bit_depths[pair.image.name] = (raw.dtype.itemsize * 8, int(raw.max()))
         if self._soft_masks:
             k = self._num_classes
             return image, mask if k is None else transforms.soft_mask(mask, k, self._image_size)
