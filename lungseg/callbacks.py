@@ -110,7 +110,7 @@ class FitScheduleToTime(Callback):
                 # as it would have run on).
                 length = min(configured.get("T_max") or scheduler.T_max, plan["epochs"])
                 if scheduler.T_max != length:
-                    _set_cosine_length(scheduler, length)
+                    set_cosine_length(scheduler, length)
                 trainer.fit_loop.max_epochs = min(trainer.max_epochs, plan["epochs"])
                 return
             # Other settings: planned again at once, from the epoch time the run measured,
@@ -129,7 +129,7 @@ class FitScheduleToTime(Callback):
                 scheduler.T_max,
                 configured["T_max"],
             )
-            _set_cosine_length(scheduler, configured["T_max"])
+            set_cosine_length(scheduler, configured["T_max"])
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -184,7 +184,7 @@ class FitScheduleToTime(Callback):
         epochs = trainer.strategy.broadcast(max(done, min(fit, max_epochs)), src=0)
         if epochs >= max_epochs and not plan:
             if scheduler.T_max != (configured.get("T_max") or scheduler.T_max):
-                _set_cosine_length(scheduler, configured["T_max"])  # a plan no longer needed
+                set_cosine_length(scheduler, configured["T_max"])  # a plan no longer needed
             scheduler.lungseg_time_plan = None
             trainer.fit_loop.max_epochs = max_epochs
             return  # all the planned epochs fit in the time
@@ -200,7 +200,7 @@ class FitScheduleToTime(Callback):
             )
         length = min(configured.get("T_max") or scheduler.T_max, epochs)
         if scheduler.T_max != length:
-            _set_cosine_length(scheduler, length)
+            set_cosine_length(scheduler, length)
         scheduler.lungseg_time_plan = {
             "epochs": epochs,
             "max_time": timer._duration,
@@ -222,11 +222,12 @@ class FitScheduleToTime(Callback):
         return plan["epochs"] if plan and plan["epochs"] < plan["max_epochs"] else None
 
 
-def _set_cosine_length(scheduler: CosineAnnealingLR, length: int) -> None:
+def set_cosine_length(scheduler: CosineAnnealingLR, length: int) -> None:
     """Give a cosine schedule a new ``T_max`` and its groups the rate it has at its current
-    step with that length (torch's CosineAnnealingLR steps recursively from the current rate)."""
+    step with that length (torch's closed form; its CosineAnnealingLR steps recursively from
+    the current rate, so the steps after go on along the new curve)."""
     scheduler.T_max = length
-    progress = (1 + math.cos(math.pi * min(scheduler.last_epoch, length) / length)) / 2
+    progress = (1 + math.cos(math.pi * scheduler.last_epoch / length)) / 2
     for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
         group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * progress
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]

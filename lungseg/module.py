@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
-from lungseg.callbacks import FitScheduleToTime
+from lungseg.callbacks import FitScheduleToTime, set_cosine_length
 from lungseg.errors import LungsegError
 from lungseg.metrics import SegmentationMetrics, predicted_classes
 
@@ -265,12 +265,12 @@ class SegmentationModule(pl.LightningModule):
             settings = dict(scheduler_cfg)
             if getattr(scheduler, "lungseg_time_plan", None):
                 # A cosine length fitted to trainer.max_time: callbacks.time_plan
-                # (lungseg.callbacks.FitScheduleToTime) keeps or undoes it; without it, the
-                # configured T_max applies.
-                saved_length = self._saved_scheduler.get("T_max", _UNSET)
-                if planner and _same(saved_length, settings.get("T_max")):
+                # (lungseg.callbacks.FitScheduleToTime) sets T_max before the first epoch
+                # (kept, planned again, or the configured one); without it, the configured
+                # T_max applies.
+                if planner:
                     settings.pop("T_max", None)
-                elif not planner:
+                else:
                     scheduler.lungseg_time_plan = None
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 changed += _apply_plateau_settings(scheduler, settings)
@@ -294,12 +294,7 @@ class SegmentationModule(pl.LightningModule):
                         self._saved_scheduler.get(key, "its default"),
                     )
             if changed and isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-                progress = (1 + math.cos(math.pi * scheduler.last_epoch / scheduler.T_max)) / 2
-                for group, base in zip(
-                    scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True
-                ):
-                    group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * progress
-                scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+                set_cosine_length(scheduler, scheduler.T_max)
         return changed
 
     @staticmethod

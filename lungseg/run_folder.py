@@ -9,7 +9,6 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torchmetrics
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg.errors import LungsegError
@@ -203,8 +203,8 @@ def check_time_plan(cfg: DictConfig, path: str, checkpoint: dict[str, Any], done
         if not plan or done < plan["epochs"] or not planner.get("enabled", False):
             continue
         max_time = cfg.trainer.get("max_time")
-        seconds = _duration_seconds(max_time)
-        if seconds != plan["max_time"]:
+        seconds = None if max_time is None else Timer(duration=_plain(max_time))._duration
+        if seconds != plan["max_time"]:  # parsed as the trainer's Timer parses it
             continue
         raise LungsegError(
             f"{path} has trained the {done} epochs that trainer.max_time={max_time} left time "
@@ -214,17 +214,8 @@ def check_time_plan(cfg: DictConfig, path: str, checkpoint: dict[str, Any], done
         )
 
 
-def _duration_seconds(max_time: Any) -> float | None:
-    """trainer.max_time as Lightning's Timer reads it: "DD:HH:MM:SS", a dict of timedelta
-    arguments, or None."""
-    if max_time is None:
-        return None
-    if isinstance(max_time, str):
-        days, hours, minutes, seconds = (int(x) for x in max_time.strip().split(":"))
-        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
-    if isinstance(max_time, Mapping):
-        return timedelta(**dict(max_time)).total_seconds()
-    return None
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
 
 
 def check_same_split(saved: Path, split: Mapping[str, str]) -> None:

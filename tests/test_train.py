@@ -154,7 +154,7 @@ def test_a_fitted_run_continues_as_it_would_have_run_on(make_cfg, half_second_ep
 
 
 def test_a_new_cosine_length_keeps_the_position():
-    """_set_cosine_length gives the rate the new length has at the current step, and torch's
+    """set_cosine_length gives the rate the new length has at the current step, and torch's
     recursive steps go on along the new curve."""
     weights = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weights], lr=2e-3)
@@ -162,7 +162,7 @@ def test_a_new_cosine_length_keeps_the_position():
     for _ in range(3):
         optimizer.step()
         schedule.step()
-    lungseg.callbacks._set_cosine_length(schedule, 10)
+    lungseg.callbacks.set_cosine_length(schedule, 10)
     seen = []
     for _ in range(7):
         seen.append(optimizer.param_groups[0]["lr"])
