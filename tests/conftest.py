@@ -1,5 +1,9 @@
+import struct
+import zlib
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -57,3 +61,19 @@ def split_items(image_dir: Path, mask_dir: Path, **data) -> tuple[SegDataModule,
     dm.setup("fit")
     items = [ds[i] for ds in (dm.train_dataset, dm.test_dataset) for i in range(len(ds))]
     return dm, items
+
+
+def oriented(ext: str, pixels: np.ndarray, orientation: int, byteorder: str = "big") -> bytes:
+    """``pixels`` encoded as a JPEG (APP1 segment) or PNG (eXIf chunk) whose EXIF says
+    ``orientation`` (1-8), as cameras and phones write them; cv2 cannot write the tag."""
+    e, mark = (">", b"MM") if byteorder == "big" else ("<", b"II")
+    tiff = mark + struct.pack(e + "HI", 42, 8)  # header, first IFD at offset 8
+    tiff += struct.pack(e + "HHHIH", 1, 0x0112, 3, 1, orientation) + b"\0\0" + bytes(4)
+    ok, buffer = cv2.imencode(ext, pixels, [cv2.IMWRITE_JPEG_QUALITY, 100] if ext == ".jpg" else [])
+    assert ok
+    data = buffer.tobytes()
+    if ext == ".png":  # after the signature and IHDR (8 + 25 bytes)
+        crc = struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+        return data[:33] + struct.pack(">I", len(tiff)) + b"eXIf" + tiff + crc + data[33:]
+    exif = b"Exif\0\0" + tiff  # after the JPEG start-of-image marker
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:]

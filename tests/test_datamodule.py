@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import oriented
 
 from lungseg.data.datamodule import CachedSegDataset, SegDataModule
 from lungseg.data.transforms import build_augmentation, median_blur, resize_image
@@ -226,6 +227,38 @@ def test_mixed_bit_depths_and_12_bit_values_in_16_bit_files_are_named(tmp_path, 
         make_dm(image_dir, mask_dir, normalize="none")
     assert "16-bit images hold values up to" in caplog.text
     assert "data.window=[0," in caplog.text
+
+
+def test_exif_orientation_turns_the_image_and_a_disagreement_is_named(tmp_path, caplog):
+    """A phone photo stores its pixels turned, with an EXIF tag; masks drawn in a viewer follow
+    the turned view. The image is read as shown, and the differing tags are named."""
+    image_dir, mask_dir, _ = write_data(tmp_path / "plain", n=6)
+    turned_dir = tmp_path / "turned"
+    shutil.copytree(image_dir, turned_dir)
+    shown = cv2.imread(str(image_dir / "case03.png"), cv2.IMREAD_UNCHANGED)
+    (turned_dir / "case03.png").write_bytes(oriented(".png", shown[::-1, ::-1], 3))
+    plain = make_dm(image_dir, mask_dir)
+    with caplog.at_level(logging.WARNING):
+        turned = make_dm(turned_dir, mask_dir)
+    assert "1 image/mask pairs carry different EXIF orientations" in caplog.text
+    assert "case03.png (turned 180 degrees) and its mask case03.png (as stored)" in caplog.text
+    for a, b in zip(datasets(plain), datasets(turned), strict=True):
+        assert a.names == b.names
+        assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True))
+
+    (turned_dir / "case03.png").write_bytes(oriented(".png", np.rot90(shown), 6))
+    make_dm(turned_dir, mask_dir)  # stored turned back: shown at the mask's size
+    (turned_dir / "case03.png").write_bytes(oriented(".png", shown, 6))
+    with pytest.raises(LungsegError) as error:  # 40x48 shown as 48x40 beside a 48x40 mask
+        make_dm(turned_dir, mask_dir)
+    message = str(error.value)
+    assert "case03.png is 40x48 pixels" in message and "mask" in message
+    assert "EXIF orientation that lungseg applies" in message
+    assert "(turned 90 degrees clockwise); its stored pixels are 48x40" in message
+
+
+def datasets(dm):
+    return dm.train_dataset, dm.val_dataset, dm.test_dataset
 
 
 def test_each_transform_draws_on_its_own():

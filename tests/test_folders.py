@@ -3,8 +3,16 @@ import warnings
 import cv2
 import numpy as np
 import pytest
+from conftest import oriented
 
-from lungseg.data.folders import Pair, find_pairs, read_image, to_channels, write_image
+from lungseg.data.folders import (
+    Pair,
+    exif_orientation,
+    find_pairs,
+    read_image,
+    to_channels,
+    write_image,
+)
 from lungseg.errors import LungsegError
 
 
@@ -228,3 +236,46 @@ def test_to_channels_rgb_uses_luminance_weights():
 def test_to_channels_rejects_other_counts(tmp_path):
     with pytest.raises(LungsegError, match=r"data\.in_channels=2 \(reading .*x\.png\)"):
         to_channels(np.zeros((2, 2), np.uint8), 2, tmp_path / "x.png")
+
+
+@pytest.mark.parametrize(
+    ("ext", "byteorder"), [(".jpg", "big"), (".jpg", "little"), (".png", "big")]
+)
+def test_exif_orientation_is_applied_as_viewers_and_cv2_imread_do(tmp_path, ext, byteorder):
+    """Phones and some scanners store the sensor's pixels and an EXIF orientation; viewers and
+    annotation tools show them turned. IMREAD_UNCHANGED ignores the tag (a 180-degree turn
+    went unnoticed); cv2's own reading with the tag applied is the reference."""
+    stored = np.zeros((4, 6), np.uint8)
+    stored[0, 0], stored[0, 1], stored[3, 5] = 255, 128, 60
+    for orientation in range(1, 9):
+        data = oriented(ext, stored, orientation, byteorder)
+        (tmp_path / f"a{ext}").write_bytes(data)
+        read = read_image(tmp_path / f"a{ext}")
+        shown = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert exif_orientation(np.frombuffer(data, np.uint8)) == orientation
+        assert read.shape == ((4, 6) if orientation < 5 else (6, 4))
+        np.testing.assert_array_equal(read, shown)
+
+
+def test_exif_orientation_keeps_16_bit_and_colour(tmp_path):
+    stored = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000
+    (tmp_path / "ct.png").write_bytes(oriented(".png", stored, 6))  # 90 degrees clockwise
+    read = read_image(tmp_path / "ct.png")
+    assert read.dtype == np.uint16
+    np.testing.assert_array_equal(read, np.rot90(stored, -1))
+    bgr = np.zeros((2, 3, 3), np.uint8)
+    bgr[0, 0] = (0, 0, 200)  # red, top left
+    (tmp_path / "rgb.png").write_bytes(oriented(".png", bgr, 3))  # 180 degrees
+    read = read_image(tmp_path / "rgb.png")
+    assert read.shape == (2, 3, 3)
+    np.testing.assert_array_equal(read[1, 2], [200, 0, 0])
+
+
+def test_no_or_malformed_exif_reads_as_stored(tmp_path):
+    stored = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    good = oriented(".jpg", stored, 3)
+    cut = good[:30] + good[40:]  # the tag's IFD entry damaged, the image intact after it
+    for data in (png_bytes(stored), cv2.imencode(".jpg", stored)[1].tobytes(), b"", b"\xff\xd8"):
+        assert exif_orientation(np.frombuffer(data, np.uint8)) == 1
+    assert exif_orientation(np.frombuffer(oriented(".jpg", stored, 9), np.uint8)) == 1
+    assert exif_orientation(np.frombuffer(cut, np.uint8)) in range(1, 9)

@@ -27,7 +27,13 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lungseg.data import context, device_augment, splits, transforms
 from lungseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
-from lungseg.data.folders import Pair, check_data_dirs, find_pairs, read_image
+from lungseg.data.folders import (
+    ORIENTATIONS,
+    Pair,
+    check_data_dirs,
+    find_pairs,
+    read_image_oriented,
+)
 from lungseg.data.masks import MASK_MODES, decode_mask, default_colors
 from lungseg.errors import LungsegError
 
@@ -280,6 +286,8 @@ class SegDataModule(pl.LightningDataModule):
         self._median_blur, self._normalize = median_blur, normalize
         self._window = window  # checked by scale_intensity
         self._bit_depths: dict[str, tuple[int, int]] = {}  # image name: (bits, largest value)
+        # pair: (image's, mask's EXIF orientation) where they differ; see _check_orientations
+        self._turned: dict[Pair, tuple[int, int]] = {}
         self.skipped: list[tuple[Path, str]] = []  # data.strict=false: (file, reason)
         self._offset = float(intensity_offset)
         self._fractions, self._seed = split, seed
@@ -353,7 +361,9 @@ class SegDataModule(pl.LightningDataModule):
         self.skipped.clear()
         pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict, self.skipped)
         self._bit_depths.clear()
+        self._turned.clear()
         pairs, images, masks = self._decode_all(pairs)
+        _check_orientations({p: self._turned[p] for p in pairs if p in self._turned})
         if self._window is None:
             _check_bit_depths(self._bit_depths, self._normalize)
         names = [p.stem for p in pairs]
@@ -566,13 +576,25 @@ class SegDataModule(pl.LightningDataModule):
         data.soft_masks the mask's class fractions at image_size (``transforms.soft_mask``), or,
         while the number of classes is not known yet, the mask at its own size for ``setup``
         to count the classes in and convert."""
-        raw, raw_mask = read_image(pair.image), read_image(pair.mask)
+        (raw, turn), (raw_mask, mask_turn) = map(read_image_oriented, (pair.image, pair.mask))
+        if turn != mask_turn:
+            self._turned[pair] = (turn, mask_turn)
         if raw_mask.shape[:2] != raw.shape[:2]:
+            hint = "".join(
+                f" {path.name} carries an EXIF orientation that lungseg applies, as image "
+                f"viewers do ({ORIENTATIONS[t]}); its stored pixels are "
+                f"{shape[0]}x{shape[1]}."
+                for path, t, shape in (
+                    (pair.image, turn, raw.shape),
+                    (pair.mask, mask_turn, raw_mask.shape),
+                )
+                if t in (5, 6, 7, 8)
+            )
             raise LungsegError(
                 f"Image {pair.image} is {raw.shape[1]}x{raw.shape[0]} pixels (width x "
-                f"height) but its mask {pair.mask} is {raw_mask.shape[1]}x{raw_mask.shape[0]}. "
-                f"A mask must have its image's size; re-export the mask at the image's size or "
-                f"remove the pair."
+                f"height) but its mask {pair.mask} is {raw_mask.shape[1]}x{raw_mask.shape[0]}."
+                f"{hint} A mask must have its image's size; re-export the mask at the image's "
+                f"size or remove the pair."
             )
         mask = decode_mask(raw_mask, self._mask_mode, pair.mask, self._palette, self._num_classes)
         image = transforms.preprocess(raw, self._image_info(), pair.image)
@@ -792,6 +814,27 @@ def _parse_size(image_size: int | Sequence[int]) -> tuple[int, int]:
             f"[height, width] in pixels, e.g. 128 or [128, 160]."
         )
     return size[0], size[1]
+
+
+def _check_orientations(turned: Mapping[Pair, tuple[int, int]]) -> None:
+    """Warn about pairs whose image and mask carry different EXIF orientations: each file is
+    turned as image viewers show it, which is right for masks drawn in a viewer or annotation
+    tool, and wrong for masks made from the stored pixels (then image and mask disagree)."""
+    if not turned:
+        return
+    pair, (turn, mask_turn) = min(turned.items(), key=lambda item: item[0].stem)
+    log.warning(
+        "%d image/mask pairs carry different EXIF orientations, e.g. image %s (%s) and its mask "
+        "%s (%s). lungseg turns each file as image viewers show it, which matches masks drawn "
+        "on the image in a viewer or annotation tool. If the masks were made from the stored "
+        "pixels instead, image and mask now disagree: remove the orientation tag from the "
+        "images (e.g. exiftool -Orientation= <files>) or save them again without it.",
+        len(turned),
+        pair.image,
+        ORIENTATIONS[turn],
+        pair.mask.name,
+        ORIENTATIONS[mask_turn],
+    )
 
 
 def _check_bit_depths(depths: Mapping[str, tuple[int, int]], normalize: str) -> None:

@@ -236,10 +236,16 @@ def _listing(names: Iterable[str]) -> str:
 
 def read_image(path: str | Path) -> np.ndarray:
     """Raw pixels as stored: (H, W) for grayscale or (H, W, 3) in RGB order; dtype uint8,
-    uint16 (16-bit is kept) or float32 (float TIFF). An alpha channel is dropped.
+    uint16 (16-bit is kept) or float32 (float TIFF). An alpha channel is dropped. A JPEG or
+    PNG with an EXIF orientation is turned as image viewers show it (``exif_orientation``).
 
     Reads through np.fromfile + cv2.imdecode so non-ASCII and space-containing paths work.
     """
+    return read_image_oriented(path)[0]
+
+
+def read_image_oriented(path: str | Path) -> tuple[np.ndarray, int]:
+    """``read_image``'s pixels and the EXIF orientation (1-8, 1 = as stored) applied to them."""
     path = Path(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -265,7 +271,81 @@ def read_image(path: str | Path) -> np.ndarray:
         )
     if image.ndim == 3:
         image = _to_rgb(image, path)
-    return image
+    orientation = exif_orientation(data)
+    return _apply_orientation(image, orientation), orientation
+
+
+def exif_orientation(data: np.ndarray | bytes) -> int:
+    """The EXIF orientation tag (1-8) of an encoded JPEG or PNG (eXIf chunk), 1 when it has none.
+
+    Cameras, phones and some scanners store pixels as the sensor read them and say in this tag
+    how to turn them for display; image viewers and annotation tools apply it, and cv2 reads
+    it only without IMREAD_UNCHANGED (which lungseg needs to keep 16-bit pixels and palettes).
+    Only the headers are read: JPEG segments up to the image data, PNG chunks up to IDAT.
+    """
+    head = bytes(memoryview(data)[: 1 << 18]) if len(data) else b""
+    blob = b""
+    if head[:2] == b"\xff\xd8":  # JPEG: segments FF xx + 2-byte big-endian length
+        at = 2
+        while at + 4 <= len(head) and head[at] == 0xFF:
+            marker, size = head[at + 1], int.from_bytes(head[at + 2 : at + 4], "big")
+            if marker == 0xDA:  # start of scan: no header segment follows
+                break
+            if marker == 0xE1 and head[at + 4 : at + 10] == b"Exif\0\0":
+                blob = head[at + 10 : at + 2 + size]
+                break
+            at += 2 + size
+    elif head[:8] == b"\x89PNG\r\n\x1a\n":  # PNG: chunks of length, type, data, CRC
+        at = 8
+        while at + 8 <= len(head):
+            size, kind = int.from_bytes(head[at : at + 4], "big"), head[at + 4 : at + 8]
+            if kind == b"IDAT":
+                break
+            if kind == b"eXIf":
+                blob = head[at + 8 : at + 8 + size]
+                break
+            at += 12 + size
+    return _tiff_orientation(blob)
+
+
+def _tiff_orientation(blob: bytes) -> int:
+    """Tag 0x0112 of the first IFD of a TIFF-structured EXIF block; 1 if absent or malformed."""
+    order = {b"II": "little", b"MM": "big"}.get(blob[:2])
+    if order is None or len(blob) < 8:
+        return 1
+    ifd = int.from_bytes(blob[4:8], order)
+    if ifd + 2 > len(blob):
+        return 1
+    for entry in range(int.from_bytes(blob[ifd : ifd + 2], order)):
+        at = ifd + 2 + 12 * entry
+        if at + 12 > len(blob):
+            break
+        if int.from_bytes(blob[at : at + 2], order) == 0x0112:
+            value = int.from_bytes(blob[at + 8 : at + 10], order)  # SHORT, left-justified
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+ORIENTATIONS = {
+    1: "as stored",
+    2: "mirrored left-right",
+    3: "turned 180 degrees",
+    4: "mirrored top-bottom",
+    5: "transposed",
+    6: "turned 90 degrees clockwise",
+    7: "transposed and turned 180 degrees",
+    8: "turned 90 degrees counter-clockwise",
+}
+
+
+def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn stored pixels as EXIF orientation 1-8 says, as image viewers (and cv2.imread) do."""
+    if orientation in (5, 6, 7, 8):  # the stored rows are the displayed columns
+        image = image.swapaxes(0, 1)
+    flips = {2: (1,), 3: (0, 1), 4: (0,), 6: (1,), 7: (0, 1), 8: (0,)}.get(orientation, ())
+    for axis in flips:
+        image = np.flip(image, axis)
+    return np.ascontiguousarray(image) if orientation != 1 else image
 
 
 def _to_rgb(image: np.ndarray, path: Path) -> np.ndarray:
