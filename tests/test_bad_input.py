@@ -9,6 +9,8 @@ test_masks.py (decoding), test_splits.py (fractions, patterns, split files) and
 test_datamodule.py (settings)."""
 
 import csv
+import logging
+import re
 import subprocess
 import sys
 import warnings
@@ -163,26 +165,28 @@ def test_empty_folders(make_cfg, tmp_path):
     assert "Point data.image_dir at the folder" in message
 
 
-def test_image_without_mask_and_mask_without_image(make_cfg, tmp_path):
+def test_image_without_mask_and_mask_without_image(make_cfg, tmp_path, caplog):
     image_dir, mask_dir = write_pairs(tmp_path, SIZES)
     (image_dir / "img5.png").rename(image_dir / "lonely image.png")
     message = error_of(folders(make_cfg, image_dir, mask_dir))
     assert "'lonely image.png'" in message and "'img5.png'" in message
     assert "1 images without a mask" in message and "1 masks without an image" in message
     assert "data.strict=false" in message
-    with pytest.warns(UserWarning, match="Skipping unpaired files.*lonely image.png"):
+    with caplog.at_level(logging.WARNING):
         dm = setup(image_dir, mask_dir, strict=False)
+    assert re.search("Skipping unpaired files.*lonely image.png", caplog.text)
     assert sum(counts(dm)) == 5
 
 
-def test_eval_scores_a_run_that_skipped_a_corrupt_pair(make_cfg, tmp_path):
+def test_eval_scores_a_run_that_skipped_a_corrupt_pair(make_cfg, tmp_path, caplog):
     """eval.py on the test split of a data.strict=false run: the pair the run left out is
     not in its split.csv and is left out again (it stopped eval with 'does not list')."""
     image_dir, mask_dir = write_pairs(tmp_path, SIZES)
     (image_dir / "img3.png").write_bytes(b"")
     cfg = folders(make_cfg, image_dir, mask_dir, "data.strict=false", "data.split=[0.5,0.2,0.3]")
-    with pytest.warns(UserWarning, match="Skipping 1 of 6"):
+    with caplog.at_level(logging.WARNING):
         checkpoint = train(cfg)["best_checkpoint"]
+    assert "Skipping 1 of 6" in caplog.text
     with (Path(cfg.output_dir) / "skipped.csv").open() as f:
         skipped = list(csv.DictReader(f))
     assert [row["file"] for row in skipped] == [str(image_dir / "img3.png")]
@@ -200,7 +204,7 @@ def test_eval_scores_a_run_that_skipped_a_corrupt_pair(make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("content", ["zero-byte", "garbage", "truncated"])
-def test_corrupt_or_truncated_image(make_cfg, tmp_path, content):
+def test_corrupt_or_truncated_image(make_cfg, tmp_path, content, caplog):
     image_dir, mask_dir = write_pairs(tmp_path, SIZES)
     path = image_dir / "img3.png"
     broken = {
@@ -212,8 +216,9 @@ def test_corrupt_or_truncated_image(make_cfg, tmp_path, content):
     message = error_of(folders(make_cfg, image_dir, mask_dir))
     assert f"{path} could not be decoded as an image" in message
     assert "Re-export it or remove it" in message and "data.strict=false" in message
-    with pytest.warns(UserWarning, match=r"Skipping 1 of 6 image/mask pairs.*img3\.png"):
+    with caplog.at_level(logging.WARNING):
         dm = setup(image_dir, mask_dir, strict=False)
+    assert re.search(r"Skipping 1 of 6 image/mask pairs.*img3\.png", caplog.text)
     assert sum(counts(dm)) == 5 and "img3" not in dm.split
 
 
@@ -352,6 +357,8 @@ def test_cli_strict_false_lists_what_it_skipped_in_train_log_and_skipped_csv(tmp
     assert result.returncode == 0, result.stderr[-2000:]
     log = (run / "train.log").read_text()
     assert "Skipping unpaired files" in log and "Skipping 1 of 6 image/mask pairs" in log
+    skip_lines = [line for line in log.splitlines() if "Skipping" in line]
+    assert not [line for line in skip_lines if ".py:" in line]  # not lungseg's source lines
     with (run / "skipped.csv").open() as f:
         rows = {Path(r["file"]).name: r["reason"] for r in csv.DictReader(f)}
     assert (

@@ -1,4 +1,4 @@
-import warnings
+import logging
 
 import cv2
 import numpy as np
@@ -77,15 +77,14 @@ def test_a_file_with_an_image_extension_counts(tmp_path):
         find_pairs(tmp_path / "img", tmp_path / "msk")
 
 
-def test_not_strict_warns_once_and_skips(tmp_path):
+def test_not_strict_warns_once_and_skips(tmp_path, caplog):
     touch(tmp_path / "img", "a.png", "b.png", "c.png")
     touch(tmp_path / "msk", "a.png", "b_mask.png", "x.png")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with caplog.at_level(logging.WARNING):
         pairs = find_pairs(tmp_path / "img", tmp_path / "msk", strict=False)
     assert [p.stem for p in pairs] == ["a", "b"]
-    assert len(caught) == 1
-    message = str(caught[0].message)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
     assert "1 images without a mask" in message and "'c.png'" in message
     assert "1 masks without an image" in message and "'x.png'" in message
 

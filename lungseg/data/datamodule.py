@@ -11,7 +11,6 @@ import csv
 import logging
 import math
 import random
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -563,10 +562,11 @@ class SegDataModule(pl.LightningDataModule):
             )
         if failed:
             self.skipped += [(p.image, str(e)) for p, e in failed]
-            warnings.warn(
-                f"Skipping {len(failed)} of {len(pairs)} image/mask pairs (data.strict=false): "
-                + " ".join(f"({i}) {e}" for i, (_, e) in enumerate(failed[:_SHOW], 1)),
-                stacklevel=3,
+            log.warning(
+                "Skipping %d of %d image/mask pairs (data.strict=false): %s",
+                len(failed),
+                len(pairs),
+                " ".join(f"({i}) {e}" for i, (_, e) in enumerate(failed[:_SHOW], 1)),
             )
         kept = [(p, r) for p, r in zip(pairs, results, strict=True) if isinstance(r, tuple)]
         return [p for p, _ in kept], [r[0] for _, r in kept], [r[1] for _, r in kept]

@@ -4,7 +4,7 @@ Pairing is by file stem, never by sorted position: image `a.png` takes the mask 
 `a` + one of `mask_suffixes`, with any image extension (`a.png`, `a_mask.tif`, ...).
 """
 
-import warnings
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,6 +18,8 @@ from lungseg.errors import LungsegError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PIXEL_DTYPES = (np.uint8, np.uint16, np.float32)
 _SHOWN = 5  # how many offending file names an error message lists
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ def _report_unpaired(
             f"No image in {image_dir} has a mask in {mask_dir}. Found {found}. {rule} "
             "Check data.image_dir, data.mask_dir and data.mask_suffixes."
         )
-    warnings.warn(f"Skipping unpaired files (data.strict=false). Found {found}.", stacklevel=3)
+    log.warning("Skipping unpaired files (data.strict=false). Found %s.", found)
 
 
 def _listing(names: Iterable[str]) -> str:
