@@ -151,6 +151,28 @@ def test_folder_without_images(tmp_path):
         find_pairs(tmp_path / "img", tmp_path / "msk")
 
 
+def test_folder_of_volumes_or_sub_folders_says_what_it_holds(tmp_path):
+    """nnU-Net and MONAI users point at NIfTI or DICOM folders, Montgomery's masks sit in
+    sub-folders: the error says what was found and how to make slices of volumes."""
+    volumes, nested = tmp_path / "volumes", tmp_path / "nested"
+    volumes.mkdir()
+    for name in ("ct_001.nii.gz", "ct_002.nii.gz", "notes.txt"):
+        (volumes / name).write_bytes(b"x")
+    (volumes / "IM-0001-0001").write_bytes(bytes(128) + b"DICM" + bytes(8))  # no extension
+    (nested / "leftMask").mkdir(parents=True)
+    (nested / "rightMask").mkdir()
+    with pytest.raises(LungsegError) as error:
+        find_pairs(volumes, nested)
+    message = str(error.value)
+    assert "holds no image files (it holds 1 DICOM file, 2 .nii.gz files, 1 .txt file" in message
+    assert "export each slice of the volumes as a PNG" in message
+    with pytest.raises(LungsegError) as error:
+        find_pairs(nested, volumes)
+    message = str(error.value)
+    assert "(it holds 2 sub-folders ('leftMask', 'rightMask'))" in message
+    assert "export each slice" not in message and "sub-folders are not searched" in message
+
+
 def test_missing_folder(tmp_path):
     touch(tmp_path / "img", "a.png")
     with pytest.raises(LungsegError, match=r"mask folder .*nowhere does not exist.*data\.mask_dir"):

@@ -124,11 +124,61 @@ def _list_images(folder: Path, role: str, setting: str) -> list[Path]:
     )
     if not files:
         raise LungsegError(
-            f"The {role} folder {folder} holds no image files. Accepted extensions: "
-            f"{', '.join(IMAGE_EXTENSIONS)} (in any letter case); sub-folders are not searched. "
-            f"Point {setting} at the folder with the files or convert them to one of these formats."
+            f"The {role} folder {folder} holds no image files{_contents(folder)}. Accepted "
+            f"extensions: {', '.join(IMAGE_EXTENSIONS)} (in any letter case); sub-folders are "
+            f"not searched. Point {setting} at the folder with the files or convert them to one "
+            "of these formats."
         )
     return files
+
+
+# Medical volume formats, by how their file names end; DICOM files often have no extension.
+VOLUME_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+
+
+def _contents(folder: Path) -> str:
+    """What a folder without image files holds, for the error: its other files by kind and its
+    sub-folders, with how to turn volumes (DICOM, NIfTI, ...) into slices lungseg reads."""
+    kinds: dict[str, int] = defaultdict(int)
+    folders: list[str] = []
+    volumes = 0
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            folders.append(path.name)
+            continue
+        name = path.name.lower()
+        kind = next((s for s in VOLUME_SUFFIXES if name.endswith(s)), path.suffix.lower())
+        if not kind and _is_dicom(path):
+            kind = "DICOM"
+        volumes += kind in VOLUME_SUFFIXES or kind == "DICOM"
+        kinds[kind or "files without extension"] += 1
+    if not kinds and not folders:
+        return " (it is empty)"
+    held = [
+        f"{n} {k if k.startswith('files') else f'{k} file' + 's' * (n != 1)}"
+        for k, n in kinds.items()
+    ]
+    if folders:
+        held.append(f"{len(folders)} sub-folder{'s' * (len(folders) != 1)} ({_listing(folders)})")
+    hint = (
+        ": lungseg reads 2-D slices; export each slice of the volumes as a PNG (16-bit for CT, "
+        "e.g. the value + 32768 with data.intensity_offset=32768) with its mask under the same "
+        "name"
+        if volumes
+        else ""
+    )
+    return f" (it holds {', '.join(held)}{hint})"
+
+
+def _is_dicom(path: Path) -> bool:
+    """Whether ``path`` starts like a DICOM file ('DICM' after a 128-byte preamble)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _ends_with_any(stem: str, suffixes: Iterable[str]) -> bool:
