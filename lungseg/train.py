@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # Lightning's advice to add DataLoader workers does not apply: the data is decoded once and
 # cached in memory, and on a 2-core CPU workers would compete with the network for cores.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# Lightning 2.6's own use of a torch pytree API that torch 2.13 deprecates, once per run in
+# every train.log; nothing a lungseg user can change.
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def plain(cfg: DictConfig | None) -> Any:
