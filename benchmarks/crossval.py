@@ -25,10 +25,14 @@ over the folds would: every fold's validation patients are another fold's test p
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +126,31 @@ def choose(
     return max(allowed, key=lambda i: (value(nonempty, i, -1), -i))
 
 
+def score_validation(checkpoint: str, run: Path, grid: list[dict]) -> list[dict]:
+    """The validation split's summaries of one fold's checkpoint, one per grid setting."""
+    return evaluate_grid(eval_cfg(checkpoint, run / "crossval", "val", grid[0]), grid)
+
+
+def score_test(checkpoint: str, run: Path, post: dict) -> dict:
+    """The test split's summary of one fold's checkpoint with its chosen post-processing; it
+    holds the scores without post-processing too (evaluate keeps them)."""
+    return evaluate(eval_cfg(checkpoint, run / "crossval", "test", post))
+
+
+def in_parallel(task, calls: list[tuple], jobs: int) -> list:
+    """``task(*call)`` for every call, in order; with jobs > 1 in that many fresh processes
+    (spawned: no CUDA or thread-pool state is inherited), the threads of the machine shared."""
+    if jobs == 1 or len(calls) == 1:
+        return [task(*call) for call in calls]
+    jobs = min(jobs, len(calls))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        jobs, context, initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
+        return list(pool.map(task, *zip(*calls, strict=True)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", type=Path, help="folder holding the fold runs")
@@ -129,6 +158,13 @@ def main() -> None:
     parser.add_argument("--thresholds", nargs="+", default=["argmax", "0.6", "0.7", "0.8", "0.9"])
     parser.add_argument(
         "--min-confidences", type=float, nargs="+", default=[0, 0.9, 0.95, 0.98, 0.99]
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="score this many fold runs at once, each in its own process (the CPU work of the "
+        "grid, connected components and HD95 per image and setting, is most of the time)",
     )
     parser.add_argument(
         "--max-fp-rate",
@@ -163,10 +199,13 @@ def main() -> None:
         # a component above the threshold already peaks above any lower confidence bar
         if not (t != "argmax" and 0 < confidence <= float(t))
     ]
-    val = [
-        evaluate_grid(eval_cfg(m["best_checkpoint"], run / "crossval", "val", grid[0]), grid)
-        for run, m in checkpoints.items()
-    ]
+    if args.jobs < 1:
+        sys.exit(f"crossval: --jobs {args.jobs}: give 1 or more")
+    val = in_parallel(
+        score_validation,
+        [(m["best_checkpoint"], run, grid) for run, m in checkpoints.items()],
+        args.jobs,
+    )
     # Per fold and grid setting: Dice over all slices, over the non-empty ones, FP rate.
     scores = [[[entry(summary, key) for summary in per_run] for key in KEYS] for per_run in val]
     chosen = [choose(*fold, args.max_fp_rate) for fold in scores]
@@ -198,10 +237,16 @@ def main() -> None:
     )
     print(f"\n{header}\n" + "|---" * 11 + "|")
     table = []
-    for k, (run, metrics) in enumerate(checkpoints.items()):
+    tests = in_parallel(
+        score_test,
+        [
+            (m["best_checkpoint"], run, grid[chosen[k]])
+            for k, (run, m) in enumerate(checkpoints.items())
+        ],
+        args.jobs,
+    )
+    for k, ((run, metrics), summary) in enumerate(zip(checkpoints.items(), tests, strict=True)):
         post_k = grid[chosen[k]]
-        # One scoring gives both: evaluate() keeps the scores before post-processing.
-        summary = evaluate(eval_cfg(metrics["best_checkpoint"], run / "crossval", "test", post_k))
         post = first_class(summary)
         raw = first_class(summary.get("without_postprocessing", summary))
         row = [

@@ -197,20 +197,27 @@ def test_fold_sweep_and_crossval_report(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train").glob("multirun_*")
     assert "Mean ± std (population) over the 2 finished runs:" in (sweep / "summary.md").read_text()
-    report = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "crossval.py"),
-            str(sweep),
-            *("--min-sizes", "0", "4"),
-            *("--thresholds", "argmax", "0.7"),
-            *("--min-confidences", "0", "0.9"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
+    reports = [
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "crossval.py"),
+                str(sweep),
+                *("--min-sizes", "0", "4"),
+                *("--thresholds", "argmax", "0.7"),
+                *("--min-confidences", "0", "0.9"),
+                *("--jobs", jobs),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for jobs in ("1", "2")
+    ]
+    for report in reports:
+        assert report.returncode == 0, report.stderr[-3000:]
+    report = reports[0]
+    assert reports[1].stdout == report.stdout  # the folds scored in two processes: the same
     assert "| mean ± std | 2 folds |" in report.stdout
     grid_rows = [
         line.split(" | ")
