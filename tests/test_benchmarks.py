@@ -144,3 +144,13 @@ def test_recipes_pick_up_their_per_architecture_settings(overrides, skips, size)
         cfg = compose("config", overrides=overrides)
     assert cfg.model.get("skips") == skips
     assert cfg.data.image_size == size  # the command line still wins
+
+
+@pytest.mark.parametrize("script", ["prepare.sh", "env.sh", "speed.sh", "nodules.sh"])
+def test_device_scripts_parse(script):
+    """benchmarks/device/ runs only in a GPU lending (SMOKE=1 runs it on the CPU in minutes):
+    at least a syntax error must not wait for one."""
+    result = subprocess.run(
+        ["bash", "-n", str(ROOT / "benchmarks" / "device" / script)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
