@@ -143,7 +143,7 @@ def in_parallel(task, calls: list[tuple], jobs: int) -> list:
     if jobs == 1 or len(calls) == 1:
         return [task(*call) for call in calls]
     jobs = min(jobs, len(calls))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         jobs, context, initializer=torch.set_num_threads, initargs=(threads,)

@@ -1,4 +1,5 @@
 import logging
+import struct
 
 import cv2
 import numpy as np
@@ -164,8 +165,20 @@ def test_folder_of_volumes_or_sub_folders_says_what_it_holds(tmp_path):
     with pytest.raises(LungsegError) as error:
         find_pairs(volumes, nested)
     message = str(error.value)
-    assert "holds no image files (it holds 1 DICOM file, 2 .nii.gz files, 1 .txt file" in message
+    assert "holds no image files (it holds 2 .nii.gz files, 1 DICOM file, 1 .txt file" in message
     assert "export each slice of the volumes as a PNG" in message
+    uids = tmp_path / "uids"  # a PACS export: files named by UID, each its own 'suffix'
+    uids.mkdir()
+    for i in range(300):
+        (uids / f"1.2.840.113619.2.55.3.{i}").write_bytes(bytes(128) + b"DICM" + bytes(8))
+    (uids / ".hidden.png").write_bytes(b"x")
+    with pytest.raises(LungsegError, match=r"\(it holds 300 DICOM files: lungseg reads 2-D"):
+        find_pairs(uids, nested)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "._a.png").write_bytes(b"x")
+    with pytest.raises(LungsegError, match=r"\(it holds only hidden files\)"):
+        find_pairs(hidden, nested)
     with pytest.raises(LungsegError) as error:
         find_pairs(nested, volumes)
     message = str(error.value)
@@ -294,9 +307,37 @@ def test_exif_orientation_keeps_16_bit_and_colour(tmp_path):
 
 def test_no_or_malformed_exif_reads_as_stored(tmp_path):
     stored = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    good = oriented(".jpg", stored, 3)
-    cut = good[:30] + good[40:]  # the tag's IFD entry damaged, the image intact after it
     for data in (png_bytes(stored), cv2.imencode(".jpg", stored)[1].tobytes(), b"", b"\xff\xd8"):
         assert exif_orientation(np.frombuffer(data, np.uint8)) == 1
     assert exif_orientation(np.frombuffer(oriented(".jpg", stored, 9), np.uint8)) == 1
-    assert exif_orientation(np.frombuffer(cut, np.uint8)) in range(1, 9)
+    good = oriented(".jpg", stored, 3)
+    for cut in range(2, len(good), 3):  # damaged or cut anywhere: a value or 1, no exception
+        assert 1 <= exif_orientation(good[:cut] + good[cut + 7 :]) <= 8
+        assert 1 <= exif_orientation(good[:cut]) <= 8
+
+
+def test_exif_orientation_where_writers_put_it():
+    """Fill bytes before a marker, an XMP segment before the EXIF one, eXIf after the PNG's
+    image data (older ImageMagick), more tags before the orientation, a LONG value."""
+    stored = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    jpeg = oriented(".jpg", stored, 6)
+    assert exif_orientation(jpeg[:2] + b"\xff\xff" + jpeg[2:]) == 6
+    xmp = b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta/>"
+    assert (
+        exif_orientation(jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(xmp) + 2) + xmp + jpeg[2:])
+        == 6
+    )
+    png = oriented(".png", stored, 6)
+    chunk = png[33 : png.index(b"eXIf") + 4 + int.from_bytes(png[33:37], "big") + 4]
+    moved = png.replace(chunk, b"")
+    iend = moved.rindex(b"IEND") - 4
+    assert (
+        exif_orientation(moved) == 1 and exif_orientation(moved[:iend] + chunk + moved[iend:]) == 6
+    )
+    tiff = b"MM" + struct.pack(">HIH", 42, 8, 3)  # three entries: width, height, orientation
+    tiff += struct.pack(">HHII", 0x0100, 4, 1, 4) + struct.pack(">HHII", 0x0101, 4, 1, 3)
+    tiff += struct.pack(">HHII", 0x0112, 4, 1, 8) + bytes(4)  # orientation as a LONG
+    exif = b"Exif\0\0" + tiff
+    plain = cv2.imencode(".jpg", stored)[1].tobytes()
+    spliced = plain[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + plain[2:]
+    assert exif_orientation(spliced) == 8

@@ -1,48 +1,68 @@
 #!/usr/bin/env bash
-# Issue 9 on a GPU, one device call (about 8 minutes):
-#   run(command="bash benchmarks/device/nodules.sh", carry=[".whl", ".gpudata"], timeout_s=570)
+# Issue 9 on a GPU, one device call (about 6.5 minutes):
+#   run(command="bash benchmarks/device/nodules.sh", carry=[".whl", ".gpudata"], timeout_s=500)
 # The lidc_nodules recipe and the larger input scale the README leaves open, 5 folds each, all
 # 10 runs at once on the one GPU, each stopped by trainer.max_time at the latest; then
 # benchmarks/crossval.py per candidate, its 5 folds scored at once (post-processing chosen per
 # fold on its own validation split). augmentation=device in both: with the CPU workers'
 # augmentation, 15 runs at once on 16 cores reached only 21-22 of 40 epochs at 192 px in 5.75
-# minutes (README), and the scale needs its full schedule. CANDIDATES="name:overrides,..."
-# replaces the set (space-separated overrides), MAX_TIME the cap (DD:HH:MM:SS). The
-# post-processing grid is cut to 18 settings (argmax/0.7/0.9 x 0/8/32 px x confidence 0/0.98;
-# the default's 124 take minutes a fold). Results in $OUT:
-# crossval_<name>.md, and runs.txt (epochs, stop reason, best epoch, minutes per run).
+# minutes (README), and the scale needs its full schedule.
+#   CANDIDATES="name:overrides;name:overrides"  the set (overrides space-separated)
+#   MAX_TIME=DD:HH:MM:SS                         each run's cap (default 00:00:04:00)
+# The post-processing grid is cut to 18 settings (argmax/0.7/0.9 x 0/8/32 px x confidence
+# 0/0.98; the default's 124 take minutes a fold). Results in $OUT: runs.txt (per run: epochs,
+# stop reason, best epoch, minutes, test Dice on nodule slices and FP rate on empty ones at the
+# argmax, from metrics.json; a mean per candidate), crossval_<name>.md.
 source "$(dirname "$0")/env.sh"
 data=.gpudata/lidc_nodules
 [ -d "$data/images" ] || { echo "no $data: run benchmarks/device/prepare.sh here first"; exit 1; }
-CANDIDATES=${CANDIDATES:-"recipe:augmentation=device,px192:data.image_size=192 augmentation=device"}
-MAX_TIME=${MAX_TIME:-00:00:05:00}
+CANDIDATES=${CANDIDATES:-"recipe:augmentation=device;px192:data.image_size=192 augmentation=device"}
+MAX_TIME=${MAX_TIME:-00:00:04:00}
 extra=()
 [ "${SMOKE:-0}" = 1 ] && extra=(trainer.max_epochs=1 trainer.limit_train_batches=2
   trainer.limit_val_batches=2 model.width=4)
 root=outputs/device_lidc
-rm -rf "$root"
-IFS=, read -ra cands <<<"$CANDIDATES"
+rm -rf "$root" && mkdir -p "$root"
+: > "$OUT/runs.txt"
+names=()
+IFS=';' read -ra cands <<<"$CANDIDATES"
 for cand in "${cands[@]}"; do
-  name=${cand%%:*}
-  read -ra over <<<"${cand#*:}"
+  read -r name <<<"${cand%%:*}"  # trimmed
+  over=()
+  [[ $cand == *:* ]] && read -ra over <<<"${cand#*:}"
+  names+=("$name")
   for fold in 0 1 2 3 4; do
     python3 train.py experiment=lidc_nodules data.image_dir="$data/images" \
       data.mask_dir="$data/masks" data.fold=$fold "$ACCEL" trainer.max_time="$MAX_TIME" \
       trainer.enable_progress_bar=false hydra.run.dir="$root/$name/fold$fold" \
-      "${over[@]}" "${extra[@]}" > "$root-$name-fold$fold.log" 2>&1 &
+      "${over[@]}" "${extra[@]}" > "$root/$name-fold$fold.log" 2>&1 &
   done
 done
 wait
-for cand in "${cands[@]}"; do
-  name=${cand%%:*}
-  for fold in 0 1 2 3 4; do
-    python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(sys.argv[2], \
-m['epochs_trained'], m['stopped_by'], m['best_epoch'], round(m['train_minutes'], 1))" \
-      "$root/$name/fold$fold/metrics.json" "$name/fold$fold" 2>&1 | tee -a "$OUT/runs.txt" \
-      || tail -n 3 "$root-$name-fold$fold.log" | tee -a "$OUT/runs.txt"
-  done
-  python3 benchmarks/crossval.py "$root/$name" --jobs 5 --thresholds argmax 0.7 0.9 \
-    --min-sizes 0 8 32 --min-confidences 0 0.98 > "$OUT/crossval_$name.md" 2>&1 &
+for name in "${names[@]}"; do
+  python3 - "$root" "$name" <<'PY' | tee -a "$OUT/runs.txt"
+import json, statistics, sys
+from pathlib import Path
+root, name = Path(sys.argv[1]), sys.argv[2]
+scores = []
+for fold in range(5):
+    path = root / name / f"fold{fold}" / "metrics.json"
+    if not path.exists():
+        log = (root / f"{name}-fold{fold}.log").read_text().splitlines()
+        print(f"{name}/fold{fold}: no metrics.json; its log ends:", *log[-3:], sep="\n  ")
+        continue
+    m = json.loads(path.read_text())
+    scores.append((m["test/dice_nonempty"], m["test/fp_empty"]))
+    print(f"{name}/fold{fold}: {m['epochs_trained']} epochs ({m['stopped_by']}), best "
+          f"{m['best_epoch']}, {m['train_minutes']:.1f} min, test Dice non-empty "
+          f"{m['test/dice_nonempty']:.4f}, FP rate empty {m['test/fp_empty']:.4f}")
+if scores:
+    dice, fp = zip(*scores)
+    print(f"{name}: {len(scores)} folds, test Dice non-empty {statistics.fmean(dice):.4f} ± "
+          f"{statistics.pstdev(dice):.4f}, FP rate {statistics.fmean(fp):.4f} (argmax)")
+PY
+  timeout 150 python3 benchmarks/crossval.py "$root/$name" --jobs 5 --thresholds argmax 0.7 \
+    0.9 --min-sizes 0 8 32 --min-confidences 0 0.98 > "$OUT/crossval_$name.md" 2>&1 &
 done
 wait
-tail -n 12 "$OUT"/crossval_*.md
+tail -n 8 "$OUT"/crossval_*.md

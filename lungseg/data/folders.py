@@ -141,27 +141,34 @@ def _contents(folder: Path) -> str:
     sub-folders, with how to turn volumes (DICOM, NIfTI, ...) into slices lungseg reads."""
     kinds: dict[str, int] = defaultdict(int)
     folders: list[str] = []
-    volumes = 0
+    hidden = 0
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
-            continue
-        if path.is_dir():
+            hidden += 1
+        elif path.is_dir():
             folders.append(path.name)
-            continue
-        name = path.name.lower()
-        kind = next((s for s in VOLUME_SUFFIXES if name.endswith(s)), path.suffix.lower())
-        if not kind and _is_dicom(path):
-            kind = "DICOM"
-        volumes += kind in VOLUME_SUFFIXES or kind == "DICOM"
-        kinds[kind or "files without extension"] += 1
+        else:
+            name = path.name.lower()
+            kind = next((s for s in VOLUME_SUFFIXES if name.endswith(s)), None)
+            # DICOM files are often named by UID (1.2.840.113619.2.55.3.101): the content says
+            if kind is None and sum(kinds.values()) < 500 and _is_dicom(path):
+                kind = "DICOM"
+            kind = kind or path.suffix.lower() or "without extension"
+            kinds[kind] += 1
     if not kinds and not folders:
-        return " (it is empty)"
+        return " (it holds only hidden files)" if hidden else " (it is empty)"
+    ranked = sorted(kinds.items(), key=lambda item: -item[1])
     held = [
-        f"{n} {k if k.startswith('files') else f'{k} file' + 's' * (n != 1)}"
-        for k, n in kinds.items()
+        f"{n} file{'s' * (n != 1)} without extension"
+        if k == "without extension"
+        else f"{n} {k} file{'s' * (n != 1)}"
+        for k, n in ranked[:4]
     ]
+    if len(ranked) > 4:
+        held.append(f"{sum(n for _, n in ranked[4:])} files of {len(ranked) - 4} other kinds")
     if folders:
         held.append(f"{len(folders)} sub-folder{'s' * (len(folders) != 1)} ({_listing(folders)})")
+    volumes = any(k in VOLUME_SUFFIXES or k == "DICOM" for k in kinds)
     hint = (
         ": lungseg reads 2-D slices; export each slice of the volumes as a PNG (16-bit for CT, "
         "e.g. the value + 32768 with data.intensity_offset=32768) with its mask under the same "
@@ -333,28 +340,32 @@ def exif_orientation(data: np.ndarray | bytes) -> int:
     Cameras, phones and some scanners store pixels as the sensor read them and say in this tag
     how to turn them for display; image viewers and annotation tools apply it, and cv2 reads
     it only without IMREAD_UNCHANGED (which lungseg needs to keep 16-bit pixels and palettes).
-    Only the headers are read: JPEG segments up to the image data, PNG chunks up to IDAT.
+    Only headers are read, without copying the file: JPEG segments up to the image data, PNG
+    chunk headers up to IEND (an eXIf chunk may follow the image data).
     """
-    head = bytes(memoryview(data)[: 1 << 18]) if len(data) else b""
+    buf = memoryview(data).cast("B") if len(data) else memoryview(b"")
     blob = b""
-    if head[:2] == b"\xff\xd8":  # JPEG: segments FF xx + 2-byte big-endian length
+    if bytes(buf[:2]) == b"\xff\xd8":  # JPEG: segments FF xx + 2-byte big-endian length
         at = 2
-        while at + 4 <= len(head) and head[at] == 0xFF:
-            marker, size = head[at + 1], int.from_bytes(head[at + 2 : at + 4], "big")
+        while at + 4 <= len(buf) and buf[at] == 0xFF:
+            if buf[at + 1] == 0xFF:  # fill bytes may precede a marker
+                at += 1
+                continue
+            marker, size = buf[at + 1], int.from_bytes(buf[at + 2 : at + 4], "big")
             if marker == 0xDA:  # start of scan: no header segment follows
                 break
-            if marker == 0xE1 and head[at + 4 : at + 10] == b"Exif\0\0":
-                blob = head[at + 10 : at + 2 + size]
+            if marker == 0xE1 and bytes(buf[at + 4 : at + 10]) == b"Exif\0\0":
+                blob = bytes(buf[at + 10 : at + 2 + size])
                 break
             at += 2 + size
-    elif head[:8] == b"\x89PNG\r\n\x1a\n":  # PNG: chunks of length, type, data, CRC
+    elif bytes(buf[:8]) == b"\x89PNG\r\n\x1a\n":  # PNG: chunks of length, type, data, CRC
         at = 8
-        while at + 8 <= len(head):
-            size, kind = int.from_bytes(head[at : at + 4], "big"), head[at + 4 : at + 8]
-            if kind == b"IDAT":
+        while at + 8 <= len(buf):
+            size, kind = int.from_bytes(buf[at : at + 4], "big"), bytes(buf[at + 4 : at + 8])
+            if kind == b"IEND":
                 break
             if kind == b"eXIf":
-                blob = head[at + 8 : at + 8 + size]
+                blob = bytes(buf[at + 8 : at + 8 + size])
                 break
             at += 12 + size
     return _tiff_orientation(blob)
@@ -373,7 +384,10 @@ def _tiff_orientation(blob: bytes) -> int:
         if at + 12 > len(blob):
             break
         if int.from_bytes(blob[at : at + 2], order) == 0x0112:
-            value = int.from_bytes(blob[at + 8 : at + 10], order)  # SHORT, left-justified
+            # SHORT (type 3) as the standard says, left-justified in the value field; a LONG
+            # (type 4) as some writers store it
+            width = 4 if int.from_bytes(blob[at + 2 : at + 4], order) == 4 else 2
+            value = int.from_bytes(blob[at + 8 : at + 8 + width], order)
             return value if 1 <= value <= 8 else 1
     return 1
 
