@@ -17,7 +17,8 @@ slices among the settings whose validation false-positive rate on empty slices i
 an operating point for a required false-positive rate. Prints two Markdown tables: every
 setting's validation scores as the mean over the folds (for reading the trade-off), and per
 fold its choice and test scores, the test Dice over the slices whose mask is not empty and the
-false-positive rate on the empty ones, with mean ± std (population) over the folds.
+false-positive rate on the empty ones, with mean ± std (population) over the folds. With
+--jobs N the folds are scored N at a time, each in its own process.
 
 No test image plays a part in the choice applied to it. (A choice by the mean validation score
 over the folds would: every fold's validation patients are another fold's test patients.)
