@@ -341,7 +341,10 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
                 "checkpoint's training run."
             )
         suffixes = data.mask_suffixes or DEFAULT_MASK_SUFFIXES
-        pairs = find_pairs(data.image_dir, data.mask_dir, list(suffixes), data.strict)
+        recursive = bool(data.get("recursive"))
+        pairs = find_pairs(
+            data.image_dir, data.mask_dir, list(suffixes), data.strict, recursive=recursive
+        )
         return pairs, f"all pairs of {data.image_dir} and {data.mask_dir}"
 
     run = Path(cfg.ckpt_path).expanduser().absolute().parent.parent
@@ -361,12 +364,14 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
     else:
         folders = (run_data.image_dir, run_data.mask_dir)
     suffixes = data.mask_suffixes or run_data.mask_suffixes
-    pairs = find_pairs(*folders, list(suffixes), run_data.strict)
+    recursive = data.get("recursive")
+    recursive = run_data.get("recursive", False) if recursive is None else recursive
+    pairs = find_pairs(*folders, list(suffixes), run_data.strict, recursive=bool(recursive))
     if not run_data.strict:
         # data.strict=false left out the pairs the run could not use (corrupt files, sizes
         # that differ); its split.csv lists only those it trained, validated and tested on.
         listed = splits.listed_stems(split_file, [p.stem for p in pairs])
-        left_out = [p.image.name for p in pairs if p.stem not in listed]
+        left_out = [p.stem + p.image.suffix for p in pairs if p.stem not in listed]
         if left_out:
             log.info(
                 "%d pairs the run left out (data.strict=false) are not scored: %s",

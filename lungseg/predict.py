@@ -1,6 +1,7 @@
 """Predict a folder of images: a mask and an overlay per image, at the image's own size.
 
-For input ``<name>.<ext>`` the outputs are ``<stem>.png``, the mask in the encoding the model
+For input ``<name>.<ext>`` the outputs are ``<stem>.png`` (with ``recursive``, below the
+input's sub-folders), the mask in the encoding the model
 was trained on (index: class ids; binary: 0/255; palette: the training colours), and
 ``<stem>_overlay.png``, the image with the classes blended in colour. ``<stem>`` is the input's
 stem with characters that could leave the output folder (path separators, control and
@@ -44,18 +45,26 @@ def output_stem(stem: str) -> str:
     return _UNSAFE.sub("_", stem).lstrip(". ") or "_"
 
 
-def output_paths(images: list[Path], output_dir: Path) -> dict[Path, tuple[Path, Path]]:
-    """image → (mask path, overlay path), all directly in output_dir; LungsegError when two
-    images would write the same file (compared without letter case, as macOS and Windows do)."""
+def output_paths(
+    images: list[Path], output_dir: Path, input_dir: Path | None = None
+) -> dict[Path, tuple[Path, Path]]:
+    """image → (mask path, overlay path) in output_dir, below the same sub-folders as the
+    image below ``input_dir`` (directly in output_dir without it, or for an image directly in
+    input_dir); LungsegError when two images would write the same file (compared without
+    letter case, as macOS and Windows do)."""
     outputs, claimed, clashes = {}, {}, []
     for image in images:
+        below = () if input_dir is None else image.parent.relative_to(input_dir).parts
+        folder = output_dir.joinpath(*(output_stem(part) for part in below))
         stem = output_stem(image.stem)
-        paths = (output_dir / f"{stem}.png", output_dir / f"{stem}_overlay.png")
+        paths = (folder / f"{stem}.png", folder / f"{stem}_overlay.png")
+        shown = image.name if input_dir is None else image.relative_to(input_dir).as_posix()
         for path in paths:
-            assert path.parent == output_dir, path
-            other = claimed.setdefault(path.name.casefold(), image)
-            if other != image:
-                clashes.append(f"{other.name} and {image.name} → {path.name}")
+            assert path.parent == folder and folder.is_relative_to(output_dir), path
+            name = path.relative_to(output_dir).as_posix()
+            other = claimed.setdefault(name.casefold(), shown)
+            if other != shown:
+                clashes.append(f"{other} and {shown} → {name}")
         outputs[image] = paths
     if clashes:
         raise LungsegError(
@@ -147,20 +156,28 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
     if cfg.tta:
         check_flips(cfg.tta_flips)
     input_dir, output_dir = Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser()
-    images = _list_images(input_dir, "input", "input_dir")
+    require(
+        isinstance(cfg.get("recursive", False), bool),
+        "recursive",
+        cfg.get("recursive"),
+        "true (also the images in input_dir's sub-folders) or false",
+        "recursive=true",
+    )
+    recursive = cfg.get("recursive", False)
+    images = _list_images(input_dir, "input", "input_dir", recursive, output_dir)
     if output_dir.resolve() == input_dir.resolve():
         raise LungsegError(
             f"output_dir is input_dir ({input_dir}): the masks <stem>.png would replace the "
             f"input images. Choose another output_dir."
         )
     check_output_folder(output_dir)
-    outputs = output_paths(images, output_dir)
+    outputs = output_paths(images, output_dir, input_dir if recursive else None)
     existing = taken(p for ps in outputs.values() for p in ps)
     if existing and not cfg.overwrite:
         raise LungsegError(
             f"{len(existing)} output files already exist in {output_dir}: "
-            f"{_listing(p.name for p in existing)}. Nothing was written. Set overwrite=true to "
-            f"replace them, or choose another output_dir."
+            f"{_listing(p.relative_to(output_dir).as_posix() for p in existing)}. Nothing was "
+            f"written. Set overwrite=true to replace them, or choose another output_dir."
         )
     return outputs
 

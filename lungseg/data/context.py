@@ -7,7 +7,9 @@ and ``slice`` (digits); the default takes the last number in the stem as the sli
 everything before it as the volume (``LIDC-IDRI-0001_nodule-0_slice-3`` → volume
 ``LIDC-IDRI-0001_nodule-0_slice-``, slice 3; ``ID_0001_Z_0142`` → ``ID_0001_Z_``, 142).
 A neighbour that is not there (the ends of a stack, a gap) is replaced by the nearest slice
-between it and the centre, as edge padding would, so every input has 2n+1 slices.
+between it and the centre, as edge padding would, so every input has 2n+1 slices. The pattern
+sees the file's own stem; a key with folders (``p01/slice_3``, from data.recursive) puts the
+folder in front of the volume, so volumes never span folders.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def slice_keys(stems: Sequence[str], pattern: str | None) -> list[tuple[str, int
         )
     keys = []
     for stem in stems:
-        match = regex.search(stem)
+        folder, _, name = stem.rpartition("/")
+        match = regex.search(name)
         number = match.group("slice") if match else None
         if match is None or number is None or not number.isdigit():
             raise LungsegError(
@@ -60,7 +63,8 @@ def slice_keys(stems: Sequence[str], pattern: str | None) -> list[tuple[str, int
                 f"slice, the slice a number). Rename the files to <volume><slice number>, set "
                 f"data.slice_pattern to fit them, or set data.context_slices=0."
             )
-        keys.append((match.group("volume"), int(number)))
+        volume = match.group("volume") or ""
+        keys.append((f"{folder}/{volume}" if folder else volume, int(number)))
     return keys
 
 
@@ -96,19 +100,24 @@ def neighbour_paths(
     (the images it may take neighbours from, e.g. its folder's; those whose names do not match
     the pattern, or name a slice already given, are passed over)."""
     paths = list(paths)
-    keys = set(slice_keys([p.stem for p in paths], pattern))
+    keys = set(slice_keys([_key(p) for p in paths], pattern))
     extra = []
     for path in dict.fromkeys(pool):
         if path in paths:
             continue
         try:
-            (key,) = slice_keys([path.stem], pattern)
+            (key,) = slice_keys([_key(path)], pattern)
         except LungsegError:
             continue
         if key not in keys:
             keys.add(key)
             extra.append(path)
     everything = list(dict.fromkeys([*paths, *extra]))
-    rows = neighbours([p.stem for p in everything], context_slices, pattern)
+    rows = neighbours([_key(p) for p in everything], context_slices, pattern)
     position = {p: i for i, p in enumerate(everything)}
     return [[everything[j] for j in rows[position[p]]] for p in paths]
+
+
+def _key(path: Path) -> str:
+    """A slice key for a file path: its folder, then its stem (volumes stay in their folder)."""
+    return f"{path.parent.as_posix()}/{path.stem}"

@@ -215,6 +215,7 @@ class SegDataModule(pl.LightningDataModule):
         image_dir: str | None = None,
         mask_dir: str | None = None,
         mask_suffixes: Sequence[str] = ("", "_mask"),
+        recursive: bool = False,
         mask_mode: str = "palette",
         palette: Mapping[str, Sequence[int]] | Sequence[Sequence[int]] | None = None,
         class_names: Sequence[str] | None = None,
@@ -276,6 +277,12 @@ class SegDataModule(pl.LightningDataModule):
         self._num_classes = _fixed_num_classes(mask_mode, self._palette, num_classes)
         self._image_dir, self._mask_dir = image_dir, mask_dir
         self._mask_suffixes, self._mask_mode, self._strict = tuple(mask_suffixes), mask_mode, strict
+        if not isinstance(recursive, bool):
+            raise LungsegError(
+                f"data.recursive is {recursive!r}; give true (search the data folders' "
+                f"sub-folders too) or false."
+            )
+        self._recursive = recursive
         self._given_class_names = None if class_names is None else list(class_names)
         self._in_channels, self._image_size = in_channels, _parse_size(image_size)
         self._context = context.check_context(context_slices)
@@ -358,7 +365,9 @@ class SegDataModule(pl.LightningDataModule):
     def _cache_all(self) -> None:
         """setup's work: pair, split, decode, cache, statistics."""
         self.skipped.clear()
-        pairs = find_pairs(*self._data_dirs(), self._mask_suffixes, self._strict, self.skipped)
+        pairs = find_pairs(
+            *self._data_dirs(), self._mask_suffixes, self._strict, self.skipped, self._recursive
+        )
         self._bit_depths.clear()
         self._turned.clear()
         pairs, images, masks = self._decode_all(pairs)
@@ -370,6 +379,8 @@ class SegDataModule(pl.LightningDataModule):
             rows = context.neighbours(names, self._context, self._slice_pattern)
             images = [np.concatenate([images[j] for j in row], axis=2) for row in rows]
             self._log_context(names, rows)
+        if self._group_pattern is None and self._split_file is None:
+            _check_folder_grouping(names)
         split = splits.make_split(
             names,
             self._fractions,
@@ -834,6 +845,24 @@ def _check_orientations(turned: Mapping[Pair, tuple[int, int]]) -> None:
         ORIENTATIONS[turn],
         pair.mask.name,
         ORIENTATIONS[mask_turn],
+    )
+
+
+def _check_folder_grouping(names: Sequence[str]) -> None:
+    """Warn when the files lie in several sub-folders (data.recursive) but the split takes
+    each file on its own: sub-folders are mostly patients or scans, whose slices must not be
+    split between train and test."""
+    folders = {name.rpartition("/")[0] for name in names}
+    if len(folders - {""}) < 2:
+        return
+    log.warning(
+        "The %d files lie in %d sub-folders, but data.group_pattern is not set, so the split "
+        "takes every file on its own and slices of one sub-folder can land in train and test. "
+        "If each sub-folder holds one patient (or scan), split by it: on the command line "
+        "\"data.group_pattern='^([^/]+)/'\" (the first folder below data.image_dir; the "
+        "double quotes keep the shell's hands off it).",
+        len(names),
+        len(folders),
     )
 
 

@@ -1,10 +1,14 @@
 """Find image/mask files, pair them by name, and read and write pixels.
 
 Pairing is by file stem, never by sorted position: image `a.png` takes the mask whose stem is
-`a` + one of `mask_suffixes`, with any image extension (`a.png`, `a_mask.tif`, ...).
+`a` + one of `mask_suffixes`, with any image extension (`a.png`, `a_mask.tif`, ...). With
+``recursive`` the sub-folders are searched too and a file's key is its path below the folder
+without extension (`p01/slice_003`): image `p01/slice_003.png` pairs with mask
+`p01/slice_003.png` (or `p01/slice_003_mask.png`) below the mask folder.
 """
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Pair:
-    stem: str  # the image's file stem; the key used for splits and outputs
+    stem: str  # the image's key (file_key): its stem, or `sub/folder/stem` when recursive
     image: Path
     mask: Path
 
@@ -35,10 +39,16 @@ def find_pairs(
     mask_suffixes: Sequence[str] = ("", "_mask"),
     strict: bool = True,
     skipped: list[tuple[Path, str]] | None = None,
+    recursive: bool = False,
 ) -> list[Pair]:
     """Pair images and masks by file stem, never by sorted position. Image `a.png` pairs with a
     mask whose stem is `a` + one of mask_suffixes (`a.png`, `a_mask.png`, also other extensions:
     `a.tif`). Returns pairs sorted by stem.
+
+    With ``recursive`` both folders are searched with their sub-folders (hidden ones and, when
+    one data folder lies inside the other, that one excepted) and the image `p01/a.png` pairs
+    with the mask `p01/a.png` or `p01/a_mask.png` of the mask folder: the stem is the path
+    below the folder (``file_key``).
 
     Files without an image extension and hidden files (`.DS_Store`, macOS `._a.png`) are ignored.
     When image_dir and mask_dir are the same folder, files whose stem ends with a non-empty
@@ -48,8 +58,11 @@ def find_pairs(
     """
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     suffixes = list(dict.fromkeys(mask_suffixes))
-    images = _list_images(image_dir, "image", "data.image_dir")
-    if image_dir.resolve() == mask_dir.resolve():
+    same = image_dir.resolve() == mask_dir.resolve()
+    images = _list_images(
+        image_dir, "image", "data.image_dir", recursive, None if same else mask_dir
+    )
+    if same:
         suffixes = [s for s in suffixes if s]
         if not suffixes:
             raise LungsegError(
@@ -68,7 +81,7 @@ def find_pairs(
                 "data.mask_suffixes or keep images and masks in separate folders."
             )
     else:
-        masks = _list_images(mask_dir, "mask", "data.mask_dir")
+        masks = _list_images(mask_dir, "mask", "data.mask_dir", recursive, image_dir)
 
     image_by_stem = _index_images_by_stem(images, image_dir)
     masks_by_stem, orphan_masks = _match_masks(masks, image_by_stem, suffixes, mask_dir)
@@ -77,7 +90,14 @@ def find_pairs(
     orphan_images = sorted(p for s, p in image_by_stem.items() if s not in masks_by_stem)
     if orphan_images or orphan_masks:
         _report_unpaired(
-            orphan_images, orphan_masks, image_dir, mask_dir, suffixes, strict, bool(masks_by_stem)
+            orphan_images,
+            orphan_masks,
+            image_dir,
+            mask_dir,
+            suffixes,
+            strict,
+            bool(masks_by_stem),
+            recursive,
         )
         if skipped is not None:
             skipped += [(p, "image without a mask") for p in orphan_images]
@@ -115,21 +135,63 @@ def _check_folder(folder: Path, role: str, setting: str) -> None:
         )
 
 
-def _list_images(folder: Path, role: str, setting: str) -> list[Path]:
+def _list_images(
+    folder: Path, role: str, setting: str, recursive: bool = False, skip: Path | None = None
+) -> list[Path]:
+    """The image files of ``folder`` (sorted; hidden files left out); with ``recursive`` also
+    those of its sub-folders, except hidden ones and ``skip`` (the other data folder, or an
+    output folder, when it lies inside this one)."""
     _check_folder(folder, role, setting)
+    found = _walk(folder, skip) if recursive else folder.iterdir()
     files = sorted(
         p
-        for p in folder.iterdir()
+        for p in found
         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
     )
     if not files:
+        flag = f"{setting.rpartition('.')[0]}.recursive".lstrip(".")
+        where = (
+            "holds no image files, in it or its sub-folders"
+            if recursive
+            else f"holds no image files{_contents(folder)}"
+        )
+        searched = "" if recursive else f"; sub-folders are not searched unless {flag}=true"
         raise LungsegError(
-            f"The {role} folder {folder} holds no image files{_contents(folder)}. Accepted "
-            f"extensions: {', '.join(IMAGE_EXTENSIONS)} (in any letter case); sub-folders are "
-            f"not searched. Point {setting} at the folder with the files or convert them to one "
-            "of these formats."
+            f"The {role} folder {folder} {where}. Accepted extensions: "
+            f"{', '.join(IMAGE_EXTENSIONS)} (in any letter case){searched}. Point {setting} at "
+            "the folder with the files or convert them to one of these formats."
         )
     return files
+
+
+def _walk(folder: Path, skip: Path | None) -> list[Path]:
+    """Every file below ``folder``, hidden folders and ``skip`` left out; linked folders are
+    followed once (a link back up the tree would loop)."""
+    skipped = None if skip is None else os.path.realpath(skip)
+    seen: set[str] = set()
+    files = []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(top))
+        dirs[:] = [
+            d
+            for d in sorted(dirs)
+            if not d.startswith(".")
+            and os.path.realpath(os.path.join(top, d)) not in seen | {skipped}
+        ]
+        files += [Path(top, name) for name in names]
+    return files
+
+
+def file_key(path: Path, root: Path) -> str:
+    """A file's key in its data folder: its path below ``root`` without the extension, with
+    "/" between folders (`a` for root/a.png, `p01/a` for root/p01/a.png)."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def _shown(path: Path, root: Path) -> str:
+    """A file as messages name it: its path below its data folder (its name when directly in
+    it)."""
+    return path.relative_to(root).as_posix()
 
 
 # Medical volume formats, by how their file names end; DICOM files often have no extension.
@@ -195,8 +257,10 @@ def _ends_with_any(stem: str, suffixes: Iterable[str]) -> bool:
 def _index_images_by_stem(images: list[Path], image_dir: Path) -> dict[str, Path]:
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for path in images:
-        by_stem[path.stem].append(path)
-    clashes = sorted(" and ".join(p.name for p in ps) for ps in by_stem.values() if len(ps) > 1)
+        by_stem[file_key(path, image_dir)].append(path)
+    clashes = sorted(
+        " and ".join(_shown(p, image_dir) for p in ps) for ps in by_stem.values() if len(ps) > 1
+    )
     if clashes:
         raise LungsegError(
             f"{len(clashes)} image names in {image_dir} appear with more than one extension: "
@@ -215,13 +279,14 @@ def _match_masks(
     masks_by_stem: dict[str, list[Path]] = defaultdict(list)
     orphans, clashes = [], []
     for mask in masks:
-        stems = {mask.stem[: len(mask.stem) - len(s)] for s in suffixes if mask.stem.endswith(s)}
+        key = file_key(mask, mask_dir)
+        stems = {key[: len(key) - len(s)] for s in suffixes if key.endswith(s)}
         candidates = sorted(s for s in stems if s in image_by_stem)
         if not candidates:
             orphans.append(mask)
         elif len(candidates) > 1:
             names = " and ".join(image_by_stem[s].name for s in candidates)
-            clashes.append(f"{mask.name} (fits images {names})")
+            clashes.append(f"{_shown(mask, mask_dir)} (fits images {names})")
         else:
             masks_by_stem[candidates[0]].append(mask)
     if clashes:
@@ -241,7 +306,8 @@ def _check_one_mask_each(
     mask_dir: Path,
 ) -> None:
     clashes = sorted(
-        f"{image_by_stem[stem].name} (masks {' and '.join(sorted(p.name for p in ms))})"
+        f"{stem}{image_by_stem[stem].suffix} (masks "
+        f"{' and '.join(sorted(_shown(p, mask_dir) for p in ms))})"
         for stem, ms in masks_by_stem.items()
         if len(ms) > 1
     )
@@ -261,9 +327,11 @@ def _report_unpaired(
     suffixes: list[str],
     strict: bool,
     any_paired: bool,
+    recursive: bool = False,
 ) -> None:
     found = " and ".join(
-        f"{len(paths)} {kind} without {other} ({folder}): {_listing(p.name for p in paths)}"
+        f"{len(paths)} {kind} without {other} ({folder}): "
+        f"{_listing(_shown(p, folder) for p in paths)}"
         for paths, kind, other, folder in (
             (orphan_images, "images", "a mask", image_dir),
             (orphan_masks, "masks", "an image", mask_dir),
@@ -272,7 +340,12 @@ def _report_unpaired(
     )
     rule = (
         f"Image 'NAME.ext' pairs with the mask named NAME + one of data.mask_suffixes {suffixes}, "
-        f"with any of the extensions {', '.join(IMAGE_EXTENSIONS)}."
+        f"with any of the extensions {', '.join(IMAGE_EXTENSIONS)}"
+        + (
+            ", in the same sub-folder below data.mask_dir as the image below data.image_dir."
+            if recursive
+            else "."
+        )
     )
     if strict:
         raise LungsegError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -343,9 +343,17 @@ def listed_stems(path: str | Path, stems: Sequence[str]) -> set[str]:
 
 
 def _stem_of(file: str, known: set[str]) -> str | None:
-    """The known stem a split-file entry names: the stem itself or a file name (with folders)."""
-    name = Path(file).name
-    for candidate in (file, name, Path(name).stem):
+    """The known stem a split-file entry names: the stem itself or a file name (with folders),
+    or, for data.recursive keys (`p01/a`), the path below the data folder with or without
+    its extension (Windows separators too)."""
+    path = PurePosixPath(file.replace("\\", "/"))
+    for candidate in (
+        file,
+        path.as_posix(),
+        str(path.with_suffix("")) if path.name else file,
+        path.name,
+        PurePosixPath(path.name).stem if path.name else file,
+    ):
         if candidate in known:
             return candidate
     return None
