@@ -49,7 +49,7 @@ from lungseg.data import splits
 from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import Pair, _list_images, check_output_folder, find_pairs, read_image
 from lungseg.data.folders import existing as taken
-from lungseg.data.masks import decode_mask
+from lungseg.data.masks import decode_layers
 from lungseg.errors import LungsegError
 from lungseg.inference import (
     BitDepthCheck,
@@ -403,12 +403,16 @@ def _palette(palette: Any) -> list[list[int]] | None:
 def _read_mask(
     pair: Pair, size: tuple[int, int], mode: str, palette: Any, num_classes: int
 ) -> np.ndarray:
-    """(H, W) class ids of pair.mask, which must have its image's size."""
-    raw = read_image(pair.mask)
-    if raw.shape[:2] != tuple(size):
-        raise LungsegError(
-            f"Image {pair.image} is {size[1]}x{size[0]} pixels (width x height) but its mask "
-            f"{pair.mask} is {raw.shape[1]}x{raw.shape[0]}. A mask must have its image's size; "
-            f"re-export the mask at the image's size or remove the pair."
-        )
-    return decode_mask(raw, mode, pair.mask, palette, num_classes)
+    """(H, W) class ids of pair's mask file(s) (one per folder of a data.mask_dir list), which
+    must have its image's size."""
+    raws = []
+    for path in pair.masks:
+        raw = read_image(path)
+        if raw.shape[:2] != tuple(size):
+            raise LungsegError(
+                f"Image {pair.image} is {size[1]}x{size[0]} pixels (width x height) but its "
+                f"mask {path} is {raw.shape[1]}x{raw.shape[0]}. A mask must have its image's "
+                f"size; re-export the mask at the image's size or remove the pair."
+            )
+        raws.append(raw)
+    return decode_layers(raws, pair.masks, mode, palette, num_classes)

@@ -164,7 +164,7 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
         "recursive=true",
     )
     recursive = cfg.get("recursive", False)
-    images = _list_images(input_dir, "input", "input_dir", recursive, output_dir)
+    images = _list_images(input_dir, "input", "input_dir", recursive, [output_dir])
     if output_dir.resolve() == input_dir.resolve():
         raise LungsegError(
             f"output_dir is input_dir ({input_dir}): the masks <stem>.png would replace the "

@@ -31,9 +31,10 @@ from lungseg.data.folders import (
     Pair,
     check_data_dirs,
     find_pairs,
+    mask_folders,
     read_image_oriented,
 )
-from lungseg.data.masks import MASK_MODES, decode_mask, default_colors
+from lungseg.data.masks import MASK_MODES, check_layered_mode, decode_layers, default_colors
 from lungseg.errors import LungsegError
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class SegDataModule(pl.LightningDataModule):
     def __init__(
         self,
         image_dir: str | None = None,
-        mask_dir: str | None = None,
+        mask_dir: str | Sequence[str] | None = None,
         mask_suffixes: Sequence[str] = ("", "_mask"),
         recursive: bool = False,
         mask_mode: str = "palette",
@@ -273,7 +274,18 @@ class SegDataModule(pl.LightningDataModule):
                 f"and data.mask_dir null) has RGB palette masks. Set data.mask_mode=palette, or "
                 f"point data.image_dir and data.mask_dir at your own data."
             )
+        # several mask folders, one class each (Montgomery's leftMask, rightMask)
+        self._layers = [] if mask_dir is None else mask_folders(mask_dir)
+        check_layered_mode(len(self._layers), mask_mode)
         self._palette_names, self._palette = _parse_palette(palette, mask_mode, self._demo)
+        layered = len(self._layers) + 1 if len(self._layers) > 1 and mask_mode == "index" else None
+        if layered is not None and num_classes not in (None, layered):
+            raise LungsegError(
+                f"data.num_classes is {num_classes!r} but data.mask_dir lists "
+                f"{len(self._layers)} folders, one class each: {layered} classes with the "
+                f"background. Set data.num_classes={layered} or null."
+            )
+        num_classes = layered or num_classes
         self._num_classes = _fixed_num_classes(mask_mode, self._palette, num_classes)
         self._image_dir, self._mask_dir = image_dir, mask_dir
         self._mask_suffixes, self._mask_mode, self._strict = tuple(mask_suffixes), mask_mode, strict
@@ -293,7 +305,7 @@ class SegDataModule(pl.LightningDataModule):
         self._window = window  # checked by scale_intensity
         self._bit_depths: dict[str, tuple[int, int]] = {}  # image name: (bits, largest value)
         # pair: (image's, mask's EXIF orientation) where they differ; see _check_orientations
-        self._turned: dict[Pair, tuple[int, int]] = {}
+        self._turned: dict[Pair, tuple[int, int, Path]] = {}
         self.skipped: list[tuple[Path, str]] = []  # data.strict=false: (file, reason)
         self._offset = float(intensity_offset)
         self._fractions, self._seed = split, seed
@@ -522,10 +534,11 @@ class SegDataModule(pl.LightningDataModule):
     def _check_setup(self) -> None:
         assert self._split is not None, "call prepare_data() and setup() first"
 
-    def _data_dirs(self) -> tuple[Path, Path]:
+    def _data_dirs(self) -> tuple[Path, Path | list[Path]]:
         if self._demo:  # idempotent: returns at once when prepare_data generated it
             return make_demo_dataset(*self._demo_args)
-        return Path(self._image_dir).expanduser(), Path(self._mask_dir).expanduser()
+        masks = self._layers if len(self._layers) > 1 else self._layers[0]
+        return Path(self._image_dir).expanduser(), masks
 
     def _image_info(self) -> dict[str, Any]:
         """The data_info entries that transforms.preprocess and transforms.normalize read."""
@@ -587,27 +600,33 @@ class SegDataModule(pl.LightningDataModule):
         data.soft_masks the mask's class fractions at image_size (``transforms.soft_mask``), or,
         while the number of classes is not known yet, the mask at its own size for ``setup``
         to count the classes in and convert."""
-        (raw, turn), (raw_mask, mask_turn) = map(read_image_oriented, (pair.image, pair.mask))
-        if turn != mask_turn:
-            self._turned[pair] = (turn, mask_turn)
-        if raw_mask.shape[:2] != raw.shape[:2]:
-            hint = "".join(
-                f" {path.name} carries an EXIF orientation that lungseg applies, as image "
-                f"viewers do ({ORIENTATIONS[t]}); its stored pixels are "
-                f"{shape[0]}x{shape[1]}."
-                for path, t, shape in (
-                    (pair.image, turn, raw.shape),
-                    (pair.mask, mask_turn, raw_mask.shape),
+        raw, turn = read_image_oriented(pair.image)
+        raw_masks = []
+        for path in pair.masks:  # one file, or one per folder of data.mask_dir
+            raw_mask, mask_turn = read_image_oriented(path)
+            if turn != mask_turn:
+                self._turned.setdefault(pair, (turn, mask_turn, path))
+            if raw_mask.shape[:2] != raw.shape[:2]:
+                hint = "".join(
+                    f" {file.name} carries an EXIF orientation that lungseg applies, as image "
+                    f"viewers do ({ORIENTATIONS[t]}); its stored pixels are "
+                    f"{shape[0]}x{shape[1]}."
+                    for file, t, shape in (
+                        (pair.image, turn, raw.shape),
+                        (path, mask_turn, raw_mask.shape),
+                    )
+                    if t in (5, 6, 7, 8)
                 )
-                if t in (5, 6, 7, 8)
-            )
-            raise LungsegError(
-                f"Image {pair.image} is {raw.shape[1]}x{raw.shape[0]} pixels (width x "
-                f"height) but its mask {pair.mask} is {raw_mask.shape[1]}x{raw_mask.shape[0]}."
-                f"{hint} A mask must have its image's size; re-export the mask at the image's "
-                f"size or remove the pair."
-            )
-        mask = decode_mask(raw_mask, self._mask_mode, pair.mask, self._palette, self._num_classes)
+                raise LungsegError(
+                    f"Image {pair.image} is {raw.shape[1]}x{raw.shape[0]} pixels (width x "
+                    f"height) but its mask {path} is {raw_mask.shape[1]}x{raw_mask.shape[0]}."
+                    f"{hint} A mask must have its image's size; re-export the mask at the "
+                    f"image's size or remove the pair."
+                )
+            raw_masks.append(raw_mask)
+        mask = decode_layers(
+            raw_masks, pair.masks, self._mask_mode, self._palette, self._num_classes
+        )
         image = transforms.preprocess(raw, self._image_info(), pair.image)
         if raw.dtype in (np.uint8, np.uint16):  # of the pairs used: _check_bit_depths, data_info
             self._bit_depths[pair.image.name] = (raw.dtype.itemsize * 8, int(raw.max()))
@@ -631,6 +650,10 @@ class SegDataModule(pl.LightningDataModule):
             return list(self._palette_names)
         if self._mask_mode == "binary":
             return ["background", "foreground"]
+        if len(self._layers) > 1:  # a class a folder: named after its folder
+            names = ["background", *(folder.name for folder in self._layers)]
+            if len(set(names)) == k:
+                return names
         return ["background"] + [f"class_{i}" for i in range(1, k)]
 
     def _loader(self, dataset: CachedSegDataset, train: bool) -> DataLoader:
@@ -827,13 +850,13 @@ def _parse_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size[0], size[1]
 
 
-def _check_orientations(turned: Mapping[Pair, tuple[int, int]]) -> None:
+def _check_orientations(turned: Mapping[Pair, tuple[int, int, Path]]) -> None:
     """Warn about pairs whose image and mask carry different EXIF orientations: each file is
     turned as image viewers show it, which is right for masks drawn in a viewer or annotation
     tool, and wrong for masks made from the stored pixels (then image and mask disagree)."""
     if not turned:
         return
-    pair, (turn, mask_turn) = min(turned.items(), key=lambda item: item[0].stem)
+    pair, (turn, mask_turn, mask) = min(turned.items(), key=lambda item: item[0].stem)
     log.warning(
         "%d image/mask pairs carry different EXIF orientations, e.g. image %s (%s) and its mask "
         "%s (%s). lungseg turns each file as image viewers show it, which matches masks drawn "
@@ -843,7 +866,7 @@ def _check_orientations(turned: Mapping[Pair, tuple[int, int]]) -> None:
         len(turned),
         pair.image,
         ORIENTATIONS[turn],
-        pair.mask.name,
+        mask.name,
         ORIENTATIONS[mask_turn],
     )
 

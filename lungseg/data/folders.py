@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,11 +32,18 @@ class Pair:
     stem: str  # the image's key (file_key): its stem, or `sub/folder/stem` when recursive
     image: Path
     mask: Path
+    # data.mask_dir as a list of folders (one class each): the masks of the 2nd, 3rd, ... folder
+    more_masks: tuple[Path, ...] = ()
+
+    @property
+    def masks(self) -> tuple[Path, ...]:
+        """Every mask file of the pair, in the order of data.mask_dir's folders."""
+        return (self.mask, *self.more_masks)
 
 
 def find_pairs(
     image_dir: str | Path,
-    mask_dir: str | Path,
+    mask_dir: str | Path | Sequence[str | Path],
     mask_suffixes: Sequence[str] = ("", "_mask"),
     strict: bool = True,
     skipped: list[tuple[Path, str]] | None = None,
@@ -50,17 +58,24 @@ def find_pairs(
     with the mask `p01/a.png` or `p01/a_mask.png` of the mask folder: the stem is the path
     below the folder (``file_key``).
 
+    ``mask_dir`` may list several folders, each with one binary mask per image (one class
+    each, e.g. Montgomery's leftMask and rightMask): an image then pairs only when every
+    folder has its mask, and ``Pair.more_masks`` holds those of the second folder on.
+
     Files without an image extension and hidden files (`.DS_Store`, macOS `._a.png`) are ignored.
     When image_dir and mask_dir are the same folder, files whose stem ends with a non-empty
     suffix are the masks and the others the images. Unpaired files raise LungsegError
     (strict=True) or are skipped with one warning (strict=False) and appended to ``skipped``
     as (path, reason); ambiguous names always raise.
     """
-    image_dir, mask_dir = Path(image_dir), Path(mask_dir)
+    image_dir, mask_dirs = Path(image_dir), mask_folders(mask_dir)
     suffixes = list(dict.fromkeys(mask_suffixes))
+    if len(mask_dirs) > 1:
+        return _find_layered_pairs(image_dir, mask_dirs, suffixes, strict, skipped, recursive)
+    mask_dir = mask_dirs[0]
     same = image_dir.resolve() == mask_dir.resolve()
     images = _list_images(
-        image_dir, "image", "data.image_dir", recursive, None if same else mask_dir
+        image_dir, "image", "data.image_dir", recursive, [] if same else mask_dirs
     )
     if same:
         suffixes = [s for s in suffixes if s]
@@ -81,7 +96,7 @@ def find_pairs(
                 "data.mask_suffixes or keep images and masks in separate folders."
             )
     else:
-        masks = _list_images(mask_dir, "mask", "data.mask_dir", recursive, image_dir)
+        masks = _list_images(mask_dir, "mask", "data.mask_dir", recursive, [image_dir])
 
     image_by_stem = _index_images_by_stem(images, image_dir)
     masks_by_stem, orphan_masks = _match_masks(masks, image_by_stem, suffixes, mask_dir)
@@ -105,6 +120,74 @@ def find_pairs(
     return [Pair(s, image_by_stem[s], masks_by_stem[s][0]) for s in sorted(masks_by_stem)]
 
 
+def mask_folders(mask_dir: str | Path | Sequence[str | Path]) -> list[Path]:
+    """data.mask_dir as a list of folders: one folder, or the folders of a list."""
+    if isinstance(mask_dir, (str, Path)):
+        return [Path(mask_dir).expanduser()]
+    folders = [Path(str(m)).expanduser() for m in mask_dir]
+    if not folders:
+        raise LungsegError(
+            "data.mask_dir is an empty list. Give the mask folder, or a list of folders "
+            "that each hold one class's binary masks, e.g. data.mask_dir=[left,right]."
+        )
+    return folders
+
+
+def _find_layered_pairs(
+    image_dir: Path,
+    mask_dirs: list[Path],
+    suffixes: list[str],
+    strict: bool,
+    skipped: list[tuple[Path, str]] | None,
+    recursive: bool,
+) -> list[Pair]:
+    """find_pairs for several mask folders: each is paired with the images on its own; an
+    image is kept when every folder has its mask."""
+    resolved = [m.resolve() for m in mask_dirs]
+    if image_dir.resolve() in resolved or len(set(resolved)) < len(resolved):
+        raise LungsegError(
+            f"data.mask_dir lists {[str(m) for m in mask_dirs]}: with several mask folders "
+            f"each must be its own folder (not data.image_dir {image_dir}, and none twice), "
+            f"holding one class's binary masks under the images' names."
+        )
+    images = _list_images(image_dir, "image", "data.image_dir", recursive, mask_dirs)
+    image_by_stem = _index_images_by_stem(images, image_dir)
+    per_folder = []
+    for i, mask_dir in enumerate(mask_dirs):
+        setting = f"data.mask_dir[{i}]"
+        masks = _list_images(mask_dir, "mask", setting, recursive, [image_dir])
+        by_stem, orphan_masks = _match_masks(masks, image_by_stem, suffixes, mask_dir)
+        _check_one_mask_each(by_stem, image_by_stem, suffixes, mask_dir)
+        orphan_images = sorted(p for s, p in image_by_stem.items() if s not in by_stem)
+        if orphan_images or orphan_masks:
+            _report_unpaired(
+                orphan_images,
+                orphan_masks,
+                image_dir,
+                mask_dir,
+                suffixes,
+                strict,
+                bool(by_stem),
+                recursive,
+                f"a mask in {mask_dir}",
+            )
+            if skipped is not None:
+                skipped += [(p, f"image without a mask in {mask_dir}") for p in orphan_images]
+                skipped += [(p, "mask without an image") for p in orphan_masks]
+        per_folder.append(by_stem)
+    common = sorted(set.intersection(*(set(by_stem) for by_stem in per_folder)))
+    if not common:
+        raise LungsegError(
+            f"No image in {image_dir} has a mask in every folder of data.mask_dir "
+            f"({', '.join(map(str, mask_dirs))}). Each folder needs a mask for each image, "
+            "under the image's name (plus one of data.mask_suffixes)."
+        )
+    return [
+        Pair(s, image_by_stem[s], per_folder[0][s][0], tuple(f[s][0] for f in per_folder[1:]))
+        for s in common
+    ]
+
+
 def existing(paths: Iterable[Path]) -> list[Path]:
     """The ``paths`` taken by a file, folder or link (a dangling link exists as a name, and
     writing through it would write outside the folder): outputs that must not be replaced."""
@@ -117,13 +200,16 @@ def check_output_folder(folder: Path) -> None:
         raise LungsegError(f"output_dir {folder} is a file; give a folder (created if needed).")
 
 
-def check_data_dirs(image_dir: str | Path | None, mask_dir: str | Path | None) -> None:
+def check_data_dirs(image_dir: str | Path | None, mask_dir: Any) -> None:
     """LungsegError unless data.image_dir and data.mask_dir, where set, are existing folders.
     Checked first: a mistyped path also makes the settings that suit the data look wrong
     (data.palette, needed for your own palette masks), and the path is the mistake to report."""
-    for folder, role in ((image_dir, "image"), (mask_dir, "mask")):
-        if folder is not None:
-            _check_folder(Path(folder).expanduser(), role, f"data.{role}_dir")
+    if image_dir is not None:
+        _check_folder(Path(image_dir).expanduser(), "image", "data.image_dir")
+    if mask_dir is not None:
+        folders = mask_folders(mask_dir)
+        for i, folder in enumerate(folders):
+            _check_folder(folder, "mask", "data.mask_dir" + (f"[{i}]" if len(folders) > 1 else ""))
 
 
 def _check_folder(folder: Path, role: str, setting: str) -> None:
@@ -136,11 +222,11 @@ def _check_folder(folder: Path, role: str, setting: str) -> None:
 
 
 def _list_images(
-    folder: Path, role: str, setting: str, recursive: bool = False, skip: Path | None = None
+    folder: Path, role: str, setting: str, recursive: bool = False, skip: Sequence[Path] = ()
 ) -> list[Path]:
     """The image files of ``folder`` (sorted; hidden files left out); with ``recursive`` also
-    those of its sub-folders, except hidden ones and ``skip`` (the other data folder, or an
-    output folder, when it lies inside this one)."""
+    those of its sub-folders, except hidden ones and those of ``skip`` (the other data
+    folders, or an output folder, when they lie inside this one)."""
     _check_folder(folder, role, setting)
     found = _walk(folder, skip) if recursive else folder.iterdir()
     files = sorted(
@@ -164,10 +250,10 @@ def _list_images(
     return files
 
 
-def _walk(folder: Path, skip: Path | None) -> list[Path]:
-    """Every file below ``folder``, hidden folders and ``skip`` left out; linked folders are
-    followed once (a link back up the tree would loop)."""
-    skipped = None if skip is None else os.path.realpath(skip)
+def _walk(folder: Path, skip: Sequence[Path]) -> list[Path]:
+    """Every file below ``folder``, hidden folders and those of ``skip`` left out; linked
+    folders are followed once (a link back up the tree would loop)."""
+    skipped = {os.path.realpath(s) for s in skip}
     seen: set[str] = set()
     files = []
     for top, dirs, names in os.walk(folder, followlinks=True):
@@ -176,7 +262,7 @@ def _walk(folder: Path, skip: Path | None) -> list[Path]:
             d
             for d in sorted(dirs)
             if not d.startswith(".")
-            and os.path.realpath(os.path.join(top, d)) not in seen | {skipped}
+            and os.path.realpath(os.path.join(top, d)) not in seen | skipped
         ]
         files += [Path(top, name) for name in names]
     return files
@@ -328,12 +414,13 @@ def _report_unpaired(
     strict: bool,
     any_paired: bool,
     recursive: bool = False,
+    wanted: str = "a mask",
 ) -> None:
     found = " and ".join(
         f"{len(paths)} {kind} without {other} ({folder}): "
         f"{_listing(_shown(p, folder) for p in paths)}"
         for paths, kind, other, folder in (
-            (orphan_images, "images", "a mask", image_dir),
+            (orphan_images, "images", wanted, image_dir),
             (orphan_masks, "masks", "an image", mask_dir),
         )
         if paths

@@ -6,6 +6,10 @@
              range (JPEG noise, anti-aliased or resized edges: 0, 3, 120, 254, 255 ...) is
              cut halfway to its top value instead, with a warning.
 - `palette`: each class has an RGB colour, class i = palette[i].
+
+Masks split over several folders (data.mask_dir as a list, one class a folder, as
+Montgomery's leftMask/rightMask): each file is read as a binary mask, then united
+(`binary`: one foreground class) or numbered by folder (`index`: folder i is class i + 1).
 """
 
 import colorsys
@@ -39,6 +43,37 @@ def decode_mask(
     if mode == "palette":
         return _decode_palette(raw, path, _palette_array(palette, num_classes))
     raise _unknown_mode(mode)
+
+
+def decode_layers(
+    raws: Sequence[np.ndarray],
+    paths: Sequence[Path],
+    mode: str,
+    palette: Sequence[Sequence[int]] | None = None,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """(H, W) uint8 class-index map of a pair's mask files (``Pair.masks``, read with
+    read_image): one file as ``decode_mask``; several, one per folder of data.mask_dir, each
+    read as a binary mask, then united (mode binary) or numbered in folder order (mode index:
+    the i-th folder is class i, 1-based; where two overlap the later folder's class wins)."""
+    if len(paths) == 1:
+        return decode_mask(raws[0], mode, paths[0], palette, num_classes)
+    check_layered_mode(len(paths), mode)
+    out = np.zeros(raws[0].shape[:2], np.uint8)
+    for number, (raw, path) in enumerate(zip(raws, paths, strict=True), 1):
+        out[decode_mask(raw, "binary", path) > 0] = 1 if mode == "binary" else number
+    return out
+
+
+def check_layered_mode(folders: int, mode: str) -> None:
+    """LungsegError unless masks from ``folders`` folders (one class each) can be read in
+    ``mode``: binary or index (one folder needs no check)."""
+    if folders > 1 and mode not in ("binary", "index"):
+        raise LungsegError(
+            f"data.mask_dir lists {folders} folders, one class each, but data.mask_mode is "
+            f"{mode!r}. Set data.mask_mode=binary (one foreground class: the masks united) or "
+            f"index (the folders' classes numbered 1, 2, ... in data.mask_dir's order)."
+        )
 
 
 def _decode_binary(gray: np.ndarray, path: Path) -> np.ndarray:

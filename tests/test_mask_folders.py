@@ -1,0 +1,154 @@
+"""data.mask_dir as a list of folders, one class's binary masks each (Montgomery's leftMask and
+rightMask, JSRT's organs): pairing, decoding, the DataModule, and train + eval on such data."""
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from test_evaluate import eval_cfg, read_outputs
+
+from lungseg.data.datamodule import SegDataModule
+from lungseg.data.folders import Pair, find_pairs
+from lungseg.data.masks import decode_layers
+from lungseg.errors import LungsegError
+from lungseg.evaluate import evaluate
+from lungseg.train import train
+
+
+def touch(folder: Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+
+
+def two_lungs(root: Path, n: int = 8, size: tuple[int, int] = (40, 48)):
+    """root/images/cxr{i}.png with 0/255 masks of the left lung in root/left and of the right
+    lung in root/right (the two overlap in a 2-px band), as the Montgomery set ships them."""
+    rng = np.random.default_rng(0)
+    h, w = size
+    folders = [root / name for name in ("images", "left", "right")]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    for i in range(n):
+        left, right = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
+        left[8:32, 6 : w // 2 + 1] = 255
+        right[8:32, w // 2 - 1 : w - 6] = 255
+        image = (40 + 120 * ((left | right) > 0) + rng.integers(0, 30, (h, w))).astype(np.uint8)
+        cv2.imwrite(str(folders[0] / f"cxr{i}.png"), image)
+        cv2.imwrite(str(folders[1] / f"cxr{i}.png"), left)
+        cv2.imwrite(str(folders[2] / f"cxr{i}_mask.png"), right)
+    return folders
+
+
+def test_an_image_pairs_with_a_mask_in_every_folder(tmp_path):
+    touch(tmp_path / "img", "a.png", "b.png", "c.png")
+    touch(tmp_path / "left", "a.png", "b.png", "c.png")
+    touch(tmp_path / "right", "a_mask.png", "c.png")
+    folders = [tmp_path / "left", tmp_path / "right"]
+    with pytest.raises(LungsegError) as err:
+        find_pairs(tmp_path / "img", folders)
+    assert f"1 images without a mask in {tmp_path / 'right'}" in str(err.value)
+    assert "'b.png'" in str(err.value)
+
+    skipped: list = []
+    pairs = find_pairs(tmp_path / "img", folders, strict=False, skipped=skipped)
+    assert pairs == [
+        Pair(
+            "a", tmp_path / "img/a.png", tmp_path / "left/a.png", (tmp_path / "right/a_mask.png",)
+        ),
+        Pair("c", tmp_path / "img/c.png", tmp_path / "left/c.png", (tmp_path / "right/c.png",)),
+    ]
+    assert pairs[0].masks == (tmp_path / "left/a.png", tmp_path / "right/a_mask.png")
+    assert skipped == [(tmp_path / "img/b.png", f"image without a mask in {tmp_path / 'right'}")]
+    # a list of one folder is that folder
+    assert find_pairs(tmp_path / "img", [tmp_path / "left"]) == [
+        Pair(s, tmp_path / f"img/{s}.png", tmp_path / f"left/{s}.png") for s in "abc"
+    ]
+
+
+def test_mask_folder_lists_that_cannot_work(tmp_path):
+    touch(tmp_path / "img", "a.png", "a_mask.png")
+    touch(tmp_path / "left", "a.png")
+    with pytest.raises(LungsegError, match="each must be its own folder"):
+        find_pairs(tmp_path / "img", [tmp_path / "left", tmp_path / "img"])
+    with pytest.raises(LungsegError, match="each must be its own folder"):
+        find_pairs(tmp_path / "img", [tmp_path / "left", tmp_path / "left"])
+    with pytest.raises(LungsegError, match="data.mask_dir is an empty list"):
+        find_pairs(tmp_path / "img", [])
+    with pytest.raises(
+        LungsegError, match=r"mask folder .*nowhere does not exist. Set data\.mask_dir\[1\]"
+    ):
+        SegDataModule(str(tmp_path / "img"), [str(tmp_path / "left"), str(tmp_path / "nowhere")])
+
+
+def test_layers_are_united_or_numbered_in_folder_order():
+    left = np.array([[0, 255, 255, 0]], np.uint8)
+    right = np.array([[0, 0, 1, 1]], np.uint8)  # 0/1 masks mix with 0/255 ones
+    paths = [Path("left/a.png"), Path("right/a.png")]
+    assert decode_layers([left, right], paths, "binary").tolist() == [[0, 1, 1, 1]]
+    assert decode_layers([left, right], paths, "index").tolist() == [[0, 1, 2, 2]]  # later wins
+    assert decode_layers([right, left], paths[::-1], "index").tolist() == [[0, 2, 2, 1]]
+    with pytest.raises(
+        LungsegError, match="data.mask_mode is 'palette'. Set data.mask_mode=binary"
+    ):
+        decode_layers([left, right], paths, "palette")
+
+
+def test_the_datamodule_reads_one_class_a_folder(tmp_path):
+    images, left, right = two_lungs(tmp_path)
+    dm = SegDataModule(
+        str(images), [str(left), str(right)], mask_mode="index", image_size=24, split=[0.5, 0.5, 0]
+    )
+    dm.setup()
+    assert dm.num_classes == 3 and dm.class_names == ["background", "left", "right"]
+    mask = dm.train_dataset[0]["mask"].numpy()
+    assert set(np.unique(mask)) == {0, 1, 2}
+    assert (mask[:, :10] != 2).all() and (mask[:, -10:] != 1).all()  # left stays left
+
+    dm = SegDataModule(str(images), [str(left), str(right)], mask_mode="binary", image_size=24)
+    dm.setup()
+    assert dm.num_classes == 2 and set(np.unique(dm.train_dataset[0]["mask"].numpy())) == {0, 1}
+
+    with pytest.raises(LungsegError, match=r"data.num_classes is 4 but data.mask_dir lists 2"):
+        SegDataModule(str(images), [str(left), str(right)], mask_mode="index", num_classes=4)
+    with pytest.raises(LungsegError, match="lists 2 folders, one class each, but data.mask_mode"):
+        SegDataModule(str(images), [str(left), str(right)])  # palette, the default
+
+    cv2.imwrite(str(right / "cxr3_mask.png"), np.zeros((20, 20), np.uint8))
+    with pytest.raises(LungsegError, match=r"its mask \S*right/cxr3_mask\.png is 20x20"):
+        SegDataModule(str(images), [str(left), str(right)], mask_mode="index").setup()
+
+
+def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg):
+    images, left, right = two_lungs(tmp_path / "data", n=12)
+    cfg = make_cfg(
+        f"data.image_dir={images}",
+        f"data.mask_dir=[{left},{right}]",  # as typed on the command line
+        "data.mask_mode=index",
+        "data.image_size=24",
+    )
+    result = train(cfg)
+    ckpt = result["best_checkpoint"]
+    with (Path(cfg.output_dir) / "split.csv").open() as f:
+        test = sorted(row["file"] for row in csv.DictReader(f) if row["split"] == "test")
+
+    # the run's test split, read with the run's two mask folders
+    evaluate(eval_cfg(tmp_path, ckpt))
+    rows, summary = read_outputs(tmp_path / "eval")
+    assert [row["image"] for row in rows] == test
+    assert set(summary["classes"]) == {"left", "right"}
+    # other data in the same layout; where the two overlap the later folder's class wins
+    evaluate(
+        eval_cfg(
+            tmp_path / "all", ckpt, f"data.image_dir={images}", f"data.mask_dir=[{left},{right}]"
+        )
+    )
+    rows, _ = read_outputs(tmp_path / "all" / "eval")
+    row = next(r for r in rows if r["image"] == "cxr0")
+    in_left = cv2.imread(str(left / "cxr0.png"), cv2.IMREAD_GRAYSCALE) > 0
+    in_right = cv2.imread(str(right / "cxr0_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
+    assert (in_left & in_right).sum() == 48
+    assert int(row["target_pixels_right"]) == in_right.sum()
+    assert int(row["target_pixels_left"]) == (in_left & ~in_right).sum()
