@@ -341,7 +341,7 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
                 "checkpoint's training run."
             )
         suffixes = data.mask_suffixes or DEFAULT_MASK_SUFFIXES
-        recursive = bool(data.get("recursive"))
+        recursive = _recursive(data.get("recursive"))
         pairs = find_pairs(
             data.image_dir, data.mask_dir, list(suffixes), data.strict, recursive=recursive
         )
@@ -364,8 +364,8 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
     else:
         folders = (run_data.image_dir, run_data.mask_dir)
     suffixes = data.mask_suffixes or run_data.mask_suffixes
-    recursive = data.get("recursive")
-    recursive = run_data.get("recursive", False) if recursive is None else recursive
+    recursive = _recursive(data.get("recursive"))
+    recursive = run_data.get("recursive", False) if data.get("recursive") is None else recursive
     pairs = find_pairs(*folders, list(suffixes), run_data.strict, recursive=bool(recursive))
     if not run_data.strict:
         # data.strict=false left out the pairs the run could not use (corrupt files, sizes
@@ -390,6 +390,18 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
             f"0). Score other data with data.image_dir=<images> data.mask_dir=<masks>."
         )
     return chosen, f"{which} split of {run} ({folders[0]})"
+
+
+def _recursive(value: Any) -> bool:
+    """data.recursive checked: true or false, or null (false; for a run's split, the run's)."""
+    require(
+        value is None or isinstance(value, bool),
+        "data.recursive",
+        value,
+        "true, false or null (the run's setting for its split, false for other folders)",
+        "data.recursive=true",
+    )
+    return bool(value)
 
 
 def _palette(palette: Any) -> list[list[int]] | None:

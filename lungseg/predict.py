@@ -18,7 +18,13 @@ from tqdm import tqdm
 
 from lungseg import hostmem, postprocess
 from lungseg.checks import is_number, is_whole, require
-from lungseg.data.folders import _list_images, _listing, check_output_folder, write_image
+from lungseg.data.folders import (
+    OUTPUT_MARKER,
+    _list_images,
+    _listing,
+    check_output_folder,
+    write_image,
+)
 from lungseg.data.folders import existing as taken
 from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
@@ -111,6 +117,9 @@ def predict(cfg: DictConfig) -> list[Path]:
                 raw = centre_slice(item)  # 2.5-D input: the image itself
                 pred = postprocess.classes(prob, post, info)
                 mask_path, overlay_path = outputs[path]
+                if not written:  # a later recursive=true search must not read these
+                    output_dir.mkdir(parents=True, exist_ok=True)
+                    (output_dir / OUTPUT_MARKER).touch()
                 display = scale_intensity(raw, info["window"], info["intensity_offset"])
                 _write(mask_path, encode_mask(pred, info["mask_mode"], info["palette"]))
                 _write(overlay_path, overlay(display, pred, colors, cfg.overlay_alpha))
@@ -172,6 +181,14 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
         )
     check_output_folder(output_dir)
     outputs = output_paths(images, output_dir, input_dir if recursive else None)
+    inputs = {image.resolve() for image in images}
+    clobbered = [p for ps in outputs.values() for p in ps if p.resolve() in inputs]
+    if clobbered:
+        raise LungsegError(
+            f"{len(clobbered)} output files would replace input images: "
+            f"{_listing(str(p) for p in clobbered)}. Nothing was written. Choose an "
+            f"output_dir outside input_dir's tree."
+        )
     existing = taken(p for ps in outputs.values() for p in ps)
     if existing and not cfg.overwrite:
         raise LungsegError(

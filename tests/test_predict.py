@@ -69,7 +69,10 @@ def test_masks_at_original_size_in_the_training_encoding(tmp_path, checkpoints, 
     assert sorted(p.name for p in written) == sorted(
         n for s in stems for n in (f"{s}.png", f"{s}_overlay.png")
     )
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    # and the hidden mark that keeps a recursive=true search out of the folder
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".lungseg-predictions", *(p.name for p in written)]
+    )
     model = load_checkpoint(checkpoints[name], CPU)
     info = model.hparams.data_info
     for stem in stems:
@@ -148,7 +151,7 @@ def test_names_cannot_leave_the_output_folder(tmp_path, checkpoints):
     assert {p for p in tmp_path.rglob("*") if out not in p.parents} == outside
     assert victim.read_bytes() == b"keep me"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["-rf .png", "-rf _overlay.png", "a_b_.png", "a_b__overlay.png"]
+        [".lungseg-predictions", "-rf .png", "-rf _overlay.png", "a_b_.png", "a_b__overlay.png"]
         + ["sub_.._.._evil.png", "sub_.._.._evil_overlay.png"]
     )
     assert not (out / "-rf .png").is_symlink()

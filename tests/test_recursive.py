@@ -24,7 +24,7 @@ from lungseg.evaluate import evaluate
 from lungseg.predict import predict
 from lungseg.train import train
 
-BY_FOLDER = "^([^/]+)/"
+BY_FOLDER = "^([^/]+)"
 
 
 def touch(root: Path, *names: str) -> None:
@@ -91,8 +91,21 @@ def test_linked_folders_are_followed_once(tmp_path):
     touch(img, "p1/s.png")
     touch(msk, "p1/s.png", "p9/s.png")
     os.symlink(outside / "p9", img / "p9")  # a patient folder kept on another disk
+    os.symlink(outside / "p9", img / "p9_again")  # ... and a second name for it
     os.symlink(img, img / "p1" / "loop")  # a link back up the tree
+    os.symlink(img / "p1", img / "a_latest")  # a second name for a folder of the tree
     assert [p.stem for p in find_pairs(img, msk, recursive=True)] == ["p1/s", "p9/s"]
+
+
+def test_one_folder_spelled_two_ways_is_one_folder(tmp_path):
+    data = tmp_path / "data"
+    touch(data, "a.png", "a_mask.png", "p1/b.png", "p1/b_mask.png")
+    other = tmp_path / "x" / ".." / "data"
+    (tmp_path / "x").mkdir()
+    for recursive, stems in ((False, ["a"]), (True, ["a", "p1/b"])):
+        pairs = find_pairs(data, other, ["_mask"], recursive=recursive)
+        assert [p.stem for p in pairs] == stems
+        assert pairs[0].mask == data / "a_mask.png"
 
 
 def test_a_folder_without_images_names_the_setting_that_searches_sub_folders(tmp_path):
@@ -108,7 +121,7 @@ def test_a_folder_without_images_names_the_setting_that_searches_sub_folders(tmp
 def test_split_files_name_sub_folder_files_with_or_without_extension(tmp_path):
     stems = ["p01/a", "p01/b", "p02/a"]
     path = tmp_path / "split.csv"
-    path.write_text("file,split\np01/a.png,train\np01\\b.png,val\np02/a,test\n")
+    path.write_text("file,split\np01/a.png,train\n/data/images/p01\\b.png,val\np02/a,test\n")
     assert splits.make_split(stems, split_file=path) == {
         "p01/a": "train",
         "p01/b": "val",
@@ -117,6 +130,13 @@ def test_split_files_name_sub_folder_files_with_or_without_extension(tmp_path):
     written = tmp_path / "written.csv"
     splits.write_split({"p01/a": "train", "p01/b": "val", "p02/a": "test"}, written)
     assert splits.make_split(stems, split_file=written) == splits.make_split(stems, split_file=path)
+    # another patient's file of the same name is not this one
+    known = ["top", "slice_3", "p01/slice_3"]
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("file,split\np02/slice_3.png,train\n")
+    assert splits.listed_stems(wrong, known) == set()
+    wrong.write_text("file,split\nimages/p01/slice_3.png,train\nslice_3.png,test\ntop,val\n")
+    assert splits.listed_stems(wrong, known) == {"p01/slice_3", "slice_3", "top"}
 
 
 def test_volumes_stay_in_their_folder():
@@ -171,6 +191,12 @@ def test_the_split_keeps_each_sub_folder_together_when_told_and_warns_otherwise(
     (typed,) = re.findall(r"on the command line (\".*?\")", warned[0])
     (override,) = shlex.split(typed)
     assert make_cfg(override).data.group_pattern == BY_FOLDER
+    # and it also fits files directly in the folder (each its own group)
+    assert splits.patient_ids(["top", "p01/a", "p01/sub/b"], BY_FOLDER) == {
+        "top": "top",
+        "p01/a": "p01",
+        "p01/sub/b": "p01",
+    }
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lungseg"):
@@ -182,6 +208,19 @@ def test_the_split_keeps_each_sub_folder_together_when_told_and_warns_otherwise(
         by_patient.setdefault(stem.split("/")[0], set()).add(split)
     assert len(by_patient) == 4 and all(len(s) == 1 for s in by_patient.values())
     assert sorted(s for (s,) in by_patient.values()) == ["test", "train", "train", "val"]
+
+    # bit depths are told apart per file, not per name: p03's 16-bit slices mix with 8-bit ones
+    for k in range(3):
+        cv2.imwrite(str(images / "p03" / f"slice_{k}.png"), np.full((32, 32), 900, np.uint16))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        dm = SegDataModule(str(images), str(masks), group_pattern=BY_FOLDER, **common)
+        dm.setup()
+    (mixed,) = [r.getMessage() for r in caplog.records if "mix" in r.getMessage()]
+    assert (
+        "The images mix 9 8-bit files" in mixed and "3 16-bit files (e.g. p03/slice_0.png" in mixed
+    )
+    assert dm.data_info()["bit_depths"] == [8, 16]
 
     with pytest.raises(LungsegError, match="data.recursive is 'yes'"):
         SegDataModule(str(images), str(masks), mask_mode="binary", recursive="yes")
@@ -221,6 +260,8 @@ def test_train_eval_and_predict_on_a_tree_of_patient_folders(tmp_path, make_cfg,
     )
     rows, _ = read_outputs(tmp_path / "all" / "eval")
     assert sorted(row["image"] for row in rows) == sorted(split)
+    with pytest.raises(LungsegError, match="data.recursive is 'false'; give true, false or null"):
+        evaluate(eval_cfg(tmp_path / "typo", result["best_checkpoint"], "data.recursive='false'"))
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +284,11 @@ def test_predict_keeps_the_tree_and_never_reads_its_own_outputs(tmp_path, checkp
             predict_cfg(checkpoint, inputs, out, "recursive=true", f"overwrite={overwrite}")
         )
         assert sorted(p.relative_to(out).as_posix() for p in written) == expected
-        found = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+        found = sorted(
+            p.relative_to(out).as_posix()
+            for p in out.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
         assert found == expected
     with pytest.raises(LungsegError, match=r"already exist in .*'b\.png', 'b_overlay\.png'"):
         predict(predict_cfg(checkpoint, inputs, out, "recursive=true"))
@@ -251,6 +296,23 @@ def test_predict_keeps_the_tree_and_never_reads_its_own_outputs(tmp_path, checkp
     # without recursive=true: the images directly in the folder only
     flat = predict(predict_cfg(checkpoint, inputs, tmp_path / "flat"))
     assert sorted(p.name for p in flat) == ["b.png", "b_overlay.png"]
+
+    # an earlier run's outputs inside the input folder are not read as images either
+    again = predict(predict_cfg(checkpoint, inputs, inputs / "again", "recursive=true"))
+    assert sorted(p.relative_to(inputs / "again").as_posix() for p in again) == expected
+    assert (inputs / "again" / ".lungseg-predictions").is_file()
+
+    # an output folder above the input folder: outputs would replace inputs
+    work = tmp_path / "work"
+    (work / "ct" / "ct").mkdir(parents=True)
+    for name in ("ct/a.png", "ct/ct/a.png"):  # ct/ct/a.png's mask would be work/ct/a.png
+        cv2.imwrite(str(work / name), np.zeros((40, 40), np.uint8))
+    kept = (work / "ct" / "a.png").read_bytes()
+    with pytest.raises(
+        LungsegError, match=r"1 output files would replace input images: .*ct/a\.png"
+    ):
+        predict(predict_cfg(checkpoint, work / "ct", work, "recursive=true", "overwrite=true"))
+    assert (work / "ct" / "a.png").read_bytes() == kept
 
     (inputs / "P1").mkdir()  # p1/a.png and P1/a.png write the same file on macOS and Windows
     cv2.imwrite(str(inputs / "P1" / "a.png"), np.zeros((40, 40), np.uint8))

@@ -303,7 +303,8 @@ class SegDataModule(pl.LightningDataModule):
             context.slice_keys([], slice_pattern)
         self._median_blur, self._normalize = median_blur, normalize
         self._window = window  # checked by scale_intensity
-        self._bit_depths: dict[str, tuple[int, int]] = {}  # image name: (bits, largest value)
+        # image (its path below data.image_dir): (bits, largest value)
+        self._bit_depths: dict[str, tuple[int, int]] = {}
         # pair: (image's, mask's EXIF orientation) where they differ; see _check_orientations
         self._turned: dict[Pair, tuple[int, int, Path]] = {}
         self.skipped: list[tuple[Path, str]] = []  # data.strict=false: (file, reason)
@@ -576,7 +577,7 @@ class SegDataModule(pl.LightningDataModule):
         if failed and len(failed) == len(pairs):
             raise failed[0][1]
         if failed and self._strict:
-            others = [p.image.name for p, _ in failed[1:]]
+            others = [f"{p.stem}{p.image.suffix}" for p, _ in failed[1:]]
             listed = ", ".join(others[:_SHOW])
             listed += f", ... ({len(others)} in total)" if len(others) > _SHOW else ""
             more = f" Other pairs that cannot be used: {listed}." if others else ""
@@ -629,7 +630,10 @@ class SegDataModule(pl.LightningDataModule):
         )
         image = transforms.preprocess(raw, self._image_info(), pair.image)
         if raw.dtype in (np.uint8, np.uint16):  # of the pairs used: _check_bit_depths, data_info
-            self._bit_depths[pair.image.name] = (raw.dtype.itemsize * 8, int(raw.max()))
+            self._bit_depths[f"{pair.stem}{pair.image.suffix}"] = (
+                raw.dtype.itemsize * 8,
+                int(raw.max()),
+            )
         if self._soft_masks:
             k = self._num_classes
             return image, mask if k is None else transforms.soft_mask(mask, k, self._image_size)
@@ -866,7 +870,7 @@ def _check_orientations(turned: Mapping[Pair, tuple[int, int, Path]]) -> None:
         len(turned),
         pair.image,
         ORIENTATIONS[turn],
-        mask.name,
+        mask,
         ORIENTATIONS[mask_turn],
     )
 
@@ -875,15 +879,16 @@ def _check_folder_grouping(names: Sequence[str]) -> None:
     """Warn when the files lie in several sub-folders (data.recursive) but the split takes
     each file on its own: sub-folders are mostly patients or scans, whose slices must not be
     split between train and test."""
-    folders = {name.rpartition("/")[0] for name in names}
-    if len(folders - {""}) < 2:
+    folders = {name.rpartition("/")[0] for name in names} - {""}
+    if len(folders) < 2:
         return
     log.warning(
         "The %d files lie in %d sub-folders, but data.group_pattern is not set, so the split "
         "takes every file on its own and slices of one sub-folder can land in train and test. "
         "If each sub-folder holds one patient (or scan), split by it: on the command line "
-        "\"data.group_pattern='^([^/]+)/'\" (the first folder below data.image_dir; the "
-        "double quotes keep the shell's hands off it).",
+        "\"data.group_pattern='^([^/]+)'\" (the first folder below data.image_dir, or the "
+        "file itself when it lies directly in it; the double quotes keep the shell's hands "
+        "off it).",
         len(names),
         len(folders),
     )

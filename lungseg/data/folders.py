@@ -21,6 +21,9 @@ import numpy as np
 from lungseg.errors import LungsegError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# predict.py marks its output folders with this hidden file: a search of sub-folders never
+# takes an earlier run's masks and overlays for images
+OUTPUT_MARKER = ".lungseg-predictions"
 PIXEL_DTYPES = (np.uint8, np.uint16, np.float32)
 _SHOWN = 5  # how many offending file names an error message lists
 
@@ -78,6 +81,7 @@ def find_pairs(
         image_dir, "image", "data.image_dir", recursive, [] if same else mask_dirs
     )
     if same:
+        mask_dir = image_dir  # the masks are listed below image_dir (however it is spelled)
         suffixes = [s for s in suffixes if s]
         if not suffixes:
             raise LungsegError(
@@ -251,19 +255,30 @@ def _list_images(
 
 
 def _walk(folder: Path, skip: Sequence[Path]) -> list[Path]:
-    """Every file below ``folder``, hidden folders and those of ``skip`` left out; linked
-    folders are followed once (a link back up the tree would loop)."""
+    """Every file below ``folder``, hidden folders, those of ``skip`` and predict.py's output
+    folders (marked by OUTPUT_MARKER) left out. Each folder is taken once, under its own path
+    when it lies in the tree: a link to a folder of the tree is passed over (a link back up
+    would loop, a second name would list its files twice), a link out of it followed once."""
     skipped = {os.path.realpath(s) for s in skip}
-    seen: set[str] = set()
+    # the tree's own folders: a link to one of them is passed over (its files are listed
+    # under their own path); a link out of the tree is followed, once
+    inside = {os.path.realpath(top) for top, _, _ in os.walk(folder)}
+    seen = {os.path.realpath(folder)}  # every folder taken, whatever the path that led to it
     files = []
     for top, dirs, names in os.walk(folder, followlinks=True):
-        seen.add(os.path.realpath(top))
-        dirs[:] = [
-            d
-            for d in sorted(dirs)
-            if not d.startswith(".")
-            and os.path.realpath(os.path.join(top, d)) not in seen | skipped
-        ]
+        kept = []
+        for d in sorted(dirs):
+            path = os.path.join(top, d)
+            real = os.path.realpath(path)
+            if d.startswith(".") or real in skipped or real in seen:
+                continue
+            if os.path.islink(path) and real in inside:
+                continue
+            if os.path.exists(os.path.join(real, OUTPUT_MARKER)):  # predict.py's outputs
+                continue
+            seen.add(real)
+            kept.append(d)
+        dirs[:] = kept
         files += [Path(top, name) for name in names]
     return files
 
@@ -371,7 +386,7 @@ def _match_masks(
         if not candidates:
             orphans.append(mask)
         elif len(candidates) > 1:
-            names = " and ".join(image_by_stem[s].name for s in candidates)
+            names = " and ".join(f"{s}{image_by_stem[s].suffix}" for s in candidates)
             clashes.append(f"{_shown(mask, mask_dir)} (fits images {names})")
         else:
             masks_by_stem[candidates[0]].append(mask)

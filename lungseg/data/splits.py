@@ -201,7 +201,8 @@ def _group(stems: list[str], group_pattern: str | None) -> dict[str, str]:
             f"data.group_pattern '{group_pattern}' matches none of the {len(stems)} file "
             f"names, e.g. {', '.join(stems[:_SHOW])}. Adjust the pattern so that its first "
             f"capture group is the patient id in every file name (it is searched with "
-            f"re.search in the file name without extension)."
+            f"re.search in the file name without extension; with data.recursive in its path "
+            f"below data.image_dir, e.g. p01/slice_3)."
         )
     if unmatched:
         raise LungsegError(
@@ -343,17 +344,20 @@ def listed_stems(path: str | Path, stems: Sequence[str]) -> set[str]:
 
 
 def _stem_of(file: str, known: set[str]) -> str | None:
-    """The known stem a split-file entry names: the stem itself or a file name (with folders),
-    or, for data.recursive keys (`p01/a`), the path below the data folder with or without
-    its extension (Windows separators too)."""
-    path = PurePosixPath(file.replace("\\", "/"))
-    for candidate in (
-        file,
-        path.as_posix(),
-        str(path.with_suffix("")) if path.name else file,
-        path.name,
-        PurePosixPath(path.name).stem if path.name else file,
-    ):
-        if candidate in known:
-            return candidate
+    """The known stem a split-file entry names: the stem itself, or a file path whose end is
+    a known stem with or without its extension (`images/a.png` → `a`; for data.recursive keys
+    `p01/a.png`, `/data/images/p01/a.png` or `p01\\a.png` → `p01/a`). When the keys have
+    folders, an entry with folders never falls back to its bare file name, which could be
+    another patient's file."""
+    if file in known:
+        return file
+    parts = [p for p in PurePosixPath(file.replace("\\", "/")).parts if p not in ("/", "..")]
+    nested = any("/" in key for key in known)
+    for i in range(len(parts)):
+        if nested and len(parts) > 1 and i == len(parts) - 1:
+            return None
+        tail = PurePosixPath(*parts[i:])
+        for candidate in (tail.as_posix(), tail.with_suffix("").as_posix()):
+            if candidate in known:
+                return candidate
     return None
