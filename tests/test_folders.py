@@ -305,6 +305,34 @@ def test_exif_orientation_keeps_16_bit_and_colour(tmp_path):
     np.testing.assert_array_equal(read[1, 2], [200, 0, 0])
 
 
+def tiff_bytes(pixels: np.ndarray, orientation: int) -> bytes:
+    """An uncompressed little-endian grayscale TIFF whose own Orientation tag (274) is set, as
+    some scanners and microscopes write them (cv2 cannot write the tag)."""
+    h, w = pixels.shape
+    data = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    bits = pixels.dtype.itemsize * 8
+    tags = [(256, w), (257, h), (258, bits), (259, 1), (262, 1), (273, 0), (274, orientation)]
+    tags += [(277, 1), (278, h), (279, len(data))]
+    start = 8 + 2 + 12 * len(tags) + 4
+    ifd = b"".join(
+        struct.pack("<HHII", tag, 4, 1, start if tag == 273 else value) for tag, value in tags
+    )
+    return b"II*\0" + struct.pack("<IH", 8, len(tags)) + ifd + bytes(4) + data
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_tiff_orientation_tag_is_applied_too(tmp_path, dtype):
+    """TIFF keeps the orientation in its own header, which OpenCV's decoder applies itself
+    (8 and 16 bit); lungseg's EXIF reading must not turn the pixels a second time."""
+    stored = (np.arange(12).reshape(3, 4) * 20).astype(dtype)
+    turns = {1: stored, 3: stored[::-1, ::-1], 6: np.rot90(stored, -1), 8: np.rot90(stored)}
+    for orientation, shown in turns.items():
+        (tmp_path / "scan.tif").write_bytes(tiff_bytes(stored, orientation))
+        read = read_image(tmp_path / "scan.tif")
+        assert read.dtype == dtype
+        np.testing.assert_array_equal(read, shown)
+
+
 def test_no_or_malformed_exif_reads_as_stored(tmp_path):
     stored = np.arange(12, dtype=np.uint8).reshape(3, 4)
     for data in (png_bytes(stored), cv2.imencode(".jpg", stored)[1].tobytes(), b"", b"\xff\xd8"):
