@@ -7,8 +7,10 @@ import time
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, Timer
+import torch
+from pytorch_lightning.callbacks import Callback, Timer, WeightAveraging
 from pytorch_lightning.callbacks import EarlyStopping as _EarlyStopping
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,64 @@ class EarlyStopping(_EarlyStopping):
                 self.patience,
             )
         self.patience = patience
+
+
+class EMA(WeightAveraging):
+    """An exponential moving average of the weights (Lightning's WeightAveraging): validation,
+    the checkpoints' ``state_dict`` (so eval.py, predict.py and export) and the test after
+    fitting use the average; the trained weights travel in the checkpoint too
+    (``current_model_state``), so a continued run goes on from both.
+
+    ``half_life_epochs`` sets the averaging in epochs, not steps: the decay per optimizer step
+    is ``0.5 ** (1 / (half_life_epochs * steps per epoch))``, worked out when training starts,
+    so the same setting averages over the same share of training on 100 images or 10,000.
+    Off unless ``enabled`` (``callbacks.ema.enabled=true``); train.py leaves a disabled one
+    out of the trainer."""
+
+    def __init__(self, enabled: bool = False, half_life_epochs: float = 1.0) -> None:
+        if not half_life_epochs > 0:
+            raise ValueError(f"callbacks.ema.half_life_epochs must be > 0, not {half_life_epochs}")
+        super().__init__(avg_fn=self._average)
+        self.enabled, self.half_life_epochs = bool(enabled), float(half_life_epochs)
+        self.decay: float | None = None
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        steps = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        self.decay = 0.5 ** (1 / (self.half_life_epochs * steps))
+        log.info(
+            "weight averaging: EMA decay %.5f per step (half-life %.3g epochs of %d steps)",
+            self.decay,
+            self.half_life_epochs,
+            steps,
+        )
+
+    def on_load_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning's hook also runs for trainer.test(ckpt_path=...) after fitting, where it
+        # put the trained weights (current_model_state) back over the averaged ones it had
+        # just loaded: the test after fitting scored the weights the average was meant to
+        # replace. Outside fitting the checkpoint's state_dict, the average, is the model.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_validation_epoch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"
+    ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # trainer.validate() after fit: as loaded
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"
+    ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def _average(
+        self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor
+    ) -> torch.Tensor:
+        assert self.decay is not None, "on_train_start sets the decay"
+        return averaged + (current - averaged) * (1 - self.decay)
 
 
 class FitScheduleToTime(Callback):

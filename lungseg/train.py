@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg import hostmem
-from lungseg.callbacks import FitScheduleToTime
+from lungseg.callbacks import EMA, FitScheduleToTime
 from lungseg.checks import check_settings
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
@@ -206,6 +206,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         keep_previous(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_environment(out_dir)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks = [c for c in callbacks if not (isinstance(c, EMA) and not c.enabled)]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

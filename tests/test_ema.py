@@ -1,0 +1,86 @@
+"""callbacks.ema: an exponential moving average of the weights is validated, checkpointed and
+tested; the trained weights travel along, so a continued run goes on as an uninterrupted one."""
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from test_robustness import DETERMINISTIC, LEAN, assert_same_metrics, restore_deterministic_mode
+
+from lungseg.callbacks import EMA
+from lungseg.inference import load_checkpoint
+from lungseg.train import train
+
+__all__ = ["restore_deterministic_mode"]  # the autouse fixture, for this module too
+EMA_ON = "callbacks.ema.enabled=true"
+
+
+def test_half_life_is_counted_in_epochs():
+    ema = EMA(enabled=True, half_life_epochs=2)
+    trainer = type("T", (), {"num_training_batches": 10, "accumulate_grad_batches": 1})()
+    ema.on_train_start(trainer, None)
+    assert ema.decay == pytest.approx(0.5 ** (1 / 20))
+    assert ema.decay**20 == pytest.approx(0.5)
+    averaged = ema._average(torch.zeros(3), torch.ones(3), torch.tensor(5))
+    assert torch.allclose(averaged, torch.full((3,), 1 - ema.decay))
+    with pytest.raises(ValueError, match="half_life_epochs must be > 0"):
+        EMA(enabled=True, half_life_epochs=0)
+
+
+def retest(ckpt, state_dict=None) -> float:
+    """The test Dice of a checkpoint, scored anew (eval.py's loader: the state_dict)."""
+    run = ckpt.parent.parent
+    cfg = OmegaConf.load(run / "config.yaml")
+    datamodule = instantiate(
+        cfg.data, augmentation=OmegaConf.to_container(cfg.augmentation), _convert_="all"
+    )
+    model = load_checkpoint(ckpt, torch.device("cpu"))
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    return trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/dice"]
+
+
+def test_the_average_is_validated_saved_and_tested(make_cfg, caplog):
+    with caplog.at_level(logging.INFO, logger="lungseg"):
+        metrics = train(make_cfg(*LEAN, EMA_ON, "trainer.max_epochs=2"))
+    assert "weight averaging: EMA decay 0.70711 per step (half-life 1 epochs of 2 steps)" in (
+        caplog.text
+    )
+    ckpt = Path(metrics["best_checkpoint"])
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    trained = saved["current_model_state"]
+    assert saved["state_dict"].keys() == trained.keys()
+    assert any(not torch.equal(saved["state_dict"][k], trained[k]) for k in trained)
+    # the test after fitting scored the average, which eval.py and predict.py load too
+    assert retest(ckpt) == pytest.approx(metrics["test/dice"], abs=1e-6)
+    assert retest(ckpt, trained) != pytest.approx(metrics["test/dice"], abs=1e-6)
+
+
+def test_off_by_default(make_cfg):
+    metrics = train(make_cfg(*LEAN, "trainer.max_epochs=1"))
+    saved = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert "current_model_state" not in saved and "averaging_state" not in saved
+
+
+def test_a_continued_run_averages_as_an_uninterrupted_one(make_cfg, tmp_path):
+    common = [*LEAN, EMA_ON, DETERMINISTIC, "scheduler=none"]
+    whole = train(make_cfg(*common, "trainer.max_epochs=3", f"output_dir={tmp_path / 'whole'}"))
+    part = tmp_path / "part"
+    train(make_cfg(*common, "trainer.max_epochs=2", f"output_dir={part}"))
+    resumed = train(make_cfg(*common, "trainer.max_epochs=3", f"output_dir={part}", "resume=true"))
+    assert resumed["epochs_trained"] == 3
+    assert_same_metrics(whole, resumed)
+    a, b = (
+        torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        for run in (tmp_path / "whole", part)
+    )
+    for key in ("state_dict", "current_model_state"):
+        for name, value in a[key].items():
+            assert torch.allclose(value.float(), b[key][name].float(), atol=1e-6), (key, name)
+    assert math.isfinite(resumed["test/dice"])
