@@ -281,6 +281,7 @@ def _score(
     palette = _palette(cfg.data.palette) or info["palette"]
     flips = list(cfg.tta_flips) if cfg.tta else []
     log.info("scoring %s on %d images: %s", cfg.ckpt_path, len(pairs), source)
+    _check_layers(pairs, mask_mode, class_names, cfg.ckpt_path)
     # 2.5-D models take neighbouring slices from the images' folders, other splits included
     folders = dict.fromkeys(p.image.parent for p in pairs) if info.get("context_slices") else {}
     pool = [image for f in folders for image in _list_images(f, "image", "data.image_dir")]
@@ -428,3 +429,22 @@ def _read_mask(
             )
         raws.append(raw)
     return decode_layers(raws, pair.masks, mode, palette, num_classes)
+
+
+def _check_layers(pairs: list[Pair], mode: str, class_names: list[str], ckpt: str) -> None:
+    """LungsegError unless a data.mask_dir list read as index masks (folder i = class i)
+    gives the model's classes: as many folders as it has foreground classes, and, where the
+    folders are named after its classes, in its order."""
+    folders = [m.parent for m in pairs[0].masks] if pairs else []
+    if len(folders) < 2 or mode != "index":
+        return
+    names = [f.name for f in folders]
+    if len(folders) + 1 != len(class_names) or (
+        set(names) == set(class_names[1:]) and names != class_names[1:]
+    ):
+        raise LungsegError(
+            f"data.mask_dir lists {len(folders)} folders ({', '.join(names)}), read as "
+            f"classes 1-{len(folders)} in that order, but {ckpt} predicts the classes "
+            f"{', '.join(class_names[1:])} (1-{len(class_names) - 1}) besides the background. "
+            f"List one mask folder per class, in the model's order."
+        )

@@ -298,3 +298,19 @@ def write_environment(out_dir: Path) -> None:
     if rank_zero_only.rank == 0:
         text = json.dumps(environment(), indent=2) + "\n"
         keep_previous(out_dir / "environment.json", text)
+
+
+def check_same_classes(path: str, checkpoint: dict[str, Any], data_info: dict[str, Any]) -> None:
+    """LungsegError when the run continued from ``path`` was trained on other classes, or on
+    the same in another order (data.mask_dir's folders reordered): each output channel would
+    go on learning another class."""
+    before = (checkpoint.get("hyper_parameters") or {}).get("data_info") or {}
+    old, new = before.get("class_names"), list(data_info["class_names"])
+    if old is not None and list(old) != new:
+        raise LungsegError(
+            f"{path} was trained on the classes {', '.join(old)} (in this order), but the data "
+            f"settings now give {', '.join(new)}: continuing would teach its outputs other "
+            f"classes. Continue with the settings it started with (data.mask_dir's folders in "
+            f"their order, data.class_names, data.palette: see config.yaml in its run folder), "
+            f"or start a new run."
+        )

@@ -24,6 +24,7 @@ from lungseg.module import SegmentationModule
 from lungseg.run_folder import (
     check_continuable,
     check_fits,
+    check_same_classes,
     check_same_split,
     continues_run,
     keep_previous,
@@ -186,6 +187,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is not None:
         saved = read_checkpoint(Path(ckpt_path))  # once for both checks
         check_fits(ckpt_path, module, saved)
+        if continues_run(ckpt_path, out_dir):
+            check_same_classes(ckpt_path, saved, datamodule.data_info())
         check_continuable(cfg, ckpt_path, saved)
         del saved  # Lightning reads it again to restore it
     continuing = continues_run(ckpt_path, out_dir)

@@ -2,6 +2,7 @@
 rightMask, JSRT's organs): pairing, decoding, the DataModule, and train + eval on such data."""
 
 import csv
+import shutil
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,7 @@ import pytest
 from test_evaluate import eval_cfg, read_outputs
 
 from lungseg.data.datamodule import SegDataModule
-from lungseg.data.folders import Pair, find_pairs
+from lungseg.data.folders import Pair, find_pairs, mask_folders
 from lungseg.data.masks import decode_layers
 from lungseg.errors import LungsegError
 from lungseg.evaluate import evaluate
@@ -20,6 +21,7 @@ from lungseg.train import train
 def touch(folder: Path, *names: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"")
 
 
@@ -68,6 +70,51 @@ def test_an_image_pairs_with_a_mask_in_every_folder(tmp_path):
     ]
 
 
+def test_every_folder_s_gaps_are_reported_at_once(tmp_path):
+    touch(tmp_path / "img", "a.png", "b.png", "c.png")
+    touch(tmp_path / "left", "a.png", "c.png")
+    touch(tmp_path / "right", "a.png", "x.png")
+    folders = [tmp_path / "left", tmp_path / "right"]
+    with pytest.raises(LungsegError) as err:
+        find_pairs(tmp_path / "img", folders)
+    message = str(err.value)
+    assert f"1 images without a mask in {tmp_path / 'left'}" in message
+    assert f"2 images without a mask in {tmp_path / 'right'}" in message
+    assert f"1 masks without an image ({tmp_path / 'right'}): 'x.png'" in message
+    skipped: list = []
+    assert [
+        p.stem for p in find_pairs(tmp_path / "img", folders, strict=False, skipped=skipped)
+    ] == ["a"]
+    assert sorted(skipped) == [  # one row an image, with every folder it lacks a mask in
+        (tmp_path / "img/b.png", f"image without a mask in {folders[0]}, {folders[1]}"),
+        (tmp_path / "img/c.png", f"image without a mask in {folders[1]}"),
+        (tmp_path / "right/x.png", "mask without an image"),
+    ]
+
+
+def test_folders_inside_others_and_home_folders(tmp_path, monkeypatch):
+    touch(tmp_path / "img", "p1/a.png")
+    touch(tmp_path / "masks", "p1/a.png", "heart/p1/a.png")  # heart's folder inside the lungs'
+    pairs = find_pairs(
+        tmp_path / "img", [tmp_path / "masks", tmp_path / "masks/heart"], recursive=True
+    )
+    assert pairs == [
+        Pair(
+            "p1/a",
+            tmp_path / "img/p1/a.png",
+            tmp_path / "masks/p1/a.png",
+            (tmp_path / "masks/heart/p1/a.png",),
+        )
+    ]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert [p.stem for p in find_pairs("~/img", ["~/masks", "~/masks/heart"], recursive=True)] == [
+        "p1/a"
+    ]
+    assert mask_folders(2024) == [Path("2024")]  # a folder named by a number, as YAML reads it
+    with pytest.raises(LungsegError, match="data.mask_dir is a mapping"):
+        mask_folders({"left": "a", "right": "b"})
+
+
 def test_mask_folder_lists_that_cannot_work(tmp_path):
     touch(tmp_path / "img", "a.png", "a_mask.png")
     touch(tmp_path / "left", "a.png")
@@ -94,6 +141,8 @@ def test_layers_are_united_or_numbered_in_folder_order():
         LungsegError, match="data.mask_mode is 'palette'. Set data.mask_mode=binary"
     ):
         decode_layers([left, right], paths, "palette")
+    with pytest.raises(LungsegError, match="2 mask folders give 3 classes .* but 4 are expected"):
+        decode_layers([left, right], paths, "index", num_classes=4)
 
 
 def test_the_datamodule_reads_one_class_a_folder(tmp_path):
@@ -111,6 +160,19 @@ def test_the_datamodule_reads_one_class_a_folder(tmp_path):
     dm.setup()
     assert dm.num_classes == 2 and set(np.unique(dm.train_dataset[0]["mask"].numpy())) == {0, 1}
 
+    # folders of one name are told apart by their parents
+    for organ in ("lungs", "heart"):
+        (tmp_path / organ).mkdir()
+        shutil.copytree(left, tmp_path / organ / "masks")
+    dm = SegDataModule(
+        str(images),
+        [str(tmp_path / "lungs/masks"), str(tmp_path / "heart/masks")],
+        mask_mode="index",
+        image_size=24,
+    )
+    dm.setup()
+    assert dm.class_names == ["background", "lungs_masks", "heart_masks"]
+
     with pytest.raises(LungsegError, match=r"data.num_classes is 4 but data.mask_dir lists 2"):
         SegDataModule(str(images), [str(left), str(right)], mask_mode="index", num_classes=4)
     with pytest.raises(LungsegError, match="lists 2 folders, one class each, but data.mask_mode"):
@@ -123,12 +185,13 @@ def test_the_datamodule_reads_one_class_a_folder(tmp_path):
 
 def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg):
     images, left, right = two_lungs(tmp_path / "data", n=12)
-    cfg = make_cfg(
+    overrides = [
         f"data.image_dir={images}",
         f"data.mask_dir=[{left},{right}]",  # as typed on the command line
         "data.mask_mode=index",
         "data.image_size=24",
-    )
+    ]
+    cfg = make_cfg(*overrides)
     result = train(cfg)
     ckpt = result["best_checkpoint"]
     with (Path(cfg.output_dir) / "split.csv").open() as f:
@@ -147,6 +210,23 @@ def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg):
     )
     rows, _ = read_outputs(tmp_path / "all" / "eval")
     row = next(r for r in rows if r["image"] == "cxr0")
+
+    # folders that do not give the model's classes, in its order, are refused before scoring
+    shutil.copytree(left, tmp_path / "data" / "heart")
+    for folders, problem in (
+        (f"[{left},{right},{tmp_path / 'data' / 'heart'}]", "lists 3 folders"),
+        (f"[{right},{left}]", "lists 2 folders \\(right, left\\)"),
+    ):
+        with pytest.raises(LungsegError, match=f"{problem}.*predicts the classes left, right"):
+            evaluate(
+                eval_cfg(
+                    tmp_path / "bad", ckpt, f"data.image_dir={images}", f"data.mask_dir={folders}"
+                )
+            )
+    # and so is continuing the run with its folders reordered (the classes would swap)
+    swapped = [o.replace(f"[{left},{right}]", f"[{right},{left}]") for o in overrides]
+    with pytest.raises(LungsegError, match="was trained on the classes background, left, right"):
+        train(make_cfg(*swapped, "trainer.max_epochs=2", "resume=true"))
     in_left = cv2.imread(str(left / "cxr0.png"), cv2.IMREAD_GRAYSCALE) > 0
     in_right = cv2.imread(str(right / "cxr0_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
     assert (in_left & in_right).sum() == 48

@@ -10,7 +10,7 @@ without extension (`p01/slice_003`): image `p01/slice_003.png` pairs with mask
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ def find_pairs(
     (strict=True) or are skipped with one warning (strict=False) and appended to ``skipped``
     as (path, reason); ambiguous names always raise.
     """
-    image_dir, mask_dirs = Path(image_dir), mask_folders(mask_dir)
+    image_dir, mask_dirs = Path(image_dir).expanduser(), mask_folders(mask_dir)
     suffixes = list(dict.fromkeys(mask_suffixes))
     if len(mask_dirs) > 1:
         return _find_layered_pairs(image_dir, mask_dirs, suffixes, strict, skipped, recursive)
@@ -108,15 +108,12 @@ def find_pairs(
 
     orphan_images = sorted(p for s, p in image_by_stem.items() if s not in masks_by_stem)
     if orphan_images or orphan_masks:
+        groups = [
+            (orphan_images, "images", "a mask", image_dir),
+            (orphan_masks, "masks", "an image", mask_dir),
+        ]
         _report_unpaired(
-            orphan_images,
-            orphan_masks,
-            image_dir,
-            mask_dir,
-            suffixes,
-            strict,
-            bool(masks_by_stem),
-            recursive,
+            groups, image_dir, mask_dir, suffixes, strict, bool(masks_by_stem), recursive
         )
         if skipped is not None:
             skipped += [(p, "image without a mask") for p in orphan_images]
@@ -126,8 +123,13 @@ def find_pairs(
 
 def mask_folders(mask_dir: str | Path | Sequence[str | Path]) -> list[Path]:
     """data.mask_dir as a list of folders: one folder, or the folders of a list."""
-    if isinstance(mask_dir, (str, Path)):
-        return [Path(mask_dir).expanduser()]
+    if isinstance(mask_dir, Mapping):
+        raise LungsegError(
+            f"data.mask_dir is a mapping ({dict(mask_dir)}); give a folder, or a list of "
+            f"folders that each hold one class's binary masks, e.g. data.mask_dir=[left,right]."
+        )
+    if isinstance(mask_dir, (str, Path)) or not isinstance(mask_dir, Iterable):
+        return [Path(str(mask_dir)).expanduser()]  # a folder named 2024 is read as a number
     folders = [Path(str(m)).expanduser() for m in mask_dir]
     if not folders:
         raise LungsegError(
@@ -156,30 +158,32 @@ def _find_layered_pairs(
         )
     images = _list_images(image_dir, "image", "data.image_dir", recursive, mask_dirs)
     image_by_stem = _index_images_by_stem(images, image_dir)
-    per_folder = []
+    per_folder, groups = [], []
+    missing: dict[Path, list[Path]] = defaultdict(list)  # image: the folders without its mask
     for i, mask_dir in enumerate(mask_dirs):
         setting = f"data.mask_dir[{i}]"
-        masks = _list_images(mask_dir, "mask", setting, recursive, [image_dir])
+        others = [image_dir, *mask_dirs[:i], *mask_dirs[i + 1 :]]  # kept inside this one
+        masks = _list_images(mask_dir, "mask", setting, recursive, others)
         by_stem, orphan_masks = _match_masks(masks, image_by_stem, suffixes, mask_dir)
         _check_one_mask_each(by_stem, image_by_stem, suffixes, mask_dir)
         orphan_images = sorted(p for s, p in image_by_stem.items() if s not in by_stem)
-        if orphan_images or orphan_masks:
-            _report_unpaired(
-                orphan_images,
-                orphan_masks,
-                image_dir,
-                mask_dir,
-                suffixes,
-                strict,
-                bool(by_stem),
-                recursive,
-                f"a mask in {mask_dir}",
-            )
-            if skipped is not None:
-                skipped += [(p, f"image without a mask in {mask_dir}") for p in orphan_images]
-                skipped += [(p, "mask without an image") for p in orphan_masks]
+        for image in orphan_images:
+            missing[image].append(mask_dir)
+        groups.append((orphan_images, "images", f"a mask in {mask_dir}", image_dir))
+        groups.append((orphan_masks, "masks", "an image", mask_dir))
+        if skipped is not None:
+            skipped += [(p, "mask without an image") for p in orphan_masks]
         per_folder.append(by_stem)
     common = sorted(set.intersection(*(set(by_stem) for by_stem in per_folder)))
+    if any(paths for paths, *_ in groups):  # every folder's gaps in one report
+        _report_unpaired(
+            groups, image_dir, "data.mask_dir", suffixes, strict, bool(common), recursive
+        )
+        if skipped is not None:
+            skipped += [
+                (image, f"image without a mask in {', '.join(map(str, folders))}")
+                for image, folders in sorted(missing.items())
+            ]
     if not common:
         raise LungsegError(
             f"No image in {image_dir} has a mask in every folder of data.mask_dir "
@@ -421,23 +425,20 @@ def _check_one_mask_each(
 
 
 def _report_unpaired(
-    orphan_images: list[Path],
-    orphan_masks: list[Path],
+    groups: list[tuple[list[Path], str, str, Path]],
     image_dir: Path,
-    mask_dir: Path,
+    mask_dir: Path | str,
     suffixes: list[str],
     strict: bool,
     any_paired: bool,
     recursive: bool = False,
-    wanted: str = "a mask",
 ) -> None:
+    """Raise (strict) or warn about unpaired files; ``groups`` are (files, "images" or
+    "masks", what they lack, the folder they are named from)."""
     found = " and ".join(
         f"{len(paths)} {kind} without {other} ({folder}): "
         f"{_listing(_shown(p, folder) for p in paths)}"
-        for paths, kind, other, folder in (
-            (orphan_images, "images", wanted, image_dir),
-            (orphan_masks, "masks", "an image", mask_dir),
-        )
+        for paths, kind, other, folder in groups
         if paths
     )
     rule = (

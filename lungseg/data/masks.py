@@ -59,6 +59,12 @@ def decode_layers(
     if len(paths) == 1:
         return decode_mask(raws[0], mode, paths[0], palette, num_classes)
     check_layered_mode(len(paths), mode)
+    if mode == "index" and num_classes is not None and len(paths) + 1 != num_classes:
+        raise LungsegError(
+            f"{len(paths)} mask folders give {len(paths) + 1} classes with the background, "
+            f"but {num_classes} are expected (reading {paths[0]}): list one mask folder per "
+            f"class in data.mask_dir."
+        )
     out = np.zeros(raws[0].shape[:2], np.uint8)
     for number, (raw, path) in enumerate(zip(raws, paths, strict=True), 1):
         out[decode_mask(raw, "binary", path) > 0] = 1 if mode == "binary" else number
