@@ -365,9 +365,9 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
     else:
         folders = (run_data.image_dir, run_data.mask_dir)
     suffixes = data.mask_suffixes or run_data.mask_suffixes
-    recursive = _recursive(data.get("recursive"))
-    recursive = run_data.get("recursive", False) if data.get("recursive") is None else recursive
-    pairs = find_pairs(*folders, list(suffixes), run_data.strict, recursive=bool(recursive))
+    given = data.get("recursive")  # null: as the run paired its data
+    recursive = bool(run_data.get("recursive", False)) if given is None else _recursive(given)
+    pairs = find_pairs(*folders, list(suffixes), run_data.strict, recursive=recursive)
     if not run_data.strict:
         # data.strict=false left out the pairs the run could not use (corrupt files, sizes
         # that differ); its split.csv lists only those it trained, validated and tested on.

@@ -287,7 +287,7 @@ class SegDataModule(pl.LightningDataModule):
             )
         num_classes = layered or num_classes
         self._num_classes = _fixed_num_classes(mask_mode, self._palette, num_classes)
-        self._image_dir, self._mask_dir = image_dir, mask_dir
+        self._image_dir = image_dir
         self._mask_suffixes, self._mask_mode, self._strict = tuple(mask_suffixes), mask_mode, strict
         if not isinstance(recursive, bool):
             raise LungsegError(
