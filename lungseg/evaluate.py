@@ -47,7 +47,15 @@ from lungseg import hostmem, postprocess
 from lungseg.checks import require
 from lungseg.data import splits
 from lungseg.data.demo import make_demo_dataset
-from lungseg.data.folders import Pair, _list_images, check_output_folder, find_pairs, read_image
+from lungseg.data.folders import (
+    Pair,
+    _list_images,
+    check_output_folder,
+    find_pairs,
+    layer_folders,
+    layer_names,
+    read_image,
+)
 from lungseg.data.folders import existing as taken
 from lungseg.data.masks import decode_layers
 from lungseg.errors import LungsegError
@@ -435,10 +443,10 @@ def _check_layers(pairs: list[Pair], mode: str, class_names: list[str], ckpt: st
     """LungsegError unless a data.mask_dir list read as index masks (folder i = class i)
     gives the model's classes: as many folders as it has foreground classes, and, where the
     folders are named after its classes, in its order."""
-    folders = [m.parent for m in pairs[0].masks] if pairs else []
+    folders = layer_folders(pairs[0]) if pairs else []
     if len(folders) < 2 or mode != "index":
         return
-    names = [f.name for f in folders]
+    names = layer_names(folders) or [folder.name for folder in folders]
     if len(folders) + 1 != len(class_names) or (
         set(names) == set(class_names[1:]) and names != class_names[1:]
     ):

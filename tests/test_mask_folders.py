@@ -11,7 +11,7 @@ import pytest
 from test_evaluate import eval_cfg, read_outputs
 
 from lungseg.data.datamodule import SegDataModule
-from lungseg.data.folders import Pair, find_pairs, mask_folders
+from lungseg.data.folders import Pair, find_pairs, layer_folders, mask_folders
 from lungseg.data.masks import decode_layers
 from lungseg.errors import LungsegError
 from lungseg.evaluate import evaluate
@@ -106,6 +106,8 @@ def test_folders_inside_others_and_home_folders(tmp_path, monkeypatch):
             (tmp_path / "masks/heart/p1/a.png",),
         )
     ]
+    # the folders eval.py checks against the model's classes, below patient folders too
+    assert layer_folders(pairs[0]) == [tmp_path / "masks", tmp_path / "masks/heart"]
     monkeypatch.setenv("HOME", str(tmp_path))
     assert [p.stem for p in find_pairs("~/img", ["~/masks", "~/masks/heart"], recursive=True)] == [
         "p1/a"

@@ -31,6 +31,7 @@ from lungseg.data.folders import (
     Pair,
     check_data_dirs,
     find_pairs,
+    layer_names,
     mask_folders,
     read_image_oriented,
 )
@@ -654,12 +655,10 @@ class SegDataModule(pl.LightningDataModule):
             return list(self._palette_names)
         if self._mask_mode == "binary":
             return ["background", "foreground"]
-        if len(self._layers) > 1:  # a class a folder: named after its folder, or with as
-            # many parent folders as tell them apart (lungs/masks, heart/masks → lungs_masks)
-            for depth in range(1, max(len(f.parts) for f in self._layers) + 1):
-                names = ["background", *("_".join(f.parts[-depth:]) for f in self._layers)]
-                if len(set(names)) == k:
-                    return names
+        if len(self._layers) > 1:  # a class a folder, named after it
+            names = ["background", *layer_names(self._layers)]
+            if len(set(names)) == k:
+                return names
         return ["background"] + [f"class_{i}" for i in range(1, k)]
 
     def _loader(self, dataset: CachedSegDataset, train: bool) -> DataLoader:

@@ -103,10 +103,10 @@ def find_pairs(
         masks = _list_images(mask_dir, "mask", "data.mask_dir", recursive, [image_dir])
 
     image_by_stem = _index_images_by_stem(images, image_dir)
-    masks_by_stem, orphan_masks = _match_masks(masks, image_by_stem, suffixes, mask_dir)
-    _check_one_mask_each(masks_by_stem, image_by_stem, suffixes, mask_dir)
+    masks_by_stem, orphan_images, orphan_masks = _pair_folder(
+        masks, image_by_stem, suffixes, mask_dir
+    )
 
-    orphan_images = sorted(p for s, p in image_by_stem.items() if s not in masks_by_stem)
     if orphan_images or orphan_masks:
         groups = [
             (orphan_images, "images", "a mask", image_dir),
@@ -164,9 +164,9 @@ def _find_layered_pairs(
         setting = f"data.mask_dir[{i}]"
         others = [image_dir, *mask_dirs[:i], *mask_dirs[i + 1 :]]  # kept inside this one
         masks = _list_images(mask_dir, "mask", setting, recursive, others)
-        by_stem, orphan_masks = _match_masks(masks, image_by_stem, suffixes, mask_dir)
-        _check_one_mask_each(by_stem, image_by_stem, suffixes, mask_dir)
-        orphan_images = sorted(p for s, p in image_by_stem.items() if s not in by_stem)
+        by_stem, orphan_images, orphan_masks = _pair_folder(
+            masks, image_by_stem, suffixes, mask_dir
+        )
         for image in orphan_images:
             missing[image].append(mask_dir)
         groups.append((orphan_images, "images", f"a mask in {mask_dir}", image_dir))
@@ -373,6 +373,35 @@ def _index_images_by_stem(images: list[Path], image_dir: Path) -> dict[str, Path
             "each name must be used once. Remove or rename the duplicates."
         )
     return {stem: ps[0] for stem, ps in by_stem.items()}
+
+
+def _pair_folder(
+    masks: list[Path], image_by_stem: dict[str, Path], suffixes: list[str], mask_dir: Path
+) -> tuple[dict[str, list[Path]], list[Path], list[Path]]:
+    """One mask folder against the images: (masks by image stem, images without a mask,
+    masks without an image); LungsegError for ambiguous names."""
+    by_stem, orphan_masks = _match_masks(masks, image_by_stem, suffixes, mask_dir)
+    _check_one_mask_each(by_stem, image_by_stem, suffixes, mask_dir)
+    orphan_images = sorted(p for s, p in image_by_stem.items() if s not in by_stem)
+    return by_stem, orphan_images, orphan_masks
+
+
+def layer_names(folders: Sequence[Path]) -> list[str]:
+    """Class names for mask folders that hold one class each: the folder names, or with as
+    many parent folders as tell them apart (lungs/masks, heart/masks → lungs_masks,
+    heart_masks); [] when nothing does."""
+    for depth in range(1, max(len(f.parts) for f in folders) + 1):
+        names = ["_".join(f.parts[-depth:]) for f in folders]
+        if len(set(names)) == len(names):
+            return names
+    return []
+
+
+def layer_folders(pair: Pair) -> list[Path]:
+    """The mask folders a pair's masks were found in (data.mask_dir's list, in its order):
+    each mask lies as deep below its folder as the image below data.image_dir."""
+    depth = pair.stem.count("/")
+    return [mask.parents[depth] for mask in pair.masks]
 
 
 def _match_masks(
