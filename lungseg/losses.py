@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lungseg.errors import LungsegError
+
 
 def soft_counts(
     logits: torch.Tensor, target: torch.Tensor, per_image: bool = False
@@ -70,7 +72,11 @@ class DiceLoss(nn.Module):
     the images (nnU-Net's "sample Dice"), the way lesion Dice is scored: every small nodule
     weighs as much as a large one, and on an image without class c any predicted c costs
     close to the whole term (D_c = smooth / (sum p_c + smooth)), which pushes against false
-    positives on empty slices. The background class is left out by default because it
+    positives on empty slices. ``skip_empty=True`` (with ``per_image``) leaves those terms out:
+    D_c is averaged only over the images that hold class c, so an image without it is scored
+    by the cross-entropy alone (a batch with no such image has no Dice term for c). This is for
+    labels whose "empty" images are not sure to be empty (a nodule marked by one reader of four,
+    left out of a consensus mask). The background class is left out by default because it
     dominates the pixel count and its Dice is near 1 from the start.
     """
 
@@ -80,21 +86,37 @@ class DiceLoss(nn.Module):
         class_weights: Sequence[float] | None = None,
         smooth: float = 1.0,
         per_image: bool = False,
+        skip_empty: bool = False,
     ):
         super().__init__()
+        if skip_empty and not per_image:
+            raise LungsegError(
+                "loss.skip_empty=true needs loss.per_image=true (a batch Dice has no per-image "
+                "terms to leave out); set both, or drop skip_empty"
+            )
         self.include_background = include_background
         self.register_buffer("weight", _weights(class_weights), persistent=False)
         self.smooth = smooth
         self.per_image = per_image
+        self.skip_empty = skip_empty
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         tp, fp, fn = soft_counts(logits, target, self.per_image)
         dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth)
-        if self.per_image:
+        weight = self.weight if self.weight is not None else torch.ones(dice.shape[-1])
+        weight = weight.to(dice.device)
+        if self.skip_empty:
+            # (N, C): 1 where image n holds class c (tp + fn is its target area).
+            present = ((tp + fn).detach() > 0.5).float()
+            count = present.sum(dim=0)
+            dice = (dice * present).sum(dim=0) / count.clamp_min(1)
+            weight = weight * (count > 0)
+        elif self.per_image:
             dice = dice.mean(dim=0)
-        weight = self.weight if self.weight is not None else torch.ones_like(dice)
         if not self.include_background:
             dice, weight = dice[1:], weight[1:]
+        if not weight.any():  # no image of the batch holds a scored class
+            return dice.sum() * 0
         return 1 - (weight * dice).sum() / weight.sum()
 
 
@@ -109,12 +131,14 @@ class DiceCELoss(nn.Module):
         include_background: bool = False,
         class_weights: Sequence[float] | None = None,
         per_image: bool = False,
+        skip_empty: bool = False,
     ):
         super().__init__()
         self.dice = DiceLoss(
             include_background=include_background,
             class_weights=class_weights,
             per_image=per_image,
+            skip_empty=skip_empty,
         )
         self.ce = CrossEntropyLoss(class_weights=class_weights)
         self.dice_weight = dice_weight

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lungseg.errors import LungsegError
 from lungseg.losses import CrossEntropyLoss, DiceCELoss, DiceLoss, FocalLoss, TverskyLoss
 
 
@@ -54,6 +55,41 @@ def test_per_image_dice_matches_formula_and_punishes_false_positives_on_empty_im
     image_cost = DiceLoss(smooth=1e-6, per_image=True)(perfect_logits(pred, 3), target).item()
     assert image_cost == pytest.approx(0.25, abs=1e-3)
     assert batch_cost < 0.1
+
+
+def test_skip_empty_scores_each_class_only_on_the_images_that_hold_it(target):
+    """loss.skip_empty: an image without class c adds no Dice term for c (its false positives
+    are left to the cross-entropy); a class in no image of the batch adds none at all."""
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    p = logits.softmax(1)
+    t = F.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    dice = (2 * (p * t).sum((2, 3)) + 1) / (p.sum((2, 3)) + t.sum((2, 3)) + 1)  # (N, C)
+    # class 1 only in image 0, class 2 only in image 1
+    expected = 1 - (dice[0, 1] + dice[1, 2]) / 2
+    loss = DiceLoss(per_image=True, skip_empty=True)
+    assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+    # A false positive of class 2 on image 0 costs the Dice term nothing now.
+    pred = target.clone()
+    pred[0, 0, :3] = 2
+    assert loss(perfect_logits(pred, 3), target).item() == pytest.approx(0.0, abs=1e-3)
+    assert DiceLoss(per_image=True)(perfect_logits(pred, 3), target).item() > 0.15
+    # Only class 1 present: class 2's weight drops out of the average.
+    only_one = target.clone()
+    only_one[only_one == 2] = 0
+    weighted = DiceLoss(per_image=True, skip_empty=True, class_weights=[1, 1, 5])
+    assert weighted(logits, only_one).item() == pytest.approx(1 - dice[0, 1].item(), rel=1e-5)
+    # An all-background batch: no Dice term, zero loss with a graph; DiceCE is its CE.
+    empty = torch.zeros_like(target)
+    zero = loss(logits, empty)
+    zero.backward()
+    assert zero.item() == 0.0 and logits.grad.abs().sum() == 0
+    combined = DiceCELoss(per_image=True, skip_empty=True)(logits, empty).item()
+    assert combined == pytest.approx(F.cross_entropy(logits, empty).item(), rel=1e-6)
+
+
+def test_skip_empty_without_per_image_is_refused_with_the_fix():
+    with pytest.raises(LungsegError, match="loss.skip_empty=true needs loss.per_image=true"):
+        DiceLoss(skip_empty=True)
 
 
 def test_class_weights_change_the_losses(target):
@@ -112,6 +148,7 @@ def test_tversky_with_equal_weights_is_dice_and_penalises_misses(target):
         CrossEntropyLoss(class_weights=[1.0, 2.0, 3.0], label_smoothing=0.1),
         DiceLoss(),
         DiceLoss(per_image=True, include_background=True),
+        DiceLoss(per_image=True, skip_empty=True),
         DiceCELoss(class_weights=[1.0, 2.0, 3.0]),
         FocalLoss(),
         FocalLoss(class_weights=[1.0, 2.0, 3.0]),
