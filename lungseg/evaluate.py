@@ -50,11 +50,13 @@ from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import (
     Pair,
     _list_images,
+    check_orientations,
     check_output_folder,
+    exif_orientation,
     find_pairs,
     layer_folders,
     layer_names,
-    read_image,
+    read_image_oriented,
 )
 from lungseg.data.folders import existing as taken
 from lungseg.data.masks import decode_layers
@@ -298,6 +300,7 @@ def _score(
     strict = cfg.data.get("strict", True)
     scored: list[list[dict[str, Any]]] = [[] for _ in grid]
     failed: list[tuple[Path, str]] = []  # strict=false: pairs that cannot be scored
+    turned: dict[Pair, tuple[int, int, Path]] = {}  # pairs whose EXIF orientations differ
     depths = BitDepthCheck(info)
     with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(pairs, cfg.batch_size):
@@ -308,7 +311,9 @@ def _score(
             probs = predict_probabilities(model, images, flips) if images else []
             for pair, prob in zip([batch[i] for i in kept], probs, strict=True):
                 try:
-                    target = _read_mask(pair, prob.shape[1:], mask_mode, palette, num_classes)
+                    target = _read_mask(
+                        pair, prob.shape[1:], mask_mode, palette, num_classes, turned
+                    )
                 except LungsegError as error:
                     if strict:
                         raise
@@ -323,6 +328,7 @@ def _score(
                     rows.append(row)
             bar.update(len(batch))
     report_skipped(failed, "image/mask pairs that cannot be scored are")
+    check_orientations(turned)
     depths.report()
     if not scored[0] and failed:
         raise LungsegError(
@@ -422,13 +428,24 @@ def _palette(palette: Any) -> list[list[int]] | None:
 
 
 def _read_mask(
-    pair: Pair, size: tuple[int, int], mode: str, palette: Any, num_classes: int
+    pair: Pair,
+    size: tuple[int, int],
+    mode: str,
+    palette: Any,
+    num_classes: int,
+    turned: dict[Pair, tuple[int, int, Path]],
 ) -> np.ndarray:
     """(H, W) class ids of pair's mask file(s) (one per folder of a data.mask_dir list), which
-    must have its image's size."""
+    must have its image's size. A mask whose EXIF orientation differs from its image's is
+    recorded in ``turned`` (as training does, for one warning)."""
     raws = []
+    turn = None
     for path in pair.masks:
-        raw = read_image(path)
+        raw, mask_turn = read_image_oriented(path)
+        if turn is None:  # the image's own tag, from its header (its pixels are read already)
+            turn = exif_orientation(np.fromfile(pair.image, dtype=np.uint8))
+        if turn != mask_turn:
+            turned.setdefault(pair, (turn, mask_turn, path))
         if raw.shape[:2] != tuple(size):
             raise LungsegError(
                 f"Image {pair.image} is {size[1]}x{size[0]} pixels (width x height) but its "

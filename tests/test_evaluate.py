@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, oriented
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_inference import CPU, trained_checkpoints, write_pairs
@@ -250,6 +250,34 @@ def test_eval_on_a_folder_with_empty_masks(tmp_path, checkpoints):
             nothing_predicted = row[f"pred_pixels_{name}"] == "0"
             assert float(row[f"dice_{name}"]) == (1.0 if nothing_predicted else 0.0)
             assert float(row[f"hd95_{name}"]) == pytest.approx(0 if nothing_predicted else diagonal)
+
+
+def test_eval_names_pairs_whose_image_and_mask_carry_different_exif_orientations(
+    tmp_path, checkpoints, caplog
+):
+    """As training does: a mask drawn in a viewer follows its image's EXIF tag; one made from
+    the stored pixels does not, and eval.py says so once, naming the first pair."""
+    ckpt = checkpoints["palette"]
+    image_dir, mask_dir = write_pairs(tmp_path / "data", [(20, 24), (24, 20), (22, 22)])
+    cfg = eval_cfg(
+        tmp_path,
+        ckpt,
+        f"data.image_dir={image_dir}",
+        f"data.mask_dir={mask_dir}",
+        "data.mask_mode=index",
+    )
+    with caplog.at_level(logging.WARNING):
+        evaluate(cfg)
+    assert "EXIF" not in caplog.text
+    image = read_image(image_dir / "img1.png")
+    # The same pixels shown upright: turned 90 degrees for storage, tag 6 says how to undo it.
+    (image_dir / "img1.png").write_bytes(oriented(".png", np.rot90(image), 6))
+    shutil.rmtree(tmp_path / "eval")
+    with caplog.at_level(logging.WARNING):
+        evaluate(cfg)
+    assert "1 image/mask pairs carry different EXIF orientations" in caplog.text
+    assert f"image {image_dir / 'img1.png'} (turned 90 degrees clockwise)" in caplog.text
+    assert f"its mask {mask_dir / 'img1.png'} (as stored)" in caplog.text
 
 
 def test_eval_on_folders_with_strict_false_skips_the_pairs_it_cannot_score(

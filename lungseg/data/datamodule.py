@@ -30,6 +30,7 @@ from lungseg.data.folders import (
     ORIENTATIONS,
     Pair,
     check_data_dirs,
+    check_orientations,
     find_pairs,
     layer_names,
     mask_folders,
@@ -306,7 +307,7 @@ class SegDataModule(pl.LightningDataModule):
         self._window = window  # checked by scale_intensity
         # image (its path below data.image_dir): (bits, largest value)
         self._bit_depths: dict[str, tuple[int, int]] = {}
-        # pair: (image's, mask's EXIF orientation) where they differ; see _check_orientations
+        # pair: (image's, mask's EXIF orientation) where they differ; see check_orientations
         self._turned: dict[Pair, tuple[int, int, Path]] = {}
         self.skipped: list[tuple[Path, str]] = []  # data.strict=false: (file, reason)
         self._offset = float(intensity_offset)
@@ -385,7 +386,7 @@ class SegDataModule(pl.LightningDataModule):
         self._bit_depths.clear()
         self._turned.clear()
         pairs, images, masks = self._decode_all(pairs)
-        _check_orientations({p: self._turned[p] for p in pairs if p in self._turned})
+        check_orientations({p: self._turned[p] for p in pairs if p in self._turned})
         if self._window is None:
             _check_bit_depths(self._bit_depths, self._normalize)
         names = [p.stem for p in pairs]
@@ -853,27 +854,6 @@ def _parse_size(image_size: int | Sequence[int]) -> tuple[int, int]:
             f"[height, width] in pixels, e.g. 128 or [128, 160]."
         )
     return size[0], size[1]
-
-
-def _check_orientations(turned: Mapping[Pair, tuple[int, int, Path]]) -> None:
-    """Warn about pairs whose image and mask carry different EXIF orientations: each file is
-    turned as image viewers show it, which is right for masks drawn in a viewer or annotation
-    tool, and wrong for masks made from the stored pixels (then image and mask disagree)."""
-    if not turned:
-        return
-    pair, (turn, mask_turn, mask) = min(turned.items(), key=lambda item: item[0].stem)
-    log.warning(
-        "%d image/mask pairs carry different EXIF orientations, e.g. image %s (%s) and its mask "
-        "%s (%s). lungseg turns each file as image viewers show it, which matches masks drawn "
-        "on the image in a viewer or annotation tool. If the masks were made from the stored "
-        "pixels instead, image and mask now disagree: remove the orientation tag from the "
-        "images (e.g. exiftool -Orientation= <files>) or save them again without it.",
-        len(turned),
-        pair.image,
-        ORIENTATIONS[turn],
-        mask,
-        ORIENTATIONS[mask_turn],
-    )
 
 
 def _check_folder_grouping(names: Sequence[str]) -> None:

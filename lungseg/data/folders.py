@@ -498,6 +498,27 @@ def _listing(names: Iterable[str]) -> str:
     return shown if len(names) <= _SHOWN else f"{shown}, ... ({len(names)} in total)"
 
 
+def check_orientations(turned: Mapping[Pair, tuple[int, int, Path]]) -> None:
+    """Warn about pairs whose image and mask carry different EXIF orientations: each file is
+    turned as image viewers show it, which is right for masks drawn in a viewer or annotation
+    tool, and wrong for masks made from the stored pixels (then image and mask disagree)."""
+    if not turned:
+        return
+    pair, (turn, mask_turn, mask) = min(turned.items(), key=lambda item: item[0].stem)
+    log.warning(
+        "%d image/mask pairs carry different EXIF orientations, e.g. image %s (%s) and its mask "
+        "%s (%s). lungseg turns each file as image viewers show it, which matches masks drawn "
+        "on the image in a viewer or annotation tool. If the masks were made from the stored "
+        "pixels instead, image and mask now disagree: remove the orientation tag from the "
+        "images (e.g. exiftool -Orientation= <files>) or save them again without it.",
+        len(turned),
+        pair.image,
+        ORIENTATIONS[turn],
+        mask,
+        ORIENTATIONS[mask_turn],
+    )
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Raw pixels as stored: (H, W) for grayscale or (H, W, 3) in RGB order; dtype uint8,
     uint16 (16-bit is kept) or float32 (float TIFF). An alpha channel is dropped. A JPEG or
