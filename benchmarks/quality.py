@@ -6,6 +6,8 @@ original resolution. Prints one Markdown table.
     python benchmarks/quality.py --image-dir ../shared/data/lung_ct/images \
         --mask-dir ../shared/data/lung_ct/masks --experiment lung_ct
     python benchmarks/quality.py ... --runs unet article -- trainer.max_epochs=20 data.image_size=96
+    python benchmarks/quality.py --image-dir CXR_png --mask-dir ManualMask/leftMask \
+        ManualMask/rightMask --mask-mode binary     # one mask folder per class, united
 
 With --experiment, the four architectures train with that recipe (conf/experiment/<name>.yaml,
 model=<architecture> on top), and the article's recipe keeps its own settings but takes the
@@ -75,6 +77,12 @@ def override_value(value) -> str:
     return str(value)
 
 
+def mask_dir_override(folders: list[str]) -> str:
+    """data.mask_dir for one mask folder, or for a list of them (one class's masks each)."""
+    paths = [str(Path(folder).resolve()) for folder in folders]
+    return f"data.mask_dir={override_value(paths[0] if len(paths) == 1 else paths)}"
+
+
 def _num(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -101,7 +109,12 @@ def pooled_dice(per_image_csv: Path, class_name: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-dir", required=True)
-    parser.add_argument("--mask-dir", required=True)
+    parser.add_argument(
+        "--mask-dir",
+        required=True,
+        nargs="+",
+        help="the mask folder, or one folder per class (data.mask_dir as a list)",
+    )
     parser.add_argument(
         "--mask-mode",
         default=None,
@@ -118,7 +131,7 @@ def main() -> None:
 
     data = [
         f"data.image_dir={override_value(str(Path(args.image_dir).resolve()))}",
-        f"data.mask_dir={override_value(str(Path(args.mask_dir).resolve()))}",
+        mask_dir_override(args.mask_dir),
         "trainer.enable_progress_bar=false",
     ]
     if args.mask_mode or not args.experiment:
@@ -178,8 +191,8 @@ def main() -> None:
         )
         print("\n".join([header, "|---" * 13 + "|", *rows]), flush=True)
     print(
-        f"\n# {args.image_dir}, class '{name}', experiment {args.experiment}, overrides "
-        f"{args.overrides}, runs in {args.out}"
+        f"\n# {args.image_dir}, masks {' '.join(args.mask_dir)}, class '{name}', experiment "
+        f"{args.experiment}, overrides {args.overrides}, runs in {args.out}"
     )
 
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at toy sizes and print their tables; the recipes compose
 with their per-architecture settings (conf/recipe/)."""
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -86,12 +87,33 @@ def write_binary_set(root, n: int = 12, size: int = 40):
         cv2.imwrite(str(root / "masks" / f"s{i:02d}.png"), mask)
 
 
+def test_quality_mask_dir_override_takes_one_folder_or_a_list(tmp_path):
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    one = quality.mask_dir_override([str(tmp_path / "masks")])
+    assert one == f"data.mask_dir='{tmp_path / 'masks'}'"
+    two = quality.mask_dir_override([str(tmp_path / "left"), str(tmp_path / "right")])
+    assert two == f"data.mask_dir=['{tmp_path / 'left'}','{tmp_path / 'right'}']"
+
+
 def test_quality_trains_each_run_and_scores_it_on_the_same_test_images(tmp_path):
-    write_binary_set(tmp_path / "data")
+    """Masks split over two folders (left and right half of each square; the recipe's binary
+    mode unites them), as --mask-dir takes them."""
+    data = tmp_path / "data"
+    write_binary_set(data)
+    for side in ("left", "right"):
+        (data / side).mkdir()
+    for path in sorted((data / "masks").glob("*.png")):
+        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        left = mask.copy()
+        left[:, 20:] = 0
+        cv2.imwrite(str(data / "left" / path.name), left)
+        cv2.imwrite(str(data / "right" / path.name), mask - left)
     out = run(
         "quality.py",
-        *("--image-dir", str(tmp_path / "data" / "images")),
-        *("--mask-dir", str(tmp_path / "data" / "masks")),
+        *("--image-dir", str(data / "images")),
+        *("--mask-dir", str(data / "left"), str(data / "right")),
         *("--experiment", "lung_ct", "--runs", "fcn", "article"),
         *("--out", str(tmp_path / "quality"), "--"),
         *("trainer.max_epochs=1", "data.image_size=32", "model.width=4", "data.batch_size=4"),
@@ -125,7 +147,9 @@ def test_quality_trains_each_run_and_scores_it_on_the_same_test_images(tmp_path)
     names = [[line.split(",")[0] for line in text.splitlines()] for text in (fcn_csv, article_csv)]
     assert names[0] == names[1] and len(names[0]) > 1
     # The FCN row ran lung_ct's FCN settings (conf/recipe/lung_ct_fcn.yaml).
-    assert "skips: 4" in (tmp_path / "quality" / "fcn" / "config.yaml").read_text()
+    config = (tmp_path / "quality" / "fcn" / "config.yaml").read_text()
+    assert "skips: 4" in config
+    assert f"- {data / 'left'}\n  - {data / 'right'}\n" in config  # data.mask_dir, the list
 
 
 @pytest.mark.parametrize(
