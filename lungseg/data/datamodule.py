@@ -868,8 +868,8 @@ def _check_folder_grouping(names: Sequence[str]) -> None:
         "takes every file on its own and slices of one sub-folder can land in train and test. "
         "If each sub-folder holds one patient (or scan), split by it: on the command line "
         "\"data.group_pattern='^([^/]+)'\" (the first folder below data.image_dir, or the "
-        "file itself when it lies directly in it; the double quotes keep the shell's hands "
-        "off it).",
+        "folder its first '*' matched, or the file itself when it lies directly in it; the "
+        "double quotes keep the shell's hands off it).",
         len(names),
         len(folders),
     )

@@ -4,11 +4,16 @@ Pairing is by file stem, never by sorted position: image `a.png` takes the mask 
 `a` + one of `mask_suffixes`, with any image extension (`a.png`, `a_mask.tif`, ...). With
 ``recursive`` the sub-folders are searched too and a file's key is its path below the folder
 without extension (`p01/slice_003`): image `p01/slice_003.png` pairs with mask
-`p01/slice_003.png` (or `p01/slice_003_mask.png`) below the mask folder.
+`p01/slice_003.png` (or `p01/slice_003_mask.png`) below the mask folder. Folder patterns
+(`Train/*/images` with `Train/*/masks`) pair each folder the image pattern matches with the mask
+folder its wildcards fill in; a file's key starts with the matched folder names
+(`COVID-19/covid_1`).
 """
 
+import glob
 import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +42,8 @@ class Pair:
     mask: Path
     # data.mask_dir as a list of folders (one class each): the masks of the 2nd, 3rd, ... folder
     more_masks: tuple[Path, ...] = ()
+    # folder patterns: how many of the stem's leading parts name the matched folders
+    prefix_parts: int = 0
 
     @property
     def masks(self) -> tuple[Path, ...]:
@@ -65,6 +72,10 @@ def find_pairs(
     each, e.g. Montgomery's leftMask and rightMask): an image then pairs only when every
     folder has its mask, and ``Pair.more_masks`` holds those of the second folder on.
 
+    Folder patterns (``*`` and ``?`` in folder names, e.g. `Train/*/images` with
+    `Train/*/masks`): see ``pattern_folders``; each matched image folder is paired with its
+    mask folder(s) as above, and its pairs' stems start with the matched folder names.
+
     Files without an image extension and hidden files (`.DS_Store`, macOS `._a.png`) are ignored.
     When image_dir and mask_dir are the same folder, files whose stem ends with a non-empty
     suffix are the masks and the others the images. Unpaired files raise LungsegError
@@ -72,6 +83,8 @@ def find_pairs(
     as (path, reason); ambiguous names always raise.
     """
     image_dir, mask_dirs = Path(image_dir).expanduser(), mask_folders(mask_dir)
+    if is_pattern(image_dir) or any(is_pattern(m) for m in mask_dirs):
+        return _find_pattern_pairs(image_dir, mask_dirs, mask_suffixes, strict, skipped, recursive)
     suffixes = list(dict.fromkeys(mask_suffixes))
     if len(mask_dirs) > 1:
         return _find_layered_pairs(image_dir, mask_dirs, suffixes, strict, skipped, recursive)
@@ -119,6 +132,131 @@ def find_pairs(
             skipped += [(p, "image without a mask") for p in orphan_images]
             skipped += [(p, "mask without an image") for p in orphan_masks]
     return [Pair(s, image_by_stem[s], masks_by_stem[s][0]) for s in sorted(masks_by_stem)]
+
+
+_WILDCARD = re.compile(r"[*?]")
+
+
+def is_pattern(folder: str | Path) -> bool:
+    """Whether a data folder setting is a folder pattern (``*`` or ``?`` in a folder name)."""
+    return bool(_WILDCARD.search(str(folder)))
+
+
+def _part_regex(part: str) -> re.Pattern:
+    """A folder name pattern as a regex with one group per wildcard."""
+    pieces = _WILDCARD.split(part)
+    groups = ["([^/]*)" if w == "*" else "([^/])" for w in _WILDCARD.findall(part)]
+    regex = re.escape(pieces[0]) + "".join(
+        g + re.escape(p) for g, p in zip(groups, pieces[1:], strict=True)
+    )
+    return re.compile(regex)
+
+
+def pattern_folders(
+    image_dir: Path, mask_dirs: Sequence[Path]
+) -> tuple[list[tuple[str, Path, list[Path]]], int]:
+    """The folders a data.image_dir pattern matches, each as (its key prefix, the folder, its
+    mask folders), sorted, and the prefix's number of parts. A folder name with ``*`` (any
+    characters) or ``?`` (one) is a pattern; hidden folders never match. Each mask folder
+    setting holds as many wildcards as data.image_dir, filled with what they matched there,
+    in order (`Train/*/images` -> `Train/*/lung masks`, `*_images` -> `*_masks`). The key
+    prefix is the matched folder names (`COVID-19` for `Train/COVID-19/images`), "/" between
+    them."""
+    if "**" in str(image_dir) or any("**" in str(m) for m in mask_dirs):
+        raise LungsegError(
+            f"data.image_dir {image_dir} or data.mask_dir {[str(m) for m in mask_dirs]} uses "
+            "'**'. Folder patterns take '*' and '?' within folder names (Train/*/images); to "
+            "search all sub-folders of a folder, give the folder and data.recursive=true."
+        )
+    parts = image_dir.parts
+    wild = [i for i, part in enumerate(parts) if is_pattern(part)]
+    count = sum(len(_WILDCARD.findall(parts[i])) for i in wild)
+    if not wild:
+        raise LungsegError(
+            f"data.mask_dir {[str(m) for m in mask_dirs]} holds wildcards ('*', '?') but "
+            f"data.image_dir {image_dir} does not: a mask folder pattern is filled with what "
+            "the image folder pattern matched (Train/*/images and Train/*/masks)."
+        )
+    for i, mask_dir in enumerate(mask_dirs):
+        given = len(_WILDCARD.findall(str(mask_dir)))
+        if given != count:
+            setting = "data.mask_dir" + (f"[{i}]" if len(mask_dirs) > 1 else "")
+            raise LungsegError(
+                f"{setting} {mask_dir} holds {given} wildcards ('*', '?') but data.image_dir "
+                f"{image_dir} holds {count}: each wildcard of the mask folder is filled with "
+                "what the image folder's wildcards matched, in order. Give both the same "
+                "wildcards (Train/*/images and Train/*/masks)."
+            )
+    pattern = os.path.join(*(_glob_part(part) for part in parts))
+    regexes = {i: _part_regex(parts[i]) for i in wild}
+    found = []
+    for match in sorted(glob.glob(pattern)):
+        folder = Path(match)
+        if not folder.is_dir() or len(folder.parts) != len(parts):
+            continue
+        # what each wildcard matched (glob and the regexes read a pattern alike; glob's
+        # wildcards never match a leading ".", so hidden folders are not found)
+        fills = [v for i in wild for v in regexes[i].fullmatch(folder.parts[i]).groups()]
+        masks = [_fill(m, fills) for m in mask_dirs]
+        found.append(("/".join(folder.parts[i] for i in wild), folder, masks))
+    if not found:
+        raise LungsegError(
+            f"The image folder pattern {image_dir} (data.image_dir) matches no folder. "
+            f"Check the path; '*' stands for any characters of one folder name, '?' for one."
+        )
+    return found, len(wild)
+
+
+def _glob_part(part: str) -> str:
+    """A folder name pattern for glob: its wildcards kept, everything else literal."""
+    pieces, wildcards = _WILDCARD.split(part), _WILDCARD.findall(part)
+    return glob.escape(pieces[0]) + "".join(
+        w + glob.escape(p) for w, p in zip(wildcards, pieces[1:], strict=True)
+    )
+
+
+def _fill(mask_dir: Path, values: list[str]) -> Path:
+    """A mask folder pattern with its wildcards replaced by ``values``, in order."""
+    it = iter(values)
+    return Path(_WILDCARD.sub(lambda _: next(it), str(mask_dir)))
+
+
+def _find_pattern_pairs(
+    image_dir: Path,
+    mask_dirs: list[Path],
+    mask_suffixes: Sequence[str],
+    strict: bool,
+    skipped: list[tuple[Path, str]] | None,
+    recursive: bool,
+) -> list[Pair]:
+    """find_pairs for folder patterns: every matched image folder paired with its mask
+    folder(s); an image folder whose mask folder is missing is reported with the others."""
+    found, depth = pattern_folders(image_dir, mask_dirs)
+    missing = [(f, [m for m in masks if not m.is_dir()]) for _, f, masks in found]
+    missing = [(f, ms) for f, ms in missing if ms]
+    if missing:
+        listing = _listing(f"{f} (needs {', '.join(map(str, ms))})" for f, ms in missing)
+        if strict or len(missing) == len(found):
+            raise LungsegError(
+                f"{len(missing)} of the {len(found)} folders that data.image_dir {image_dir} "
+                f"matches have no mask folder: {listing}. Each mask folder is data.mask_dir "
+                "with its wildcards filled in as the image folder matched them. Add the mask "
+                "folders, narrow the pattern, or set data.strict=false to skip those folders."
+            )
+        log.warning("Skipping image folders without a mask folder (data.strict=false): %s", listing)
+        if skipped is not None:
+            skipped += [(f, f"no mask folder {', '.join(map(str, ms))}") for f, ms in missing]
+    pairs = []
+    absent = {f for f, _ in missing}
+    for prefix, folder, masks in found:
+        if folder in absent:
+            continue
+        target = masks[0] if len(masks) == 1 else masks
+        for pair in find_pairs(folder, target, mask_suffixes, strict, skipped, recursive):
+            pairs.append(
+                Pair(f"{prefix}/{pair.stem}", pair.image, pair.mask, pair.more_masks, depth)
+            )
+    return sorted(pairs, key=lambda pair: pair.stem)
 
 
 def mask_folders(mask_dir: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -212,6 +350,12 @@ def check_data_dirs(image_dir: str | Path | None, mask_dir: Any) -> None:
     """LungsegError unless data.image_dir and data.mask_dir, where set, are existing folders.
     Checked first: a mistyped path also makes the settings that suit the data look wrong
     (data.palette, needed for your own palette masks), and the path is the mistake to report."""
+    if image_dir is not None and mask_dir is not None:
+        image_dir, folders = Path(image_dir).expanduser(), mask_folders(mask_dir)
+        if is_pattern(image_dir) or any(is_pattern(f) for f in folders):
+            # each matched folder's mask folders are checked when pairing
+            pattern_folders(image_dir, folders)
+            return
     if image_dir is not None:
         _check_folder(Path(image_dir).expanduser(), "image", "data.image_dir")
     if mask_dir is not None:
@@ -223,9 +367,16 @@ def check_data_dirs(image_dir: str | Path | None, mask_dir: Any) -> None:
 def _check_folder(folder: Path, role: str, setting: str) -> None:
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
+        pattern = (
+            f" {setting} takes one folder, not a pattern; give the folder above the ones you "
+            "mean with recursive=true to take its sub-folders too."
+            if is_pattern(folder) and not folder.exists() and not setting.startswith("data.")
+            else ""
+        )
         raise LungsegError(
             f"The {role} folder {folder} {problem}. Set {setting} to the folder that holds "
             f"your {role} files (a relative path is resolved from the directory you run in)."
+            f"{pattern}"
         )
 
 
@@ -399,8 +550,9 @@ def layer_names(folders: Sequence[Path]) -> list[str]:
 
 def layer_folders(pair: Pair) -> list[Path]:
     """The mask folders a pair's masks were found in (data.mask_dir's list, in its order):
-    each mask lies as deep below its folder as the image below data.image_dir."""
-    depth = pair.stem.count("/")
+    each mask lies as deep below its folder as the image below data.image_dir (below the
+    matched folder, for folder patterns)."""
+    depth = pair.stem.count("/") - pair.prefix_parts
     return [mask.parents[depth] for mask in pair.masks]
 
 
