@@ -8,11 +8,9 @@ import logging
 import shlex
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 from test_evaluate import eval_cfg, read_outputs
-from test_recursive import BY_FOLDER, keyed, touch
+from test_recursive import BY_FOLDER, keyed, patient_tree, touch
 
 from lungseg.data.folders import check_data_dirs, find_pairs, layer_folders
 from lungseg.errors import LungsegError
@@ -104,19 +102,14 @@ def test_patterns_that_cannot_work_name_the_fix(tmp_path, caplog):
     check_data_dirs(images, masks)  # g3's missing mask folder is reported when pairing
 
 
-def group_tree(root: Path, groups: int = 4, per_group: int = 3, size: int = 32):
-    """root/<group>/images/img_K.png with 0/1 masks in root/<group>/masks: the same file names
-    in every group."""
-    rng = np.random.default_rng(0)
-    for g in range(groups):
-        for k in range(per_group):
-            mask = np.zeros((size, size), np.uint8)
-            centre = (int(rng.integers(10, 22)), int(rng.integers(10, 22)))
-            cv2.circle(mask, centre, int(rng.integers(4, 8)), 1, -1)
-            image = (40 + 150 * mask + rng.integers(0, 30, mask.shape)).astype(np.uint8)
-            for folder, pixels in (("images", image), ("masks", mask)):
-                (root / f"g{g}" / folder).mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(root / f"g{g}" / folder / f"img_{k}.png"), pixels)
+def group_tree(root: Path) -> None:
+    """root/<group>/images/slice_K.png with 0/1 masks in root/<group>/masks: test_recursive's
+    patient tree, each patient's images and masks moved into its own folder."""
+    images, masks = patient_tree(root.parent / f"{root.name}_tree")
+    for patient in sorted(images.iterdir()):
+        (root / patient.name).mkdir(parents=True)
+        patient.rename(root / patient.name / "images")
+        (masks / patient.name).rename(root / patient.name / "masks")
 
 
 def test_train_and_eval_on_a_folder_pattern_split_by_matched_folder(tmp_path, make_cfg, caplog):
@@ -138,7 +131,7 @@ def test_train_and_eval_on_a_folder_pattern_split_by_matched_folder(tmp_path, ma
     result = train(cfg)
     with (Path(cfg.output_dir) / "split.csv").open() as f:
         split = {row["file"]: row["split"] for row in csv.DictReader(f)}
-    assert sorted(split) == [f"g{g}/img_{k}" for g in range(4) for k in range(3)]
+    assert sorted(split) == [f"p{p:02d}/slice_{k}" for p in range(4) for k in range(3)]
     by_group: dict[str, set[str]] = {}
     for stem, s in split.items():
         by_group.setdefault(stem.split("/")[0], set()).add(s)
