@@ -439,11 +439,10 @@ def _read_mask(
     must have its image's size. A mask whose EXIF orientation differs from its image's is
     recorded in ``turned`` (as training does, for one warning)."""
     raws = []
-    turn = None
+    # the image's own tag, from its header (its pixels were read for the prediction)
+    turn = exif_orientation(np.fromfile(pair.image, dtype=np.uint8))
     for path in pair.masks:
         raw, mask_turn = read_image_oriented(path)
-        if turn is None:  # the image's own tag, from its header (its pixels are read already)
-            turn = exif_orientation(np.fromfile(pair.image, dtype=np.uint8))
         if turn != mask_turn:
             turned.setdefault(pair, (turn, mask_turn, path))
         if raw.shape[:2] != tuple(size):

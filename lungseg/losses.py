@@ -103,8 +103,9 @@ class DiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         tp, fp, fn = soft_counts(logits, target, self.per_image)
         dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth)
-        weight = self.weight if self.weight is not None else torch.ones(dice.shape[-1])
-        weight = weight.to(dice.device)
+        weight = self.weight
+        if weight is None:
+            weight = torch.ones(dice.shape[-1], device=dice.device)
         if self.skip_empty:
             # (N, C): 1 where image n holds class c (tp + fn is its target area).
             present = ((tp + fn).detach() > 0.5).float()
@@ -115,9 +116,11 @@ class DiceLoss(nn.Module):
             dice = dice.mean(dim=0)
         if not self.include_background:
             dice, weight = dice[1:], weight[1:]
-        if not weight.any():  # no image of the batch holds a scored class
-            return dice.sum() * 0
-        return 1 - (weight * dice).sum() / weight.sum()
+        # 0 where no image of the batch holds a scored class (skip_empty), chosen on the device:
+        # a Python test of the weights would wait for the GPU at every step
+        total = weight.sum()
+        loss = 1 - (weight * dice).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+        return torch.where(total > 0, loss, dice.sum() * 0)
 
 
 class DiceCELoss(nn.Module):
