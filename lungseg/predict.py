@@ -1,11 +1,12 @@
 """Predict a folder of images: a mask and an overlay per image, at the image's own size.
 
 For input ``<name>.<ext>`` the outputs are ``<stem>.png`` (with ``recursive``, below the
-input's sub-folders), the mask in the encoding the model
-was trained on (index: class ids; binary: 0/255; palette: the training colours), and
-``<stem>_overlay.png``, the image with the classes blended in colour. ``<stem>`` is the input's
-stem with characters that could leave the output folder (path separators, control and
-Windows-reserved characters) replaced by "_" and leading dots dropped.
+input's sub-folders; for an input_dir pattern such as ``scans/*/images``, below the names its
+wildcards matched), the mask in the encoding the model was trained on (index: class ids;
+binary: 0/255; palette: the training colours), and ``<stem>_overlay.png``, the image with the
+classes blended in colour. ``<stem>`` is the input's stem with characters that could leave the
+output folder (path separators, control and Windows-reserved characters) replaced by "_" and
+leading dots dropped.
 """
 
 import logging
@@ -22,7 +23,10 @@ from lungseg.data.folders import (
     OUTPUT_MARKER,
     _list_images,
     _listing,
+    _shown,
     check_output_folder,
+    is_pattern,
+    pattern_folders,
     write_image,
 )
 from lungseg.data.folders import existing as taken
@@ -58,13 +62,27 @@ def output_paths(
     image below ``input_dir`` (directly in output_dir without it, or for an image directly in
     input_dir); LungsegError when two images would write the same file (compared without
     letter case, as macOS and Windows do)."""
+    if input_dir is None:
+        return _placed_outputs({image: ((), image.name) for image in images}, output_dir)
+    return _placed_outputs(
+        {
+            image: (image.parent.relative_to(input_dir).parts, _shown(image, input_dir))
+            for image in images
+        },
+        output_dir,
+    )
+
+
+def _placed_outputs(
+    placed: dict[Path, tuple[tuple[str, ...], str]], output_dir: Path
+) -> dict[Path, tuple[Path, Path]]:
+    """output_paths for images placed in output_dir's sub-folders: image → (the folder names
+    below output_dir, the image as messages name it)."""
     outputs, claimed, clashes = {}, {}, []
-    for image in images:
-        below = () if input_dir is None else image.parent.relative_to(input_dir).parts
+    for image, (below, shown) in placed.items():
         folder = output_dir.joinpath(*(output_stem(part) for part in below))
         stem = output_stem(image.stem)
         paths = (folder / f"{stem}.png", folder / f"{stem}_overlay.png")
-        shown = image.name if input_dir is None else image.relative_to(input_dir).as_posix()
         for path in paths:
             assert path.parent == folder and folder.is_relative_to(output_dir), path
             name = path.relative_to(output_dir).as_posix()
@@ -79,6 +97,41 @@ def output_paths(
             f"of them map to the same names."
         )
     return outputs
+
+
+def _pattern_outputs(
+    pattern: Path, output_dir: Path, recursive: bool
+) -> dict[Path, tuple[Path, Path]]:
+    """output_paths for an input_dir pattern (`scans/*/images`): the images of every folder
+    it matches, each written below the names the wildcards matched (`<output_dir>/p01/`, then
+    the image's sub-folders with ``recursive``). Matched folders
+    that predict.py wrote (an earlier run's output_dir that the pattern also matches) are
+    left out."""
+    found, _ = pattern_folders(pattern, [], setting="input_dir")
+    folders = [(prefix, f) for prefix, f, _ in found if not (f / OUTPUT_MARKER).exists()]
+    if len(folders) < len(found):
+        log.info(
+            "Leaving out %d folders that input_dir %s matches: they hold predict.py's outputs",
+            len(found) - len(folders),
+            pattern,
+        )
+    if not folders:
+        raise LungsegError(
+            f"Every folder that input_dir {pattern} matches holds predict.py's outputs (a "
+            f"hidden {OUTPUT_MARKER} file). Point input_dir at the folders of your images."
+        )
+    placed = {}
+    for prefix, folder in folders:
+        if folder.resolve() == output_dir.resolve():
+            raise LungsegError(
+                f"output_dir {output_dir} is one of the folders that input_dir {pattern} "
+                f"matches: the masks <stem>.png would replace its images. Choose another "
+                f"output_dir."
+            )
+        for image in _list_images(folder, "input", "input_dir", recursive, [output_dir]):
+            below = image.parent.relative_to(folder).parts
+            placed[image] = ((*prefix.split("/"), *below), f"{prefix}/{_shown(image, folder)}")
+    return _placed_outputs(placed, output_dir)
 
 
 def predict(cfg: DictConfig) -> list[Path]:
@@ -173,14 +226,18 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
         "recursive=true",
     )
     recursive = cfg.get("recursive", False)
-    images = _list_images(input_dir, "input", "input_dir", recursive, [output_dir])
-    if output_dir.resolve() == input_dir.resolve():
-        raise LungsegError(
-            f"output_dir is input_dir ({input_dir}): the masks <stem>.png would replace the "
-            f"input images. Choose another output_dir."
-        )
     check_output_folder(output_dir)
-    outputs = output_paths(images, output_dir, input_dir if recursive else None)
+    if is_pattern(input_dir):
+        outputs = _pattern_outputs(input_dir, output_dir, recursive)
+        images = list(outputs)
+    else:
+        images = _list_images(input_dir, "input", "input_dir", recursive, [output_dir])
+        if output_dir.resolve() == input_dir.resolve():
+            raise LungsegError(
+                f"output_dir is input_dir ({input_dir}): the masks <stem>.png would replace "
+                f"the input images. Choose another output_dir."
+            )
+        outputs = output_paths(images, output_dir, input_dir if recursive else None)
     inputs = {image.resolve() for image in images}
     clobbered = [p for ps in outputs.values() for p in ps if p.resolve() in inputs]
     if clobbered:

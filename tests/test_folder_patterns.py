@@ -1,20 +1,25 @@
 """Folder patterns: data.image_dir='Train/*/images' with data.mask_dir='Train/*/lung masks'
 (COVID-QU-Ex and other sets that keep images and masks side by side in one folder per patient,
 class or site). Each matched image folder pairs with the mask folder its wildcards fill in;
-keys start with the matched folder names."""
+keys start with the matched folder names. predict.py's input_dir takes a pattern too."""
 
 import csv
 import logging
 import shlex
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from test_evaluate import eval_cfg, read_outputs
+from test_inference import trained_checkpoints
+from test_predict import predict_cfg
 from test_recursive import BY_FOLDER, keyed, patient_tree, touch
 
 from lungseg.data.folders import check_data_dirs, find_pairs, layer_folders
 from lungseg.errors import LungsegError
 from lungseg.evaluate import evaluate
+from lungseg.predict import predict
 from lungseg.train import train
 
 
@@ -141,3 +146,48 @@ def test_train_and_eval_on_a_folder_pattern_split_by_matched_folder(tmp_path, ma
     evaluate(eval_cfg(tmp_path, result["best_checkpoint"]))
     rows, summary = read_outputs(tmp_path / "eval")
     assert [row["image"] for row in rows] == test and summary["n_images"] == 3
+
+
+def test_predict_on_a_folder_pattern_writes_below_the_matched_names(
+    tmp_path, tmp_path_factory, demo_dir
+):
+    checkpoint = trained_checkpoints(tmp_path_factory, demo_dir)["palette"]
+    data = tmp_path / "data"
+    rng = np.random.default_rng(3)
+    names = ["COVID-19/images/a.png", "Normal/images/a.png", "Normal/images/deep/b.png"]
+    for name in [*names, "Normal/lung masks/a.png"]:  # the mask folder is not one of */images
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(data / name), rng.integers(0, 255, (40, 40), dtype=np.uint8))
+
+    def outputs(written, out):
+        return sorted(p.relative_to(out).as_posix() for p in written)
+
+    out = tmp_path / "out"
+    both = ["COVID-19/a.png", "COVID-19/a_overlay.png", "Normal/a.png", "Normal/a_overlay.png"]
+    assert outputs(predict(predict_cfg(checkpoint, data / "*/images", out)), out) == both
+    deep = tmp_path / "deep"
+    written = predict(predict_cfg(checkpoint, data / "*/images", deep, "recursive=true"))
+    assert outputs(written, deep) == sorted(
+        [*both, "Normal/deep/b.png", "Normal/deep/b_overlay.png"]
+    )
+    # an output folder that the pattern matches too is not read as input by a later run
+    for overwrite in ("false", "true"):
+        written = predict(
+            predict_cfg(
+                checkpoint, data / "*", data / "preds", "recursive=true", f"overwrite={overwrite}"
+            )
+        )
+        assert len(written) == 8 and {p.relative_to(data / "preds").parts[0] for p in written} == {
+            "COVID-19",
+            "Normal",
+        }
+    cases = [
+        (data / "*/images", data / "Normal/images", "is one of the folders that input_dir"),
+        (data / "*/scans", out, r"\(input_dir\) matches no folder"),
+        (data / "**/images", out, r"uses '\*\*'.* give the folder and recursive=true"),
+    ]
+    for pattern, output_dir, problem in cases:
+        with pytest.raises(LungsegError, match=problem):
+            predict(predict_cfg(checkpoint, pattern, output_dir))
+    with pytest.raises(LungsegError, match=r"already exist in .*COVID-19/a\.png"):
+        predict(predict_cfg(checkpoint, data / "*/images", out))

@@ -153,7 +153,7 @@ def _part_regex(part: str) -> re.Pattern:
 
 
 def pattern_folders(
-    image_dir: Path, mask_dirs: Sequence[Path]
+    image_dir: Path, mask_dirs: Sequence[Path], setting: str = "data.image_dir"
 ) -> tuple[list[tuple[str, Path, list[Path]]], int]:
     """The folders a data.image_dir pattern matches, each as (its key prefix, the folder, its
     mask folders), sorted, and the prefix's number of parts. A folder name with ``*`` (any
@@ -161,12 +161,15 @@ def pattern_folders(
     setting holds as many wildcards as data.image_dir, filled with what they matched there,
     in order (`Train/*/images` -> `Train/*/lung masks`, `*_images` -> `*_masks`). The key
     prefix is the matched folder names (`COVID-19` for `Train/COVID-19/images`), "/" between
-    them."""
+    them. ``setting`` names the image folder setting in messages (predict.py's input_dir
+    matches its folders alike, without mask folders)."""
     if "**" in str(image_dir) or any("**" in str(m) for m in mask_dirs):
+        masks = f" or data.mask_dir {[str(m) for m in mask_dirs]}" if mask_dirs else ""
+        flag = f"{setting.rpartition('.')[0]}.recursive".lstrip(".")
         raise LungsegError(
-            f"data.image_dir {image_dir} or data.mask_dir {[str(m) for m in mask_dirs]} uses "
-            "'**'. Folder patterns take '*' and '?' within folder names (Train/*/images); to "
-            "search all sub-folders of a folder, give the folder and data.recursive=true."
+            f"{setting} {image_dir}{masks} uses '**'. Folder patterns take '*' and '?' within "
+            "folder names (Train/*/images); to search all sub-folders of a folder, give the "
+            f"folder and {flag}=true."
         )
     parts = image_dir.parts
     wild = [i for i, part in enumerate(parts) if is_pattern(part)]
@@ -201,7 +204,7 @@ def pattern_folders(
         found.append(("/".join(folder.parts[i] for i in wild), folder, masks))
     if not found:
         raise LungsegError(
-            f"The image folder pattern {image_dir} (data.image_dir) matches no folder. "
+            f"The image folder pattern {image_dir} ({setting}) matches no folder. "
             f"Check the path; '*' stands for any characters of one folder name, '?' for one."
         )
     return found, len(wild)
@@ -367,16 +370,9 @@ def check_data_dirs(image_dir: str | Path | None, mask_dir: Any) -> None:
 def _check_folder(folder: Path, role: str, setting: str) -> None:
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
-        pattern = (
-            f" {setting} takes one folder, not a pattern; give the folder above the ones you "
-            "mean with recursive=true to take its sub-folders too."
-            if is_pattern(folder) and not folder.exists() and not setting.startswith("data.")
-            else ""
-        )
         raise LungsegError(
             f"The {role} folder {folder} {problem}. Set {setting} to the folder that holds "
             f"your {role} files (a relative path is resolved from the directory you run in)."
-            f"{pattern}"
         )
 
 
