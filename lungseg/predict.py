@@ -104,9 +104,8 @@ def _pattern_outputs(
 ) -> dict[Path, tuple[Path, Path]]:
     """output_paths for an input_dir pattern (`scans/*/images`): the images of every folder
     it matches, each written below the names the wildcards matched (`<output_dir>/p01/`, then
-    the image's sub-folders with ``recursive``). Matched folders
-    that predict.py wrote (an earlier run's output_dir that the pattern also matches) are
-    left out."""
+    the image's sub-folders with ``recursive``). Matched folders that predict.py wrote (an
+    earlier run's output_dir that the pattern also matches) are left out."""
     found, _ = pattern_folders(pattern, [], setting="input_dir")
     folders = [(prefix, f) for prefix, f, _ in found if not (f / OUTPUT_MARKER).exists()]
     if len(folders) < len(found):
