@@ -43,6 +43,8 @@ class EMA(WeightAveraging):
     ``half_life_epochs`` sets the averaging in epochs, not steps: the decay per optimizer step
     is ``0.5 ** (1 / (half_life_epochs * steps per epoch))``, worked out when training starts,
     so the same setting averages over the same share of training on 100 images or 10,000.
+    Until ``1 / (1 - decay)`` steps are averaged, the average is the plain mean of the steps
+    so far, so that it does not hold on to the first step's weights.
     Off unless ``enabled`` (``callbacks.ema.enabled=true``); train.py leaves a disabled one
     out of the trainer."""
 
@@ -89,7 +91,12 @@ class EMA(WeightAveraging):
         self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor
     ) -> torch.Tensor:
         assert self.decay is not None, "on_train_start sets the decay"
-        return averaged + (current - averaged) * (1 - self.decay)
+        # Warm-up: until 1 / (1 - decay) steps are averaged, the plain mean of the steps so
+        # far (the first step's weight 1/n, not decay**n: an average that started from the
+        # first step's nearly random weights kept a quarter of them after two half-lives).
+        # On the device, no sync: num_averaged is a tensor there.
+        weight = torch.clamp(1.0 / (num_averaged + 1), min=1 - self.decay)
+        return averaged + (current - averaged) * weight.to(averaged.dtype)
 
 
 class FitScheduleToTime(Callback):

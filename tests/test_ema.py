@@ -26,8 +26,13 @@ def test_half_life_is_counted_in_epochs():
     ema.on_train_start(trainer, None)
     assert ema.decay == pytest.approx(0.5 ** (1 / 20))
     assert ema.decay**20 == pytest.approx(0.5)
-    averaged = ema._average(torch.zeros(3), torch.ones(3), torch.tensor(5))
+    # after 1 / (1 - decay) = 29.4 steps the exponential average; before, the plain mean
+    averaged = ema._average(torch.zeros(3), torch.ones(3), torch.tensor(30))
     assert torch.allclose(averaged, torch.full((3,), 1 - ema.decay))
+    mean = torch.full((3,), 4.0)  # the first step's weights, copied (then num_averaged = 1)
+    for n, step in enumerate([8.0, 0.0], start=1):
+        mean = ema._average(mean, torch.full((3,), step), torch.tensor(n))
+    assert torch.allclose(mean, torch.full((3,), 4.0))
     with pytest.raises(ValueError, match="half_life_epochs must be > 0"):
         EMA(enabled=True, half_life_epochs=0)
 
