@@ -91,6 +91,8 @@ class EMA(WeightAveraging):
         self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor
     ) -> torch.Tensor:
         assert self.decay is not None, "on_train_start sets the decay"
+        if not averaged.is_floating_point():  # BatchNorm's num_batches_tracked: a count
+            return current
         # Warm-up: until 1 / (1 - decay) steps are averaged, the plain mean of the steps so
         # far (the first step's weight 1/n, not decay**n: an average that started from the
         # first step's nearly random weights kept a quarter of them after two half-lives).

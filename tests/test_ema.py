@@ -33,6 +33,8 @@ def test_half_life_is_counted_in_epochs():
     for n, step in enumerate([8.0, 0.0], start=1):
         mean = ema._average(mean, torch.full((3,), step), torch.tensor(n))
     assert torch.allclose(mean, torch.full((3,), 4.0))
+    count = ema._average(torch.tensor(7), torch.tensor(9), torch.tensor(2))  # BatchNorm's count
+    assert count.dtype == torch.int64 and count.item() == 9
     with pytest.raises(ValueError, match="half_life_epochs must be > 0"):
         EMA(enabled=True, half_life_epochs=0)
 
