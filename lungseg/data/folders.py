@@ -165,7 +165,7 @@ def pattern_folders(
     matches its folders alike, without mask folders)."""
     if "**" in str(image_dir) or any("**" in str(m) for m in mask_dirs):
         masks = f" or data.mask_dir {[str(m) for m in mask_dirs]}" if mask_dirs else ""
-        flag = f"{setting.rpartition('.')[0]}.recursive".lstrip(".")
+        flag = _recursive_flag(setting)
         raise LungsegError(
             f"{setting} {image_dir}{masks} uses '**'. Folder patterns take '*' and '?' within "
             "folder names (Train/*/images); to search all sub-folders of a folder, give the "
@@ -376,6 +376,12 @@ def _check_folder(folder: Path, role: str, setting: str) -> None:
         )
 
 
+def _recursive_flag(setting: str) -> str:
+    """The setting that searches sub-folders beside a folder setting (data.image_dir →
+    data.recursive, predict.py's input_dir → recursive)."""
+    return f"{setting.rpartition('.')[0]}.recursive".lstrip(".")
+
+
 def _list_images(
     folder: Path, role: str, setting: str, recursive: bool = False, skip: Sequence[Path] = ()
 ) -> list[Path]:
@@ -390,7 +396,7 @@ def _list_images(
         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
     )
     if not files:
-        flag = f"{setting.rpartition('.')[0]}.recursive".lstrip(".")
+        flag = _recursive_flag(setting)
         where = (
             "holds no image files, in it or its sub-folders"
             if recursive
