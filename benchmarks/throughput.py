@@ -131,7 +131,8 @@ def bare_step(net, optimizer, loss_fn, x, y, autocast):
 def on_device(batch: dict, args, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
     """A DataModule batch as the bare loop takes it: (images, masks) on the device, augmented
     and normalised there with --augmentation device (as lungseg's on_after_batch_transfer)."""
-    batch = {"image": batch["image"].to(args.device), "mask": batch["mask"].to(args.device)}
+    # non_blocking as Lightning copies: asynchronous from the pinned memory of a GPU run
+    batch = {key: batch[key].to(args.device, non_blocking=True) for key in ("image", "mask")}
     batch = datamodule.device_transform(batch)
     x = batch["image"]
     if args.channels_last:

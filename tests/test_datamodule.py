@@ -2,6 +2,7 @@ import csv
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -69,6 +70,12 @@ def make_dm(image_dir, mask_dir, **kwargs):
     return dm
 
 
+def fake_trainer(world_size: int, global_rank: int, device: str = "cpu") -> SimpleNamespace:
+    """What the DataModule's loaders read of a Trainer."""
+    strategy = SimpleNamespace(root_device=torch.device(device))
+    return SimpleNamespace(world_size=world_size, global_rank=global_rank, strategy=strategy)
+
+
 def all_items(dataset):
     return [dataset[i] for i in range(len(dataset))]
 
@@ -89,7 +96,7 @@ def test_mask_modes(tmp_path, mode, extra, num_classes, names):
     assert dm.colors.shape == (num_classes, 3) and dm.colors.dtype == np.uint8
     for dataset in (dm.train_dataset, dm.val_dataset, dm.test_dataset):
         for item in all_items(dataset):
-            assert torch.equal(item["mask"], torch.from_numpy(masks[item["name"]]).long())
+            assert torch.equal(item["mask"].long(), torch.from_numpy(masks[item["name"]]).long())
     if mode == "palette":
         assert dm.colors.tolist() == list(PALETTE.values())
 
@@ -129,7 +136,10 @@ def test_batches_and_dataset_normalisation(tmp_path):
     dm = make_dm(image_dir, mask_dir, normalize="dataset")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 1, H, W) and batch["image"].dtype == torch.float32
-    assert batch["mask"].shape == (4, H, W) and batch["mask"].dtype == torch.int64
+    # uint8 through the loader; int64 once on the device, for the losses and metrics
+    assert batch["mask"].shape == (4, H, W) and batch["mask"].dtype == torch.uint8
+    moved = dm.on_after_batch_transfer(batch, 0)
+    assert moved["mask"].dtype == torch.int64 and torch.equal(moved["mask"], batch["mask"].long())
     assert len(batch["name"]) == 4
     train = torch.stack([item["image"] for item in all_items(dm.train_dataset)])
     assert abs(train.mean().item()) < 1e-4
@@ -553,15 +563,14 @@ def test_soft_masks_give_class_fractions_for_the_loss(tmp_path):
     assert torch.all(turned[0, :, :5] == 1)
 
     batch = next(iter(dm.train_dataloader()))
-    assert batch["target"].shape == (4, 3, *size) and batch["mask"].dtype == torch.int64
+    assert batch["target"].shape == (4, 3, *size) and batch["mask"].dtype == torch.uint8
+    assert dm.on_after_batch_transfer(batch, 0)["mask"].dtype == torch.int64
 
 
 def test_foreground_oversampling_under_ddp_gives_disjoint_shards_with_the_batch_share(tmp_path):
     """Each process's sampler (as the DataModule builds it for 2 processes) keeps the
     foreground share in its own batches, the processes draw disjoint samples, the stream
     follows the epoch, and Lightning keeps the sampler instead of wrapping it."""
-    from types import SimpleNamespace
-
     from torch.utils.data.distributed import DistributedSampler
 
     from lungseg.data.datamodule import DistributedForegroundSampler
@@ -572,7 +581,7 @@ def test_foreground_oversampling_under_ddp_gives_disjoint_shards_with_the_batch_
         dm.train_dataset.masks[i][:] = 0
     orders = []
     for rank in (0, 1):
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        dm.trainer = fake_trainer(world_size=2, global_rank=rank)
         dm.load_state_dict({"train_epochs": 3})  # as a resumed run's checkpoint restores it
         loader = dm.train_dataloader()
         sampler = loader.sampler
@@ -599,9 +608,9 @@ def test_foreground_oversampling_under_ddp_gives_disjoint_shards_with_the_batch_
     assert sorted(foreground) == list(range(20, 40))
     assert len(set(others)) == 20
     # drop_last looks at a process's share: 40 slices over 10 processes is one batch of 4 each
-    dm.trainer = SimpleNamespace(world_size=10, global_rank=0)
+    dm.trainer = fake_trainer(world_size=10, global_rank=0)
     assert dm.train_dataloader().drop_last is False
-    dm.trainer = SimpleNamespace(world_size=2, global_rank=0)
+    dm.trainer = fake_trainer(world_size=2, global_rank=0)
     assert dm.train_dataloader().drop_last is True
 
 
@@ -620,3 +629,17 @@ def test_a_stray_mask_value_is_named_not_trained_in_silence(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
         make_dm(*write_data(tmp_path / "clean", n=10)[:2])
     assert "largest class value" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "pinned"),
+    [(None, "cuda", True), (None, "cpu", False), (False, "cuda", False), (True, "cpu", True)],
+)
+def test_pin_memory_follows_the_training_device_unless_set(tmp_path, setting, device, pinned):
+    """data.pin_memory=null pins batches exactly when they go to a CUDA device (pageable ones
+    are copied synchronously, stalling the GPU's queue); a setting given wins."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=12)
+    dm = make_dm(image_dir, mask_dir, pin_memory=setting)
+    dm.trainer = fake_trainer(world_size=1, global_rank=0, device=device)
+    assert dm.train_dataloader().pin_memory is pinned
+    assert dm.val_dataloader().pin_memory is pinned

@@ -48,7 +48,7 @@ _PCG_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645  # PCG64's own 128-bit LCG 
 class CachedSegDataset(Dataset):
     """Images and masks decoded once and held in memory.
 
-    Items: ``{"image": float32 (C, H, W), "mask": int64 (H, W), "name": stem}``. The cached
+    Items: ``{"image": float32 (C, H, W), "mask": uint8 (H, W), "name": stem}``. The cached
     image (float32 (H, W, C) in [0, 1], from ``transforms.preprocess``) and mask ((H, W) uint8)
     are augmented together, then the image goes through ``transforms.normalize`` with
     ``image_info`` (normalize, mean, std), as at prediction time.
@@ -107,11 +107,13 @@ class CachedSegDataset(Dataset):
         image = transforms.normalize(out["image"], self.image_info)
         item = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
         if self.soft is None:
-            item["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
+            # uint8, an eighth of int64's bytes through the workers' shared memory, the pinning
+            # and the copy to the device; SegDataModule.on_after_batch_transfer makes it int64.
+            item["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"], dtype=np.uint8))
         else:
             target = transforms.soft_target(out["mask"])
             item["target"] = torch.from_numpy(np.ascontiguousarray(target.transpose(2, 0, 1)))
-            item["mask"] = torch.from_numpy(transforms.hard_mask(target)).long()
+            item["mask"] = torch.from_numpy(transforms.hard_mask(target))
         item["name"] = self.names[i]
         return item
 
@@ -242,7 +244,7 @@ class SegDataModule(pl.LightningDataModule):
         strict: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         persistent_workers: bool = False,
         augmentation: Mapping[str, Sequence[Mapping]] | None = None,
         demo_dir: str = "~/.cache/lungseg/demo",
@@ -436,18 +438,19 @@ class SegDataModule(pl.LightningDataModule):
         log.info(self._summary(pairs, members, [masks[i] for i in members["train"]]))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With device augmentation (``augmentation.device``), training batches are augmented
-        and normalised here, on the training device."""
+        """On the training device: masks become int64 (the loader sends uint8), and with device
+        augmentation (``augmentation.device``) training batches are augmented and normalised."""
         if self.trainer is not None and self.trainer.training:
             return self.device_transform(batch)
-        return batch
+        return _class_ids(batch)
 
     def device_transform(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A training batch, on its device, as the network trains on it: augmented and
-        normalised by ``augmentation.device`` when it is set, else unchanged (the loader
-        already did both)."""
+        normalised by ``augmentation.device`` when it is set (else the loader already did
+        both), with int64 masks. A hand-written loop over ``train_dataloader()`` calls this
+        after moving each batch to its device."""
         self._check_setup()
-        return batch if self._device_augment is None else self._device_augment(batch)
+        return _class_ids(batch if self._device_augment is None else self._device_augment(batch))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)
@@ -666,7 +669,7 @@ class SegDataModule(pl.LightningDataModule):
         options = {
             "batch_size": self._batch_size,
             "num_workers": self._num_workers,
-            "pin_memory": self._pin_memory,
+            "pin_memory": self._pins(),
             "persistent_workers": self._persistent_workers and self._num_workers > 0,
         }
         replicas = self.trainer.world_size if self.trainer is not None else 1
@@ -706,6 +709,16 @@ class SegDataModule(pl.LightningDataModule):
             options["shuffle"] = True
         self._train_sampler = options.get("sampler")
         return EpochLoader(dataset, drop_last=drop_last, on_epoch=self._reseed, **options)
+
+    def _pins(self) -> bool:
+        """data.pin_memory, or where it is null, whether batches go to a CUDA device: page-locked
+        batches copy to it without blocking the host (pageable ones are copied synchronously,
+        so the host stops queueing work while the GPU drains)."""
+        if self._pin_memory is not None:
+            return bool(self._pin_memory)
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()  # a hand-written loop: as it would most likely train
 
     def _reseed(self) -> None:
         """Reseed Python's, NumPy's and torch's generators from (seed, epoch, rank) as a training
@@ -794,6 +807,13 @@ class SegDataModule(pl.LightningDataModule):
             f"{len(pairs)} image/mask pairs from {source}; train/val/test {counts}{patients}; "
             f"{self._num_classes} classes, train pixels: {classes}"
         )
+
+
+def _class_ids(batch: Any) -> Any:
+    """``batch`` with its ``"mask"`` as int64 class ids, as the losses and metrics take them."""
+    if isinstance(batch, dict) and isinstance(batch.get("mask"), torch.Tensor):
+        batch = {**batch, "mask": batch["mask"].long()}
+    return batch
 
 
 def _parse_palette(
