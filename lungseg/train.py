@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.callbacks import ProgressBar, Timer
 from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg import hostmem
@@ -210,6 +210,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_environment(out_dir)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks = [c for c in callbacks if not (isinstance(c, EMA) and not c.enabled)]
+    if not trainer_settings.get("enable_progress_bar", True):  # Lightning refuses a bar then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -252,6 +252,33 @@ def test_tensorboard_gets_scalars_images_and_hparams(make_cfg):
     assert "hp/test/dice" in tags["scalars"], "final metrics were not logged beside them"
 
 
+def test_the_progress_bar_reads_the_loss_every_log_every_n_steps(make_cfg, monkeypatch):
+    """Each redraw of the bar turns the logged loss into a number: on a GPU, a wait for it.
+    Lightning's default bar redraws every batch; lungseg's every trainer.log_every_n_steps."""
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    reads = []
+    original = TQDMProgressBar.get_metrics
+
+    def counted(self, trainer, pl_module):
+        if trainer.training:
+            reads.append(trainer.global_step)
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(TQDMProgressBar, "get_metrics", counted)
+    cfg = make_cfg(
+        "trainer.enable_progress_bar=true",
+        "data.batch_size=1",
+        "trainer.limit_train_batches=10",
+        "trainer.log_every_n_steps=5",
+    )
+    train(cfg)
+    steps = max(reads)  # global steps at the last read: the epoch's batches
+    assert steps >= 8, reads
+    # batches 5 and 10 (or the epoch's last) and the epoch's end; the default bar: every batch
+    assert len(reads) <= steps // 5 + 2, reads
+
+
 def test_article_experiment_composes_the_tutorial_recipe(make_cfg):
     cfg = make_cfg("experiment=article")
     # TINY shrinks sizes for speed; the recipe's other choices must come from the experiment.
