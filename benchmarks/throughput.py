@@ -73,6 +73,8 @@ def make_cfg(args, model: str, workdir: Path):
         f"data.num_workers={args.workers}",
         f"augmentation={args.augmentation}",
         f"data.persistent_workers={args.workers > 0}",
+        # explicit: the bare loops' loader has no trainer to follow (data.pin_memory=null)
+        f"data.pin_memory={args.device == 'cuda'}",
         f"output_dir={workdir / model}",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
         f"trainer.precision={args.precision}",

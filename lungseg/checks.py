@@ -148,6 +148,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         'a duration "DD:HH:MM:SS", or null for no time limit',
         'trainer.max_time="00:12:00:00"',
     ),
+    "trainer.log_every_n_steps": (
+        lambda v: is_whole(v, 1),
+        "a whole number of training batches between log writes and progress-bar redraws, 1 or more",
+        "trainer.log_every_n_steps=5",
+    ),
     "trainer.num_sanity_val_steps": (
         lambda v: v is None or is_whole(v, -1),
         "a whole number of validation batches to run before training, 0 to skip, -1 for all",

@@ -88,6 +88,8 @@ def counts(dm: SegDataModule) -> tuple[int, int, int]:
         ("trainer.max_epochs=true", "trainer.max_epochs is true"),
         ("+trainer.max_steps=abc", "trainer.max_steps is 'abc'"),
         ("trainer.num_sanity_val_steps=abc", "trainer.num_sanity_val_steps is 'abc'"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps is 0; give a whole number"),
+        ("trainer.log_every_n_steps=null", "trainer.log_every_n_steps is null"),
         ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches is 1.5"),
         ("trainer.max_time=abc", "trainer.max_time is 'abc'; give a duration \"DD:HH:MM:SS\""),
         ("callbacks.time_plan.margin=1.5", "callbacks.time_plan.margin is 1.5; give the share"),

@@ -643,3 +643,6 @@ def test_pin_memory_follows_the_training_device_unless_set(tmp_path, setting, de
     dm.trainer = fake_trainer(world_size=1, global_rank=0, device=device)
     assert dm.train_dataloader().pin_memory is pinned
     assert dm.val_dataloader().pin_memory is pinned
+    dm.trainer = None  # a loop of one's own: pinned where a GPU is there to train on
+    alone = torch.cuda.is_available() if setting is None else setting
+    assert dm.train_dataloader().pin_memory is alone
