@@ -1,4 +1,5 @@
-"""Lightning callbacks with what a continued run needs."""
+"""Lightning callbacks with what a continued run needs, and a progress bar that does not wait
+for the GPU."""
 
 import logging
 import math
@@ -8,12 +9,35 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, Timer, WeightAveraging
+from pytorch_lightning.callbacks import Callback, Timer, TQDMProgressBar, WeightAveraging
 from pytorch_lightning.callbacks import EarlyStopping as _EarlyStopping
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
 log = logging.getLogger(__name__)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, showing the training loss read when the bar is redrawn (every
+    ``refresh_rate`` batches) instead of after every batch.
+
+    Lightning turns each metric logged with ``prog_bar=True`` into a Python number after every
+    training batch, whether or not a bar shows it: on a GPU, a wait for the step to finish, so
+    the host could never queue the next step while the GPU works (measured on an H100 with
+    ``benchmarks/profile_step.py``: 19 waits in 20 steps). lungseg logs ``train/loss``
+    without ``prog_bar`` and this bar reads it from the callback metrics, which hold it as a
+    tensor, only when it redraws."""
+
+    SHOWN = ("train/loss_step", "train/loss_epoch")
+
+    def get_metrics(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        metrics = trainer.callback_metrics
+        for key in self.SHOWN:
+            value = metrics.get(key)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                items[key] = value.item()
+        return items
 
 
 class EarlyStopping(_EarlyStopping):

@@ -108,7 +108,9 @@ class SegmentationModule(pl.LightningModule):
             logged,
             on_step=stage == "train",
             on_epoch=True,
-            prog_bar=True,
+            # Not train/loss: Lightning would turn it into a number after every batch, waiting
+            # for the GPU; lungseg.callbacks.ProgressBar shows it when it redraws.
+            prog_bar=stage != "train",
             batch_size=images.shape[0],
         )
         return loss

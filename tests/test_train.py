@@ -279,6 +279,50 @@ def test_the_progress_bar_reads_the_loss_every_log_every_n_steps(make_cfg, monke
     assert {4, 8} <= set(reads) and len(reads) <= steps // 4 + 2, reads
 
 
+def test_no_training_batch_turns_a_logged_value_into_a_number(make_cfg, monkeypatch):
+    """Turning a tensor into a number waits for the GPU. Lightning does that after every batch
+    for each value logged with prog_bar=True, even with the bar off: lungseg logs the training
+    loss without it, and its bar (lungseg.callbacks.ProgressBar) still shows the loss."""
+    from pytorch_lightning.trainer.connectors.logger_connector import logger_connector, result
+
+    from lungseg.callbacks import ProgressBar
+
+    inside, converted, shown = [], [], []
+    on_batch_end = logger_connector._LoggerConnector.on_batch_end
+    convert = result.convert_tensors_to_scalars
+    get_metrics = ProgressBar.get_metrics
+
+    def batch_end(self):
+        inside.append(True)
+        try:
+            return on_batch_end(self)
+        finally:
+            inside.pop()
+
+    def counted(value):
+        if inside:
+            converted.append(value)
+        return convert(value)
+
+    def showing(self, trainer, pl_module):
+        items = get_metrics(self, trainer, pl_module)
+        if trainer.training:
+            shown.append(items)
+        return items
+
+    monkeypatch.setattr(logger_connector._LoggerConnector, "on_batch_end", batch_end)
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", counted)
+    monkeypatch.setattr(ProgressBar, "get_metrics", showing)
+    cfg = make_cfg(
+        "trainer.enable_progress_bar=true",
+        "data.batch_size=1",
+        "trainer.limit_train_batches=6",
+    )
+    train(cfg)
+    assert converted == [], converted
+    assert shown and all(isinstance(items.get("train/loss_step"), float) for items in shown)
+
+
 def test_article_experiment_composes_the_tutorial_recipe(make_cfg):
     cfg = make_cfg("experiment=article")
     # TINY shrinks sizes for speed; the recipe's other choices must come from the experiment.
