@@ -9,6 +9,9 @@
 # 3. benchmarks/profile_step.py on DeepLab at 256 px: where its step's time goes;
 # 4. the compiled U-Net at 512 px, batch 32, 14 workers (34 % of the bf16 matrix product on the
 #    H100 on 2026-11-27, before the loader sent uint8 masks and pinned batches).
+# All four took about 520 s + 140 s on an H100 (2026-11-27), more than a call fits with the
+# machine's start: STEPS="line rows profile compiled" (the default) names the steps to run,
+# e.g. STEPS=compiled for the compiled row alone.
 # Results land in $OUT: gpu.txt, deeplab.txt, throughput.md, profile.txt.
 source "$(dirname "$0")/env.sh"
 set -o pipefail
@@ -28,10 +31,14 @@ else
   bench=("${common[@]}" --repeats 3)
   workers=4 sizes="512/16 256/32" compiled=(--size 512 --batch 32 --workers 14) profile=256/32
 fi
-# step SECONDS WHAT COMMAND...: COMMAND under `timeout SECONDS` if that fits before LIMIT
+STEPS=" ${STEPS:-line rows profile compiled} "
+# step SECONDS WHAT COMMAND...: COMMAND under `timeout SECONDS` if that fits before LIMIT and
+# its kind (the first word of WHAT, "rows" for a row) is in STEPS
 step() {
-  local cap=$1 what=$2
+  local cap=$1 what=$2 kind=${2%% *}
   shift 2
+  [[ $what == *" at "*" px" ]] && kind=rows
+  [[ $STEPS == *" $kind "* ]] || return 0
   if ((SECONDS + cap > LIMIT)); then
     echo "# skipped ($what): ${SECONDS} s gone, it may take ${cap} s of the ${LIMIT}"
     return 0
@@ -39,10 +46,13 @@ step() {
   timeout "$cap" "$@"
 }
 rm -rf outputs/device_deeplab
-step 150 "the deeplab line" "${line[@]}" trainer.enable_progress_bar=false \
+step 150 "line (the brief's deeplab line)" "${line[@]}" trainer.enable_progress_bar=false \
   hydra.run.dir=outputs/device_deeplab 2>&1 | tail -n 4 | tee "$OUT/deeplab.txt"
-echo "exit status ${PIPESTATUS[0]}; metrics.json:" | tee -a "$OUT/deeplab.txt"
-cat outputs/device_deeplab/metrics.json >> "$OUT/deeplab.txt" 2>&1
+status=${PIPESTATUS[0]}
+if [ "$status" != 0 ] || [ -f outputs/device_deeplab/metrics.json ]; then  # not when skipped
+  echo "exit status $status; metrics.json:" | tee -a "$OUT/deeplab.txt"
+  cat outputs/device_deeplab/metrics.json >> "$OUT/deeplab.txt" 2>&1
+fi
 for sb in $sizes; do  # rows are printed as they are measured
   for model in unet fcn segnet deeplab; do
     step 75 "$model at ${sb%/*} px" python3 benchmarks/throughput.py "${bench[@]}" \
@@ -51,11 +61,11 @@ for sb in $sizes; do  # rows are printed as they are measured
   done
 done
 # where a DeepLab step's time goes at 256 px (benchmarks/profile_step.py), lungseg against bare
-step 75 "profile of deeplab" python3 benchmarks/profile_step.py "${common[@]}" --steps 20 --warmup 5 \
+step 75 "profile (deeplab)" python3 benchmarks/profile_step.py "${common[@]}" --steps 20 --warmup 5 \
   --workers "$workers" --size "${profile%/*}" --batch "${profile#*/}" --augmentation device \
   --models deeplab 2>&1 | grep -vE "Warning|warn\(|^ *$|Tip:|Seed set|available:|USDT|stopped:|LOCAL_RANK|bfloat16|Tensor Cores" \
   | tee "$OUT/profile.txt"
-step 140 "compiled unet" python3 benchmarks/throughput.py "${bench[@]}" "${compiled[@]}" \
+step 140 "compiled (unet)" python3 benchmarks/throughput.py "${bench[@]}" "${compiled[@]}" \
   --compile --augmentation device --models unet 2>&1 | grep -E '^(#|\|)' \
   | tee -a "$OUT/throughput.md"
 echo "# ${SECONDS} s in all" | tee -a "$OUT/throughput.md"
