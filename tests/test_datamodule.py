@@ -151,6 +151,49 @@ def test_batches_and_dataset_normalisation(tmp_path):
     assert len(dm.val_dataloader()) == 1
 
 
+@pytest.mark.parametrize(
+    ("normalize", "in_channels"), [("dataset", 1), ("image", 1), ("none", 1), ("dataset", 3)]
+)
+def test_a_batch_without_cpu_augmentation_is_its_items_stacked(tmp_path, normalize, in_channels):
+    """Where the CPU pipeline does nothing (augmentation=device, evaluation), the loader asks
+    the dataset for a whole batch (__getitems__): the same tensors as collating the items."""
+    from torch.utils.data import default_collate
+
+    image_dir, mask_dir, _ = write_data(tmp_path, n=12)
+    dm = make_dm(image_dir, mask_dir, normalize=normalize, in_channels=in_channels)
+    for dataset in (dm.val_dataset, dm.test_dataset):
+        indices = list(range(len(dataset)))[::-1]
+        batch = dataset.__getitems__(indices)
+        items = default_collate([dataset[i] for i in indices])
+        assert isinstance(batch, dict) and batch["name"] == items["name"]
+        assert batch["image"].shape == (len(indices), in_channels, H, W)
+        assert batch["image"].is_contiguous() and batch["image"].dtype == torch.float32
+        assert torch.equal(batch["image"], items["image"])
+        assert batch["mask"].dtype == torch.uint8 and torch.equal(batch["mask"], items["mask"])
+        # a copy: the cache is not changed by what is done to the batch
+        before = dataset.images[indices[0]].copy()
+        batch["image"].add_(1)
+        assert np.array_equal(dataset.images[indices[0]], before)
+    # what the loader delivers: the batches of __getitems__
+    calls = []
+    original = type(dm.val_dataset).__getitems__
+
+    def counted(self, indices):
+        calls.append(len(indices))
+        return original(self, indices)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(dm.val_dataset), "__getitems__", counted)
+        loaded = next(iter(dm.val_dataloader()))
+    assert calls and torch.equal(
+        loaded["image"], dm.val_dataset.__getitems__(range(calls[0]))["image"]
+    )
+    # albumentations in the loader: item by item, each with its own draw
+    flip = {"train": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}]}
+    augmented = make_dm(image_dir, mask_dir, normalize=normalize, augmentation=flip)
+    assert isinstance(augmented.train_dataset.__getitems__([0, 1]), list)
+
+
 def test_image_and_no_normalisation(tmp_path):
     image_dir, mask_dir, _ = write_data(tmp_path)
     per_image = make_dm(image_dir, mask_dir, normalize="image")
