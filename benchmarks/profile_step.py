@@ -180,30 +180,13 @@ def bare_ms(net, optimizer, loss_fn, batches, args, autocast) -> tuple[float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["deeplab"])
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
+    throughput.add_run_arguments(parser, ["deeplab"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--augmentation", default="default")
-    parser.add_argument("--train-metrics-every", type=int, default=None)
     parser.add_argument("--no-profile", action="store_true", help="skip torch.profiler")
     args = parser.parse_args()
     args.return_freed_memory, args.repeats = False, 1
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: PyTorch sees no GPU on this machine")
-    if args.device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    bf16 = args.precision == "bf16-mixed"
-
-    def autocast():
-        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = throughput.prepare_device(args)
 
     for owner, name, label in PARTS:
         if name in vars(owner):  # not where it is inherited (AdamW has Adam's step)

@@ -221,15 +221,13 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["unet", "fcn", "segnet", "deeplab"])
+def add_run_arguments(parser: argparse.ArgumentParser, models: list[str]) -> None:
+    """The arguments that say what trains (network, size, precision, loader), shared with
+    benchmarks/profile_step.py."""
+    parser.add_argument("--models", nargs="+", default=models)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--channels-last", action="store_true")
@@ -241,6 +239,29 @@ def main() -> None:
     parser.add_argument(
         "--train-metrics-every", type=int, default=None, help="default: the config's"
     )
+
+
+def prepare_device(args: argparse.Namespace):
+    """Exit where --device cuda has no GPU; cudnn's benchmark mode on a GPU. Returns a context
+    factory for the bare loops' autocast (bf16 with --precision bf16-mixed)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: PyTorch sees no GPU on this machine")
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    bf16 = args.precision == "bf16-mixed"
+
+    def autocast():
+        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16)
+
+    return autocast
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, ["unet", "fcn", "segnet", "deeplab"])
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--return-freed-memory",
         action="store_true",
@@ -248,16 +269,9 @@ def main() -> None:
         "the setting is the process's, so it holds for the bare loops too",
     )
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: PyTorch sees no GPU on this machine")
-
-    if args.device == "cuda":
-        torch.backends.cudnn.benchmark = True
+    autocast = prepare_device(args)
     bf16 = args.precision == "bf16-mixed"
     dtype = torch.bfloat16 if bf16 else torch.float32
-
-    def autocast():
-        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16)
 
     retained = hostmem.configure(not args.return_freed_memory)
     n = 8192 if args.device == "cuda" else 2048  # large enough to reach each device's peak
