@@ -9,6 +9,11 @@
 # augmentation, 15 runs at once on 16 cores reached only 21-22 of 40 epochs in 5.75 minutes
 # (README). The 192-px candidate (worse on CPU fold 4):
 #   CANDIDATES="recipe:augmentation=device;px192:data.image_size=192 augmentation=device"
+# Stronger augmentation with skip_empty over a longer schedule (CPU fold 2, 40 epochs: best
+# epoch 36, validation below skip_empty's, test 0.766 against 0.755; README), with the
+# albumentations pipeline in the workers since augmentation=device has no elastic transform:
+#   CANDIDATES="skipempty:loss.skip_empty=true augmentation=device;strong80:loss.skip_empty=true
+#     augmentation=strong trainer.max_epochs=80 data.num_workers=1"   (one line)
 #   CANDIDATES="name:overrides;name:overrides"  the set (overrides space-separated)
 #   MAX_TIME=DD:HH:MM:SS                         each run's cap (default 00:00:04:00)
 # The post-processing grid is cut to 18 settings (argmax/0.7/0.9 x 0/8/32 px x confidence
