@@ -200,7 +200,8 @@ def normalize_image(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Normalise an (H, W, C) float32 image in [0, 1]; returns float32 (H, W, C).
+    """Normalise an (H, W, C) float32 image in [0, 1], or an (N, H, W, C) batch of them;
+    returns float32 of the same shape.
 
     "dataset": ``(x - mean[c]) / std[c]`` with the train split's per-channel statistics;
     "image": per-image, per-channel z-score; "none": unchanged.
@@ -208,8 +209,10 @@ def normalize_image(
     if mode == "dataset":
         return (image - np.float32(mean)) / np.float32(std)
     if mode == "image":
-        image_mean = image.mean(axis=(0, 1), dtype=np.float64)
-        image_std = np.maximum(image.std(axis=(0, 1), dtype=np.float64), _MIN_STD)
+        pixels = (-3, -2)  # height and width, of each image of a batch too
+        image_mean = image.mean(axis=pixels, dtype=np.float64, keepdims=True)
+        image_std = image.std(axis=pixels, dtype=np.float64, keepdims=True)
+        image_std = np.maximum(image_std, _MIN_STD)
         return ((image - image_mean) / image_std).astype(np.float32)
     assert mode == "none", mode
     return image
@@ -228,7 +231,7 @@ def preprocess(raw: np.ndarray, info: Mapping, path: Path | None = None) -> np.n
 
 def normalize(image: np.ndarray, info: Mapping) -> np.ndarray:
     """The last step before the network, after augmentation: ``normalize_image`` with
-    ``info``'s normalize, mean and std. (H, W, C) float32 → (H, W, C) float32."""
+    ``info``'s normalize, mean and std. (H, W, C) or (N, H, W, C) float32, shape kept."""
     return normalize_image(image, info["normalize"], info["mean"], info["std"])
 
 
