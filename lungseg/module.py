@@ -33,9 +33,9 @@ class SegmentationModule(pl.LightningModule):
 
     Nothing in a training step waits for the device: training metrics are updated on every
     ``train_metrics_every_n_steps``-th batch (validation and test metrics on every batch), and
-    on a GPU or under DDP a non-finite loss is noted on the device and looked at every
-    ``trainer.log_every_n_steps`` steps and before each validation (on one CPU process,
-    where looking is free, at once).
+    on a GPU or under DDP a non-finite loss is noted on the device and looked at after every
+    ``trainer.log_every_n_steps``-th step (where the logger waits for the device anyway) and
+    before each validation (on one CPU process, where looking is free, at once).
     """
 
     def __init__(
@@ -132,7 +132,12 @@ class SegmentationModule(pl.LightningModule):
             self._nonfinite = bad
         else:
             self._nonfinite |= bad
-        if stage == "train" and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # After the step's optimiser update is queued and on the steps where the logger reads
+        # its values (it waits for the GPU there anyway), not in the middle of the step, where
+        # the wait would stop the host from queueing the backward pass.
+        if not self._eager_check() and self.global_step % self.trainer.log_every_n_steps == 0:
             self._raise_if_nonfinite(self._step_where())
 
     def _raise_if_nonfinite(self, where: str) -> None:

@@ -133,6 +133,42 @@ def test_deferred_non_finite_check_of_gpu_and_ddp_runs_also_keeps_the_good_check
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
 
 
+def test_deferred_check_looks_after_the_step_on_logging_steps_only(make_cfg, monkeypatch):
+    """The deferred check waits for the device: it looks once every trainer.log_every_n_steps
+    steps, after the step's update is queued (not inside training_step, where the wait would
+    keep the host from queueing the backward pass), and stops a run of one long epoch there."""
+    monkeypatch.setattr(SegmentationModule, "_eager_check", lambda self: False)
+    looks, inside = [], []
+    step, check = SegmentationModule.training_step, SegmentationModule._raise_if_nonfinite
+
+    def training_step(self, batch, batch_idx):
+        inside.append(True)
+        try:
+            if self.global_step == 3:  # the fourth step's loss is NaN
+                batch = {**batch, "image": batch["image"] * float("nan")}
+            return step(self, batch, batch_idx)
+        finally:
+            inside.pop()
+
+    def raise_if_nonfinite(self, where):
+        looks.append((self.global_step, bool(inside)))
+        return check(self, where)
+
+    monkeypatch.setattr(SegmentationModule, "training_step", training_step)
+    monkeypatch.setattr(SegmentationModule, "_raise_if_nonfinite", raise_if_nonfinite)
+    cfg = make_cfg(
+        "data.batch_size=1",
+        "trainer.limit_train_batches=12",
+        "trainer.log_every_n_steps=3",
+        "trainer.num_sanity_val_steps=0",
+        "callbacks.model_checkpoint=null",
+        "callbacks.last_checkpoint=null",
+    )
+    with pytest.raises(LungsegError, match="a loss became nan or inf .* at epoch 0, step 6"):
+        train(cfg)
+    assert looks == [(3, False), (6, False)]
+
+
 # Runs train.py, but stops in the middle of epoch 1 (its epoch-0 checkpoint written) and says
 # so on stdout, then waits to be killed.
 PAUSING_TRAIN_PY = """
