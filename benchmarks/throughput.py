@@ -73,6 +73,7 @@ def make_cfg(args, model: str, workdir: Path):
         f"data.num_workers={args.workers}",
         f"augmentation={args.augmentation}",
         f"data.persistent_workers={args.workers > 0}",
+        f"data.device_cache={args.device_cache}",
         # explicit: the bare loops' loader has no trainer to follow (data.pin_memory=null)
         f"data.pin_memory={args.device == 'cuda'}",
         f"output_dir={workdir / model}",
@@ -133,8 +134,13 @@ def bare_step(net, optimizer, loss_fn, x, y, autocast):
 def on_device(batch: dict, args, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
     """A DataModule batch as the bare loop takes it: (images, masks) on the device, augmented
     and normalised there with --augmentation device (as lungseg's on_after_batch_transfer)."""
-    # non_blocking as Lightning copies: asynchronous from the pinned memory of a GPU run
-    batch = {key: batch[key].to(args.device, non_blocking=True) for key in ("image", "mask")}
+    # non_blocking as Lightning copies: asynchronous from the pinned memory of a GPU run; with
+    # --device-cache the batch is its indices, gathered on the device by device_transform
+    batch = {
+        key: value.to(args.device, non_blocking=True)
+        for key, value in batch.items()
+        if isinstance(value, torch.Tensor)
+    }
     batch = datamodule.device_transform(batch)
     x = batch["image"]
     if args.channels_last:
@@ -237,6 +243,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, models: list[str]) -> Non
         "--augmentation", default="default", help="conf/augmentation/<name>: default, device"
     )
     parser.add_argument(
+        "--device-cache",
+        action="store_true",
+        help="data.device_cache=true: training batches gathered from a copy of the data on the "
+        "device (with --augmentation device)",
+    )
+    parser.add_argument(
         "--train-metrics-every", type=int, default=None, help="default: the config's"
     )
 
@@ -280,7 +292,8 @@ def main() -> None:
         f"# device {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
         f"width {args.width}, {args.size} px, batch {args.batch}, {args.precision}, "
         f"channels_last {args.channels_last}, compile {args.compile}, "
-        f"augmentation {args.augmentation}, freed memory retained {retained}, "
+        f"augmentation {args.augmentation}, device cache {args.device_cache}, "
+        f"{args.workers} workers, freed memory retained {retained}, "
         f"{args.steps} timed steps x {args.repeats} repeats (median)"
     )
     print(f"# {'bf16' if bf16 else 'fp32'} matrix product ({n}^3): {peak:.1f} GFLOP/s")

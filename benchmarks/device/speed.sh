@@ -3,12 +3,15 @@
 # fit in what is left is skipped, and says so):
 #   run(command="bash benchmarks/device/speed.sh", carry=[".whl"], timeout_s=480)
 # 1. the brief's line as written, `python train.py model=deeplab trainer.gpus=1` (demo data);
-# 2. benchmarks/throughput.py, width 64, bf16, channels_last, 4 workers, augmentation=device:
-#    one process per row (a slow row cannot cut the others off, as a 110-s step for four rows
-#    did on 2026-11-27), 512 px first (the issue's U-Net row), then 256 px;
+# 2. benchmarks/throughput.py, width 64, bf16, channels_last, augmentation=device, the
+#    training images held on the GPU (--device-cache, no workers; LOADER="--workers 4" for
+#    the loader of the earlier tables): one process per row (a slow row cannot cut the others
+#    off, as a 110-s step for four rows did on 2026-11-27), 512 px first (the issue's U-Net
+#    row), then 256 px;
 # 3. benchmarks/profile_step.py on DeepLab at 256 px: where its step's time goes;
-# 4. the compiled U-Net at 512 px, batch 32, 14 workers (34 % of the bf16 matrix product on the
-#    H100 on 2026-11-27, before the loader sent uint8 masks and pinned batches).
+# 4. the compiled U-Net at 512 px, batch 32, with the same loader (34 % of the bf16 matrix
+#    product on the H100 on 2026-11-27 with 14 workers, before the loader sent uint8 masks and
+#    pinned batches).
 # All four took about 520 s + 140 s on an H100 (2026-11-27), more than a call fits with the
 # machine's start: STEPS="line rows profile compiled" (the default) names the steps to run,
 # e.g. STEPS=compiled for the compiled row alone.
@@ -22,15 +25,16 @@ if [ "${SMOKE:-0}" = 1 ]; then
   line=(python3 train.py model=deeplab "$ACCEL" data.demo_num_images=16 data.image_size=32
     model.width=4 trainer.max_epochs=1)
   common=(--device cpu --width 4 --steps 1 --warmup 1) bench=("${common[@]}" --repeats 1)
-  workers=0 sizes="32/4" compiled=(--size 32 --batch 4 --workers 0) profile=32/4
+  sizes="32/4" compiled=(--size 32 --batch 4) profile=32/4
 else
   python=python3  # the line as written where the image has a `python`
   command -v python > /dev/null && python=python
   line=("$python" train.py model=deeplab trainer.gpus=1)
   common=(--device cuda --precision bf16-mixed --channels-last --width 64 --steps 8 --warmup 3)
   bench=("${common[@]}" --repeats 3)
-  workers=4 sizes="512/16 256/32" compiled=(--size 512 --batch 32 --workers 14) profile=256/32
+  sizes="512/16 256/32" compiled=(--size 512 --batch 32) profile=256/32
 fi
+read -r -a loader <<< "${LOADER:---workers 0 --device-cache}"
 STEPS=" ${STEPS:-line rows profile compiled} "
 # step SECONDS WHAT COMMAND...: COMMAND under `timeout SECONDS` if that fits before LIMIT and
 # its kind (the first word of WHAT, "rows" for a row) is in STEPS
@@ -56,16 +60,16 @@ fi
 for sb in $sizes; do  # rows are printed as they are measured
   for model in unet fcn segnet deeplab; do
     step 75 "$model at ${sb%/*} px" python3 benchmarks/throughput.py "${bench[@]}" \
-      --workers "$workers" --size "${sb%/*}" --batch "${sb#*/}" --augmentation device \
+      "${loader[@]}" --size "${sb%/*}" --batch "${sb#*/}" --augmentation device \
       --models "$model" 2>&1 | grep -E '^(#|\|)' | tee -a "$OUT/throughput.md"
   done
 done
 # where a DeepLab step's time goes at 256 px (benchmarks/profile_step.py), lungseg against bare
 step 75 "profile (deeplab)" python3 benchmarks/profile_step.py "${common[@]}" --steps 20 --warmup 5 \
-  --workers "$workers" --size "${profile%/*}" --batch "${profile#*/}" --augmentation device \
+  "${loader[@]}" --size "${profile%/*}" --batch "${profile#*/}" --augmentation device \
   --models deeplab 2>&1 | grep -vE "Warning|warn\(|^ *$|Tip:|Seed set|available:|USDT|stopped:|LOCAL_RANK|bfloat16|Tensor Cores" \
   | tee "$OUT/profile.txt"
 step 140 "compiled (unet)" python3 benchmarks/throughput.py "${bench[@]}" "${compiled[@]}" \
-  --compile --augmentation device --models unet 2>&1 | grep -E '^(#|\|)' \
+  "${loader[@]}" --compile --augmentation device --models unet 2>&1 | grep -E '^(#|\|)' \
   | tee -a "$OUT/throughput.md"
 echo "# ${SECONDS} s in all" | tee -a "$OUT/throughput.md"

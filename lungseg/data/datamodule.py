@@ -74,6 +74,10 @@ class CachedSegDataset(Dataset):
         assert soft is None or len(soft) == len(masks)
         self.names, self.images, self.masks, self.soft = names, images, masks, soft
         self.augment, self.image_info = augment, image_info
+        # data.device_cache: batches are only their indices, gathered on the training device
+        # from a copy of the cache there (``on_device``, SegDataModule.device_transform).
+        self.indices_only = False
+        self._stacked: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # One NumPy and one Python generator for the pipeline and all its transforms, reseeded
         # in place for each item (_reseed_augment). They belong to the pipeline: datasets that
         # share it (val and test share the eval pipeline) reseed the same two.
@@ -125,6 +129,11 @@ class CachedSegDataset(Dataset):
         per-image work (at 256 px, 32 images,
         a 2-core CPU, the loader alone: 24,000 images/s against 7,000 by items). Otherwise the
         items."""
+        if self.indices_only:
+            return {
+                "index": torch.tensor(indices, dtype=torch.long),
+                "name": [self.names[i] for i in indices],
+            }
         if self.augment.transforms or self.soft is not None:
             return [self[i] for i in indices]
         images = np.stack([self.images[i] for i in indices])  # (N, H, W, C), a copy
@@ -135,6 +144,36 @@ class CachedSegDataset(Dataset):
             "mask": torch.from_numpy(np.stack([self.masks[i] for i in indices])),
             "name": [self.names[i] for i in indices],
         }
+
+    def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cache on ``device``, copied there on first use: images (N, C, H, W) float32
+        as cached (not normalised) and masks (N, H, W) uint8. ``data.device_cache``."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._stacked:
+            images = torch.from_numpy(np.stack(self.images)).permute(0, 3, 1, 2)
+            masks = torch.from_numpy(np.stack(self.masks))
+            size = (images.numel() * images.element_size() + masks.numel()) / 2**20
+            try:
+                self._stacked[device] = (
+                    images.to(device, memory_format=torch.contiguous_format),
+                    masks.to(device),
+                )
+            except torch.OutOfMemoryError as error:
+                raise LungsegError(
+                    f"data.device_cache=true: the {len(self)} training images and masks "
+                    f"({size:,.0f} MB) do not fit in {device}'s free memory beside the network. "
+                    f"Set data.device_cache=false (batches then come from the loader), or a "
+                    f"smaller data.image_size."
+                ) from error
+            log.info(
+                "data.device_cache: %d training images and masks (%.0f MB) held on %s",
+                len(self),
+                size,
+                device,
+            )
+        return self._stacked[device]
 
 
 def collate(batch: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +310,7 @@ class SegDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
+        device_cache: bool = False,
         augmentation: Mapping[str, Sequence[Mapping]] | None = None,
         demo_dir: str = "~/.cache/lungseg/demo",
         demo_num_images: int = 120,
@@ -368,6 +408,10 @@ class SegDataModule(pl.LightningDataModule):
         if self._soft_masks:
             for compose in (self._train_augment, self._eval_augment):
                 transforms.soft_mask_augmentation(compose)
+        self._device_cache = _check_device_cache(
+            device_cache, self._train_augment, self._soft_masks, num_workers
+        )
+        self._device_normalize: device_augment.BatchAugment | None = None
         self._demo_args = (Path(demo_dir).expanduser(), demo_num_images, demo_size)
         self._class_names: list[str] | None = None
         self._split: dict[str, str] | None = None
@@ -460,6 +504,10 @@ class SegDataModule(pl.LightningDataModule):
                 None if soft is None else [soft[i] for i in members[name]],
             )
         self._split = split
+        if self._device_cache:
+            self._datasets["train"].indices_only = True
+            if self._device_augment is None:  # normalised on the device, after the gather
+                self._device_normalize = device_augment.BatchAugment({}, info)
         log.info(self._summary(pairs, members, [masks[i] for i in members["train"]]))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -475,7 +523,19 @@ class SegDataModule(pl.LightningDataModule):
         both), with int64 masks. A hand-written loop over ``train_dataloader()`` calls this
         after moving each batch to its device."""
         self._check_setup()
+        if "index" in batch:  # data.device_cache: the batch from the cache on its device
+            batch = self._gather(batch)
         return _class_ids(batch if self._device_augment is None else self._device_augment(batch))
+
+    def _gather(self, batch: dict[str, Any]) -> dict[str, Any]:
+        index = batch["index"]
+        images, masks = self.train_dataset.on_device(index.device)
+        out = {key: value for key, value in batch.items() if key != "index"}
+        out["image"] = images.index_select(0, index)
+        out["mask"] = masks.index_select(0, index)
+        if self._device_normalize is not None:
+            out["image"] = self._device_normalize.normalize(out["image"])
+        return out
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)
@@ -833,6 +893,38 @@ class SegDataModule(pl.LightningDataModule):
             f"{len(pairs)} image/mask pairs from {source}; train/val/test {counts}{patients}; "
             f"{self._num_classes} classes, train pixels: {classes}"
         )
+
+
+def _check_device_cache(
+    device_cache: Any, train_augment: A.Compose, soft_masks: bool, num_workers: int
+) -> bool:
+    """data.device_cache, checked against the settings it cannot serve."""
+    if not isinstance(device_cache, bool):
+        raise LungsegError(
+            f"data.device_cache is {device_cache!r}; give true (the training images held on the "
+            f"training device, batches gathered there) or false."
+        )
+    if not device_cache:
+        return False
+    if train_augment.transforms:
+        raise LungsegError(
+            "data.device_cache=true gathers training batches on the device, but augmentation "
+            f"has albumentations transforms for training ({len(train_augment.transforms)}), "
+            "which work image by image on the CPU. Use augmentation=device (the same "
+            "augmentation on the device) or augmentation=none, or set data.device_cache=false."
+        )
+    if soft_masks:
+        raise LungsegError(
+            "data.device_cache=true does not hold soft masks (data.soft_masks=true); set one "
+            "of them to false."
+        )
+    if num_workers:
+        log.warning(
+            "data.device_cache=true: the loader only hands out batch indices, so its %d worker "
+            "processes have nothing to do; data.num_workers=0 saves starting them",
+            num_workers,
+        )
+    return True
 
 
 def _class_ids(batch: Any) -> Any:

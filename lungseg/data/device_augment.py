@@ -108,11 +108,12 @@ class BatchAugment:
                 out["mask"] = mask[:, 0].round().to(batch["mask"].dtype)
         if brightens:
             x = (x * alpha.view(n, 1, 1, 1) + beta.view(n, 1, 1, 1)).clamp(0, 1)
-        out["image"] = self._normalize(x).to(image.dtype)
+        out["image"] = self.normalize(x).to(image.dtype)
         return out
 
-    def _normalize(self, image: torch.Tensor) -> torch.Tensor:
-        """``normalize``, with the dataset's mean and std copied to the device once."""
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """``normalize`` of an (N, C, H, W) batch of [0, 1] intensities, with the dataset's
+        mean and std copied to the device once."""
         if self.info["normalize"] == "dataset" and image.device not in self._stats:
             self._stats[image.device] = _dataset_stats(self.info, image.device)
         return normalize(image, self.info, self._stats.get(image.device))

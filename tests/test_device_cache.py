@@ -1,0 +1,102 @@
+"""data.device_cache: the training images held on the training device, batches gathered there."""
+
+import logging
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from test_datamodule import H, W, make_dm, write_data
+
+from lungseg.errors import LungsegError
+from lungseg.train import train
+
+DEVICE = {
+    "train": [],
+    "eval": [],
+    "device": {
+        "hflip": 0.5,
+        "affine": {"p": 0.5, "scale": [0.9, 1.1], "translate": 0.05, "rotate": 10},
+        "brightness_contrast": {"p": 0.5, "brightness": 0.1, "contrast": 0.1},
+    },
+}
+
+
+def epoch(dm) -> list[dict]:
+    """One training epoch's batches as the network gets them (device_transform on the CPU)."""
+    return [dm.device_transform(batch) for batch in dm.train_dataloader()]
+
+
+@pytest.mark.parametrize(
+    ("augmentation", "normalize", "in_channels"),
+    [(DEVICE, "dataset", 1), (DEVICE, "image", 3), (None, "dataset", 1), (None, "image", 1)],
+)
+def test_gathered_batches_are_the_loaders(tmp_path, augmentation, normalize, in_channels):
+    """The same batches (order, augmentation, normalisation) as the loader's, two epochs."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=20, rgb=in_channels == 3)
+    kwargs = {"normalize": normalize, "in_channels": in_channels, "augmentation": augmentation}
+    loaded, cached = (
+        make_dm(image_dir, mask_dir, **kwargs),
+        make_dm(image_dir, mask_dir, device_cache=True, **kwargs),
+    )
+    for _ in range(2):
+        want, got = epoch(loaded), epoch(cached)
+        assert len(want) == len(got) == 3
+        for a, b in zip(want, got, strict=True):
+            assert a["name"] == b["name"]
+            assert b["image"].shape == (4, in_channels, H, W) and b["mask"].dtype == torch.int64
+            assert torch.allclose(a["image"], b["image"], atol=1e-5)
+            assert torch.equal(a["mask"], b["mask"])
+    # the loader hands out indices only
+    raw = next(iter(cached.train_dataloader()))
+    assert set(raw) == {"index", "name"} and raw["index"].dtype == torch.int64
+    # normalised (a batch of [0, 1] intensities would have no negative values)
+    assert all(batch["image"].min() < 0 for batch in got)
+    # held once per device, and untouched by what is done to a batch
+    dataset = cached.train_dataset
+    images, masks = dataset.on_device(torch.device("cpu"))
+    assert dataset.on_device("cpu")[0] is images
+    assert images.shape == (len(dataset), in_channels, H, W) and masks.dtype == torch.uint8
+    before = images.clone()
+    got[0]["image"].add_(1)
+    assert torch.equal(images, before)
+    assert np.array_equal(images[0].permute(1, 2, 0).numpy(), dataset.images[0])
+    # validation and test batches still come from the loader, whole
+    val = next(iter(cached.val_dataloader()))
+    assert val["image"].shape[1:] == (in_channels, H, W)
+
+
+def test_settings_it_cannot_serve_are_explained(tmp_path, caplog):
+    image_dir, mask_dir, _ = write_data(tmp_path)
+    flip = {"train": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}]}
+    with pytest.raises(LungsegError, match="augmentation=device"):
+        make_dm(image_dir, mask_dir, device_cache=True, augmentation=flip)
+    with pytest.raises(LungsegError, match="soft_masks"):
+        make_dm(image_dir, mask_dir, device_cache=True, augmentation=DEVICE, soft_masks=True)
+    with pytest.raises(LungsegError, match="device_cache is 'yes'"):
+        make_dm(image_dir, mask_dir, device_cache="yes")
+    with caplog.at_level(logging.WARNING):
+        make_dm(image_dir, mask_dir, device_cache=True, augmentation=DEVICE, num_workers=2)
+    assert "data.num_workers=0" in caplog.text
+
+
+class GatheredProbe(pl.Callback):
+    """Records the training batches' keys and devices as the module gets them."""
+
+    seen: list[tuple[set, str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        GatheredProbe.seen.append((set(batch), batch["image"].device.type))
+
+
+def test_training_from_the_device_cache(make_cfg):
+    cfg = make_cfg(
+        "augmentation=device",
+        "data.device_cache=true",
+        "+callbacks.probe._target_=test_device_cache.GatheredProbe",
+    )
+    GatheredProbe.seen.clear()
+    metrics = train(cfg)
+    assert metrics["best_checkpoint"] and np.isfinite(metrics["test/dice"])
+    assert GatheredProbe.seen
+    assert all(keys == {"image", "mask", "name"} for keys, _ in GatheredProbe.seen)
