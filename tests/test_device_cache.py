@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_datamodule import H, W, make_dm, write_data
+from test_datamodule import H, W, fake_trainer, make_dm, write_data
 
 from lungseg.errors import LungsegError
 from lungseg.train import train
@@ -78,6 +78,41 @@ def test_settings_it_cannot_serve_are_explained(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         make_dm(image_dir, mask_dir, device_cache=True, augmentation=DEVICE, num_workers=2)
     assert "data.num_workers=0" in caplog.text
+
+
+def test_null_holds_the_images_on_a_gpu_where_it_applies_and_they_fit(
+    tmp_path, monkeypatch, caplog
+):
+    """data.device_cache=null (the default): decided when the training loader is built."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=20)
+    dm = make_dm(image_dir, mask_dir, augmentation=DEVICE)
+    size = sum(a.nbytes for a in dm.train_dataset.images) + sum(
+        m.nbytes for m in dm.train_dataset.masks
+    )
+    free = {"bytes": 4 * size}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 10**12))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def held(trainer, **data) -> bool:
+        dm = make_dm(image_dir, mask_dir, **{"augmentation": DEVICE, **data})
+        dm.trainer = trainer
+        dm.train_dataloader()
+        return dm.train_dataset.indices_only
+
+    gpu = fake_trainer(1, 0, "cuda")
+    with caplog.at_level(logging.INFO):
+        assert held(gpu)
+    assert "are held on cuda" in caplog.text
+    assert not held(fake_trainer(1, 0, "cpu"))  # the CPU gains nothing from a second copy
+    assert not held(None)  # a loop of one's own: the device is not known
+    assert not held(gpu, augmentation={"train": [{"_target_": "albumentations.HorizontalFlip"}]})
+    assert not held(gpu, soft_masks=True)
+    assert not held(gpu, device_cache=False)
+    assert held(fake_trainer(1, 0, "cpu"), device_cache=True)
+    free["bytes"] = 4 * size - 1  # more than a quarter of the free memory
+    with caplog.at_level(logging.INFO):
+        assert not held(gpu)
+    assert "are not held" in caplog.text
 
 
 class GatheredProbe(pl.Callback):

@@ -17,7 +17,8 @@
 #   CANDIDATES="name:overrides;name:overrides"  the set (overrides space-separated)
 #   MAX_TIME=DD:HH:MM:SS                         each run's cap (default 00:00:04:00)
 #   CROSSVAL=seconds                             crossval.py's cap (default 150; 0 skips it)
-# The training images can stay on the GPU (data.device_cache, with augmentation=device):
+# With augmentation=device the training images stay on the GPU (data.device_cache, null by
+# default: on where it applies on a GPU); the 2026-11-27 run named it:
 #   CANDIDATES="skipempty:loss.skip_empty=true augmentation=device data.device_cache=true"
 # The post-processing grid is cut to 18 settings (argmax/0.7/0.9 x 0/8/32 px x confidence
 # 0/0.98; the default's 124 take minutes a fold). Results in $OUT: runs.txt (per run: epochs,

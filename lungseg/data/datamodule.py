@@ -310,7 +310,7 @@ class SegDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
-        device_cache: bool = False,
+        device_cache: bool | None = None,
         augmentation: Mapping[str, Sequence[Mapping]] | None = None,
         demo_dir: str = "~/.cache/lungseg/demo",
         demo_num_images: int = 120,
@@ -504,10 +504,9 @@ class SegDataModule(pl.LightningDataModule):
                 None if soft is None else [soft[i] for i in members[name]],
             )
         self._split = split
-        if self._device_cache:
-            self._datasets["train"].indices_only = True
-            if self._device_augment is None:  # normalised on the device, after the gather
-                self._device_normalize = device_augment.BatchAugment({}, info)
+        if self._device_cache is not False and self._device_augment is None:
+            # for batches gathered on the device: normalised there, after the gather
+            self._device_normalize = device_augment.BatchAugment({}, info)
         log.info(self._summary(pairs, members, [masks[i] for i in members["train"]]))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -794,7 +793,35 @@ class SegDataModule(pl.LightningDataModule):
         else:
             options["shuffle"] = True
         self._train_sampler = options.get("sampler")
+        dataset.indices_only = self._uses_device_cache()
         return EpochLoader(dataset, drop_last=drop_last, on_epoch=self._reseed, **options)
+
+    def _uses_device_cache(self) -> bool:
+        """data.device_cache, or where it is null, whether the training images go to the GPU:
+        when training on a CUDA device (a Trainer attached), the loader has nothing to do to an
+        image (no albumentations transforms, hard masks), and they take at most a quarter of
+        the device's free memory."""
+        if self._device_cache is not None:
+            return self._device_cache
+        dataset = self.train_dataset
+        if self.trainer is None or dataset.augment.transforms or dataset.soft is not None:
+            return False
+        device = self.trainer.strategy.root_device
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return False
+        size = sum(a.nbytes for a in dataset.images) + sum(m.nbytes for m in dataset.masks)
+        free = torch.cuda.mem_get_info(device)[0]
+        held = size <= free / 4
+        log.info(
+            "data.device_cache=null: the %d training images (%.0f MB) %s on %s (%.0f MB free; "
+            "held where they take at most a quarter)",
+            len(dataset),
+            size / 2**20,
+            "are held" if held else "are not held",
+            device,
+            free / 2**20,
+        )
+        return held
 
     def _pins(self) -> bool:
         """data.pin_memory, or where it is null, whether batches go to a CUDA device: page-locked
@@ -897,15 +924,17 @@ class SegDataModule(pl.LightningDataModule):
 
 def _check_device_cache(
     device_cache: Any, train_augment: A.Compose, soft_masks: bool, num_workers: int
-) -> bool:
-    """data.device_cache, checked against the settings it cannot serve."""
-    if not isinstance(device_cache, bool):
+) -> bool | None:
+    """data.device_cache (true, false, or None: decided when the training loader is built),
+    true checked against the settings it cannot serve."""
+    if device_cache is not None and not isinstance(device_cache, bool):
         raise LungsegError(
             f"data.device_cache is {device_cache!r}; give true (the training images held on the "
-            f"training device, batches gathered there) or false."
+            f"training device, batches gathered there), false, or null (true when training on "
+            f"a GPU where it applies and the images fit)."
         )
     if not device_cache:
-        return False
+        return device_cache
     if train_augment.transforms:
         raise LungsegError(
             "data.device_cache=true gathers training batches on the device, but augmentation "
