@@ -80,6 +80,7 @@ class SegmentationModule(pl.LightningModule):
         self._nonfinite: torch.Tensor | None = None  # device flag, see _check_finite
         self._plateau_pending: dict[str, float] = {}  # see on_save_checkpoint
         self._saved_scheduler: dict[str, Any] = {}  # see on_load_checkpoint
+        self._checked_step = 0  # the optimiser step after which _check_after_step last looked
         if compile:
             # In place: the state_dict keys stay those of the plain network, so checkpoints of
             # compiled and uncompiled runs are interchangeable.
@@ -133,11 +134,19 @@ class SegmentationModule(pl.LightningModule):
         else:
             self._nonfinite |= bad
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        # After the step's optimiser update is queued and on the steps where the logger reads
-        # its values (it waits for the GPU there anyway), not in the middle of the step, where
-        # the wait would stop the host from queueing the backward pass.
-        if not self._eager_check() and self.global_step % self.trainer.log_every_n_steps == 0:
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [CheckFiniteAfterStep()]
+
+    def _check_after_step(self) -> None:
+        """The deferred check after every ``trainer.log_every_n_steps``-th optimiser step
+        (once, also while gradients accumulate over several batches after it), when the
+        logger waits for the GPU anyway; not in the middle of a step, where the wait would
+        keep the host from queueing the backward pass."""
+        step = self.global_step
+        if self._eager_check() or step % self.trainer.log_every_n_steps:
+            return
+        if step != self._checked_step:
+            self._checked_step = step
             self._raise_if_nonfinite(self._step_where())
 
     def _raise_if_nonfinite(self, where: str) -> None:
@@ -373,6 +382,16 @@ class SegmentationModule(pl.LightningModule):
                 "interval": interval,
             },
         }
+
+
+class CheckFiniteAfterStep(pl.Callback):
+    """Runs ``SegmentationModule._check_after_step`` at the end of each training batch, before
+    the checkpoint callbacks (Lightning puts those last; the module's own hook would run after
+    them), so that a checkpoint saved every few steps never holds weights a non-finite loss
+    broke."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module._check_after_step()
 
 
 def _apply_plateau_settings(

@@ -133,10 +133,15 @@ def test_deferred_non_finite_check_of_gpu_and_ddp_runs_also_keeps_the_good_check
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
 
 
-def test_deferred_check_looks_after_the_step_on_logging_steps_only(make_cfg, monkeypatch):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_deferred_check_looks_after_the_step_on_logging_steps_only(
+    make_cfg, monkeypatch, tmp_path, accumulate
+):
     """The deferred check waits for the device: it looks once every trainer.log_every_n_steps
-    steps, after the step's update is queued (not inside training_step, where the wait would
-    keep the host from queueing the backward pass), and stops a run of one long epoch there."""
+    optimiser steps (also when gradients accumulate over several batches), after the step's
+    update is queued (not inside training_step, where the wait would keep the host from
+    queueing the backward pass) and before a checkpoint callback saves, and stops a run of
+    one long epoch there."""
     monkeypatch.setattr(SegmentationModule, "_eager_check", lambda self: False)
     looks, inside = [], []
     step, check = SegmentationModule.training_step, SegmentationModule._raise_if_nonfinite
@@ -144,7 +149,7 @@ def test_deferred_check_looks_after_the_step_on_logging_steps_only(make_cfg, mon
     def training_step(self, batch, batch_idx):
         inside.append(True)
         try:
-            if self.global_step == 3:  # the fourth step's loss is NaN
+            if self.global_step == 2:  # the third optimiser step's loss is NaN
                 batch = {**batch, "image": batch["image"] * float("nan")}
             return step(self, batch, batch_idx)
         finally:
@@ -156,17 +161,26 @@ def test_deferred_check_looks_after_the_step_on_logging_steps_only(make_cfg, mon
 
     monkeypatch.setattr(SegmentationModule, "training_step", training_step)
     monkeypatch.setattr(SegmentationModule, "_raise_if_nonfinite", raise_if_nonfinite)
+    saved = tmp_path / "every_2_steps"
     cfg = make_cfg(
         "data.batch_size=1",
-        "trainer.limit_train_batches=12",
-        "trainer.log_every_n_steps=3",
+        "trainer.limit_train_batches=10",  # the demo's training images, one a batch
+        f"+trainer.accumulate_grad_batches={accumulate}",
+        "trainer.log_every_n_steps=2",
         "trainer.num_sanity_val_steps=0",
         "callbacks.model_checkpoint=null",
         "callbacks.last_checkpoint=null",
+        "+callbacks.steps._target_=pytorch_lightning.callbacks.ModelCheckpoint",
+        f"+callbacks.steps.dirpath={saved}",
+        "+callbacks.steps.every_n_train_steps=2",
+        "+callbacks.steps.save_top_k=-1",
+        "+callbacks.steps.filename='{step}'",
     )
-    with pytest.raises(LungsegError, match="a loss became nan or inf .* at epoch 0, step 6"):
+    with pytest.raises(LungsegError, match="a loss became nan or inf .* at epoch 0, step 4"):
         train(cfg)
-    assert looks == [(3, False), (6, False)]
+    assert looks == [(2, False), (4, False)]
+    # the step-2 checkpoint, taken before the NaN; none after it
+    assert sorted(p.name for p in saved.iterdir()) == ["step=2.ckpt"]
 
 
 # Runs train.py, but stops in the middle of epoch 1 (its epoch-0 checkpoint written) and says
