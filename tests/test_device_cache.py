@@ -66,6 +66,25 @@ def test_gathered_batches_are_the_loaders(tmp_path, augmentation, normalize, in_
     assert val["image"].shape[1:] == (in_channels, H, W)
 
 
+def test_gathered_batches_take_the_precisions_input_dtype(tmp_path):
+    """Lightning casts a batch's floating tensors to the precision's input dtype (bf16-true:
+    bfloat16) before the transfer, when a gathered batch has no images yet: the gather does."""
+    from pytorch_lightning.plugins.precision import HalfPrecision
+
+    image_dir, mask_dir, _ = write_data(tmp_path, n=20)
+    batches = []
+    for cache in (False, True):
+        dm = make_dm(image_dir, mask_dir, augmentation=DEVICE, device_cache=cache)
+        dm.trainer = fake_trainer(1, 0)
+        dm.trainer.precision_plugin = HalfPrecision("bf16-true")
+        batch = dm.trainer.precision_plugin.convert_input(next(iter(dm.train_dataloader())))
+        batches.append(dm.device_transform(batch))
+    loaded, gathered = batches
+    assert loaded["image"].dtype == gathered["image"].dtype == torch.bfloat16
+    assert torch.equal(loaded["image"], gathered["image"])
+    assert torch.equal(loaded["mask"], gathered["mask"])
+
+
 def test_settings_it_cannot_serve_are_explained(tmp_path, caplog):
     image_dir, mask_dir, _ = write_data(tmp_path)
     flip = {"train": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}]}
@@ -89,8 +108,10 @@ def test_null_holds_the_images_on_a_gpu_where_it_applies_and_they_fit(
     size = sum(a.nbytes for a in dm.train_dataset.images) + sum(
         m.nbytes for m in dm.train_dataset.masks
     )
-    free = {"bytes": 4 * size}
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 10**12))
+    memory = {"free": 4 * size, "total": 10**12}
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device: (memory["free"], memory["total"])
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
     def held(trainer, **data) -> bool:
@@ -109,19 +130,24 @@ def test_null_holds_the_images_on_a_gpu_where_it_applies_and_they_fit(
     assert not held(gpu, soft_masks=True)
     assert not held(gpu, device_cache=False)
     assert held(fake_trainer(1, 0, "cpu"), device_cache=True)
-    free["bytes"] = 4 * size - 1  # more than a quarter of the free memory
+    memory["free"] = 4 * size - 1  # more than a quarter of the free memory
     with caplog.at_level(logging.INFO):
         assert not held(gpu)
     assert "are not held" in caplog.text
+    memory["free"], memory["total"] = 4 * size, 10 * size
+    assert held(gpu)
+    memory["total"] = 10 * size - 1  # more than a tenth of all the memory
+    assert not held(gpu)
 
 
 class GatheredProbe(pl.Callback):
-    """Records the training batches' keys and devices as the module gets them."""
+    """Records the training batches' keys as the module gets them, and whether the loader
+    handed out indices only."""
 
-    seen: list[tuple[set, str]] = []
+    seen: list[tuple[set, bool]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        GatheredProbe.seen.append((set(batch), batch["image"].device.type))
+        GatheredProbe.seen.append((set(batch), trainer.datamodule.train_dataset.indices_only))
 
 
 def test_training_from_the_device_cache(make_cfg):
@@ -134,4 +160,6 @@ def test_training_from_the_device_cache(make_cfg):
     metrics = train(cfg)
     assert metrics["best_checkpoint"] and np.isfinite(metrics["test/dice"])
     assert GatheredProbe.seen
-    assert all(keys == {"image", "mask", "name"} for keys, _ in GatheredProbe.seen)
+    assert all(
+        keys == {"image", "mask", "name"} and indices for keys, indices in GatheredProbe.seen
+    )

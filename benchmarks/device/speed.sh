@@ -12,9 +12,9 @@
 # 4. the compiled U-Net at 512 px, batch 32, with the same loader (34 % of the bf16 matrix
 #    product on the H100 on 2026-11-27 with 14 workers, before the loader sent uint8 masks and
 #    pinned batches).
-# All four took about 520 s + 140 s on an H100 (2026-11-27), more than a call fits with the
-# machine's start: STEPS="line rows profile compiled" (the default) names the steps to run,
-# e.g. STEPS=compiled for the compiled row alone.
+# All four took 385 s (line, rows) + 150 s (profile, compiled) on an H100 (2026-11-27, with
+# --device-cache), about what one call fits with the machine's start: STEPS="line rows profile
+# compiled" (the default) names the steps to run, e.g. STEPS=compiled for the compiled row.
 # Results land in $OUT: gpu.txt, deeplab.txt, throughput.md, profile.txt.
 source "$(dirname "$0")/env.sh"
 set -o pipefail

@@ -147,33 +147,51 @@ class CachedSegDataset(Dataset):
 
     def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache on ``device``, copied there on first use: images (N, C, H, W) float32
-        as cached (not normalised) and masks (N, H, W) uint8. ``data.device_cache``."""
+        as cached (not normalised) and masks (N, H, W) uint8. ``data.device_cache``.
+
+        On a GPU the copy goes in chunks of 64 images, so the host never holds the set twice;
+        on the CPU the cache itself becomes views of one stacked array, which is then used as
+        it is."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if device not in self._stacked:
-            images = torch.from_numpy(np.stack(self.images)).permute(0, 3, 1, 2)
-            masks = torch.from_numpy(np.stack(self.masks))
-            size = (images.numel() * images.element_size() + masks.numel()) / 2**20
+        if device in self._stacked:
+            return self._stacked[device]
+        n, (h, w, c) = len(self), self.images[0].shape
+        size = (n * h * w * (4 * c + 1)) / 2**20
+        if device.type == "cpu":
+            stacked = np.stack(self.images)  # (N, H, W, C); the cache: views of it
+            self.images = list(stacked)
+            masks = np.stack(self.masks)
+            self.masks = list(masks)
+            held = (torch.from_numpy(stacked).permute(0, 3, 1, 2), torch.from_numpy(masks))
+        else:
             try:
-                self._stacked[device] = (
-                    images.to(device, memory_format=torch.contiguous_format),
-                    masks.to(device),
+                held = (
+                    torch.empty((n, c, h, w), dtype=torch.float32, device=device),
+                    torch.empty((n, h, w), dtype=torch.uint8, device=device),
                 )
             except torch.OutOfMemoryError as error:
                 raise LungsegError(
-                    f"data.device_cache=true: the {len(self)} training images and masks "
-                    f"({size:,.0f} MB) do not fit in {device}'s free memory beside the network. "
-                    f"Set data.device_cache=false (batches then come from the loader), or a "
-                    f"smaller data.image_size."
+                    f"data.device_cache: the {n} training images and masks ({size:,.0f} MB) do "
+                    f"not fit in {device}'s free memory beside the network. Set "
+                    f"data.device_cache=false (batches then come from the loader), or a smaller "
+                    f"data.image_size."
                 ) from error
-            log.info(
-                "data.device_cache: %d training images and masks (%.0f MB) held on %s",
-                len(self),
-                size,
-                device,
-            )
-        return self._stacked[device]
+            for first in range(0, n, 64):
+                part = slice(first, first + 64)
+                images = torch.from_numpy(np.stack(self.images[part])).permute(0, 3, 1, 2)
+                held[0][part] = images.to(device)
+                held[1][part] = torch.from_numpy(np.stack(self.masks[part])).to(device)
+        self._stacked[device] = held
+        log.info(
+            "data.device_cache: %d training images and masks (%.0f MB) held on %s", n, size, device
+        )
+        return held
+
+    def release(self) -> None:
+        """Drop the copies ``on_device`` made on devices (the CPU's is the cache itself)."""
+        self._stacked.clear()
 
 
 def collate(batch: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
@@ -534,7 +552,15 @@ class SegDataModule(pl.LightningDataModule):
         out["mask"] = masks.index_select(0, index)
         if self._device_normalize is not None:
             out["image"] = self._device_normalize.normalize(out["image"])
+        if self.trainer is not None:
+            # The precision's input dtype (bf16-true: bfloat16), which Lightning gives the
+            # loader's batches before their transfer, and this batch only now has images.
+            out = self.trainer.precision_plugin.convert_input(out)
         return out
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and "train" in self._datasets:
+            self._datasets["train"].release()  # not kept on the GPU through the test
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)
@@ -800,7 +826,7 @@ class SegDataModule(pl.LightningDataModule):
         """data.device_cache, or where it is null, whether the training images go to the GPU:
         when training on a CUDA device (a Trainer attached), the loader has nothing to do to an
         image (no albumentations transforms, hard masks), and they take at most a quarter of
-        the device's free memory."""
+        the device's free memory and a tenth of all of it."""
         if self._device_cache is not None:
             return self._device_cache
         dataset = self.train_dataset
@@ -810,16 +836,24 @@ class SegDataModule(pl.LightningDataModule):
         if device.type != "cuda" or not torch.cuda.is_available():
             return False
         size = sum(a.nbytes for a in dataset.images) + sum(m.nbytes for m in dataset.masks)
-        free = torch.cuda.mem_get_info(device)[0]
-        held = size <= free / 4
+        # Measured before the optimiser's state and the activations take their share: a
+        # quarter of what is free, and a tenth of the whole, leave them the rest.
+        free, total = torch.cuda.mem_get_info(device)
+        held = size <= min(free / 4, total / 10)
         log.info(
-            "data.device_cache=null: the %d training images (%.0f MB) %s on %s (%.0f MB free; "
-            "held where they take at most a quarter)",
+            "data.device_cache=null: the %d training images (%.0f MB) %s on %s (%.0f of %.0f MB "
+            "free; held where they take at most a quarter of the free memory and a tenth of "
+            "all)%s",
             len(dataset),
             size / 2**20,
             "are held" if held else "are not held",
             device,
             free / 2**20,
+            total / 2**20,
+            "; the loader's worker processes only hand out indices (data.num_workers=0 saves "
+            "starting them)"
+            if held and self._num_workers
+            else "",
         )
         return held
 
