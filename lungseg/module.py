@@ -135,6 +135,11 @@ class SegmentationModule(pl.LightningModule):
             self._nonfinite |= bad
 
     def configure_callbacks(self) -> list[pl.Callback]:
+        # Once: Lightning asks again for trainer.test, and would log that it replaces it.
+        if self._trainer is not None and any(
+            isinstance(c, CheckFiniteAfterStep) for c in self.trainer.callbacks
+        ):
+            return []
         return [CheckFiniteAfterStep()]
 
     def _check_after_step(self) -> None:
@@ -142,8 +147,8 @@ class SegmentationModule(pl.LightningModule):
         (once, also while gradients accumulate over several batches after it), when the
         logger waits for the GPU anyway; not in the middle of a step, where the wait would
         keep the host from queueing the backward pass."""
-        step = self.global_step
-        if self._eager_check() or step % self.trainer.log_every_n_steps:
+        step, every = self.global_step, self.trainer.log_every_n_steps
+        if self._eager_check() or not every or step % every:
             return
         if step != self._checked_step:
             self._checked_step = step
@@ -387,8 +392,12 @@ class SegmentationModule(pl.LightningModule):
 class CheckFiniteAfterStep(pl.Callback):
     """Runs ``SegmentationModule._check_after_step`` at the end of each training batch, before
     the checkpoint callbacks (Lightning puts those last; the module's own hook would run after
-    them), so that a checkpoint saved every few steps never holds weights a non-finite loss
-    broke."""
+    them): a checkpoint saved every k steps, k a multiple of ``trainer.log_every_n_steps``,
+    never holds weights a non-finite loss broke (other step intervals and time intervals can
+    save up to ``log_every_n_steps`` - 1 steps before the check)."""
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module._checked_step = trainer.global_step  # a second fit starts its count anew
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         pl_module._check_after_step()

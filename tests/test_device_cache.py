@@ -85,6 +85,19 @@ def test_gathered_batches_take_the_precisions_input_dtype(tmp_path):
     assert torch.equal(loaded["mask"], gathered["mask"])
 
 
+def test_the_copy_to_a_device_goes_in_chunks():
+    """What on_device does for a GPU, on CPU tensors: 3 channels, chunks that do not divide."""
+    from lungseg.data.datamodule import fill_in_chunks
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((5, 6, 3), dtype=np.float32) for _ in range(17)]
+    masks = [rng.integers(0, 3, (5, 6), dtype=np.uint8) for _ in range(17)]
+    held = (torch.zeros(17, 3, 5, 6), torch.zeros(17, 5, 6, dtype=torch.uint8))
+    fill_in_chunks(held, images, masks, chunk=7)
+    assert torch.equal(held[0], torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
+    assert torch.equal(held[1], torch.from_numpy(np.stack(masks)))
+
+
 def test_settings_it_cannot_serve_are_explained(tmp_path, caplog):
     image_dir, mask_dir, _ = write_data(tmp_path)
     flip = {"train": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}]}
@@ -146,8 +159,11 @@ class GatheredProbe(pl.Callback):
 
     seen: list[tuple[set, bool]] = []
 
+    datamodules: list = []
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         GatheredProbe.seen.append((set(batch), trainer.datamodule.train_dataset.indices_only))
+        GatheredProbe.datamodules.append(trainer.datamodule)
 
 
 def test_training_from_the_device_cache(make_cfg):
@@ -157,7 +173,10 @@ def test_training_from_the_device_cache(make_cfg):
         "+callbacks.probe._target_=test_device_cache.GatheredProbe",
     )
     GatheredProbe.seen.clear()
+    GatheredProbe.datamodules.clear()
     metrics = train(cfg)
+    # the copy is dropped when training ends
+    assert GatheredProbe.datamodules[-1].train_dataset._stacked == {}
     assert metrics["best_checkpoint"] and np.isfinite(metrics["test/dice"])
     assert GatheredProbe.seen
     assert all(

@@ -178,11 +178,7 @@ class CachedSegDataset(Dataset):
                     f"data.device_cache=false (batches then come from the loader), or a smaller "
                     f"data.image_size."
                 ) from error
-            for first in range(0, n, 64):
-                part = slice(first, first + 64)
-                images = torch.from_numpy(np.stack(self.images[part])).permute(0, 3, 1, 2)
-                held[0][part] = images.to(device)
-                held[1][part] = torch.from_numpy(np.stack(self.masks[part])).to(device)
+            fill_in_chunks(held, self.images, self.masks)
         self._stacked[device] = held
         log.info(
             "data.device_cache: %d training images and masks (%.0f MB) held on %s", n, size, device
@@ -192,6 +188,20 @@ class CachedSegDataset(Dataset):
     def release(self) -> None:
         """Drop the copies ``on_device`` made on devices (the CPU's is the cache itself)."""
         self._stacked.clear()
+
+
+def fill_in_chunks(
+    held: tuple[torch.Tensor, torch.Tensor],
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    chunk: int = 64,
+) -> None:
+    """Copy (H, W, C) images and (H, W) masks into ``held`` ((N, C, H, W), (N, H, W) tensors
+    on any device), ``chunk`` at a time: the host holds one chunk stacked, not the set."""
+    for first in range(0, len(images), chunk):
+        part = slice(first, first + chunk)
+        held[0][part].copy_(torch.from_numpy(np.stack(images[part])).permute(0, 3, 1, 2))
+        held[1][part].copy_(torch.from_numpy(np.stack(masks[part])))
 
 
 def collate(batch: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
