@@ -29,6 +29,8 @@ import math
 import torch
 from torchmetrics import Metric
 
+_STATS = ("dice_sum", "iou_sum", "scored", "present_dice", "present", "absent", "absent_fp")
+
 
 def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
     """Class ids (N, H, W) from logits (N, C, H, W). ``max(dim=1).indices`` equals
@@ -50,57 +52,64 @@ class SegmentationMetrics(Metric):
         c = len(self.class_names)
         # confusion[t, p]: pixels of true class t predicted as p, pooled over the set.
         self.add_state("confusion", torch.zeros(c, c, dtype=torch.long), dist_reduce_fx="sum")
-        # Per class: sum of the per-image scores and the number of images that have a score.
-        # float32, not float64: MPS has no float64.
-        self.add_state("dice_sum", torch.zeros(c, dtype=torch.float32), dist_reduce_fx="sum")
-        self.add_state("iou_sum", torch.zeros(c, dtype=torch.float32), dist_reduce_fx="sum")
-        self.add_state("scored", torch.zeros(c, dtype=torch.long), dist_reduce_fx="sum")
-        # Images whose target has the class (their Dice summed), and those that lack it
-        # (counted, and counted again where the prediction has the class).
-        self.add_state("present_dice", torch.zeros(c, dtype=torch.float32), dist_reduce_fx="sum")
-        self.add_state("present", torch.zeros(c, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("absent", torch.zeros(c, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("absent_fp", torch.zeros(c, dtype=torch.long), dist_reduce_fx="sum")
+        # Per class, summed over images (rows, see _STATS): each image's Dice and IoU where the
+        # class is in its target or prediction, whether it is ("scored"); the Dice of the images
+        # whose target has the class and their count; the images whose target lacks it, and
+        # those of them where it is predicted. One tensor: one addition an update. float32, not
+        # float64 (MPS has none): counts are exact up to 2**24 images.
+        self.add_state("stats", torch.zeros(len(_STATS), c), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        # Every tensor operation is a kernel launch the host queues on a GPU: 43 operations a
+        # call with torchmetrics' own (59 before the statistics became one tensor; on a 2-core
+        # CPU, 32 tiny images, median host time 0.42 -> 0.28 ms).
         c = len(self.class_names)
         n = preds.shape[0]
-        image = torch.arange(n, device=preds.device).view(n, 1) * (c * c)
+        image = torch.arange(0, n * c * c, c * c, device=preds.device).view(n, 1)
+        # .long(): no operation where they already are (the module's masks and predictions)
         index = image + target.reshape(n, -1).long() * c + preds.reshape(n, -1).long()
+        index = index.flatten()
         # scatter_add_, not bincount: bincount sizes its output from the data's maximum, which
         # on a GPU means waiting for it.
         confusion = torch.zeros(n * c * c, dtype=torch.long, device=preds.device)
-        confusion.scatter_add_(0, index.flatten(), torch.ones_like(index.flatten()))
-        confusion = confusion.view(n, c, c)
-        tp = confusion.diagonal(dim1=1, dim2=2)
-        fp = confusion.sum(dim=1) - tp  # predicted as the class, true class another
-        fn = confusion.sum(dim=2) - tp
-        union = (tp + fp + fn).float()
-        scored = union > 0
-        present, predicted = (tp + fn) > 0, (tp + fp) > 0
-        tp = tp.float()
-        dice = torch.where(scored, 2 * tp / (union + tp).clamp(min=1), 0)
-        self.dice_sum += dice.sum(dim=0)
-        self.iou_sum += torch.where(scored, tp / union.clamp(min=1), 0).sum(dim=0)
-        self.scored += scored.sum(dim=0)
-        self.present_dice += torch.where(present, dice, 0).sum(dim=0)
-        self.present += present.sum(dim=0)
-        self.absent += (~present).sum(dim=0)
-        self.absent_fp += (~present & predicted).sum(dim=0)
+        confusion.scatter_add_(0, index, index.new_ones(()).expand_as(index))
+        confusion = confusion.view(n, c, c)  # [image, true class, predicted class]
+        tp = confusion.diagonal(dim1=1, dim2=2).float()
+        true = confusion.sum(dim=2).float()  # tp + fn
+        predicted = confusion.sum(dim=1).float()  # tp + fp
+        both = true + predicted  # 2 tp + fp + fn: 0 exactly where the class is nowhere
+        # tp is 0 where both is: the clamps give those images 0, and "scored" leaves them out
+        dice = 2 * tp / both.clamp(min=1)
+        iou = tp / (both - tp).clamp(min=1)
+        present = (true > 0).float()
+        absent = 1 - present
+        stats = torch.stack(
+            [
+                dice,
+                iou,
+                (both > 0).float(),
+                present * dice,
+                present,
+                absent,
+                absent * (predicted > 0).float(),
+            ],
+            dim=1,
+        )  # (n, len(_STATS), c)
+        self.stats += stats.sum(dim=0)
         self.confusion += confusion.sum(dim=0)
 
     def compute(self) -> dict[str, float]:
         confusion = self.confusion.double()
         total = confusion.sum()
         out = {"acc": float(confusion.diagonal().sum() / total) if total > 0 else math.nan}
+        stats = dict(zip(_STATS, self.stats.double(), strict=True))
         ratios = {
-            "dice": (self.dice_sum, self.scored),
-            "iou": (self.iou_sum, self.scored),
-            "dice_nonempty": (self.present_dice, self.present),
-            "fp_empty": (self.absent_fp, self.absent),
+            "dice": (stats["dice_sum"], stats["scored"]),
+            "iou": (stats["iou_sum"], stats["scored"]),
+            "dice_nonempty": (stats["present_dice"], stats["present"]),
+            "fp_empty": (stats["absent_fp"], stats["absent"]),
         }
         for name, (sums, counts) in ratios.items():
-            counts = counts.double()
             per_class = torch.where(counts > 0, sums / counts.clamp(min=1), math.nan).tolist()
             # The lesion scores are not given for the background, which every image has.
             first = 0 if name in ("dice", "iou") else 1
