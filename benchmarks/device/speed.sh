@@ -2,7 +2,8 @@
 # Issue 5 on a GPU, one device call (at most LIMIT seconds, default 470: a step that would not
 # fit in what is left is skipped, and says so):
 #   run(command="bash benchmarks/device/speed.sh", carry=[".whl"], timeout_s=480)
-# 1. the brief's line as written, `python train.py model=deeplab trainer.gpus=1` (demo data);
+# 1. the brief's line as written, `python train.py model=deeplab trainer.gpus=1` (demo data),
+#    then with augmentation=device (STEPS kind "cache": data.device_cache=null's choice);
 # 2. benchmarks/throughput.py, width 64, bf16, channels_last, augmentation=device, the
 #    training images held on the GPU (--device-cache, no workers; LOADER="--workers 4" for
 #    the loader of the earlier tables): one process per row (a slow row cannot cut the others
@@ -14,8 +15,9 @@
 #    pinned batches).
 # All four took 385 s (line, rows) + 150 s (profile, compiled) on an H100 (2026-11-27, with
 # --device-cache), about what one call fits with the machine's start: STEPS="line rows profile
-# compiled" (the default) names the steps to run, e.g. STEPS=compiled for the compiled row.
-# Results land in $OUT: gpu.txt, deeplab.txt, throughput.md, profile.txt.
+# compiled" names the steps to run (the default adds "cache" after "line"), e.g. STEPS=compiled
+# for the compiled row.
+# Results land in $OUT: gpu.txt, deeplab.txt, deeplab_cache.txt, throughput.md, profile.txt.
 source "$(dirname "$0")/env.sh"
 set -o pipefail
 LIMIT=${LIMIT:-470}
@@ -35,7 +37,7 @@ else
   sizes="512/16 256/32" compiled=(--size 512 --batch 32) profile=256/32
 fi
 read -r -a loader <<< "${LOADER:---workers 0 --device-cache}"
-STEPS=" ${STEPS:-line rows profile compiled} "
+STEPS=" ${STEPS:-line cache rows profile compiled} "
 # step SECONDS WHAT COMMAND...: COMMAND under `timeout SECONDS` if that fits before LIMIT and
 # its kind (the first word of WHAT, "rows" for a row) is in STEPS
 step() {
@@ -57,6 +59,12 @@ if [ "$status" != 0 ] || [ -f outputs/device_deeplab/metrics.json ]; then  # not
   echo "exit status $status; metrics.json:" | tee -a "$OUT/deeplab.txt"
   cat outputs/device_deeplab/metrics.json >> "$OUT/deeplab.txt" 2>&1
 fi
+# the same line with augmentation=device: data.device_cache=null must hold the images on the
+# GPU by itself (its log line), and train as well
+rm -rf outputs/device_deeplab_cache
+step 120 "cache (the line with augmentation=device)" "${line[@]}" augmentation=device \
+  trainer.enable_progress_bar=false hydra.run.dir=outputs/device_deeplab_cache 2>&1 \
+  | grep -E "device_cache|test/dice |Error" | tee "$OUT/deeplab_cache.txt"
 for sb in $sizes; do  # rows are printed as they are measured
   for model in unet fcn segnet deeplab; do
     step 75 "$model at ${sb%/*} px" python3 benchmarks/throughput.py "${bench[@]}" \
