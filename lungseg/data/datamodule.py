@@ -134,7 +134,7 @@ class CachedSegDataset(Dataset):
                 "index": torch.tensor(indices, dtype=torch.long),
                 "name": [self.names[i] for i in indices],
             }
-        if self.augment.transforms or self.soft is not None:
+        if not self.batched:
             return [self[i] for i in indices]
         images = np.stack([self.images[i] for i in indices])  # (N, H, W, C), a copy
         images = transforms.normalize(images, self.image_info)
@@ -144,6 +144,18 @@ class CachedSegDataset(Dataset):
             "mask": torch.from_numpy(np.stack([self.masks[i] for i in indices])),
             "name": [self.names[i] for i in indices],
         }
+
+    @property
+    def batched(self) -> bool:
+        """Whether the CPU pipeline does nothing to an image (no albumentations transforms,
+        hard masks): batches are then the cached arrays as they are (``__getitems__``), and
+        can be gathered on the training device (``on_device``)."""
+        return not self.augment.transforms and self.soft is None
+
+    @property
+    def nbytes(self) -> int:
+        """The cached images' and masks' bytes (``on_device`` holds as many)."""
+        return sum(a.nbytes for a in self.images) + sum(m.nbytes for m in self.masks)
 
     def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache on ``device``, copied there on first use: images (N, C, H, W) float32
@@ -158,7 +170,7 @@ class CachedSegDataset(Dataset):
         if device in self._stacked:
             return self._stacked[device]
         n, (h, w, c) = len(self), self.images[0].shape
-        size = (n * h * w * (4 * c + 1)) / 2**20
+        size = self.nbytes / 2**20
         if device.type == "cpu":
             stacked = np.stack(self.images)  # (N, H, W, C); the cache: views of it
             self.images = list(stacked)
@@ -840,12 +852,12 @@ class SegDataModule(pl.LightningDataModule):
         if self._device_cache is not None:
             return self._device_cache
         dataset = self.train_dataset
-        if self.trainer is None or dataset.augment.transforms or dataset.soft is not None:
+        if self.trainer is None or not dataset.batched:
             return False
         device = self.trainer.strategy.root_device
         if device.type != "cuda" or not torch.cuda.is_available():
             return False
-        size = sum(a.nbytes for a in dataset.images) + sum(m.nbytes for m in dataset.masks)
+        size = dataset.nbytes
         # Measured before the optimiser's state and the activations take their share: a
         # quarter of what is free, and a tenth of the whole, leave them the rest.
         free, total = torch.cuda.mem_get_info(device)
