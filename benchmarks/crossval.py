@@ -25,6 +25,7 @@ over the folds would: every fold's validation patients are another fold's test p
 """
 
 import argparse
+import csv
 import json
 import multiprocessing
 import os
@@ -127,6 +128,15 @@ def choose(
     return max(allowed, key=lambda i: (value(nonempty, i, -1), -i))
 
 
+def has_val_split(run: Path) -> bool:
+    """Whether the run's split.csv (file,split rows) names a val file; True without one."""
+    path = run / "split.csv"
+    if not path.is_file():
+        return True  # eval.py then says what is missing
+    with path.open(newline="", encoding="utf-8") as f:
+        return any(row[1:2] == ["val"] for row in csv.reader(f))
+
+
 def score_validation(checkpoint: str, run: Path, grid: list[dict]) -> list[dict]:
     """The validation split's summaries of one fold's checkpoint, one per grid setting."""
     return evaluate_grid(eval_cfg(checkpoint, run / "crossval", "val", grid[0]), grid)
@@ -182,6 +192,15 @@ def main() -> None:
     for run, metrics in checkpoints.items():
         if not metrics.get("best_checkpoint"):
             sys.exit(f"crossval: {run} saved no best checkpoint")
+    unvalidated = [run for run in runs if not has_val_split(run)]
+    if unvalidated:
+        sys.exit(
+            f"crossval: {', '.join(map(str, unvalidated))} trained without a val split (data.split "
+            f"with a val fraction of 0), so there is nothing to choose its post-processing on. "
+            f"Its metrics.json (and a sweep's summary.md) hold its test scores as trained; "
+            f"`python eval.py ckpt_path=<run>/checkpoints/last.ckpt split=test` scores it with "
+            f"any post-processing."
+        )
 
     for value in args.min_confidences:
         if not 0 <= value < 1:

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ProgressBar, Timer
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, Timer
 from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg import hostmem
@@ -156,6 +156,50 @@ def stop_reason(trainer: pl.Trainer) -> str:
     return "other"
 
 
+def check_without_validation(cfg: DictConfig) -> None:
+    """LungsegError for settings that need a val split, in a fit without one (data.split with
+    a val fraction of 0): a scheduler that watches a val/* metric; no checkpoint without a
+    monitor (callbacks.last_checkpoint), which keeps the final weights, the run's model.
+    Before anything is written."""
+    checkpoints = [
+        c
+        for c in (cfg.get("callbacks") or {}).values()
+        if c is not None and str(c.get("_target_", "")).endswith("ModelCheckpoint")
+    ]
+    if not any(c.get("monitor") is None for c in checkpoints):
+        raise LungsegError(
+            "a fit without a val split (data.split with a val fraction of 0) keeps its final "
+            "weights through callbacks.last_checkpoint, which this config leaves out. Keep "
+            "callbacks.last_checkpoint, or give data.split a val fraction > 0."
+        )
+    scheduler = plain(cfg.get("scheduler")) or {}
+    if str(scheduler.get("_target_", "")).endswith("ReduceLROnPlateau"):
+        raise LungsegError(
+            f"data.split {list(cfg.data.split)} has no val split, but the plateau scheduler "
+            f"lowers the learning rate when {scheduler.get('monitor', 'val/loss')} stops "
+            f"improving, which only a val split logs. Choose scheduler=cosine (or "
+            f"scheduler=none), or give data.split a val fraction > 0."
+        )
+
+
+def without_validation(callbacks: list[Any]) -> list[Any]:
+    """The callbacks of a fit without a val split: early stopping and the checkpoint of the
+    best val score left out (they watch val/* metrics, which nothing logs); the checkpoint
+    without a monitor (callbacks.last_checkpoint) keeps the final weights, the run's model."""
+    left_out = [
+        c
+        for c in callbacks
+        if isinstance(c, EarlyStopping) or (isinstance(c, ModelCheckpoint) and c.monitor)
+    ]
+    log.info(
+        "no val split (data.split's val fraction is 0): training runs its full schedule "
+        "without validation; %s left out; the final weights (checkpoints/last.ckpt) are the "
+        "model that is tested and that eval.py and predict.py use",
+        " and ".join(sorted({type(c).__name__ for c in left_out})) or "nothing",
+    )
+    return [c for c in callbacks if not any(c is x for x in left_out)]
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write into ``cfg.output_dir``: ``checkpoints/``,
     ``tensorboard/``, ``split.csv``, ``config.yaml`` (resolved), ``environment.json``
@@ -173,6 +217,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = build_datamodule(cfg)
     datamodule.check_fit_split()
+    validating = len(datamodule.val_dataset) > 0
+    if not validating:
+        check_without_validation(cfg)
     module = SegmentationModule(
         net=plain(cfg.model),
         loss=plain(cfg.loss),
@@ -212,12 +259,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [c for c in callbacks if not (isinstance(c, EMA) and not c.enabled)]
     if not trainer_settings.get("enable_progress_bar", True):  # Lightning refuses a bar then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not validating:
+        callbacks = without_validation(callbacks)
+        trainer_settings["limit_val_batches"] = 0  # skipped, rather than an empty loader
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
-    # The callback that keeps the best epoch (callbacks.model_checkpoint), not last.ckpt's.
-    checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)
+    # The callback that keeps the best epoch (callbacks.model_checkpoint), not last.ckpt's;
+    # without validation the final weights (last.ckpt) are the model.
+    checkpoint = next(
+        (c for c in trainer.checkpoint_callbacks if bool(c.monitor) == validating), None
+    )
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     if best_path and not continues_run(best_path, out_dir):
         best_path = ""  # the restored path of the run a ckpt_path came from, not of this one

@@ -495,13 +495,45 @@ def test_more_than_4_channels_shrink_by_a_non_integer_factor():
     assert np.array_equal(resize_image(context, (6, 9)), whole)
 
 
-def test_training_without_validation_files_is_refused(make_cfg):
-    """Checkpointing and early stopping watch val/loss: with no val file Lightning failed
-    after the first epoch; the fit stops at its start and names the setting instead."""
-    cfg = make_cfg("data.split=[0.75,0.0,0.25]")
-    with pytest.raises(LungsegError, match=r"data.split \[0.75, 0.0, 0.25\] leaves the val"):
+def test_training_without_a_val_split_keeps_the_final_weights(make_cfg, caplog):
+    """A val fraction of 0 trains without validation: no early stopping or best-checkpoint
+    callback (they watch val/* metrics, which nothing logs; Lightning's early stopping failed
+    after the first epoch), the full schedule, and the final weights (last.ckpt) as the
+    tested model. A plateau scheduler, which needs val/loss, is refused before anything is
+    written."""
+    from lungseg.visualize import read_epoch_scalars
+
+    cfg = make_cfg(
+        "data.split=[0.75,0.0,0.25]",
+        "trainer.max_epochs=3",
+        "callbacks.early_stopping.patience=0",  # left out: it would watch val/loss
+    )
+    with caplog.at_level(logging.INFO, logger="lungseg.train"):
+        metrics = train(cfg)
+    out = Path(cfg.output_dir)
+    assert "no val split" in caplog.text and "EarlyStopping and ModelCheckpoint" in caplog.text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert metrics["best_checkpoint"] == str(out / "checkpoints" / "last.ckpt")
+    assert (metrics["epochs_trained"], metrics["best_epoch"]) == (3, 2)
+    assert metrics["monitor"] is None and metrics["stopped_by"] == "max_epochs"
+    assert metrics["test/dice"] is not None
+    rows = list(csv.reader((out / "split.csv").open()))[1:]
+    assert {split for _, split in rows} == {"train", "test"}
+    history = read_epoch_scalars(out / "tensorboard")
+    assert "train/loss_epoch" in history and not any(k.startswith("val/") for k in history)
+
+    cfg = make_cfg(
+        "data.split=[0.75,0.0,0.25]", "scheduler=plateau", "output_dir=" + str(out / "p")
+    )
+    with pytest.raises(LungsegError, match=r"no val split, but the plateau scheduler .*cosine"):
         train(cfg)
-    assert not list(Path(cfg.output_dir).glob("*"))  # before anything is written
+    assert not list((out / "p").glob("*"))
+    cfg = make_cfg(
+        "data.split=[0.75,0.0,0.25]", "~callbacks.last_checkpoint", f"output_dir={out}/q"
+    )
+    with pytest.raises(LungsegError, match=r"keeps its final weights through callbacks.last_chec"):
+        train(cfg)
+    assert not list((out / "q").glob("*"))
 
 
 def test_foreground_oversampling_fills_each_batch_share(tmp_path):

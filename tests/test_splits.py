@@ -3,7 +3,13 @@ import random
 
 import pytest
 
-from lungseg.data.splits import SPLITS, check_fit_split, make_split, write_split
+from lungseg.data.splits import (
+    SPLITS,
+    check_fit_split,
+    make_split,
+    trains_without_validation,
+    write_split,
+)
 from lungseg.errors import LungsegError
 
 STEMS = [f"img{i:03d}" for i in range(100)]
@@ -93,9 +99,11 @@ def write_csv(path, rows, header=("file", "split")):
     return path
 
 
-def test_fitting_needs_train_and_val_files(tmp_path):
+def test_fitting_needs_train_and_val_files_unless_val_is_0(tmp_path):
     """make_split accepts a fraction of 0; check_fit_split, run as a fit starts, refuses an
-    empty train or val split and names the setting that made it."""
+    empty train split, and an empty val split that no val fraction of 0 asked for (a split
+    file without val rows), and names the setting that made it. A val fraction of 0 asks for
+    a fit without validation, with folds too."""
     stems = STEMS[:16]
 
     def refused(words, fractions=(0.6, 0.2, 0.2), **settings):
@@ -103,22 +111,20 @@ def test_fitting_needs_train_and_val_files(tmp_path):
         with pytest.raises(LungsegError, match=words):
             check_fit_split(split, fractions, **settings)
 
-    refused(
-        r"data.split \[0.75, 0.0, 0.25\] leaves the val split empty \(train/val/test = 12/0/4 "
-        r"files\).*a val fraction > 0, e.g. \[0.6, 0.2, 0.2\]",
-        (0.75, 0.0, 0.25),
-    )
     refused(r"leaves the train split empty.*a train fraction > 0", (0.0, 0.5, 0.5))
-    refused(
-        r"\[1.0, 0.0, 0.0\] with data.num_folds=4 data.fold=1 leaves the val split empty.*"
-        r"e.g. \[0.8, 0.2, 0.0\]",
-        (1.0, 0.0, 0.0),
-        num_folds=4,
-        fold=1,
-    )
+    refused(r"leaves the train and val split empty.*a train and val fraction > 0", (0, 0, 1))
+    for fractions, folds in [
+        ((0.75, 0.0, 0.25), {}),
+        ((1.0, 0.0, 0.0), {"num_folds": 4, "fold": 1}),
+    ]:
+        split = make_split(stems, fractions, **folds)
+        assert (counts(split)["train"], counts(split)["val"]) == (12, 0)
+        check_fit_split(split, fractions, **folds)
+        assert trains_without_validation(fractions)
     rows = [(s, "train" if i % 4 else "test") for i, s in enumerate(stems)]
     no_val = write_csv(tmp_path / "no_val.csv", rows)
     refused(r"no_val.csv' leaves the val split empty.*List some files as val", split_file=no_val)
+    assert not trains_without_validation((0.75, 0.0, 0.25), no_val)
     only_test = write_csv(tmp_path / "only_test.csv", [(s, "test") for s in stems])
     refused(r"leaves the train and val split empty.*as train and val", split_file=only_test)
 

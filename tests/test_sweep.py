@@ -235,6 +235,28 @@ def test_fold_sweep_and_crossval_report(tmp_path):
             assert f" | {setting} | " in fold_rows[k]
 
 
+def test_crossval_refuses_runs_trained_without_a_val_split(tmp_path):
+    """A fold run with data.split's val fraction at 0 has no split to choose post-processing
+    on: crossval.py says so and where its test scores are, instead of failing in eval."""
+    for fold, splits in enumerate([("train", "val", "test"), ("train", "test", "test")]):
+        run = tmp_path / f"fold{fold}"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "metrics.json").write_text(
+            json.dumps({"best_checkpoint": str(run / "checkpoints" / "last.ckpt")})
+        )
+        rows = "".join(f"s{i},{split}\n" for i, split in enumerate(splits))
+        (run / "split.csv").write_text("file,split\n" + rows)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "crossval.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"crossval: {tmp_path / 'fold1'} trained without a val split" in result.stderr
+    assert "fold0" not in result.stderr
+
+
 def test_crossval_chooses_on_validation_dice_or_under_a_false_positive_budget():
     from benchmarks.crossval import choose
 

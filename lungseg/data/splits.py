@@ -222,17 +222,18 @@ def check_fit_split(
     fold: int | None = None,
 ) -> None:
     """Raise LungsegError where ``split``, made by ``make_split`` with these settings, leaves
-    train or val without a file: fitting learns from train and chooses the best checkpoint and
-    when to stop by the val/* metrics, which an empty val split never logs (Lightning's
-    callbacks then fail after the first epoch). An empty test split is fine.
+    train without a file, or val without one by accident: fitting chooses the best checkpoint
+    and when to stop by the val/* metrics, which an empty val split never logs. A val fraction
+    of 0 in data.split (with folds too, e.g. [1.0, 0.0, 0.0]) asks for a fit without
+    validation (``trains_without_validation``): the full schedule, the final weights as the
+    model. An empty test split is fine.
 
     make_split already refuses a split with a fraction > 0 that gets no file, so this finds a
-    fraction of 0 (data.split, or its train:val ratio with folds) or a split file without
-    train or val rows.
+    train fraction of 0 or a split file without train or val rows.
     """
     counts = _counts(split)
     empty = " and ".join(name for name in ("train", "val") if counts[name] == 0)
-    if not empty:
+    if not empty or (empty == "val" and trains_without_validation(fractions, split_file)):
         return
     if split_file is not None:
         source = f"data.split_file {str(split_file)!r}"
@@ -251,10 +252,20 @@ def check_fit_split(
         fix = f"Give data.split a {empty} fraction > 0, e.g. [0.6, 0.2, 0.2]."
     raise LungsegError(
         f"{source} leaves the {empty} split empty (train/val/test = {counts['train']}/"
-        f"{counts['val']}/{counts['test']} files), but training needs files in both train "
-        f"and val: it learns from train, and chooses the best checkpoint and when to stop (and "
-        f"a plateau scheduler the learning rate) by the val/* metrics. {fix}"
+        f"{counts['val']}/{counts['test']} files), but training learns from train, and "
+        f"chooses the best checkpoint and when to stop (and a plateau scheduler the learning "
+        f"rate) by the val/* metrics of the val split. {fix} (A val fraction of 0 in "
+        f"data.split, without a split file, trains without validation: the full schedule, "
+        f"the final weights as the model.)"
     )
+
+
+def trains_without_validation(
+    fractions: Sequence[float], split_file: str | Path | None = None
+) -> bool:
+    """Whether these settings ask for a fit without a val split: data.split's val fraction
+    is 0 (with folds: of the parts that are not the test part) and no split file is given."""
+    return split_file is None and float(fractions[1]) == 0
 
 
 def _counts(split: Mapping[str, str]) -> dict[str, int]:
