@@ -123,7 +123,14 @@ def test_fitting_needs_train_and_val_files_unless_val_is_0(tmp_path):
         assert trains_without_validation(fractions)
     rows = [(s, "train" if i % 4 else "test") for i, s in enumerate(stems)]
     no_val = write_csv(tmp_path / "no_val.csv", rows)
-    refused(r"no_val.csv' leaves the val split empty.*List some files as val", split_file=no_val)
+    refused(
+        r"no_val.csv' leaves the val split empty.*List some files as val.*A val fraction of 0 in "
+        r"data.split, without a split file, trains without validation",
+        split_file=no_val,
+    )
+    with pytest.raises(LungsegError) as error:
+        check_fit_split(make_split(stems, (0.0, 0.5, 0.5)), (0.0, 0.5, 0.5))
+    assert "trains without validation" not in str(error.value)  # not about val
     assert not trains_without_validation((0.75, 0.0, 0.25), no_val)
     only_test = write_csv(tmp_path / "only_test.csv", [(s, "test") for s in stems])
     refused(r"leaves the train and val split empty.*as train and val", split_file=only_test)

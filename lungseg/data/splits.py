@@ -250,13 +250,17 @@ def check_fit_split(
     else:
         source = f"data.split {list(fractions)}"
         fix = f"Give data.split a {empty} fraction > 0, e.g. [0.6, 0.2, 0.2]."
+    without = (
+        " (A val fraction of 0 in data.split, without a split file, trains without "
+        "validation: the full schedule, the final weights as the model.)"
+        if "val" in empty
+        else ""
+    )
     raise LungsegError(
         f"{source} leaves the {empty} split empty (train/val/test = {counts['train']}/"
         f"{counts['val']}/{counts['test']} files), but training learns from train, and "
         f"chooses the best checkpoint and when to stop (and a plateau scheduler the learning "
-        f"rate) by the val/* metrics of the val split. {fix} (A val fraction of 0 in "
-        f"data.split, without a split file, trains without validation: the full schedule, "
-        f"the final weights as the model.)"
+        f"rate) by the val/* metrics of the val split. {fix}{without}"
     )
 
 
