@@ -205,6 +205,17 @@ class SegmentationModule(pl.LightningModule):
         dice = values.pop("dice")
         self.log(f"{stage}/dice", dice, prog_bar=True)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
+        if stage == "train" and self.trainer.limit_val_batches == 0:
+            # A fit without validation (train.py, data.split's val fraction 0): one line per
+            # epoch in train.log all the same.
+            loss = self.trainer.callback_metrics.get("train/loss_epoch", float("nan"))
+            log.info(
+                "epoch %d: train/loss %.4f  train/dice %.4f  train/acc %.4f (no validation)",
+                self.current_epoch,
+                float(loss),
+                dice,
+                values["acc"],
+            )
         if stage == "val" and not self.trainer.sanity_checking:
             # One line per epoch in train.log, also when the progress bar is off.
             loss = self.trainer.callback_metrics.get("val/loss", float("nan"))

@@ -508,10 +508,12 @@ def test_training_without_a_val_split_keeps_the_final_weights(make_cfg, caplog):
         "trainer.max_epochs=3",
         "callbacks.early_stopping.patience=0",  # left out: it would watch val/loss
     )
-    with caplog.at_level(logging.INFO, logger="lungseg.train"):
+    with caplog.at_level(logging.INFO):
         metrics = train(cfg)
     out = Path(cfg.output_dir)
     assert "no val split" in caplog.text and "EarlyStopping and ModelCheckpoint" in caplog.text
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == 3 and epochs[2].startswith("epoch 2: train/loss")  # one line each
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
     assert metrics["best_checkpoint"] == str(out / "checkpoints" / "last.ckpt")
     assert (metrics["epochs_trained"], metrics["best_epoch"]) == (3, 2)
