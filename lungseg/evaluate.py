@@ -64,6 +64,7 @@ from lungseg.errors import LungsegError
 from lungseg.inference import (
     BitDepthCheck,
     batches,
+    config_checkpoints,
     load_from_config,
     neighbour_table,
     predict_probabilities,
@@ -184,6 +185,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ``summary.json`` into ``cfg.output_dir``; a folder that already holds either is refused
     before any scoring, unless ``cfg.overwrite``. Returns the summary."""
     per_image, summary_file = _output_paths(cfg)
+    paths = config_checkpoints(cfg)
     hostmem.configure(cfg.get("retain_freed_memory", True))
     model = load_from_config(cfg)
     post = postprocess.settings(cfg.get("postprocess"), model.hparams.get("postprocess"))
@@ -202,7 +204,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(rows)
     summary = {
-        "checkpoint": str(Path(cfg.ckpt_path).expanduser().absolute()),
+        # one path, or the list of an ensemble's
+        "checkpoint": _one_or_list([str(Path(p).expanduser().absolute()) for p in paths]),
         "images": source,
         "mask_mode": mask_mode,
         "tta_flips": flips,
@@ -290,8 +293,9 @@ def _score(
     mask_mode = cfg.data.mask_mode or info["mask_mode"]
     palette = _palette(cfg.data.palette) or info["palette"]
     flips = list(cfg.tta_flips) if cfg.tta else []
-    log.info("scoring %s on %d images: %s", cfg.ckpt_path, len(pairs), source)
-    _check_layers(pairs, mask_mode, class_names, cfg.ckpt_path)
+    label = " + ".join(config_checkpoints(cfg))
+    log.info("scoring %s on %d images: %s", label, len(pairs), source)
+    _check_layers(pairs, mask_mode, class_names, label)
     # 2.5-D models take neighbouring slices from the images' folders, other splits included
     folders = dict.fromkeys(p.image.parent for p in pairs) if info.get("context_slices") else {}
     pool = [image for f in folders for image in _list_images(f, "image", "data.image_dir")]
@@ -362,11 +366,12 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
         )
         return pairs, f"all pairs of {data.image_dir} and {data.mask_dir}"
 
-    run = Path(cfg.ckpt_path).expanduser().absolute().parent.parent
+    checkpoint, *others = config_checkpoints(cfg)
+    run = _run_folder(checkpoint)
     config_file, split_file = run / "config.yaml", run / "split.csv"
     if not (config_file.is_file() and split_file.is_file()):
         raise LungsegError(
-            f"{cfg.ckpt_path} is not inside a training run folder: {run} (two folders up) has "
+            f"{checkpoint} is not inside a training run folder: {run} (two folders up) has "
             f"no config.yaml and split.csv, which name the data and its test split. Keep the "
             f"checkpoint in <run>/checkpoints/, or score other data with "
             f"data.image_dir=<images> data.mask_dir=<masks>."
@@ -404,7 +409,47 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
             f"The {which} split in {split_file} is empty (the run used a {which} fraction of "
             f"0). Score other data with data.image_dir=<images> data.mask_dir=<masks>."
         )
+    for other in others:  # an ensemble: no member may have trained on what is scored
+        _check_same_split(other, checkpoint, [p.stem for p in chosen], which)
     return chosen, f"{which} split of {run} ({folders[0]})"
+
+
+def _run_folder(checkpoint: str) -> Path:
+    """The training run folder of a checkpoint in ``<run>/checkpoints/``."""
+    return Path(checkpoint).expanduser().absolute().parent.parent
+
+
+def _check_same_split(checkpoint: str, first: str, stems: list[str], which: str) -> None:
+    """LungsegError where an ensemble member's run put one of the scored images (the ``which``
+    split of the first member's run) in another split: its score would count images that
+    member trained (or chose its checkpoint) on. A member outside a run folder is not
+    checked, with a warning."""
+    split_file = _run_folder(checkpoint) / "split.csv"
+    if not split_file.is_file():
+        log.warning(
+            "%s is not inside a training run folder (no %s): whether it trained on the %s "
+            "split of %s cannot be checked",
+            checkpoint,
+            split_file,
+            which,
+            first,
+        )
+        return
+    split = splits.listed_splits(split_file, stems)  # an unlisted image: not trained on
+    moved = [stem for stem in stems if split.get(stem, which) != which]
+    if moved:
+        raise LungsegError(
+            f"{checkpoint}'s run put {len(moved)} of the {len(stems)} images of the {which} "
+            f"split of {first} in its own train or val split (e.g. {moved[0]}: "
+            f"{split[moved[0]]}, {split_file}), so the ensemble's score would count images a "
+            f"member learnt from. Ensemble runs of the same split (same data.seed, "
+            f"data.fold), or score other data with data.image_dir=<images> "
+            f"data.mask_dir=<masks>."
+        )
+
+
+def _one_or_list(values: list[str]) -> str | list[str]:
+    return values[0] if len(values) == 1 else values
 
 
 def _recursive(value: Any) -> bool:

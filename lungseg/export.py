@@ -60,6 +60,11 @@ def load_network(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
             "ckpt_path is not set. Name the checkpoint to export, e.g. `python export.py "
             "ckpt_path=outputs/train/<run>/checkpoints/last.ckpt format=onnx`."
         )
+    if not isinstance(cfg.ckpt_path, str):
+        raise LungsegError(
+            f"ckpt_path is {cfg.ckpt_path}; export writes one network, so give one checkpoint "
+            f"(eval.py and predict.py take a list, an ensemble; export each member on its own)."
+        )
     module = load_checkpoint(cfg.ckpt_path, torch.device("cpu"), list(cfg.trusted_modules))
     hparams = dict(module.hparams)
     # A fresh copy: with compile=true the module compiled its network in place, and compiled

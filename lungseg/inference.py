@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import _locate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lungseg.data import context, transforms
 from lungseg.data.folders import read_image
@@ -101,15 +101,72 @@ def load_checkpoint(
     return module.eval()
 
 
-def load_from_config(cfg: DictConfig) -> SegmentationModule:
-    """load_checkpoint with the ckpt_path, device and trusted_modules of conf/eval.yaml or
-    conf/predict.yaml."""
-    if cfg.get("ckpt_path") is None:
+# What the members of an Ensemble must share: the classes they predict, how masks encode them,
+# and the input they take (2.5-D neighbours are read once for all members).
+SHARED_INFO = ("class_names", "num_classes", "mask_mode", "palette", "context_slices")
+
+
+class Ensemble:
+    """Several checkpoints used as one model (``ckpt_path=[a.ckpt,b.ckpt]`` in eval.py and
+    predict.py): ``predict_probabilities`` averages their softmax, each member preparing the
+    images with its own ``data_info`` (its size and normalisation statistics). The members must
+    agree on ``SHARED_INFO``; the rest of ``hparams`` (post-processing defaults, intensity
+    window for overlays) is the first member's."""
+
+    def __init__(self, members: Sequence[SegmentationModule], paths: Sequence[str]):
+        first = members[0].hparams.data_info
+        for member, path in zip(members[1:], paths[1:], strict=True):
+            info = member.hparams.data_info
+            differ = [key for key in SHARED_INFO if info.get(key) != first.get(key)]
+            if differ:
+                detail = "; ".join(f"{k}: {first.get(k)!r} against {info.get(k)!r}" for k in differ)
+                raise LungsegError(
+                    f"ckpt_path: {path} cannot join an ensemble with {paths[0]}: their "
+                    f"{', '.join(differ)} differ ({detail}). An ensemble averages the members' "
+                    f"class probabilities, so they must predict the same classes from the same "
+                    f"input; score or use them one at a time instead."
+                )
+        self.members, self.paths = list(members), [str(p) for p in paths]
+        self.hparams = members[0].hparams
+        self.device = members[0].device
+
+
+def checkpoint_paths(value: Any) -> list[str]:
+    """``ckpt_path`` of conf/eval.yaml or conf/predict.yaml as a list: one path, or a list of
+    them (an ensemble). LungsegError when it is unset, empty or not paths."""
+    if value is None:
         raise LungsegError(
             "ckpt_path is not set. Pass the checkpoint to use, e.g. "
-            "ckpt_path=outputs/train/<run>/checkpoints/last.ckpt"
+            "ckpt_path=outputs/train/<run>/checkpoints/last.ckpt (or a list, "
+            "ckpt_path=[a.ckpt,b.ckpt], for an ensemble of them)"
         )
-    return load_checkpoint(cfg.ckpt_path, resolve_device(cfg.device), list(cfg.trusted_modules))
+    paths = [value] if isinstance(value, str | Path) else value
+    if (
+        not isinstance(paths, Sequence)
+        or not paths
+        or not all(isinstance(p, str | Path) for p in paths)
+    ):
+        raise LungsegError(
+            f"ckpt_path is {value!r}; give a checkpoint's path, or a non-empty list of them "
+            f"for an ensemble, e.g. ckpt_path=[run1/checkpoints/last.ckpt,"
+            f"run2/checkpoints/last.ckpt]."
+        )
+    return [str(p) for p in paths]
+
+
+def config_checkpoints(cfg: DictConfig) -> list[str]:
+    """The checkpoint paths of a config's ``ckpt_path`` (``checkpoint_paths``)."""
+    value = cfg.get("ckpt_path")
+    return checkpoint_paths(OmegaConf.to_object(value) if OmegaConf.is_list(value) else value)
+
+
+def load_from_config(cfg: DictConfig) -> "SegmentationModule | Ensemble":
+    """load_checkpoint with the ckpt_path, device and trusted_modules of conf/eval.yaml or
+    conf/predict.yaml; for a list of paths, an Ensemble of them."""
+    paths = config_checkpoints(cfg)
+    device, trusted = resolve_device(cfg.device), list(cfg.trusted_modules)
+    models = [load_checkpoint(path, device, trusted) for path in paths]
+    return models[0] if len(models) == 1 else Ensemble(models, paths)
 
 
 def _read_hparams(path: Path) -> dict[str, Any]:
@@ -224,7 +281,7 @@ def check_flips(flips: Sequence[str]) -> list[str]:
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: SegmentationModule,
+    model: "SegmentationModule | Ensemble",
     images: Sequence[np.ndarray | Sequence[np.ndarray]],
     flips: Sequence[str] = (),
 ) -> list[np.ndarray]:
@@ -236,9 +293,23 @@ def predict_probabilities(
     prepared for the network exactly as in training, the softmax is taken at the network's
     size, then resized bilinearly (half-pixel centres) back to the image's size, so the argmax
     is taken at the original resolution. With ``flips`` (test-time augmentation) the softmax of
-    the unflipped batch and of each flipped batch (flipped back) are averaged. Returns one
+    the unflipped batch and of each flipped batch (flipped back) are averaged; for an Ensemble,
+    the members' too, each member preparing the images with its own data_info. Returns one
     float32 (num_classes, H, W) array per image.
     """
+    members = model.members if isinstance(model, Ensemble) else [model]
+    total = [_probabilities(member, images, flips) for member in members]
+    if len(total) == 1:
+        return total[0]
+    return [sum(probs) / len(total) for probs in zip(*total, strict=True)]
+
+
+def _probabilities(
+    model: SegmentationModule,
+    images: Sequence[np.ndarray | Sequence[np.ndarray]],
+    flips: Sequence[str],
+) -> list[np.ndarray]:
+    """predict_probabilities for one model."""
     info = model.hparams.data_info
     batch = torch.from_numpy(np.stack([_network_input(image, info) for image in images]))
     batch = batch.to(model.device)

@@ -371,3 +371,41 @@ def test_eval_errors(tmp_path, checkpoints):
     with pytest.raises(LungsegError, match="not a lungseg checkpoint"):
         evaluate(eval_cfg(tmp_path, tmp_path / "bad.ckpt"))
     assert not (tmp_path / "eval" / "per_image.csv").exists()
+
+
+def test_eval_of_an_ensemble_scores_its_mean_softmax_and_refuses_a_leak(tmp_path, checkpoints):
+    """ckpt_path=[a,b] scores the ensemble on the first member's test split (summary names
+    both); a member whose run trained on one of those images is refused before scoring."""
+    from test_inference import save_variant
+
+    ckpt = checkpoints["palette"]
+    run = ckpt.parent.parent
+    forced = save_variant(ckpt, run / "checkpoints" / "forced.ckpt", force_class=1)
+    try:
+        summary = evaluate(eval_cfg(tmp_path, f"[{ckpt},{forced}]"))
+        rows, _ = read_outputs(tmp_path / "eval")
+        assert summary["checkpoint"] == [str(ckpt), str(forced)]
+        models = [load_checkpoint(path, CPU) for path in (ckpt, forced)]
+        demo = Path(OmegaConf.load(run / "config.yaml").data.demo_dir)
+        for row in rows:
+            raw = read_image(demo / "images" / f"{row['image']}.png")
+            probs = [predict_probabilities(m, [raw])[0] for m in models]
+            pred = ((probs[0] + probs[1]) / 2).argmax(0)
+            assert int(row["pred_pixels_lung"]) == int((pred == 1).sum())
+        assert any(row["pred_pixels_lung"] != "0" for row in rows)
+
+        other = tmp_path / "other_run"
+        shutil.copytree(run, other, ignore=shutil.ignore_patterns("*.ckpt"))
+        with (run / "split.csv").open() as f:
+            split = list(csv.reader(f))
+        test = next(row[0] for row in split if row[1] == "test")
+        with (other / "split.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([[n, "train" if n == test else s] for n, s in split])
+        member = shutil.copy(ckpt, other / "checkpoints" / "member.ckpt")
+        with pytest.raises(
+            LungsegError, match=rf"{member}'s run put 1 of the .*e.g. {test}: train"
+        ):
+            evaluate(eval_cfg(tmp_path, f"[{ckpt},{member}]", "output_dir=" + str(tmp_path / "x")))
+        assert not (tmp_path / "x").exists()
+    finally:
+        forced.unlink()

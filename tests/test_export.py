@@ -201,6 +201,7 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch):
         (["format=tflite"], "choose format=onnx"),
         (["tolerance=abc"], "tolerance is 'abc'; give the largest accepted difference"),
         ([], "ckpt_path is not set"),
+        (["ckpt_path=[a.ckpt,b.ckpt]"], "export writes one network, so give one checkpoint"),
     ],
 )
 def test_bad_settings_are_clear_errors(overrides, message):

@@ -395,3 +395,38 @@ def test_test_time_augmentation(checkpoints):
         assert difference.mean() < 0.1, "TTA should average, not replace, the prediction"
     with pytest.raises(LungsegError, match="tta_flips"):
         predict_probabilities(model, [raw], ["diagonal"])
+
+
+def test_an_ensemble_averages_its_members_softmax(tmp_path, checkpoints):
+    """ckpt_path=[a,b]: the mean of the members' softmax, each member preparing the images
+    with its own data_info (here other normalisation statistics); members that predict other
+    classes are refused, naming the file and what differs."""
+    from lungseg.inference import Ensemble, load_from_config
+
+    first = checkpoints["binary"]
+    info = load_checkpoint(first, CPU).hparams.data_info
+    other = save_variant(
+        first, tmp_path / "other.ckpt", {"normalize": "dataset", "mean": [0.3], "std": [0.2]}
+    )
+    members = [load_checkpoint(path, CPU) for path in (first, other)]
+    raws = [np.random.default_rng(2).integers(0, 255, (40, 48, 3), dtype=np.uint8)]
+    alone = [predict_probabilities(m, raws)[0] for m in members]
+    assert np.abs(alone[0] - alone[1]).max() > 1e-3  # the statistics change the prediction
+    ensemble = Ensemble(members, [str(first), str(other)])
+    assert np.allclose(predict_probabilities(ensemble, raws)[0], (alone[0] + alone[1]) / 2)
+    assert ensemble.hparams.data_info == info
+
+    def cfg(value):
+        return OmegaConf.create(
+            {"ckpt_path": value, "device": "cpu", "trusted_modules": ["lungseg", "torch"]}
+        )
+
+    assert isinstance(load_from_config(cfg([str(first), str(other)])), Ensemble)
+    assert isinstance(load_from_config(cfg(str(first))), SegmentationModule)
+    with pytest.raises(LungsegError, match=r"ckpt_path is \[\]; give a checkpoint's path"):
+        load_from_config(cfg([]))
+    renamed = save_variant(first, tmp_path / "renamed.ckpt", {"class_names": ["bg", "tumour"]})
+    with pytest.raises(
+        LungsegError, match=rf"{renamed} cannot join an ensemble with {first}: their class_names"
+    ):
+        load_from_config(cfg([str(first), str(renamed)]))

@@ -246,6 +246,23 @@ def test_tta_is_wired_through(tmp_path, checkpoints, inputs):
     assert np.array_equal(decoded, expected)
 
 
+def test_an_ensemble_is_wired_through(tmp_path, checkpoints, inputs):
+    """ckpt_path=[a,b]: the masks are the argmax of the members' mean softmax."""
+    from lungseg.inference import Ensemble
+
+    first = checkpoints["palette"]
+    other = save_variant(first, tmp_path / "other.ckpt", force_class=2)
+    out = tmp_path / "out"
+    predict(predict_cfg(f"[{first},{other}]", inputs, out))
+    members = [load_checkpoint(path, CPU) for path in (first, other)]
+    raw = read_image(inputs / "ct16.tif")
+    expected = predict_probabilities(Ensemble(members, [first, other]), [raw])[0].argmax(0)
+    decoded = decode_mask(read_image(out / "ct16.png"), "palette", out, PALETTE, 3)
+    assert np.array_equal(decoded, expected)
+    alone = predict_probabilities(members[0], [raw])[0].argmax(0)
+    assert not np.array_equal(decoded, alone)  # the second member counted
+
+
 def test_command_lines(tmp_path, checkpoints, inputs):
     """`python eval.py` and `python predict.py`, run side by side (each spends seconds
     importing torch): exit 0 and their files written."""

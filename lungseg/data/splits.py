@@ -352,10 +352,20 @@ def _read_split_file(path: Path, stems: list[str]) -> dict[str, str]:
 
 def listed_stems(path: str | Path, stems: Sequence[str]) -> set[str]:
     """The ones of ``stems`` that the split file at ``path`` lists (by stem or file name)."""
+    return set(listed_splits(path, stems))
+
+
+def listed_splits(path: str | Path, stems: Sequence[str]) -> dict[str, str]:
+    """``{stem: split}`` for the ones of ``stems`` that the split file at ``path`` lists (by
+    stem or file name); other rows are ignored, unlike ``make_split``'s reading."""
     with Path(path).open(newline="", encoding="utf-8-sig") as f:
-        files = [(row.get("file") or "").strip() for row in csv.DictReader(f)]
+        rows = [
+            ((row.get("file") or "").strip(), (row.get("split") or "").strip().lower())
+            for row in csv.DictReader(f, skipinitialspace=True)
+        ]
     known = set(stems)
-    return {stem for stem in (_stem_of(file, known) for file in files) if stem is not None}
+    found = ((_stem_of(file, known), split) for file, split in rows)
+    return {stem: split for stem, split in found if stem is not None}
 
 
 def _stem_of(file: str, known: set[str]) -> str | None:
