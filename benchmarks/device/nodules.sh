@@ -20,6 +20,13 @@
 # With augmentation=device the training images stay on the GPU (data.device_cache, null by
 # default: on where it applies on a GPU); the 2026-11-27 run named it:
 #   CANDIDATES="skipempty:loss.skip_empty=true augmentation=device data.device_cache=true"
+# Training on all four non-test parts without validation (data.split=[1.0,0.0,0.0]: the full
+# 40 epochs, the final weights; README "Lung nodules") and an ensemble of seeds per fold
+# (ENSEMBLE=1: eval.py with every candidate's model of the fold, ensemble.txt; seeds keep the
+# split with data.seed=42); crossval.py needs a val split, hence CROSSVAL=0:
+#   ENSEMBLE=1 CROSSVAL=0 CANDIDATES="all4:loss.skip_empty=true data.split=[1.0,0.0,0.0]
+#     augmentation=device;all4s1:loss.skip_empty=true data.split=[1.0,0.0,0.0]
+#     augmentation=device seed=1 data.seed=42"   (one line)
 # The post-processing grid is cut to 18 settings (argmax/0.7/0.9 x 0/8/32 px x confidence
 # 0/0.98; the default's 124 take minutes a fold). Results in $OUT: runs.txt (per run: epochs,
 # stop reason, best epoch, minutes, test Dice on nodule slices and FP rate on empty ones at the
@@ -78,3 +85,47 @@ PY
 done
 wait
 if ((CROSSVAL > 0)); then tail -n 8 "$OUT"/crossval_*.md; fi
+# ENSEMBLE=1: per fold, eval.py on its test split with every candidate's model of that fold
+# (ckpt_path=[...], their mean softmax, at the argmax); the candidates must share the split
+# (seeds: seed=<n> with data.seed=42). Written to ensemble.txt.
+if [ "${ENSEMBLE:-0}" = 1 ]; then
+  for fold in 0 1 2 3 4; do
+    ckpts=$(python3 - "$root" "$fold" "${names[@]}" <<'PY'
+import json, sys
+from pathlib import Path
+root, fold, names = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+paths = []
+for name in names:
+    metrics = root / name / f"fold{fold}" / "metrics.json"
+    if metrics.exists() and json.loads(metrics.read_text()).get("best_checkpoint"):
+        paths.append(json.loads(metrics.read_text())["best_checkpoint"])
+print(",".join(paths))
+PY
+)
+    [ -n "$ckpts" ] || { echo "fold$fold: no checkpoint to ensemble" | tee -a "$OUT/ensemble.txt"; continue; }
+    python3 eval.py "ckpt_path=[$ckpts]" split=test postprocess.threshold=argmax \
+      postprocess.min_size=0 progress_bar=false hydra.run.dir="$root/ensemble/fold$fold" \
+      > "$root/ensemble-fold$fold.log" 2>&1 &
+  done
+  wait
+  python3 - "$root" <<'PY' | tee -a "$OUT/ensemble.txt"
+import json, statistics, sys
+from pathlib import Path
+root, scores = Path(sys.argv[1]), []
+for fold in range(5):
+    path = root / "ensemble" / f"fold{fold}" / "summary.json"
+    if not path.exists():
+        print(f"fold{fold}: no ensemble summary; see {root}/ensemble-fold{fold}.log")
+        continue
+    s = json.loads(path.read_text())
+    entry = next(iter(s["classes"].values()))
+    scores.append((entry["dice_nonempty"]["mean"], entry["fp_rate_empty"]))
+    members = s["checkpoint"] if isinstance(s["checkpoint"], list) else [s["checkpoint"]]
+    print(f"fold{fold}: {len(members)} members, test Dice non-empty {scores[-1][0]:.4f}, "
+          f"FP rate empty {scores[-1][1]:.4f}")
+if scores:
+    dice, fp = zip(*scores)
+    print(f"ensemble: {len(scores)} folds, test Dice non-empty {statistics.fmean(dice):.4f} ± "
+          f"{statistics.pstdev(dice):.4f}, FP rate {statistics.fmean(fp):.4f} (argmax)")
+PY
+fi
