@@ -25,7 +25,6 @@ over the folds would: every fold's validation patients are another fold's test p
 """
 
 import argparse
-import csv
 import json
 import multiprocessing
 import os
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import override_value  # noqa: E402
+from lungseg.data.splits import split_counts  # noqa: E402
 from lungseg.evaluate import evaluate, evaluate_grid  # noqa: E402
 
 
@@ -129,12 +129,10 @@ def choose(
 
 
 def has_val_split(run: Path) -> bool:
-    """Whether the run's split.csv (file,split rows) names a val file; True without one."""
+    """Whether the run's split.csv names a val file; True without one (eval.py then says
+    what is missing)."""
     path = run / "split.csv"
-    if not path.is_file():
-        return True  # eval.py then says what is missing
-    with path.open(newline="", encoding="utf-8") as f:
-        return any(row[1:2] == ["val"] for row in csv.reader(f))
+    return not path.is_file() or split_counts(path)["val"] > 0
 
 
 def score_validation(checkpoint: str, run: Path, grid: list[dict]) -> list[dict]:
@@ -198,8 +196,8 @@ def main() -> None:
             f"crossval: {', '.join(map(str, unvalidated))} trained without a val split (data.split "
             f"with a val fraction of 0), so there is nothing to choose its post-processing on. "
             f"Its metrics.json (and a sweep's summary.md) hold its test scores as trained; "
-            f"`python eval.py ckpt_path=<run>/checkpoints/last.ckpt split=test` scores it with "
-            f"any post-processing."
+            f"`python eval.py 'ckpt_path=\"<run>/checkpoints/last.ckpt\"' split=test` (quoted: "
+            f"sweep folders hold '=' and ',') scores it with any post-processing."
         )
 
     for value in args.min_confidences:

@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lungseg.data.splits import split_counts  # noqa: E402
 from lungseg.evaluate import evaluate  # noqa: E402
 from lungseg.train import plain, train  # noqa: E402
 
@@ -161,8 +162,8 @@ def main() -> None:
         cfg = compose_config("config", [*runs, *data, output, *args.overrides])
         metrics = train(cfg)
         scored = {}
-        with open(out / "split.csv") as f:  # a run without a validation split: val Dice n/a
-            has_val = any(row["split"] == "val" for row in csv.DictReader(f))
+        # a run without a validation split: val Dice n/a
+        has_val = split_counts(out / "split.csv")["val"] > 0
         for split, folder in (("val", "eval_val"), ("test", "eval"))[0 if has_val else 1 :]:
             eval_cfg = compose_config(
                 "eval",
@@ -185,7 +186,7 @@ def main() -> None:
         nonempty, fp_rate = entry["dice_nonempty"]["mean"], entry["fp_rate_empty"]
         rows.append(
             f"| {run} | {params:.2f} | {metrics['train_minutes']:.1f} "
-            f"| {_num(val_dice)} | {metrics['best_score']:.4f} | {dice['mean']:.4f} "
+            f"| {_num(val_dice)} | {_num(metrics['best_score'])} | {dice['mean']:.4f} "
             f"| {dice['median']:.4f} | {pooled:.4f} | {_num(nonempty)} | {_num(fp_rate)} "
             f"| {iou:.4f} | {hd:.2f} | {metrics['best_epoch']} |"
         )

@@ -436,11 +436,14 @@ def _check_same_split(checkpoint: str, first: str, stems: list[str], which: str)
         )
         return
     split = splits.listed_splits(split_file, stems)  # an unlisted image: not trained on
-    moved = [stem for stem in stems if split.get(stem, which) != which]
+    # Scoring test: a member's train or val image leaks (it learnt from it, or chose its
+    # checkpoint by it); scoring val: a member's train image (its own val is as the first's).
+    seen = ("train", "val") if which == "test" else ("train",)
+    moved = [stem for stem in stems if split.get(stem) in seen]
     if moved:
         raise LungsegError(
             f"{checkpoint}'s run put {len(moved)} of the {len(stems)} images of the {which} "
-            f"split of {first} in its own train or val split (e.g. {moved[0]}: "
+            f"split of {first} in its own {' or '.join(seen)} split (e.g. {moved[0]}: "
             f"{split[moved[0]]}, {split_file}), so the ensemble's score would count images a "
             f"member learnt from. Ensemble runs of the same split (same data.seed, "
             f"data.fold), or score other data with data.image_dir=<images> "

@@ -103,15 +103,23 @@ def load_checkpoint(
 
 # What the members of an Ensemble must share: the classes they predict, how masks encode them,
 # and the input they take (2.5-D neighbours are read once for all members).
-SHARED_INFO = ("class_names", "num_classes", "mask_mode", "palette", "context_slices")
+SHARED_INFO = (
+    "class_names",
+    "num_classes",
+    "mask_mode",
+    "palette",
+    "context_slices",
+    "slice_pattern",
+)
 
 
 class Ensemble:
     """Several checkpoints used as one model (``ckpt_path=[a.ckpt,b.ckpt]`` in eval.py and
     predict.py): ``predict_probabilities`` averages their softmax, each member preparing the
     images with its own ``data_info`` (its size and normalisation statistics). The members must
-    agree on ``SHARED_INFO``; the rest of ``hparams`` (post-processing defaults, intensity
-    window for overlays) is the first member's."""
+    agree on ``SHARED_INFO``; the rest of ``hparams`` (post-processing defaults, with
+    ``min_size`` in pixels at the first member's network size; the intensity window for
+    overlays; the bit depths the images are checked against) is the first member's."""
 
     def __init__(self, members: Sequence[SegmentationModule], paths: Sequence[str]):
         first = members[0].hparams.data_info

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, Timer
@@ -19,6 +20,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from lungseg import hostmem
 from lungseg.callbacks import EMA, FitScheduleToTime
 from lungseg.checks import check_settings
+from lungseg.data.splits import trains_without_validation
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
 from lungseg.run_folder import (
@@ -158,9 +160,17 @@ def stop_reason(trainer: pl.Trainer) -> str:
 
 def check_without_validation(cfg: DictConfig) -> None:
     """LungsegError for settings that need a val split, in a fit without one (data.split with
-    a val fraction of 0): a scheduler that watches a val/* metric; no checkpoint without a
-    monitor (callbacks.last_checkpoint), which keeps the final weights, the run's model.
-    Before anything is written."""
+    a val fraction of 0): a hyper-parameter search (Optuna maximises the best val score), a
+    scheduler that watches a val/* metric; no checkpoint without a monitor
+    (callbacks.last_checkpoint), which keeps the final weights, the run's model. Before
+    anything is written."""
+    if HydraConfig.initialized() and "optuna" in str(HydraConfig.get().sweeper.get("_target_")):
+        raise LungsegError(
+            f"data.split {list(cfg.data.split)} has no val split, but hparams_search=optuna "
+            f"maximises each trial's best val/dice, which only a val split gives. Give "
+            f"data.split a val fraction > 0 for the search, and train the chosen settings "
+            f"without validation afterwards."
+        )
     checkpoints = [
         c
         for c in (cfg.get("callbacks") or {}).values()
@@ -173,13 +183,20 @@ def check_without_validation(cfg: DictConfig) -> None:
             "callbacks.last_checkpoint, or give data.split a val fraction > 0."
         )
     scheduler = plain(cfg.get("scheduler")) or {}
-    if str(scheduler.get("_target_", "")).endswith("ReduceLROnPlateau"):
+    if str(scheduler.get("_target_", "")).endswith("ReduceLROnPlateau") and watches_val(
+        scheduler.get("monitor", "val/loss")
+    ):
         raise LungsegError(
             f"data.split {list(cfg.data.split)} has no val split, but the plateau scheduler "
             f"lowers the learning rate when {scheduler.get('monitor', 'val/loss')} stops "
             f"improving, which only a val split logs. Choose scheduler=cosine (or "
             f"scheduler=none), or give data.split a val fraction > 0."
         )
+
+
+def watches_val(monitor: str | None) -> bool:
+    """Whether a callback or scheduler's monitor is a metric that only validation logs."""
+    return bool(monitor) and str(monitor).startswith("val/")
 
 
 def without_validation(callbacks: list[Any]) -> list[Any]:
@@ -189,7 +206,7 @@ def without_validation(callbacks: list[Any]) -> list[Any]:
     left_out = [
         c
         for c in callbacks
-        if isinstance(c, EarlyStopping) or (isinstance(c, ModelCheckpoint) and c.monitor)
+        if isinstance(c, EarlyStopping | ModelCheckpoint) and watches_val(c.monitor)
     ]
     log.info(
         "no val split (data.split's val fraction is 0): training runs its full schedule "
@@ -215,10 +232,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
+    # From the config alone, before the data is decoded; a split file is read first.
+    checked = trains_without_validation(cfg.data.split) and cfg.data.get("split_file") is None
+    if checked:
+        check_without_validation(cfg)
     datamodule = build_datamodule(cfg)
     datamodule.check_fit_split()
     validating = len(datamodule.val_dataset) > 0
-    if not validating:
+    if not validating and not checked:
         check_without_validation(cfg)
     module = SegmentationModule(
         net=plain(cfg.model),
@@ -262,6 +283,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not validating:
         callbacks = without_validation(callbacks)
         trainer_settings["limit_val_batches"] = 0  # skipped, rather than an empty loader
+        # Lightning saves an unmonitored checkpoint at an epoch's end only when it would
+        # validate every epoch; otherwise it waits for a validation that never comes.
+        trainer_settings["check_val_every_n_epoch"] = 1
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

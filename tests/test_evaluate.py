@@ -4,6 +4,7 @@ training run's test split and on a folder."""
 import csv
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -402,10 +403,16 @@ def test_eval_of_an_ensemble_scores_its_mean_softmax_and_refuses_a_leak(tmp_path
         with (other / "split.csv").open("w", newline="") as f:
             csv.writer(f).writerows([[n, "train" if n == test else s] for n, s in split])
         member = shutil.copy(ckpt, other / "checkpoints" / "member.ckpt")
-        with pytest.raises(
-            LungsegError, match=rf"{member}'s run put 1 of the .*e.g. {test}: train"
-        ):
+        leak = rf"{re.escape(str(member))}'s run put 1 of the .*train or val split \(e.g. "
+        leak += rf"{test}: train"
+        with pytest.raises(LungsegError, match=leak):
             evaluate(eval_cfg(tmp_path, f"[{ckpt},{member}]", "output_dir=" + str(tmp_path / "x")))
         assert not (tmp_path / "x").exists()
+        # scoring val: a member that tested on one of the images never saw it
+        val = [name for name, s in split[1:] if s == "val"]
+        with (other / "split.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([[n, "test" if n in val else s] for n, s in split])
+        evaluate(eval_cfg(tmp_path, f"[{ckpt},{member}]", "split=val", f"output_dir={tmp_path}/v"))
+        assert read_outputs(tmp_path / "v")[1]["images"].startswith("val split of") and val
     finally:
         forced.unlink()

@@ -97,6 +97,24 @@ def test_optuna_search_whose_trials_all_fail_ends_with_a_lungseg_error(tmp_path)
     assert not (sweep / "optimization_results.yaml").exists()
 
 
+def test_optuna_search_without_a_val_split_stops_each_trial_before_it_trains(tmp_path):
+    """Was every trial trained to its end, then Optuna's traceback: a trial without a val
+    split has no score to maximise."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason=RESEARCH)
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        ["hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
+        + ["data.split=[0.8,0.0,0.2]", f"data.demo_dir={tmp_path}/d"],
+        tmp_path,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "(job 0): data.split [0.8, 0.0, 0.2] has no val split, but hparams_search=optuna" in (
+        result.stderr
+    )
+    assert not list(sweep.glob("*/checkpoints"))  # nothing trained
+
+
 @pytest.fixture(scope="module")
 def ddp_sweep(tmp_path_factory) -> Path:
     """The sweep folder of a 2-job multirun, each job trained by 2 DDP processes on the CPU.

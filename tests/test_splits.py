@@ -124,14 +124,17 @@ def test_fitting_needs_train_and_val_files_unless_val_is_0(tmp_path):
     rows = [(s, "train" if i % 4 else "test") for i, s in enumerate(stems)]
     no_val = write_csv(tmp_path / "no_val.csv", rows)
     refused(
-        r"no_val.csv' leaves the val split empty.*List some files as val.*A val fraction of 0 in "
-        r"data.split, without a split file, trains without validation",
+        r"no_val.csv' leaves the val split empty.*List some files as val.*For a fit without "
+        r"validation on this file, give data.split a val fraction of 0",
         split_file=no_val,
     )
+    # a run's own split.csv of a fit without validation, passed back with a val fraction of 0
+    split = make_split(stems, split_file=no_val)
+    check_fit_split(split, (0.8, 0.0, 0.2), split_file=no_val)
     with pytest.raises(LungsegError) as error:
         check_fit_split(make_split(stems, (0.0, 0.5, 0.5)), (0.0, 0.5, 0.5))
     assert "trains without validation" not in str(error.value)  # not about val
-    assert not trains_without_validation((0.75, 0.0, 0.25), no_val)
+    assert not trains_without_validation((0.6, 0.2, 0.2))
     only_test = write_csv(tmp_path / "only_test.csv", [(s, "test") for s in stems])
     refused(r"leaves the train and val split empty.*as train and val", split_file=only_test)
 

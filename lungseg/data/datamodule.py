@@ -472,10 +472,10 @@ class SegDataModule(pl.LightningDataModule):
         """Pair, split, decode and cache every file, and compute the normalisation statistics.
 
         The first call does the work; later ones (Lightning calls it per stage) reuse it. A
-        Trainer's fit (stage "fit", trainer attached) also needs files in train and val
-        (``splits.check_fit_split``); without a trainer, to read the data (and in ``train``,
-        which sets up before it builds the trainer and calls check_fit_split itself before it
-        writes anything), any split is accepted.
+        Trainer's fit (stage "fit", trainer attached) also needs files in train, and in val
+        unless data.split's val fraction is 0 (``splits.check_fit_split``); without a
+        trainer, to read the data (and in ``train``, which sets up before it builds the trainer
+        and calls check_fit_split itself before it writes anything), any split is accepted.
         """
         if self._split is None:
             self._cache_all()
@@ -483,7 +483,8 @@ class SegDataModule(pl.LightningDataModule):
             self.check_fit_split()
 
     def check_fit_split(self) -> None:
-        """LungsegError unless train and val both have files (``splits.check_fit_split``)."""
+        """LungsegError unless train has files, and val too where data.split's val fraction
+        is not 0 (``splits.check_fit_split``)."""
         splits.check_fit_split(
             self._split, self._fractions, self._split_file, self._num_folds, self._fold
         )

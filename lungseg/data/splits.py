@@ -224,16 +224,16 @@ def check_fit_split(
     """Raise LungsegError where ``split``, made by ``make_split`` with these settings, leaves
     train without a file, or val without one by accident: fitting chooses the best checkpoint
     and when to stop by the val/* metrics, which an empty val split never logs. A val fraction
-    of 0 in data.split (with folds too, e.g. [1.0, 0.0, 0.0]) asks for a fit without
-    validation (``trains_without_validation``): the full schedule, the final weights as the
-    model. An empty test split is fine.
+    of 0 in data.split (with folds too, e.g. [1.0, 0.0, 0.0]; with a split file without val
+    rows too) asks for a fit without validation (``trains_without_validation``): the full
+    schedule, the final weights as the model. An empty test split is fine.
 
     make_split already refuses a split with a fraction > 0 that gets no file, so this finds a
     train fraction of 0 or a split file without train or val rows.
     """
     counts = _counts(split)
     empty = " and ".join(name for name in ("train", "val") if counts[name] == 0)
-    if not empty or (empty == "val" and trains_without_validation(fractions, split_file)):
+    if not empty or (empty == "val" and trains_without_validation(fractions)):
         return
     if split_file is not None:
         source = f"data.split_file {str(split_file)!r}"
@@ -241,6 +241,12 @@ def check_fit_split(
             f"List some files as {empty} in its split column, or set data.split_file=null to "
             f"split by the data.split fractions."
         )
+        if empty == "val":
+            fix += (
+                " For a fit without validation on this file, give data.split a val fraction "
+                "of 0, e.g. data.split=[0.8,0.0,0.2] (the file sets the split; the fraction "
+                "says that an empty val split is meant)."
+            )
     elif num_folds is not None:
         source = f"data.split {list(fractions)} with data.num_folds={num_folds} data.fold={fold}"
         fix = (
@@ -251,9 +257,9 @@ def check_fit_split(
         source = f"data.split {list(fractions)}"
         fix = f"Give data.split a {empty} fraction > 0, e.g. [0.6, 0.2, 0.2]."
     without = (
-        " (A val fraction of 0 in data.split, without a split file, trains without "
-        "validation: the full schedule, the final weights as the model.)"
-        if "val" in empty
+        " (A val fraction of 0 in data.split trains without validation: the full schedule, "
+        "the final weights as the model.)"
+        if "val" in empty and split_file is None
         else ""
     )
     raise LungsegError(
@@ -264,12 +270,23 @@ def check_fit_split(
     )
 
 
-def trains_without_validation(
-    fractions: Sequence[float], split_file: str | Path | None = None
-) -> bool:
+def trains_without_validation(fractions: Sequence[float]) -> bool:
     """Whether these settings ask for a fit without a val split: data.split's val fraction
-    is 0 (with folds: of the parts that are not the test part) and no split file is given."""
-    return split_file is None and float(fractions[1]) == 0
+    is 0 (with folds: of the parts that are not the test part; with data.split_file, which
+    then has no val rows, the fraction is the opt-in, as the default's 0.2 is not)."""
+    return float(fractions[1]) == 0
+
+
+def split_counts(path: str | Path) -> dict[str, int]:
+    """How many rows of the split file at ``path`` (``file,split``, e.g. a run's split.csv)
+    name each of ``SPLITS``."""
+    counts = {name: 0 for name in SPLITS}
+    with Path(path).open(newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f, skipinitialspace=True):
+            split = (row.get("split") or "").strip().lower()
+            if split in counts:
+                counts[split] += 1
+    return counts
 
 
 def _counts(split: Mapping[str, str]) -> dict[str, int]:
