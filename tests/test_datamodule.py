@@ -507,6 +507,8 @@ def test_training_without_a_val_split_keeps_the_final_weights(make_cfg, caplog):
         "data.split=[0.75,0.0,0.25]",
         "trainer.max_epochs=3",
         "callbacks.early_stopping.patience=0",  # left out: it would watch val/loss
+        # Lightning then saved an unmonitored checkpoint only after a validation: never
+        "+trainer.check_val_every_n_epoch=2",
     )
     with caplog.at_level(logging.INFO):
         metrics = train(cfg)
