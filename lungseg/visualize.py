@@ -152,7 +152,7 @@ def plot_curves(
                 epochs, values = zip(*history[tag], strict=True)
                 ax.plot(epochs, values, style, markersize=3, label=tag.split("/")[0])
         if best_epoch is not None:
-            ax.axvline(best_epoch, color="gray", linestyle=":", label="best checkpoint")
+            ax.axvline(best_epoch, color="gray", linestyle=":", label="tested checkpoint")
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
