@@ -410,7 +410,7 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
             f"0). Score other data with data.image_dir=<images> data.mask_dir=<masks>."
         )
     for other in others:  # an ensemble: no member may have trained on what is scored
-        _check_same_split(other, checkpoint, [p.stem for p in chosen], which)
+        _check_member_unseen(other, checkpoint, [p.stem for p in chosen], which)
     return chosen, f"{which} split of {run} ({folders[0]})"
 
 
@@ -419,7 +419,7 @@ def _run_folder(checkpoint: str) -> Path:
     return Path(checkpoint).expanduser().absolute().parent.parent
 
 
-def _check_same_split(checkpoint: str, first: str, stems: list[str], which: str) -> None:
+def _check_member_unseen(checkpoint: str, first: str, stems: list[str], which: str) -> None:
     """LungsegError where an ensemble member's run put one of the scored images (the ``which``
     split of the first member's run) in another split: its score would count images that
     member trained (or chose its checkpoint) on. A member outside a run folder is not
