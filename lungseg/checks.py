@@ -225,3 +225,4 @@ def check_settings(cfg: DictConfig) -> None:
             require(accepts(value), key, value, wanted, example)
     check_data_dirs(OmegaConf.select(cfg, "data.image_dir"), OmegaConf.select(cfg, "data.mask_dir"))
     postprocess.settings(cfg.get("postprocess"), None)
+    postprocess.flips(None, None, cfg.get("postprocess"))

@@ -292,9 +292,11 @@ def _score(
     pairs, source = eval_pairs(cfg)
     mask_mode = cfg.data.mask_mode or info["mask_mode"]
     palette = _palette(cfg.data.palette) or info["palette"]
-    flips = list(cfg.tta_flips) if cfg.tta else []
+    flips = postprocess.flips(cfg.tta, cfg.tta_flips, model.hparams.get("postprocess"))
     label = " + ".join(config_checkpoints(cfg))
     log.info("scoring %s on %d images: %s", label, len(pairs), source)
+    if flips:
+        log.info("test-time flips: %s (tta=false for none)", ", ".join(flips))
     _check_layers(pairs, mask_mode, class_names, label)
     # 2.5-D models take neighbouring slices from the images' folders, other splits included
     folders = dict.fromkeys(p.image.parent for p in pairs) if info.get("context_slices") else {}

@@ -241,6 +241,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "postprocessing": POSTPROCESSING,
         # what eval.py and predict.py apply to this checkpoint unless told otherwise
         "postprocess": postprocess.settings(None, hparams.get("postprocess")),
+        # eval.py and predict.py average over these flips; the exported network does not
+        "tta_flips": postprocess.flips(None, None, hparams.get("postprocess")),
     }
     info_path.unlink(missing_ok=True)  # a link in its place: replaced, not written through
     info_path.write_text(json.dumps(record, indent=2) + "\n")

@@ -22,10 +22,9 @@ from lungseg.data import context, transforms
 from lungseg.data.folders import read_image
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
+from lungseg.postprocess import FLIPS, check_flips
 from lungseg.run_folder import load_safely
 
-# Dims of an (N, C, H, W) batch that each test-time flip reverses.
-FLIPS = {"horizontal": (-1,), "vertical": (-2,)}
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 # The hyper-parameters SegmentationModule builds with Hydra (net and loss when it is made,
@@ -274,17 +273,6 @@ def _init_args(path: Path, hparams: dict[str, Any]) -> dict[str, Any]:
                 f"train.py` (<run>/checkpoints/*.ckpt)."
             )
     return args
-
-
-def check_flips(flips: Sequence[str]) -> list[str]:
-    """The test-time flips as a list; LungsegError for a name not in FLIPS."""
-    unknown = [f for f in flips if f not in FLIPS]
-    if unknown:
-        raise LungsegError(
-            f"tta_flips {list(flips)} holds {unknown}; test-time flips are "
-            f"{', '.join(FLIPS)}, e.g. tta_flips=[horizontal,vertical]."
-        )
-    return list(flips)
 
 
 @torch.inference_mode()

@@ -16,6 +16,10 @@ most confident pixel has a foreground probability below it: a threshold with hys
 best chosen on validation data (``benchmarks/crossval.py`` does, over the folds). With several
 foreground classes, components are taken class by class (for ``min_confidence`` too: a rim
 of class 2 around a sure core of class 1 is judged by its own peak).
+
+``postprocess.tta_flips`` are the test-time flips a recipe chose (``[]``: none): eval.py and
+predict.py average the softmax over these flipped copies unless their ``tta`` says otherwise
+(``flips``).
 """
 
 from collections.abc import Callable
@@ -23,6 +27,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from omegaconf import OmegaConf
 
 from lungseg.errors import LungsegError
 
@@ -115,6 +120,38 @@ def settings(cfg_value: Any, checkpoint_value: Any) -> dict[str, Any]:
         "threshold": None if threshold is None else float(threshold),
         "min_confidence": float(confidence),
     }
+
+
+FLIPS = {"horizontal": (-1,), "vertical": (-2,)}  # flip name -> the tensor dims it reverses
+
+
+def check_flips(flips: Any, key: str = "tta_flips") -> list[str]:
+    """The test-time flips as a list; LungsegError for a value that is not a list of names in
+    FLIPS (``key`` names the setting in the message)."""
+    names = list(flips) if isinstance(flips, list | tuple) or OmegaConf.is_list(flips) else None
+    unknown = [f for f in names if f not in FLIPS] if names is not None else None
+    if names is None or unknown:
+        held = f"holds {unknown}" if unknown else "is not a list"
+        raise LungsegError(
+            f"{key} {flips!r} {held}; give a list of the test-time flips "
+            f"{', '.join(FLIPS)} ([] for none), e.g. {key}=[horizontal,vertical]."
+        )
+    return names
+
+
+def flips(tta: Any, tta_flips: Any, checkpoint_value: Any) -> list[str]:
+    """The test-time flips of eval.py and predict.py: ``tta`` true: ``tta_flips``; false: none;
+    null: the checkpoint's ``postprocess.tta_flips`` (the recipe's choice; none for a
+    checkpoint trained without the setting). LungsegError for a bad value."""
+    if tta is None:
+        chosen = dict(checkpoint_value or {}).get("tta_flips") or []
+        return check_flips(chosen, "postprocess.tta_flips")
+    if not isinstance(tta, bool):
+        raise LungsegError(
+            f"tta is {tta!r}; give true (average over the flips of tta_flips), false (no "
+            "test-time flips) or null (the checkpoint's postprocess.tta_flips)."
+        )
+    return check_flips(tta_flips) if tta else []
 
 
 def active(chosen: dict[str, Any]) -> bool:

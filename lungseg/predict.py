@@ -37,7 +37,6 @@ from lungseg.inference import (
     BitDepthCheck,
     batches,
     centre_slice,
-    check_flips,
     load_from_config,
     neighbour_table,
     predict_probabilities,
@@ -142,7 +141,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     model = load_from_config(cfg)
     info = model.hparams.data_info
     colors = np.array(info["palette"] or default_colors(info["num_classes"]), np.uint8)
-    flips = list(cfg.tta_flips) if cfg.tta else []
+    flips = postprocess.flips(cfg.tta, cfg.tta_flips, model.hparams.get("postprocess"))
     post = postprocess.settings(cfg.get("postprocess"), model.hparams.get("postprocess"))
     table = neighbour_table(list(outputs), info)  # 2.5-D models: each image's neighbours
     output_dir = Path(cfg.output_dir).expanduser()  # created by the first write
@@ -214,8 +213,7 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
         "the opacity of the class colours in the overlays, from 0 to 1",
         "overlay_alpha=0.5",
     )
-    if cfg.tta:
-        check_flips(cfg.tta_flips)
+    postprocess.flips(cfg.tta, cfg.tta_flips, None)  # the checkpoint's are checked once loaded
     input_dir, output_dir = Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser()
     require(
         isinstance(cfg.get("recursive", False), bool),

@@ -103,6 +103,8 @@ def counts(dm: SegDataModule) -> tuple[int, int, int]:
         # the cosine schedule's T_max follows max_epochs; null fails at its first step
         ("trainer.max_epochs=null", "scheduler.T_max is null.*scheduler=none"),
         ("postprocess.min_size=-5", "postprocess.min_size is -5"),
+        ("postprocess.tta_flips=[diagonal]", r"postprocess.tta_flips \['diagonal'\] holds"),
+        ("postprocess.tta_flips=horizontal", "postprocess.tta_flips 'horizontal' is not a list"),
     ],
 )
 def test_wrong_settings_are_refused_before_anything_is_built(make_cfg, override, message):

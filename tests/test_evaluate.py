@@ -327,6 +327,36 @@ def test_eval_applies_the_post_processing_and_keeps_the_scores_without_it(tmp_pa
         assert entry["n_empty_prediction"] >= before[name]["n_empty_prediction"]
 
 
+def test_eval_applies_the_checkpoints_test_time_flips_unless_told_otherwise(tmp_path, checkpoints):
+    """A recipe's postprocess.tta_flips travel in its checkpoint: eval.py averages over them by
+    default (tta=null), over tta_flips with tta=true, and not at all with tta=false."""
+    run = tmp_path / "run"
+    shutil.copytree(checkpoints["palette"].parent.parent, run)
+    ckpt = run / "checkpoints" / checkpoints["palette"].name
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    saved["hyper_parameters"]["postprocess"]["tta_flips"] = ["horizontal", "vertical"]
+    torch.save(saved, ckpt)
+    model = load_checkpoint(ckpt, CPU)
+    info = model.hparams.data_info
+    demo = Path(OmegaConf.load(run / "config.yaml").data.demo_dir)
+    predicted = {}
+    for name, overrides, expected in [
+        ("recipe", [], ["horizontal", "vertical"]),
+        ("asked", ["tta=true", "tta_flips=[vertical]"], ["vertical"]),
+        ("none", ["tta=false"], []),
+    ]:
+        evaluate(eval_cfg(tmp_path / name, ckpt, *overrides))
+        rows, summary = read_outputs(tmp_path / name / "eval")
+        assert summary["tta_flips"] == expected
+        predicted[name] = [row[k] for row in rows for k in row if k.startswith("pred_pixels")]
+        for row in rows:
+            image = read_image(demo / "images" / f"{row['image']}.png")
+            pred = predict_probabilities(model, [image], expected)[0].argmax(0)
+            for c, cls in enumerate(info["class_names"][1:], start=1):
+                assert int(row[f"pred_pixels_{cls}"]) == (pred == c).sum()
+    assert predicted["recipe"] != predicted["none"]  # the flips change pixels: the test can tell
+
+
 def test_eval_keeps_the_results_of_an_earlier_evaluation_unless_told_to_overwrite(
     tmp_path, checkpoints
 ):

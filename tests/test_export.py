@@ -107,6 +107,7 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch(checkpoint, demo_dir, mode
     saved = json.loads(onnx_path.with_name(onnx_path.name + ".json").read_text())
     assert saved == json.loads(json.dumps(record))
     assert saved["postprocess"] == {"min_size": 0.0, "threshold": None, "min_confidence": 0.0}
+    assert saved["tta_flips"] == []  # the training default: none
     info = saved["data_info"]
     assert info["class_names"] == ["background", "lung", "tumour"] and info["median_blur"] == 3
     assert saved["input"]["shape"] == ["batch", 1, 32, 32]

@@ -7,6 +7,7 @@ from lungseg.postprocess import (
     apply,
     classes,
     describe,
+    flips,
     min_pixels,
     remove_small_components,
     remove_unsure_components,
@@ -118,3 +119,21 @@ def test_min_confidence_gates_components_on_the_foreground_probability():
         with pytest.raises(LungsegError, match=f"postprocess.min_confidence is {bad!r}"):
             settings({"min_confidence": bad}, None)
     assert settings({"min_confidence": None}, {"min_confidence": 0.9})["min_confidence"] == 0.9
+
+
+def test_test_time_flips_are_the_checkpoints_unless_the_command_says_otherwise():
+    recipe = {"min_size": 4, "tta_flips": ["horizontal", "vertical"]}
+    assert flips(None, ["horizontal"], recipe) == ["horizontal", "vertical"]  # tta=null
+    assert flips(None, ["horizontal"], {"min_size": 4}) == []  # trained before the setting
+    assert flips(None, ["horizontal"], None) == []
+    assert flips(True, ["vertical"], recipe) == ["vertical"]
+    assert flips(True, [], recipe) == []
+    assert flips(False, ["horizontal"], recipe) == []
+    for tta, tta_flips, checkpoint, message in [
+        ("yes", ["horizontal"], None, "tta is 'yes'; give true"),
+        (True, ["diagonal"], None, r"tta_flips \['diagonal'\] holds \['diagonal'\]"),
+        (True, "horizontal", None, "tta_flips 'horizontal' is not a list"),
+        (None, None, {"tta_flips": ["up"]}, r"postprocess.tta_flips \['up'\] holds"),
+    ]:
+        with pytest.raises(LungsegError, match=message):
+            flips(tta, tta_flips, checkpoint)
