@@ -142,6 +142,8 @@ def predict(cfg: DictConfig) -> list[Path]:
     info = model.hparams.data_info
     colors = np.array(info["palette"] or default_colors(info["num_classes"]), np.uint8)
     flips = postprocess.flips(cfg.tta, cfg.tta_flips, model.hparams.get("postprocess"))
+    if flips:
+        log.info("test-time flips: %s (tta=false for none)", ", ".join(flips))
     post = postprocess.settings(cfg.get("postprocess"), model.hparams.get("postprocess"))
     table = neighbour_table(list(outputs), info)  # 2.5-D models: each image's neighbours
     output_dir = Path(cfg.output_dir).expanduser()  # created by the first write
