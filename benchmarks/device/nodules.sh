@@ -86,7 +86,8 @@ done
 wait
 if ((CROSSVAL > 0)); then tail -n 8 "$OUT"/crossval_*.md; fi
 # ENSEMBLE=1: per fold, eval.py on its test split with every candidate's model of that fold
-# (ckpt_path=[...], their mean softmax, at the argmax); the candidates must share the split
+# (ckpt_path=[...], their mean softmax, at the argmax, with the recipe's test-time flips, which
+# runs.txt's scores from metrics.json are without); the candidates must share the split
 # (seeds: seed=<n> with data.seed=42). Written to ensemble.txt.
 if [ "${ENSEMBLE:-0}" = 1 ]; then
   for fold in 0 1 2 3 4; do
@@ -121,8 +122,8 @@ for fold in range(5):
     entry = next(iter(s["classes"].values()))
     scores.append((entry["dice_nonempty"]["mean"], entry["fp_rate_empty"]))
     members = s["checkpoint"] if isinstance(s["checkpoint"], list) else [s["checkpoint"]]
-    print(f"fold{fold}: {len(members)} members, test Dice non-empty {scores[-1][0]:.4f}, "
-          f"FP rate empty {scores[-1][1]:.4f}")
+    print(f"fold{fold}: {len(members)} members, test-time flips {s['tta_flips']}, test Dice "
+          f"non-empty {scores[-1][0]:.4f}, FP rate empty {scores[-1][1]:.4f}")
 if scores:
     dice, fp = zip(*scores)
     print(f"ensemble: {len(scores)} folds, test Dice non-empty {statistics.fmean(dice):.4f} ± "
