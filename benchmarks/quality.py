@@ -19,8 +19,9 @@ evaluation. Per-image numbers follow eval.py's rules (an image empty in both gro
 prediction scores Dice 1); "pooled Dice" sums true positives and pixel counts over all images;
 "Dice non-empty" is the mean over the images whose mask has the class, "FP rate empty" the share
 of the images without it on which the class is predicted (n/a: every mask has it). Scores are
-after the recipe's post-processing (postprocess.threshold, min_size and min_confidence), as
-eval.py applies it.
+after the recipe's post-processing (postprocess.threshold, min_size and min_confidence) and
+with its test-time flips (postprocess.tta_flips; the article's recipe has none), as eval.py
+applies them; the footer lists each run's flips.
 "val Dice" is the best checkpoint's mean Dice on the validation split scored the same way (at
 the masks' resolution, eval.py split=val): what recipes are chosen on, the test columns being
 for reporting only. "val Dice, net px" is the validation Dice at the network's size that chose
@@ -154,7 +155,7 @@ def main() -> None:
         "| median | pooled Dice | Dice non-empty | FP rate empty | IoU mean | HD95 mean (px) "
         "| best epoch |"
     )
-    rows = []
+    rows, flips = [], {}
     for run in args.runs:
         out = Path(args.out) / run
         runs = [*RUNS[run], *shared] if run == "article" else [*recipe, *RUNS[run]]
@@ -176,6 +177,7 @@ def main() -> None:
             )
             scored[split] = evaluate(eval_cfg)
         summary = scored["test"]
+        flips[run] = summary["tta_flips"]
         name = next(iter(summary["classes"]))  # first foreground class
         entry = summary["classes"][name]
         val_dice = scored["val"]["classes"][name]["dice"]["mean"] if has_val else None
@@ -195,6 +197,7 @@ def main() -> None:
         f"\n# {args.image_dir}, masks {' '.join(args.mask_dir)}, class '{name}', experiment "
         f"{args.experiment}, overrides {args.overrides}, runs in {args.out}"
     )
+    print("# test-time flips: " + ", ".join(f"{run} {f or 'none'}" for run, f in flips.items()))
 
 
 if __name__ == "__main__":

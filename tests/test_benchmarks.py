@@ -128,6 +128,8 @@ def test_quality_trains_each_run_and_scores_it_on_the_same_test_images(tmp_path)
         "test Dice mean",
     ]
     assert [row[0] for row in rows] == ["fcn", "article"]
+    # lung_ct's test-time flip, not the article's: the footer says which run had which
+    assert "# test-time flips: fcn ['horizontal'], article none" in out
     for row in rows:
         assert all(0 <= float(row[i]) <= 1 for i in (3, 4, 5))
     # val Dice: eval.py on the validation split, at the masks' resolution
