@@ -284,6 +284,11 @@ def main() -> None:
         )
     spread = [mean_std([row[i] for row in table]) for i in range(6)]
     print(f"| mean ± std | {len(table)} folds | | | | " + " | ".join(spread) + " |", flush=True)
+    used = sorted({", ".join(summary["tta_flips"]) or "none" for summary in tests})
+    print(
+        f"\nTest-time flips (the checkpoints' postprocess.tta_flips), on validation and test: "
+        f"{'; '.join(used)}"
+    )
 
 
 if __name__ == "__main__":

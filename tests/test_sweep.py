@@ -219,6 +219,7 @@ def test_fold_sweep_and_crossval_report(tmp_path):
     report = reports[0]
     assert reports[1].stdout == report.stdout  # the folds scored in two processes: the same
     assert "| mean ± std | 2 folds |" in report.stdout
+    assert "on validation and test: none\n" in report.stdout  # the default recipe has none
     grid_rows = [
         line.split(" | ")
         for line in report.stdout.splitlines()
