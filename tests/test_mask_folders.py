@@ -185,6 +185,37 @@ def test_the_datamodule_reads_one_class_a_folder(tmp_path):
         SegDataModule(str(images), [str(left), str(right)], mask_mode="index").setup()
 
 
+def test_left_and_right_classes_with_a_horizontal_flip_are_warned_about(tmp_path, caplog):
+    """Left and right lungs as two classes (a folder each): a left-right flip in training
+    puts each lung where the other was, under its own label. Said once the classes are known;
+    nothing said without the flip or with the folders united (mask_mode=binary)."""
+    images, left, right = two_lungs(tmp_path)
+    flip = {"train": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}]}
+    nested = {"train": [{"_target_": "albumentations.OneOf", "transforms": flip["train"]}]}
+    device = {"device": {"hflip": 0.5}}
+    cases = [
+        ("index", flip, True),
+        ("index", nested, True),
+        ("index", device, True),
+        ("index", None, False),
+        ("index", {"device": {"hflip": 0.0, "vflip": 0.5}}, False),
+        ("binary", flip, False),
+    ]
+    for mask_mode, augmentation, warned in cases:
+        caplog.clear()
+        dm = SegDataModule(
+            str(images),
+            [str(left), str(right)],
+            mask_mode=mask_mode,
+            image_size=24,
+            augmentation=augmentation,
+        )
+        with caplog.at_level("WARNING", logger="lungseg.data.datamodule"):
+            dm.setup()
+        said = "The classes ['left', 'right'] name a side of the body" in caplog.text
+        assert said == warned, (mask_mode, augmentation)
+
+
 def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg):
     images, left, right = two_lungs(tmp_path / "data", n=12)
     overrides = [

@@ -11,6 +11,7 @@ import csv
 import logging
 import math
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +41,19 @@ from lungseg.data.masks import MASK_MODES, check_layered_mode, decode_layers, de
 from lungseg.errors import LungsegError
 
 log = logging.getLogger(__name__)
+_SIDES = re.compile(r"left|right", re.IGNORECASE)  # class names of one side of the body
+
+
+def _flips_left_right(compose: Any, device_settings: Mapping[str, Any] | None) -> bool:
+    """Whether an albumentations pipeline (nested ones too) or ``augmentation.device`` can
+    flip an image left-right."""
+
+    def flips(transform: Any) -> bool:
+        children = getattr(transform, "transforms", None) or []
+        return isinstance(transform, A.HorizontalFlip) or any(flips(c) for c in children)
+
+    return flips(compose) or float((device_settings or {}).get("hflip") or 0) > 0
+
 
 _SHOW = 5  # how many offending names a message lists
 _PCG_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645  # PCG64's own 128-bit LCG multiplier
@@ -527,6 +541,7 @@ class SegDataModule(pl.LightningDataModule):
             ]
             masks = [transforms.hard_mask(transforms.soft_target(m)) for m in soft]
         self._class_names = self._resolve_class_names()
+        self._warn_sided_classes()
         members = {s: [i for i, n in enumerate(names) if split[n] == s] for s in splits.SPLITS}
         train_images = [images[i] for i in members["train"]]
         if self._normalize == "dataset":
@@ -776,6 +791,23 @@ class SegDataModule(pl.LightningDataModule):
             k = self._num_classes
             return image, mask if k is None else transforms.soft_mask(mask, k, self._image_size)
         return image, transforms.resize_mask(mask, self._image_size)
+
+    def _warn_sided_classes(self) -> None:
+        """A warning when classes are named for a side of the body (left lung, right lung: one
+        mask folder each, as the Montgomery set ships them) while the training augmentation
+        flips images left-right, which moves each side to the other's place under its label."""
+        sided = [name for name in self._class_names if _SIDES.search(name)]
+        if sided and _flips_left_right(self._train_augment, self._device_settings):
+            log.warning(
+                "The classes %s name a side of the body, but the training augmentation flips "
+                "images left-right (albumentations.HorizontalFlip or augmentation.device.hflip): "
+                "a flipped image shows each side where the other was, under its own label. If "
+                "the classes are told apart by their side, train without the horizontal flip "
+                "(augmentation=none, or a conf/augmentation/ file without it) and keep "
+                "horizontal out of postprocess.tta_flips; with data.mask_mode=binary the "
+                "folders are united into one class.",
+                sided,
+            )
 
     def _resolve_class_names(self) -> list[str]:
         k = self._num_classes
