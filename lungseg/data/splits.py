@@ -281,12 +281,20 @@ def split_counts(path: str | Path) -> dict[str, int]:
     """How many rows of the split file at ``path`` (``file,split``, e.g. a run's split.csv)
     name each of ``SPLITS``."""
     counts = {name: 0 for name in SPLITS}
-    with Path(path).open(newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f, skipinitialspace=True):
-            split = (row.get("split") or "").strip().lower()
-            if split in counts:
-                counts[split] += 1
+    for _, split in _file_rows(path):
+        if split in counts:
+            counts[split] += 1
     return counts
+
+
+def _file_rows(path: str | Path) -> list[tuple[str, str]]:
+    """The (file, split) rows of the split file at ``path``, stripped, the split lower-case;
+    no checks (``_read_split_file`` checks a data.split_file)."""
+    with Path(path).open(newline="", encoding="utf-8-sig") as f:
+        return [
+            ((row.get("file") or "").strip(), (row.get("split") or "").strip().lower())
+            for row in csv.DictReader(f, skipinitialspace=True)
+        ]
 
 
 def _counts(split: Mapping[str, str]) -> dict[str, int]:
@@ -375,13 +383,8 @@ def listed_stems(path: str | Path, stems: Sequence[str]) -> set[str]:
 def listed_splits(path: str | Path, stems: Sequence[str]) -> dict[str, str]:
     """``{stem: split}`` for the ones of ``stems`` that the split file at ``path`` lists (by
     stem or file name); other rows are ignored, unlike ``make_split``'s reading."""
-    with Path(path).open(newline="", encoding="utf-8-sig") as f:
-        rows = [
-            ((row.get("file") or "").strip(), (row.get("split") or "").strip().lower())
-            for row in csv.DictReader(f, skipinitialspace=True)
-        ]
     known = set(stems)
-    found = ((_stem_of(file, known), split) for file, split in rows)
+    found = ((_stem_of(file, known), split) for file, split in _file_rows(path))
     return {stem: split for stem, split in found if stem is not None}
 
 
