@@ -88,7 +88,9 @@ if ((CROSSVAL > 0)); then tail -n 8 "$OUT"/crossval_*.md; fi
 # ENSEMBLE=1: per fold, eval.py on its test split with every candidate's model of that fold
 # (ckpt_path=[...], their mean softmax, at the argmax, with the recipe's test-time flips, which
 # runs.txt's scores from metrics.json are without); the candidates must share the split
-# (seeds: seed=<n> with data.seed=42). Written to ensemble.txt.
+# (seeds: seed=<n> with data.seed=42); then each member alone, scored the same way. Written to
+# ensemble.txt. One thread each: 15 evaluations at once with a thread per core each took 10
+# minutes on 2 cores (smoke), against 7.5 s for one alone.
 if [ "${ENSEMBLE:-0}" = 1 ]; then
   for fold in 0 1 2 3 4; do
     ckpts=$(python3 - "$root" "$fold" "${names[@]}" <<'PY'
@@ -104,29 +106,72 @@ print(",".join(paths))
 PY
 )
     [ -n "$ckpts" ] || { echo "fold$fold: no checkpoint to ensemble" | tee -a "$OUT/ensemble.txt"; continue; }
-    python3 eval.py "ckpt_path=[$ckpts]" split=test postprocess.threshold=argmax \
+    OMP_NUM_THREADS=1 python3 eval.py "ckpt_path=[$ckpts]" split=test postprocess.threshold=argmax \
       postprocess.min_size=0 progress_bar=false hydra.run.dir="$root/ensemble/fold$fold" \
       > "$root/ensemble-fold$fold.log" 2>&1 &
+    # each member alone, scored the same way (flips included), beside the ensemble
+    for name in "${names[@]}"; do
+      ckpt=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["best_checkpoint"])' \
+        "$root/$name/fold$fold/metrics.json" 2>/dev/null) || continue
+      OMP_NUM_THREADS=1 python3 eval.py "ckpt_path=$ckpt" split=test postprocess.threshold=argmax \
+        postprocess.min_size=0 progress_bar=false hydra.run.dir="$root/alone/$name-fold$fold" \
+        > "$root/alone-$name-fold$fold.log" 2>&1 &
+    done
   done
   wait
   python3 - "$root" <<'PY' | tee -a "$OUT/ensemble.txt"
 import json, statistics, sys
 from pathlib import Path
-root, scores = Path(sys.argv[1]), []
-for fold in range(5):
-    path = root / "ensemble" / f"fold{fold}" / "summary.json"
-    if not path.exists():
-        print(f"fold{fold}: no ensemble summary; see {root}/ensemble-fold{fold}.log")
-        continue
-    s = json.loads(path.read_text())
-    entry = next(iter(s["classes"].values()))
-    scores.append((entry["dice_nonempty"]["mean"], entry["fp_rate_empty"]))
-    members = s["checkpoint"] if isinstance(s["checkpoint"], list) else [s["checkpoint"]]
-    print(f"fold{fold}: {len(members)} members, test-time flips {s['tta_flips']}, test Dice "
-          f"non-empty {scores[-1][0]:.4f}, FP rate empty {scores[-1][1]:.4f}")
-if scores:
-    dice, fp = zip(*scores)
-    print(f"ensemble: {len(scores)} folds, test Dice non-empty {statistics.fmean(dice):.4f} ± "
-          f"{statistics.pstdev(dice):.4f}, FP rate {statistics.fmean(fp):.4f} (argmax)")
+root = Path(sys.argv[1])
+names = sorted(p.name.rsplit("-fold", 1)[0] for p in (root / "alone").glob("*-fold0"))
+for name in ["ensemble", *names]:
+    scores = []
+    for fold in range(5):
+        folder = root / "ensemble" / f"fold{fold}" if name == "ensemble" else (
+            root / "alone" / f"{name}-fold{fold}")
+        path = folder / "summary.json"
+        if not path.exists():
+            print(f"{name}/fold{fold}: no summary.json; see its log in {root}")
+            continue
+        s = json.loads(path.read_text())
+        entry = next(iter(s["classes"].values()))
+        scores.append((entry["dice_nonempty"]["mean"], entry["fp_rate_empty"]))
+        members = s["checkpoint"] if isinstance(s["checkpoint"], list) else [s["checkpoint"]]
+        print(f"{name}/fold{fold}: {len(members)} member(s), test-time flips {s['tta_flips']}, "
+              f"test Dice non-empty {scores[-1][0]:.4f}, FP rate empty {scores[-1][1]:.4f}")
+    if scores:
+        dice, fp = zip(*scores)
+        print(f"{name}: {len(scores)} folds, test Dice non-empty {statistics.fmean(dice):.4f} ± "
+              f"{statistics.pstdev(dice):.4f}, FP rate {statistics.fmean(fp):.4f} (argmax, "
+              "flips)")
+PY
+fi
+# CKPTS=1: every run's folder (config.yaml, split.csv, metrics.json and its checkpoint without
+# the optimizer state, which eval.py needs none of) back in $OUT as one tar per fold
+# (ckpts_fold<k>.tar: <name>/fold<k>/...; width 16: 7.5 MiB a checkpoint, so two candidates
+# fit the 16 MiB a returned file may have), to score further on the CPU:
+#   tar xf ckpts_fold0.tar -C outputs/device_lidc
+if [ "${CKPTS:-0}" = 1 ]; then
+  python3 - "$root" "$OUT" "${names[@]}" <<'PY'
+import json, sys, tarfile, tempfile
+from pathlib import Path
+import torch
+root, out, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+with tempfile.TemporaryDirectory() as tmp:
+    for fold in range(5):
+        with tarfile.open(out / f"ckpts_fold{fold}.tar", "w") as tar:
+            for name in names:
+                run = root / name / f"fold{fold}"
+                if not (run / "metrics.json").exists():
+                    continue
+                best = Path(json.loads((run / "metrics.json").read_text())["best_checkpoint"])
+                ckpt = torch.load(best, map_location="cpu", weights_only=True)
+                ckpt.pop("optimizer_states", None)
+                torch.save(ckpt, Path(tmp) / best.name)
+                arc = f"{name}/fold{fold}"
+                tar.add(Path(tmp) / best.name, arcname=f"{arc}/checkpoints/{best.name}")
+                for extra in ("config.yaml", "split.csv", "metrics.json"):
+                    tar.add(run / extra, arcname=f"{arc}/{extra}")
+        print(f"ckpts_fold{fold}.tar: {(out / f'ckpts_fold{fold}.tar').stat().st_size >> 20} MiB")
 PY
 fi
