@@ -194,6 +194,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         "a momentum, a number 0 or more",
         "optimizer.momentum=0.9",
     ),
+    "test_postprocessed": (
+        lambda v: isinstance(v, bool),
+        "true or false: after the test, score the test split with the post-processing",
+        "test_postprocessed=false",
+    ),
     "callbacks.time_plan.enabled": (
         lambda v: isinstance(v, bool),
         "true or false: fit the cosine decay to trainer.max_time",

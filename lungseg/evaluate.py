@@ -246,6 +246,59 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def test_config(checkpoint: str | Path, output_dir: str | Path) -> DictConfig:
+    """conf/eval.yaml's settings with every choice left to the checkpoint: its run's test
+    split, its post-processing and test-time flips; no progress bar, ``output_dir`` written
+    over. What train.py scores its test split with after the fit (``test_post/*``); the keys are
+    eval.yaml's (tests/test_evaluate.py compares them)."""
+    return OmegaConf.create(
+        {
+            "ckpt_path": str(checkpoint),
+            "split": "test",
+            "data": {
+                "image_dir": None,
+                "mask_dir": None,
+                "mask_suffixes": None,
+                "recursive": None,
+                "strict": True,
+                "mask_mode": None,
+                "palette": None,
+            },
+            "postprocess": {"min_size": None, "threshold": None, "min_confidence": None},
+            "tta": None,
+            "tta_flips": [],
+            "batch_size": 8,
+            "device": "auto",
+            "retain_freed_memory": True,
+            "progress_bar": False,
+            "trusted_modules": ["lungseg", "torch.nn", "torch.optim"],
+            "output_dir": str(output_dir),
+            "overwrite": True,
+        }
+    )
+
+
+def scores(summary: dict[str, Any], prefix: str) -> dict[str, float | None]:
+    """A ``summary`` (evaluate's) as flat metrics: ``<prefix>/dice``, ``/dice_nonempty`` and
+    ``/fp_empty``, the means over the foreground classes (over those that have a value), and
+    the same per class (``<prefix>/dice_<class>`` ...)."""
+    out: dict[str, float | None] = {}
+    per_class = {
+        name: {
+            "dice": entry["dice"]["mean"],
+            "dice_nonempty": entry["dice_nonempty"]["mean"],
+            "fp_empty": entry["fp_rate_empty"],
+        }
+        for name, entry in summary["classes"].items()
+    }
+    for metric in ("dice", "dice_nonempty", "fp_empty"):
+        values = [v[metric] for v in per_class.values() if v[metric] is not None]
+        out[f"{prefix}/{metric}"] = float(np.mean(values)) if values else None
+    for name, values in per_class.items():
+        out.update({f"{prefix}/{metric}_{name}": value for metric, value in values.items()})
+    return out
+
+
 def _output_paths(cfg: DictConfig) -> tuple[Path, Path]:
     """The paths of ``OUTPUT_FILES`` in ``cfg.output_dir``. LungsegError, before anything is
     read or scored, when output_dir is a file or already holds one of them (the results of an

@@ -22,8 +22,18 @@ from lungseg.errors import LungsegError
 log = logging.getLogger(__name__)
 
 ERROR_FILE = "error.txt"
-# Then test/dice_<class> for every class.
-METRICS = ("test/dice", "test/iou", "test/acc", "test/dice_nonempty", "test/fp_empty")
+# Then test/dice_<class> for every class. test_post/*: eval.py's per-image scores of the test
+# split with the recipe's post-processing and flips (train.py, where the recipe has them).
+METRICS = (
+    "test/dice",
+    "test/iou",
+    "test/acc",
+    "test/dice_nonempty",
+    "test/fp_empty",
+    "test_post/dice",
+    "test_post/dice_nonempty",
+    "test_post/fp_empty",
+)
 
 
 def record_error(run_dir: str | Path, error: BaseException) -> None:
@@ -135,10 +145,11 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path) -
 
 
 def mean_std(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """{metric: (mean, std)} over the finished runs, for every test metric and minutes."""
+    """{metric: (mean, std)} over the finished runs, for every test metric (test_post/
+    included) and minutes."""
     out = {}
     ok = [row for row in rows if row["status"] == "ok"]
-    keys = [k for row in ok for k in row if k.startswith("test/") or k == "minutes"]
+    keys = [k for row in ok for k in row if k.startswith(("test/", "test_post/")) or k == "minutes"]
     for key in dict.fromkeys(keys):
         values = [row[key] for row in ok if isinstance(row.get(key), int | float)]
         values = [v for v in values if v == v]  # NaN: no image qualified in that run

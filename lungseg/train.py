@@ -17,11 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, Timer
 from pytorch_lightning.utilities import rank_zero_only
 
-from lungseg import hostmem
+from lungseg import hostmem, postprocess
 from lungseg.callbacks import EMA, FitScheduleToTime
 from lungseg.checks import check_settings
 from lungseg.data.splits import trains_without_validation
 from lungseg.errors import LungsegError
+from lungseg.evaluate import evaluate, scores, test_config
 from lungseg.module import SegmentationModule
 from lungseg.run_folder import (
     check_continuable,
@@ -217,6 +218,35 @@ def without_validation(callbacks: list[Any]) -> list[Any]:
     return [c for c in callbacks if not any(c is x for x in left_out)]
 
 
+def postprocessed_test(cfg: DictConfig, checkpoint: str, out_dir: Path) -> dict[str, Any]:
+    """eval.py's scores of the test split with the run's ``postprocess`` (threshold, min_size,
+    min_confidence) and ``tta_flips``, as ``test_post/*``; the folder ``test_postprocessed/``
+    gets eval.py's per_image.csv and summary.json (an earlier one is kept as
+    ``test_postprocessed.<n>``). Nothing when the recipe post-processes nothing: the
+    ``test/*`` scores are then the whole story. A failure is a warning that names eval.py's
+    command: the run itself has finished."""
+    chosen = plain(cfg.get("postprocess")) or {}
+    if not chosen.get("tta_flips") and not postprocess.active(postprocess.settings(chosen, None)):
+        return {}
+    folder = out_dir / "test_postprocessed"
+    if folder.exists():
+        n = 1
+        while (kept := folder.with_name(f"{folder.name}.{n}")).exists():
+            n += 1
+        folder.rename(kept)
+    try:
+        summary = evaluate(test_config(checkpoint, folder))
+    except (LungsegError, RuntimeError, OSError) as err:
+        log.warning(
+            "the test split was not scored with the post-processing (%s); score it with "
+            "`python eval.py ckpt_path=%s`",
+            err,
+            checkpoint,
+        )
+        return {}
+    return scores(summary, "test_post")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write into ``cfg.output_dir``: ``checkpoints/``,
     ``tensorboard/``, ``split.csv``, ``config.yaml`` (resolved), ``environment.json``
@@ -317,7 +347,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True
         )
         metrics.update(results[0] if results else {})
-    metrics["train_minutes"] = (time.monotonic() - started) / 60
+    metrics["train_minutes"] = (time.monotonic() - started) / 60  # fit and test
+    tested = "test/loss" in metrics  # a test split was scored
+    if tested and cfg.get("test_postprocessed", True) and trainer.is_global_zero and best_path:
+        metrics.update(postprocessed_test(cfg, best_path, out_dir))
     metrics = {
         k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
     }

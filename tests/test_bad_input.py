@@ -94,6 +94,7 @@ def counts(dm: SegDataModule) -> tuple[int, int, int]:
         ("trainer.max_time=abc", "trainer.max_time is 'abc'; give a duration \"DD:HH:MM:SS\""),
         ("callbacks.time_plan.margin=1.5", "callbacks.time_plan.margin is 1.5; give the share"),
         ("callbacks.time_plan.enabled=yes", "callbacks.time_plan.enabled is 'yes'; give true"),
+        ("test_postprocessed=1", "test_postprocessed is 1; give true or false"),
         ("trainer.precision=abc", "trainer.precision is 'abc'; give one of .*bf16-mixed"),
         ("trainer.devices=0", "trainer.devices is 0"),
         ("optimizer.lr=0", "optimizer.lr is 0; give a learning rate, a number above 0"),

@@ -446,3 +446,25 @@ def test_eval_of_an_ensemble_scores_its_mean_softmax_and_refuses_a_leak(tmp_path
         assert read_outputs(tmp_path / "v")[1]["images"].startswith("val split of") and val
     finally:
         forced.unlink()
+
+
+def test_train_scores_its_test_split_with_eval_yaml_settings():
+    """evaluate.test_config (train.py's test_post/*) holds exactly conf/eval.yaml's keys, so
+    a key added there cannot be missing when train.py evaluates."""
+    from lungseg.evaluate import test_config
+
+    def keys(tree, prefix=""):
+        return {
+            k
+            for key, value in tree.items()
+            for k in (
+                {prefix + key}
+                | (keys(value, prefix + key + ".") if isinstance(value, dict) else set())
+            )
+        }
+
+    expected = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "eval.yaml"))
+    expected.pop("hydra")
+    built = OmegaConf.to_container(test_config("a.ckpt", "out"))
+    assert keys(built) == keys(expected)
+    assert built["tta"] is None and built["postprocess"]["min_size"] is None  # the checkpoint's

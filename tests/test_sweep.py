@@ -278,3 +278,22 @@ def test_long_override_lists_give_short_distinct_folder_names():
     assert short_dirname("model=unet") == "model=unet"
     long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
     assert len(short_dirname(long_a)) == 120 and short_dirname(long_a) != short_dirname(long_b)
+
+
+def test_summary_shows_the_post_processed_test_scores_where_runs_have_them(tmp_path):
+    """test_post/* (train.py's scores with the recipe's flips and min_size) get their columns
+    and their mean ± std; a sweep without them gets neither."""
+    for fold, dice in enumerate([0.78, 0.82]):
+        post = {"test_post/dice_nonempty": dice, "test_post/fp_empty": 0.9}
+        fake_run(tmp_path / "post", fold, f"unet_fold{fold}", {**metrics(dice), **post})
+    write_summary(tmp_path / "post")
+    markdown = (tmp_path / "post" / "summary.md").read_text()
+    assert "- test_post/dice_nonempty: 0.8000 ± 0.0200" in markdown
+    assert "- test_post/fp_empty: 0.9000 ± 0.0000" in markdown
+    header = markdown.splitlines()[5]
+    assert "test_post/dice_nonempty | test_post/fp_empty" in header
+    assert "test_post/dice |" not in header  # a column only for a score the runs have
+
+    fake_run(tmp_path / "plain", 0, "unet", metrics(0.8))
+    write_summary(tmp_path / "plain")
+    assert "test_post" not in (tmp_path / "plain" / "summary.md").read_text()

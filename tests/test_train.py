@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import lungseg.callbacks
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
-from lungseg.train import accelerator_settings, train
+from lungseg.train import accelerator_settings, postprocessed_test, train
 
 ARCHITECTURES = ["unet", "fcn", "segnet", "deeplab"]
 
@@ -384,3 +384,37 @@ def test_cli_multirun_writes_one_folder_per_model(tmp_path):
     assert len(runs) == 2
     assert runs[0].startswith("0_") and "model=unet" in runs[0]
     assert runs[1].startswith("1_") and "model=fcn" in runs[1]
+
+
+def test_a_recipe_that_post_processes_is_also_tested_with_it(make_cfg):
+    """postprocess (flips, min_size) reaches train.py's own test scores: test_post/* in
+    metrics.json are eval.py's on the same checkpoint and split, and a second evaluation of
+    the run (a resumed one) keeps the first as test_postprocessed.1; a recipe without
+    post-processing gets none."""
+    from lungseg.evaluate import evaluate, scores, test_config
+
+    cfg = make_cfg("postprocess.tta_flips=[horizontal,vertical]", "postprocess.min_size=3")
+    metrics = train(cfg)
+    run = Path(cfg.output_dir)
+    saved = json.loads((run / "metrics.json").read_text())
+    summary = json.loads((run / "test_postprocessed" / "summary.json").read_text())
+    assert summary["tta_flips"] == ["horizontal", "vertical"]
+    assert summary["postprocess"]["min_size"] == 3
+    assert summary["n_images"] == sum(
+        line.endswith(",test") for line in (run / "split.csv").read_text().splitlines()
+    )
+    for key in ("test_post/dice", "test_post/dice_nonempty_tumour", "test_post/fp_empty_lung"):
+        assert key in saved and saved[key] == metrics[key]
+    again = evaluate(test_config(saved["best_checkpoint"], run / "again"))
+    assert scores(again, "test_post") == {k: v for k, v in saved.items() if "test_post/" in k}
+    assert saved["test_post/dice"] == pytest.approx(
+        (saved["test_post/dice_lung"] + saved["test_post/dice_tumour"]) / 2
+    )
+
+    first = (run / "test_postprocessed" / "per_image.csv").read_text()
+    assert postprocessed_test(cfg, saved["best_checkpoint"], run) == scores(again, "test_post")
+    assert (run / "test_postprocessed.1" / "per_image.csv").read_text() == first
+
+    plain = make_cfg("output_dir=" + str(run.parent / "plain"))
+    assert not any(k.startswith("test_post/") for k in train(plain))
+    assert not (run.parent / "plain" / "test_postprocessed").exists()

@@ -30,7 +30,8 @@
 # The post-processing grid is cut to 18 settings (argmax/0.7/0.9 x 0/8/32 px x confidence
 # 0/0.98; the default's 124 take minutes a fold). Results in $OUT: runs.txt (per run: epochs,
 # stop reason, best epoch, minutes, test Dice on nodule slices and FP rate on empty ones at the
-# argmax, from metrics.json; a mean per candidate), crossval_<name>.md.
+# argmax, and with the recipe's post-processing and flips (test_post/*), from metrics.json; a
+# mean per candidate), crossval_<name>.md.
 source "$(dirname "$0")/env.sh"
 data=.gpudata/lidc_nodules
 [ -d "$data/images" ] || { echo "no $data: run benchmarks/device/prepare.sh here first"; exit 1; }
@@ -72,13 +73,22 @@ for fold in range(5):
         continue
     m = json.loads(path.read_text())
     scores.append((m["test/dice_nonempty"], m["test/fp_empty"]))
+    post = ""
+    if m.get("test_post/dice_nonempty") is not None:  # the recipe's post-processing, flips
+        scores[-1] += (m["test_post/dice_nonempty"], m["test_post/fp_empty"])
+        post = f"; post-processed {scores[-1][2]:.4f}, FP rate {scores[-1][3]:.4f}"
     print(f"{name}/fold{fold}: {m['epochs_trained']} epochs ({m['stopped_by']}), best "
           f"{m['best_epoch']}, {m['train_minutes']:.1f} min, test Dice non-empty "
-          f"{m['test/dice_nonempty']:.4f}, FP rate empty {m['test/fp_empty']:.4f}")
+          f"{m['test/dice_nonempty']:.4f}, FP rate empty {m['test/fp_empty']:.4f}{post}")
 if scores:
-    dice, fp = zip(*scores)
+    dice, fp = zip(*[s[:2] for s in scores])
     print(f"{name}: {len(scores)} folds, test Dice non-empty {statistics.fmean(dice):.4f} ± "
           f"{statistics.pstdev(dice):.4f}, FP rate {statistics.fmean(fp):.4f} (argmax)")
+    if all(len(s) == 4 for s in scores):
+        dice, fp = zip(*[s[2:] for s in scores])
+        print(f"{name}: {len(scores)} folds, post-processed (test_post/*) "
+              f"{statistics.fmean(dice):.4f} ± {statistics.pstdev(dice):.4f}, FP rate "
+              f"{statistics.fmean(fp):.4f}")
 PY
   ((CROSSVAL > 0)) && timeout "$CROSSVAL" python3 benchmarks/crossval.py "$root/$name" --jobs 5 --thresholds argmax 0.7 \
     0.9 --min-sizes 0 8 32 --min-confidences 0 0.98 > "$OUT/crossval_$name.md" 2>&1 &
