@@ -1,32 +1,33 @@
 #!/usr/bin/env bash
-# Issue 9 on a GPU, one device call (about 6.5 minutes):
+# Issue 9 on a GPU, one device call (about 6 minutes):
 #   run(command="bash benchmarks/device/nodules.sh", carry=[".whl", ".gpudata"], timeout_s=500)
-# The lidc_nodules recipe and the candidate the README leaves open (loss.skip_empty: no Dice
-# term on consensus-empty slices; better on all five CPU folds, 0.783 against 0.753), 5 folds
-# each, all 10 runs at once on the one GPU, each stopped by trainer.max_time at the latest; then
-# benchmarks/crossval.py per candidate, its 5 folds scored at once (post-processing chosen per
-# fold on its own validation split). augmentation=device in both: with the CPU workers'
-# augmentation, 15 runs at once on 16 cores reached only 21-22 of 40 epochs in 5.75 minutes
-# (README). The 192-px candidate (worse on CPU fold 4):
-#   CANDIDATES="recipe:augmentation=device;px192:data.image_size=192 augmentation=device"
-# Stronger augmentation with skip_empty over a longer schedule (CPU fold 2, 40 epochs: best
-# epoch 36, validation below skip_empty's, test 0.766 against 0.755; README), with the
+# By default the lidc_nodules recipe as it stands (loss.skip_empty, all four non-test parts
+# without validation, the final weights; README "The recipe today") and its validation-split
+# variant (data.split=[0.8,0.2,0.0], as the settings were chosen), 5 folds each, all 10 runs
+# at once on the one GPU, each stopped by trainer.max_time at the latest; then
+# benchmarks/crossval.py per candidate whose runs have a validation split, its 5 folds scored
+# at once (post-processing chosen per fold on its own validation split). augmentation=device
+# in both: with the CPU workers' augmentation, 15 runs at once on 16 cores reached only 21-22
+# of 40 epochs in 5.75 minutes (README). The 192-px candidate (worse on CPU fold 4):
+#   CANDIDATES="val:augmentation=device data.split=[0.8,0.2,0.0];px192:data.image_size=192
+#     augmentation=device data.split=[0.8,0.2,0.0]"   (one line)
+# Stronger augmentation over a longer schedule (CPU fold 2, 40 epochs: best epoch 36,
+# validation below the default augmentation's, test 0.766 against 0.755; README), with the
 # albumentations pipeline in the workers since augmentation=device has no elastic transform:
-#   CANDIDATES="skipempty:loss.skip_empty=true augmentation=device;strong80:loss.skip_empty=true
-#     augmentation=strong trainer.max_epochs=80 data.num_workers=1"   (one line)
+#   CANDIDATES="val:augmentation=device data.split=[0.8,0.2,0.0];strong80:augmentation=strong
+#     trainer.max_epochs=80 data.num_workers=1 data.split=[0.8,0.2,0.0]"   (one line)
 #   CANDIDATES="name:overrides;name:overrides"  the set (overrides space-separated)
-#   MAX_TIME=DD:HH:MM:SS                         each run's cap (default 00:00:04:00)
+#   MAX_TIME=DD:HH:MM:SS                         each run's cap (default 00:00:05:30)
 #   CROSSVAL=seconds                             crossval.py's cap (default 150; 0 skips it)
 # With augmentation=device the training images stay on the GPU (data.device_cache, null by
-# default: on where it applies on a GPU); the 2026-11-27 run named it:
-#   CANDIDATES="skipempty:loss.skip_empty=true augmentation=device data.device_cache=true"
-# Training on all four non-test parts without validation (data.split=[1.0,0.0,0.0]: the full
-# 40 epochs, the final weights; README "Lung nodules") and an ensemble of seeds per fold
-# (ENSEMBLE=1: eval.py with every candidate's model of the fold, ensemble.txt; seeds keep the
-# split with data.seed=42); crossval.py needs a val split, hence CROSSVAL=0:
-#   ENSEMBLE=1 CROSSVAL=0 CANDIDATES="all4:loss.skip_empty=true data.split=[1.0,0.0,0.0]
-#     augmentation=device;all4s1:loss.skip_empty=true data.split=[1.0,0.0,0.0]
-#     augmentation=device seed=1 data.seed=42"   (one line)
+# default: on where it applies on a GPU; checked on an H100 on 2026-11-28).
+# An ensemble of seeds per fold (ENSEMBLE=1: eval.py with every candidate's model of the
+# fold, then each alone, flips included, ensemble.txt; seeds keep the split with
+# data.seed=42) and the run folders back as tars (CKPTS=1), as measured on 2026-11-28 (README
+# "The recipe today", before the recipe took loss.skip_empty and data.split=[1.0,0.0,0.0]):
+#   ENSEMBLE=1 CKPTS=1 CROSSVAL=0 MAX_TIME=00:00:05:30 CANDIDATES="all4:loss.skip_empty=true
+#     data.split=[1.0,0.0,0.0] augmentation=device;all4s1:loss.skip_empty=true
+#     data.split=[1.0,0.0,0.0] augmentation=device seed=1 data.seed=42"   (one line)
 # The post-processing grid is cut to 18 settings (argmax/0.7/0.9 x 0/8/32 px x confidence
 # 0/0.98; the default's 124 take minutes a fold). Results in $OUT: runs.txt (per run: epochs,
 # stop reason, best epoch, minutes, test Dice on nodule slices and FP rate on empty ones at the
@@ -35,8 +36,8 @@
 source "$(dirname "$0")/env.sh"
 data=.gpudata/lidc_nodules
 [ -d "$data/images" ] || { echo "no $data: run benchmarks/device/prepare.sh here first"; exit 1; }
-CANDIDATES=${CANDIDATES:-"recipe:augmentation=device;skipempty:loss.skip_empty=true augmentation=device"}
-MAX_TIME=${MAX_TIME:-00:00:04:00}
+CANDIDATES=${CANDIDATES:-"recipe:augmentation=device;val:augmentation=device data.split=[0.8,0.2,0.0]"}
+MAX_TIME=${MAX_TIME:-00:00:05:30}
 CROSSVAL=${CROSSVAL:-150}
 extra=()
 [ "${SMOKE:-0}" = 1 ] && extra=(trainer.max_epochs=1 trainer.limit_train_batches=2
@@ -90,6 +91,8 @@ if scores:
               f"{statistics.fmean(dice):.4f} ± {statistics.pstdev(dice):.4f}, FP rate "
               f"{statistics.fmean(fp):.4f}")
 PY
+  # crossval.py chooses on validation splits: only for candidates trained with one
+  tr -d '\r' < "$root/$name/fold0/split.csv" 2>/dev/null | grep -q ',val$' || continue
   ((CROSSVAL > 0)) && timeout "$CROSSVAL" python3 benchmarks/crossval.py "$root/$name" --jobs 5 --thresholds argmax 0.7 \
     0.9 --min-sizes 0 8 32 --min-confidences 0 0.98 > "$OUT/crossval_$name.md" 2>&1 &
 done
