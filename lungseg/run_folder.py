@@ -246,14 +246,20 @@ def check_same_split(saved: Path, split: Mapping[str, str]) -> None:
     )
 
 
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` (a file or a folder) to the first free ``<stem>.<n><suffix>`` (n = 1,
+    2, ...) and return the new path."""
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    return path.rename(kept)
+
+
 def keep_previous(path: Path, text: str) -> None:
     """Write ``text`` to ``path``; an earlier, different file there is kept as
     ``<stem>.<n><suffix>`` (n = 1, 2, ...): a continued run loses nothing of what it had."""
     if path.is_file() and path.read_text(encoding="utf-8") != text:
-        n = 1
-        while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
-            n += 1
-        path.rename(kept)
+        set_aside(path)
     path.write_text(text, encoding="utf-8")
 
 

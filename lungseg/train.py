@@ -33,6 +33,7 @@ from lungseg.run_folder import (
     keep_previous,
     read_checkpoint,
     resume_checkpoint,
+    set_aside,
     write_environment,
 )
 from lungseg.visualize import save_curves
@@ -230,10 +231,7 @@ def postprocessed_test(cfg: DictConfig, checkpoint: str, out_dir: Path) -> dict[
         return {}
     folder = out_dir / "test_postprocessed"
     if folder.exists():
-        n = 1
-        while (kept := folder.with_name(f"{folder.name}.{n}")).exists():
-            n += 1
-        folder.rename(kept)
+        set_aside(folder)
     try:
         summary = evaluate(test_config(checkpoint, folder))
     except (LungsegError, RuntimeError, OSError) as err:
