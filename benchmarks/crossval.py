@@ -1,8 +1,10 @@
 """Cross-validation report of a sweep over folds, with post-processing chosen on validation.
 
     python train.py -m experiment=lidc_nodules data.image_dir=<images> data.mask_dir=<masks> \
-        data.fold=0,1,2,3,4
+        data.fold=0,1,2,3,4 'data.split=[0.8,0.2,0.0]'
     python benchmarks/crossval.py outputs/train/multirun_<date>
+
+(lidc_nodules itself trains without a validation split; the runs need one to choose on.)
 
 For every finished run under the folder (a folder with metrics.json), the best checkpoint is
 scored on the run's validation split under every combination of --thresholds (foreground where
