@@ -92,7 +92,8 @@ if scores:
               f"{statistics.fmean(fp):.4f}")
 PY
   # crossval.py chooses on validation splits: only for candidates trained with one
-  tr -d '\r' < "$root/$name/fold0/split.csv" 2>/dev/null | grep -q ',val$' || continue
+  python3 -c 'import sys; from lungseg.data.splits import split_counts
+sys.exit(split_counts(sys.argv[1])["val"] == 0)' "$root/$name/fold0/split.csv" 2>/dev/null || continue
   ((CROSSVAL > 0)) && timeout "$CROSSVAL" python3 benchmarks/crossval.py "$root/$name" --jobs 5 --thresholds argmax 0.7 \
     0.9 --min-sizes 0 8 32 --min-confidences 0 0.98 > "$OUT/crossval_$name.md" 2>&1 &
 done
@@ -106,26 +107,26 @@ if ((CROSSVAL > 0)); then tail -n 8 "$OUT"/crossval_*.md; fi
 # minutes on 2 cores (smoke), against 7.5 s for one alone.
 if [ "${ENSEMBLE:-0}" = 1 ]; then
   for fold in 0 1 2 3 4; do
-    ckpts=$(python3 - "$root" "$fold" "${names[@]}" <<'PY'
+    # "<name> <checkpoint>" per candidate that finished this fold
+    mapfile -t found < <(python3 - "$root" "$fold" "${names[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 root, fold, names = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-paths = []
 for name in names:
     metrics = root / name / f"fold{fold}" / "metrics.json"
-    if metrics.exists() and json.loads(metrics.read_text()).get("best_checkpoint"):
-        paths.append(json.loads(metrics.read_text())["best_checkpoint"])
-print(",".join(paths))
+    best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.exists() else None
+    if best:
+        print(name, best)
 PY
 )
-    [ -n "$ckpts" ] || { echo "fold$fold: no checkpoint to ensemble" | tee -a "$OUT/ensemble.txt"; continue; }
+    ((${#found[@]})) || { echo "fold$fold: no checkpoint to ensemble" | tee -a "$OUT/ensemble.txt"; continue; }
+    ckpts=$(printf '%s\n' "${found[@]}" | cut -d' ' -f2- | paste -sd,)
     OMP_NUM_THREADS=1 python3 eval.py "ckpt_path=[$ckpts]" split=test postprocess.threshold=argmax \
       postprocess.min_size=0 progress_bar=false hydra.run.dir="$root/ensemble/fold$fold" \
       > "$root/ensemble-fold$fold.log" 2>&1 &
     # each member alone, scored the same way (flips included), beside the ensemble
-    for name in "${names[@]}"; do
-      ckpt=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["best_checkpoint"])' \
-        "$root/$name/fold$fold/metrics.json" 2>/dev/null) || continue
+    for member in "${found[@]}"; do
+      name=${member%% *} ckpt=${member#* }
       OMP_NUM_THREADS=1 python3 eval.py "ckpt_path=$ckpt" split=test postprocess.threshold=argmax \
         postprocess.min_size=0 progress_bar=false hydra.run.dir="$root/alone/$name-fold$fold" \
         > "$root/alone-$name-fold$fold.log" 2>&1 &
