@@ -85,6 +85,13 @@ class SegmentationModule(pl.LightningModule):
             # In place: the state_dict keys stay those of the plain network, so checkpoints of
             # compiled and uncompiled runs are interchangeable.
             self.net.compile()
+        size = (data_info or {}).get("image_size")
+        if size is not None and not compile:
+            # One image as the network gets it: Lightning's model summary then prints each
+            # layer's input/output shapes and the FLOPs of a forward pass (else "0"). Not
+            # when compiled: the summary would compile the network for a batch of one first.
+            height, width = (size, size) if isinstance(size, int) else size
+            self.example_input_array = torch.zeros(1, int(net["in_channels"]), height, width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:

@@ -16,6 +16,7 @@ from conftest import ROOT, TINY, split_items
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from pytorch_lightning.utilities.model_summary import ModelSummary
 
 from lungseg.data.datamodule import SegDataModule
 from lungseg.data.folders import read_image
@@ -433,3 +434,17 @@ def test_an_ensemble_averages_its_members_softmax(tmp_path, checkpoints):
         r"their class_names",
     ):
         load_from_config(cfg([str(first), str(renamed)]))
+
+
+def test_the_model_summary_shows_shapes_and_flops(checkpoints):
+    """The module carries one input image as data_info describes it (channels, height, width),
+    so that Lightning's model summary prints the network's input/output shapes and the FLOPs
+    of a forward pass instead of "?" and 0."""
+    model = load_checkpoint(checkpoints["binary"], CPU)
+    height, width = model.hparams.data_info["image_size"]
+    assert height != width  # the order of the two sides is checked too
+    summary = ModelSummary(model)
+    row = summary.layer_names.index("net")
+    assert summary.in_sizes[row] == [1, 3, height, width]
+    assert summary.out_sizes[row] == [1, model.hparams.net["num_classes"], height, width]
+    assert summary.total_flops > 0

@@ -567,7 +567,11 @@ class SegDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """On the training device: masks become int64 (the loader sends uint8), and with device
-        augmentation (``augmentation.device``) training batches are augmented and normalised."""
+        augmentation (``augmentation.device``) training batches are augmented and normalised.
+        Anything but a batch dict (the module's example input, which Lightning's model summary
+        sends through this hook) passes unchanged."""
+        if not isinstance(batch, dict):
+            return batch
         if self.trainer is not None and self.trainer.training:
             return self.device_transform(batch)
         return _class_ids(batch)
