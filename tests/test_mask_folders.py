@@ -216,6 +216,58 @@ def test_left_and_right_classes_with_a_horizontal_flip_are_warned_about(tmp_path
         assert said == warned, (mask_mode, augmentation)
 
 
+def index_pairs(root: Path, n: int, swapped: int = 0, size: tuple[int, int] = (32, 40)):
+    """root/images and root/masks: n index masks with class 1 on the image's left half and
+    class 2 on its right half (the two sides exchanged in the last ``swapped``), and class 3,
+    a small disc that wanders across the middle, in every mask."""
+    rng = np.random.default_rng(1)
+    h, w = size
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for i in range(n):
+        mask = np.zeros((h, w), np.uint8)
+        top = int(rng.integers(4, 10))
+        first, second = (2, 1) if i >= n - swapped else (1, 2)
+        mask[top : top + 16, 3 : w // 2 - 2] = first
+        mask[top : top + 16, w // 2 + 2 : w - 3] = second
+        cv2.circle(mask, (int(rng.integers(w // 4, 3 * w // 4)), h - 6), 3, 3, -1)
+        image = (40 + 50 * mask + rng.integers(0, 30, (h, w))).astype(np.uint8)
+        cv2.imwrite(str(images / f"s{i:02d}.png"), image)
+        cv2.imwrite(str(masks / f"s{i:02d}.png"), mask)
+    return images, masks
+
+
+def test_classes_on_opposite_sides_are_warned_about_whatever_their_names(tmp_path, caplog):
+    """Index masks whose classes 1 and 2 sit on the left and on the right half of every image
+    (names that say nothing of sides): a left-right flip in training is warned about, naming
+    the two classes and not the one that wanders across the middle. Not when a tenth or more
+    of the masks have the sides the other way round, nor without the flip."""
+    flip = {"train": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}]}
+    names = ["background", "organ_a", "organ_b", "spot"]
+    cases = [("sided", 0, flip, True), ("mixed", 3, flip, False), ("no_flip", 0, None, False)]
+    for folder, swapped, augmentation, warned in cases:
+        images, masks = index_pairs(tmp_path / folder, n=20, swapped=swapped)
+        caplog.clear()
+        dm = SegDataModule(
+            str(images),
+            str(masks),
+            mask_mode="index",
+            class_names=names,
+            image_size=[32, 40],
+            split=[1.0, 0.0, 0.0],  # every mask in training: the shares below are exact
+            augmentation=augmentation,
+        )
+        with caplog.at_level("WARNING", logger="lungseg.data.datamodule"):
+            dm.setup()
+        said = "sit on one side of the image in nearly every training mask" in caplog.text
+        assert said == warned, folder
+        if warned:
+            assert "organ_a: left half in 100% of 20 masks" in caplog.text
+            assert "organ_b: right half in 100% of 20 masks" in caplog.text
+            assert "spot" not in caplog.text and "augmentation=none" in caplog.text
+
+
 def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg):
     images, left, right = two_lungs(tmp_path / "data", n=12)
     overrides = [

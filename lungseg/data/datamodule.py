@@ -55,6 +55,43 @@ def _flips_left_right(compose: Any, device_settings: Mapping[str, Any] | None) -
     return flips(compose) or float((device_settings or {}).get("hflip") or 0) > 0
 
 
+_SIDED_MIN_MASKS = 10  # masks that must hold a class before its side is judged
+_SIDED_SHARE = 0.9  # of them with the class's centre on one half
+_SIDED_MARGIN = 0.05  # of the width: a centre this close to the midline is on neither half
+_SIDED_SAMPLE = 200  # masks looked at, evenly spaced: the answer needs no more
+
+
+def _sided_classes(masks: list[np.ndarray], num_classes: int) -> dict[str, list]:
+    """Foreground classes whose pixels' mean column lies on one half of the image (beyond
+    a margin around the midline) in at least _SIDED_SHARE of the masks that hold them, as
+    {"left": [(class, share, masks holding it)], "right": [...]}. Masks are (H, W) class ids."""
+    if num_classes < 3 or not masks:  # one foreground class cannot be swapped with another
+        return {"left": [], "right": []}
+    step = max(1, len(masks) // _SIDED_SAMPLE)
+    present = np.zeros(num_classes, np.int64)
+    on_side = {"left": np.zeros(num_classes, np.int64), "right": np.zeros(num_classes, np.int64)}
+    for mask in masks[::step]:
+        height, width = mask.shape[:2]
+        ids = mask.ravel()
+        columns = np.broadcast_to(np.arange(width, dtype=np.float64), (height, width)).ravel()
+        counts = np.bincount(ids, minlength=num_classes)[:num_classes]
+        sums = np.bincount(ids, weights=columns, minlength=num_classes)[:num_classes]
+        held = counts > 0
+        held[0] = False  # background
+        centre = np.divide(sums, counts, out=np.zeros(num_classes), where=held)
+        offset = (centre - (width - 1) / 2) / width
+        present += held
+        on_side["left"] += held & (offset < -_SIDED_MARGIN)
+        on_side["right"] += held & (offset > _SIDED_MARGIN)
+    found: dict[str, list] = {"left": [], "right": []}
+    for side, counted in on_side.items():
+        for c in np.flatnonzero(present >= _SIDED_MIN_MASKS):
+            share = counted[c] / present[c]
+            if share >= _SIDED_SHARE:
+                found[side].append((int(c), float(share), int(present[c])))
+    return found
+
+
 _SHOW = 5  # how many offending names a message lists
 _PCG_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645  # PCG64's own 128-bit LCG multiplier
 
@@ -541,8 +578,8 @@ class SegDataModule(pl.LightningDataModule):
             ]
             masks = [transforms.hard_mask(transforms.soft_target(m)) for m in soft]
         self._class_names = self._resolve_class_names()
-        self._warn_sided_classes()
         members = {s: [i for i, n in enumerate(names) if split[n] == s] for s in splits.SPLITS}
+        self._warn_sided_classes([masks[i] for i in members["train"]])
         train_images = [images[i] for i in members["train"]]
         if self._normalize == "dataset":
             self._mean, self._std = _channel_stats(train_images, self._window)
@@ -796,22 +833,38 @@ class SegDataModule(pl.LightningDataModule):
             return image, mask if k is None else transforms.soft_mask(mask, k, self._image_size)
         return image, transforms.resize_mask(mask, self._image_size)
 
-    def _warn_sided_classes(self) -> None:
-        """A warning when classes are named for a side of the body (left lung, right lung: one
-        mask folder each, as the Montgomery set ships them) while the training augmentation
-        flips images left-right, which moves each side to the other's place under its label."""
+    def _warn_sided_classes(self, train_masks: list[np.ndarray]) -> None:
+        """A warning when the training augmentation flips images left-right while classes
+        are told apart by their side: named for a side of the body (left lung, right lung:
+        one mask folder each, as the Montgomery set ships them), or found on opposite halves
+        of the image in nearly every training mask whatever their names (``_sided_classes``).
+        A flip moves each side to the other's place under its own label."""
+        if not _flips_left_right(self._train_augment, self._device_settings):
+            return
         sided = [name for name in self._class_names if _SIDES.search(name)]
-        if sided and _flips_left_right(self._train_augment, self._device_settings):
-            log.warning(
-                "The classes %s name a side of the body, but the training augmentation flips "
-                "images left-right (albumentations.HorizontalFlip or augmentation.device.hflip): "
-                "a flipped image shows each side where the other was, under its own label. If "
-                "the classes are told apart by their side, train without the horizontal flip "
-                "(augmentation=none, or a conf/augmentation/ file without it) and keep "
-                "horizontal out of postprocess.tta_flips; with data.mask_mode=binary the "
-                "folders are united into one class.",
-                sided,
+        if sided:
+            found = f"The classes {sided} name a side of the body"
+        else:
+            halves = _sided_classes(train_masks, len(self._class_names))
+            if not (halves["left"] and halves["right"]):
+                return
+            found = "Classes sit on one side of the image in nearly every training mask (" + (
+                "; ".join(
+                    f"{self._class_names[c]}: {side} half in {share:.0%} of {n} masks"
+                    for side in ("left", "right")
+                    for c, share, n in halves[side]
+                )
+                + ")"
             )
+        log.warning(
+            "%s, but the training augmentation flips images left-right "
+            "(albumentations.HorizontalFlip or augmentation.device.hflip): a flipped image "
+            "shows each side where the other was, under its own label. If the classes are "
+            "told apart by their side, train without the horizontal flip (augmentation=none, "
+            "or a conf/augmentation/ file without it) and keep horizontal out of "
+            "postprocess.tta_flips; with data.mask_mode=binary the classes are united into one.",
+            found,
+        )
 
     def _resolve_class_names(self) -> list[str]:
         k = self._num_classes
