@@ -204,6 +204,22 @@ def test_k_fold_tests_every_patient_once_and_never_trains_on_it():
     assert all(val[k] <= test[k - 1] for k in range(4))
 
 
+def test_k_fold_gives_every_fold_a_patient_when_one_patient_has_many_slices():
+    """Laid end to end, P4's 57 of 131 slices covered a whole fifth: fold 0 had no test
+    patient and fold 2 no validation patient (two patients were tested together). The
+    patients are then dealt out by size: one test patient a fold, each tested once."""
+    sizes = {"P0": 25, "P1": 34, "P2": 2, "P3": 13, "P4": 57}
+    stems = [f"{p}_s{i:02d}" for p, n in sizes.items() for i in range(n)]
+    tested = []
+    for k in range(5):
+        split = make_split(stems, (0.8, 0.2, 0.0), 42, r"^(P\d)_", None, 5, k)
+        patients = {n: {s[:2] for s, v in split.items() if v == n} for n in SPLITS}
+        assert len(patients["test"]) == 1 and patients["val"], (k, patients)
+        assert not (patients["test"] & (patients["train"] | patients["val"]))
+        tested += patients["test"]
+    assert sorted(tested) == sorted(sizes)
+
+
 @pytest.mark.parametrize(
     ("num_folds", "fold", "words"),
     [

@@ -47,7 +47,9 @@ def make_split(
     stem or by file name); it replaces the fractions and the pattern.
 
     Cross-validation (``num_folds`` k and ``fold`` i in 0..k-1): the shuffled groups are laid
-    end to end as above and cut into k parts of about N/k files; part i is the test split, and
+    end to end as above and cut into k parts of about N/k files (where a patient with many
+    files would leave a part without any patient, the groups are dealt out instead, largest
+    first, each to the part with the fewest files so far); part i is the test split, and
     the other parts, laid from part i + 1 round to part i - 1, are cut into train and val in
     the ratio ``fractions[0] : fractions[1]`` (``fractions[2]`` is then unused), so that val
     comes from part i - 1 (mod k): the folds validate on different patients. Over i = 0..k-1
@@ -82,6 +84,8 @@ def make_split(
         parts = _cut(
             order, sizes, np.arange(1, num_folds) * len(stems) / num_folds, range(num_folds)
         )
+        if len(set(parts.values())) < num_folds:  # a large patient swallowed a whole part
+            parts = _balance(order, sizes, num_folds)
         group_split = {name: "test" for name in order if parts[name] == fold}
         # The other parts from the one after the test part round to the one before it: val,
         # cut from the end, lies in part fold - 1, so every fold validates on other patients
@@ -95,7 +99,10 @@ def make_split(
         ]
         train_share = fractions[0] / (fractions[0] + fractions[1] or 1)
         total = sum(sizes[name] for name in rest)
-        group_split.update(_cut(rest, sizes, [train_share * total], ("train", "val")))
+        rest_split = _cut(rest, sizes, [train_share * total], ("train", "val"))
+        if fractions[1] > 0 and "val" not in rest_split.values():
+            rest_split[rest[-1]] = "val"  # a large last patient's middle fell before the cut
+        group_split.update(rest_split)
         fractions = [fractions[0], fractions[1], 1.0]
     split = {stem: group_split[groups[stem]] for stem in stems}
     _check_not_empty(split, fractions, group_pattern, len(names))
@@ -111,6 +118,19 @@ def _cut(order: list[str], sizes: dict[str, int], cuts, labels) -> dict[str, obj
         out[name] = labels[int(np.searchsorted(cuts, middle, side="right"))]
         start += sizes[name]
     return out
+
+
+def _balance(order: list[str], sizes: dict[str, int], num_folds: int) -> dict[str, int]:
+    """Each group, largest first (ties in ``order``), to the part with the fewest files so
+    far (ties to the lowest part): every part gets a group when there are at least
+    ``num_folds``. Used only where laying the groups end to end leaves a part without one, so
+    that every other data set keeps the folds it always had."""
+    load, parts = [0] * num_folds, {}
+    for name in sorted(order, key=lambda n: -sizes[n]):  # stable: ties keep the shuffle
+        part = min(range(num_folds), key=lambda k: (load[k], k))
+        parts[name] = part
+        load[part] += sizes[name]
+    return parts
 
 
 def _check_fold(num_folds, fold, num_groups: int) -> tuple[int, int]:
