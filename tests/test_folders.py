@@ -11,6 +11,7 @@ from lungseg.data.folders import (
     exif_orientation,
     find_pairs,
     read_image,
+    tiff_pages,
     to_channels,
     write_image,
 )
@@ -331,6 +332,31 @@ def test_a_tiff_orientation_tag_is_applied_too(tmp_path, dtype):
         read = read_image(tmp_path / "scan.tif")
         assert read.dtype == dtype
         np.testing.assert_array_equal(read, shown)
+
+
+def test_a_multi_page_tiff_is_refused_and_a_thumbnail_page_is_not_a_page(tmp_path):
+    """cv2 decodes the first page only: a stack of slices in one .tif would train as one
+    slice. The error names the file, its pages and how to save them; a reduced-resolution
+    page (NewSubfileType bit 0, a thumbnail) does not count."""
+    pages = [np.full((6, 5), 40 * i, np.uint8) for i in range(3)]
+    (tmp_path / "stack.tif").write_bytes(cv2.imencodemulti(".tif", pages)[1].tobytes())
+    with pytest.raises(LungsegError, match=r"stack\.tif is a TIFF of 3 pages .* stack_000\.tif"):
+        read_image(tmp_path / "stack.tif")
+    one = tiff_bytes(np.arange(12, dtype=np.uint8).reshape(3, 4), 1)
+    assert tiff_pages(np.frombuffer(one, np.uint8)) == 1
+    # the same image again as a second IFD marked reduced-resolution (254 = 1)
+    entries = struct.unpack_from("<H", one, 8)[0]
+    second = len(one)
+    thumb = struct.pack("<H", entries + 1) + struct.pack("<HHII", 254, 4, 1, 1)
+    thumb += one[10 : 10 + 12 * entries] + bytes(4)
+    chained = bytearray(one + thumb)
+    struct.pack_into("<I", chained, 10 + 12 * entries, second)  # first IFD's next offset
+    assert tiff_pages(bytes(chained)) == 1
+    thumb_ifd = bytearray(thumb)
+    struct.pack_into("<I", thumb_ifd, 2 + 8, 0)  # NewSubfileType 0: a full page after all
+    full = bytearray(one + bytes(thumb_ifd))
+    struct.pack_into("<I", full, 10 + 12 * entries, second)
+    assert tiff_pages(bytes(full)) == 2
 
 
 def test_no_or_malformed_exif_reads_as_stored(tmp_path):

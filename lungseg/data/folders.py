@@ -708,10 +708,47 @@ def read_image_oriented(path: str | Path) -> tuple[np.ndarray, int]:
             "integer or 32-bit float images. Convert the file to one of these types (e.g. "
             "shift signed CT values by +1024 and save as 16-bit unsigned)."
         )
+    pages = tiff_pages(data)
+    if pages > 1:
+        raise LungsegError(
+            f"{path} is a TIFF of {pages} pages (a stack of slices or frames); lungseg reads "
+            f"one 2-D image a file, and would see only the first page. Save each page as its "
+            f"own file, with its mask under the same name (e.g. {path.stem}_000{path.suffix}, "
+            f"{path.stem}_001{path.suffix}, ...; data.context_slices reads the slice number "
+            f"from such names)."
+        )
     if image.ndim == 3:
         image = _to_rgb(image, path)
     orientation = exif_orientation(data)
     return _apply_orientation(image, orientation), orientation
+
+
+def tiff_pages(data: np.ndarray | bytes) -> int:
+    """How many full-resolution images a TIFF holds (its IFD chain, leaving out reduced-
+    resolution ones such as thumbnails: NewSubfileType bit 0); 1 for other formats, BigTIFF
+    and a chain that leaves the file. cv2.imdecode reads the first page only."""
+    buf = memoryview(data).cast("B") if len(data) else memoryview(b"")
+    order = {b"II": "little", b"MM": "big"}.get(bytes(buf[:2]))
+    if order is None or len(buf) < 8 or int.from_bytes(buf[2:4], order) != 42:
+        return 1
+
+    def number(at: int, width: int) -> int:
+        return int.from_bytes(buf[at : at + width], order)
+
+    pages, ifd, seen = 0, number(4, 4), set()
+    while ifd and ifd not in seen and ifd + 2 <= len(buf) and len(seen) < 100_000:
+        seen.add(ifd)
+        entries = number(ifd, 2)
+        end = ifd + 2 + 12 * entries
+        if end + 4 > len(buf):
+            break
+        reduced = False
+        for at in range(ifd + 2, end, 12):
+            if number(at, 2) == 254:  # NewSubfileType, a LONG
+                reduced = bool(number(at + 8, 4) & 1)
+        pages += not reduced
+        ifd = number(end, 4)
+    return max(pages, 1)
 
 
 def exif_orientation(data: np.ndarray | bytes) -> int:
