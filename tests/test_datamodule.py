@@ -725,3 +725,31 @@ def test_pin_memory_follows_the_training_device_unless_set(tmp_path, setting, de
     dm.trainer = None  # a loop of one's own: pinned where a GPU is there to train on
     alone = torch.cuda.is_available() if setting is None else setting
     assert dm.train_dataloader().pin_memory is alone
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_an_epoch_after_a_resume_is_the_uninterrupted_runs_epoch_with_workers(tmp_path, persistent):
+    """Epoch 1 of a run that went on from epoch 0 and epoch 1 of a run resumed at epoch 1 (the
+    count a checkpoint restores) shuffle and augment alike, with worker processes that are
+    started anew each epoch and with persistent ones (data.persistent_workers), which keep
+    their torch generators from epoch to epoch unless reseeded."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=8)
+    turn = {"train": [{"_target_": "albumentations.Affine", "rotate": [-30, 30], "p": 1.0}]}
+
+    def epochs(start: int, count: int) -> list[list[tuple[list[str], torch.Tensor]]]:
+        dm = make_dm(
+            image_dir,
+            mask_dir,
+            split=[1.0, 0.0, 0.0],
+            batch_size=2,
+            num_workers=2,
+            persistent_workers=persistent,
+            augmentation=turn,
+        )
+        dm.load_state_dict({"train_epochs": start})
+        loader = dm.train_dataloader()
+        return [[(b["name"], b["image"]) for b in loader] for _ in range(count)]
+
+    went_on, resumed = epochs(0, 2)[1], epochs(1, 1)[0]
+    assert [names for names, _ in went_on] == [names for names, _ in resumed]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(went_on, resumed, strict=True))

@@ -129,6 +129,12 @@ class CachedSegDataset(Dataset):
         # from a copy of the cache there (``on_device``, SegDataModule.device_transform).
         self.indices_only = False
         self._stacked: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Persistent DataLoader workers (data.persistent_workers) outlive an epoch, and so do
+        # their torch generators: SegDataModule._reseed writes each epoch's seed here, in
+        # memory the workers share, and a worker reseeds from it and its id when it changes
+        # (``_follow_epoch``), so that a resumed run augments as the uninterrupted one.
+        self.epoch_seed: torch.Tensor | None = None
+        self._followed: int | None = None
         # One NumPy and one Python generator for the pipeline and all its transforms, reseeded
         # in place for each item (_reseed_augment). They belong to the pipeline: datasets that
         # share it (val and test share the eval pipeline) reseed the same two.
@@ -150,11 +156,23 @@ class CachedSegDataset(Dataset):
         }
         self.augment.py_random.seed(seed)
 
+    def _follow_epoch(self) -> None:
+        """In a persistent worker: torch's generator reseeded from (the epoch's seed, worker id)
+        at the first item of each epoch."""
+        worker = torch.utils.data.get_worker_info()
+        seed = int(self.epoch_seed.item())
+        if worker is not None and seed != self._followed:
+            state = np.random.SeedSequence([seed, worker.id]).generate_state(1, np.uint64)[0]
+            torch.manual_seed(int(state) >> 1)
+            self._followed = seed
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         # albumentations' Compose draws from its own generator, seeded from the OS and copied
         # unchanged into every DataLoader worker. Seeding it from torch's generator per item
         # makes augmentation follow the run's seed (and EpochLoader's reseed) and differ
         # between workers, whose torch generators PyTorch seeds one by one.
+        if self.epoch_seed is not None:
+            self._follow_epoch()
         self._reseed_augment(int(torch.randint(2**63 - 1, ()).item()))
         # Copies: an in-place transform must not alter the cache for later epochs.
         mask = self.masks[i] if self.soft is None else self.soft[i]
@@ -357,6 +375,12 @@ class EpochLoader(DataLoader):
 
     def __iter__(self):
         self.on_epoch()
+        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
+            # A new iterator draws its workers' base seed from torch's generator before the
+            # sampler shuffles; the persistent one is reused without it. The same draw here
+            # keeps the shuffle order of every epoch that of a resumed run, whose first
+            # epoch starts a new iterator.
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         return super().__iter__()
 
 
@@ -932,6 +956,8 @@ class SegDataModule(pl.LightningDataModule):
             options["shuffle"] = True
         self._train_sampler = options.get("sampler")
         dataset.indices_only = self._uses_device_cache()
+        if options["persistent_workers"]:
+            dataset.epoch_seed = torch.zeros((), dtype=torch.int64).share_memory_()
         return EpochLoader(dataset, drop_last=drop_last, on_epoch=self._reseed, **options)
 
     def _uses_device_cache(self) -> bool:
@@ -992,6 +1018,8 @@ class SegDataModule(pl.LightningDataModule):
         if isinstance(self._train_sampler, DistributedForegroundSampler):
             self._train_sampler.stream_epoch = self._train_epochs  # before workers prefetch
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        if self.train_dataset.epoch_seed is not None:  # persistent workers follow it
+            self.train_dataset.epoch_seed.fill_(seed)
         # Not pl.seed_everything: that would also reset PL_GLOBAL_SEED and PL_SEED_WORKERS.
         random.seed(seed)
         np.random.seed(seed)  # noqa: NPY002 - the legacy global generator, for any code using it
