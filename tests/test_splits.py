@@ -6,6 +6,7 @@ import pytest
 from lungseg.data.splits import (
     SPLITS,
     check_fit_split,
+    listed_splits,
     make_split,
     trains_without_validation,
     write_split,
@@ -161,6 +162,25 @@ def test_write_split_round_trips(tmp_path):
     assert lines[0] == "file,split"
     assert lines[1:] == [f"{s},{split[s]}" for s in sorted(split)]
     assert make_split(STEMS, seed=99, split_file=path) == split
+
+
+def test_names_with_spaces_at_their_ends_round_trip_and_a_spaced_csv_reads(tmp_path):
+    """A run's split.csv names files as they are, spaces at either end included; read back
+    (as data.split_file, on resume, by eval's filters) it gives the same split. A hand-written
+    file with a space after each comma reads as well."""
+    stems = [" a", "b ", "c", "d", "e"]
+    split = {" a": "train", "b ": "val", "c": "test", "d": "train", "e": "train"}
+    write_split(split, tmp_path / "split.csv")
+    assert make_split(stems, split_file=tmp_path / "split.csv") == split
+    assert listed_splits(tmp_path / "split.csv", stems) == split
+    (tmp_path / "hand.csv").write_text("file, split\nc.png, test\nd, train\ne.png,val\n")
+    assert listed_splits(tmp_path / "hand.csv", ["c", "d", "e"]) == {
+        "c": "test",
+        "d": "train",
+        "e": "val",
+    }
+    partial = make_split(["c", "d", "e"], split_file=tmp_path / "hand.csv")
+    assert partial == {"c": "test", "d": "train", "e": "val"}
 
 
 def test_split_file_errors(tmp_path):

@@ -308,13 +308,25 @@ def split_counts(path: str | Path) -> dict[str, int]:
 
 
 def _file_rows(path: str | Path) -> list[tuple[str, str]]:
-    """The (file, split) rows of the split file at ``path``, stripped, the split lower-case;
-    no checks (``_read_split_file`` checks a data.split_file)."""
+    """The (file, split) rows of the split file at ``path``, the file as written (a name may
+    start or end with a space; ``_listed`` tries it stripped too), the split stripped and
+    lower-case; no checks (``_read_split_file`` checks a data.split_file)."""
     with Path(path).open(newline="", encoding="utf-8-sig") as f:
         return [
-            ((row.get("file") or "").strip(), (row.get("split") or "").strip().lower())
-            for row in csv.DictReader(f, skipinitialspace=True)
+            (row.get("file") or "", (row.get("split") or "").strip().lower())
+            for row in _dict_rows(csv.DictReader(f))
         ]
+
+
+def _dict_rows(reader: csv.DictReader) -> list[dict[str, str]]:
+    """A CSV's rows as dicts keyed by the stripped header names; the values as written."""
+    return [{k.strip(): v or "" for k, v in row.items() if k} for row in reader]
+
+
+def _listed(file: str, known: set[str]) -> str | None:
+    """``_stem_of`` for a split-file entry as written (write_split keeps a name's leading or
+    trailing spaces), else stripped (a hand-written 'a.png, train')."""
+    return _stem_of(file, known) or _stem_of(file.strip(), known)
 
 
 def _counts(split: Mapping[str, str]) -> dict[str, int]:
@@ -348,7 +360,7 @@ def _read_split_file(path: Path, stems: list[str]) -> dict[str, str]:
         )
     # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark
     with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)
+        reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "file" not in columns or "split" not in columns:
             raise LungsegError(
@@ -356,12 +368,12 @@ def _read_split_file(path: Path, stems: list[str]) -> dict[str, str]:
                 f"row with the columns 'file' and 'split', e.g. 'file,split' then rows like "
                 f"'patient001_slice12.png,train'."
             )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+        rows = _dict_rows(reader)
     known = set(stems)
     split, unknown_files, bad_splits, conflicts = {}, [], [], []
     for row in rows:
-        stem = _stem_of(row["file"], known)
-        value = row["split"].lower()
+        stem = _listed(row["file"], known)
+        value = row["split"].strip().lower()
         if stem is None:
             unknown_files.append(row["file"])
         elif value not in SPLITS:
@@ -404,7 +416,7 @@ def listed_splits(path: str | Path, stems: Sequence[str]) -> dict[str, str]:
     """``{stem: split}`` for the ones of ``stems`` that the split file at ``path`` lists (by
     stem or file name); other rows are ignored, unlike ``make_split``'s reading."""
     known = set(stems)
-    found = ((_stem_of(file, known), split) for file, split in _file_rows(path))
+    found = ((_listed(file, known), split) for file, split in _file_rows(path))
     return {stem: split for stem, split in found if stem is not None}
 
 
