@@ -35,7 +35,10 @@ class SegmentationModule(pl.LightningModule):
     ``train_metrics_every_n_steps``-th batch (validation and test metrics on every batch), and
     on a GPU or under DDP a non-finite loss is noted on the device and looked at after every
     ``trainer.log_every_n_steps``-th step (where the logger waits for the device anyway) and
-    before each validation (on one CPU process, where looking is free, at once).
+    before each validation (on one CPU process, where looking is free, at once). The weights
+    themselves are looked at once an epoch, before the checkpoint callbacks save them: no loss
+    has seen those of the epoch's last optimiser step (and without validation none would), nor
+    the batch-norm running statistics, which a loss in training mode does not use.
     """
 
     def __init__(
@@ -80,6 +83,8 @@ class SegmentationModule(pl.LightningModule):
         self._nonfinite: torch.Tensor | None = None  # device flag, see _check_finite
         self._plateau_pending: dict[str, float] = {}  # see on_save_checkpoint
         self._saved_scheduler: dict[str, Any] = {}  # see on_load_checkpoint
+        self._new_schedule = False  # see on_load_checkpoint
+        self._fresh_groups: list[dict[str, Any]] = []  # see configure_optimizers
         self._checked_step = 0  # the optimiser step after which _check_after_step last looked
         if compile:
             # In place: the state_dict keys stay those of the plain network, so checkpoints of
@@ -174,6 +179,18 @@ class SegmentationModule(pl.LightningModule):
                 f"a loss became nan or inf (on some process) between the last check and {where}"
             )
 
+    def _raise_if_weights_nonfinite(self) -> None:
+        """The values a checkpoint saves: the weights and the batch-norm running statistics
+        (which a loss in training mode never uses, so a step can make them inf with a finite
+        loss). One pass and one host sync (under DDP one all-reduce) an epoch."""
+        saved = {k: v for k, v in self.state_dict().items() if v.is_floating_point()}
+        finite = torch.stack([v.isfinite().all() for v in saved.values()]).all()
+        if self.trainer.strategy.reduce_boolean_decision(not bool(finite), all=False):
+            first = next((f", first {k}" for k, v in saved.items() if not v.isfinite().all()), "")
+            self._raise_nonfinite(
+                f"some weights or running statistics became nan or inf by {self._where()}{first}"
+            )
+
     def _raise_nonfinite(self, what: str) -> None:
         raise LungsegError(
             f"{what}. Lower optimizer.lr, check the images for NaN/inf pixels, "
@@ -181,8 +198,8 @@ class SegmentationModule(pl.LightningModule):
         )
 
     def _kept(self) -> str:
-        """Where the last good weights are: a non-finite loss stops the run before any
-        checkpoint callback could save the broken ones."""
+        """Where the last good weights are: a non-finite loss or weight stops the run before
+        any checkpoint callback could save the broken ones."""
         saved = [
             Path(path)
             for callback in self.trainer.checkpoint_callbacks
@@ -257,6 +274,11 @@ class SegmentationModule(pl.LightningModule):
         # _apply_configured_settings).
         saved = (checkpoint.get("hyper_parameters") or {}).get("scheduler")
         self._saved_scheduler = dict(saved) if isinstance(saved, dict) else {}
+        configured = (self.hparams.scheduler or {}).get("_target_")
+        self._new_schedule = self._saved_scheduler.get("_target_") != configured
+        if self._new_schedule:
+            # Lightning would load the other schedule's state into the configured one.
+            checkpoint["lr_schedulers"] = []
 
     def on_train_start(self):
         if self.trainer.ckpt_path is None:
@@ -278,7 +300,8 @@ class SegmentationModule(pl.LightningModule):
         resume=true`` kept a cosine decay planned for the old epochs, and ``optimizer.lr``
         had no effect). The schedule keeps its position: a new ``optimizer.lr`` scales the
         current rate by new/old, and a cosine decay takes the rate it would have at this epoch
-        had it been planned with its new ``T_max`` from the start. Returns what changed."""
+        had it been planned with its new ``T_max`` from the start. A schedule of another kind
+        starts afresh (``_start_schedule_afresh``). Returns what changed."""
         changed = []
         optimizer_cfg = {k: v for k, v in (self.hparams.optimizer or {}).items() if k[0] != "_"}
         schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
@@ -289,11 +312,14 @@ class SegmentationModule(pl.LightningModule):
             groups = optimizer.param_groups
             for key, value in optimizer_cfg.items():
                 if key == "lr":
-                    changed += self._apply_lr(groups, value, schedulers)
+                    if not self._new_schedule:
+                        changed += self._apply_lr(groups, value, schedulers)
                 elif key in groups[0] and not _same(groups[0][key], value):
                     changed.append(f"optimizer.{key} {value} (the checkpoint had {groups[0][key]})")
                     for group in groups:
                         group[key] = tuple(value) if isinstance(group[key], tuple) else value
+        if self._new_schedule:
+            return [*changed, self._start_schedule_afresh()]
         lightning_keys = {"interval", "monitor", "frequency"}
         scheduler_cfg = {
             k: v
@@ -336,6 +362,34 @@ class SegmentationModule(pl.LightningModule):
                 set_cosine_length(scheduler, scheduler.T_max)
         return changed
 
+    def _start_schedule_afresh(self) -> str:
+        """The configured schedule is of another kind than the checkpoint's (or one of the two
+        is none), so its state was not restored (on_load_checkpoint): the optimiser's groups
+        take the settings a new run starts with (optimizer.lr, or the start rate of a schedule
+        that sets its own), not the rate the old schedule had moved them to, and keep the
+        optimiser's state. A cosine decay then takes the rate it plans for this epoch (as
+        when it is stretched); other schedules start from here."""
+        (optimizer,) = self.trainer.optimizers
+        before = optimizer.param_groups[0]["lr"]
+        for group, fresh in zip(optimizer.param_groups, self._fresh_groups, strict=True):
+            for key in set(group) - set(fresh) - {"params", "param_names"}:
+                del group[key]  # the old schedule's own (initial_lr, OneCycleLR's max_lr, ...)
+            group.update(fresh)
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                step = config.interval == "step"
+                config.scheduler.last_epoch = self.global_step if step else self.current_epoch
+                set_cosine_length(config.scheduler, config.scheduler.T_max)
+
+        def name(scheduler: dict[str, Any]) -> str:
+            return str(scheduler.get("_target_", "none")).rsplit(".", 1)[-1]
+
+        return (
+            f"scheduler {name(self.hparams.scheduler or {})} from the rate "
+            f"{optimizer.param_groups[0]['lr']:g} (the checkpoint had "
+            f"{name(self._saved_scheduler)} at the rate {before:g})"
+        )
+
     @staticmethod
     def _apply_lr(groups: list[dict], lr: float, schedulers: list) -> list[str]:
         """A new ``optimizer.lr`` scales every group's rate, and the base rates of the schedules
@@ -371,6 +425,7 @@ class SegmentationModule(pl.LightningModule):
         # Before the checkpoint callbacks, which run after this hook: broken weights are
         # never saved.
         self._raise_if_nonfinite(self._where())
+        self._raise_if_weights_nonfinite()
         self._log_epoch_metrics("train")
 
     def on_validation_epoch_start(self):
@@ -392,18 +447,21 @@ class SegmentationModule(pl.LightningModule):
             # so that a continued run tells a new optimizer.lr from a moved rate.
             group["lungseg_lr"] = group["lr"]
         scheduler = dict(self.hparams.scheduler or {})
-        if not scheduler:
-            return optimizer
         # Lightning-specific keys live beside the scheduler's own arguments in the config.
         monitor = scheduler.pop("monitor", "val/loss")
         interval = scheduler.pop("interval", "epoch")
+        built = instantiate(scheduler, optimizer=optimizer) if self.hparams.scheduler else None
+        # The groups' settings as a new run starts (a schedule sets its start rate), for a
+        # continued run whose schedule is of another kind (_start_schedule_afresh).
+        self._fresh_groups = [
+            {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            for group in optimizer.param_groups
+        ]
+        if built is None:
+            return optimizer
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": instantiate(scheduler, optimizer=optimizer),
-                "monitor": monitor,
-                "interval": interval,
-            },
+            "lr_scheduler": {"scheduler": built, "monitor": monitor, "interval": interval},
         }
 
 

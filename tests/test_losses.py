@@ -129,6 +129,26 @@ def test_focal_loss_matches_formula_and_reduces_to_ce(target):
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 1.0, 2.0])
+def test_focal_loss_keeps_its_formula_and_finite_gradients_where_the_network_is_sure(target, gamma):
+    """(1 - p)^gamma has an infinite slope at p = 1 for gamma < 1, and p rounds to 1 once a
+    logit leads by about 17: a finite loss used to give NaN gradients there."""
+    logits = torch.randn(2, 3, 8, 8)
+    log_p = F.log_softmax(logits, 1).gather(1, target[:, None])[:, 0]
+    expected = (-((1 - log_p.exp()) ** gamma) * log_p).mean()
+    assert FocalLoss(gamma=gamma)(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+
+    sure = perfect_logits(target, 3, scale=30.0)
+    sure[:, :, 0, 0] = torch.tensor([0.0, 30.0, 0.0])  # sure and wrong on one pixel
+    onehot = F.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    for t in (target, onehot):
+        x = sure.clone().requires_grad_(True)
+        loss = FocalLoss(gamma=gamma)(x, t)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        assert x.grad.abs().sum() > 0
+
+
 def test_tversky_with_equal_weights_is_dice_and_penalises_misses(target):
     logits = torch.randn(2, 3, 8, 8)
     tversky = TverskyLoss(alpha=0.5, beta=0.5)(logits, target)

@@ -133,6 +133,41 @@ def test_deferred_non_finite_check_of_gpu_and_ddp_runs_also_keeps_the_good_check
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
 
 
+@pytest.mark.parametrize("epoch, kind", [(0, "parameters"), (1, "buffers")])
+def test_weights_broken_by_an_epochs_last_step_are_never_saved_without_validation(
+    lean_cfg, monkeypatch, epoch, kind
+):
+    """No loss looks at the weights of an epoch's last optimiser step before last.ckpt is
+    saved, and without a val split no val loss does either (a training loss never looks at
+    the batch-norm running statistics, which optimizer.lr=1e12 made inf with finite losses):
+    what the checkpoint would save is looked at itself, and the error names the last
+    checkpoint that holds only finite values (or none)."""
+    broken = []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.current_epoch == epoch and batch_idx == self.trainer.num_training_batches - 1:
+            name, value = next(getattr(self.net, f"named_{kind}")())
+            with torch.no_grad():  # the step's loss was finite
+                value.fill_(float("nan"))
+            broken.append(f"net.{name}")
+
+    monkeypatch.setattr(SegmentationModule, "on_train_batch_end", on_train_batch_end)
+    cfg = lean_cfg("data.split=[0.8,0.0,0.2]", "trainer.max_epochs=3")
+    with pytest.raises(LungsegError) as error:
+        train(cfg)
+    message = str(error.value)
+    where = f"became nan or inf by the end of epoch {epoch} (step {2 * epoch + 2}), first"
+    assert f"{where} {broken[0]}. Lower optimizer.lr" in message
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    if epoch == 0:
+        assert "No checkpoint had been saved yet." in message and not last.exists()
+    else:
+        assert f"The last good checkpoint is kept: {last}" in message
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+        assert saved["epoch"] == epoch - 1
+        assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_deferred_check_looks_after_the_step_on_logging_steps_only(
     make_cfg, monkeypatch, tmp_path, accumulate
@@ -406,6 +441,50 @@ def test_a_continued_run_trains_with_the_configured_schedule_and_rate(lean_cfg, 
     train(lean_cfg(*plateau, "trainer.max_epochs=2"))
     train(lean_cfg(*plateau, "trainer.max_epochs=3", "resume=true"))
     assert [rates[e] for e in range(3)] == pytest.approx([lr, lr / 2, lr / 4])
+
+
+def test_a_continued_run_with_another_schedule_starts_it_from_the_configured_rate(
+    lean_cfg, monkeypatch
+):
+    """A schedule of another kind than the checkpoint's (or none) starts from optimizer.lr, not
+    from the rate the checkpoint's schedule had moved it to (with scheduler=none the whole
+    fine-tune used to train at the old cosine's eta_min); a cosine decay takes the rate it
+    plans for this epoch."""
+    rates = {}
+    record_epoch_starts(
+        monkeypatch,
+        lambda m: rates.setdefault(m.current_epoch, m.optimizers().param_groups[0]["lr"]),
+    )
+    first = lean_cfg("test_after_fit=false", "trainer.max_epochs=2")
+    train(first)
+    run = Path(first.output_dir)
+    lr, eta_min = 2e-3, 1e-5  # conf/optimizer/adamw.yaml, conf/scheduler/cosine.yaml
+
+    def go_on(name: str, start: Path, *overrides: str) -> Path:
+        rates.clear()
+        out = run.parent / name
+        train(
+            lean_cfg(
+                "test_after_fit=false",
+                f"output_dir={out}",
+                f"ckpt_path={start / 'checkpoints' / 'last.ckpt'}",
+                *overrides,
+            )
+        )
+        return out
+
+    constant = go_on("constant", run, "scheduler=none", "trainer.max_epochs=4", "optimizer.lr=1e-3")
+    assert rates == pytest.approx({2: 1e-3, 3: 1e-3}, rel=1e-12)
+    saved = torch.load(constant / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["lr_schedulers"] == []
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+
+    go_on("plateau", run, "scheduler=plateau", "trainer.max_epochs=3")
+    assert rates == pytest.approx({2: lr}, rel=1e-12)
+
+    go_on("cosine", constant, "trainer.max_epochs=6")
+    planned = [eta_min + (lr - eta_min) * (1 + math.cos(math.pi * e / 6)) / 2 for e in range(6)]
+    assert [rates[e] for e in (4, 5)] == pytest.approx(planned[4:], rel=1e-6)
 
 
 def test_a_continued_plateau_schedule_takes_the_configured_min_lr_and_mode(lean_cfg, monkeypatch):
