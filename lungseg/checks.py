@@ -47,10 +47,10 @@ def is_number(value: Any, low: float, high: float | None = None) -> bool:
 def require(ok: bool, key: str, value: Any, wanted: str, example: str) -> None:
     """LungsegError "<key> is <value>; give <wanted> (e.g. <example>)." unless ok."""
     if not ok:
-        raise LungsegError(f"{key} is {_shown(value)}; give {wanted} (e.g. {example}).")
+        raise LungsegError(f"{key} is {shown(value)}; give {wanted} (e.g. {example}).")
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A value as the command line writes it: null, true, 'abc', [32, 0]."""
     if value is None:
         return "null"
@@ -60,6 +60,12 @@ def _shown(value: Any) -> str:
 def _size(value: Any) -> bool:
     pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
     return is_whole(value, 1) or (pair and all(is_whole(v, 1) for v in value))
+
+
+def _numbers(value: Any) -> bool:
+    """Whether value is a non-empty list of numbers, each 0 or more."""
+    listed = isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
+    return listed and all(is_number(v, 0) for v in value)
 
 
 def _batches(value: Any) -> bool:
@@ -209,13 +215,53 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         "the share of an epoch to plan on top of the median epoch, from 0 to 0.99",
         "callbacks.time_plan.margin=0.1",
     ),
+    # -1 (trainer.max_epochs=-1) is no length: torch's cosine then swings between lr and
+    # eta_min every epoch.
     "scheduler.T_max": (
-        lambda v: is_whole(v, -1),
-        "the number of epochs the cosine schedule decays over, a whole number; it follows "
-        "trainer.max_epochs, so for training without an epoch limit choose scheduler=none "
-        "or scheduler=plateau",
+        lambda v: is_whole(v, 1),
+        "the number of epochs the cosine schedule decays over, a whole number 1 or more; it "
+        "follows trainer.max_epochs, so for training without an epoch limit choose "
+        "scheduler=none or scheduler=plateau",
         "trainer.max_epochs=40",
     ),
+    "loss.label_smoothing": (
+        lambda v: is_number(v, 0, 1),
+        "a label smoothing from 0 (none) to 1",
+        "loss.label_smoothing=0.1",
+    ),
+    "loss.gamma": (
+        lambda v: is_number(v, 0),
+        "the focal loss's focusing exponent, a number 0 or more (0: cross-entropy)",
+        "loss.gamma=2",
+    ),
+    **{
+        f"loss.{key}": (lambda v: is_number(v, 0), f"{wanted}, a number 0 or more", example)
+        for key, wanted, example in (
+            ("smooth", "the Dice or Tversky loss's smoothing term", "loss.smooth=1"),
+            ("alpha", "the Tversky loss's weight of false positives", "loss.alpha=0.3"),
+            ("beta", "the Tversky loss's weight of false negatives", "loss.beta=0.7"),
+            ("dice_weight", "the weight of the Dice term", "loss.dice_weight=1"),
+            ("ce_weight", "the weight of the cross-entropy term", "loss.ce_weight=1"),
+        )
+    },
+    "loss.class_weights": (
+        lambda v: v is None or (_numbers(v) and any(w > 0 for w in v)),
+        "a list of one weight per class, background first, each a number 0 or more and not "
+        "all 0, or null for equal weights",
+        "loss.class_weights=[0.5,1,2]",
+    ),
+    **{
+        f"loss.{key}": (lambda v: isinstance(v, bool), f"true or false: {wanted}", example)
+        for key, wanted, example in (
+            (
+                "include_background",
+                "whether the Dice or Tversky loss scores the background class too",
+                "loss.include_background=false",
+            ),
+            ("per_image", "Dice per image, averaged", "loss.per_image=true"),
+            ("skip_empty", "leave images without a class out of its Dice", "loss.skip_empty=true"),
+        )
+    },
 }
 
 

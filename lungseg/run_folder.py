@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities import rank_zero_only
 
+from lungseg.checks import shown
 from lungseg.errors import LungsegError
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,60 @@ def check_fits(path: str, module: torch.nn.Module, checkpoint: dict[str, Any]) -
         )
 
 
+def check_same_network(
+    path: str, checkpoint: dict[str, Any], net: dict[str, Any], continuing: bool
+) -> None:
+    """LungsegError when the run of ``path`` is continued in its folder (``continuing``) with
+    model settings other than it was trained with, whose weights keep their shapes (DeepLab's
+    output_stride or atrous_rates, a dropout): it would go on training another network than it
+    began, with a record that no longer says which. Into a new folder (fine-tuning its weights,
+    e.g. a DeepLab trained at output_stride 16 fine-tuned at 8) the settings given take effect,
+    named in a warning. ``net``: the resolved model config; a key that either side lacks (a
+    checkpoint of an older lungseg) is not compared."""
+    before = (checkpoint.get("hyper_parameters") or {}).get("net") or {}
+    differ = [
+        f"model.{key} {shown(net[key])} (the checkpoint: {shown(before[key])})"
+        for key in net
+        if key in before and net[key] != before[key]
+    ]
+    if not differ:
+        return
+    if not continuing:
+        log.warning(
+            "ckpt_path %s: its weights are fine-tuned with other model settings than it was "
+            "trained with: %s",
+            path,
+            "; ".join(differ),
+        )
+        return
+    raise LungsegError(
+        f"{path} was trained with other model settings than this run gives: "
+        f"{'; '.join(differ)}. Its weights fit, but continuing the run with these settings "
+        f"would train another network than it began. Continue with the settings it was trained "
+        f"with (see config.yaml in its run folder), or fine-tune its weights with the new ones "
+        f"in a new run folder: ckpt_path={path} with hydra.run.dir unset (each run gets its "
+        f"own folder)."
+    )
+
+
+def check_same_optimizer(path: str, checkpoint: dict[str, Any], optimizer: dict[str, Any]) -> None:
+    """LungsegError when ``path`` was trained with another optimiser class than
+    ``optimizer._target_``: a ckpt_path (also into a new folder) restores the optimiser's state
+    (Adam's moments and step counts, SGD's momentum), which another class cannot take (torch
+    stops at its first step with a KeyError). A checkpoint without the record is not checked."""
+    before = ((checkpoint.get("hyper_parameters") or {}).get("optimizer") or {}).get("_target_")
+    now = optimizer.get("_target_")
+    if before is None or before == now:
+        return
+    raise LungsegError(
+        f"{path} was trained with the optimiser {before}, but this run configures {now}: "
+        f"continuing from a checkpoint restores its optimiser's state, which {now} cannot "
+        f"take. Continue with the optimiser it was trained with ({before}, with its settings "
+        f"under optimizer in config.yaml in its run folder), or start a new run without "
+        f"ckpt_path (a checkpoint always brings its optimiser's state with it)."
+    )
+
+
 def continues_run(ckpt_path: str | None, out_dir: Path) -> bool:
     """Whether the checkpoint lies in ``out_dir``: this run continues the run of that folder."""
     return ckpt_path is not None and out_dir.resolve() in Path(ckpt_path).resolve().parents
@@ -154,7 +210,8 @@ _PATIENCE = 3  # Lightning's EarlyStoppingReason.PATIENCE_EXHAUSTED in a checkpo
 
 def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) -> None:
     """LungsegError when the checkpoint's run has nothing left to train under ``cfg``: its
-    epochs reach ``trainer.max_epochs``, or early stopping ended it and the configured patience
+    epochs reach ``trainer.max_epochs``, its optimiser steps ``trainer.max_steps``, its
+    training time ``trainer.max_time``, or early stopping ended it and the configured patience
     would end it again. (Lightning would then train nothing, or one epoch, and the run's
     metrics.json and best checkpoint would be written again.)"""
     done = int(checkpoint.get("epoch", -1)) + 1  # saved at the end of an epoch
@@ -164,6 +221,24 @@ def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) ->
             f"{path} has trained {done} epochs and trainer.max_epochs is {max_epochs}: nothing "
             f"is left to train. Give trainer.max_epochs above {done} to train it further, or "
             f"score it with `python eval.py ckpt_path={path}`."
+        )
+    steps = int(checkpoint.get("global_step", 0))
+    max_steps = cfg.trainer.get("max_steps")
+    if max_steps is not None and 0 <= max_steps <= steps:
+        raise LungsegError(
+            f"{path} has trained {steps} optimiser steps and trainer.max_steps is {max_steps}: "
+            f"nothing is left to train. Give trainer.max_steps above {steps} (or -1: no limit) "
+            f"to train it further, or score it with `python eval.py ckpt_path={path}`."
+        )
+    max_time = cfg.trainer.get("max_time")
+    timer = (checkpoint.get("callbacks") or {}).get("Timer") or {}
+    used = (timer.get("time_elapsed") or {}).get("train")  # what Lightning's Timer restores
+    if max_time is not None and used is not None and used >= _seconds(max_time):
+        raise LungsegError(
+            f"{path} has trained for {timedelta(seconds=round(used))} (h:mm:ss), all of "
+            f"trainer.max_time={max_time}: nothing is left to train. Give a longer "
+            f"trainer.max_time (or trainer.max_time=null) to train it further, or score it "
+            f"with `python eval.py ckpt_path={path}`."
         )
     check_time_plan(cfg, path, checkpoint, done)
     early = cfg.get("callbacks", {}).get("early_stopping")
@@ -203,8 +278,7 @@ def check_time_plan(cfg: DictConfig, path: str, checkpoint: dict[str, Any], done
         if not plan or done < plan["epochs"] or not planner.get("enabled", False):
             continue
         max_time = cfg.trainer.get("max_time")
-        seconds = None if max_time is None else Timer(duration=_plain(max_time))._duration
-        if seconds != plan["max_time"]:  # parsed as the trainer's Timer parses it
+        if max_time is None or _seconds(max_time) != plan["max_time"]:
             continue
         raise LungsegError(
             f"{path} has trained the {done} epochs that trainer.max_time={max_time} left time "
@@ -214,8 +288,12 @@ def check_time_plan(cfg: DictConfig, path: str, checkpoint: dict[str, Any], done
         )
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+def _seconds(max_time: Any) -> float:
+    """trainer.max_time ("DD:HH:MM:SS" or a dict of timedelta's arguments) in seconds, parsed
+    as the trainer's Timer parses it."""
+    if isinstance(max_time, DictConfig):
+        max_time = OmegaConf.to_container(max_time)
+    return Timer(duration=max_time)._duration
 
 
 def check_same_split(saved: Path, split: Mapping[str, str]) -> None:

@@ -28,6 +28,8 @@ from lungseg.run_folder import (
     check_continuable,
     check_fits,
     check_same_classes,
+    check_same_network,
+    check_same_optimizer,
     check_same_split,
     continues_run,
     keep_previous,
@@ -280,14 +282,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         train_metrics_every_n_steps=cfg.get("train_metrics_every_n_steps", 1),
         postprocess=plain(cfg.get("postprocess")),
     )
+    continuing = continues_run(ckpt_path, out_dir)
     if ckpt_path is not None:
-        saved = read_checkpoint(Path(ckpt_path))  # once for both checks
+        saved = read_checkpoint(Path(ckpt_path))  # once for all checks
         check_fits(ckpt_path, module, saved)
-        if continues_run(ckpt_path, out_dir):
+        check_same_network(ckpt_path, saved, module.hparams.net, continuing)
+        check_same_optimizer(ckpt_path, saved, module.hparams.optimizer)
+        if continuing:
             check_same_classes(ckpt_path, saved, datamodule.data_info())
         check_continuable(cfg, ckpt_path, saved)
         del saved  # Lightning reads it again to restore it
-    continuing = continues_run(ckpt_path, out_dir)
     if continuing and (out_dir / "split.csv").is_file():
         check_same_split(out_dir / "split.csv", datamodule.split)
     elif rank_zero_only.rank == 0:

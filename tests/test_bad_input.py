@@ -103,6 +103,8 @@ def counts(dm: SegDataModule) -> tuple[int, int, int]:
         ("seed=abc", "seed is 'abc'"),
         # the cosine schedule's T_max follows max_epochs; null fails at its first step
         ("trainer.max_epochs=null", "scheduler.T_max is null.*scheduler=none"),
+        # no epoch limit: T_max -1 swung the rate between lr and eta_min every epoch
+        ("trainer.max_epochs=-1", "scheduler.T_max is -1; .* 1 or more.*scheduler=none"),
         ("postprocess.min_size=-5", "postprocess.min_size is -5"),
         ("postprocess.tta_flips=[diagonal]", r"postprocess.tta_flips \['diagonal'\] holds"),
         ("postprocess.tta_flips=horizontal", "postprocess.tta_flips 'horizontal' is not a list"),
@@ -115,9 +117,41 @@ def test_wrong_settings_are_refused_before_anything_is_built(make_cfg, override,
         check_settings(make_cfg(override))
 
 
-def test_train_checks_its_settings_before_it_writes(make_cfg):
-    cfg = make_cfg("data.batch_size=0")
-    with pytest.raises(LungsegError, match="data.batch_size is 0"):
+@pytest.mark.parametrize(
+    ("loss", "override", "message"),
+    [
+        # torch's "label_smoothing must be between 0.0 and 1.0" came at the first step
+        ("ce", "loss.label_smoothing=1.5", r"loss.label_smoothing is 1.5; give a label smooth"),
+        ("ce", "loss.label_smoothing=-0.1", "loss.label_smoothing is -0.1"),
+        ("focal", "loss.gamma=-1", "loss.gamma is -1; give the focal loss's focusing exponent"),
+        ("dice", "loss.smooth=-1", "loss.smooth is -1; give the Dice or Tversky loss's smooth"),
+        ("tversky", "loss.alpha=-0.3", "loss.alpha is -0.3; give the Tversky loss's weight"),
+        ("tversky", "loss.beta=abc", "loss.beta is 'abc'"),
+        ("dice_ce", "loss.ce_weight=-1", "loss.ce_weight is -1; give the weight of the cross"),
+        ("dice_ce", "loss.class_weights=[1,abc,2]", r"loss.class_weights is \[1, 'abc', 2\]"),
+        ("ce", "loss.class_weights=[0,0,0]", "loss.class_weights is .*not all 0"),
+        ("focal", "loss.class_weights=[1,-1,1]", "loss.class_weights is .*a number 0 or more"),
+        ("ce", "loss.class_weights=2", "loss.class_weights is 2; give a list of one weight"),
+        ("dice", "loss.per_image=yes", "loss.per_image is 'yes'; give true or false"),
+    ],
+)
+def test_wrong_loss_settings_are_refused_before_anything_is_built(
+    make_cfg, loss, override, message
+):
+    with pytest.raises(LungsegError, match=message):
+        check_settings(make_cfg(f"loss={loss}", override))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.batch_size=0"], "data.batch_size is 0"),
+        (["loss=ce", "loss.label_smoothing=1.5"], "loss.label_smoothing is 1.5"),
+    ],
+)
+def test_train_checks_its_settings_before_it_writes(make_cfg, overrides, message):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(LungsegError, match=message):
         train(cfg)
     assert not Path(cfg.output_dir).exists()
 
@@ -129,10 +163,12 @@ def test_train_checks_its_settings_before_it_writes(make_cfg):
         *[[f"model={m}"] for m in ("unet", "fcn", "segnet", "deeplab")],
         *[[f"trainer={t}"] for t in ("cpu", "ddp", "gpu")],
         *[[f"optimizer={o}"] for o in ("adam", "sgd")],
+        *[[f"loss={loss}"] for loss in ("ce", "dice", "dice_ce", "focal", "tversky")],
         *[[f"experiment={e}"] for e in ("article", "lidc_nodules", "lung_ct")],
         ["experiment=lung_ct", "model=fcn"],
         ["hparams_search=optuna"],
-        ["trainer.max_epochs=-1", "+trainer.max_steps=10", "trainer.limit_val_batches=0"],
+        ["trainer.max_epochs=-1", "+trainer.max_steps=10", "trainer.limit_val_batches=0"]
+        + ["scheduler=none"],
         ["trainer.max_time=00:00:15:00", "trainer.devices=[0,1]", "trainer.precision=16"],
         ["data.image_size=[32,48]", "trainer.limit_train_batches=3", "optimizer.lr=1"],
         # Lightning's own defaults and forms it parses

@@ -153,6 +153,110 @@ def test_a_fitted_run_continues_as_it_would_have_run_on(make_cfg, half_second_ep
     assert longer["epochs_trained"] == longer["planned_epochs"] == 15
 
 
+def files_of(run: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("stop", "limit", "refused", "longer"),
+    [
+        (
+            "max_steps",
+            ["trainer.max_epochs=5", "+trainer.max_steps=3"],  # in epoch 1 of 2 batches each
+            "has trained 3 optimiser steps and trainer.max_steps is 3: nothing is left",
+            "trainer.max_steps=5",
+        ),
+        (
+            "max_time",
+            ["trainer.max_epochs=100", "trainer.max_time=00:00:00:02"],  # 4 epochs of 0.5 s
+            r"has trained for 0:00:02 \(h:mm:ss\), all of trainer.max_time=00:00:00:02",
+            "trainer.max_time=00:00:00:03",
+        ),
+    ],
+    ids=["max_steps", "max_time"],
+)
+def test_a_run_that_a_step_or_time_limit_ended_is_not_trained_again(
+    make_cfg, half_second_epochs, stop, limit, refused, longer
+):
+    """Running the command of such a run again changes nothing (it trained nothing, tested
+    again and rewrote metrics.json, keeping the first as metrics.1.json, with another
+    epochs_trained); a larger limit trains it further."""
+    first = train(make_cfg(*limit, "test_after_fit=false"))
+    run = Path(make_cfg().output_dir)
+    before = files_of(run)
+    with pytest.raises(LungsegError, match=refused):
+        train(make_cfg(*limit, "test_after_fit=false", "resume=true"))
+    assert files_of(run) == before
+    more = train(make_cfg(*limit, longer, "test_after_fit=false", "resume=true"))
+    assert more["epochs_trained"] > first["epochs_trained"]
+    assert more["stopped_by"] == first["stopped_by"] == stop
+
+
+def test_a_run_continued_with_other_model_settings_is_refused(make_cfg, tmp_path, caplog):
+    """Settings that keep the weights' shapes but change what the network computes (DeepLab's
+    output_stride and atrous_rates, a dropout) were taken by a resumed run, and its checkpoint
+    then claimed them. A continued run now stops, naming them; into a new folder they fine-tune
+    the weights, with a warning. A checkpoint without a setting (an older lungseg's) is not
+    refused for it."""
+    deeplab = ["model=deeplab", "model.width=4", "test_after_fit=false"]
+    train(make_cfg(*deeplab))
+    run = Path(make_cfg().output_dir)
+    last = run / "checkpoints" / "last.ckpt"
+    before = files_of(run)
+    other = ["model.output_stride=8", "model.dropout=0.5", "trainer.max_epochs=2"]
+    with pytest.raises(LungsegError) as error:
+        train(make_cfg(*deeplab, *other, "resume=true"))
+    message = str(error.value)
+    assert f"{last} was trained with other model settings than this run gives: " in message
+    assert "model.dropout 0.5 (the checkpoint: 0.1); model.output_stride 8 (the check" in message
+    assert f"in a new run folder: ckpt_path={last} with hydra.run.dir unset" in message
+    assert files_of(run) == before
+
+    finetuned = tmp_path / "finetuned"
+    train(make_cfg(*deeplab, *other, f"ckpt_path={last}", f"output_dir={finetuned}"))
+    assert f"ckpt_path {last}: its weights are fine-tuned with other model settings" in caplog.text
+    assert "trained with: model.dropout 0.5 (the checkpoint: 0.1); model.output_str" in caplog.text
+    saved = torch.load(finetuned / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["hyper_parameters"]["net"]["output_stride"] == 8
+
+    older = torch.load(last, weights_only=True)
+    del older["hyper_parameters"]["net"]["atrous_rates"]
+    torch.save(older, last)
+    more = train(
+        make_cfg(*deeplab, "model.atrous_rates=[1,2,3]", "trainer.max_epochs=2", "resume=true")
+    )
+    assert more["epochs_trained"] == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [("adamw", "sgd"), ("sgd", "adam")],
+)
+def test_a_checkpoint_continued_with_another_optimiser_is_refused(make_cfg, tmp_path, first, then):
+    """A ckpt_path restores the optimiser's state, which another optimiser class cannot take:
+    torch stopped at the first step with a KeyError ('momentum', 'step'), after the run folder
+    was written."""
+    train(make_cfg(f"optimizer={first}", "test_after_fit=false"))
+    last = Path(make_cfg().output_dir) / "checkpoints" / "last.ckpt"
+    names = {"adamw": "torch.optim.AdamW", "adam": "torch.optim.Adam", "sgd": "torch.optim.SGD"}
+    new = tmp_path / "new"
+    with pytest.raises(LungsegError) as error:
+        train(
+            make_cfg(
+                f"optimizer={then}",
+                f"ckpt_path={last}",
+                f"output_dir={new}",
+                "trainer.max_epochs=2",
+            )
+        )
+    message = str(error.value)
+    assert f"{last} was trained with the optimiser {names[first]}, but this run" in message
+    assert f"configures {names[then]}: continuing from a checkpoint restores" in message
+    assert f"Continue with the optimiser it was trained with ({names[first]}, with" in message
+    assert "or start a new run without ckpt_path" in message
+    assert not any(new.iterdir())
+
+
 def test_a_new_cosine_length_keeps_the_position():
     """set_cosine_length gives the rate the new length has at the current step, and torch's
     recursive steps go on along the new curve."""
