@@ -13,6 +13,8 @@ from typing import Any, get_args
 
 from lightning_fabric import connector
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lungseg import postprocess
 from lungseg.data.folders import check_data_dirs
@@ -73,11 +75,19 @@ def _batches(value: Any) -> bool:
 
 
 def _duration(value: Any) -> bool:
-    return (
-        value is None
-        or isinstance(value, Mapping)
-        or (isinstance(value, str) and bool(re.fullmatch(r"\d+:\d+:\d+:\d+", value.strip())))
-    )
+    """Whether Lightning's Timer, which the trainer builds from trainer.max_time, parses it
+    ("DD:HH:MM:SS" with two digits for hours, minutes and seconds, or timedelta's arguments)."""
+    if value is None:
+        return True
+    if isinstance(value, Mapping):
+        value = dict(value)
+    elif not isinstance(value, str):
+        return False
+    try:
+        Timer(duration=value)
+    except (ValueError, TypeError, MisconfigurationException):
+        return False
+    return True
 
 
 def _devices(value: Any) -> bool:

@@ -92,6 +92,9 @@ def counts(dm: SegDataModule) -> tuple[int, int, int]:
         ("trainer.log_every_n_steps=null", "trainer.log_every_n_steps is null"),
         ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches is 1.5"),
         ("trainer.max_time=abc", "trainer.max_time is 'abc'; give a duration \"DD:HH:MM:SS\""),
+        # Lightning's Timer wants two digits for hours, minutes and seconds
+        ("trainer.max_time=0:0:15:0", "trainer.max_time is '0:0:15:0'; give a duration"),
+        ("trainer.max_time={hour:1}", "trainer.max_time is {'hour': 1}; give a duration"),
         ("callbacks.time_plan.margin=1.5", "callbacks.time_plan.margin is 1.5; give the share"),
         ("callbacks.time_plan.enabled=yes", "callbacks.time_plan.enabled is 'yes'; give true"),
         ("test_postprocessed=1", "test_postprocessed is 1; give true or false"),
@@ -175,8 +178,9 @@ def test_train_checks_its_settings_before_it_writes(make_cfg, overrides, message
         [
             "trainer.precision=null",
             "trainer.num_sanity_val_steps=null",
-            "trainer.max_time=0:0:15:0",
+            "trainer.max_time=0:00:15:00",
         ],
+        ["trainer.max_time={hours:1,minutes:30}"],
     ],
 )
 def test_shipped_configs_pass_the_settings_check(tmp_path, overrides):
