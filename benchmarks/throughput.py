@@ -81,6 +81,7 @@ def make_cfg(args, model: str, workdir: Path):
         f"trainer.precision={args.precision}",
         f"+trainer.max_steps={args.warmup + args.steps}",
         "trainer.max_epochs=-1",
+        "scheduler=none",  # no epoch count to plan a decay over; the bare loops have none
         "trainer.limit_val_batches=0",
         "trainer.num_sanity_val_steps=0",
         "trainer.enable_progress_bar=false",
