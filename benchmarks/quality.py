@@ -27,7 +27,8 @@ the masks' resolution, eval.py split=val): what recipes are chosen on, the test 
 for reporting only. "val Dice, net px" is the validation Dice at the network's size that chose
 the checkpoint; it flatters small sizes, whose boundaries are only scored on their own coarse
 grid (lung_ct: 192 px beats 160 px at 512 px, 0.9879 against 0.9874, but not at the network's
-size, 0.9883 against 0.9886).
+size, 0.9883 against 0.9886); n/a where the checkpoint was chosen by another measure (the
+article's recipe watches val/loss).
 """
 
 import argparse
@@ -186,9 +187,11 @@ def main() -> None:
         dice, iou, hd = entry["dice"], entry["iou"]["mean"], entry["hd95"]["mean"]
         pooled = pooled_dice(out / "eval" / "per_image.csv", name)
         nonempty, fp_rate = entry["dice_nonempty"]["mean"], entry["fp_rate_empty"]
+        # the checkpoint's monitor; a recipe that chooses by val/loss (the article's) has none
+        net_dice = metrics["best_score"] if metrics.get("monitor") == "val/dice" else None
         rows.append(
             f"| {run} | {params:.2f} | {metrics['train_minutes']:.1f} "
-            f"| {_num(val_dice)} | {_num(metrics['best_score'])} | {dice['mean']:.4f} "
+            f"| {_num(val_dice)} | {_num(net_dice)} | {dice['mean']:.4f} "
             f"| {dice['median']:.4f} | {pooled:.4f} | {_num(nonempty)} | {_num(fp_rate)} "
             f"| {iou:.4f} | {hd:.2f} | {metrics['best_epoch']} |"
         )

@@ -140,13 +140,16 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path) -
     if spread:
         ok = sum(row["status"] == "ok" for row in rows)
         lines += ["", f"Mean ± std (population) over the {ok} finished runs:", ""]
-        lines += [f"- {key}: {mean:.4f} ± {std:.4f}" for key, (mean, std) in spread.items()]
+        lines += [
+            f"- {key}: {mean:.4f} ± {std:.4f}" + (f" (over {n} of them)" if n < ok else "")
+            for key, (mean, std, n) in spread.items()
+        ]
     return "\n".join(lines) + "\n"
 
 
-def mean_std(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """{metric: (mean, std)} over the finished runs, for every test metric (test_post/
-    included) and minutes."""
+def mean_std(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, int]]:
+    """{metric: (mean, std, runs)} over the finished runs that report the metric (a number,
+    not NaN), for every test metric (test_post/ included) and minutes."""
     out = {}
     ok = [row for row in rows if row["status"] == "ok"]
     keys = [k for row in ok for k in row if k.startswith(("test/", "test_post/")) or k == "minutes"]
@@ -156,7 +159,7 @@ def mean_std(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
         if values:
             mean = sum(values) / len(values)
             std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-            out[key] = (mean, std)
+            out[key] = (mean, std, len(values))
     return out
 
 

@@ -501,7 +501,7 @@ def test_a_continued_plateau_schedule_takes_the_configured_min_lr_and_mode(lean_
     train(lean_cfg(*plateau, "trainer.max_epochs=2"))
     lr = rates[0]
     # The step pending at the checkpoint (lr / 4) is floored by the new min_lr too.
-    floor = f"+scheduler.min_lr={lr / 3}"
+    floor = f"scheduler.min_lr={lr / 3}"
     train(lean_cfg(*plateau, floor, "trainer.max_epochs=4", "resume=true"))
     assert [rates[e] for e in range(4)] == pytest.approx([lr, lr / 2, lr / 3, lr / 3])
 

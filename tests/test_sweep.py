@@ -162,6 +162,8 @@ def test_record_error_shows_the_lungseg_error_inside_hydras_wrapper(tmp_path):
 def test_summary_ends_with_mean_and_std_over_finished_runs(tmp_path):
     for fold, dice in enumerate([0.7, 0.8, 0.9]):
         values = {**metrics(dice), "test/dice_nonempty": dice - 0.05, "test/fp_empty": 0.1}
+        if fold:  # post-processed in two runs; NaN: no test image without a lesion there
+            values["test_post/fp_empty"] = 0.2 if fold == 1 else float("nan")
         fake_run(tmp_path, fold, f"unet_fold{fold}", values)
     record_error(fake_run(tmp_path, 3, "fcn"), LungsegError("broken"))
     write_summary(tmp_path)
@@ -169,7 +171,8 @@ def test_summary_ends_with_mean_and_std_over_finished_runs(tmp_path):
     assert "Mean ± std (population) over the 3 finished runs:" in markdown
     assert "- test/dice: 0.8000 ± 0.0816" in markdown
     assert "- test/dice_nonempty: 0.7500 ± 0.0816" in markdown
-    assert "- test/fp_empty: 0.1000 ± 0.0000" in markdown
+    assert "- test/fp_empty: 0.1000 ± 0.0000\n" in markdown
+    assert "- test_post/fp_empty: 0.2000 ± 0.0000 (over 1 of them)" in markdown
     with open(tmp_path / "summary.csv", newline="") as file:
         header = next(csv.reader(file))
     assert header[4:9] == [
