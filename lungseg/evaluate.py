@@ -52,11 +52,13 @@ from lungseg.data.folders import (
     _list_images,
     check_orientations,
     check_output_folder,
+    check_writable,
     exif_orientation,
     find_pairs,
     layer_folders,
     layer_names,
     read_image_oriented,
+    writing,
 )
 from lungseg.data.folders import existing as taken
 from lungseg.data.masks import decode_layers
@@ -75,6 +77,7 @@ from lungseg.inference import (
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95")
 OUTPUT_FILES = ("per_image.csv", "summary.json")  # what evaluate() writes into output_dir
 DEFAULT_MASK_SUFFIXES = ("", "_mask")
+_WRITE_FIX = "Give a folder you can write to, on a disk with room, with output_dir=<folder>."
 log = logging.getLogger(__name__)
 
 
@@ -198,11 +201,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     info = model.hparams.data_info
     class_names = list(info["class_names"])
 
-    per_image.parent.mkdir(parents=True, exist_ok=True)
-    with per_image.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    with writing(per_image, _WRITE_FIX):
+        per_image.parent.mkdir(parents=True, exist_ok=True)
+        with per_image.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     summary = {
         # one path, or the list of an ensemble's
         "checkpoint": _one_or_list([str(Path(p).expanduser().absolute()) for p in paths]),
@@ -229,7 +233,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 _fmt(before["fp_rate_empty"]),
                 _fmt(entry["fp_rate_empty"]),
             )
-    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    with writing(summary_file, _WRITE_FIX):
+        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     for name, entry in summary["classes"].items():
         log.info(
             "%s: dice %.4f (median %.4f), hd95 %.2f px over %d images, %d of them "
@@ -301,8 +306,8 @@ def scores(summary: dict[str, Any], prefix: str) -> dict[str, float | None]:
 
 def _output_paths(cfg: DictConfig) -> tuple[Path, Path]:
     """The paths of ``OUTPUT_FILES`` in ``cfg.output_dir``. LungsegError, before anything is
-    read or scored, when output_dir is a file or already holds one of them (the results of an
-    earlier evaluation), unless ``cfg.overwrite``."""
+    read or scored, when output_dir is a file, cannot be written, or already holds one of them
+    (the results of an earlier evaluation), unless ``cfg.overwrite``."""
     require(
         isinstance(cfg.overwrite, bool),
         "overwrite",
@@ -321,6 +326,7 @@ def _output_paths(cfg: DictConfig) -> tuple[Path, Path]:
             f"Nothing was scored or written. Give another folder with output_dir=<folder>, or "
             f"set overwrite=true to replace {'it' if one else 'them'}."
         )
+    check_writable(out_dir, _WRITE_FIX)
     return paths
 
 

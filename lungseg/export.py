@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from lungseg import input_channels, postprocess
 from lungseg.checks import is_number, require
+from lungseg.data.folders import check_writable, writing
 from lungseg.data.folders import existing as taken
 from lungseg.errors import LungsegError
 from lungseg.inference import load_checkpoint
@@ -26,10 +27,17 @@ ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 # check runs a third size, which only works if the exported batch axis is really free.
 TRACE_BATCH = 2
 CHECK_BATCH = 3
+_WRITE_FIX = (
+    "Give output=<file> in a folder you can write to, on a disk with room (without it, the "
+    "model is written next to the checkpoint)."
+)
 
 # For people without lungseg: what lungseg.data does to an image before the network sees it.
 PREPROCESSING = [
-    "read the image as stored: (H, W) grayscale or (H, W, 3) RGB, uint8, uint16 or float32",
+    "read the image as image viewers show it: turned as its EXIF orientation tag says (JPEG, "
+    "PNG, TIFF), alpha dropped, e.g. cv2.imdecode(np.fromfile(path, np.uint8), "
+    "cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR), then BGR to RGB (IMREAD_UNCHANGED would "
+    "ignore the tag); (H, W) grayscale or (H, W, 3) RGB, uint8, uint16 or float32",
     "in_channels 1: RGB to gray as 0.299 R + 0.587 G + 0.114 B; in_channels 3: gray repeated",
     "resize to image_size [height, width]: cv2.INTER_AREA when shrinking, INTER_LINEAR else",
     "median_blur > 1: cv2.medianBlur with that kernel on each channel",
@@ -82,31 +90,45 @@ def write_model(
     ONNX (input ``images``, output ``logits``) through torch's dynamo exporter: the legacy
     TorchScript-based one, like torch.jit.trace, cannot trace SegNet's MaxUnpool2d with torch
     2.13 (pytorch/pytorch#189298). TorchScript by tracing, which records shapes as operations
-    on the input, so the batch stays free (scripting fails on SegNet too)."""
+    on the input, so the batch stays free (scripting fails on SegNet too). Converting and
+    saving fail apart: only a failed conversion is the format's fault (torch.jit.save reports
+    a file it cannot open as a RuntimeError, not an OSError)."""
     try:
         if fmt == "onnx":
-            torch.onnx.export(
+            converted = torch.onnx.export(
                 net,
                 (example,),
-                str(path),
                 input_names=["images"],
                 output_names=["logits"],
                 opset_version=opset,
                 dynamo=True,
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
-                external_data=False,  # one self-contained file (fine below ONNX's 2 GB limit)
                 verbose=False,
             )
         else:
             # check_trace would run the network twice more; export() checks it on a new batch.
-            torch.jit.save(torch.jit.trace(net, example, check_trace=False), str(path))
+            converted = torch.jit.trace(net, example, check_trace=False)
     except Exception as error:
         other = "torchscript" if fmt == "onnx" else "onnx"
         raise LungsegError(
             f"{type(net).__name__} could not be exported to {fmt} with torch {torch.__version__} "
-            f"({type(error).__name__}: {str(error).strip().splitlines()[0]}). Export it with "
-            f"format={other} instead."
+            f"({_first_line(error)}). Export it with format={other} instead."
         ) from error
+    try:
+        if fmt == "onnx":
+            # one self-contained file (fine below ONNX's 2 GB limit)
+            converted.save(str(path), external_data=False)
+        else:
+            torch.jit.save(converted, str(path))
+    except Exception as error:
+        raise LungsegError(
+            f"The exported model could not be written to {path.parent} ({_first_line(error)}). "
+            f"{_WRITE_FIX}"
+        ) from error
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
 
 
 def check_onnx_packages() -> None:
@@ -133,8 +155,9 @@ def run_exported(path: Path, fmt: str, images: torch.Tensor) -> np.ndarray:
 
 def check_outputs(path: Path, ckpt_path: Path, cfg: DictConfig) -> Path:
     """The JSON file's path beside the model file ``path``. LungsegError, before anything is
-    written, when ``path`` is the checkpoint or a folder, or when it or the JSON exists and
-    not ``cfg.overwrite`` (as predict.py treats its outputs)."""
+    written, when ``path`` is the checkpoint or a folder, when it or the JSON exists and not
+    ``cfg.overwrite`` (as predict.py treats its outputs), or when its folder cannot be
+    written."""
     if path.resolve() == ckpt_path.resolve():
         raise LungsegError(
             f"output is ckpt_path ({path}): the export would replace the checkpoint. Give "
@@ -154,6 +177,7 @@ def check_outputs(path: Path, ckpt_path: Path, cfg: DictConfig) -> Path:
             f"Nothing was written. Set overwrite=true to replace {'it' if one else 'them'}, "
             f"or give another output=<file>."
         )
+    check_writable(path.parent, _WRITE_FIX)
     return info_path
 
 
@@ -193,6 +217,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     Existing output files stop the export before anything is written, unless
     ``cfg.overwrite``; the model is written under a temporary name and takes its place only
     once checked, so a failed export leaves every file as it was. Returns the JSON's content."""
+    require(
+        isinstance(cfg.overwrite, bool),
+        "overwrite",
+        cfg.overwrite,
+        "true or false",
+        "overwrite=true",
+    )
     if cfg.format not in FORMATS:
         raise LungsegError(
             f"format={cfg.format!r}; choose format=onnx (onnxruntime and most inference "
@@ -215,11 +246,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
     channels = input_channels(info["in_channels"], info.get("context_slices", 0))
     shape = (channels, *info["image_size"])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path.parent, _WRITE_FIX):
+        path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     try:
         diff = write_checked(net, shape, partial, cfg)
-        partial.replace(path)
+        with writing(path, _WRITE_FIX):
+            partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
     log.info("%s written; max abs difference to PyTorch %.3g", path, diff)
@@ -244,7 +277,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         # eval.py and predict.py average over these flips; the exported network does not
         "tta_flips": postprocess.flips(None, None, hparams.get("postprocess")),
     }
-    info_path.unlink(missing_ok=True)  # a link in its place: replaced, not written through
-    info_path.write_text(json.dumps(record, indent=2) + "\n")
+    with writing(info_path, _WRITE_FIX):
+        info_path.unlink(missing_ok=True)  # a link in its place: replaced, not written through
+        info_path.write_text(json.dumps(record, indent=2) + "\n")
     log.info("preprocessing and classes written to %s", info_path)
     return record

@@ -25,9 +25,11 @@ from lungseg.data.folders import (
     _listing,
     _shown,
     check_output_folder,
+    check_writable,
     is_pattern,
     pattern_folders,
     write_image,
+    writing,
 )
 from lungseg.data.folders import existing as taken
 from lungseg.data.masks import default_colors, encode_mask
@@ -46,6 +48,7 @@ from lungseg.inference import (
 from lungseg.visualize import overlay
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+_WRITE_FIX = "Choose an output_dir you can write to, on a disk with room."
 log = logging.getLogger(__name__)
 
 
@@ -100,11 +103,12 @@ def _placed_outputs(
 
 def _pattern_outputs(
     pattern: Path, output_dir: Path, recursive: bool
-) -> dict[Path, tuple[Path, Path]]:
+) -> tuple[dict[Path, tuple[Path, Path]], list[Path]]:
     """output_paths for an input_dir pattern (`scans/*/images`): the images of every folder
     it matches, each written below the names the wildcards matched (`<output_dir>/p01/`, then
-    the image's sub-folders with ``recursive``). Matched folders that predict.py wrote (an
-    earlier run's output_dir that the pattern also matches) are left out."""
+    the image's sub-folders with ``recursive``); and the matched folders read. Matched
+    folders that predict.py wrote (an earlier run's output_dir that the pattern also matches)
+    are left out."""
     found, _ = pattern_folders(pattern, [], setting="input_dir")
     folders = [(prefix, f) for prefix, f, _ in found if not (f / OUTPUT_MARKER).exists()]
     if len(folders) < len(found):
@@ -129,7 +133,40 @@ def _pattern_outputs(
         for image in _list_images(folder, "input", "input_dir", recursive, [output_dir]):
             below = image.parent.relative_to(folder).parts
             placed[image] = ((*prefix.split("/"), *below), f"{prefix}/{_shown(image, folder)}")
-    return _placed_outputs(placed, output_dir)
+    return _placed_outputs(placed, output_dir), [folder for _, folder in folders]
+
+
+def _check_outside_inputs(
+    outputs: dict[Path, tuple[Path, Path]],
+    read: list[Path],
+    output_dir: Path,
+    recursive: bool,
+    input_dir: Path,
+) -> None:
+    """LungsegError when an output would land in a folder that input_dir reads images from:
+    one of the folders ``read`` or, with ``recursive``, a folder below one (unless output_dir
+    itself lies below it: the search leaves output_dir out). The outputs would mix with the
+    user's images, and a later run would read them as inputs."""
+    out = output_dir.resolve()
+    searched = [
+        root
+        for root in (folder.resolve() for folder in read)
+        if not (recursive and out != root and out.is_relative_to(root))
+    ]
+    folders = {path.parent.resolve(): path.parent for paths in outputs.values() for path in paths}
+    inside = sorted(
+        str(shown)
+        for real, shown in folders.items()
+        if any(real == root or (recursive and real.is_relative_to(root)) for root in searched)
+    )
+    if inside:
+        raise LungsegError(
+            f"output_dir {output_dir} would put masks and overlays into {len(inside)} folders "
+            f"that input_dir {input_dir} reads images from: {_listing(inside)}. They would mix "
+            f"with your images, and the next run would read them as images. Nothing was "
+            f"written. Choose an output_dir outside these folders, e.g. a new folder beside "
+            f"{output_dir}."
+        )
 
 
 def predict(cfg: DictConfig) -> list[Path]:
@@ -171,8 +208,9 @@ def predict(cfg: DictConfig) -> list[Path]:
                 pred = postprocess.classes(prob, post, info)
                 mask_path, overlay_path = outputs[path]
                 if not written:  # a later recursive=true search must not read these
-                    output_dir.mkdir(parents=True, exist_ok=True)
-                    (output_dir / OUTPUT_MARKER).touch()
+                    with writing(output_dir / OUTPUT_MARKER, _WRITE_FIX):
+                        output_dir.mkdir(parents=True, exist_ok=True)
+                        (output_dir / OUTPUT_MARKER).touch()
                 display = scale_intensity(raw, info["window"], info["intensity_offset"])
                 _write(mask_path, encode_mask(pred, info["mask_mode"], info["palette"]))
                 _write(overlay_path, overlay(display, pred, colors, cfg.overlay_alpha))
@@ -185,9 +223,10 @@ def predict(cfg: DictConfig) -> list[Path]:
 
 
 def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
-    """output_paths for the images of cfg.input_dir, after checking the settings and that no
-    output file exists (unless cfg.overwrite): these LungsegErrors come before any write (and
-    the output folder is made by the first write)."""
+    """output_paths for the images of cfg.input_dir, after checking the settings, that no
+    output lands in a folder input_dir reads, that no output file exists (unless
+    cfg.overwrite) and that output_dir can be written: these LungsegErrors come before any
+    write (and the output folder is made by the first write)."""
     for key in ("input_dir", "output_dir"):
         if cfg.get(key) is None:
             raise LungsegError(
@@ -225,11 +264,19 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
         "recursive=true",
     )
     recursive = cfg.get("recursive", False)
+    require(
+        isinstance(cfg.overwrite, bool),
+        "overwrite",
+        cfg.overwrite,
+        "true or false",
+        "overwrite=true",
+    )
     check_output_folder(output_dir)
     if is_pattern(input_dir):
-        outputs = _pattern_outputs(input_dir, output_dir, recursive)
+        outputs, read = _pattern_outputs(input_dir, output_dir, recursive)
         images = list(outputs)
     else:
+        read = [input_dir]
         images = _list_images(input_dir, "input", "input_dir", recursive, [output_dir])
         if output_dir.resolve() == input_dir.resolve():
             raise LungsegError(
@@ -245,6 +292,7 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
             f"{_listing(str(p) for p in clobbered)}. Nothing was written. Choose an "
             f"output_dir outside input_dir's tree."
         )
+    _check_outside_inputs(outputs, read, output_dir, recursive, input_dir)
     existing = taken(p for ps in outputs.values() for p in ps)
     if existing and not cfg.overwrite:
         raise LungsegError(
@@ -252,12 +300,14 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
             f"{_listing(p.relative_to(output_dir).as_posix() for p in existing)}. Nothing was "
             f"written. Set overwrite=true to replace them, or choose another output_dir."
         )
+    check_writable(output_dir, _WRITE_FIX)
     return outputs
 
 
 def _write(path: Path, pixels: np.ndarray) -> None:
-    # A link in place of an output file would redirect the write; replace the link itself.
-    if path.is_symlink():
-        path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_image(path, pixels)
+    with writing(path, _WRITE_FIX):
+        # A link in place of an output file would redirect the write; replace the link itself.
+        if path.is_symlink():
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_image(path, pixels)

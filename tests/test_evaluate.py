@@ -16,7 +16,9 @@ from conftest import ROOT, oriented
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_inference import CPU, trained_checkpoints, write_pairs
+from test_predict import read_only
 
+import lungseg.evaluate
 from lungseg import postprocess
 from lungseg.data.folders import read_image
 from lungseg.data.masks import decode_mask
@@ -381,6 +383,37 @@ def test_eval_keeps_the_results_of_an_earlier_evaluation_unless_told_to_overwrit
     with pytest.raises(LungsegError, match="overwrite is 'yes'; give true or false"):
         evaluate(eval_cfg(tmp_path, ckpt, "overwrite=yes"))
     assert read_outputs(out)[1] == json.loads(json.dumps(summary))
+
+
+@pytest.mark.parametrize("how", ["mode", "access"])
+def test_eval_names_an_output_folder_it_cannot_write_before_scoring(
+    tmp_path, checkpoints, monkeypatch, how
+):
+    """Was: a PermissionError traceback, after every image had been scored."""
+    shared = tmp_path / "shared"
+    cfg = eval_cfg(shared, checkpoints["palette"])
+    read_only(shared, how, monkeypatch)
+    monkeypatch.setattr(lungseg.evaluate, "_score", lambda *args: pytest.fail("scored"))
+    with pytest.raises(LungsegError) as error:
+        evaluate(cfg)
+    assert str(error.value) == (
+        f"Cannot write to {shared / 'eval'}: {shared} is not writable for this user (no "
+        f"permission, or a read-only disk). Nothing was written. Give a folder you can write "
+        f"to, on a disk with room, with output_dir=<folder>."
+    )
+
+
+def test_eval_names_the_file_it_could_not_write(tmp_path, checkpoints):
+    """An OSError on writing the results (here a folder where per_image.csv goes; also a
+    permission the check before scoring cannot see, a full disk) names the file."""
+    (tmp_path / "eval" / "per_image.csv").mkdir(parents=True)
+    with pytest.raises(LungsegError) as error:
+        evaluate(eval_cfg(tmp_path, checkpoints["palette"], "overwrite=true"))
+    assert str(error.value) == (
+        f"Could not write {tmp_path / 'eval' / 'per_image.csv'}: Is a directory. Give a folder "
+        f"you can write to, on a disk with room, with output_dir=<folder>."
+    )
+    assert not (tmp_path / "eval" / "summary.json").exists()
 
 
 def test_eval_errors(tmp_path, checkpoints):

@@ -8,8 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, oriented
 from hydra import compose, initialize_config_dir
+from test_predict import read_only
 
 import lungseg.export
 from lungseg.data import transforms
@@ -23,7 +24,9 @@ from lungseg.train import train
 def readme_prepare(path: str, info: dict) -> np.ndarray:
     """The README's preprocessing for the ONNX model, from the exported JSON's data_info alone
     (numpy and OpenCV, no lungseg): an image file → (C, H, W) float32."""
-    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # keeps 16 bits
+    # keeps 16 bits, drops alpha, turns the image by its EXIF orientation (IMREAD_UNCHANGED
+    # would not); imdecode: cv2.imread cannot read a TIFF with an orientation tag
+    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if image.ndim == 3:  # OpenCV reads colour as BGR(A)
         to = cv2.COLOR_BGR2GRAY if info["in_channels"] == 1 else cv2.COLOR_BGR2RGB
         image = cv2.cvtColor(image[..., :3], to)
@@ -48,23 +51,36 @@ def readme_prepare(path: str, info: dict) -> np.ndarray:
     return x.astype(np.float32).transpose(2, 0, 1)
 
 
+CT_WINDOW = {"window": [-1000.0, 400.0], "intensity_offset": 32768.0}
+RGB = {"in_channels": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.3]}
+
+
 @pytest.mark.parametrize(
-    ("image", "settings"),
+    ("image", "orientation", "settings"),
     [
-        ("ct16", {"window": [-1000.0, 400.0], "intensity_offset": 32768.0, "median_blur": 3}),
-        ("ct16", {"normalize": "image", "image_size": [48, 40]}),  # enlarged: INTER_LINEAR
-        ("rgb8", {"in_channels": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.3]}),
-        ("rgb8", {"median_blur": 5, "normalize": "none"}),
+        ("ct16.png", None, {**CT_WINDOW, "median_blur": 3}),
+        ("ct16.png", None, {"normalize": "image", "image_size": [48, 40]}),  # enlarged: LINEAR
+        ("rgb8.png", None, RGB),
+        ("rgb8.png", None, {"median_blur": 5, "normalize": "none"}),
+        # an EXIF orientation, as cameras and phones write it: lungseg turns the image (was:
+        # the JSON's recipe and the README read it as stored)
+        ("ct16.png", 6, CT_WINDOW),
+        ("rgb8.jpg", 8, RGB),
+        ("rgb8.png", 3, {"median_blur": 3}),
     ],
 )
-def test_readme_preprocessing_matches_lungseg(tmp_path, image, settings):
+def test_readme_preprocessing_matches_lungseg(tmp_path, image, orientation, settings):
     rng = np.random.default_rng(0)
     pixels = {
         "ct16": rng.integers(31000, 34000, (37, 29), dtype=np.uint16),
         "rgb8": rng.integers(0, 256, (37, 29, 3), dtype=np.uint8),
-    }[image]
-    path = tmp_path / f"{image}.png"
-    cv2.imwrite(str(path), pixels[..., ::-1] if pixels.ndim == 3 else pixels)  # OpenCV: BGR
+    }[Path(image).stem]
+    path = tmp_path / image
+    bgr = pixels[..., ::-1] if pixels.ndim == 3 else pixels  # OpenCV writes BGR
+    if orientation is None:
+        cv2.imwrite(str(path), bgr)
+    else:
+        path.write_bytes(oriented(path.suffix, bgr, orientation))
     info = {
         "in_channels": 1,
         "image_size": [16, 24],
@@ -108,6 +124,8 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch(checkpoint, demo_dir, mode
     assert saved == json.loads(json.dumps(record))
     assert saved["postprocess"] == {"min_size": 0.0, "threshold": None, "min_confidence": 0.0}
     assert saved["tta_flips"] == []  # the training default: none
+    # lungseg turns JPEG and PNG images by their EXIF orientation: so must a reader of the JSON
+    assert "turned as its EXIF orientation tag says" in saved["preprocessing"][0]
     info = saved["data_info"]
     assert info["class_names"] == ["background", "lung", "tumour"] and info["median_blur"] == 3
     assert saved["input"]["shape"] == ["batch", 1, 32, 32]
@@ -178,6 +196,44 @@ def test_existing_files_are_never_replaced_or_removed_by_default(checkpoint, mon
         export(export_cfg(*run, f"output={mine}"))
 
 
+@pytest.mark.parametrize("how", ["mode", "access"])
+def test_a_folder_that_cannot_be_written_is_named_not_blamed_on_the_format(
+    checkpoint, tmp_path, monkeypatch, how
+):
+    """Was: "UNet could not be exported to torchscript ... Export it with format=onnx instead"
+    for a folder the user may not write to (a shared models folder, where the model goes
+    next to the checkpoint by default)."""
+    shared = read_only(tmp_path / "shared", how, monkeypatch)
+    ckpt = checkpoint("unet")
+    cfg = export_cfg("format=torchscript", f"ckpt_path={ckpt}", f"output={shared / 'unet.pt'}")
+    fix = (
+        "Give output=<file> in a folder you can write to, on a disk with room (without it, the "
+        "model is written next to the checkpoint)."
+    )
+    with pytest.raises(LungsegError) as error:
+        export(cfg)
+    assert str(error.value) == (
+        f"Cannot write to {shared}: it is not writable for this user (no permission, or a "
+        f"read-only disk). Nothing was written. {fix}"
+    )
+    if how == "mode":
+        return
+    # a write that fails all the same (the check cannot see every cause), as torch reports it
+    monkeypatch.undo()
+    denied = "[enforce fail at inline_container.cc:747] . open file failed with strerror: Perm"
+
+    def save(*args):
+        raise RuntimeError(denied)
+
+    monkeypatch.setattr(torch.jit, "save", save)
+    with pytest.raises(LungsegError) as error:
+        export(cfg)
+    assert str(error.value) == (
+        f"The exported model could not be written to {shared} (RuntimeError: {denied}). {fix}"
+    )
+    assert list(shared.iterdir()) == []
+
+
 def test_segnet_to_torchscript_is_a_clear_error(tmp_path):
     # torch 2.13 can neither trace MaxUnpool2d (pytorch/pytorch#189298) nor script it.
     net = SegNet(in_channels=1, num_classes=3, width=4).eval()
@@ -203,6 +259,8 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch):
         (["tolerance=abc"], "tolerance is 'abc'; give the largest accepted difference"),
         ([], "ckpt_path is not set"),
         (["ckpt_path=[a.ckpt,b.ckpt]"], "export writes one network, so give one checkpoint"),
+        # was: 'no', a string, is true, and replaced the model file
+        (["overwrite=no"], r"overwrite is 'no'; give true or false \(e.g. overwrite=true\)"),
     ],
 )
 def test_bad_settings_are_clear_errors(overrides, message):

@@ -1,6 +1,7 @@
 """Folder prediction: original sizes, the training encoding, overwrite protection, safe names,
 TTA, and the two command lines."""
 
+import errno
 import logging
 import os
 import subprocess
@@ -14,6 +15,7 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from test_inference import CPU, save_variant, trained_checkpoints
 
+import lungseg.predict
 from lungseg.data.folders import read_image
 from lungseg.data.masks import decode_mask
 from lungseg.errors import LungsegError
@@ -59,6 +61,25 @@ def predict_cfg(ckpt, input_dir, output_dir, *overrides):
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def read_only(folder: Path, how: str, monkeypatch) -> Path:
+    """Make ``folder``, one this user cannot write to: by its mode 555 (skipped as root, who
+    writes anyway, as in CI), or as os.access reports it (as for a read-only disk; runs as
+    root too)."""
+    folder.mkdir()
+    if how == "mode":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to a folder of mode 555")
+        folder.chmod(0o555)
+    else:
+        access = os.access
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda path, mode, **kw: Path(path) != folder and access(path, mode, **kw),
+        )
+    return folder
 
 
 @pytest.mark.parametrize("name", ["palette", "binary", "index"])
@@ -181,6 +202,8 @@ def test_clashing_names_and_missing_settings(tmp_path, checkpoints, inputs):
         ("batch_size=0", r"batch_size is 0; give a whole number of images per batch"),
         ("overlay_alpha=2", r"overlay_alpha is 2; give the opacity"),
         ("tta_flips=[diagonal]", r"tta_flips \['diagonal'\] holds"),
+        # was: 'no', a string, is true, and replaced the files in output_dir
+        ("overwrite=no", r"overwrite is 'no'; give true or false \(e.g. overwrite=true\)"),
     ],
 )
 def test_bad_settings_stop_before_the_output_folder_is_made(
@@ -192,6 +215,84 @@ def test_bad_settings_stop_before_the_output_folder_is_made(
     with pytest.raises(LungsegError, match=message):
         predict(predict_cfg(checkpoints["palette"], inputs, out, "tta=true", override))
     assert not out.exists()
+
+
+def test_outputs_never_land_in_a_folder_that_input_dir_reads(tmp_path, checkpoints):
+    """Was: input_dir='scans/*' output_dir=scans wrote each folder's masks and overlays among
+    its JPEG images (only outputs that would replace PNG inputs were refused), and the next
+    run read them as images. The same for a folder read with recursive=true below output_dir."""
+    scans, work = tmp_path / "scans", tmp_path / "work"
+    for path in (
+        scans / "p01/a.jpg",
+        scans / "p02/b.jpg",
+        scans / "p02/ct/c.jpg",
+        work / "ct/ct/d.jpg",
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), np.full((40, 40), 128, np.uint8))
+    before = sorted(tmp_path.rglob("*"))
+    ckpt = checkpoints["palette"]
+    cases = [
+        (scans / "*", scans, "false", [scans / "p01", scans / "p02"]),
+        (scans / "*", scans, "true", [scans / "p01", scans / "p02", scans / "p02/ct"]),
+        (work / "ct", work, "true", [work / "ct"]),  # ct/ct/d.jpg → work/ct/d.png
+    ]
+    for input_dir, output_dir, recursive, folders in cases:
+        listed = ", ".join(f"'{f}'" for f in folders)
+        with pytest.raises(LungsegError) as error:
+            predict(predict_cfg(ckpt, input_dir, output_dir, f"recursive={recursive}"))
+        assert str(error.value) == (
+            f"output_dir {output_dir} would put masks and overlays into {len(folders)} folders "
+            f"that input_dir {input_dir} reads images from: {listed}. They would mix with your "
+            f"images, and the next run would read them as images. Nothing was written. Choose "
+            f"an output_dir outside these folders, e.g. a new folder beside {output_dir}."
+        )
+        assert sorted(tmp_path.rglob("*")) == before
+    # a new folder beside the input folders, or inside one read with recursive=true, is fine
+    for input_dir, output_dir, stems in (
+        (scans / "*", scans / "masks", ["p01/a", "p02/b", "p02/ct/c"]),
+        (work / "ct", work / "ct" / "masks", ["ct/d"]),
+    ):
+        written = predict(predict_cfg(ckpt, input_dir, output_dir, "recursive=true"))
+        assert sorted(p.relative_to(output_dir).as_posix() for p in written) == sorted(
+            f"{stem}{end}" for stem in stems for end in (".png", "_overlay.png")
+        )
+
+
+@pytest.mark.parametrize("how", ["mode", "access"])
+def test_an_output_folder_that_cannot_be_written_is_named_before_any_work(
+    tmp_path, checkpoints, inputs, monkeypatch, how
+):
+    """Was: a PermissionError traceback, once the model was loaded and a batch predicted."""
+    out = tmp_path / "shared" / "masks"
+    cfg = predict_cfg(checkpoints["palette"], inputs, out)
+    read_only(tmp_path / "shared", how, monkeypatch)
+    monkeypatch.setattr(lungseg.predict, "load_from_config", lambda cfg: pytest.fail("loaded"))
+    with pytest.raises(LungsegError) as error:
+        predict(cfg)
+    assert str(error.value) == (
+        f"Cannot write to {out}: {tmp_path / 'shared'} is not writable for this user (no "
+        f"permission, or a read-only disk). Nothing was written. Choose an output_dir you can "
+        f"write to, on a disk with room."
+    )
+    assert not out.exists()
+
+
+def test_a_failed_write_names_the_file(tmp_path, checkpoints, inputs, monkeypatch):
+    """An OSError on writing (a permission the check above cannot see, a full disk) is a
+    LungsegError that names the file, not a traceback."""
+
+    def denied(path, pixels):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(lungseg.predict, "write_image", denied)
+    out = tmp_path / "out"
+    with pytest.raises(LungsegError) as error:
+        predict(predict_cfg(checkpoints["palette"], inputs, out))
+    assert str(error.value) == (
+        f"Could not write {out / 'colour.png'}: Permission denied. Choose an output_dir you "
+        f"can write to, on a disk with room."
+    )
 
 
 def test_unreadable_first_image_leaves_no_output_folder(tmp_path, checkpoints, inputs):

@@ -15,7 +15,8 @@ import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,6 +342,32 @@ def existing(paths: Iterable[Path]) -> list[Path]:
     """The ``paths`` taken by a file, folder or link (a dangling link exists as a name, and
     writing through it would write outside the folder): outputs that must not be replaced."""
     return [p for p in paths if p.exists() or p.is_symlink()]
+
+
+def check_writable(path: Path, fix: str) -> None:
+    """LungsegError, before any work, when this user cannot write to ``path`` (a folder), or,
+    where it does not exist yet, to the nearest folder above it (where it would be made).
+    ``fix`` ends the message: which setting to change. Root passes, as it may write anyway;
+    a file in the way is left to the write (``writing``)."""
+    path = path.expanduser().absolute()
+    folder = next(p for p in (path, *path.parents) if p.exists())
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise LungsegError(
+            f"Cannot write to {path}: {'it' if folder == path else folder} is not writable for "
+            f"this user (no permission, or a read-only disk). Nothing was written. {fix}"
+        )
+
+
+@contextmanager
+def writing(path: Path, fix: str) -> Iterator[None]:
+    """Turns an OSError raised inside (no permission, a full or read-only disk) into a
+    LungsegError that names the file (``path`` unless the error names another) and ``fix``."""
+    try:
+        yield
+    except OSError as error:
+        raise LungsegError(
+            f"Could not write {error.filename or path}: {error.strerror or error}. {fix}"
+        ) from error
 
 
 def check_output_folder(folder: Path) -> None:
