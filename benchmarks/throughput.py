@@ -353,6 +353,12 @@ def main() -> None:
                 flush=True,
             )
     print(f"# best matrix product of the run: {peak:.1f} GFLOP/s")
+    if torch.device(args.device).type != "cuda":
+        print(
+            "# peak MB on the CPU: the process's peak resident memory so far (it cannot be "
+            "reset between rows), so a row never shows less than the rows before it; "
+            "--models <name> alone gives one network's"
+        )
 
 
 if __name__ == "__main__":
