@@ -79,6 +79,14 @@ class EMA(WeightAveraging):
         self.enabled, self.half_life_epochs = bool(enabled), float(half_life_epochs)
         self.decay: float | None = None
 
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._average_model is not None:
+            # In float32 whatever the weights' dtype: with half-precision weights
+            # (trainer.precision=bf16-true) a step's share of the average falls below their
+            # resolution once the decay is near 1, and the average would stop moving.
+            self._average_model.module.float()
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         steps = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
         self.decay = 0.5 ** (1 / (self.half_life_epochs * steps))
@@ -122,7 +130,7 @@ class EMA(WeightAveraging):
         # first step's nearly random weights kept a quarter of them after two half-lives).
         # On the device, no sync: num_averaged is a tensor there.
         weight = torch.clamp(1.0 / (num_averaged + 1), min=1 - self.decay)
-        return averaged + (current - averaged) * weight.to(averaged.dtype)
+        return averaged + (current.to(averaged.dtype) - averaged) * weight.to(averaged.dtype)
 
 
 class FitScheduleToTime(Callback):

@@ -99,6 +99,10 @@ class SegmentationModule(pl.LightningModule):
             self.example_input_array = torch.zeros(1, int(net["in_channels"]), height, width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != self.dtype and images.is_floating_point():
+            # Weights in another dtype (trainer.precision=bf16-true) and images that no
+            # precision plugin converted: the model summary's example, the prediction grid's.
+            images = images.to(self.dtype)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)

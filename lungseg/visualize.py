@@ -1,9 +1,10 @@
 """Pictures of segmentations: colour overlays, a grid of fixed validation images that is
-logged to TensorBoard after every validation epoch, and a run's training curves."""
+logged to TensorBoard in every validation epoch, and a run's training curves."""
 
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -68,15 +69,28 @@ def prediction_grid(
 
 class PredictionGrid(pl.Callback):
     """Logs ``val/predictions``: the first ``num_images`` validation images (always the same
-    ones, so epochs can be compared) with ground truth and prediction overlaid in colour."""
+    ones, so epochs can be compared) with ground truth and prediction overlaid in colour.
+
+    Drawn after the first validation batch, while the weights are those validation scores
+    whatever the callbacks' order: weight averaging (``callbacks.ema``) puts the trained
+    weights back in its own ``on_validation_epoch_end``, which ran before this callback's."""
 
     def __init__(self, num_images: int = 4, alpha: float = 0.5):
         self.num_images = num_images
         self.alpha = alpha
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if trainer.sanity_checking or not loggers or not trainer.is_global_zero:
+        first = batch_idx == 0 and dataloader_idx == 0
+        if not first or trainer.sanity_checking or not loggers or not trainer.is_global_zero:
             return
         dataset = trainer.datamodule.val_dataset
         samples = [dataset[i] for i in range(min(self.num_images, len(dataset)))]

@@ -91,3 +91,57 @@ def test_a_continued_run_averages_as_an_uninterrupted_one(make_cfg, tmp_path):
         for name, value in a[key].items():
             assert torch.allclose(value.float(), b[key][name].float(), atol=1e-6), (key, name)
     assert math.isfinite(resumed["test/dice"])
+
+
+def test_the_prediction_grid_shows_the_weights_validation_scores(make_cfg, monkeypatch):
+    """val/predictions is drawn from the weights validation scores: with weight averaging the
+    average, which EMA swaps back out in its own on_validation_epoch_end (before the grid's,
+    in the callbacks' order), so the grid is drawn during the epoch."""
+    import lungseg.visualize
+    from lungseg.module import SegmentationModule
+
+    scored, drawn = [], []
+    step, grid = SegmentationModule.validation_step, lungseg.visualize.prediction_grid
+
+    def validation_step(self, batch, batch_idx):
+        module[:] = [self]
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            scored.append({k: v.clone() for k, v in self.state_dict().items()})
+        return step(self, batch, batch_idx)
+
+    def prediction_grid(*args, **kwargs):
+        drawn.append({k: v.clone() for k, v in module[0].state_dict().items()})
+        return grid(*args, **kwargs)
+
+    module = []
+    monkeypatch.setattr(SegmentationModule, "validation_step", validation_step)
+    monkeypatch.setattr(lungseg.visualize, "prediction_grid", prediction_grid)
+    train(make_cfg(EMA_ON, "trainer.max_epochs=2"))  # TensorBoard and the grid on
+    assert len(drawn) == len(scored) == 2
+    for at_grid, at_validation in zip(drawn, scored, strict=True):
+        assert all(torch.equal(at_grid[k], at_validation[k]) for k in at_grid)
+
+
+def test_bf16_weights_are_averaged_in_float32(make_cfg):
+    """trainer.precision=bf16-true keeps the weights in bfloat16, whose resolution a step's
+    share of the average falls below once the decay nears 1 (the average stopped moving):
+    the average is kept in float32. The run, with the model summary and the prediction grid
+    feeding float32 images to bf16 weights, goes through."""
+    cfg = make_cfg(EMA_ON, "trainer.max_epochs=2", "trainer.precision=bf16-true")
+    metrics = train(cfg)
+    assert math.isfinite(metrics["test/dice"])
+    saved = torch.load(Path(cfg.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    trained = saved["current_model_state"]
+    assert {v.dtype for k, v in trained.items() if k.endswith(".weight")} == {torch.bfloat16}
+    assert {v.dtype for k, v in saved["state_dict"].items() if k.endswith(".weight")} == {
+        torch.float32
+    }
+    ema = EMA(enabled=True, half_life_epochs=1)
+    ema.on_train_start(
+        type("T", (), {"num_training_batches": 200, "accumulate_grad_batches": 1})(), None
+    )
+    averaged, target = torch.zeros(1000), torch.full((1000,), 0.02, dtype=torch.bfloat16)
+    for n in range(1000, 1200):  # one half-life after the warm-up: halfway to the weights
+        averaged = ema._average(averaged, target, torch.tensor(n))
+    assert averaged.dtype == torch.float32
+    assert averaged.mean().item() == pytest.approx(0.01, rel=0.01)
