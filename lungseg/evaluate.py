@@ -352,6 +352,7 @@ def _score(
     mask_mode = cfg.data.mask_mode or info["mask_mode"]
     palette = _palette(cfg.data.palette) or info["palette"]
     flips = postprocess.flips(cfg.tta, cfg.tta_flips, model.hparams.get("postprocess"))
+    postprocess.warn_sided_flips(flips, class_names)
     label = " + ".join(config_checkpoints(cfg))
     log.info("scoring %s on %d images: %s", label, len(pairs), source)
     if flips:

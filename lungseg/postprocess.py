@@ -22,7 +22,9 @@ predict.py average the softmax over these flipped copies unless their ``tta`` sa
 (``flips``).
 """
 
-from collections.abc import Callable
+import logging
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
@@ -30,6 +32,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from lungseg.errors import LungsegError
+
+log = logging.getLogger(__name__)
+SIDES = re.compile(r"left|right", re.IGNORECASE)  # class names of one side of the body
 
 
 def min_pixels(min_size: float, network_size: tuple[int, int], image_size: tuple[int, int]) -> int:
@@ -152,6 +157,20 @@ def flips(tta: Any, tta_flips: Any, checkpoint_value: Any) -> list[str]:
             "test-time flips) or null (the checkpoint's postprocess.tta_flips)."
         )
     return check_flips(tta_flips) if tta else []
+
+
+def warn_sided_flips(flips: Sequence[str], class_names: Sequence[str]) -> None:
+    """A warning when test-time flips include the horizontal one while classes are named for
+    a side of the body: the flipped copy predicts each side under the other's label, and the
+    average mixes the two."""
+    sided = [name for name in class_names if SIDES.search(name)]
+    if "horizontal" in flips and sided:
+        log.warning(
+            "The test-time flips include horizontal, but the classes %s name a side of the "
+            "body: the flipped copy predicts each side under the other's label, and the "
+            "average mixes them. Give tta=false, or tta=true tta_flips=[vertical].",
+            sided,
+        )
 
 
 def active(chosen: dict[str, Any]) -> bool:

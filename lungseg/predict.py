@@ -181,6 +181,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     flips = postprocess.flips(cfg.tta, cfg.tta_flips, model.hparams.get("postprocess"))
     if flips:
         log.info("test-time flips: %s (tta=false for none)", ", ".join(flips))
+    postprocess.warn_sided_flips(flips, model.hparams.data_info["class_names"])
     post = postprocess.settings(cfg.get("postprocess"), model.hparams.get("postprocess"))
     table = neighbour_table(list(outputs), info)  # 2.5-D models: each image's neighbours
     output_dir = Path(cfg.output_dir).expanduser()  # created by the first write

@@ -268,7 +268,7 @@ def test_classes_on_opposite_sides_are_warned_about_whatever_their_names(tmp_pat
             assert "spot" not in caplog.text and "augmentation=none" in caplog.text
 
 
-def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg):
+def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg, caplog):
     images, left, right = two_lungs(tmp_path / "data", n=12)
     overrides = [
         f"data.image_dir={images}",
@@ -287,6 +287,14 @@ def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg):
     rows, summary = read_outputs(tmp_path / "eval")
     assert [row["image"] for row in rows] == test
     assert set(summary["classes"]) == {"left", "right"}
+    # a horizontal test-time flip would average each lung with the other's label
+    sided = "The test-time flips include horizontal, but the classes ['left', 'right']"
+    assert sided not in caplog.text
+    for flip, warned in (("horizontal", True), ("vertical", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lungseg.postprocess"):
+            evaluate(eval_cfg(tmp_path / flip, ckpt, "tta=true", f"tta_flips=[{flip}]"))
+        assert (sided in caplog.text) == warned
     # other data in the same layout; where the two overlap the later folder's class wins
     evaluate(
         eval_cfg(

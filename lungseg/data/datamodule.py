@@ -11,7 +11,6 @@ import csv
 import logging
 import math
 import random
-import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +24,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
+from lungseg import postprocess
 from lungseg.data import context, device_augment, splits, transforms
 from lungseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
 from lungseg.data.folders import (
@@ -41,7 +41,6 @@ from lungseg.data.masks import MASK_MODES, check_layered_mode, decode_layers, de
 from lungseg.errors import LungsegError
 
 log = logging.getLogger(__name__)
-_SIDES = re.compile(r"left|right", re.IGNORECASE)  # class names of one side of the body
 
 
 def _flips_left_right(compose: Any, device_settings: Mapping[str, Any] | None) -> bool:
@@ -865,7 +864,7 @@ class SegDataModule(pl.LightningDataModule):
         A flip moves each side to the other's place under its own label."""
         if not _flips_left_right(self._train_augment, self._device_settings):
             return
-        sided = [name for name in self._class_names if _SIDES.search(name)]
+        sided = [name for name in self._class_names if postprocess.SIDES.search(name)]
         if sided:
             found = f"The classes {sided} name a side of the body"
         else:
