@@ -34,7 +34,13 @@ def ddp_ranks_in_this_job() -> Iterator[None]:
     """
     hydra_cfg = HydraConfig.get()
     argv, environ = sys.argv, dict(os.environ)
-    sys.argv = [argv[0], *hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    sys.argv = [
+        argv[0],
+        *_config_flags(argv[1:]),
+        *hydra_cfg.overrides.hydra,
+        *hydra_cfg.overrides.task,
+        "hydra.mode=RUN",
+    ]
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     os.environ[SWEEP_RANK] = "1"
@@ -47,6 +53,22 @@ def ddp_ranks_in_this_job() -> Iterator[None]:
         for key in set(os.environ) - set(environ):
             del os.environ[key]
         os.environ.update(environ)
+
+
+_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+
+
+def _config_flags(args: list[str]) -> list[str]:
+    """Hydra's flags that say where the config comes from (--config-dir/-cd, --config-name/-cn,
+    --config-path/-cp, as "flag value" or "flag=value"), which the other ranks need as much
+    as the overrides; -m and the sweep's own overrides are left out."""
+    kept, args = [], iter(args)
+    for arg in args:
+        if arg in _CONFIG_FLAGS:
+            kept += [arg, next(args, "")]
+        elif arg.split("=", 1)[0] in _CONFIG_FLAGS:
+            kept.append(arg)
+    return kept
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -118,11 +118,18 @@ def test_optuna_search_without_a_val_split_stops_each_trial_before_it_trains(tmp
 @pytest.fixture(scope="module")
 def ddp_sweep(tmp_path_factory) -> Path:
     """The sweep folder of a 2-job multirun, each job trained by 2 DDP processes on the CPU.
-    Job 0's learning rate makes the loss NaN on both ranks (a LungsegError); job 1 trains."""
+    Job 0's learning rate makes the loss NaN on both ranks (a LungsegError); job 1 trains.
+    The loss comes from an experiment in a config folder of the user's (--config-dir), which
+    rank 1 must be given too."""
     cwd = tmp_path_factory.mktemp("ddp")
     overrides = with_overrides(TINY, DDP_DATA)
+    (cwd / "mine" / "experiment").mkdir(parents=True)
+    (cwd / "mine" / "experiment" / "ce.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /loss: ce\n"
+    )
     result = run_cli(
-        ["-m", "trainer=ddp", "optimizer=sgd", "optimizer.lr=1e12,1e-3", "loss=ce"]
+        ["-m", "--config-dir", str(cwd / "mine"), "trainer=ddp", "experiment=ce"]
+        + ["optimizer=sgd", "optimizer.lr=1e12,1e-3"]
         + ["data.foreground_fraction=0.5"]  # each rank a shard of one oversampled stream
         # Job folders 0 and 1: <n>_<overrides> would pass the 255-character limit on names.
         + ["hydra.sweep.subdir=${hydra.job.num}", f"data.demo_dir={cwd}/demo", *overrides],
@@ -145,6 +152,7 @@ def job_folders(sweep: Path) -> list[Path]:
 def test_ddp_multirun_writes_one_folder_per_job_and_rank_zero_writes_the_record(ddp_sweep):
     failed, trained = job_folders(ddp_sweep)
     assert (failed.name, trained.name) == ("0", "1")
+    assert (trained / "config.yaml").read_text().count("CrossEntropyLoss") == 1  # experiment=ce
     for name in ("metrics.json", "curves.png", "split.csv", "checkpoints/last.ckpt"):
         assert (trained / name).is_file(), name
     rank0, rank1 = ((trained / f).read_text() for f in ("train.log", "train_ddp_process_1.log"))
