@@ -70,9 +70,10 @@ class SegmentationModule(pl.LightningModule):
         # Separate attributes: a ModuleDict key "train" would shadow nn.Module.train().
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", SegmentationMetrics(self.class_names))
-        # val/test loss: a mean weighted by images, summed across DDP processes once at the
-        # epoch's end (their shares of a split can differ by an image: no padding repeats).
+        # The loss of an epoch: a mean weighted by images, summed across DDP processes once at
+        # the epoch's end (their shares of a split can differ by an image: no padding repeats).
         self.val_loss_mean, self.test_loss_mean = MeanMetric(), MeanMetric()
+        self.train_loss_mean = MeanMetric()  # logged as train/loss_epoch
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if train_metrics_every_n_steps < 1:
@@ -116,17 +117,22 @@ class SegmentationModule(pl.LightningModule):
         if stage != "train" or batch_idx % self.hparams.train_metrics_every_n_steps == 0:
             # Metrics accumulate on the device; updating them forces no host sync.
             getattr(self, f"{stage}_metrics").update(predicted_classes(logits.detach()), masks)
-        logged = loss
-        if stage != "train":
-            logged = getattr(self, f"{stage}_loss_mean")
-            logged.update(loss.detach(), weight=images.shape[0])
+        # The loss's means (val/test, and train's epoch) through metrics weighted by images,
+        # summed across DDP processes at the epoch's end: Lightning's own epoch mean of a
+        # logged value is each process's own (and a scheduler watching train/loss_epoch
+        # would step each process's learning rate apart).
+        mean = getattr(self, f"{stage}_loss_mean")
+        mean.update(loss.detach(), weight=images.shape[0])
+        if stage == "train":
+            # Not in the progress bar: Lightning would turn it into a number after every
+            # batch, waiting for the GPU; lungseg.callbacks.ProgressBar shows it when it redraws.
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        name = "train/loss_epoch" if stage == "train" else f"{stage}/loss"
         self.log(
-            f"{stage}/loss",
-            logged,
-            on_step=stage == "train",
+            name,
+            mean,
+            on_step=False,
             on_epoch=True,
-            # Not train/loss: Lightning would turn it into a number after every batch, waiting
-            # for the GPU; lungseg.callbacks.ProgressBar shows it when it redraws.
             prog_bar=stage != "train",
             batch_size=images.shape[0],
         )

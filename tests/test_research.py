@@ -237,3 +237,22 @@ def test_slurm_jobs_get_the_gpus_that_trainer_gpus_asks_for(gpus, per_node):
         )
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == per_node
+
+
+def test_ddp_processes_log_the_same_epoch_training_loss(tmp_path):
+    """train/loss_epoch is the mean over every process's images (a metric summed across them),
+    not each process's own: a plateau schedule watching it in a fit without validation stepped
+    the processes' learning rates apart, and their weights with them."""
+    overrides = with_overrides(TINY, {**DDP_DATA, "trainer.max_epochs": "2"})
+    result = run_cli(
+        ["trainer=ddp", "data.split=[0.8,0.0,0.2]", f"data.demo_dir={tmp_path}/demo"]
+        + [f"hydra.run.dir={tmp_path}/run", *overrides],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [(tmp_path / "run" / f).read_text() for f in ("train.log", "train_ddp_process_1.log")]
+    epochs = [
+        [line.split(" - ", 1)[1] for line in log.splitlines() if "(no validation)" in line]
+        for log in logs
+    ]
+    assert len(epochs[0]) == 2 and epochs[0] == epochs[1]
