@@ -291,6 +291,9 @@ class SegmentationModule(pl.LightningModule):
             checkpoint["lr_schedulers"] = []
 
     def on_train_start(self):
+        hold = getattr(self.trainer.datamodule, "hold_on_device", None)
+        if hold is not None:  # data.device_cache: on every process at once, before a batch
+            hold(self.device, self.trainer.strategy)
         if self.trainer.ckpt_path is None:
             return
         # The settings first: the plateau step left pending below takes its configured min_lr.

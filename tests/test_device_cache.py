@@ -182,3 +182,39 @@ def test_training_from_the_device_cache(make_cfg):
     assert all(
         keys == {"image", "mask", "name"} and indices for keys, indices in GatheredProbe.seen
     )
+
+
+class Decision:
+    """What hold_on_device reads of Lightning's strategy: whether any process failed."""
+
+    def __init__(self, elsewhere: bool):
+        self.elsewhere = elsewhere
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002
+        assert all is False  # "any process": one without room stops them all
+        return decision or self.elsewhere
+
+
+def test_every_process_stops_together_when_one_device_has_no_room(tmp_path, monkeypatch):
+    """The cache goes to the device as training starts, on every process at once: the one
+    whose device has no room and the others stop with an error together (one stopping alone
+    at its first batch left its peers waiting). Without the cache nothing is copied."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=8)
+    dm = make_dm(image_dir, mask_dir, split=[1.0, 0.0, 0.0], device_cache=True)
+    dm.train_dataloader()  # the loader says whether batches are gathered from the cache
+    dm.hold_on_device(torch.device("cpu"), Decision(elsewhere=False))
+    assert torch.device("cpu") in dm.train_dataset._stacked
+    dm.train_dataset.release()
+    with pytest.raises(LungsegError, match="do not fit in another process's device memory"):
+        dm.hold_on_device(torch.device("cpu"), Decision(elsewhere=True))
+
+    def no_room(device):
+        raise LungsegError("data.device_cache: the 8 training images and masks do not fit")
+
+    monkeypatch.setattr(dm.train_dataset, "on_device", no_room)
+    with pytest.raises(LungsegError, match="the 8 training images and masks do not fit"):
+        dm.hold_on_device(torch.device("cpu"), Decision(elsewhere=False))
+    off = make_dm(image_dir, mask_dir, split=[1.0, 0.0, 0.0], device_cache=False)
+    off.train_dataloader()
+    off.hold_on_device(torch.device("cpu"), Decision(elsewhere=True))  # nothing to hold
+    assert off.train_dataset._stacked == {}

@@ -959,6 +959,28 @@ class SegDataModule(pl.LightningDataModule):
             dataset.epoch_seed = torch.zeros((), dtype=torch.int64).share_memory_()
         return EpochLoader(dataset, drop_last=drop_last, on_epoch=self._reseed, **options)
 
+    def hold_on_device(self, device: torch.device, strategy: Any) -> None:
+        """With data.device_cache in use: the training cache copied to ``device`` now, as
+        training starts (the module's on_train_start), on every process at once. Where it
+        does not fit on one process's device, every process stops with the error: one
+        stopping alone at its first batch left the others waiting for it (a DDP sweep was
+        killed, or waited out NCCL's timeout). ``strategy``: Lightning's, for the agreement."""
+        dataset = self.train_dataset
+        if not dataset.indices_only:
+            return
+        error = None
+        try:
+            dataset.on_device(device)
+        except LungsegError as failed:
+            error = failed
+        if strategy.reduce_boolean_decision(error is not None, all=False):
+            raise error or LungsegError(
+                "data.device_cache: the training images and masks do not fit in another "
+                "process's device memory beside the network (its log says how much they "
+                "take). Set data.device_cache=false (batches then come from the loader), or a "
+                "smaller data.image_size."
+            )
+
     def _uses_device_cache(self) -> bool:
         """data.device_cache, or where it is null, whether the training images go to the GPU:
         when training on a CUDA device (a Trainer attached), the loader has nothing to do to an
