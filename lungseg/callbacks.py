@@ -87,6 +87,13 @@ class EMA(WeightAveraging):
             # resolution once the decay is near 1, and the average would stop moving.
             self._average_model.module.float()
 
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Lightning builds the average in setup, before the strategy moves the module to its
+        # device: on a GPU the average stayed in host memory, and every step's update copied
+        # the weights over and waited for them.
+        if self._average_model is not None and self._device is None:
+            self._average_model.to(pl_module.device)
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         steps = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
         self.decay = 0.5 ** (1 / (self.half_life_epochs * steps))

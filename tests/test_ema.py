@@ -145,3 +145,15 @@ def test_bf16_weights_are_averaged_in_float32(make_cfg):
         averaged = ema._average(averaged, target, torch.tensor(n))
     assert averaged.dtype == torch.float32
     assert averaged.mean().item() == pytest.approx(0.01, rel=0.01)
+
+
+def test_the_average_follows_the_module_to_its_device():
+    """Lightning builds the average in setup, before the strategy moves the module: it is
+    moved after it (on a GPU it stayed in host memory, and every step copied the weights)."""
+    module = pl.LightningModule()
+    module.layer = torch.nn.Linear(2, 2)
+    ema = EMA(enabled=True)
+    ema.setup(None, module, "fit")
+    module.to("meta")  # as the strategy moves it to the training device
+    ema.on_fit_start(None, module)
+    assert {p.device.type for p in ema._average_model.parameters()} == {"meta"}
