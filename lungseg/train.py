@@ -221,9 +221,12 @@ def without_validation(callbacks: list[Any]) -> list[Any]:
     return [c for c in callbacks if not any(c is x for x in left_out)]
 
 
-def postprocessed_test(cfg: DictConfig, checkpoint: str, out_dir: Path) -> dict[str, Any]:
+def postprocessed_test(
+    cfg: DictConfig, checkpoint: str, out_dir: Path, device: str = "auto"
+) -> dict[str, Any]:
     """eval.py's scores of the test split with the run's ``postprocess`` (threshold, min_size,
-    min_confidence) and ``tta_flips``, as ``test_post/*``; the folder ``test_postprocessed/``
+    min_confidence) and ``tta_flips``, as ``test_post/*``, on ``device`` (the run's: a run
+    trained on the CPU is not scored on a GPU it left alone); the folder ``test_postprocessed/``
     gets eval.py's per_image.csv and summary.json (an earlier one is kept as
     ``test_postprocessed.<n>``). Nothing when the recipe post-processes nothing: the
     ``test/*`` scores are then the whole story. A failure is a warning that names eval.py's
@@ -235,7 +238,7 @@ def postprocessed_test(cfg: DictConfig, checkpoint: str, out_dir: Path) -> dict[
     if folder.exists():
         set_aside(folder)
     try:
-        summary = evaluate(test_config(checkpoint, folder))
+        summary = evaluate(OmegaConf.merge(test_config(checkpoint, folder), {"device": device}))
     except (LungsegError, RuntimeError, OSError) as err:
         log.warning(
             "the test split was not scored with the post-processing (%s); score it with "
@@ -352,7 +355,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["train_minutes"] = (time.monotonic() - started) / 60  # fit and test
     tested = "test/loss" in metrics  # a test split was scored
     if tested and cfg.get("test_postprocessed", True) and trainer.is_global_zero and best_path:
-        metrics.update(postprocessed_test(cfg, best_path, out_dir))
+        where = str(trainer.strategy.root_device)  # "cpu", "cuda:0"
+        metrics.update(postprocessed_test(cfg, best_path, out_dir, where))
     metrics = {
         k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
     }
