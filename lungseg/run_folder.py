@@ -4,6 +4,7 @@ repeat the run (``environment.json``: package versions, platform, git commit).""
 import csv
 import json
 import logging
+import math
 import platform
 import shlex
 import subprocess
@@ -25,6 +26,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg.checks import shown
+from lungseg.data.splits import listed_splits
 from lungseg.errors import LungsegError
 
 log = logging.getLogger(__name__)
@@ -296,6 +298,32 @@ def _seconds(max_time: Any) -> float:
     return Timer(duration=max_time)._duration
 
 
+def warn_trained_on(ckpt_path: str, split: Mapping[str, str]) -> None:
+    """A warning when a run fine-tuned from ``ckpt_path`` (into a new folder) validates or
+    tests on files that the checkpoint's run trained on (its split.csv beside checkpoints/):
+    those scores would be optimistic. Nothing when that split.csv is not there."""
+    saved = Path(ckpt_path).parent.parent / "split.csv"
+    if not saved.is_file():
+        return
+    before = listed_splits(saved, list(split))
+    seen = {
+        name: sorted(s for s, now in split.items() if now == name and before.get(s) == "train")
+        for name in ("val", "test")
+    }
+    found = [f"{len(stems)} of its {name} files" for name, stems in seen.items() if stems]
+    if found:
+        example = next(stems for stems in seen.values() if stems)[:3]
+        log.warning(
+            "This run fine-tunes %s, whose run trained on %s (e.g. %s; %s): their scores "
+            "would be optimistic. Give data.split_file=%s to keep that run's split.",
+            ckpt_path,
+            " and ".join(found),
+            ", ".join(example),
+            saved,
+            saved,
+        )
+
+
 def check_same_split(saved: Path, split: Mapping[str, str]) -> None:
     """LungsegError unless ``split`` is the one the run saved in ``saved`` (its split.csv): a
     run continued in its folder must not train on what it has validated or tested on."""
@@ -382,6 +410,67 @@ def write_environment(out_dir: Path) -> None:
     if rank_zero_only.rank == 0:
         text = json.dumps(environment(), indent=2) + "\n"
         keep_previous(out_dir / "environment.json", text)
+
+
+# What the images go through before the network (data_info): a run continued with other
+# values would train on images its weights never saw, and its best checkpoint, made from the
+# earlier ones, would be tested on the new (data.image_size, a 16-bit folder for 8-bit ...).
+PREPARATION = (
+    "image_size",
+    "in_channels",
+    "context_slices",
+    "median_blur",
+    "window",
+    "intensity_offset",
+    "normalize",
+    "mask_mode",
+    "bit_depths",
+    "mean",
+    "std",
+)
+
+
+def check_same_preparation(
+    path: str, checkpoint: dict[str, Any], data_info: dict[str, Any], continuing: bool
+) -> None:
+    """LungsegError when the run of ``path`` is continued in its folder (``continuing``) with
+    data prepared otherwise than it was trained on (``PREPARATION``: size, channels, window,
+    normalisation, bit depth, the training images' statistics, i.e. other image files); into
+    a new folder (fine-tuning on other data or at another size) a warning names them. A value
+    that either side lacks (a checkpoint of an older lungseg) is not compared."""
+    before = (checkpoint.get("hyper_parameters") or {}).get("data_info") or {}
+    differ = [
+        f"{key} {shown(data_info[key])} (the checkpoint: {shown(before[key])})"
+        for key in PREPARATION
+        if key in before and key in data_info and not _same_value(before[key], data_info[key])
+    ]
+    if not differ:
+        return
+    if not continuing:
+        log.warning(
+            "ckpt_path %s: its weights are fine-tuned on data prepared otherwise than it was "
+            "trained on: %s",
+            path,
+            "; ".join(differ),
+        )
+        return
+    raise LungsegError(
+        f"{path} was trained on data prepared otherwise than this run's: {'; '.join(differ)} "
+        f"(data_info; mean and std are the training images' statistics, so other image files "
+        f"change them). Continuing would train on images its weights never saw, and test the "
+        f"best checkpoint, made from the earlier ones, on the new. Continue with the data "
+        f"settings it was trained with (config.yaml in its run folder), or fine-tune its "
+        f"weights on this data in a new run folder: ckpt_path={path} with hydra.run.dir unset."
+    )
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, floats to within rounding (the statistics are recomputed), lists item by item."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(map(_same_value, a, b))
+    if isinstance(a, float | int) and isinstance(b, float | int):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
 
 
 def check_same_classes(path: str, checkpoint: dict[str, Any], data_info: dict[str, Any]) -> None:

@@ -30,12 +30,14 @@ from lungseg.run_folder import (
     check_same_classes,
     check_same_network,
     check_same_optimizer,
+    check_same_preparation,
     check_same_split,
     continues_run,
     keep_previous,
     read_checkpoint,
     resume_checkpoint,
     set_aside,
+    warn_trained_on,
     write_environment,
 )
 from lungseg.visualize import save_curves
@@ -291,6 +293,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_fits(ckpt_path, module, saved)
         check_same_network(ckpt_path, saved, module.hparams.net, continuing)
         check_same_optimizer(ckpt_path, saved, module.hparams.optimizer)
+        check_same_preparation(ckpt_path, saved, datamodule.data_info(), continuing)
         if continuing:
             check_same_classes(ckpt_path, saved, datamodule.data_info())
         check_continuable(cfg, ckpt_path, saved)
@@ -298,6 +301,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if continuing and (out_dir / "split.csv").is_file():
         check_same_split(out_dir / "split.csv", datamodule.split)
     elif rank_zero_only.rank == 0:
+        if ckpt_path is not None:
+            warn_trained_on(ckpt_path, datamodule.split)
         datamodule.write_split(out_dir / "split.csv")
         if datamodule.skipped:
             datamodule.write_skipped(out_dir / "skipped.csv")
