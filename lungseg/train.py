@@ -4,6 +4,7 @@ fit, test the best checkpoint and write the run's record."""
 import json
 import logging
 import math
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -328,7 +329,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer_settings["check_val_every_n_epoch"] = 1
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:  # Lightning's exit after Ctrl-C and its graceful shutdown
+        if trainer.interrupted and trainer.is_global_zero:
+            last = out_dir / "checkpoints" / "last.ckpt"
+            log.warning(
+                "Interrupted. %s; continue the run with the same command and "
+                "hydra.run.dir=%s resume=true.",
+                f"{last} holds the last finished epoch"
+                if last.is_file()
+                else "No epoch had finished, so there is no checkpoint to continue from",
+                shlex.quote(str(out_dir)),
+            )
+        raise
 
     # The callback that keeps the best epoch (callbacks.model_checkpoint), not last.ckpt's;
     # without validation the final weights (last.ckpt) are the model.

@@ -609,3 +609,22 @@ def test_a_malicious_checkpoint_runs_nothing(lean_cfg, tmp_path, entry, zipped):
     assert not marker.exists() and not out.exists()
     torch.load(bad, weights_only=False)  # the control: an unsafe load does run the payload
     assert marker.exists()
+
+
+def test_ctrl_c_says_how_to_continue(lean_cfg, monkeypatch, caplog):
+    """Lightning ends a run interrupted by Ctrl-C with its graceful shutdown and exit status 1,
+    saying only that; the log now names last.ckpt and the command that continues the run."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SegmentationModule, "on_train_batch_end", on_train_batch_end)
+    monkeypatch.setattr("signal.signal", lambda *args: None)  # Lightning ignores further Ctrl-C
+    cfg = lean_cfg("trainer.max_epochs=3")
+    with pytest.raises(SystemExit):
+        train(cfg)
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    assert f"Interrupted. {last} holds the last finished epoch; continue the run" in caplog.text
+    assert f"hydra.run.dir={cfg.output_dir} resume=true." in caplog.text
+    assert torch.load(last, weights_only=True)["epoch"] == 0
