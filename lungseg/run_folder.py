@@ -128,9 +128,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_fits(path: str, module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+def check_fits(
+    path: str, module: torch.nn.Module, checkpoint: dict[str, Any], demo: bool = False
+) -> None:
     """LungsegError unless the checkpoint's weights have the names and shapes of ``module``'s,
-    so that a run continued with other model settings stops with a sentence, not a traceback."""
+    so that a run continued with other model settings stops with a sentence, not a traceback.
+    Where the classes differ it names both (``demo``: this run reads the bundled demo data,
+    often because the data folders were left out of a fine-tuning command)."""
     saved = checkpoint["state_dict"]
     own = module.state_dict()
     differ = sorted(
@@ -139,12 +143,22 @@ def check_fits(path: str, module: torch.nn.Module, checkpoint: dict[str, Any]) -
         if key not in own or key not in saved or own[key].shape != saved[key].shape
     )
     if differ:
+        before = (checkpoint.get("hyper_parameters") or {}).get("data_info") or {}
+        old = before.get("class_names")
+        new = list((getattr(module, "hparams", {}).get("data_info") or {}).get("class_names", []))
+        source = " (the bundled demo data: data.image_dir is not set)" if demo else ""
+        classes = (
+            f" It predicts the classes {', '.join(old)}; this run's data has "
+            f"{', '.join(new)}{source}."
+            if old is not None and new and list(old) != new
+            else ""
+        )
         raise LungsegError(
             f"{path} holds another network than this run builds: {len(differ)} weights differ "
-            f"in name or shape (e.g. {', '.join(differ[:3])}). Continue with the settings it was "
-            f"trained with (model.*, data.in_channels, data.context_slices, data.num_classes: "
-            f"see config.yaml in its "
-            f"run folder), or train from scratch without ckpt_path and resume."
+            f"in name or shape (e.g. {', '.join(differ[:3])}).{classes} Continue with the "
+            f"settings it was trained with (model.*, data.in_channels, data.context_slices, "
+            f"data.num_classes, the data folders: see config.yaml in its run folder), or train "
+            f"from scratch without ckpt_path and resume."
         )
 
 

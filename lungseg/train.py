@@ -291,7 +291,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     continuing = continues_run(ckpt_path, out_dir)
     if ckpt_path is not None:
         saved = read_checkpoint(Path(ckpt_path))  # once for all checks
-        check_fits(ckpt_path, module, saved)
+        check_fits(ckpt_path, module, saved, demo=cfg.data.get("image_dir") is None)
         check_same_network(ckpt_path, saved, module.hparams.net, continuing)
         check_same_optimizer(ckpt_path, saved, module.hparams.optimizer)
         check_same_preparation(ckpt_path, saved, datamodule.data_info(), continuing)

@@ -325,3 +325,19 @@ def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg, caplog):
     assert (in_left & in_right).sum() == 48
     assert int(row["target_pixels_right"]) == in_right.sum()
     assert int(row["target_pixels_left"]) == (in_left & ~in_right).sum()
+
+
+def test_fine_tuning_without_the_data_folders_says_so(tmp_path, make_cfg):
+    """A fine-tuning command without data.image_dir reads the bundled demo data, whose three
+    classes do not fit a two-class network: the error named only weights that differ."""
+    images, left, right = two_lungs(tmp_path / "data", n=10)
+    data = [f"data.image_dir={images}", f"data.mask_dir=[{left},{right}]"]
+    cfg = make_cfg(*data, "data.mask_mode=binary", "data.image_size=24", "test_after_fit=false")
+    train(cfg)
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    with pytest.raises(LungsegError) as error:
+        train(make_cfg(f"ckpt_path={last}", f"output_dir={tmp_path / 'tuned'}"))
+    assert (
+        "It predicts the classes background, foreground; this run's data has background, lung, "
+        "tumour (the bundled demo data: data.image_dir is not set)."
+    ) in str(error.value)
