@@ -393,7 +393,10 @@ def _score(
                         row.update({f"{k}_{class_names[c]}": v for k, v in values.items()})
                     rows.append(row)
             bar.update(len(batch))
-    report_skipped(failed, "image/mask pairs that cannot be scored are")
+    report_skipped(
+        failed,
+        ("image/mask pair that cannot be scored is", "image/mask pairs that cannot be scored are"),
+    )
     check_orientations(turned)
     depths.report()
     if not scored[0] and failed:

@@ -441,13 +441,14 @@ class BitDepthCheck:
             )
 
 
-def report_skipped(failed: Sequence[tuple[Path, str]], what: str) -> None:
-    """One warning for the files ``strict=false`` left out, each with its reason."""
+def report_skipped(failed: Sequence[tuple[Path, str]], what: tuple[str, str]) -> None:
+    """One warning for the files ``strict=false`` left out, each with its reason; ``what``
+    names them for one file and for several."""
     if failed:
         log.warning(
             "%d %s left out (strict=false): %s",
             len(failed),
-            what,
+            what[len(failed) > 1],
             " ".join(f"({i}) {reason}" for i, (_, reason) in enumerate(failed, 1)),
         )
 

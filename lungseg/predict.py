@@ -217,7 +217,7 @@ def predict(cfg: DictConfig) -> list[Path]:
                 _write(overlay_path, overlay(display, pred, colors, cfg.overlay_alpha))
                 written += [mask_path, overlay_path]
             bar.update(len(batch))
-    report_skipped(failed, "images that cannot be read are")
+    report_skipped(failed, ("image that cannot be read is", "images that cannot be read are"))
     depths.report()
     log.info("%d masks and their overlays written to %s", len(written) // 2, output_dir)
     return written

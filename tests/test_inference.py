@@ -448,3 +448,18 @@ def test_the_model_summary_shows_shapes_and_flops(checkpoints):
     assert summary.in_sizes[row] == [1, 3, height, width]
     assert summary.out_sizes[row] == [1, model.hparams.net["num_classes"], height, width]
     assert summary.total_flops > 0
+
+
+def test_skipped_files_are_counted_in_words_that_agree(caplog):
+    from lungseg.inference import report_skipped
+
+    what = ("image that cannot be read is", "images that cannot be read are")
+    with caplog.at_level("WARNING", logger="lungseg.inference"):
+        report_skipped([(Path("a.png"), "a.png is corrupt")], what)
+        report_skipped([(Path("a.png"), "corrupt"), (Path("b.png"), "empty")], what)
+    assert "1 image that cannot be read is left out (strict=false): (1) a.png is corrupt" in (
+        caplog.text
+    )
+    assert "2 images that cannot be read are left out (strict=false): (1) corrupt (2) empty" in (
+        caplog.text
+    )
