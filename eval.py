@@ -1,6 +1,7 @@
 """Score a checkpoint: `python eval.py ckpt_path=<ckpt> [overrides]` (see conf/eval.yaml)."""
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lungseg.errors import run_cli
@@ -9,7 +10,7 @@ from lungseg.evaluate import evaluate
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_cli(lambda: evaluate(cfg))
+    run_cli(lambda: evaluate(cfg), HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 (see conf/predict.yaml)."""
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lungseg.errors import run_cli
@@ -10,7 +11,7 @@ from lungseg.predict import predict
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    run_cli(lambda: predict(cfg))
+    run_cli(lambda: predict(cfg), HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

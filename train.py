@@ -77,7 +77,7 @@ def main(cfg: DictConfig) -> float | None:
     logging.captureWarnings(True)
     sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
     if not sweep_job and SWEEP_RANK not in os.environ:
-        metrics = run_cli(lambda: train(cfg))
+        metrics = run_cli(lambda: train(cfg), HydraConfig.get().runtime.output_dir)
     else:
         try:
             with ddp_ranks_in_this_job() if sweep_job else nullcontext():

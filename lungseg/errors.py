@@ -1,8 +1,10 @@
 """The one exception type lungseg raises for problems the user can fix, and how entry points
 report it."""
 
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -23,15 +25,33 @@ def user_error(error: BaseException | None) -> LungsegError | None:
     return None
 
 
-def run_cli(task: Callable[[], T]) -> T:
+def run_cli(task: Callable[[], T], run_dir: str | Path | None = None) -> T:
     """Run an entry point's task. A LungsegError ends the process with one line on stderr,
     ``lungseg: error: <message>``, and exit status 1; any other exception propagates with its
-    traceback (that is a bug in lungseg, not in the user's input)."""
+    traceback (that is a bug in lungseg, not in the user's input). ``run_dir``: the folder
+    Hydra made for this run, removed on such an error when it holds nothing but Hydra's
+    ``.hydra/`` and empty log files (a refused command would leave an empty run folder)."""
     try:
         return task()
     except Exception as error:
         cause = user_error(error)
         if cause is None:
             raise
+        if run_dir is not None:
+            discard_if_empty(Path(run_dir))
         print(f"lungseg: error: {cause}", file=sys.stderr)
         sys.exit(1)
+
+
+def discard_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if it holds only Hydra's ``.hydra/`` and empty ``*.log`` files (never
+    the working directory or one above it, which ``hydra.run.dir=.`` would name)."""
+    if not folder.is_dir() or folder.resolve() in (Path.cwd().resolve(), *Path.cwd().parents):
+        return
+    entries = list(folder.iterdir())
+    if all(
+        (entry.name == ".hydra" and entry.is_dir() and not entry.is_symlink())
+        or (entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0)
+        for entry in entries
+    ):
+        shutil.rmtree(folder, ignore_errors=True)

@@ -507,6 +507,28 @@ def test_cli_gpus_without_gpu_prints_one_line(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "lungseg: error: trainer.gpus=1 asks for a GPU" in result.stderr
+    # the run folder Hydra made, with nothing of the run in it, is not left behind
+    assert list((tmp_path / "outputs" / "train").iterdir()) == []
+
+
+def test_only_a_run_folder_with_nothing_in_it_is_discarded(tmp_path, monkeypatch):
+    from lungseg.errors import discard_if_empty
+
+    monkeypatch.chdir(tmp_path)
+    for name, files in {
+        "empty": {"train.log": ""},
+        "logged": {"train.log": "120 image/mask pairs\n"},
+        "yours": {"train.log": "", "notes.txt": "mine"},
+    }.items():
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text("a: 1\n")
+        for file, text in files.items():
+            (tmp_path / name / file).write_text(text)
+        discard_if_empty(tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logged", "yours"]
+    (tmp_path / ".hydra").mkdir()
+    discard_if_empty(tmp_path)  # hydra.run.dir=. : the working directory stays
+    assert tmp_path.is_dir()
 
 
 def test_cli_multirun_writes_one_folder_per_model(tmp_path):
