@@ -51,6 +51,10 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # Lightning 2.6's own use of a torch pytree API that torch 2.13 deprecates, once per run in
 # every train.log; nothing a lungseg user can change.
 warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# Continuing a run: its checkpoints/ holds files (a run folder is refused unless continued),
+# and a ckpt_path into a new folder tracks its best anew there; both as documented.
+warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
+warnings.filterwarnings("ignore", r"The dirpath has changed from .* won't be reloaded")
 
 
 def plain(cfg: DictConfig | None) -> Any:
