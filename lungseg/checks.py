@@ -1,5 +1,5 @@
 """Checks of the training settings a user commonly types (``data.batch_size=0``,
-``trainer.max_epochs=abc``), made before anything is built or written.
+``trainer.max_epochs=abc``, ``+data.imagesize=64``), made before anything is built or written.
 
 Left to the libraries, such a value fails deep inside Lightning, torch or Hydra's instantiate
 with a bare traceback, some only when fitting starts, after the run folder already holds
@@ -7,10 +7,14 @@ config.yaml, split.csv and environment.json (and a rerun into it is refused). Ea
 the setting, its value and what to give instead; the first bad setting raises.
 """
 
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
+from difflib import get_close_matches
 from typing import Any, get_args
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import _locate
 from lightning_fabric import connector
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Timer
@@ -275,11 +279,70 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
 }
 
 
+# The groups built as ``_target_(**group)``: group → (the arguments lungseg passes itself, which
+# would override a key of that name in the group; the keys it takes out before building). As in
+# train.build_datamodule and SegmentationModule's __init__ and configure_optimizers.
+BUILT: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "data": (frozenset({"augmentation"}), frozenset()),
+    "model": (frozenset(), frozenset()),
+    "loss": (frozenset(), frozenset()),
+    "optimizer": (frozenset({"params"}), frozenset()),
+    "scheduler": (frozenset({"optimizer"}), frozenset({"monitor", "interval"})),
+}
+# Keys Hydra's instantiate reads itself rather than passing them on.
+HYDRA_KEYS = frozenset({"_target_", "_recursive_", "_convert_", "_partial_", "_args_"})
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """LungsegError for a key of a ``BUILT`` group that its ``_target_`` does not take
+    (``+data.imagesize=64``, which Hydra advises for a key the group lacks), naming the nearest
+    settings. A target that cannot be imported, or that takes ``**kwargs``, is left to Hydra's
+    instantiate, which imports it the same way."""
+    for group, (given, taken) in BUILT.items():
+        node = cfg.get(group)
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        settings = _keywords(target) if isinstance(target, str) else None
+        if settings is None:
+            continue
+        settings = (settings - given) | taken
+        for key in node:
+            if key in settings or key in HYDRA_KEYS:
+                continue
+            close = get_close_matches(str(key), sorted(settings), cutoff=0.7)
+            guess = " or ".join(f"{group}.{name}" for name in close)
+            raise LungsegError(
+                f"{group}.{key} is not a setting of {group} ({target})"
+                + (f"; did you mean {guess}?" if close else ".")
+                + f" Remove +{group}.{key}, or see {_group_file(group)} for the settings."
+            )
+
+
+def _keywords(target: str) -> frozenset[str] | None:
+    """The keyword arguments ``target`` takes, or None for any (``**kwargs``) or unknown."""
+    try:
+        parameters = inspect.signature(_locate(target)).parameters.values()
+    except Exception:  # not importable, or no signature: instantiate reports or builds it
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(
+        p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )
+
+
+def _group_file(group: str) -> str:
+    """The run's file of ``group`` (conf/model/unet.yaml), or its folder outside ``@hydra.main``."""
+    choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    return f"conf/{group}/{choice}.yaml" if choice else f"conf/{group}/"
+
+
 def check_settings(cfg: DictConfig) -> None:
-    """LungsegError for the first setting of ``RULES`` the config holds with a wrong type or
-    range, then for a data folder that does not exist, then for bad ``postprocess`` values (the
-    checkpoint keeps them for eval.py and predict.py). Reads nothing but the config and the
-    data folders' existence, writes nothing."""
+    """LungsegError for a key a group's constructor does not take (``check_keys``), then for
+    the first setting of ``RULES`` the config holds with a wrong type or range, then for a
+    data folder that does not exist, then for bad ``postprocess`` values (the checkpoint keeps
+    them for eval.py and predict.py). Reads nothing but the config and the data folders'
+    existence, imports the groups' targets, writes nothing."""
+    check_keys(cfg)
     for key, (accepts, wanted, example) in RULES.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT:

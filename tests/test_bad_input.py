@@ -148,8 +148,48 @@ def test_wrong_loss_settings_are_refused_before_anything_is_built(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        # Hydra's "Key 'imagesize' is not in struct" advises the +; then the constructor's
+        # "unexpected keyword argument 'imagesize'" came after the run folder was made.
+        (
+            ["+data.imagesize=64"],
+            r"^data.imagesize is not a setting of data \(lungseg.data.datamodule.SegDataModule\); "
+            r"did you mean data.image_size\? Remove \+data.imagesize, or see conf/data/",
+        ),
+        (["+model.widht=8"], r"^model.widht is not a setting of model \(lungseg.models.unet.UN"),
+        (["+model.widht=8"], r"\); did you mean model.width\? Remove \+model.widht, or see conf"),
+        # nothing close: no guess, only where the settings are
+        (["+model.foo=1"], r"^model.foo is not a setting of model \(.*UNet\)\. Remove \+model.foo"),
+        # a U-Net setting on another network
+        (
+            ["model=deeplab", "+model.depth=4"],
+            r"model.depth .* \(lungseg.models.deeplab.DeepLab\)\. ",
+        ),
+        (["loss=focal", "+loss.gama=2"], r"^loss.gama is not .*; did you mean loss.gamma\?"),
+        (["+optimizer.weight_deacy=0"], r"did you mean optimizer.weight_decay\?"),
+        (["optimizer=sgd", "+optimizer.nesterow=true"], r"did you mean optimizer.nesterov\?"),
+        (["+scheduler.etamin=0"], r"^scheduler.etamin is not a setting of scheduler \(torch.optim"),
+        (["+scheduler.etamin=0"], r"did you mean scheduler.eta_min\?"),
+        # Lightning's, but lungseg takes out only monitor and interval before building it
+        (["+scheduler.frequency=2"], r"^scheduler.frequency is not a setting of scheduler"),
+        # lungseg passes the augmentation group in its place
+        (["+data.augmentation=null"], r"^data.augmentation is not a setting of data"),
+    ],
+)
+def test_unknown_settings_are_refused_with_the_nearest_name(make_cfg, overrides, message):
+    with pytest.raises(LungsegError, match=message):
+        check_settings(make_cfg(*overrides))
+
+
+def test_constructors_that_take_any_keyword_are_not_checked(make_cfg):
+    check_settings(make_cfg("model._target_=torch.nn.Identity", "+model.anything=1"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
         (["data.batch_size=0"], "data.batch_size is 0"),
         (["loss=ce", "loss.label_smoothing=1.5"], "loss.label_smoothing is 1.5"),
+        (["+data.imagesize=64"], "did you mean data.image_size"),
     ],
 )
 def test_train_checks_its_settings_before_it_writes(make_cfg, overrides, message):
@@ -163,12 +203,15 @@ def test_train_checks_its_settings_before_it_writes(make_cfg, overrides, message
     "overrides",
     [
         [],
-        *[[f"model={m}"] for m in ("unet", "fcn", "segnet", "deeplab")],
+        # every option of the groups whose keys are checked against their constructors
+        *[
+            [f"{group}={option.stem}"]
+            for group in ("model", "loss", "optimizer", "scheduler")
+            for option in sorted((ROOT / "conf" / group).glob("*.yaml"))
+        ],
         *[[f"trainer={t}"] for t in ("cpu", "ddp", "gpu")],
-        *[[f"optimizer={o}"] for o in ("adam", "sgd")],
-        *[[f"loss={loss}"] for loss in ("ce", "dice", "dice_ce", "focal", "tversky")],
         *[[f"experiment={e}"] for e in ("article", "lidc_nodules", "lung_ct")],
-        ["experiment=lung_ct", "model=fcn"],
+        *[["experiment=lung_ct", f"model={m}"] for m in ("fcn", "deeplab")],
         ["hparams_search=optuna"],
         ["trainer.max_epochs=-1", "+trainer.max_steps=10", "trainer.limit_val_batches=0"]
         + ["scheduler=none"],
@@ -410,6 +453,26 @@ def test_cli_strict_false_lists_what_it_skipped_in_train_log_and_skipped_csv(tmp
         rows.keys() == {"lonely.png", "img2.png"} and rows["lonely.png"] == "image without a mask"
     )
     assert "2 files were left out (data.strict=false)" in log
+
+
+def test_cli_unknown_setting_names_the_nearest_and_the_group_file(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "+data.imagesize=64", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lungseg: error:")]
+    assert errors == [
+        "lungseg: error: data.imagesize is not a setting of data "
+        "(lungseg.data.datamodule.SegDataModule); did you mean data.image_size? Remove "
+        "+data.imagesize, or see conf/data/folders.yaml for the settings."
+    ]
+    # refused before the run's own files are written (Hydra's .hydra/ and train.log may be)
+    assert not any((run / name).exists() for name in ("config.yaml", "split.csv", "checkpoints"))
 
 
 def test_cli_empty_folder_is_one_line_without_traceback(tmp_path):
