@@ -298,14 +298,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_fits(ckpt_path, module, saved, demo=cfg.data.get("image_dir") is None)
         check_same_network(ckpt_path, saved, module.hparams.net, continuing)
         check_same_optimizer(ckpt_path, saved, module.hparams.optimizer)
-        check_same_preparation(ckpt_path, saved, datamodule.data_info(), continuing)
+        # For check_same_preparation below, after the split's check (another split changes
+        # the training images' statistics too; the split is the first thing to name).
+        described = {"hyper_parameters": saved.get("hyper_parameters") or {}}
         if continuing:
             check_same_classes(ckpt_path, saved, datamodule.data_info())
         check_continuable(cfg, ckpt_path, saved)
         del saved  # Lightning reads it again to restore it
-    if continuing and (out_dir / "split.csv").is_file():
+    split_saved = continuing and (out_dir / "split.csv").is_file()
+    if split_saved:
         check_same_split(out_dir / "split.csv", datamodule.split)
-    elif rank_zero_only.rank == 0:
+    if ckpt_path is not None:
+        check_same_preparation(ckpt_path, described, datamodule.data_info(), continuing)
+    if not split_saved and rank_zero_only.rank == 0:
         if ckpt_path is not None:
             warn_trained_on(ckpt_path, datamodule.split)
         datamodule.write_split(out_dir / "split.csv")
