@@ -20,6 +20,19 @@ _UNSET = object()
 log = logging.getLogger(__name__)
 
 
+class _LossMean(MeanMetric):
+    """A loss's mean over an epoch, weighted by images, without torchmetrics' NaN check: its
+    ``if nans.any()`` waits for the GPU at every update (a non-finite loss has its own check,
+    ``_check_finite``, and a NaN mean shows it). Not ``nan_strategy="disable"``, which in
+    torchmetrics 1.9 also drops the weights (every batch then counts alike)."""
+
+    def _cast_and_nan_check_input(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = torch.ones_like(x) if weight is None else weight
+        return x.to(self.dtype), weight.to(self.dtype)
+
+
 class SegmentationModule(pl.LightningModule):
     """Trains any ``net`` (logits (N, C, H, W) at the input size) with any ``loss``.
 
@@ -72,8 +85,8 @@ class SegmentationModule(pl.LightningModule):
             setattr(self, f"{stage}_metrics", SegmentationMetrics(self.class_names))
         # The loss of an epoch: a mean weighted by images, summed across DDP processes once at
         # the epoch's end (their shares of a split can differ by an image: no padding repeats).
-        self.val_loss_mean, self.test_loss_mean = MeanMetric(), MeanMetric()
-        self.train_loss_mean = MeanMetric()  # logged as train/loss_epoch
+        self.val_loss_mean, self.test_loss_mean = _LossMean(), _LossMean()
+        self.train_loss_mean = _LossMean()  # logged as train/loss_epoch
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if train_metrics_every_n_steps < 1:

@@ -110,3 +110,17 @@ def test_dice_on_non_empty_slices_and_false_positive_rate_on_empty_ones():
     assert out["fp_empty_nodule"] == pytest.approx(1 / 2)
     assert out["dice_nodule"] == pytest.approx((2 / 3 + 1 + 0) / 3)  # slice 3 has no score
     assert out["dice_nonempty"] == out["dice_nonempty_nodule"]
+
+
+def test_the_loss_mean_weights_batches_by_images_without_a_nan_check():
+    """The epoch's loss: a mean weighted by each batch's images, whose updates never look at
+    the value on the host (torchmetrics' NaN check does, waiting for the GPU at every step;
+    its nan_strategy="disable" drops the weights instead). A NaN loss makes the mean NaN."""
+    from lungseg.module import _LossMean
+
+    mean = _LossMean()
+    mean.update(torch.tensor(0.9), weight=2)
+    mean.update(torch.tensor(1.2), weight=1)
+    assert mean.compute().item() == pytest.approx(1.0)
+    mean.update(torch.tensor(float("nan")), weight=1)
+    assert torch.isnan(mean.compute())
