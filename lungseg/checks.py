@@ -56,6 +56,12 @@ def require(ok: bool, key: str, value: Any, wanted: str, example: str) -> None:
         raise LungsegError(f"{key} is {shown(value)}; give {wanted} (e.g. {example}).")
 
 
+def check_overwrite(value: Any) -> None:
+    """eval.py's, predict.py's and export.py's ``overwrite``: true or false (Hydra passes
+    ``overwrite=no`` as the string 'no', which Python would take as true)."""
+    require(isinstance(value, bool), "overwrite", value, "true or false", "overwrite=true")
+
+
 def shown(value: Any) -> str:
     """A value as the command line writes it: null, true, 'abc', [32, 0]."""
     if value is None:

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from lungseg import hostmem, postprocess
-from lungseg.checks import require
+from lungseg.checks import check_overwrite, require
 from lungseg.data import splits
 from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import (
@@ -308,13 +308,7 @@ def _output_paths(cfg: DictConfig) -> tuple[Path, Path]:
     """The paths of ``OUTPUT_FILES`` in ``cfg.output_dir``. LungsegError, before anything is
     read or scored, when output_dir is a file, cannot be written, or already holds one of them
     (the results of an earlier evaluation), unless ``cfg.overwrite``."""
-    require(
-        isinstance(cfg.overwrite, bool),
-        "overwrite",
-        cfg.overwrite,
-        "true or false",
-        "overwrite=true",
-    )
+    check_overwrite(cfg.overwrite)
     out_dir = Path(cfg.output_dir)
     check_output_folder(out_dir)
     paths = tuple(out_dir / name for name in OUTPUT_FILES)

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lungseg import input_channels, postprocess
-from lungseg.checks import is_number, require
+from lungseg.checks import check_overwrite, is_number, require
 from lungseg.data.folders import check_writable, writing
 from lungseg.data.folders import existing as taken
 from lungseg.errors import LungsegError
@@ -217,13 +217,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     Existing output files stop the export before anything is written, unless
     ``cfg.overwrite``; the model is written under a temporary name and takes its place only
     once checked, so a failed export leaves every file as it was. Returns the JSON's content."""
-    require(
-        isinstance(cfg.overwrite, bool),
-        "overwrite",
-        cfg.overwrite,
-        "true or false",
-        "overwrite=true",
-    )
+    check_overwrite(cfg.overwrite)
     if cfg.format not in FORMATS:
         raise LungsegError(
             f"format={cfg.format!r}; choose format=onnx (onnxruntime and most inference "

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from lungseg import hostmem, postprocess
-from lungseg.checks import is_number, is_whole, require
+from lungseg.checks import check_overwrite, is_number, is_whole, require
 from lungseg.data.folders import (
     OUTPUT_MARKER,
     _list_images,
@@ -265,13 +265,7 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
         "recursive=true",
     )
     recursive = cfg.get("recursive", False)
-    require(
-        isinstance(cfg.overwrite, bool),
-        "overwrite",
-        cfg.overwrite,
-        "true or false",
-        "overwrite=true",
-    )
+    check_overwrite(cfg.overwrite)
     check_output_folder(output_dir)
     if is_pattern(input_dir):
         outputs, read = _pattern_outputs(input_dir, output_dir, recursive)
