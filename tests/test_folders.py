@@ -125,6 +125,19 @@ def test_one_folder_without_a_suffix_is_an_error(tmp_path):
         find_pairs(tmp_path, tmp_path, mask_suffixes=("",))
 
 
+def test_one_folder_without_any_mask_names_the_setting(tmp_path):
+    """data.mask_dir given as the image folder by mistake: "267 images without a mask ... with
+    data.mask_suffixes ['_mask']" read as if the suffixes were wrong; the error now says that
+    the two folders are one and what that means."""
+    touch(tmp_path, "a.png", "b.png", "c.png")
+    with pytest.raises(LungsegError) as error:
+        find_pairs(tmp_path, tmp_path)
+    assert "data.image_dir and data.mask_dir are the same folder" in str(error.value)
+    assert "none of its 3 files does. Set data.mask_dir to the folder of the masks" in str(
+        error.value
+    )
+
+
 def test_non_ascii_names_with_spaces(tmp_path):
     image = np.arange(12, dtype=np.uint8).reshape(3, 4)
     (tmp_path / "bilder ü").mkdir()

@@ -107,6 +107,14 @@ def find_pairs(
             )
         masks = [p for p in images if _ends_with_any(p.stem, suffixes)]
         images = [p for p in images if not _ends_with_any(p.stem, suffixes)]
+        if not masks:
+            raise LungsegError(
+                f"data.image_dir and data.mask_dir are the same folder ({image_dir}), so masks "
+                f"are the files whose names end with one of data.mask_suffixes {suffixes} (e.g. "
+                f"'a{suffixes[0]}.png' for 'a.png'), but none of its {len(images)} files does. "
+                "Set data.mask_dir to the folder of the masks, or data.mask_suffixes to how "
+                "their names end."
+            )
         if not images:
             raise LungsegError(
                 f"Every image file in {image_dir} ends with a mask suffix from "
