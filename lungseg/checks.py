@@ -8,6 +8,7 @@ the setting, its value and what to give instead; the first bad setting raises.
 """
 
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from difflib import get_close_matches
@@ -54,6 +55,18 @@ def require(ok: bool, key: str, value: Any, wanted: str, example: str) -> None:
     """LungsegError "<key> is <value>; give <wanted> (e.g. <example>)." unless ok."""
     if not ok:
         raise LungsegError(f"{key} is {shown(value)}; give {wanted} (e.g. {example}).")
+
+
+def same(current: Any, configured: Any, rel_tol: float = 1e-9) -> bool:
+    """A restored setting equals the configured one: numbers within ``rel_tol`` (rounding), a
+    list equal to a tuple item by item (Adam's betas, a checkpoint's mean/std)."""
+    if isinstance(current, tuple | list) and isinstance(configured, tuple | list):
+        return len(current) == len(configured) and all(
+            same(a, b, rel_tol) for a, b in zip(current, configured, strict=True)
+        )
+    if isinstance(current, float | int) and isinstance(configured, float | int):
+        return math.isclose(current, configured, rel_tol=rel_tol, abs_tol=0.0)
+    return current == configured
 
 
 def check_overwrite(value: Any) -> None:

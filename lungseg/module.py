@@ -2,7 +2,6 @@
 each built from a plain dict of its Hydra config."""
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 
 from lungseg.callbacks import FitScheduleToTime, set_cosine_length
+from lungseg.checks import same as _same
 from lungseg.errors import LungsegError
 from lungseg.metrics import SegmentationMetrics, predicted_classes
 
@@ -537,13 +537,3 @@ def _apply_plateau_settings(
         if mode_changed:
             scheduler.best, scheduler.num_bad_epochs = scheduler.mode_worse, 0
     return changed
-
-
-def _same(current: Any, configured: Any) -> bool:
-    """A restored optimiser or scheduler setting equals the configured one (floats within
-    rounding; a configured list equals a restored tuple, e.g. Adam's betas)."""
-    if isinstance(current, tuple | list) and isinstance(configured, tuple | list):
-        return len(current) == len(configured) and all(map(_same, current, configured))
-    if isinstance(current, float | int) and isinstance(configured, float | int):
-        return math.isclose(current, configured, rel_tol=1e-9, abs_tol=0.0)
-    return current == configured

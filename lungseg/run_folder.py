@@ -4,7 +4,6 @@ repeat the run (``environment.json``: package versions, platform, git commit).""
 import csv
 import json
 import logging
-import math
 import platform
 import shlex
 import subprocess
@@ -25,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities import rank_zero_only
 
-from lungseg.checks import shown
+from lungseg.checks import same, shown
 from lungseg.data.splits import listed_splits
 from lungseg.errors import LungsegError
 
@@ -231,21 +230,18 @@ def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) ->
     would end it again. (Lightning would then train nothing, or one epoch, and the run's
     metrics.json and best checkpoint would be written again.)"""
     done = int(checkpoint.get("epoch", -1)) + 1  # saved at the end of an epoch
-    max_epochs = cfg.trainer.get("max_epochs")
-    if max_epochs is not None and 0 <= max_epochs <= done:
-        raise LungsegError(
-            f"{path} has trained {done} epochs and trainer.max_epochs is {max_epochs}: nothing "
-            f"is left to train. Give trainer.max_epochs above {done} to train it further, or "
-            f"score it with `python eval.py ckpt_path={path}`."
-        )
     steps = int(checkpoint.get("global_step", 0))
-    max_steps = cfg.trainer.get("max_steps")
-    if max_steps is not None and 0 <= max_steps <= steps:
-        raise LungsegError(
-            f"{path} has trained {steps} optimiser steps and trainer.max_steps is {max_steps}: "
-            f"nothing is left to train. Give trainer.max_steps above {steps} (or -1: no limit) "
-            f"to train it further, or score it with `python eval.py ckpt_path={path}`."
-        )
+    for key, count, unit, unlimited in (
+        ("max_epochs", done, "epochs", ""),
+        ("max_steps", steps, "optimiser steps", " (or -1: no limit)"),
+    ):
+        limit = cfg.trainer.get(key)
+        if limit is not None and 0 <= limit <= count:
+            raise LungsegError(
+                f"{path} has trained {count} {unit} and trainer.{key} is {limit}: nothing is "
+                f"left to train. Give trainer.{key} above {count}{unlimited} to train it "
+                f"further, or score it with `python eval.py ckpt_path={path}`."
+            )
     max_time = cfg.trainer.get("max_time")
     timer = (checkpoint.get("callbacks") or {}).get("Timer") or {}
     used = (timer.get("time_elapsed") or {}).get("train")  # what Lightning's Timer restores
@@ -456,7 +452,9 @@ def check_same_preparation(
     differ = [
         f"{key} {shown(data_info[key])} (the checkpoint: {shown(before[key])})"
         for key in PREPARATION
-        if key in before and key in data_info and not _same_value(before[key], data_info[key])
+        if key in before
+        and key in data_info
+        and not same(before[key], data_info[key], rel_tol=1e-6)
     ]
     if not differ:
         return
@@ -476,15 +474,6 @@ def check_same_preparation(
         f"settings it was trained with (config.yaml in its run folder), or fine-tune its "
         f"weights on this data in a new run folder: ckpt_path={path} with hydra.run.dir unset."
     )
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    """Equal, floats to within rounding (the statistics are recomputed), lists item by item."""
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(map(_same_value, a, b))
-    if isinstance(a, float | int) and isinstance(b, float | int):
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    return a == b
 
 
 def check_same_classes(path: str, checkpoint: dict[str, Any], data_info: dict[str, Any]) -> None:
