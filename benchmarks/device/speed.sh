@@ -34,7 +34,7 @@ else
   line=("$python" train.py model=deeplab trainer.gpus=1)
   common=(--device cuda --precision bf16-mixed --channels-last --width 64 --steps 8 --warmup 3)
   bench=("${common[@]}" --repeats 3)
-  sizes="512/16 256/32" compiled=(--size 512 --batch 32) profile=256/32
+  sizes=${SIZES:-512/16 256/32} compiled=(--size 512 --batch 32) profile=256/32
 fi
 read -r -a loader <<< "${LOADER:---workers 0 --device-cache}"
 STEPS=" ${STEPS:-line cache rows profile compiled} "
@@ -65,6 +65,19 @@ rm -rf outputs/device_deeplab_cache
 step 120 "cache (the line with augmentation=device)" "${line[@]}" augmentation=device \
   trainer.enable_progress_bar=false hydra.run.dir=outputs/device_deeplab_cache 2>&1 \
   | grep -E "device_cache|test/dice |Error" | tee "$OUT/deeplab_cache.txt"
+# the GPU paths changed on 2026-11-28 without a GPU (STEPS kind "paths", not in the default):
+# the EMA average on the training device, bf16-true weights, the post-processed test (flips,
+# min_size) on the run's device, the device cache copied as training starts
+rm -rf outputs/device_paths
+step 120 "paths (EMA, bf16-true, post-processed test)" "${line[@]}" callbacks.ema.enabled=true \
+  trainer.precision=bf16-true augmentation=device postprocess.min_size=4 \
+  'postprocess.tta_flips=[horizontal]' trainer.max_epochs=10 trainer.enable_progress_bar=false \
+  hydra.run.dir=outputs/device_paths 2>&1 | grep -E "device_cache|EMA|Error|error|Traceback" \
+  | tee "$OUT/paths.txt"
+[ -f outputs/device_paths/metrics.json ] && python3 -c '
+import json; m = json.load(open("outputs/device_paths/metrics.json"))
+print({k: v for k, v in m.items() if k.startswith(("test/dice", "test_post/dice", "best"))})' \
+  | tee -a "$OUT/paths.txt"
 for sb in $sizes; do  # rows are printed as they are measured
   for model in unet fcn segnet deeplab; do
     step 75 "$model at ${sb%/*} px" python3 benchmarks/throughput.py "${bench[@]}" \
