@@ -124,3 +124,23 @@ def test_the_loss_mean_weights_batches_by_images_without_a_nan_check():
     assert mean.compute().item() == pytest.approx(1.0)
     mean.update(torch.tensor(float("nan")), weight=1)
     assert torch.isnan(mean.compute())
+
+
+def test_the_loss_mean_takes_a_number_of_images_without_copying_it_to_the_device(monkeypatch):
+    """MeanMetric turns a number weight into a tensor on the metric's device
+    (torch.as_tensor(weight, device=cuda)): a copy from host memory that waited for the GPU
+    at every training step. _LossMean multiplies the number in on the device instead."""
+    from lungseg.module import _LossMean
+
+    mean = _LossMean()
+
+    def copied(*args, **kwargs):
+        raise AssertionError("the weight was copied to the device")
+
+    monkeypatch.setattr(torch, "as_tensor", copied)
+    mean.update(torch.tensor(0.9), weight=2)
+    mean.update(torch.tensor([1.2]), weight=1)
+    monkeypatch.undo()
+    assert mean.compute().item() == pytest.approx(1.0)
+    mean.update(torch.tensor([3.0, 1.0]), weight=torch.tensor([1.0, 3.0]))  # tensors: MeanMetric's
+    assert mean.compute().item() == pytest.approx((1.8 + 1.2 + 3.0 + 3.0) / 7)
