@@ -91,6 +91,15 @@ def accelerator_settings(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
                 f"{asked} asks for {wanted} GPUs but this machine has {count}; "
                 f"use trainer.gpus={count} or fewer."
             )
+        if isinstance(wanted, (list, tuple)):
+            absent = [i for i in wanted if not isinstance(i, int) or not 0 <= i < count]
+            if absent:
+                raise LungsegError(
+                    f"{asked} asks for GPU {', '.join(map(str, absent))}, but this machine has "
+                    f"{count} (numbered 0 to {count - 1}); name GPUs among those, e.g. "
+                    f"trainer.gpus=[{', '.join(map(str, range(min(len(wanted), count))))}], or "
+                    f"give a number: trainer.gpus={min(len(wanted), count)}."
+                )
     accelerator = cfg.get("accelerator", "auto")
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if cfg.get("sync_batchnorm") and not on_gpu:

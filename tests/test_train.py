@@ -479,6 +479,11 @@ def test_gpus_key_maps_to_accelerator(monkeypatch):
     assert accelerator_settings({"gpus": None, "accelerator": "auto"}) == {"accelerator": "auto"}
     with pytest.raises(LungsegError, match="has 2"):
         accelerator_settings({"gpus": 4})
+    # GPU indices the machine lacks: one sentence naming them, not Lightning's traceback
+    with pytest.raises(
+        LungsegError, match=r"asks for GPU 2, .*has 2 \(numbered 0 to 1\).*\[0, 1\]"
+    ):
+        accelerator_settings({"gpus": [0, 2]})
 
 
 def test_gpus_on_a_cpu_machine_is_one_clear_error(monkeypatch):
