@@ -11,9 +11,11 @@ test_datamodule.py (settings)."""
 import csv
 import logging
 import re
+import struct
 import subprocess
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import cv2
@@ -25,7 +27,7 @@ from test_inference import write_pairs
 
 from lungseg.checks import check_settings
 from lungseg.data.datamodule import SegDataModule
-from lungseg.data.folders import check_data_dirs, write_image
+from lungseg.data.folders import check_data_dirs, read_image, write_image
 from lungseg.errors import LungsegError, user_error
 from lungseg.evaluate import evaluate
 from lungseg.train import train
@@ -344,6 +346,64 @@ def test_mask_values_outside_the_declared_classes(make_cfg, tmp_path, mode):
         assert "class ids 7" in message and "data.num_classes to at least 8" in message
     else:
         assert "(255, 128, 0): 4 pixels" in message and "Add them to data.palette" in message
+
+
+def test_jpeg_masks_in_index_mode_are_refused(make_cfg, tmp_path):
+    """JPEG noise along the edges was read as class ids (an extra class of 0.3 % pixels)."""
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    for path in sorted(mask_dir.glob("*.png")):
+        cv2.imwrite(str(path.with_suffix(".JPG")), cv2.imread(str(path), cv2.IMREAD_UNCHANGED))
+        path.unlink()
+    message = error_of(folders(make_cfg, image_dir, mask_dir))
+    assert f"Mask {mask_dir / 'img0.JPG'} is a JPEG" in message
+    assert "Save index masks as PNG" in message and "data.mask_mode=binary" in message
+
+
+def png_grey_alpha(grey: np.ndarray, alpha: np.ndarray) -> bytes:
+    """An 8-bit grey + alpha PNG (colour type 4), as image editors write; cv2 cannot."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    h, w = grey.shape
+    rows = b"".join(b"\0" + row.tobytes() for row in np.dstack([grey, alpha]))
+    header = struct.pack(">IIBBBBB", w, h, 8, 4, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_masks_drawn_in_the_alpha_channel_only_are_refused(make_cfg, tmp_path):
+    """Black RGBA masks whose foreground is their opacity read as empty masks (foreground
+    0.0 %, test Dice 0) when the alpha was dropped."""
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES, "binary")
+    for path in sorted(mask_dir.glob("*.png")):
+        alpha = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(path), np.dstack([np.zeros_like(alpha)] * 3 + [alpha]))  # BGRA
+    message = error_of(folders(make_cfg, image_dir, mask_dir, "data.mask_mode=binary"))
+    assert f"{mask_dir / 'img0.png'} holds its content only in its transparency (alpha)" in message
+    assert "colour is (0, 0, 0) everywhere, while the alpha runs from 0 to 255" in message
+    assert "Save the file with its content in the grey or colour values" in message
+
+    grey_alpha = tmp_path / "grey_alpha.png"  # grey + alpha: white, drawn by its opacity
+    grey_alpha.write_bytes(
+        png_grey_alpha(np.full((6, 8), 255, np.uint8), np.full((6, 8), 7, np.uint8))
+    )
+    assert read_image(grey_alpha).shape == (6, 8, 3)  # one alpha value: nothing hidden there
+    grey_alpha.write_bytes(
+        png_grey_alpha(np.full((6, 8), 255, np.uint8), np.eye(6, 8, 0, np.uint8))
+    )
+    with pytest.raises(LungsegError, match=r"grey_alpha\.png holds its content only .*colour is "):
+        read_image(grey_alpha)
+    # content in the colours as well as the alpha (an overlay with soft edges): read as before
+    bgra = np.dstack([np.eye(6, 8, 0, np.uint8) * 200] * 3 + [np.eye(6, 8, 0, np.uint8) * 255])
+    cv2.imwrite(str(tmp_path / "overlay.png"), bgra)
+    np.testing.assert_array_equal(read_image(tmp_path / "overlay.png")[:, :, 0], bgra[:, :, 0])
 
 
 def test_rgb_mask_in_index_mode(make_cfg, tmp_path):

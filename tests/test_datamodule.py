@@ -693,21 +693,125 @@ def test_foreground_oversampling_under_ddp_gives_disjoint_shards_with_the_batch_
     assert dm.train_dataloader().drop_last is True
 
 
-def test_a_stray_mask_value_is_named_not_trained_in_silence(tmp_path, caplog):
+def test_a_stray_mask_value_stops_the_run_not_trained_in_silence(tmp_path, caplog):
+    """Was a warning (and an 8-class network); now the run stops with the same facts."""
     image_dir, mask_dir, masks = write_data(tmp_path, n=10)
     mask = masks["case03"].copy()
     mask[0, 0] = 7  # one pixel of a value no other mask holds
     cv2.imwrite(str(mask_dir / "case03.png"), mask)
+    with pytest.raises(LungsegError) as info:
+        make_dm(image_dir, mask_dir, image_size=[H, W])
+    message = str(info.value)
+    assert "largest class value is 7 (1 pixels, in 1 masks: case03)" in message
+    assert "the values 3-6 occur in no mask" in message and "hold the values 0, 1, 2, 7" in message
+    assert "data.num_classes=8 (and data.class_names)" in message
+    assert "data.mask_mode=binary" in message and "fix those masks" in message
+    assert make_dm(image_dir, mask_dir, num_classes=8).num_classes == 8  # "the classes are right"
+
     with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
-        dm = make_dm(image_dir, mask_dir, image_size=[H, W])
-    assert dm.num_classes == 8  # the masks say so; the warning says why
-    assert "largest class value is 7 (1 pixels, in 1 masks: case03)" in caplog.text
-    assert "the values 3-6 occur in no mask" in caplog.text and "data.num_classes=8" in caplog.text
+        assert make_dm(*write_data(tmp_path / "clean", n=10)[:2]).num_classes == 3
+    assert "largest class value" not in caplog.text
+
+
+def test_grey_coded_index_masks_stop_the_run_and_the_grey_palette_it_names_reads_them(tmp_path):
+    """0/128/255 masks in index mode made a 256-class network (test Dice 0.0014)."""
+    image_dir, mask_dir, masks = write_data(tmp_path, n=10)
+    levels = np.array([0, 128, 255], np.uint8)
+    for name, mask in masks.items():
+        cv2.imwrite(str(mask_dir / f"{name}.png"), levels[mask])
+    with pytest.raises(LungsegError) as info:
+        make_dm(image_dir, mask_dir)
+    message = str(info.value)
+    assert "largest class value is 255" in message and "in 10 masks: case00" in message
+    assert "the values 1-127, 129-254 occur in no mask" in message
+    assert "the masks hold the values 0, 128, 255" in message
+    assert "data.num_classes=256" in message
+    palette = "[[0,0,0],[128,128,128],[255,255,255]]"
+    assert "data.mask_mode=palette with a grey palette, class i the i-th level: " in message
+    assert f"data.palette={palette}" in message and "data.mask_mode=binary" in message
+    grey = [[0, 0, 0], [128, 128, 128], [255, 255, 255]]  # the palette it names
+    dm = make_dm(image_dir, mask_dir, mask_mode="palette", palette=grey)
+    assert dm.num_classes == 3
+    for dataset in datasets(dm):
+        for name, mask in zip(dataset.names, dataset.masks, strict=True):
+            np.testing.assert_array_equal(mask, masks[name])
+
+
+def test_a_class_only_at_full_size_is_counted_and_its_loss_to_the_resize_named(tmp_path, caplog):
+    """A 3x3-pixel class in 128-px masks vanishes at 32 px: it is counted at the masks' own
+    size (eval.py scores the full-size masks with it), with a warning."""
+    image_dir, mask_dir, masks = write_data(tmp_path, n=10, sizes=[(128, 128)])
+    for name, mask in masks.items():
+        mask[3:6, 3:6] = 3
+        cv2.imwrite(str(mask_dir / f"{name}.png"), mask)
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
+        dm = make_dm(image_dir, mask_dir, image_size=[32, 32])
+    assert dm.num_classes == 4 and dm.class_names[3] == "class_3"
+    assert all(3 not in m for ds in datasets(dm) for m in ds.masks)
+    assert (
+        "class 'class_3' (id 3) is in 10 masks (case00, case01, case02, case03, case04, ...; "
+        "at most 9 pixels in one) at the masks' own size but in none after the resize to "
+        "data.image_size=[32, 32]"
+    ) in caplog.text
+    assert "larger data.image_size" in caplog.text
+    assert "training masks (" not in caplog.text  # not named again as absent from training
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
+        assert make_dm(image_dir, mask_dir, image_size=[128, 128]).num_classes == 4
+    assert "after the resize" not in caplog.text
+
+
+def test_training_masks_without_foreground_stop_the_run(tmp_path):
+    image_dir, mask_dir, masks = write_data(tmp_path, n=10, mode="binary")
+    for name, mask in masks.items():
+        cv2.imwrite(str(mask_dir / f"{name}.png"), np.zeros_like(mask))
+    with pytest.raises(LungsegError) as info:
+        make_dm(image_dir, mask_dir, mask_mode="binary")
+    message = str(info.value)
+    assert "None of the 6 training masks holds a foreground pixel" in message
+    assert "data.mask_mode=binary" in message and f"data.mask_dir ({mask_dir})" in message
+    assert "every mask is empty" in message
+
+    # foreground in the test masks only: the split is named too
+    cv2.imwrite(str(mask_dir / "case09.png"), masks["case09"] * 255)
+    split = tmp_path / "split.csv"
+    rows = [f"case{i:02d},{'test' if i >= 8 else 'val' if i >= 6 else 'train'}" for i in range(10)]
+    split.write_text("file,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(LungsegError, match=r"only 1 of the 2 test masks hold foreground"):
+        make_dm(image_dir, mask_dir, mask_mode="binary", split_file=str(split))
+
+
+def test_a_class_absent_from_the_training_split_is_named(tmp_path, caplog):
+    image_dir, mask_dir, masks = write_data(tmp_path, n=10)
+    for name in ("case08", "case09"):
+        mask = masks[name].copy()
+        mask[30:36, 2:8] = 3
+        cv2.imwrite(str(mask_dir / f"{name}.png"), mask)
+    split = tmp_path / "split.csv"
+    rows = [f"case{i:02d},{'test' if i == 9 else 'val' if i == 8 else 'train'}" for i in range(10)]
+    split.write_text("file,split\n" + "\n".join(rows) + "\n")
+    names = ["background", "lung", "tumour", "nodule"]
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
+        dm = make_dm(image_dir, mask_dir, split_file=str(split), class_names=names)
+    assert dm.num_classes == 4
+    assert (
+        "Class has no pixel in the 8 training masks ('nodule' in 1 val and 1 test masks)"
+    ) in caplog.text
+    assert "data.group_pattern" in caplog.text
+
+    caplog.clear()  # and a class in no mask at all (data.num_classes above the masks' ids)
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
+        make_dm(image_dir, mask_dir, split_file=str(split), num_classes=5)
+    assert (
+        "Classes have no pixel in the 8 training masks ('class_3' in 1 val and 1 test masks, "
+        "'class_4' in no mask of any split)"
+    ) in caplog.text
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
         make_dm(*write_data(tmp_path / "clean", n=10)[:2])
-    assert "largest class value" not in caplog.text
+    assert "training masks" not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@ import logging
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -87,6 +88,82 @@ def test_grey_level_binary_masks_are_cut_halfway_with_one_warning_per_folder(cap
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(folder / "a.jpg") in warnings[0]
     assert "half of 255" in warnings[0] and "0/255 or 0/1 PNGs" in warnings[0]
+
+
+@pytest.mark.parametrize("name", ["case 1.jpg", "case 1.JPEG", "case 1.jpeg"])
+def test_jpeg_index_mask_is_an_error(name):
+    """Lossy compression changes class ids along every edge: 1 next to 0 becomes 0, 1, 2 ...,
+    which index mode would read as classes."""
+    with pytest.raises(LungsegError) as info:
+        decode_mask(INDEX, "index", Path("masks") / name, num_classes=4)
+    message = str(info.value)
+    assert f"Mask masks/{name} is a JPEG" in message
+    assert "Save index masks as PNG" in message and "data.mask_mode=binary" in message
+    # PNG index masks and JPEG binary masks are read as before
+    np.testing.assert_array_equal(decode_mask(INDEX, "index", PATH, num_classes=4), INDEX)
+    binary = decode_mask(np.array([[0, 255]], np.uint8), "binary", Path("masks") / name)
+    np.testing.assert_array_equal(binary, [[0, 1]])
+
+
+def ellipses(levels, size=48):
+    """(size, size) uint8 mask: background 0, a left ellipse of levels[1], a right one of
+    levels[2], a small square of levels[3] (where given)."""
+    mask = np.zeros((size, size), np.uint8)
+    for value, x in zip(levels[1:3], (0.3, 0.7), strict=False):
+        cv2.ellipse(mask, (int(size * x), size // 2), (size // 7, size // 4), 0, 0, 360, value, -1)
+    if len(levels) > 3:
+        mask[size // 8 : size // 4, size // 8 : size // 4] = levels[3]
+    return mask
+
+
+@pytest.mark.parametrize("levels", [(0, 60, 255), (0, 85, 170, 255), (0, 128, 255)])
+def test_grey_coded_binary_masks_keep_every_non_zero_pixel(caplog, tmp_path, levels):
+    """Classes coded as grey levels fill regions of their own: binary mode takes them all as
+    foreground (its documented rule), not only those above half the top value."""
+    gray = ellipses(levels)
+    folder = tmp_path / "masks"  # one warning per folder and session
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        for name in ("a.png", "b.png"):
+            decoded = decode_mask(gray, "binary", folder / name)
+            np.testing.assert_array_equal(decoded, (gray > 0).astype(np.uint8))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(folder / "a.png") in warnings[0]
+    listed = ", ".join(str(v) for v in levels)
+    assert f"several grey levels ({listed})" in warnings[0]
+    assert "every non-zero pixel as foreground" in warnings[0]
+    palette = ",".join(f"[{v},{v},{v}]" for v in levels)
+    assert "data.mask_mode=index" in warnings[0] and f"data.palette=[{palette}]" in warnings[0]
+    assert "half of" not in warnings[0]
+
+
+def jpeg(mask, quality):
+    ok, data = cv2.imencode(".jpg", mask, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: jpeg(m, 75),
+        lambda m: jpeg(m, 95),
+        # 2x downscaling gives 5 values only (0, 64, 128, 191, 255), and at 24 px its edges
+        # are 42 % of the foreground: the levels are lines, not regions
+        lambda m: cv2.resize(m, (24, 24), interpolation=cv2.INTER_LINEAR),
+        lambda m: cv2.resize(m, (24, 24), interpolation=cv2.INTER_AREA),
+        lambda m: cv2.resize(m, (12, 12), interpolation=cv2.INTER_AREA),
+        lambda m: cv2.resize(m, (96, 96), interpolation=cv2.INTER_LINEAR),
+    ],
+    ids=["jpeg75", "jpeg95", "linear-half", "area-half", "area-quarter", "linear-double"],
+)
+def test_jpeg_and_anti_aliased_binary_masks_are_still_cut_halfway(caplog, tmp_path, make):
+    gray = make(ellipses((0, 255, 255)))
+    assert len(np.unique(gray)) > 2
+    folder = tmp_path / "masks"
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        decoded = decode_mask(gray, "binary", folder / "a.png")
+    np.testing.assert_array_equal(decoded, (gray > 127.5).astype(np.uint8))
+    assert "half of 255" in caplog.text and "several grey levels" not in caplog.text
 
 
 def test_palette_mask():

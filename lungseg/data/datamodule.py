@@ -37,7 +37,13 @@ from lungseg.data.folders import (
     mask_folders,
     read_image_oriented,
 )
-from lungseg.data.masks import MASK_MODES, check_layered_mode, decode_layers, default_colors
+from lungseg.data.masks import (
+    MASK_MODES,
+    check_layered_mode,
+    decode_layers,
+    default_colors,
+    grey_palette,
+)
 from lungseg.errors import LungsegError
 
 log = logging.getLogger(__name__)
@@ -488,6 +494,9 @@ class SegDataModule(pl.LightningDataModule):
         self._window = window  # checked by scale_intensity
         # image (its path below data.image_dir): (bits, largest value)
         self._bit_depths: dict[str, tuple[int, int]] = {}
+        # pair's stem: (the class ids its mask holds at its own size, their pixel counts);
+        # the classes are counted there, before the resize to image_size can lose small ones
+        self._full_classes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         # pair: (image's, mask's EXIF orientation) where they differ; see check_orientations
         self._turned: dict[Pair, tuple[int, int, Path]] = {}
         self.skipped: list[tuple[Path, str]] = []  # data.strict=false: (file, reason)
@@ -570,6 +579,7 @@ class SegDataModule(pl.LightningDataModule):
             *self._data_dirs(), self._mask_suffixes, self._strict, self.skipped, self._recursive
         )
         self._bit_depths.clear()
+        self._full_classes.clear()
         self._turned.clear()
         pairs, images, masks = self._decode_all(pairs)
         check_orientations({p: self._turned[p] for p in pairs if p in self._turned})
@@ -591,8 +601,9 @@ class SegDataModule(pl.LightningDataModule):
             self._num_folds,
             self._fold,
         )
+        full = [self._full_classes[n] for n in names]  # class ids at the masks' own size
         if self._num_classes is None:  # index masks without data.num_classes
-            self._num_classes = _infer_num_classes(names, masks)
+            self._num_classes = _infer_num_classes(names, full)
         soft = None
         if self._soft_masks:  # full-size masks (classes were not known) → fractions
             soft = [
@@ -602,6 +613,13 @@ class SegDataModule(pl.LightningDataModule):
             masks = [transforms.hard_mask(transforms.soft_target(m)) for m in soft]
         self._class_names = self._resolve_class_names()
         members = {s: [i for i, n in enumerate(names) if split[n] == s] for s in splits.SPLITS}
+        self._check_foreground(members, full)
+        # (N, K): which classes each mask holds as trained (soft masks: any fraction)
+        held = np.zeros((len(masks), self._num_classes), bool)
+        for i, mask in enumerate(soft or masks):
+            held[i] = _held_classes(mask, self._num_classes)
+        lost = self._warn_lost_classes(names, full, held)
+        self._warn_untrained_classes(members, held, lost)
         self._warn_sided_classes([masks[i] for i in members["train"]])
         train_images = [images[i] for i in members["train"]]
         if self._normalize == "dataset":
@@ -845,6 +863,9 @@ class SegDataModule(pl.LightningDataModule):
         mask = decode_layers(
             raw_masks, pair.masks, self._mask_mode, self._palette, self._num_classes
         )
+        counts = np.bincount(mask.ravel())  # uint8 class ids: at most 256 counts
+        present = np.flatnonzero(counts)
+        self._full_classes[pair.stem] = (present, counts[present])  # one key per thread
         image = transforms.preprocess(raw, self._image_info(), pair.image)
         if raw.dtype in (np.uint8, np.uint16):  # of the pairs used: _check_bit_depths, data_info
             self._bit_depths[f"{pair.stem}{pair.image.suffix}"] = (
@@ -855,6 +876,96 @@ class SegDataModule(pl.LightningDataModule):
             k = self._num_classes
             return image, mask if k is None else transforms.soft_mask(mask, k, self._image_size)
         return image, transforms.resize_mask(mask, self._image_size)
+
+    def _check_foreground(
+        self, members: Mapping[str, list[int]], full: Sequence[tuple[np.ndarray, np.ndarray]]
+    ) -> None:
+        """LungsegError when no training mask holds a pixel of any class but 0 (at the
+        masks' own size): the wrong folder, a mask mode that reads the masks as empty, or
+        masks drawn in a way lungseg does not read."""
+        train = members["train"]
+        if not train or any(full[i][0][-1] > 0 for i in train):
+            return
+        others = {
+            s: sum(full[i][0][-1] > 0 for i in members[s]) for s in splits.SPLITS if s != "train"
+        }
+        if any(others.values()):
+            found = " and ".join(
+                f"{n} of the {len(members[s])} {s} masks" for s, n in others.items() if n
+            )
+            found = f"; only {found} hold foreground, so check the split too"
+        else:
+            found = ", nor does any val or test mask: every mask is empty"
+        folders = ", ".join(str(f) for f in self._layers) if self._layers else "the demo data"
+        raise LungsegError(
+            f"None of the {len(train)} training masks holds a foreground pixel (every pixel "
+            f"reads as class 0, background, with data.mask_mode={self._mask_mode}){found}. "
+            f"Check that data.mask_dir ({folders}) is the folder of the masks, not another one "
+            f"with the same file names, and that data.mask_mode fits how they store the "
+            f"classes: index (class ids 1, 2, ... as grey values), binary (non-zero = "
+            f"foreground) or palette (the colours of data.palette)."
+        )
+
+    def _warn_lost_classes(
+        self,
+        names: Sequence[str],
+        full: Sequence[tuple[np.ndarray, np.ndarray]],
+        held: np.ndarray,
+    ) -> set[int]:
+        """The classes some mask holds at its own size (``full``: its class ids and pixel
+        counts) but none after the resize to data.image_size (``held``: (N, K) bool), too
+        small to survive it, with a warning naming them and the masks that hold them: the
+        network would have an output it never trains."""
+        k = self._num_classes
+        largest = np.zeros(k, np.int64)  # the most pixels of each class in one full mask
+        for ids, counts in full:
+            kept = ids < k
+            largest[ids[kept]] = np.maximum(largest[ids[kept]], counts[kept])
+        lost = [c for c in range(1, k) if largest[c] and not held[:, c].any()]
+        if lost:
+            holders = {
+                c: [n for n, (ids, _) in zip(names, full, strict=True) if c in ids] for c in lost
+            }
+            log.warning(
+                "%s at the masks' own size but in none after the resize to data.image_size=%s "
+                "(too small to survive it), so the network has an output it never trains. "
+                "Give a larger data.image_size.",
+                "; ".join(
+                    f"class {self._class_names[c]!r} (id {c}) is in {len(holders[c])} masks "
+                    f"({_listed(holders[c])}; at most {largest[c]} pixels in one)"
+                    for c in lost
+                ),
+                list(self._image_size),
+            )
+        return set(lost)
+
+    def _warn_untrained_classes(
+        self, members: Mapping[str, list[int]], held: np.ndarray, lost: set[int]
+    ) -> None:
+        """A warning naming each class that no training mask holds (as trained, at
+        data.image_size; ``held``: (N, K) bool) with how many val and test masks hold it;
+        the classes ``lost`` by the resize have their own warning."""
+        train = members["train"]
+        if not train:
+            return
+        counts = {s: held[ids].sum(axis=0) for s, ids in members.items()}
+        absent = [c for c in range(self._num_classes) if not counts["train"][c] and c not in lost]
+        if not absent:
+            return
+
+        def where(c: int) -> str:
+            found = [f"{counts[s][c]} {s}" for s in splits.SPLITS if s != "train" and counts[s][c]]
+            return f"in {' and '.join(found)} masks" if found else "in no mask of any split"
+
+        log.warning(
+            "%s no pixel in the %d training masks (%s), so the network has an output it never "
+            "trains. Where val or test masks hold it, split by patient (data.group_pattern) "
+            "or with a data.split_file so that training masks hold it too, or add data that "
+            "holds it; for a class in no mask at all check data.num_classes or data.palette.",
+            "Class has" if len(absent) == 1 else "Classes have",
+            len(train),
+            ", ".join(f"{self._class_names[c]!r} {where(c)}" for c in absent),
+        )
 
     def _warn_sided_classes(self, train_masks: list[np.ndarray]) -> None:
         """A warning when the training augmentation flips images left-right while classes
@@ -1271,31 +1382,51 @@ def _check_bit_depths(depths: Mapping[str, tuple[int, int]], normalize: str) -> 
         )
 
 
-def _infer_num_classes(names: Sequence[str], masks: Sequence[np.ndarray]) -> int:
-    """The class count of index masks without data.num_classes: their largest value + 1. A
-    warning names the masks that hold it when values below it occur in no mask (one stray
-    value, e.g. 7 in 0/1 masks, would otherwise make an 8-class network in silence)."""
-    counts = sum(np.bincount(m.ravel(), minlength=256)[:256] for m in masks)
-    largest = int(np.flatnonzero(counts).max()) if counts.any() else 0
+def _infer_num_classes(names: Sequence[str], full: Sequence[tuple[np.ndarray, np.ndarray]]) -> int:
+    """The class count of index masks without data.num_classes: their largest value + 1,
+    counted at each mask's own size (``full``: each mask's class ids and their pixel
+    counts), before the resize to image_size can lose a small class. A LungsegError names
+    the masks that hold the largest value when values below it occur in no mask (one stray
+    value, e.g. 7 in 0/1 masks, or classes coded as grey levels, 0/128/255, would otherwise
+    make an 8- or 256-class network)."""
+    counts = np.zeros(256, np.int64)
+    for ids, pixels in full:
+        counts[ids] += pixels
+    values = np.flatnonzero(counts)
+    largest = int(values.max()) if values.size else 0
     missing = [v for v in range(1, largest) if counts[v] == 0]
     if missing:
-        holders = [n for n, m in zip(names, masks, strict=True) if (m == largest).any()]
-        listed = ", ".join(holders[:_SHOW]) + (", ..." if len(holders) > _SHOW else "")
-        log.warning(
-            "The masks' largest class value is %d (%d pixels, in %d masks: %s), so %d classes "
-            "are trained, but the values %s occur in no mask. If %d is a stray value, fix those "
-            "masks (or give data.mask_mode=binary for 0/non-zero masks); if the classes are "
-            "right, give data.num_classes=%d (and data.class_names) to say so.",
-            largest,
-            counts[largest],
-            len(holders),
-            listed,
-            largest + 1,
-            _ranges(missing),
-            largest,
-            largest + 1,
+        holders = [n for n, (ids, _) in zip(names, full, strict=True) if largest in ids]
+        shown = ", ".join(str(v) for v in values[:10].tolist())
+        if values.size > 10:
+            shown += f", ... ({values.size} values in total)"
+        # the levels themselves where they look like grey-coded classes (spread over 0-255)
+        spread = values.size <= 10 and largest >= 128
+        levels = grey_palette(values) if spread else "[[0,0,0],[128,128,128],[255,255,255]]"
+        raise LungsegError(
+            f"The masks' largest class value is {largest} ({counts[largest]} pixels, in "
+            f"{len(holders)} masks: {_listed(holders)}), so {largest + 1} classes would be "
+            f"trained, but the values {_ranges(missing)} occur in no mask; the masks hold the "
+            f"values {shown}. If the classes are right, give data.num_classes={largest + 1} "
+            f"(and data.class_names). If the values code classes as grey levels, set "
+            f"data.mask_mode=palette with a grey palette, class i the i-th level: "
+            f"data.palette={levels}. For black/white or JPEG masks set data.mask_mode=binary. "
+            f"If {largest} is a stray value, fix those masks."
         )
     return max(2, largest + 1)
+
+
+def _held_classes(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) bool: the classes a (H, W) class-id mask holds a pixel of, or a
+    (H, W, K) soft mask a fraction of."""
+    if mask.ndim == 3:
+        return mask.reshape(-1, mask.shape[2]).any(axis=0)[:num_classes]
+    return np.bincount(mask.ravel(), minlength=num_classes)[:num_classes] > 0
+
+
+def _listed(names: Sequence[str]) -> str:
+    """The first _SHOW names, ", ..." after them when there are more."""
+    return ", ".join(names[:_SHOW]) + (", ..." if len(names) > _SHOW else "")
 
 
 def _ranges(values: Sequence[int]) -> str:

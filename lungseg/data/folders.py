@@ -710,8 +710,9 @@ def check_orientations(turned: Mapping[Pair, tuple[int, int, Path]]) -> None:
 
 def read_image(path: str | Path) -> np.ndarray:
     """Raw pixels as stored: (H, W) for grayscale or (H, W, 3) in RGB order; dtype uint8,
-    uint16 (16-bit is kept) or float32 (float TIFF). An alpha channel is dropped. A JPEG or
-    PNG with an EXIF orientation is turned as image viewers show it (``exif_orientation``).
+    uint16 (16-bit is kept) or float32 (float TIFF). An alpha channel is dropped (a file whose
+    content is in its alpha alone is a LungsegError). A JPEG or PNG with an EXIF orientation is
+    turned as image viewers show it (``exif_orientation``).
 
     Reads through np.fromfile + cv2.imdecode so non-ASCII and space-containing paths work.
     """
@@ -867,8 +868,12 @@ def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _to_rgb(image: np.ndarray, path: Path) -> np.ndarray:
-    """cv2's (H, W, C) BGR[A] → (H, W, 3) RGB, or (H, W) for one channel (+ alpha)."""
+    """cv2's (H, W, C) BGR[A] → (H, W, 3) RGB, or (H, W) for one channel (+ alpha). An alpha
+    channel is dropped; a file whose content is in it alone (the grey or colour values one
+    value everywhere, the alpha varying) is a LungsegError, not a blank image."""
     channels = image.shape[2]
+    if channels in (2, 4):
+        _check_alpha(image, path)
     if channels in (1, 2):
         return image[:, :, 0].copy()
     if channels in (3, 4):
@@ -876,6 +881,26 @@ def _to_rgb(image: np.ndarray, path: Path) -> np.ndarray:
     raise LungsegError(
         f"{path} has {channels} channels; lungseg reads grayscale, RGB or RGBA images. "
         "Save it as a grayscale or RGB file."
+    )
+
+
+def _check_alpha(image: np.ndarray, path: Path) -> None:
+    """LungsegError when an image with an alpha channel (last of 2 or 4) holds its content in
+    the alpha alone: lungseg drops the alpha and would read one flat value (a mask drawn as
+    transparency reads as an empty mask)."""
+    alpha, colour = image[:, :, -1], image[:, :, :-1]
+    if alpha.min() == alpha.max() or not (colour == colour[:1, :1]).all():
+        return
+    grey = colour.shape[2] == 1
+    value = int(colour[0, 0, 0]) if grey else tuple(int(v) for v in colour[0, 0, ::-1])  # RGB
+    raise LungsegError(
+        f"{path} holds its content only in its transparency (alpha) channel: its "
+        f"{'grey value is' if grey else 'colour is'} {value} everywhere, while the alpha runs "
+        f"from {alpha.min()} to {alpha.max()}. lungseg reads the grey or colour values and drops "
+        "the alpha, so it would read a blank image. Save the file with its content in the grey "
+        "or colour values, e.g. its alpha as a grey image (ImageMagick: magick FILE -alpha "
+        "extract OUT.png) or, for white content, flattened onto black (magick FILE -background "
+        "black -alpha remove -alpha off OUT.png)."
     )
 
 

@@ -4,7 +4,10 @@
 - `binary`:  0 = background (class 0), anything else = foreground (class 1); written as 0/255.
              A mask whose values run between 0 and a top value of at least half its type's
              range (JPEG noise, anti-aliased or resized edges: 0, 3, 120, 254, 255 ...) is
-             cut halfway to its top value instead, with a warning.
+             cut halfway to its top value instead, with a warning. A mask of a few grey levels
+             whose in-between levels fill regions of their own (classes coded as grey levels:
+             0/60/255, 0/85/170/255) keeps the rule, every non-zero pixel foreground, with a
+             warning.
 - `palette`: each class has an RGB colour, class i = palette[i].
 
 Masks split over several folders (data.mask_dir as a list, one class a folder, as
@@ -25,6 +28,13 @@ MASK_MODES = ("index", "binary", "palette")
 _SHOWN = 5  # how many offending values an error message lists
 _GOLDEN = 0.618033988749895  # hue step that keeps consecutive class colours far apart
 _GREY_MASK_FOLDERS: set[str] = set()  # folders whose grey-level binary masks were warned of
+_LEVEL_MASK_FOLDERS: set[str] = set()  # folders whose grey-coded binary masks were warned of
+# Binary masks: grey levels that fill regions of their own are classes coded as grey levels,
+# not JPEG noise or anti-aliased edges (which make many values, or thin lines of a few).
+_CODED_LEVELS = 6  # at most this many distinct values, 0 and the top value included
+_CODED_SHARE = 0.25  # in-between levels: at least this share of the non-zero pixels
+_CODED_INTERIOR = 0.5  # and at least this share of them inside a region of their own level
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +49,7 @@ def decode_mask(
     if mode == "index":
         return _decode_index(raw, path, num_classes)
     if mode == "binary":
-        return _decode_binary(raw.max(axis=2) if raw.ndim == 3 else raw, path)
+        return _decode_binary(raw.max(axis=2) if raw.ndim == 3 else raw, path, raw.ndim == 3)
     if mode == "palette":
         return _decode_palette(raw, path, _palette_array(palette, num_classes))
     raise _unknown_mode(mode)
@@ -82,13 +92,38 @@ def check_layered_mode(folders: int, mode: str) -> None:
         )
 
 
-def _decode_binary(gray: np.ndarray, path: Path) -> np.ndarray:
+def _decode_binary(gray: np.ndarray, path: Path, colour: bool = False) -> np.ndarray:
     """0 / non-zero, or, for a grey-level mask, below / above half its top value (see the
-    module's docstring). Index-like masks (0/1, 0/1/2 for two lungs) keep 0 / non-zero."""
+    module's docstring). Index-like masks (0/1, 0/1/2 for two lungs) keep 0 / non-zero, and
+    so do masks of a few grey levels that fill regions of their own (``_grey_coded``).
+    ``colour``: ``gray`` is an RGB mask's largest channel."""
     top = gray.max()
     full = np.iinfo(gray.dtype).max if np.issubdtype(gray.dtype, np.integer) else 1.0
     if 2 * float(top) >= full and ((gray != 0) & (gray != top)).any():
         folder = str(path.parent)
+        levels = np.unique(gray)
+        if _grey_coded(gray, levels):
+            if folder not in _LEVEL_MASK_FOLDERS:
+                _LEVEL_MASK_FOLDERS.add(folder)
+                if colour:
+                    palette = "with the masks' colours in data.palette"
+                elif gray.dtype == np.uint8:
+                    palette = f"with a grey palette, data.palette={grey_palette(levels)}"
+                else:  # palettes are 8-bit
+                    palette = "on the masks saved as 8-bit grey levels with a grey palette"
+                log.warning(
+                    "Mask %s holds several %s levels (%s) that fill regions of their own, "
+                    "so data.mask_mode=binary takes every non-zero pixel as foreground (one "
+                    "class); other such masks in %s are not named. If the levels are classes, "
+                    "keep them apart with data.mask_mode=index (for levels that are the class "
+                    "ids 0, 1, 2, ...) or data.mask_mode=palette %s.",
+                    path,
+                    "brightness" if colour else "grey",
+                    ", ".join(str(v) for v in levels.tolist()),
+                    folder,
+                    palette,
+                )
+            return (gray != 0).astype(np.uint8)
         if folder not in _GREY_MASK_FOLDERS:
             _GREY_MASK_FOLDERS.add(folder)
             log.warning(
@@ -98,12 +133,41 @@ def _decode_binary(gray: np.ndarray, path: Path) -> np.ndarray:
                 "%s are not named. Save masks as 0/255 or 0/1 PNGs to decide the edges yourself.",
                 path,
                 top,
-                len(np.unique(gray)),
+                len(levels),
                 top,
                 folder,
             )
         return (2 * gray.astype(np.float64) > float(top)).astype(np.uint8)
     return (gray != 0).astype(np.uint8)
+
+
+def _grey_coded(gray: np.ndarray, levels: np.ndarray) -> bool:
+    """Whether a grey-level mask's in-between levels (neither 0 nor its top) are regions of
+    their own, as classes coded as grey levels are: few distinct values, the in-between ones
+    a large share of the non-zero pixels, and most of those inside a region of their own level
+    (their four neighbours of the same value). JPEG noise makes many values; anti-aliased or
+    resized edges are lines one or two pixels wide whose pixels have neighbours of other
+    values (2x downscaling makes only five values, 0, 64, 128, 191, 255, and on a small mask
+    its edges can be a large share of the foreground)."""
+    if len(levels) > _CODED_LEVELS:
+        return False
+    between = (gray != 0) & (gray != levels[-1])
+    if between.sum() < _CODED_SHARE * np.count_nonzero(gray):
+        return False
+    padded = np.pad(gray, 1, mode="edge")
+    interior = (
+        (padded[1:-1, :-2] == gray)
+        & (padded[1:-1, 2:] == gray)
+        & (padded[:-2, 1:-1] == gray)
+        & (padded[2:, 1:-1] == gray)
+    )
+    return (interior & between).sum() >= _CODED_INTERIOR * between.sum()
+
+
+def grey_palette(levels: np.ndarray | Sequence[int]) -> str:
+    """data.palette, as typed on the command line, for masks of these 8-bit grey levels:
+    ``[[0,0,0],[128,128,128],[255,255,255]]``."""
+    return "[" + ",".join(f"[{v},{v},{v}]" for v in np.asarray(levels).tolist()) + "]"
 
 
 def encode_mask(
@@ -157,6 +221,13 @@ def _unknown_mode(mode: str) -> LungsegError:
 
 
 def _decode_index(raw: np.ndarray, path: Path, num_classes: int | None) -> np.ndarray:
+    if path.suffix.lower() in _JPEG_SUFFIXES:
+        raise LungsegError(
+            f"Mask {path} is a JPEG, but data.mask_mode=index reads each pixel value as a class "
+            "id, and JPEG's lossy compression changes the values along every edge, which would "
+            "be read as other classes. Save index masks as PNG (lossless), or for black/white "
+            "masks set data.mask_mode=binary, which cuts JPEG noise halfway to white."
+        )
     if raw.ndim == 3:
         if not ((raw[:, :, 0] == raw[:, :, 1]).all() and (raw[:, :, 0] == raw[:, :, 2]).all()):
             raise LungsegError(
