@@ -79,7 +79,7 @@ def make_cfg(args, model: str, workdir: Path):
         f"output_dir={workdir / model}",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
         f"trainer.precision={args.precision}",
-        f"+trainer.max_steps={args.warmup + args.steps}",
+        f"trainer.max_steps={args.warmup + args.steps}",
         "trainer.max_epochs=-1",
         "scheduler=none",  # no epoch count to plan a decay over; the bare loops have none
         "trainer.limit_val_batches=0",

@@ -323,14 +323,22 @@ def warn_trained_on(ckpt_path: str, split: Mapping[str, str]) -> None:
     found = [f"{len(stems)} of its {name} files" for name, stems in seen.items() if stems]
     if found:
         example = next(stems for stems in seen.values() if stems)[:3]
+        new = sorted(s for s in split if s not in before)
+        keep = f"Give data.split_file={saved} to keep that run's split"
+        if new:  # files added since: a split file must list every file in the data
+            keep = (
+                f"To keep that run's split, give data.split_file a copy of {saved} with the "
+                f"{len(new)} files it does not list added to the split of your choice (e.g. "
+                f"{', '.join(new[:3])}; a split file must list every file in the data)"
+            )
         log.warning(
             "This run fine-tunes %s, whose run trained on %s (e.g. %s; %s): their scores "
-            "would be optimistic. Give data.split_file=%s to keep that run's split.",
+            "would be optimistic. %s.",
             ckpt_path,
             " and ".join(found),
             ", ".join(example),
             saved,
-            saved,
+            keep,
         )
 
 

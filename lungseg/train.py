@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import shlex
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -141,9 +142,12 @@ def planned_epochs(trainer: pl.Trainer) -> int | None:
 
 
 def stop_reason(trainer: pl.Trainer) -> str:
-    """Why fit ended: "early_stopping", "max_time", "max_epochs", "max_steps" or "other"
-    (fast_dev_run, an interrupt). A time limit that cut the planned epochs short is also
-    logged as a warning: the learning-rate schedule was planned for trainer.max_epochs."""
+    """Why fit ended: "early_stopping", "max_time", "max_epochs", "max_steps", "fast_dev_run"
+    (a check of the code path on a batch or a few, not a trained model) or "other". A time
+    limit that cut the planned epochs short is also logged as a warning: the learning-rate
+    schedule was planned for trainer.max_epochs."""
+    if trainer.fast_dev_run:
+        return "fast_dev_run"
     for callback in trainer.early_stopping_callbacks:
         reason = getattr(callback, "stopping_reason", None)  # an Enum, NOT_STOPPED = 0
         stopped = callback.stopped_epoch > 0 if reason is None else reason.value != 0
@@ -287,9 +291,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_without_validation(cfg)
     datamodule = build_datamodule(cfg)
     datamodule.check_fit_split()
-    validating = len(datamodule.val_dataset) > 0
-    if not validating and not checked:
+    if len(datamodule.val_dataset) == 0 and not checked:
         check_without_validation(cfg)
+    # trainer.limit_val_batches=0 validates nothing either: the callbacks that watch val/*
+    # (early stopping, the best checkpoint) are left out as for a val fraction of 0, instead
+    # of waiting for metrics that never come (benchmarks/throughput.py keeps no checkpoint)
+    validating = len(datamodule.val_dataset) > 0 and trainer_settings.get("limit_val_batches") != 0
     module = SegmentationModule(
         net=plain(cfg.model),
         loss=plain(cfg.loss),
@@ -349,7 +356,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except SystemExit:  # Lightning's exit after Ctrl-C and its graceful shutdown
+    except SystemExit as stop:  # Lightning's exit after Ctrl-C and its graceful shutdown
         if trainer.interrupted and trainer.is_global_zero:
             last = out_dir / "checkpoints" / "last.ckpt"
             log.warning(
@@ -360,6 +367,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 else "No epoch had finished, so there is no checkpoint to continue from",
                 shlex.quote(str(out_dir)),
             )
+        if trainer.received_sigterm and not stop.code:
+            # Lightning ends a run stopped by SIGTERM (a cluster's pre-emption, `kill`) with
+            # SystemExit() and status 0, as if it had finished: 143 (128 + SIGTERM) as the
+            # shell gives, so that `train.py && eval.py` stops and SLURM can requeue the job.
+            raise SystemExit(128 + signal.SIGTERM) from stop
         raise
 
     # The callback that keeps the best epoch (callbacks.model_checkpoint), not last.ckpt's;

@@ -88,7 +88,7 @@ def counts(dm: SegDataModule) -> tuple[int, int, int]:
         ("trainer.max_epochs=abc", "trainer.max_epochs is 'abc'; give a whole number of epochs"),
         ("trainer.max_epochs=-2", "trainer.max_epochs is -2"),
         ("trainer.max_epochs=true", "trainer.max_epochs is true"),
-        ("+trainer.max_steps=abc", "trainer.max_steps is 'abc'"),
+        ("trainer.max_steps=abc", "trainer.max_steps is 'abc'"),
         ("trainer.num_sanity_val_steps=abc", "trainer.num_sanity_val_steps is 'abc'"),
         ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps is 0; give a whole number"),
         ("trainer.log_every_n_steps=null", "trainer.log_every_n_steps is null"),
@@ -215,7 +215,7 @@ def test_train_checks_its_settings_before_it_writes(make_cfg, overrides, message
         *[[f"experiment={e}"] for e in ("article", "lidc_nodules", "lung_ct")],
         *[["experiment=lung_ct", f"model={m}"] for m in ("fcn", "deeplab")],
         ["hparams_search=optuna"],
-        ["trainer.max_epochs=-1", "+trainer.max_steps=10", "trainer.limit_val_batches=0"]
+        ["trainer.max_epochs=-1", "trainer.max_steps=10", "trainer.limit_val_batches=0"]
         + ["scheduler=none"],
         ["trainer.max_time=00:00:15:00", "trainer.devices=[0,1]", "trainer.precision=16"],
         ["data.image_size=[32,48]", "trainer.limit_train_batches=3", "optimizer.lr=1"],

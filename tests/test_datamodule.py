@@ -508,7 +508,7 @@ def test_training_without_a_val_split_keeps_the_final_weights(make_cfg, caplog):
         "trainer.max_epochs=3",
         "callbacks.early_stopping.patience=0",  # left out: it would watch val/loss
         # Lightning then saved an unmonitored checkpoint only after a validation: never
-        "+trainer.check_val_every_n_epoch=2",
+        "trainer.check_val_every_n_epoch=2",
     )
     with caplog.at_level(logging.INFO):
         metrics = train(cfg)
@@ -857,3 +857,26 @@ def test_an_epoch_after_a_resume_is_the_uninterrupted_runs_epoch_with_workers(tm
     went_on, resumed = epochs(0, 2)[1], epochs(1, 1)[0]
     assert [names for names, _ in went_on] == [names for names, _ in resumed]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(went_on, resumed, strict=True))
+
+
+def test_the_epoch_seed_follows_the_runs_seed_where_it_differs_from_data_seed(
+    tmp_path, monkeypatch
+):
+    """`seed=1 data.seed=42` and `seed=2 data.seed=42` (an ensemble on one split, README)
+    must differ in shuffle order, augmentation and dropout, not only in their first weights;
+    where the two seeds agree (the default, data.seed: ${seed}) the epochs draw as before."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=6)
+    dm = make_dm(image_dir, mask_dir, seed=42)
+
+    def epoch_draw(run_seed):
+        if run_seed is None:
+            monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+        else:
+            monkeypatch.setenv("PL_GLOBAL_SEED", str(run_seed))
+        dm._train_epochs = 0
+        dm._reseed()
+        return torch.rand(4)
+
+    assert not torch.equal(epoch_draw(1), epoch_draw(2))
+    assert torch.equal(epoch_draw(1), epoch_draw(1))
+    assert torch.equal(epoch_draw(42), epoch_draw(None))  # data.seed's own epochs, as before

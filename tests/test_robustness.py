@@ -200,7 +200,7 @@ def test_deferred_check_looks_after_the_step_on_logging_steps_only(
     cfg = make_cfg(
         "data.batch_size=1",
         "trainer.limit_train_batches=10",  # the demo's training images, one a batch
-        f"+trainer.accumulate_grad_batches={accumulate}",
+        f"trainer.accumulate_grad_batches={accumulate}",
         "trainer.log_every_n_steps=2",
         "trainer.num_sanity_val_steps=0",
         "callbacks.model_checkpoint=null",
@@ -238,10 +238,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+# Validation every other epoch, or twice an epoch: last.ckpt is still written at every
+# epoch's end (Lightning would write it after a validation: mid-epoch, or every other epoch,
+# and the resumed run then repeated part of an epoch with the next epoch's seed).
+@pytest.mark.parametrize(
+    "validation",
+    [[], ["trainer.check_val_every_n_epoch=2"], ["trainer.val_check_interval=0.5"]],
+    ids=["every_epoch", "every_other_epoch", "twice_an_epoch"],
+)
 def test_run_killed_mid_epoch_resumes_to_the_metrics_of_an_uninterrupted_run(
-    lean_cfg, tmp_path, demo_dir
+    lean_cfg, tmp_path, demo_dir, validation
 ):
-    epochs = [DETERMINISTIC, "trainer.max_epochs=3"]  # of two batches each
+    epochs = [DETERMINISTIC, "trainer.max_epochs=3", *validation]  # of two batches each
     whole = train(lean_cfg(*epochs, f"output_dir={tmp_path / 'whole'}"))
 
     killed = tmp_path / "killed"
@@ -276,6 +284,48 @@ def test_run_killed_mid_epoch_resumes_to_the_metrics_of_an_uninterrupted_run(
     assert resumed["epochs_trained"] == 3
     assert_same_metrics(whole, resumed)
     assert json.loads((killed / "metrics.json").read_text())["test/dice"] == resumed["test/dice"]
+
+
+# Sends itself SIGTERM (a cluster's pre-emption) in the middle of epoch 1.
+SIGTERM_TRAIN_PY = """
+import os, runpy, signal, sys
+from lungseg.module import SegmentationModule
+
+step = SegmentationModule.training_step
+
+def training_step(self, batch, batch_idx):
+    if self.current_epoch == 1 and batch_idx == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return step(self, batch, batch_idx)
+
+SegmentationModule.training_step = training_step
+sys.argv[0] = {train_py!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_run_stopped_by_sigterm_exits_with_143_and_can_be_continued(lean_cfg, tmp_path, demo_dir):
+    """Lightning stops a run on SIGTERM with SystemExit() (status 0, as if it had finished):
+    `train.py && eval.py` went on, and SLURM saw a pre-empted job as completed."""
+    run = tmp_path / "run"
+    script = tmp_path / "sigterm_train.py"
+    script.write_text(SIGTERM_TRAIN_PY.format(train_py=str(ROOT / "train.py")))
+    args = [f"hydra.run.dir={run}", f"data.demo_dir={demo_dir}", *TINY, *LEAN]
+    result = subprocess.run(
+        [sys.executable, str(script), *args, "trainer.max_epochs=3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 143, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert "Interrupted" in said and "resume=true" in said
+    # Lightning stops at its next check, after the epoch's last batch: epoch 1 was finished
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert not (run / "metrics.json").exists()
+    resumed = train(lean_cfg("trainer.max_epochs=3", f"output_dir={run}", "resume=true"))
+    assert resumed["epochs_trained"] == 3 and (run / "metrics.json").is_file()
 
 
 def test_a_run_folder_is_never_written_over(lean_cfg, tmp_path):

@@ -162,7 +162,7 @@ def files_of(run: Path) -> dict[Path, int]:
     [
         (
             "max_steps",
-            ["trainer.max_epochs=5", "+trainer.max_steps=3"],  # in epoch 1 of 2 batches each
+            ["trainer.max_epochs=5", "trainer.max_steps=3"],  # in epoch 1 of 2 batches each
             "has trained 3 optimiser steps and trainer.max_steps is 3: nothing is left",
             "trainer.max_steps=5",
         ),
@@ -579,3 +579,40 @@ def test_a_recipe_that_post_processes_is_also_tested_with_it(make_cfg):
     plain = make_cfg("output_dir=" + str(run.parent / "plain"))
     assert not any(k.startswith("test_post/") for k in train(plain))
     assert not (run.parent / "plain" / "test_postprocessed").exists()
+
+
+def test_limit_val_batches_zero_trains_as_a_fit_without_validation(make_cfg):
+    """trainer.limit_val_batches=0 validates nothing: early stopping and the best checkpoint
+    (they watch val/*) are left out as for a val fraction of 0, instead of Lightning's
+    "Early stopping conditioned on metric 'val/loss' which is not available" after epoch 0."""
+    cfg = make_cfg("trainer.limit_val_batches=0", "trainer.max_epochs=2")
+    metrics = train(cfg)
+    assert metrics["epochs_trained"] == 2 and metrics["monitor"] is None
+    assert metrics["best_checkpoint"] == str(Path(cfg.output_dir) / "checkpoints" / "last.ckpt")
+
+
+def test_a_fast_dev_run_says_so_in_its_record(make_cfg):
+    """fast_dev_run trains one batch: metrics.json must not read as a finished training."""
+    metrics = train(make_cfg("trainer.fast_dev_run=true"))
+    assert metrics["stopped_by"] == "fast_dev_run"
+
+
+def test_the_fine_tune_leak_warning_gives_advice_that_works_when_files_were_added(tmp_path, caplog):
+    """A split file must list every file in the data: with files added since the checkpoint's
+    run, "give data.split_file=<its split.csv>" would stop the run. The warning says to add
+    them to a copy."""
+    from lungseg.data.splits import write_split
+    from lungseg.run_folder import warn_trained_on
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    write_split({"a": "train", "b": "train", "c": "val", "d": "test"}, run / "split.csv")
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    with caplog.at_level(logging.WARNING):
+        warn_trained_on(ckpt, {"a": "test", "b": "train", "c": "val", "d": "train"})
+        assert f"Give data.split_file={run / 'split.csv'} to keep that run's split." in caplog.text
+        caplog.clear()
+        warn_trained_on(ckpt, {"a": "test", "b": "train", "c": "val", "d": "train", "e": "val"})
+    assert "whose run trained on 1 of its test files (e.g. a;" in caplog.text
+    assert f"give data.split_file a copy of {run / 'split.csv'} with the 1 files" in caplog.text
+    assert "(e.g. e; a split file must list every file in the data)" in caplog.text

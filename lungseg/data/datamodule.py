@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -1138,15 +1139,22 @@ class SegDataModule(pl.LightningDataModule):
         return torch.cuda.is_available()  # a hand-written loop: as it would most likely train
 
     def _reseed(self) -> None:
-        """Reseed Python's, NumPy's and torch's generators from (seed, epoch, rank) as a training
-        epoch begins. Its shuffle order, augmentations (in worker processes too: PyTorch seeds
-        them from torch's generator) and dropout masks then do not depend on what ran before
-        it, and a run resumed from an epoch-end checkpoint, which holds the epoch count (see
-        ``state_dict``), trains exactly as the uninterrupted run. The reseed sits in the loader,
-        not in an epoch hook, because Lightning creates the first iterator of a fit, and
-        fetches its first batch, before the first ``on_train_epoch_start``."""
+        """Reseed Python's, NumPy's and torch's generators from (data.seed, epoch, rank, and
+        ``seed`` where it differs) as a training epoch begins. Its shuffle order, augmentations
+        (in worker processes too: PyTorch seeds them from torch's generator) and dropout masks
+        then do not depend on what ran before it, and a run resumed from an epoch-end
+        checkpoint, which holds the epoch count (see ``state_dict``), trains exactly as the
+        uninterrupted run. The reseed sits in the loader, not in an epoch hook, because
+        Lightning creates the first iterator of a fit, and fetches its first batch, before the
+        first ``on_train_epoch_start``."""
         rank = self.trainer.global_rank if self.trainer is not None else 0
         entropy = [self._seed, self._train_epochs, rank]
+        # the run's seed too (pl.seed_everything's, train.py's `seed`) where it differs from
+        # data.seed: `seed=1 data.seed=42` and `seed=2 data.seed=42` (an ensemble on one split)
+        # then differ in shuffle order, augmentation and dropout, not only in their first weights
+        run_seed = os.environ.get("PL_GLOBAL_SEED")
+        if run_seed is not None and int(run_seed) != self._seed:
+            entropy.append(int(run_seed))
         if isinstance(self._train_sampler, DistributedForegroundSampler):
             self._train_sampler.stream_epoch = self._train_epochs  # before workers prefetch
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
