@@ -22,6 +22,14 @@ fold its choice and test scores, the test Dice over the slices whose mask is not
 false-positive rate on the empty ones, with mean ± std (population) over the folds. With
 --jobs N the folds are scored N at a time, each in its own process.
 
+Every score is the mean over the foreground classes (one class: that class's), each class's
+first taken per image as above; the report names the classes. The folder must hold the runs of
+one setting, one per fold: runs whose overrides differ in more than data.fold (and resume), or
+two runs of one fold, are refused (summary.md of a sweep over more gives the mean ± std per
+setting). Rows are labelled by each run's data.fold, in its order. A run's best checkpoint is
+taken from its own checkpoints/ folder (a sweep folder copied or moved elsewhere scores its own
+copies).
+
 No test image plays a part in the choice applied to it. (A choice by the mean validation score
 over the folds would: every fold's validation patients are another fold's test patients.)
 """
@@ -41,9 +49,13 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from omegaconf import OmegaConf  # noqa: E402
+
 from benchmarks.quality import override_value  # noqa: E402
 from lungseg.data.splits import split_counts  # noqa: E402
-from lungseg.evaluate import evaluate, evaluate_grid  # noqa: E402
+from lungseg.errors import LungsegError, run_cli  # noqa: E402
+from lungseg.evaluate import evaluate, evaluate_grid, scores  # noqa: E402
+from lungseg.sweep import fold_of, fold_order, setting  # noqa: E402
 
 
 def quote(path) -> str:
@@ -80,11 +92,6 @@ def label(post: dict) -> str:
     return f"{threshold} | {post['min_size']:g} | {post['min_confidence']:g}"
 
 
-def first_class(summary: dict) -> dict:
-    """The summary entry of the first foreground class."""
-    return next(iter(summary["classes"].values()))
-
-
 def mean_std(values: list[float | None]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -92,13 +99,14 @@ def mean_std(values: list[float | None]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.pstdev(values):.4f}"
 
 
-KEYS = ("dice", "dice_nonempty", "fp_rate_empty")  # what choose() weighs, in its order
+KEYS = ("dice", "dice_nonempty", "fp_empty")  # what choose() weighs, in its order
 
 
 def entry(summary: dict, key: str) -> float | None:
-    """The first foreground class's mean ``key`` (a number for the FP rate) in a summary."""
-    value = first_class(summary)[key]
-    return value["mean"] if isinstance(value, dict) else value
+    """The mean over the foreground classes of their mean ``key`` in a summary (dice,
+    dice_nonempty, or fp_empty: the FP rate on the images without the class); the classes
+    without a value (no image with, or without, the class) left out, None if none has one."""
+    return scores(summary, "s")[f"s/{key}"]
 
 
 def cell(value: float | None) -> str:
@@ -162,51 +170,182 @@ def in_parallel(task, calls: list[tuple], jobs: int) -> list:
         return list(pool.map(task, *zip(*calls, strict=True)))
 
 
+def run_fold(run: Path) -> int | str | None:
+    """The run's data.fold: from Hydra's record of its config (.hydra/config.yaml), else from
+    its overrides, else from the config train.py wrote (config.yaml)."""
+    for path in (run / ".hydra" / "config.yaml", run / "config.yaml"):
+        if path.is_file():
+            fold = OmegaConf.select(
+                OmegaConf.load(path), "data.fold", default=None, throw_on_resolution_failure=False
+            )
+            if isinstance(fold, int | str):
+                return fold
+    return fold_of(run_overrides(run))
+
+
+def run_overrides(run: Path) -> list[str]:
+    path = run / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def check_one_setting(runs: list[Path], sweep: Path) -> dict[Path, int | str | None]:
+    """{run: data.fold}, in fold order. LungsegError for runs of more than one setting
+    (overrides other than data.fold) or two runs of one fold."""
+    name = {run: run.relative_to(sweep).as_posix() for run in runs}
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    for run in runs:
+        groups.setdefault(setting(run_overrides(run)), []).append(run)
+    if len(groups) > 1:
+        shared = set.intersection(*(set(key) for key in groups))
+        listed = "; ".join(
+            f"`{' '.join(o for o in key if o not in shared) or 'no other override'}`: "
+            f"{', '.join(name[run] for run in members)}"
+            for key, members in groups.items()
+        )
+        raise LungsegError(
+            f"{sweep} holds the runs of {len(groups)} settings (overrides other than data.fold): "
+            f"{listed}. crossval.py reports the folds of one setting: give it a folder that "
+            f"holds only that setting's runs (move or link them into one), one per fold; "
+            f"summary.md of the sweep has the mean ± std of each setting's test scores."
+        )
+    folds = {run: run_fold(run) for run in runs}
+    by_fold: dict[int | str | None, list[Path]] = {}
+    for run, fold in folds.items():
+        by_fold.setdefault(fold, []).append(run)
+    repeated = {fold: members for fold, members in by_fold.items() if len(members) > 1}
+    if repeated:
+        listed = "; ".join(
+            f"data.fold {fold}: {', '.join(name[run] for run in members)}"
+            for fold, members in repeated.items()
+        )
+        raise LungsegError(
+            f"{sweep} holds more than one run of a fold ({listed}). Give crossval.py a folder "
+            f"with one run per fold (move the others out of it)."
+        )
+    return dict(sorted(folds.items(), key=lambda item: (fold_order(item[1]), str(item[0]))))
+
+
+def best_checkpoint(run: Path, metrics: dict) -> str:
+    """The run's best checkpoint in its own checkpoints/ folder (metrics.json holds the path
+    it was saved at, which a copied or moved run folder no longer is); the saved path where
+    it lies in the run folder elsewhere."""
+    saved = metrics.get("best_checkpoint")
+    if not saved:
+        raise LungsegError(f"{run} saved no best checkpoint (metrics.json's best_checkpoint).")
+    local = run / "checkpoints" / Path(saved).name
+    if local.is_file():
+        return str(local)
+    if Path(saved).is_file() and run.resolve() in Path(saved).resolve().parents:
+        return saved
+    raise LungsegError(
+        f"{run}'s best checkpoint {Path(saved).name} is not in {run / 'checkpoints'} (its "
+        f"metrics.json names {saved}, where the run saved it). Copy the run folder with its "
+        f"checkpoints/ folder; a checkpoint of another folder is not scored for it."
+    )
+
+
+def threshold_value(text: str) -> str:
+    """--thresholds: argmax or a probability in (0, 1)."""
+    if text != "argmax":
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < 1:
+            raise argparse.ArgumentTypeError(
+                f"{text}: give argmax or a probability strictly between 0 and 1, e.g. 0.7"
+            )
+    return text
+
+
+def share(low_open: bool, high_open: bool, what: str):
+    """An argparse type: a number in [0, 1], the ends excluded where open."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        low = value > 0 if low_open else value >= 0
+        high = value < 1 if high_open else value <= 1
+        if not (low and high):
+            bounds = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text}: give {what} in {bounds}")
+        return value
+
+    return parse
+
+
+def at_least(minimum: int | float, kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= minimum:
+            raise argparse.ArgumentTypeError(f"{text}: give a number of {minimum} or more")
+        return value
+
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", type=Path, help="folder holding the fold runs")
-    parser.add_argument("--min-sizes", type=float, nargs="+", default=[0, 4, 8, 16, 32])
-    parser.add_argument("--thresholds", nargs="+", default=["argmax", "0.6", "0.7", "0.8", "0.9"])
     parser.add_argument(
-        "--min-confidences", type=float, nargs="+", default=[0, 0.9, 0.95, 0.98, 0.99]
+        "--min-sizes", type=at_least(0, float), nargs="+", default=[0, 4, 8, 16, 32]
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=threshold_value,
+        nargs="+",
+        default=["argmax", "0.6", "0.7", "0.8", "0.9"],
+        help="argmax, or probabilities in (0, 1)",
+    )
+    parser.add_argument(
+        "--min-confidences",
+        type=share(False, True, "a probability"),
+        nargs="+",
+        default=[0, 0.9, 0.95, 0.98, 0.99],
+        help="probabilities in [0, 1)",
     )
     parser.add_argument(
         "--jobs",
-        type=int,
+        type=at_least(1, int),
         default=1,
         help="score this many fold runs at once, each in its own process (the CPU work of the "
         "grid, connected components and HD95 per image and setting, is most of the time)",
     )
     parser.add_argument(
         "--max-fp-rate",
-        type=float,
+        type=share(False, False, "a share"),
         help="choose the best validation Dice on non-empty slices among the settings with at "
         "most this validation false-positive rate on empty slices",
     )
     args = parser.parse_args()
+    run_cli(lambda: report(args))
 
+
+def report(args: argparse.Namespace) -> None:
+    """Score the runs under args.sweep and print the report."""
+    if not args.sweep.is_dir():
+        raise LungsegError(f"{args.sweep} is not a folder: give the folder of the fold runs.")
     runs = sorted(path.parent for path in args.sweep.glob("**/metrics.json"))
     if not runs:
-        sys.exit(f"crossval: no finished run (metrics.json) under {args.sweep}")
+        raise LungsegError(f"no finished run (metrics.json) under {args.sweep}")
     checkpoints = {run: json.loads((run / "metrics.json").read_text()) for run in runs}
-    for run, metrics in checkpoints.items():
-        if not metrics.get("best_checkpoint"):
-            sys.exit(f"crossval: {run} saved no best checkpoint")
     unvalidated = [run for run in runs if not has_val_split(run)]
     if unvalidated:
-        sys.exit(
-            f"crossval: {', '.join(map(str, unvalidated))} trained without a val split (data.split "
+        raise LungsegError(
+            f"{', '.join(map(str, unvalidated))} trained without a val split (data.split "
             f"with a val fraction of 0), so there is nothing to choose its post-processing on. "
             f"Its metrics.json (and a sweep's summary.md) hold its test scores as trained; "
             f"`python eval.py 'ckpt_path=\"<run>/checkpoints/last.ckpt\"' split=test` (quoted: "
             f"sweep folders hold '=' and ',') scores it with any post-processing."
         )
-
-    for value in args.min_confidences:
-        if not 0 <= value < 1:
-            sys.exit(f"crossval: --min-confidences {value:g}: give values in [0, 1)")
-    if args.max_fp_rate is not None and not 0 <= args.max_fp_rate <= 1:
-        sys.exit(f"crossval: --max-fp-rate {args.max_fp_rate:g}: give a share in [0, 1]")
+    best = {run: best_checkpoint(run, metrics) for run, metrics in checkpoints.items()}
+    folds = check_one_setting(runs, args.sweep)
+    checkpoints = {run: checkpoints[run] for run in folds}  # in fold order
     grid = [
         {
             "threshold": None if t == "argmax" else float(t),
@@ -219,19 +358,20 @@ def main() -> None:
         # a component above the threshold already peaks above any lower confidence bar
         if not (t != "argmax" and 0 < confidence <= float(t))
     ]
-    if args.jobs < 1:
-        sys.exit(f"crossval: --jobs {args.jobs}: give 1 or more")
-    val = in_parallel(
-        score_validation,
-        [(m["best_checkpoint"], run, grid) for run, m in checkpoints.items()],
-        args.jobs,
-    )
+    val = in_parallel(score_validation, [(best[run], run, grid) for run in checkpoints], args.jobs)
+    classes = list(val[0][0]["classes"])
+    if len(classes) == 1:
+        print(f"Scores of the foreground class {classes[0]}.\n")
+    else:
+        print(f"Scores: the mean over the foreground classes {', '.join(classes)}.\n")
     # Per fold and grid setting: Dice over all slices, over the non-empty ones, FP rate.
-    scores = [[[entry(summary, key) for summary in per_run] for key in KEYS] for per_run in val]
-    chosen = [choose(*fold, args.max_fp_rate) for fold in scores]
+    scores_by_fold = [
+        [[entry(summary, key) for summary in per_run] for key in KEYS] for per_run in val
+    ]
+    chosen = [choose(*fold, args.max_fp_rate) for fold in scores_by_fold]
 
     def mean_over_folds(key: int, i: int) -> float | None:
-        values = [fold[key][i] for fold in scores if fold[key][i] is not None]
+        values = [fold[key][i] for fold in scores_by_fold if fold[key][i] is not None]
         return statistics.fmean(values) if values else None
 
     print(
@@ -239,11 +379,17 @@ def main() -> None:
         "| Dice non-empty | FP rate empty | chosen by fold |\n|---|---|---|---|---|---|---|"
     )
     for i, post in enumerate(grid):
-        by = ", ".join(str(k) for k, best in enumerate(chosen) if best == i)
+        by = ", ".join(
+            str(fold) for fold, best in zip(folds.values(), chosen, strict=True) if best == i
+        )
         means = [cell(mean_over_folds(key, i)) for key in range(len(KEYS))]
         print(f"| {label(post)} | " + " | ".join(means) + f" | {by} |")
     if args.max_fp_rate is not None:
-        over = [k for k, fold in enumerate(scores) if (fold[2][chosen[k]] or 0) > args.max_fp_rate]
+        over = [
+            str(fold)
+            for k, (fold, scored) in enumerate(zip(folds.values(), scores_by_fold, strict=True))
+            if (scored[2][chosen[k]] or 0) > args.max_fp_rate
+        ]
         if over:
             print(
                 f"\nFolds {', '.join(map(str, over))}: no setting keeps the validation FP rate "
@@ -259,30 +405,23 @@ def main() -> None:
     table = []
     tests = in_parallel(
         score_test,
-        [
-            (m["best_checkpoint"], run, grid[chosen[k]])
-            for k, (run, m) in enumerate(checkpoints.items())
-        ],
+        [(best[run], run, grid[chosen[k]]) for k, run in enumerate(checkpoints)],
         args.jobs,
     )
     for k, ((run, metrics), summary) in enumerate(zip(checkpoints.items(), tests, strict=True)):
         post_k = grid[chosen[k]]
-        post = first_class(summary)
-        raw = first_class(summary.get("without_postprocessing", summary))
+        raw = summary.get("without_postprocessing", summary)
         row = [
-            raw["dice_nonempty"]["mean"],
-            post["dice_nonempty"]["mean"],
-            raw["fp_rate_empty"],
-            post["fp_rate_empty"],
-            raw["dice"]["mean"],
-            post["dice"]["mean"],
+            entry(s, key) for key in ("dice_nonempty", "fp_empty", "dice") for s in (raw, summary)
         ]
         table.append(row)
         name = run.relative_to(args.sweep).as_posix()
-        setting = label(post_k).replace(" |", ",")
+        chosen_label = label(post_k).replace(" |", ",")
         print(
-            f"| {k} | {name} | {metrics['best_epoch']} | {setting} "
-            f"| {cell(scores[k][0][chosen[k]])} | " + " | ".join(cell(v) for v in row) + " |"
+            f"| {folds[run]} | {name} | {metrics['best_epoch']} | {chosen_label} "
+            f"| {cell(scores_by_fold[k][0][chosen[k]])} | "
+            + " | ".join(cell(v) for v in row)
+            + " |"
         )
     spread = [mean_std([row[i] for row in table]) for i in range(6)]
     print(f"| mean ± std | {len(table)} folds | | | | " + " | ".join(spread) + " |", flush=True)

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lungseg.data.splits import split_counts  # noqa: E402
+from lungseg.errors import LungsegError, run_cli  # noqa: E402
 from lungseg.evaluate import evaluate  # noqa: E402
 from lungseg.train import plain, train  # noqa: E402
 
@@ -131,6 +132,27 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     args = parser.parse_args()
+    run_cli(lambda: benchmark(args))
+
+
+def check_out(out: Path, runs: list[str]) -> None:
+    """LungsegError, before anything trains, when --out is a file or already holds one of the
+    runs (train() never writes over a run)."""
+    if out.exists() and not out.is_dir():
+        raise LungsegError(f"--out {out} is a file: give a folder for the runs.")
+    taken = [run for run in runs if (out / run).exists() and any((out / run).iterdir())]
+    if taken:
+        raise LungsegError(
+            f"--out {out} already holds the run{'s' if len(taken) > 1 else ''} "
+            f"{', '.join(taken)} of an earlier call, and runs are never written over. Give "
+            f"another --out, or leave --out out (each call gets a new folder "
+            f"outputs/quality/<date>_<time>)."
+        )
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    """Train and score every run of args.runs; print the table."""
+    check_out(Path(args.out), args.runs)
 
     data = [
         f"data.image_dir={override_value(str(Path(args.image_dir).resolve()))}",

@@ -1,9 +1,14 @@
 """The summary of a multirun (`python train.py -m model=unet,fcn,segnet,deeplab`):
 ``summary.csv`` and ``summary.md`` in the sweep folder list every run's overrides, best epoch
-and test metrics, best test Dice first, and the error of each failed run; ``summary.md`` ends
-with the mean ± std of each metric over the finished runs (the cross-validation result of a
-sweep over ``data.fold``)."""
+and test metrics, best test Dice first (an Optuna search: best objective first), and the error
+of each failed run; ``summary.md`` ends with the mean ± std of each metric over the finished
+runs that differ only in ``data.fold`` (the cross-validation result of a sweep over
+``data.fold``), one per setting of the other overrides.
 
+``python -m lungseg.sweep <sweep folder>`` writes both again from the run folders (a sweep
+re-run in place, copied, or whose command was killed)."""
+
+import argparse
 import csv
 import json
 import logging
@@ -17,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lungseg.errors import LungsegError
+from lungseg.errors import LungsegError, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -36,44 +41,98 @@ METRICS = (
 )
 
 
+FOLD_KEY = "data.fold"
+# Overrides that leave a run's setting as it was: a run continued with resume=true.
+NOT_A_SETTING = ("resume",)
+
+
 def record_error(run_dir: str | Path, error: BaseException) -> None:
     """Write a failed run's error into ``<run_dir>/error.txt`` and log it.
 
     The first line, which the summary shows, is the message of the innermost cause (Hydra's
     instantiate wraps errors raised while building an object). A LungsegError says what to
-    fix; anything else gets the traceback after its message."""
+    fix; anything else gets the traceback after its message. A folder that holds a finished
+    run (metrics.json; e.g. a sweep run again into its folder, which refuses to write over it)
+    keeps its record: the error is only logged."""
     cause = error
     while cause.__cause__ is not None:
         cause = cause.__cause__
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.json").is_file():
+        log.error("%s holds a finished run, which is kept as it was; this job: %s", run_dir, cause)
+        return
     text = str(cause)
     if not isinstance(cause, LungsegError):
         text = f"{type(cause).__name__}: {text}\n\n{''.join(traceback.format_exception(error))}"
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / ERROR_FILE).write_text(text + "\n")
-    log.error("run failed, error written to %s: %s", Path(run_dir) / ERROR_FILE, cause)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ERROR_FILE).write_text(text + "\n")
+    log.error("run failed, error written to %s: %s", run_dir / ERROR_FILE, cause)
+
+
+def _finished(run: Path) -> bool:
+    """metrics.json, and no error.txt written after it (a run that failed, then finished when
+    the sweep was run again, keeps its old error.txt)."""
+    metrics, error = run / "metrics.json", run / ERROR_FILE
+    return metrics.is_file() and (
+        not error.is_file() or metrics.stat().st_mtime >= error.stat().st_mtime
+    )
+
+
+def override_key(override: str) -> str:
+    """The key of a Hydra override: ``+data.fold=1`` -> ``data.fold``."""
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def setting(overrides: list[str]) -> tuple[str, ...]:
+    """A run's overrides but data.fold (and resume): runs with the same setting are the folds
+    of one cross-validation."""
+    return tuple(o for o in overrides if override_key(o) not in (FOLD_KEY, *NOT_A_SETTING))
+
+
+def fold_of(overrides: list[str]) -> int | str | None:
+    """data.fold among the overrides (a number where it is one), else None."""
+    for override in overrides:
+        if override_key(override) == FOLD_KEY and "=" in override:
+            value = override.split("=", 1)[1]
+            return int(value) if value.lstrip("-").isdigit() else value
+    return None
+
+
+def fold_order(fold: int | str | None) -> tuple:
+    """Sort key: numbered folds by number (2 before 10), then any others by name."""
+    return (0, fold, "") if isinstance(fold, int) else (1, 0, str(fold))
 
 
 def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per run folder of a sweep (a folder with ``.hydra/overrides.yaml``): best test
-    Dice first, then runs without one (failed, unfinished), each group in job order.
+    Dice first (an Optuna search's trials: best objective first, the value the search
+    optimises), then runs without one (failed, unfinished), each group in job order.
 
-    status: "ok" (metrics.json), "failed" (error.txt; error = its first line) or "incomplete"
-    (neither: still running, or killed)."""
+    status: "ok" (metrics.json), "failed" (error.txt, not older than any metrics.json; error =
+    its first line) or "incomplete" (neither: still running, or killed)."""
     sweep_dir = Path(sweep_dir)
     rows = []
+    direction = None  # of an Optuna search
     for overrides in sweep_dir.glob("**/.hydra/overrides.yaml"):
         run = overrides.parent.parent
         hydra_yaml = overrides.with_name("hydra.yaml")
+        # Not resolved: Hydra leaves interpolations (${now:...}) in it.
+        saved = OmegaConf.load(hydra_yaml) if hydra_yaml.is_file() else {}
+        hydra_cfg = _dict(OmegaConf.to_container(saved, resolve=False) if saved else {}, "hydra")
+        sweeper = _dict(hydra_cfg, "sweeper")
+        if "optuna" in str(sweeper.get("_target_", "")).lower():
+            direction = sweeper.get("direction", "maximize")
+        override_list = [str(o) for o in OmegaConf.load(overrides)]
         row: dict[str, Any] = {
             # None for a run started on its own (hydra.job.num is only set in a multirun).
-            "job": OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.num", default=None)
-            if hydra_yaml.is_file()
-            else None,
+            "job": _dict(hydra_cfg, "job").get("num"),
             "run": run.relative_to(sweep_dir).as_posix(),
-            "overrides": " ".join(OmegaConf.load(overrides)),
+            "overrides": " ".join(override_list),
+            "override_list": override_list,
+            "sweep_dir": _dict(hydra_cfg, "sweep").get("dir"),
             "status": "incomplete",
         }
-        if (run / ERROR_FILE).is_file():
+        if (run / ERROR_FILE).is_file() and not _finished(run):
             lines = (run / ERROR_FILE).read_text().strip().splitlines()
             row.update(status="failed", error=lines[0] if lines else "")
         elif (run / "metrics.json").is_file():
@@ -84,15 +143,31 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 if key.startswith("test/dice_") and not key.startswith("test/dice_nonempty")
             ]
             row.update(status="ok", best_epoch=metrics.get("best_epoch"))
+            row.update(objective=metrics.get("best_score"), monitor=metrics.get("monitor"))
             row.update({key: metrics.get(key) for key in [*METRICS, *per_class] if key in metrics})
             row["minutes"] = metrics.get("train_minutes")
         rows.append(row)
-    return sorted(rows, key=_rank)
+    if direction is None:
+        for row in rows:
+            row.pop("objective", None)
+        return sorted(rows, key=_rank)
+    if not isinstance(direction, str):  # a multi-objective search: the first objective
+        direction = next(iter(direction), "maximize")
+    for row in rows:
+        row["direction"] = direction
+    return sorted(rows, key=lambda row: _rank(row, "objective", direction == "minimize"))
 
 
-def _rank(row: dict[str, Any]) -> tuple:
-    dice, job = row.get("test/dice"), row["job"]
-    return (dice is None, -(dice or 0.0), job is None, job or 0, row["run"])
+def _dict(tree: Any, key: str) -> dict:
+    value = tree.get(key) if isinstance(tree, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _rank(row: dict[str, Any], by: str = "test/dice", lowest_first: bool = False) -> tuple:
+    value, job = row.get(by), row["job"]
+    value = None if value is not None and value != value else value  # NaN: as if none
+    order = (value or 0.0) if lowest_first else -(value or 0.0)
+    return (value is None, order, job is None, job or 0, row["run"])
 
 
 def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -103,6 +178,8 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     found = {key for row in rows for key, value in row.items() if value is not None}
     # The first three always; the lesion scores where the runs report them.
     columns = ["job", "overrides", "status", "best_epoch", *METRICS[:3]]
+    if any("direction" in row for row in rows):  # an Optuna search: what it optimises
+        columns.insert(3, "objective")
     columns += [key for key in METRICS[3:] if key in found]
     for row in rows:
         columns += [
@@ -121,30 +198,82 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path) -> str:
     """A table; overrides common to all runs are listed once above it."""
-    shared = set.intersection(*[set(row["overrides"].split()) for row in rows]) if rows else set()
+    shared = set.intersection(*[set(row["override_list"]) for row in rows]) if rows else set()
     failed = sum(row["status"] != "ok" for row in rows)
+    search = next((row for row in rows if "direction" in row), None)
+    if search is None:
+        order = "best test Dice first"
+    else:
+        monitor = next((row["monitor"] for row in rows if row.get("monitor")), None)
+        order = (
+            f"best objective first. Optuna search: the objective, which it "
+            f"{search['direction']}s, is each trial's best {monitor or 'validation score'} "
+            f"(its checkpoint monitor); the test scores are for reporting"
+        )
     lines = [
         f"# Sweep {sweep_dir.name}",
         "",
-        f"{len(rows)} runs ({failed} failed or unfinished), best test Dice first.",
+        f"{len(rows)} runs ({failed} failed or unfinished), {order}.",
     ]
     if shared:
-        common = [o for o in rows[0]["overrides"].split() if o in shared]
+        common = [o for o in rows[0]["override_list"] if o in shared]
         lines.append(f"Overrides of every run: `{' '.join(common)}`")
     lines += ["", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in rows:
-        own = " ".join(o for o in row["overrides"].split() if o not in shared)
+        own = " ".join(o for o in row["override_list"] if o not in shared)
         cells = [_cell(own if column == "overrides" else row.get(column)) for column in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    spread = mean_std(rows)
-    if spread:
-        ok = sum(row["status"] == "ok" for row in rows)
-        lines += ["", f"Mean ± std (population) over the {ok} finished runs:", ""]
+    return "\n".join(lines + _spread_lines(rows, shared)) + "\n"
+
+
+def setting_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """The finished runs by their setting (overrides but data.fold), in the rows' order."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "ok":
+            groups.setdefault(setting(row["override_list"]), []).append(row)
+    return groups
+
+
+def _spread_lines(rows: list[dict[str, Any]], shared: set[str]) -> list[str]:
+    """Mean ± std over the finished runs; where runs differ in more than data.fold, one per
+    setting of the other overrides, over the folds of that setting only."""
+    groups = setting_groups(rows)
+    lines: list[str] = []
+    if len(groups) == 1:
+        ((_, members),) = groups.items()
+        spread = mean_std(members)
+        if spread:
+            lines += ["", f"Mean ± std (population) over the {len(members)} finished runs:", ""]
+            lines += _spread_items(spread, len(members))
+        return lines
+    kept = {key: members for key, members in groups.items() if len(members) > 1}
+    for key, members in kept.items():
+        label = " ".join(o for o in key if o not in shared) or "no other override"
+        folds = sorted((fold_of(row["override_list"]) for row in members), key=fold_order)
         lines += [
-            f"- {key}: {mean:.4f} ± {std:.4f}" + (f" (over {n} of them)" if n < ok else "")
-            for key, (mean, std, n) in spread.items()
+            "",
+            f"Mean ± std (population) over the {len(members)} finished runs of `{label}` "
+            f"(data.fold {', '.join(map(str, folds))}):",
+            "",
         ]
-    return "\n".join(lines) + "\n"
+        lines += _spread_items(mean_std(members), len(members))
+    if len(kept) < len(groups):
+        lines += [
+            "",
+            f"{len(groups) - len(kept)} of the {len(groups)} settings (overrides other than "
+            f"data.fold) have one finished run: no mean ± std for "
+            f"{'it' if len(groups) - len(kept) == 1 else 'them'}; runs of different settings "
+            f"are not pooled.",
+        ]
+    return lines
+
+
+def _spread_items(spread: dict[str, tuple[float, float, int]], ok: int) -> list[str]:
+    return [
+        f"- {key}: {mean:.4f} ± {std:.4f}" + (f" (over {n} of them)" if n < ok else "")
+        for key, (mean, std, n) in spread.items()
+    ]
 
 
 def mean_std(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, int]]:
@@ -226,3 +355,54 @@ class SweepSummary(Callback):
                 f"{', '.join(failed)}); their errors are in {_sweep_dir(config) / 'summary.md'} "
                 f"and in error.txt in their run folders."
             )
+
+
+def summarize_folder(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """``write_summary`` for a sweep folder given by hand; LungsegError for a folder that is
+    not one (missing, a run folder, no multirun job in it, the jobs of several sweeps)."""
+    sweep_dir = Path(sweep_dir)
+    usage = (
+        "give the folder of a multirun (its hydra.sweep.dir, e.g. outputs/train/multirun_<date>), "
+        "which holds one folder per job"
+    )
+    if not sweep_dir.is_dir():
+        raise LungsegError(f"{sweep_dir} is not a folder: {usage}.")
+    if (sweep_dir / ".hydra").is_dir():
+        raise LungsegError(
+            f"{sweep_dir} is the folder of one run (it holds .hydra/), not of a sweep: {usage}."
+        )
+    rows = [row for row in collect_runs(sweep_dir) if row["job"] is not None]
+    if not rows:
+        raise LungsegError(
+            f"{sweep_dir} holds no job of a multirun (a folder with .hydra/hydra.yaml whose "
+            f"hydra.job.num is set): {usage}."
+        )
+    if all("/" in row["run"] for row in rows):  # a folder above the sweep folder(s)
+        below = sorted({str(sweep_dir / Path(row["run"]).parent) for row in rows})
+        raise LungsegError(
+            f"{sweep_dir} holds no job folder itself, only in {', '.join(below[:3])}"
+            f"{' ...' if len(below) > 3 else ''}: {usage}."
+        )
+    sweeps = sorted({str(row["sweep_dir"]) for row in rows})
+    if len(sweeps) > 1:
+        raise LungsegError(
+            f"{sweep_dir} holds the jobs of {len(sweeps)} sweeps (hydra.sweep.dir "
+            f"{', '.join(sweeps)}): {usage}, one at a time."
+        )
+    return write_summary(sweep_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m lungseg.sweep",
+        description="Write summary.csv and summary.md of a sweep folder again from its runs.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="the sweep folder (hydra.sweep.dir)")
+    args = parser.parse_args(argv)
+    rows = run_cli(lambda: summarize_folder(args.sweep_dir))
+    failed = sum(row["status"] != "ok" for row in rows)
+    print(f"{args.sweep_dir / 'summary.md'}: {len(rows)} runs, {failed} failed or unfinished")
+
+
+if __name__ == "__main__":
+    main()

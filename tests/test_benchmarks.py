@@ -182,3 +182,25 @@ def test_device_scripts_parse(script):
         ["bash", "-n", str(ROOT / "benchmarks" / "device" / script)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_quality_reports_user_errors_in_one_line_and_names_out(tmp_path):
+    """Were tracebacks; a rerun into the same --out was told to leave hydra.run.dir unset."""
+    write_binary_set(tmp_path / "data")
+    (tmp_path / "out" / "fcn").mkdir(parents=True)
+    (tmp_path / "out" / "fcn" / "metrics.json").write_text("{}")
+    for image_dir, out, message in [
+        (tmp_path / "missing", "new", f"The image folder {tmp_path / 'missing'} does not exist"),
+        (tmp_path / "data/images", "out", f"--out {tmp_path / 'out'} already holds the run fcn"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "quality.py")]
+            + ["--image-dir", str(image_dir), "--mask-dir", str(tmp_path / "data" / "masks")]
+            + ["--runs", "fcn", "--out", str(tmp_path / out), "--", "data.image_size=32"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.startswith(f"lungseg: error: {message}"), result.stderr
+        assert "hydra.run.dir" not in result.stderr

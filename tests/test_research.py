@@ -256,3 +256,102 @@ def test_ddp_processes_log_the_same_epoch_training_loss(tmp_path):
         for log in logs
     ]
     assert len(epochs[0]) == 2 and epochs[0] == epochs[1]
+
+
+def slurm_launcher(*overrides: str) -> dict:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True
+        )
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, tasks",
+    [
+        (["trainer=ddp", "trainer.devices=[0,1]"], 2),  # was an InterpolationValidationError
+        (["trainer=ddp", "trainer.devices='0,1,2'"], 3),
+        (["trainer=ddp"], 2),
+        (["trainer.gpus=0"], 1),  # the CPU: one process
+    ],
+)
+def test_slurm_tasks_per_node_count_the_devices(overrides, tasks):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason=RESEARCH)
+    assert slurm_launcher(*overrides)["tasks_per_node"] == tasks
+
+
+def test_slurm_gpus_per_node_is_null_for_a_run_on_the_cpu():
+    """Was 1 GPU for trainer.gpus=0. conf/hydra/launcher/slurm.yaml's gpus_per_node takes
+    lungseg_gpus (the override below until it does)."""
+    from lungseg import gpus_per_node
+
+    assert gpus_per_node(0, 1) is None and gpus_per_node([], 1) is None
+    assert gpus_per_node(None, 2, "cpu") is None and gpus_per_node(None, 2, "auto") == 2
+    assert gpus_per_node(None, [0, 3]) == 2 and gpus_per_node(2, 1, "cpu") == 2
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason=RESEARCH)
+    resolver = (
+        "${lungseg_gpus:${trainer.gpus},${trainer.devices},${oc.select:trainer.accelerator,auto}}"
+    )
+    gpus = f"hydra.launcher.gpus_per_node='{resolver}'"
+    for overrides, expected in [
+        (["trainer.gpus=0"], None),
+        (["trainer=cpu"], None),
+        (["trainer=ddp"], 2),
+        (["trainer.gpus=[0,3,5]"], 3),
+    ]:
+        launcher = slurm_launcher(*overrides, gpus)
+        assert launcher["gpus_per_node"] == expected, overrides
+        assert launcher["tasks_per_node"] == (expected or 1), overrides
+
+
+@pytest.mark.parametrize(
+    "setting", ["trainer.devices=auto", "trainer.devices=-1", "trainer.gpus=-1"]
+)
+def test_slurm_launcher_refuses_a_device_count_known_only_on_the_node(tmp_path, setting):
+    """Was Hydra's traceback of an InterpolationValidationError (auto) or of the ValueError
+    (-1) raised while the launcher was built."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason=RESEARCH)
+    result = run_cli(
+        ["hydra/launcher=slurm", "trainer=ddp", setting]
+        + ["--cfg", "all", "--resolve", "--package", "hydra.launcher"],
+        tmp_path,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    key, value = setting.split("=")
+    assert result.stderr.startswith(
+        f"lungseg: error: {setting} cannot size a SLURM job: its tasks and GPUs per node are "
+    ), result.stderr
+    assert f"Give the number of GPUs per node, e.g. {key}=4" in result.stderr
+
+
+def test_the_composed_slurm_launcher_prints_resolved(tmp_path):
+    """The command the README gives to check the launcher before submitting."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason=RESEARCH)
+    result = run_cli(
+        ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=ddp"]
+        + ["trainer.devices=[0,1,2]", "--cfg", "all", "--resolve", "--package", "hydra.launcher"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    launcher = OmegaConf.create(result.stdout)
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 3
+    assert launcher.partition == "gpu" and "${" not in result.stdout
+
+
+@pytest.mark.parametrize("experiment", [None, "article", "lung_ct", "lidc_nodules"])
+def test_every_loss_the_optuna_search_samples_takes_the_recipes_loss_settings(experiment):
+    """With experiment=lidc_nodules every trial that sampled loss=ce failed: the recipe's
+    loss.per_image and loss.skip_empty are no settings of CrossEntropyLoss."""
+    from lungseg.checks import check_keys
+
+    recipe = [] if experiment is None else [f"experiment={experiment}"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        search = compose(
+            "config",
+            [*recipe, "hparams_search=optuna"],
+            return_hydra_config=True,
+        )
+        choices = str(search.hydra.sweeper.params.loss)
+        assert choices.startswith("choice(")
+        for loss in choices.removeprefix("choice(").removesuffix(")").split(","):
+            check_keys(compose("config", [*recipe, f"loss={loss.strip()}"]))

@@ -1,5 +1,8 @@
 import csv
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +19,20 @@ from lungseg.sweep import SweepSummary, collect_runs, record_error, write_summar
 SHARED = ["data.image_size=32", "trainer.max_epochs=1"]
 
 
-def fake_run(sweep: Path, job: int, model: str, metrics: dict | None = None) -> Path:
+def fake_run(
+    sweep: Path,
+    job: int,
+    model: str,
+    metrics: dict | None = None,
+    overrides: tuple[str, ...] = (),
+    hydra: dict | None = None,
+) -> Path:
     """A job folder as Hydra and train() leave it: .hydra/ and, when given, metrics.json."""
-    run = sweep / f"{job}_model={model}"
+    run = sweep / f"{job}_{','.join([f'model={model}', *overrides])}"
     (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save([f"model={model}", *SHARED], run / ".hydra" / "overrides.yaml")
-    OmegaConf.save({"hydra": {"job": {"num": job}}}, run / ".hydra" / "hydra.yaml")
+    OmegaConf.save([f"model={model}", *overrides, *SHARED], run / ".hydra" / "overrides.yaml")
+    settings = {"job": {"num": job}, "sweep": {"dir": str(sweep)}, **(hydra or {})}
+    OmegaConf.save({"hydra": settings}, run / ".hydra" / "hydra.yaml")
     if metrics is not None:
         (run / "metrics.json").write_text(json.dumps(metrics))
     return run
@@ -164,8 +175,8 @@ def test_summary_ends_with_mean_and_std_over_finished_runs(tmp_path):
         values = {**metrics(dice), "test/dice_nonempty": dice - 0.05, "test/fp_empty": 0.1}
         if fold:  # post-processed in two runs; NaN: no test image without a lesion there
             values["test_post/fp_empty"] = 0.2 if fold == 1 else float("nan")
-        fake_run(tmp_path, fold, f"unet_fold{fold}", values)
-    record_error(fake_run(tmp_path, 3, "fcn"), LungsegError("broken"))
+        fake_run(tmp_path, fold, "unet", values, (f"data.fold={fold}",))
+    record_error(fake_run(tmp_path, 3, "unet", None, ("data.fold=3",)), LungsegError("broken"))
     write_summary(tmp_path)
     markdown = (tmp_path / "summary.md").read_text()
     assert "Mean ± std (population) over the 3 finished runs:" in markdown
@@ -232,11 +243,26 @@ def test_fold_sweep_and_crossval_report(tmp_path):
     # Each fold chose one setting on its own validation split, named in its test row.
     chosen_by = [row[-1].strip(" |") for row in grid_rows]
     assert sorted(k for cell in chosen_by if cell for k in cell.split(", ")) == ["0", "1"]
+    # the demo's two foreground classes, each score their mean
+    assert report.stdout.startswith("Scores: the mean over the foreground classes lung, tumour.")
     fold_rows = {line.split(" | ")[0][2:]: line for line in report.stdout.splitlines()}
+    for fold in ("0", "1"):  # labelled by the run's data.fold
+        assert re.search(rf"^\| {fold} \| {fold}_[^|]*data\.fold={fold},", fold_rows[fold])
     for row, cell in zip(grid_rows, chosen_by, strict=True):
         setting = ", ".join(part.strip("| ") for part in row[:3])
         for k in cell.split(", ") if cell else []:
             assert f" | {setting} | " in fold_rows[k]
+
+    # A copy of the sweep, the original moved away: the copy's own checkpoints are scored.
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy)
+    sweep.rename(tmp_path / "moved")
+    one = ("--min-sizes", "0", "--thresholds", "argmax", "--min-confidences", "0")
+    command = [sys.executable, str(ROOT / "benchmarks" / "crossval.py"), str(copy), *one]
+    report = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert len(list(copy.glob("*/crossval/test_targmax_min0_conf0/per_image.csv"))) == 2
+    assert not list((tmp_path / "moved").glob("*/crossval/test_targmax_min0_conf0"))
 
 
 def test_crossval_refuses_runs_trained_without_a_val_split(tmp_path):
@@ -257,7 +283,7 @@ def test_crossval_refuses_runs_trained_without_a_val_split(tmp_path):
         timeout=120,
     )
     assert result.returncode == 1
-    assert f"crossval: {tmp_path / 'fold1'} trained without a val split" in result.stderr
+    assert f"lungseg: error: {tmp_path / 'fold1'} trained without a val split" in result.stderr
     assert "fold0" not in result.stderr
 
 
@@ -288,7 +314,7 @@ def test_summary_shows_the_post_processed_test_scores_where_runs_have_them(tmp_p
     and their mean ± std; a sweep without them gets neither."""
     for fold, dice in enumerate([0.78, 0.82]):
         post = {"test_post/dice_nonempty": dice, "test_post/fp_empty": 0.9}
-        fake_run(tmp_path / "post", fold, f"unet_fold{fold}", {**metrics(dice), **post})
+        fake_run(tmp_path / "post", fold, "unet", {**metrics(dice), **post}, (f"data.fold={fold}",))
     write_summary(tmp_path / "post")
     markdown = (tmp_path / "post" / "summary.md").read_text()
     assert "- test_post/dice_nonempty: 0.8000 ± 0.0200" in markdown
@@ -300,3 +326,214 @@ def test_summary_shows_the_post_processed_test_scores_where_runs_have_them(tmp_p
     fake_run(tmp_path / "plain", 0, "unet", metrics(0.8))
     write_summary(tmp_path / "plain")
     assert "test_post" not in (tmp_path / "plain" / "summary.md").read_text()
+
+
+def test_a_job_that_finds_a_finished_run_in_its_folder_leaves_it_listed_as_finished(tmp_path):
+    """Was error.txt ("already holds a run") written into the finished run's folder by a sweep
+    run again into its folder, and the run listed as failed."""
+    run = fake_run(tmp_path, 0, "unet", metrics(0.7))
+    record_error(run, LungsegError(f"The run folder {run} already holds a run"))
+    assert not (run / "error.txt").exists()
+    assert [row["status"] for row in collect_runs(tmp_path)] == ["ok"]
+
+
+def test_a_run_that_finished_after_it_failed_is_listed_as_finished(tmp_path):
+    """error.txt of an earlier try is older than metrics.json: the run finished (a failed job
+    run again into its folder); an error.txt newer than metrics.json: it failed."""
+    retried, broken = fake_run(tmp_path, 0, "unet"), fake_run(tmp_path, 1, "fcn", metrics(0.6))
+    record_error(retried, LungsegError("out of memory"))
+    (retried / "metrics.json").write_text(json.dumps(metrics(0.7)))
+    (broken / "error.txt").write_text("broken\n")
+    os.utime(retried / "error.txt", (1_000_000, 1_000_000))
+    os.utime(broken / "metrics.json", (1_000_000, 1_000_000))
+    rows = collect_runs(tmp_path)
+    assert [(row["job"], row["status"]) for row in rows] == [(0, "ok"), (1, "failed")]
+    assert rows[0]["test/dice"] == pytest.approx(0.7) and rows[1]["error"] == "broken"
+
+
+def test_cli_sweep_run_again_into_its_folder_keeps_its_finished_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "seed=1", f"hydra.sweep.dir={sweep}"]
+    command += [f"data.demo_dir={tmp_path}/demo", *TINY]
+    for _ in range(2):
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "holds a finished run, which is kept as it was" in result.stdout + result.stderr
+    assert not list(sweep.glob("*/error.txt"))
+    assert [row["status"] for row in collect_runs(sweep)] == ["ok"]
+    assert "1 runs (0 failed or unfinished)" in (sweep / "summary.md").read_text()
+
+
+def test_python_m_lungseg_sweep_writes_the_summary_of_a_sweep_folder_again(tmp_path):
+    sweep = tmp_path / "multirun"
+    fake_run(sweep, 0, "unet", metrics(0.6))
+    fake_run(sweep, 1, "fcn", metrics(0.8))
+
+    def summarize(folder: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lungseg.sweep", str(folder)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    result = summarize(sweep)
+    assert result.returncode == 0, result.stderr
+    assert f"{sweep / 'summary.md'}: 2 runs, 0 failed or unfinished" in result.stdout
+    assert "| 1 | model=fcn | ok |" in (sweep / "summary.md").read_text()
+    with open(sweep / "summary.csv", newline="") as file:
+        assert [row["job"] for row in csv.DictReader(file)] == ["1", "0"]
+    for folder, message in [
+        (tmp_path / "missing", "is not a folder"),
+        (sweep / "0_model=unet", "is the folder of one run (it holds .hydra/), not of a sweep"),
+        (tmp_path, f"holds no job folder itself, only in {sweep}"),
+        (sweep / "0_model=unet" / "checkpoints", "holds no job of a multirun"),
+    ]:
+        if "missing" not in folder.name:
+            folder.mkdir(exist_ok=True)
+        result = summarize(folder)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"lungseg: error: {folder} {message}"), result.stderr
+    assert not (tmp_path / "summary.md").exists()
+
+
+def test_summary_gives_the_mean_and_std_per_setting_over_its_folds(tmp_path):
+    """Was one mean ± std over every run of a sweep over data.fold=0,1 model.width=4,6."""
+    dice = {(4, 0): 0.6, (4, 1): 0.8, (6, 0): 0.7, (6, 1): 0.9, (6, 2): 0.8}
+    for job, ((width, fold), value) in enumerate(dice.items()):
+        fake_run(
+            tmp_path, job, "unet", metrics(value), (f"data.fold={fold}", f"model.width={width}")
+        )
+    fake_run(tmp_path, 9, "unet", metrics(0.1), ("data.fold=0", "model.width=8"))
+    write_summary(tmp_path)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "over the 6 finished runs" not in markdown
+    width4 = "Mean ± std (population) over the 2 finished runs of `model.width=4` (data.fold 0, 1):"
+    width6 = "over the 3 finished runs of `model.width=6` (data.fold 0, 1, 2):"
+    assert f"{width4}\n\n- test/dice: 0.7000 ± 0.1000\n" in markdown
+    assert f"{width6}\n\n- test/dice: 0.8000 ± 0.0816\n" in markdown
+    assert "1 of the 3 settings (overrides other than data.fold) have one finished run" in markdown
+
+
+def test_summary_of_an_optuna_search_ranks_the_trials_by_the_objective(tmp_path):
+    search = {"sweeper": {"_target_": "hydra_plugins.x.LungsegOptunaSweeper"}}
+    search["sweeper"]["direction"] = "maximize"
+    for job, (objective, dice) in enumerate([(0.5, 0.9), (0.8, 0.6), (0.7, 0.7)]):
+        values = {**metrics(dice), "best_score": objective, "monitor": "val/dice"}
+        fake_run(tmp_path, job, "unet", values, (f"optimizer.lr={job}",), search)
+    fake_run(tmp_path, 3, "unet", None, ("optimizer.lr=3",), search)
+    rows = write_summary(tmp_path)
+    assert [row["job"] for row in rows] == [1, 2, 0, 3]
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "best objective first. Optuna search: the objective, which it maximizes, is each " in (
+        markdown
+    )
+    assert "trial's best val/dice" in markdown
+    assert "| job | overrides | status | objective | best_epoch | test/dice |" in markdown
+    assert "| 1 | optimizer.lr=1 | ok | 0.8000 | 3 | 0.6000 |" in markdown
+    with open(tmp_path / "summary.csv", newline="") as file:
+        assert next(csv.DictReader(file))["objective"] == "0.8"
+    search["sweeper"]["direction"] = "minimize"
+    for job in range(4):
+        OmegaConf.save({"hydra": search}, next(tmp_path.glob(f"{job}_*")) / ".hydra/hydra.yaml")
+    assert [row["run"][0] for row in collect_runs(tmp_path)] == ["0", "2", "1", "3"]
+
+
+def crossval_run(root: Path, name: str, fold: int, *overrides: str, best: str = "") -> Path:
+    """A finished fold run as train.py leaves it, as far as crossval.py reads it."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    OmegaConf.save({"data": {"fold": fold}}, run / ".hydra" / "config.yaml")
+    OmegaConf.save([f"data.fold={fold}", *overrides], run / ".hydra" / "overrides.yaml")
+    best = best or str(run / "checkpoints" / "best-epoch003.ckpt")
+    (run / "metrics.json").write_text(json.dumps({"best_checkpoint": best, "best_epoch": 3}))
+    return run
+
+
+def test_crossval_orders_the_runs_by_their_data_fold_and_refuses_mixed_settings(tmp_path):
+    """The rows were numbered by the position of the run in a sorted path list (10_ before
+    2_), and runs of several settings or of one fold twice were pooled."""
+    from benchmarks.crossval import check_one_setting
+
+    runs = [
+        crossval_run(tmp_path / "a", name, fold, "model.width=4")
+        for name, fold in [("10_x", 2), ("2_x", 10), ("3_x", 0)]
+    ]
+    assert list(check_one_setting(sorted(runs), tmp_path / "a").values()) == [0, 2, 10]
+    resumed = crossval_run(tmp_path / "a", "4_x", 1, "model.width=4", "resume=true")
+    assert list(check_one_setting([*runs, resumed], tmp_path / "a").values()) == [0, 1, 2, 10]
+
+    mixed = [
+        crossval_run(tmp_path / "b", f"{k}", k % 2, f"model.width={4 + k // 2}") for k in (0, 1, 2)
+    ]
+    with pytest.raises(
+        LungsegError,
+        match=r"holds the runs of 2 settings .*`model.width=4`: 0, 1; `model.width=5`: 2\.",
+    ):
+        check_one_setting(mixed, tmp_path / "b")
+    twice = [crossval_run(tmp_path / "c", name, 1, "model.width=4") for name in ("r1", "r2")]
+    with pytest.raises(LungsegError, match=r"more than one run of a fold \(data.fold 1: r1, r2\)"):
+        check_one_setting(twice, tmp_path / "c")
+
+
+def test_crossval_scores_a_copied_run_with_its_own_checkpoint(tmp_path):
+    """metrics.json's best_checkpoint is the absolute path the run saved it at: a copied sweep
+    was scored with the original's checkpoints, or failed with a traceback once those moved."""
+    from benchmarks.crossval import best_checkpoint
+
+    original = crossval_run(tmp_path, "original", 0)
+    (original / "checkpoints" / "best-epoch003.ckpt").write_bytes(b"original")
+    shutil.copytree(original, tmp_path / "copy")
+    copy = tmp_path / "copy"
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert best_checkpoint(copy, metrics) == str(copy / "checkpoints" / "best-epoch003.ckpt")
+    assert best_checkpoint(original, metrics) == metrics["best_checkpoint"]
+    (copy / "checkpoints" / "best-epoch003.ckpt").unlink()
+    with pytest.raises(LungsegError, match=r"best checkpoint best-epoch003.ckpt is not in .*copy"):
+        best_checkpoint(copy, metrics)  # not the original's, silently
+    with pytest.raises(LungsegError, match="saved no best checkpoint"):
+        best_checkpoint(copy, {"best_checkpoint": None})
+
+
+def test_crossval_scores_are_the_mean_over_the_foreground_classes():
+    """Was the first foreground class's alone (every Dice 0 where that class is background-like
+    in a 3-class mask)."""
+    from benchmarks.crossval import entry
+
+    def cls(dice, nonempty, fp):
+        return {"dice": {"mean": dice}, "dice_nonempty": {"mean": nonempty}, "fp_rate_empty": fp}
+
+    summary = {"classes": {"lung": cls(0.0, 0.0, 0.5), "tumour": cls(0.8, None, 0.1)}}
+    assert entry(summary, "dice") == pytest.approx(0.4)
+    assert entry(summary, "dice_nonempty") == pytest.approx(0.0)  # tumour has none
+    assert entry(summary, "fp_empty") == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--thresholds", "1.5"], "argument --thresholds: 1.5: give argmax or a probability"),
+        (["--thresholds", "high"], "argument --thresholds: high: give argmax or a probability"),
+        (["--min-confidences", "1"], "argument --min-confidences: 1: give a probability in [0, 1)"),
+        (["--max-fp-rate", "2"], "argument --max-fp-rate: 2: give a share in [0, 1]"),
+        (["--jobs", "0"], "argument --jobs: 0: give a number of 1 or more"),
+    ],
+)
+def test_crossval_checks_its_options_before_scoring(tmp_path, args, message):
+    command = [sys.executable, str(ROOT / "benchmarks" / "crossval.py"), str(tmp_path), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr
+
+
+def test_crossval_reports_a_moved_checkpoint_in_one_line(tmp_path):
+    crossval_run(tmp_path, "run", 0, best="/nowhere/checkpoints/best-epoch003.ckpt")
+    (tmp_path / "run" / "split.csv").write_text("file,split\na,train\nb,val\nc,test\n")
+    command = [sys.executable, str(ROOT / "benchmarks" / "crossval.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(
+        f"lungseg: error: {tmp_path / 'run'}'s best checkpoint best-epoch003.ckpt is not in "
+    )
