@@ -223,6 +223,16 @@ def continues_run(ckpt_path: str | None, out_dir: Path) -> bool:
 _PATIENCE = 3  # Lightning's EarlyStoppingReason.PATIENCE_EXHAUSTED in a checkpoint
 
 
+def _model_of(path: str) -> str:
+    """The checkpoint that scores a run whose last.ckpt is ``path``: the best one beside it
+    (callbacks.model_checkpoint, the model train.py tests), where the run validated; else
+    ``path`` itself (without validation the final weights are the model)."""
+    if Path(path).name != "last.ckpt":
+        return path
+    best = sorted(Path(path).parent.glob("best-epoch*.ckpt"))
+    return str(best[-1]) if best else path
+
+
 def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) -> None:
     """LungsegError when the checkpoint's run has nothing left to train under ``cfg``: its
     epochs reach ``trainer.max_epochs``, its optimiser steps ``trainer.max_steps``, its
@@ -240,7 +250,7 @@ def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) ->
             raise LungsegError(
                 f"{path} has trained {count} {unit} and trainer.{key} is {limit}: nothing is "
                 f"left to train. Give trainer.{key} above {count}{unlimited} to train it "
-                f"further, or score it with `python eval.py ckpt_path={path}`."
+                f"further, or score it with `python eval.py ckpt_path={_model_of(path)}`."
             )
     max_time = cfg.trainer.get("max_time")
     timer = (checkpoint.get("callbacks") or {}).get("Timer") or {}
@@ -250,7 +260,7 @@ def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) ->
             f"{path} has trained for {timedelta(seconds=round(used))} (h:mm:ss), all of "
             f"trainer.max_time={max_time}: nothing is left to train. Give a longer "
             f"trainer.max_time (or trainer.max_time=null) to train it further, or score it "
-            f"with `python eval.py ckpt_path={path}`."
+            f"with `python eval.py ckpt_path={_model_of(path)}`."
         )
     check_time_plan(cfg, path, checkpoint, done)
     early = cfg.get("callbacks", {}).get("early_stopping")
@@ -276,7 +286,7 @@ def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) ->
         )
         raise LungsegError(
             f"early stopping ended the run of {path} after epoch {state['stopped_epoch']}: "
-            f"{why}, or score it with `python eval.py ckpt_path={path}`."
+            f"{why}, or score it with `python eval.py ckpt_path={_model_of(path)}`."
         )
 
 
@@ -296,7 +306,7 @@ def check_time_plan(cfg: DictConfig, path: str, checkpoint: dict[str, Any], done
             f"{path} has trained the {done} epochs that trainer.max_time={max_time} left time "
             f"for (its learning-rate schedule was fitted to them, see callbacks.time_plan): "
             "nothing is left to train. Give a longer trainer.max_time (or trainer.max_time=null) "
-            f"to train it further, or score it with `python eval.py ckpt_path={path}`."
+            f"to train it further, or score it with `python eval.py ckpt_path={_model_of(path)}`."
         )
 
 

@@ -184,9 +184,12 @@ def test_a_run_that_a_step_or_time_limit_ended_is_not_trained_again(
     first = train(make_cfg(*limit, "test_after_fit=false"))
     run = Path(make_cfg().output_dir)
     before = files_of(run)
-    with pytest.raises(LungsegError, match=refused):
+    with pytest.raises(LungsegError, match=refused) as error:
         train(make_cfg(*limit, "test_after_fit=false", "resume=true"))
     assert files_of(run) == before
+    # the model to score is the best checkpoint, not last.ckpt (the run validated)
+    (best,) = (run / "checkpoints").glob("best-epoch*.ckpt")
+    assert f"score it with `python eval.py ckpt_path={best}`" in str(error.value)
     more = train(make_cfg(*limit, longer, "test_after_fit=false", "resume=true"))
     assert more["epochs_trained"] > first["epochs_trained"]
     assert more["stopped_by"] == first["stopped_by"] == stop
