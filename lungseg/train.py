@@ -107,6 +107,13 @@ def accelerator_settings(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
         # PyTorch's SyncBatchNorm refuses CPU modules ("only work with GPU modules").
         log.info("trainer.sync_batchnorm is GPU-only: each CPU process normalises its own batch")
         cfg["sync_batchnorm"] = False
+    if not on_gpu and str(cfg.get("precision")) in ("16-mixed", "16"):
+        # Lightning would warn and train in bf16-mixed instead, while config.yaml says 16-mixed
+        raise LungsegError(
+            f"trainer.precision={cfg['precision']} is float16 mixed precision, which needs a CUDA "
+            f"GPU, but this run trains on the CPU. Give trainer.precision=bf16-mixed (mixed "
+            f"precision on the CPU) or 32-true, or train on a GPU (trainer.gpus=1)."
+        )
     return cfg
 
 

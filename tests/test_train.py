@@ -489,6 +489,17 @@ def test_gpus_key_maps_to_accelerator(monkeypatch):
         accelerator_settings({"gpus": [0, 2]})
 
 
+def test_float16_mixed_precision_on_the_cpu_is_one_clear_error(monkeypatch):
+    """Lightning would warn and run bf16-mixed instead, while config.yaml records 16-mixed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LungsegError, match=r"precision=16-mixed .* needs a CUDA GPU.*bf16-mixed"):
+        accelerator_settings({"accelerator": "auto", "precision": "16-mixed"})
+    assert accelerator_settings({"accelerator": "cpu", "precision": "bf16-mixed"})["precision"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert accelerator_settings({"gpus": 1, "precision": "16-mixed"})["precision"] == "16-mixed"
+
+
 def test_gpus_on_a_cpu_machine_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(LungsegError, match=r"trainer.gpus=1 asks for a GPU.*trainer=cpu"):
