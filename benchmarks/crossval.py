@@ -55,7 +55,7 @@ from benchmarks.quality import override_value  # noqa: E402
 from lungseg.data.splits import split_counts  # noqa: E402
 from lungseg.errors import LungsegError, run_cli  # noqa: E402
 from lungseg.evaluate import evaluate, evaluate_grid, scores  # noqa: E402
-from lungseg.sweep import fold_of, fold_order, setting  # noqa: E402
+from lungseg.sweep import fold_of, fold_order, run_overrides, setting  # noqa: E402
 
 
 def quote(path) -> str:
@@ -181,11 +181,6 @@ def run_fold(run: Path) -> int | str | None:
             if isinstance(fold, int | str):
                 return fold
     return fold_of(run_overrides(run))
-
-
-def run_overrides(run: Path) -> list[str]:
-    path = run / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
 def check_one_setting(runs: list[Path], sweep: Path) -> dict[Path, int | str | None]:

@@ -78,6 +78,12 @@ def _finished(run: Path) -> bool:
     )
 
 
+def run_overrides(run: Path) -> list[str]:
+    """A run folder's Hydra overrides (``.hydra/overrides.yaml``; none where it has none)."""
+    path = Path(run) / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
 def override_key(override: str) -> str:
     """The key of a Hydra override: ``+data.fold=1`` -> ``data.fold``."""
     return override.split("=", 1)[0].lstrip("~+")
@@ -122,7 +128,7 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         sweeper = _dict(hydra_cfg, "sweeper")
         if "optuna" in str(sweeper.get("_target_", "")).lower():
             direction = sweeper.get("direction", "maximize")
-        override_list = [str(o) for o in OmegaConf.load(overrides)]
+        override_list = run_overrides(run)
         row: dict[str, Any] = {
             # None for a run started on its own (hydra.job.num is only set in a multirun).
             "job": _dict(hydra_cfg, "job").get("num"),

@@ -27,8 +27,9 @@ from lungseg.errors import LungsegError
 MASK_MODES = ("index", "binary", "palette")
 _SHOWN = 5  # how many offending values an error message lists
 _GOLDEN = 0.618033988749895  # hue step that keeps consecutive class colours far apart
-_GREY_MASK_FOLDERS: set[str] = set()  # folders whose grey-level binary masks were warned of
-_LEVEL_MASK_FOLDERS: set[str] = set()  # folders whose grey-coded binary masks were warned of
+# (kind, folder): the folders whose binary masks were warned of, once for each kind ("grey":
+# JPEG noise or anti-aliased edges cut halfway; "levels": classes coded as grey levels)
+_WARNED_FOLDERS: set[tuple[str, str]] = set()
 # Binary masks: grey levels that fill regions of their own are classes coded as grey levels,
 # not JPEG noise or anti-aliased edges (which make many values, or thin lines of a few).
 _CODED_LEVELS = 6  # at most this many distinct values, 0 and the top value included
@@ -103,8 +104,7 @@ def _decode_binary(gray: np.ndarray, path: Path, colour: bool = False) -> np.nda
         folder = str(path.parent)
         levels = np.unique(gray)
         if _grey_coded(gray, levels):
-            if folder not in _LEVEL_MASK_FOLDERS:
-                _LEVEL_MASK_FOLDERS.add(folder)
+            if _first_in_folder("levels", folder):
                 if colour:
                     palette = "with the masks' colours in data.palette"
                 elif gray.dtype == np.uint8:
@@ -124,8 +124,7 @@ def _decode_binary(gray: np.ndarray, path: Path, colour: bool = False) -> np.nda
                     palette,
                 )
             return (gray != 0).astype(np.uint8)
-        if folder not in _GREY_MASK_FOLDERS:
-            _GREY_MASK_FOLDERS.add(folder)
+        if _first_in_folder("grey", folder):
             log.warning(
                 "Mask %s holds values between 0 and %s (%d distinct: JPEG compression, or "
                 "anti-aliased or resized edges), so data.mask_mode=binary takes a pixel as "
@@ -139,6 +138,13 @@ def _decode_binary(gray: np.ndarray, path: Path, colour: bool = False) -> np.nda
             )
         return (2 * gray.astype(np.float64) > float(top)).astype(np.uint8)
     return (gray != 0).astype(np.uint8)
+
+
+def _first_in_folder(kind: str, folder: str) -> bool:
+    """Whether this is the first mask of ``folder`` warned of for ``kind`` (then noted)."""
+    first = (kind, folder) not in _WARNED_FOLDERS
+    _WARNED_FOLDERS.add((kind, folder))
+    return first
 
 
 def _grey_coded(gray: np.ndarray, levels: np.ndarray) -> bool:
