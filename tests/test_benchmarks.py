@@ -59,6 +59,15 @@ def test_throughput_prints_one_row_per_architecture_with_positive_rates(tmp_path
         ratio, low, high = (float(x) for x in re.findall(r"[\d.]+", row[4]))
         assert low - 0.01 <= ratio <= high + 0.01
         assert low * 0.99 - 0.01 <= lungseg / bare <= high * 1.01 + 0.01
+    # The reference product is the better of the CPU's two libraries (MKL's alone made a U-Net
+    # look faster than the machine's matrix product on an AMD CPU)
+    reference = re.search(
+        r"matrix product \(\d+\^3\): ([\d.]+) GFLOP/s \(the better of (.*)\)", out
+    )
+    assert reference, out[:500]
+    rates = dict(re.findall(r"(BLAS|oneDNN) ([\d.]+)", reference.group(2)))
+    assert set(rates) == {"BLAS", "oneDNN"}
+    assert float(reference.group(1)) == max(float(r) for r in rates.values())
 
 
 def test_throughput_with_device_augmentation(tmp_path):
