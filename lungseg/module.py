@@ -115,6 +115,7 @@ class SegmentationModule(pl.LightningModule):
         self._new_schedule = False  # see on_load_checkpoint
         self._fresh_groups: list[dict[str, Any]] = []  # see configure_optimizers
         self._checked_step = 0  # the optimiser step after which _check_after_step last looked
+        self._loss_step_logged = False  # see _logs_loss_step
         if compile:
             # In place: the state_dict keys stay those of the plain network, so checkpoints of
             # compiled and uncompiled runs are interchangeable.
@@ -149,22 +150,31 @@ class SegmentationModule(pl.LightningModule):
         # summed across DDP processes at the epoch's end: Lightning's own epoch mean of a
         # logged value is each process's own (and a scheduler watching train/loss_epoch
         # would step each process's learning rate apart).
-        mean = getattr(self, f"{stage}_loss_mean")
-        mean.update(loss.detach(), weight=images.shape[0])
-        if stage == "train":
+        # Logged once, at the epoch's end (_log_epoch_metrics), not at every batch.
+        getattr(self, f"{stage}_loss_mean").update(loss.detach(), weight=images.shape[0])
+        if stage == "train" and self._logs_loss_step():
             # Not in the progress bar: Lightning would turn it into a number after every
             # batch, waiting for the GPU; lungseg.callbacks.ProgressBar shows it when it redraws.
             self.log("train/loss_step", loss, on_step=True, on_epoch=False)
-        name = "train/loss_epoch" if stage == "train" else f"{stage}/loss"
-        self.log(
-            name,
-            mean,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=stage != "train",
-            batch_size=images.shape[0],
-        )
+            self._loss_step_logged = True
         return loss
+
+    def _logs_loss_step(self) -> bool:
+        """Whether to log this training step's loss: on the steps whose values Lightning writes
+        to the logger (every ``trainer.log_every_n_steps``-th, every one with
+        ``fast_dev_run``), and on a run's first step, so that the progress bar has a loss to
+        show from the start (it shows the last one logged). Lightning's ``self.log`` costs
+        about 0.5 ms of host time a call (benchmarks/profile_step.py, DeepLab on a 2-core
+        CPU: 1 % of its step), spent in vain on the other steps."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        writes = getattr(connector, "should_update_logs", True)  # every step if Lightning changes
+        return (
+            writes
+            or not self._loss_step_logged
+            or not trainer.log_every_n_steps
+            or bool(trainer.fast_dev_run)
+        )
 
     def _eager_check(self) -> bool:
         """Look at the loss at once only where that costs nothing: one process on the CPU."""
@@ -260,17 +270,24 @@ class SegmentationModule(pl.LightningModule):
         self._step(batch, "test")
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        metrics = getattr(self, f"{stage}_metrics")
-        values = metrics.compute()
+        metrics, mean = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss_mean")
+        values, loss = metrics.compute(), mean.compute()
         metrics.reset()
-        # The metric states are already reduced across processes by torchmetrics.
+        mean.reset()
+        # The metric states are already reduced across processes by torchmetrics. The loss's
+        # mean is logged here, not with every batch's update: Lightning's self.log of a metric
+        # costs about 0.5 ms of host time a call (benchmarks/profile_step.py).
+        self.log(
+            "train/loss_epoch" if stage == "train" else f"{stage}/loss",
+            loss,
+            prog_bar=stage != "train",
+        )
         dice = values.pop("dice")
         self.log(f"{stage}/dice", dice, prog_bar=True)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
         if stage == "train" and self.trainer.limit_val_batches == 0:
             # A fit without validation (train.py, data.split's val fraction 0): one line per
             # epoch in train.log all the same.
-            loss = self.trainer.callback_metrics.get("train/loss_epoch", float("nan"))
             log.info(
                 "epoch %d: train/loss %.4f  train/dice %.4f  train/acc %.4f (no validation)",
                 self.current_epoch,
@@ -280,7 +297,6 @@ class SegmentationModule(pl.LightningModule):
             )
         if stage == "val" and not self.trainer.sanity_checking:
             # One line per epoch in train.log, also when the progress bar is off.
-            loss = self.trainer.callback_metrics.get("val/loss", float("nan"))
             log.info(
                 "epoch %d: val/loss %.4f  val/dice %.4f  val/acc %.4f",
                 self.current_epoch,
@@ -319,6 +335,7 @@ class SegmentationModule(pl.LightningModule):
             checkpoint["lr_schedulers"] = []
 
     def on_train_start(self):
+        self._loss_step_logged = False  # a second fit's bar starts empty too
         hold = getattr(self.trainer.datamodule, "hold_on_device", None)
         if hold is not None:  # data.device_cache: on every process at once, before a batch
             hold(self.device, self.trainer.strategy)
