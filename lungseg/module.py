@@ -116,6 +116,8 @@ class SegmentationModule(pl.LightningModule):
         self._fresh_groups: list[dict[str, Any]] = []  # see configure_optimizers
         self._checked_step = 0  # the optimiser step after which _check_after_step last looked
         self._loss_step_logged = False  # see _logs_loss_step
+        self._step_loss: torch.Tensor | None = None  # this training step's, see _step
+        self._step_loss_logged = False
         if compile:
             # In place: the state_dict keys stay those of the plain network, so checkpoints of
             # compiled and uncompiled runs are interchangeable.
@@ -152,29 +154,45 @@ class SegmentationModule(pl.LightningModule):
         # would step each process's learning rate apart).
         # Logged once, at the epoch's end (_log_epoch_metrics), not at every batch.
         getattr(self, f"{stage}_loss_mean").update(loss.detach(), weight=images.shape[0])
-        if stage == "train" and self._logs_loss_step():
-            # Not in the progress bar: Lightning would turn it into a number after every
-            # batch, waiting for the GPU; lungseg.callbacks.ProgressBar shows it when it redraws.
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
-            self._loss_step_logged = True
+        if stage == "train":
+            self._step_loss = loss.detach()
+            self._step_loss_logged = self._logs_loss_step(batch_idx)
+            if self._step_loss_logged:
+                self._log_step_loss()
         return loss
 
-    def _logs_loss_step(self) -> bool:
+    def _log_step_loss(self) -> None:
+        # Not in the progress bar: Lightning would turn it into a number after every batch,
+        # waiting for the GPU; lungseg.callbacks.ProgressBar shows it when it redraws.
+        self.log("train/loss_step", self._step_loss, on_step=True, on_epoch=False)
+        self._loss_step_logged = True
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # A stop decided in the callbacks' on_train_batch_end, which run before this hook
+        # (trainer.max_time's Timer): Lightning writes this step's values too.
+        if self.trainer.should_stop and not self._step_loss_logged:
+            self._log_step_loss()
+
+    def _logs_loss_step(self, batch_idx: int) -> bool:
         """Whether to log this training step's loss: on the steps whose values Lightning writes
-        to the logger (every ``trainer.log_every_n_steps``-th, every one with
-        ``fast_dev_run``), and on a run's first step, so that the progress bar has a loss to
-        show from the start (it shows the last one logged). Lightning's ``self.log`` costs
-        about 0.5 ms of host time a call (benchmarks/profile_step.py, DeepLab on a 2-core
-        CPU: 1 % of its step), spent in vain on the other steps."""
+        to the logger (every ``trainer.log_every_n_steps``-th optimiser step, every one with
+        ``fast_dev_run``), on those where the progress bar redraws (counted in the epoch's
+        batches) and on a run's first, so that the bar has a loss to show from the start.
+        Lightning's ``self.log`` costs about 0.5 ms of host time a call
+        (benchmarks/profile_step.py, DeepLab on a 2-core CPU: 1 % of its step), spent in vain
+        on the other steps."""
         trainer = self.trainer
         connector = getattr(trainer, "_logger_connector", None)
-        writes = getattr(connector, "should_update_logs", True)  # every step if Lightning changes
-        return (
-            writes
-            or not self._loss_step_logged
-            or not trainer.log_every_n_steps
-            or bool(trainer.fast_dev_run)
-        )
+        if getattr(connector, "should_update_logs", True):  # every step if Lightning changes
+            return True
+        if not self._loss_step_logged or not trainer.log_every_n_steps or trainer.fast_dev_run:
+            return True
+        bar = trainer.progress_bar_callback
+        if bar is None or not bar.is_enabled:
+            return False
+        batch = batch_idx + 1  # as the bar counts
+        every = max(int(getattr(bar, "refresh_rate", 1) or 1), 1)
+        return batch % every == 0 or batch == trainer.num_training_batches
 
     def _eager_check(self) -> bool:
         """Look at the loss at once only where that costs nothing: one process on the CPU."""

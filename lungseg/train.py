@@ -117,6 +117,26 @@ def accelerator_settings(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def cpu_bf16_hint(settings: dict[str, Any]) -> str | None:
+    """A line for a run that trains in float32 on a CPU that computes bf16 in hardware (AMX,
+    AVX512-BF16), where ``trainer.precision=bf16-mixed`` is much the faster path; None
+    elsewhere. ``settings``: the trainer's, from ``accelerator_settings``."""
+    accelerator = settings.get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return None
+    if str(settings.get("precision", "32-true")) not in ("32-true", "32"):
+        return None
+    checks = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    units = [name for name, check in checks if getattr(torch.cpu, check, lambda: False)()]
+    if not units:
+        return None
+    return (
+        f"this CPU computes bf16 in hardware ({', '.join(units)}): trainer.precision=bf16-mixed "
+        "ran the demo 1.3x and, with channels_last=true, a width-64 U-Net at 256 px 2x faster "
+        'than float32 on one (README, "Speed")'
+    )
+
+
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     """Instantiate and set up the data, then write the inferred class count back into the
     config, so ``model.num_classes: ${data.num_classes}`` resolves to it."""
@@ -287,6 +307,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.monotonic()
     hostmem.configure(cfg.get("retain_freed_memory", True))
     trainer_settings = accelerator_settings(plain(cfg.trainer))  # before anything is written
+    hint = cpu_bf16_hint(trainer_settings)
+    if hint and rank_zero_only.rank == 0:
+        log.info(hint)
     out_dir = Path(cfg.output_dir)
     ckpt_path = resume_checkpoint(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import types
 from pathlib import Path
 
 import pytest
+import pytorch_lightning
 import pytorch_lightning.callbacks.timer
 import torch
 from conftest import ROOT, TINY
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 import lungseg.callbacks
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
-from lungseg.train import accelerator_settings, postprocessed_test, train
+from lungseg.train import accelerator_settings, cpu_bf16_hint, postprocessed_test, train
 
 ARCHITECTURES = ["unet", "fcn", "segnet", "deeplab"]
 
@@ -416,6 +417,20 @@ def test_the_progress_bar_reads_the_loss_every_log_every_n_steps(make_cfg, monke
     assert {4, 8} <= set(reads) and len(reads) <= steps // 4 + 2, reads
 
 
+def test_a_float32_run_on_a_cpu_with_bf16_hardware_is_told_of_bf16_mixed(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    hint = cpu_bf16_hint(accelerator_settings({"precision": "32-true"}))
+    assert hint and "(AVX512-BF16)" in hint and "trainer.precision=bf16-mixed" in hint
+    assert cpu_bf16_hint({"precision": "bf16-mixed"}) is None  # already
+    assert cpu_bf16_hint({"accelerator": "gpu", "precision": "32-true"}) is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert cpu_bf16_hint({"precision": "32-true"}) is None  # e.g. AVX2 only: bf16 is slower
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert "(AMX)" in cpu_bf16_hint({"precision": "32"})
+
+
 def test_the_step_loss_is_logged_on_the_steps_lightning_writes(make_cfg, monkeypatch):
     """self.log costs host time (about 0.5 ms a call on a 2-core CPU): the step loss is logged
     on the steps whose values Lightning writes to TensorBoard and on the first (for the
@@ -448,6 +463,82 @@ def test_the_step_loss_is_logged_on_the_steps_lightning_writes(make_cfg, monkeyp
         if "train/loss_step" in acc.Tags()["scalars"]:
             points += [event.step for event in acc.Scalars("train/loss_step")]
     assert points == [2, 5, 8, 11]
+
+
+STOPPED: dict[str, float] = {}
+
+
+class StopAtStep(pytorch_lightning.Callback):
+    """Stops the fit in on_train_batch_end after ``step`` optimiser steps, as the Timer of
+    trainer.max_time does, and notes that batch's loss."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        STOPPED["loss"] = float(outputs["loss"])
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def test_a_stop_between_logging_steps_writes_that_steps_loss(make_cfg):
+    """A stop decided in a callback's on_train_batch_end makes Lightning write that step's
+    values: the step loss it writes is that step's, not the last one logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(
+        "data.batch_size=1",
+        "trainer.limit_train_batches=7",
+        "trainer.log_every_n_steps=5",
+        "+callbacks.stop._target_=test_train.StopAtStep",
+        "+callbacks.stop.step=3",
+    )
+    train(cfg)
+    points = []
+    for path in sorted((Path(cfg.output_dir) / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path)).Reload()
+        if "train/loss_step" in acc.Tags()["scalars"]:
+            points += [(event.step, event.value) for event in acc.Scalars("train/loss_step")]
+    assert [step for step, _ in points] == [2]
+    assert points[0][1] == pytest.approx(STOPPED["loss"], rel=1e-5)
+
+
+def test_the_progress_bar_shows_the_loss_of_the_batch_it_redraws_at(make_cfg, monkeypatch):
+    """The bar redraws every refresh_rate batches of an epoch and at its last: the step loss
+    is logged at those batches too, though Lightning writes it at other steps."""
+    from lungseg.callbacks import ProgressBar
+
+    shown, losses = [], {}
+    get_metrics = ProgressBar.get_metrics
+    step = SegmentationModule._step
+
+    def noting(self, batch, stage, batch_idx=0):
+        loss = step(self, batch, stage, batch_idx)
+        if stage == "train":
+            losses[(self.current_epoch, batch_idx)] = float(loss)
+        return loss
+
+    def showing(self, trainer, pl_module):
+        items = get_metrics(self, trainer, pl_module)
+        if trainer.training and "train/loss_step" in items:
+            shown.append(
+                (trainer.current_epoch, self.train_progress_bar.n - 1, items["train/loss_step"])
+            )
+        return items
+
+    monkeypatch.setattr(SegmentationModule, "_step", noting)
+    monkeypatch.setattr(ProgressBar, "get_metrics", showing)
+    cfg = make_cfg(
+        "trainer.enable_progress_bar=true",
+        "trainer.max_epochs=2",
+        "data.batch_size=1",
+        "trainer.limit_train_batches=7",  # the bar redraws at batches 4 and 7 of each epoch
+        "trainer.log_every_n_steps=4",
+    )
+    train(cfg)
+    assert {(epoch, batch) for epoch, batch, _ in shown} >= {(0, 3), (0, 6), (1, 3), (1, 6)}
+    for epoch, batch, value in shown:
+        assert value == pytest.approx(losses[(epoch, batch)], rel=1e-5), (epoch, batch)
 
 
 def test_no_training_batch_turns_a_logged_value_into_a_number(make_cfg, monkeypatch):
