@@ -30,6 +30,14 @@ class ProgressBar(TQDMProgressBar):
 
     SHOWN = ("train/loss_step", "train/loss_epoch")
 
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # The bar's last line: its epoch-end redraw came before the module logged that epoch's
+        # values (Lightning calls the bar's on_train_epoch_end first), so it showed the
+        # epoch before's train/loss_epoch and train/dice.
+        if self._train_progress_bar is not None and not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+        super().on_train_end(trainer, pl_module)
+
     def get_metrics(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict:
         items = super().get_metrics(trainer, pl_module)
         metrics = trainer.callback_metrics

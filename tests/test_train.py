@@ -541,6 +541,32 @@ def test_the_progress_bar_shows_the_loss_of_the_batch_it_redraws_at(make_cfg, mo
         assert value == pytest.approx(losses[(epoch, batch)], rel=1e-5), (epoch, batch)
 
 
+def test_the_progress_bar_ends_with_the_last_epochs_loss(make_cfg, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lungseg.callbacks import ProgressBar
+
+    shown = []
+    get_metrics = ProgressBar.get_metrics
+
+    def showing(self, trainer, pl_module):
+        items = get_metrics(self, trainer, pl_module)
+        shown.append(items)
+        return items
+
+    monkeypatch.setattr(ProgressBar, "get_metrics", showing)
+    cfg = make_cfg("trainer.enable_progress_bar=true", "trainer.max_epochs=2")
+    train(cfg)
+    epochs = []
+    for path in sorted((Path(cfg.output_dir) / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path)).Reload()
+        if "train/loss_epoch" in acc.Tags()["scalars"]:
+            epochs += [event.value for event in acc.Scalars("train/loss_epoch")]
+    assert len(epochs) == 2 and epochs[0] != pytest.approx(epochs[1])
+    last = [items for items in shown if "train/loss_epoch" in items][-1]
+    assert last["train/loss_epoch"] == pytest.approx(epochs[-1], rel=1e-5)
+
+
 def test_no_training_batch_turns_a_logged_value_into_a_number(make_cfg, monkeypatch):
     """Turning a tensor into a number waits for the GPU. Lightning does that after every batch
     for each value logged with prog_bar=True, even with the bar off: lungseg logs the training
