@@ -33,10 +33,18 @@ _STATS = ("dice_sum", "iou_sum", "scored", "present_dice", "present", "absent", 
 
 
 def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
-    """Class ids (N, H, W) from logits (N, C, H, W). ``max(dim=1).indices`` equals
-    ``argmax(dim=1)`` (the first maximum wins) and on the CPU is about 25 times faster for a
-    small class axis (torch 2.13: 1 ms against 27 ms for 8×3×128×128)."""
-    return logits.max(dim=1).indices
+    """Class ids (N, H, W) from logits (N, C, H, W), the first maximum winning as with
+    ``argmax(dim=1)``. On a GPU, ``max(dim=1).indices``: one kernel. On the CPU, with three or
+    more classes, from ``amax``: torch's index-returning reductions over the class axis are
+    slow there (torch 2.13, 8x3x128x128: ``argmax`` 27 ms, ``max(dim=1).indices`` 0.6 ms, this
+    0.18 ms; with two classes the same as ``max``)."""
+    classes = logits.shape[1]
+    if logits.device.type != "cpu" or not 2 < classes <= 256:
+        return logits.max(dim=1).indices
+    top = logits.amax(dim=1, keepdim=True)
+    # each class where it reaches the maximum, weighted so that the first one scores highest
+    rank = torch.arange(classes - 1, -1, -1, dtype=torch.uint8).view(1, classes, 1, 1)
+    return (classes - 1) - ((logits == top).to(torch.uint8) * rank).amax(dim=1).long()
 
 
 class SegmentationMetrics(Metric):

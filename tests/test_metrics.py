@@ -89,10 +89,16 @@ def test_metrics_equal_torchmetrics_reference_classes(num_classes):
         assert out[f"iou_{name}"] == pytest.approx(float(iou.compute()[c]), abs=1e-5)
 
 
-def test_predicted_classes_equal_argmax_with_ties():
-    logits = torch.randn(2, 4, 5, 5)
-    logits[:, 2] = logits[:, 1]  # ties: the first maximum wins, as with argmax
-    assert torch.equal(predicted_classes(logits), logits.argmax(dim=1))
+@pytest.mark.parametrize("classes", [2, 3, 4, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_predicted_classes_equal_argmax_with_ties(classes, dtype):
+    logits = torch.randn(3, classes, 9, 7).to(dtype)
+    logits[:, -1] = logits[:, 0]  # ties: the first maximum wins, as with argmax
+    logits[0, :, :3] = 0.5  # all classes tie
+    predicted = predicted_classes(logits)
+    assert predicted.dtype == torch.long and predicted.shape == (3, 9, 7)
+    assert torch.equal(predicted, logits.float().argmax(dim=1))
+    assert (predicted[0, :3] == 0).all()
 
 
 def test_dice_on_non_empty_slices_and_false_positive_rate_on_empty_ones():
