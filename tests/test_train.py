@@ -430,6 +430,26 @@ def scalar_points(run_dir, tag: str) -> list[tuple[int, float]]:
     return points
 
 
+def bar_redraws(monkeypatch) -> list[tuple]:
+    """(epoch, batch index, shown items) at each redraw of lungseg's progress bar while it
+    trains (the redraw at the fit's end counts as the last epoch's: by then the epoch count
+    has moved on)."""
+    from lungseg.callbacks import ProgressBar
+
+    redraws = []
+    get_metrics = ProgressBar.get_metrics
+
+    def showing(self, trainer, pl_module):
+        items = get_metrics(self, trainer, pl_module)
+        if trainer.training:
+            epoch = min(trainer.current_epoch, trainer.max_epochs - 1)
+            redraws.append((epoch, self.train_progress_bar.n - 1, items))
+        return items
+
+    monkeypatch.setattr(ProgressBar, "get_metrics", showing)
+    return redraws
+
+
 def test_a_float32_run_on_a_cpu_with_bf16_hardware_is_told_of_bf16_mixed(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
@@ -508,10 +528,7 @@ def test_a_stop_between_logging_steps_writes_that_steps_loss(make_cfg):
 def test_the_progress_bar_shows_the_loss_of_the_batch_it_redraws_at(make_cfg, monkeypatch):
     """The bar redraws every refresh_rate batches of an epoch and at its last: the step loss
     is logged at those batches too, though Lightning writes it at other steps."""
-    from lungseg.callbacks import ProgressBar
-
-    shown, losses = [], {}
-    get_metrics = ProgressBar.get_metrics
+    losses = {}
     step = SegmentationModule._step
 
     def noting(self, batch, stage, batch_idx=0):
@@ -520,16 +537,8 @@ def test_the_progress_bar_shows_the_loss_of_the_batch_it_redraws_at(make_cfg, mo
             losses[(self.current_epoch, batch_idx)] = float(loss)
         return loss
 
-    def showing(self, trainer, pl_module):
-        items = get_metrics(self, trainer, pl_module)
-        if trainer.training and "train/loss_step" in items:
-            # the redraw at the fit's end comes after the epoch count has moved on
-            epoch = min(trainer.current_epoch, trainer.max_epochs - 1)
-            shown.append((epoch, self.train_progress_bar.n - 1, items["train/loss_step"]))
-        return items
-
     monkeypatch.setattr(SegmentationModule, "_step", noting)
-    monkeypatch.setattr(ProgressBar, "get_metrics", showing)
+    redraws = bar_redraws(monkeypatch)
     cfg = make_cfg(
         "trainer.enable_progress_bar=true",
         "trainer.max_epochs=2",
@@ -538,29 +547,21 @@ def test_the_progress_bar_shows_the_loss_of_the_batch_it_redraws_at(make_cfg, mo
         "trainer.log_every_n_steps=4",
     )
     train(cfg)
+    shown = [
+        (e, b, items["train/loss_step"]) for e, b, items in redraws if "train/loss_step" in items
+    ]
     assert {(epoch, batch) for epoch, batch, _ in shown} >= {(0, 3), (0, 6), (1, 3), (1, 6)}
     for epoch, batch, value in shown:
         assert value == pytest.approx(losses[(epoch, batch)], rel=1e-5), (epoch, batch)
 
 
 def test_the_progress_bar_ends_with_the_last_epochs_loss(make_cfg, monkeypatch):
-
-    from lungseg.callbacks import ProgressBar
-
-    shown = []
-    get_metrics = ProgressBar.get_metrics
-
-    def showing(self, trainer, pl_module):
-        items = get_metrics(self, trainer, pl_module)
-        shown.append(items)
-        return items
-
-    monkeypatch.setattr(ProgressBar, "get_metrics", showing)
+    redraws = bar_redraws(monkeypatch)
     cfg = make_cfg("trainer.enable_progress_bar=true", "trainer.max_epochs=2")
     train(cfg)
     epochs = [value for _, value in scalar_points(cfg.output_dir, "train/loss_epoch")]
     assert len(epochs) == 2 and epochs[0] != pytest.approx(epochs[1])
-    last = [items for items in shown if "train/loss_epoch" in items][-1]
+    last = [items for _, _, items in redraws if "train/loss_epoch" in items][-1]
     assert last["train/loss_epoch"] == pytest.approx(epochs[-1], rel=1e-5)
 
 
