@@ -293,8 +293,7 @@ class SegmentationModule(pl.LightningModule):
         metrics.reset()
         mean.reset()
         # The metric states are already reduced across processes by torchmetrics. The loss's
-        # mean is logged here, not with every batch's update: Lightning's self.log of a metric
-        # costs about 0.5 ms of host time a call (benchmarks/profile_step.py).
+        # mean is logged here, not with every batch's update (host time, see _logs_loss_step).
         self.log(
             "train/loss_epoch" if stage == "train" else f"{stage}/loss",
             loss,

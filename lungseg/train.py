@@ -101,8 +101,7 @@ def accelerator_settings(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
                     f"trainer.gpus=[{', '.join(map(str, range(min(len(wanted), count))))}], or "
                     f"give a number: trainer.gpus={min(len(wanted), count)}."
                 )
-    accelerator = cfg.get("accelerator", "auto")
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = trains_on_gpu(cfg)
     if cfg.get("sync_batchnorm") and not on_gpu:
         # PyTorch's SyncBatchNorm refuses CPU modules ("only work with GPU modules").
         log.info("trainer.sync_batchnorm is GPU-only: each CPU process normalises its own batch")
@@ -117,14 +116,20 @@ def accelerator_settings(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def trains_on_gpu(settings: dict[str, Any]) -> bool:
+    """Whether trainer settings (``accelerator_settings``'s, ``gpus`` mapped) train on a GPU."""
+    accelerator = settings.get("accelerator", "auto")
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def cpu_bf16_hint(settings: dict[str, Any]) -> str | None:
     """A line for a run that trains in float32 on a CPU that computes bf16 in hardware (AMX,
     AVX512-BF16), where ``trainer.precision=bf16-mixed`` is much the faster path; None
     elsewhere. ``settings``: the trainer's, from ``accelerator_settings``."""
-    accelerator = settings.get("accelerator", "auto")
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return None
-    if str(settings.get("precision", "32-true")) not in ("32-true", "32"):
+    if trains_on_gpu(settings) or str(settings.get("precision", "32-true")) not in (
+        "32-true",
+        "32",
+    ):
         return None
     checks = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
     units = [name for name, check in checks if getattr(torch.cpu, check, lambda: False)()]
