@@ -254,6 +254,42 @@ def test_augmentation_follows_torch_seed_and_differs_between_draws(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, draws(0), strict=True))
 
 
+class _ThreadsSeen(torch.utils.data.Dataset):
+    """Reports OpenCV's thread count after a training item, where the item was made."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        self.dataset[i]
+        return cv2.getNumThreads()
+
+
+def test_training_items_turn_opencv_threads_off_in_every_process(tmp_path, monkeypatch):
+    """The augmentation's OpenCV calls run on one thread, in the training process and in each
+    DataLoader worker: OpenCV's own pool would compete with torch's threads for the cores."""
+    from lungseg.data import datamodule
+
+    image_dir, mask_dir, _ = write_data(tmp_path, n=4)
+    dataset = make_dm(image_dir, mask_dir).train_dataset
+    try:
+        for where in ("here", "worker"):
+            cv2.setNumThreads(4)
+            monkeypatch.setattr(datamodule, "_CV2_SEQUENTIAL_PID", None)
+            if where == "here":
+                dataset[0]
+                assert cv2.getNumThreads() == 1
+            else:
+                loader = torch.utils.data.DataLoader(_ThreadsSeen(dataset), num_workers=1)
+                assert [int(n) for n in loader] == [1]
+                assert cv2.getNumThreads() == 4  # only the worker's own
+    finally:
+        cv2.setNumThreads(-1)
+
+
 def test_mixed_bit_depths_and_12_bit_values_in_16_bit_files_are_named(tmp_path, caplog):
     """8-bit / 255 beside 12-bit values / 65535: one set on two scales, 16x apart, in silence."""
     image_dir, mask_dir, _ = write_data(tmp_path, n=6)
