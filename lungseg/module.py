@@ -2,6 +2,7 @@
 each built from a plain dict of its Hydra config."""
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,16 @@ from lungseg.metrics import SegmentationMetrics, predicted_classes
 STAGES = ("train", "val", "test")
 _UNSET = object()
 log = logging.getLogger(__name__)
+
+# The epoch metrics and loss means this module logs are already reduced across DDP processes
+# (torchmetrics' states, summed at compute), so Lightning's advice, given once for each of
+# them (48 warnings in a DDP run with 3 classes), to add sync_dist=True would only average
+# equal values again. A key of the user's own keeps it.
+warnings.filterwarnings(
+    "ignore",
+    r"It is recommended to use `self\.log\('(train|val|test)/"
+    r"(loss|loss_epoch|acc|dice|iou|dice_nonempty|fp_empty)(_[^']*)?', \.\.\., sync_dist=True\)`",
+)
 
 
 class _LossMean(MeanMetric):
