@@ -111,10 +111,10 @@ def cv2_sequential() -> None:
     too, however it was started). The augmentation's OpenCV calls would otherwise split each
     image's work over as many threads as there are cores, beside torch's threads, which keep
     those cores busy or spinning between operations; on a 2-core CPU, training at width 16 and
-    128 px with the augmentation in the training process (data.num_workers=0) went from 0.86
-    to 0.92 of the bare loop on prepared tensors (DeepLab) and from 0.87 to 0.95 (FCN-8s)
-    (README, "Speed"). Results are the same: OpenCV splits an image by rows. Images are
-    decoded (``setup``) with threads of lungseg's own, one file each."""
+    128 px with the augmentation in the training process (data.num_workers=0) went from
+    0.86-0.87 to 0.90-0.92 of the bare loop on prepared tensors (DeepLab) and from 0.87 to
+    0.93-0.95 (FCN-8s) (README, "Speed"). Results are the same: OpenCV splits an image by
+    rows. Images are decoded (``setup``) with threads of lungseg's own, one file each."""
     global _CV2_SEQUENTIAL_PID
     pid = os.getpid()
     if pid != _CV2_SEQUENTIAL_PID:
