@@ -195,7 +195,8 @@ def main() -> None:
         f"# device {args.device}, torch {torch.__version__}, width {args.width}, {args.size} px, "
         f"batch {args.batch}, {args.precision}, channels_last {args.channels_last}, compile "
         f"{args.compile}, {args.workers} workers, augmentation {args.augmentation}, device "
-        f"cache {args.device_cache}, {args.steps} timed steps after {args.warmup}"
+        f"cache {args.device_cache}, fused optimizer {args.fused_optimizer}, {args.steps} timed "
+        f"steps after {args.warmup}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:

@@ -9,6 +9,7 @@ product measured in the same process; peak memory; and the DataModule's own deli
     python benchmarks/throughput.py --device cuda --precision bf16-mixed --size 512
     python benchmarks/throughput.py --augmentation device   # batches augmented on the device
     python benchmarks/throughput.py --return-freed-memory   # glibc's default (lungseg/hostmem.py)
+    python benchmarks/throughput.py --fused-optimizer       # +optimizer.fused=true
 
 Every rate is the median over --repeats; lungseg, the bare loop and the bare loop fed by the
 DataModule's loader ("bare+loader") run back to back in each repeat (in rotating order), and
@@ -102,6 +103,8 @@ def make_cfg(args, model: str, workdir: Path):
         overrides.append("trainer.benchmark=true")  # cudnn.benchmark, for the bare loop too
     if args.train_metrics_every is not None:
         overrides.append(f"train_metrics_every_n_steps={args.train_metrics_every}")
+    if args.fused_optimizer:
+        overrides.append("+optimizer.fused=true")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
 
@@ -278,6 +281,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, models: list[str]) -> Non
     parser.add_argument(
         "--train-metrics-every", type=int, default=None, help="default: the config's"
     )
+    parser.add_argument(
+        "--fused-optimizer",
+        action="store_true",
+        help="+optimizer.fused=true: the optimiser's update in one kernel (lungseg's and the bare "
+        "loops' optimiser alike)",
+    )
 
 
 def prepare_device(args: argparse.Namespace):
@@ -321,7 +330,8 @@ def main() -> None:
         f"width {args.width}, {args.size} px, batch {args.batch}, {args.precision}, "
         f"channels_last {args.channels_last}, compile {args.compile}, "
         f"augmentation {args.augmentation}, device cache {args.device_cache}, "
-        f"{args.workers} workers, freed memory retained {retained}, "
+        f"{args.workers} workers, fused optimizer {args.fused_optimizer}, "
+        f"freed memory retained {retained}, "
         f"{args.steps} timed steps x {args.repeats} repeats (median)"
     )
     print(

@@ -75,9 +75,11 @@ def test_throughput_with_device_augmentation(tmp_path):
         "throughput.py",
         *("--models", "deeplab", "--width", "4", "--size", "32", "--batch", "2"),
         *("--steps", "2", "--warmup", "1", "--repeats", "1", "--augmentation", "device"),
+        "--fused-optimizer",
         cwd=tmp_path,
     )
     assert "augmentation device" in out.splitlines()[0]
+    assert "fused optimizer True" in out.splitlines()[0]
     header, row = table(out)
     assert row[0] == "deeplab" and float(row[2]) > 0 and float(row[10]) > 0
 
