@@ -1,4 +1,4 @@
-"""Export a trained network: `python export.py ckpt_path=<ckpt> format=onnx|torchscript`
+"""Export a trained network: `python export.py ckpt_path=<ckpt> format=onnx|pt2|torchscript`
 (see README.md and conf/export.yaml)."""
 
 import hydra

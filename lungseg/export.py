@@ -1,5 +1,6 @@
-"""The export task: a checkpoint's network → ONNX or TorchScript, checked against PyTorch, with
-a JSON file beside it that says how to prepare images and read the logits without lungseg."""
+"""The export task: a checkpoint's network → ONNX, torch.export's ExportedProgram (``.pt2``) or
+TorchScript, checked against PyTorch, with a JSON file beside it that says how to prepare images
+and read the logits without lungseg."""
 
 import json
 import logging
@@ -21,7 +22,7 @@ from lungseg.inference import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 # torch.export specialises batch sizes 0 and 1 to constants, so the example batch holds 2; the
 # check runs a third size, which only works if the exported batch axis is really free.
@@ -89,10 +90,13 @@ def write_model(
 
     ONNX (input ``images``, output ``logits``) through torch's dynamo exporter: the legacy
     TorchScript-based one, like torch.jit.trace, cannot trace SegNet's MaxUnpool2d with torch
-    2.13 (pytorch/pytorch#189298). TorchScript by tracing, which records shapes as operations
-    on the input, so the batch stays free (scripting fails on SegNet too). Converting and
-    saving fail apart: only a failed conversion is the format's fault (torch.jit.save reports
-    a file it cannot open as a RuntimeError, not an OSError)."""
+    2.13 (pytorch/pytorch#189298). pt2: torch.export's ExportedProgram, the graph that
+    exporter starts from, saved by torch.export.save (the successor torch 2.13 points to from
+    TorchScript, which it deprecates). TorchScript by tracing, which records shapes as
+    operations on the input, so the batch stays free (scripting fails on SegNet too).
+    Converting and saving fail apart: only a failed conversion is the format's fault
+    (torch.jit.save reports a file it cannot open as a RuntimeError, not an OSError)."""
+    batch = ({0: torch.export.Dim("batch")},)
     try:
         if fmt == "onnx":
             converted = torch.onnx.export(
@@ -102,22 +106,26 @@ def write_model(
                 output_names=["logits"],
                 opset_version=opset,
                 dynamo=True,
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamic_shapes=batch,
                 verbose=False,
             )
+        elif fmt == "pt2":
+            converted = torch.export.export(net, (example,), dynamic_shapes=batch)
         else:
             # check_trace would run the network twice more; export() checks it on a new batch.
             converted = torch.jit.trace(net, example, check_trace=False)
     except Exception as error:
-        other = "torchscript" if fmt == "onnx" else "onnx"
+        others = " or ".join(f"format={other}" for other in FORMATS if other != fmt)
         raise LungsegError(
             f"{type(net).__name__} could not be exported to {fmt} with torch {torch.__version__} "
-            f"({_first_line(error)}). Export it with format={other} instead."
+            f"({_first_line(error)}). Export it with {others} instead."
         ) from error
     try:
         if fmt == "onnx":
             # one self-contained file (fine below ONNX's 2 GB limit)
             converted.save(str(path), external_data=False)
+        elif fmt == "pt2":
+            torch.export.save(converted, str(path))
         else:
             torch.jit.save(converted, str(path))
     except Exception as error:
@@ -143,13 +151,15 @@ def check_onnx_packages() -> None:
 
 
 def run_exported(path: Path, fmt: str, images: torch.Tensor) -> np.ndarray:
-    """Logits of an exported model, run by onnxruntime or by torch.jit."""
+    """Logits of an exported model, run by onnxruntime, torch.export or torch.jit."""
     if fmt == "onnx":
         import onnxruntime  # optional dependency, checked by check_onnx_packages
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return session.run(["logits"], {"images": images.numpy()})[0]
     with torch.no_grad():
+        if fmt == "pt2":
+            return torch.export.load(str(path)).module()(images).numpy()
         return torch.jit.load(str(path), map_location="cpu")(images).numpy()
 
 
@@ -221,7 +231,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if cfg.format not in FORMATS:
         raise LungsegError(
             f"format={cfg.format!r}; choose format=onnx (onnxruntime and most inference "
-            f"servers) or format=torchscript (torch.jit.load, C++ libtorch)."
+            f"servers), format=pt2 (torch.export.load, PyTorch alone) or format=torchscript "
+            f"(torch.jit.load, C++ libtorch; deprecated by torch)."
+        )
+    if cfg.format == "pt2" and cfg.output and Path(cfg.output).suffix != ".pt2":
+        raise LungsegError(
+            f"output={cfg.output}: torch.export's files end in .pt2 (torch.export.load expects "
+            f"it). Give output={cfg.output}.pt2."
         )
     require(
         is_number(cfg.tolerance, 0),
@@ -242,7 +258,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     shape = (channels, *info["image_size"])
     with writing(path.parent, _WRITE_FIX):
         path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    # hidden, and with the model's suffix, which torch.export.load looks for
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
         diff = write_checked(net, shape, partial, cfg)
         with writing(path, _WRITE_FIX):

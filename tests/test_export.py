@@ -115,7 +115,7 @@ def export_cfg(*overrides: str):
 
 
 @pytest.mark.parametrize("model", ["unet", "fcn", "segnet", "deeplab"])
-def test_onnx_export_runs_in_onnxruntime_like_pytorch(checkpoint, demo_dir, model):
+def test_onnx_and_pt2_exports_run_like_pytorch(checkpoint, demo_dir, model):
     ckpt = checkpoint(model, "data.median_blur=3")
     record = export(export_cfg(f"ckpt_path={ckpt}", "format=onnx"))
     onnx_path = ckpt.with_suffix(".onnx")  # default: next to the checkpoint
@@ -146,6 +146,19 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch(checkpoint, demo_dir, mode
         expected = net(torch.from_numpy(batch)).numpy()
     assert logits.shape == (5, 3, 32, 32)
     np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+    # torch.export's format, SegNet included (TorchScript cannot take it), from the same
+    # checkpoint: loaded with torch alone, any batch size, PyTorch's logits.
+    record = export(export_cfg(f"ckpt_path={ckpt}", "format=pt2"))
+    pt2_path = ckpt.with_suffix(".pt2")
+    assert record["format"] == "pt2" and record["model"] == pt2_path.name
+    assert record["max_abs_diff"] <= 1e-4 and record["data_info"] == info
+    assert json.loads(pt2_path.with_name(pt2_path.name + ".json").read_text())["format"] == "pt2"
+    exported = torch.export.load(str(pt2_path)).module()
+    with torch.no_grad():
+        np.testing.assert_allclose(exported(torch.from_numpy(batch)).numpy(), expected, atol=1e-4)
+        for size in (1, TRACE_BATCH, CHECK_BATCH + 4):
+            assert exported(torch.randn(size, 1, 32, 32)).shape == (size, 3, 32, 32)
 
 
 def test_torchscript_export_has_a_free_batch_axis_and_is_checked(checkpoint, tmp_path, monkeypatch):
@@ -238,7 +251,10 @@ def test_segnet_to_torchscript_is_a_clear_error(tmp_path):
     # torch 2.13 can neither trace MaxUnpool2d (pytorch/pytorch#189298) nor script it.
     net = SegNet(in_channels=1, num_classes=3, width=4).eval()
     example = torch.randn(TRACE_BATCH, 1, 32, 32)
-    with pytest.raises(LungsegError, match="SegNet could not be exported to torchscript.*onnx"):
+    with pytest.raises(
+        LungsegError,
+        match="SegNet could not be exported to torchscript.*with format=onnx or format=pt2 inst",
+    ):
         write_model(net, example, tmp_path / "segnet.pt", "torchscript", opset=18)
 
 
@@ -255,7 +271,8 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["format=tflite"], "choose format=onnx"),
+        (["format=tflite"], "choose format=onnx .*, format=pt2 .* or format=torchscript"),
+        (["format=pt2", "ckpt_path=a.ckpt", "output=m.pt"], r"end in .pt2 .* Give output=m.pt.pt2"),
         (["tolerance=abc"], "tolerance is 'abc'; give the largest accepted difference"),
         ([], "ckpt_path is not set"),
         (["ckpt_path=[a.ckpt,b.ckpt]"], "export writes one network, so give one checkpoint"),
