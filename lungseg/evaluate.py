@@ -58,6 +58,7 @@ from lungseg.data.folders import (
     layer_folders,
     layer_names,
     read_image_oriented,
+    suffix_list,
     writing,
 )
 from lungseg.data.folders import existing as taken
@@ -406,24 +407,62 @@ def _fmt(value: float | None) -> str:
 
 
 def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
-    """The image/mask pairs to score and a description of where they come from: all pairs of
-    ``data.image_dir`` + ``data.mask_dir`` when given, else the test (or, with ``split=val``,
-    the validation) split of the checkpoint's training run (``<run>/config.yaml`` and
-    ``<run>/split.csv``, run = two folders up)."""
+    """The image/mask pairs to score and a description of where they come from.
+
+    Without ``data.image_dir`` + ``data.mask_dir``: the test (or, with ``split=val``, the
+    validation) split of the checkpoint's training run (``<run>/config.yaml`` and
+    ``<run>/split.csv``, run = two folders up; relative data paths are the run's, from the
+    folder train.py ran in). With them: every pair of those folders, refused where a member's
+    run trained or validated on one of them (``split=all`` scores them all the same); with
+    ``split=test`` or ``val``, the pairs there that the run's split.csv puts in that split
+    (the run's split, its data found at another place)."""
     data = cfg.data
-    if data.image_dir is not None or data.mask_dir is not None:
+    which = cfg.get("split")
+    folders_given = data.image_dir is not None or data.mask_dir is not None
+    allowed = ("test", "val", "all") if folders_given else ("test", "val")
+    if which is not None and which not in allowed:
+        raise LungsegError(
+            f"split is {which!r}; give split=test or split=val (the run's splits)"
+            + (", or split=all (every pair of the data folders)." if folders_given else ".")
+        )
+    if folders_given:
         if data.image_dir is None or data.mask_dir is None:
             raise LungsegError(
-                "Only one of data.image_dir and data.mask_dir is set. Give both to score all "
+                "Only one of data.image_dir and data.mask_dir is set. Give both to score the "
                 "image/mask pairs of those folders, or neither to score the test split of the "
                 "checkpoint's training run."
             )
         suffixes = data.mask_suffixes or DEFAULT_MASK_SUFFIXES
         recursive = _recursive(data.get("recursive"))
         pairs = find_pairs(
-            data.image_dir, data.mask_dir, list(suffixes), data.strict, recursive=recursive
+            data.image_dir, data.mask_dir, suffix_list(suffixes), data.strict, recursive=recursive
         )
-        return pairs, f"all pairs of {data.image_dir} and {data.mask_dir}"
+        where = f"{data.image_dir} and {data.mask_dir}"
+        if which == "all":
+            return pairs, f"all pairs of {where}"
+        checkpoint, *others = config_checkpoints(cfg)
+        if which is None:
+            for member in (checkpoint, *others):
+                _check_folders_unseen(member, [p.stem for p in pairs], str(data.image_dir))
+            return pairs, f"all pairs of {where}"
+        split_file = _run_folder(checkpoint) / "split.csv"
+        if not split_file.is_file():
+            raise LungsegError(
+                f"split={which} with data folders scores the pairs that the checkpoint's run "
+                f"put in its {which} split, but {checkpoint} is not inside a training run "
+                f"folder (no {split_file}). Leave split out to score every pair of {where}."
+            )
+        listed = splits.listed_splits(split_file, [p.stem for p in pairs])
+        chosen = [p for p in pairs if listed.get(p.stem) == which]
+        if not chosen:
+            raise LungsegError(
+                f"None of the {len(pairs)} pairs of {where} is in the {which} split of "
+                f"{split_file}. Point data.image_dir and data.mask_dir at the run's data, or "
+                f"leave split out to score every pair of other data."
+            )
+        for other in others:
+            _check_member_unseen(other, checkpoint, [p.stem for p in chosen], which)
+        return chosen, f"{which} split of {_run_folder(checkpoint)} ({data.image_dir})"
 
     checkpoint, *others = config_checkpoints(cfg)
     run = _run_folder(checkpoint)
@@ -441,11 +480,21 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
             Path(run_data.demo_dir).expanduser(), run_data.demo_num_images, run_data.demo_size
         )
     else:
-        folders = (run_data.image_dir, run_data.mask_dir)
+        started = _run_cwd(run)
+        folders = tuple(
+            _from_run(value, started) for value in (run_data.image_dir, run_data.mask_dir)
+        )
     suffixes = data.mask_suffixes or run_data.mask_suffixes
     given = data.get("recursive")  # null: as the run paired its data
     recursive = bool(run_data.get("recursive", False)) if given is None else _recursive(given)
-    pairs = find_pairs(*folders, list(suffixes), run_data.strict, recursive=recursive)
+    try:
+        pairs = find_pairs(*folders, suffix_list(suffixes), run_data.strict, recursive=recursive)
+    except LungsegError as error:
+        raise LungsegError(
+            f"{error} (The data of {run}, from its config.yaml; if it has moved, give "
+            f"data.image_dir=<images> data.mask_dir=<masks> split={which or 'test'} to score "
+            f"the run's {which or 'test'} split there.)"
+        ) from error
     if not run_data.strict:
         # data.strict=false left out the pairs the run could not use (corrupt files, sizes
         # that differ); its split.csv lists only those it trained, validated and tested on.
@@ -459,9 +508,7 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
             )
         pairs = [p for p in pairs if p.stem in listed]
     split = splits.make_split([p.stem for p in pairs], split_file=split_file)
-    which = cfg.get("split") or "test"
-    if which not in ("val", "test"):
-        raise LungsegError(f"split is {which!r}; score the run's 'test' or 'val' split.")
+    which = which or "test"
     chosen = [p for p in pairs if split[p.stem] == which]
     if not chosen:
         raise LungsegError(
@@ -471,6 +518,45 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
     for other in others:  # an ensemble: no member may have trained on what is scored
         _check_member_unseen(other, checkpoint, [p.stem for p in chosen], which)
     return chosen, f"{which} split of {run} ({folders[0]})"
+
+
+def _run_cwd(run: Path) -> Path | None:
+    """The folder train.py ran in (Hydra's ``<run>/.hydra/hydra.yaml``), which the run's
+    relative data paths are relative to; None where it is not recorded."""
+    try:
+        cwd = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.cwd
+    except Exception:  # no such file, or not Hydra's
+        return None
+    return Path(cwd) if cwd else None
+
+
+def _from_run(value: Any, cwd: Path | None) -> Any:
+    """A run's data path (or list of paths, or folder pattern) as seen from the folder the run
+    started in: a relative one joined to ``cwd``."""
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        return str(cwd / path) if cwd is not None and not path.is_absolute() else str(path)
+    return [_from_run(v, cwd) for v in value]
+
+
+def _check_folders_unseen(checkpoint: str, stems: list[str], image_dir: str) -> None:
+    """LungsegError where ``checkpoint``'s run put some of the pairs of the data folders being
+    scored (all of them) in its train or val split: their scores would count images the model
+    learnt from, or chose its checkpoint by. A checkpoint outside a run folder is not checked."""
+    split_file = _run_folder(checkpoint) / "split.csv"
+    if not split_file.is_file():
+        return
+    listed = splits.listed_splits(split_file, stems)
+    seen = [stem for stem in stems if listed.get(stem) in ("train", "val")]
+    if seen:
+        tested = sum(split == "test" for split in listed.values())
+        raise LungsegError(
+            f"{len(seen)} of the {len(stems)} pairs of {image_dir} are in the train or val "
+            f"split of {checkpoint}'s run (e.g. {seen[0]}: {listed[seen[0]]}, {split_file}): "
+            f"their scores would count images the model learnt from or chose its checkpoint "
+            f"by. Add split=test to score the run's test split in these folders ({tested} "
+            f"pairs), or split=all to score every pair all the same (e.g. the training fit)."
+        )
 
 
 def _run_folder(checkpoint: str) -> Path:

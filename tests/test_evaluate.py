@@ -416,6 +416,87 @@ def test_eval_names_the_file_it_could_not_write(tmp_path, checkpoints):
     assert not (tmp_path / "eval" / "summary.json").exists()
 
 
+def test_eval_on_the_runs_own_folders_refuses_what_it_learnt_from(tmp_path, checkpoints):
+    """Was: data folders named were scored whole, the run's training images included, and
+    split= was dropped without a word."""
+    ckpt = checkpoints["palette"]
+    run = ckpt.parent.parent
+    with (run / "split.csv").open() as f:
+        split = {r["file"]: r["split"] for r in csv.DictReader(f)}
+    demo = Path(OmegaConf.load(run / "config.yaml").data.demo_dir)
+    # the run's data moved elsewhere
+    moved = tmp_path / "moved"
+    for name in ("images", "masks"):
+        shutil.copytree(demo / name, moved / name)
+    folders = [f"data.image_dir={moved / 'images'}", f"data.mask_dir={moved / 'masks'}"]
+    trained = sum(v in ("train", "val") for v in split.values())
+    tested = sum(v == "test" for v in split.values())
+    with pytest.raises(
+        LungsegError,
+        match=rf"{trained} of the {len(split)} pairs of .*moved/images are in the train or val "
+        rf"split of .*split.csv\): .* Add split=test to score the run's test split in these "
+        rf"folders \({tested} pairs\), or split=all",
+    ):
+        evaluate(eval_cfg(tmp_path / "seen", ckpt, *folders))
+    assert not (tmp_path / "seen").exists()
+    for which in ("test", "val"):
+        summary = evaluate(eval_cfg(tmp_path / which, ckpt, *folders, f"split={which}"))
+        rows, _ = read_outputs(tmp_path / which / "eval")
+        assert [row["image"] for row in rows] == sorted(k for k, v in split.items() if v == which)
+        assert summary["images"].startswith(f"{which} split of") and str(moved) in summary["images"]
+    evaluate(eval_cfg(tmp_path / "all", ckpt, *folders, "split=all"))
+    rows, _ = read_outputs(tmp_path / "all" / "eval")
+    assert sorted(row["image"] for row in rows) == sorted(split)
+    with pytest.raises(LungsegError, match="split is 'train'; give split=test or split=val .*all"):
+        evaluate(eval_cfg(tmp_path / "train", ckpt, *folders, "split=train"))
+    with pytest.raises(
+        LungsegError, match=r"split is 'all'; give split=test or split=val \(the run's splits\)\.$"
+    ):
+        evaluate(eval_cfg(tmp_path / "train", ckpt, "split=all"))
+    # other data: nothing to refuse
+    image_dir, mask_dir = write_pairs(tmp_path / "other", [(48, 48)] * 3, "palette")
+    other = [f"data.image_dir={image_dir}", f"data.mask_dir={mask_dir}"]
+    assert evaluate(eval_cfg(tmp_path / "other", ckpt, *other))["images"].startswith("all pairs")
+    for mask in Path(mask_dir).iterdir():  # one suffix, given as a string
+        mask.rename(mask.with_name(f"{mask.stem}_seg{mask.suffix}"))
+    seg = [*other, "data.mask_suffixes=_seg"]
+    assert evaluate(eval_cfg(tmp_path / "seg", ckpt, *seg))["classes"]["lung"]["n_images"] == 3
+    with pytest.raises(LungsegError, match="None of the 3 pairs of .* is in the test split of"):
+        evaluate(eval_cfg(tmp_path / "none", ckpt, *seg, "split=test"))
+
+
+def test_eval_finds_a_runs_relative_data_paths_from_where_it_started(
+    tmp_path, checkpoints, monkeypatch
+):
+    """Was: "The image folder data/images does not exist" from any other folder than the one
+    train.py ran in, and the error's advice (data.image_dir=...) scored the training images."""
+    source = checkpoints["binary"].parent.parent
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    config = OmegaConf.load(run / "config.yaml")
+    started = Path(config.data.image_dir).parent.parent  # <root>/data/images -> <root>
+    config.data.image_dir, config.data.mask_dir = "data/images", "data/masks"
+    OmegaConf.save(config, run / "config.yaml")
+    ckpt = run / "checkpoints" / checkpoints["binary"].name
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(
+        LungsegError,
+        match=r"data/images.* \(The data of .*run, from its config.yaml; if it has moved, give "
+        r"data.image_dir=<images> data.mask_dir=<masks> split=test to score the run's test",
+    ):
+        evaluate(eval_cfg(tmp_path / "unknown", ckpt))
+    (run / ".hydra").mkdir(exist_ok=True)  # what Hydra records of a train.py run
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(started)}}}, run / ".hydra" / "hydra.yaml")
+    evaluate(eval_cfg(tmp_path / "found", ckpt))
+    rows, summary = read_outputs(tmp_path / "found" / "eval")
+    with (run / "split.csv").open() as f:
+        test = sorted(r["file"] for r in csv.DictReader(f) if r["split"] == "test")
+    assert [row["image"] for row in rows] == test
+    assert summary["images"] == f"test split of {run} ({started / 'data' / 'images'})"
+
+
 def test_eval_errors(tmp_path, checkpoints):
     ckpt = checkpoints["palette"]
     loose = tmp_path / "loose" / "model.ckpt"  # not inside a run folder

@@ -5,12 +5,14 @@ import cv2
 import numpy as np
 import pytest
 from conftest import oriented
+from omegaconf import ListConfig
 
 from lungseg.data.folders import (
     Pair,
     exif_orientation,
     find_pairs,
     read_image,
+    suffix_list,
     tiff_pages,
     to_channels,
     write_image,
@@ -117,6 +119,20 @@ def test_images_and_masks_in_one_folder(tmp_path, suffixes):
     touch(tmp_path, "a.png", "a_mask.png", "b.jpg", "b_mask.png")
     pairs = find_pairs(tmp_path, tmp_path, mask_suffixes=suffixes)
     assert stems_to_names(pairs) == {"a": ("a.png", "a_mask.png"), "b": ("b.jpg", "b_mask.png")}
+
+
+def test_one_mask_suffix_may_be_given_as_a_string(tmp_path):
+    """Was: data.mask_suffixes=_seg (what one types for one suffix) read as the suffixes
+    ['_', 's', 'e', 'g'], and every image was "without a mask"."""
+    touch(tmp_path / "img", "a.png", "b.png")
+    touch(tmp_path / "msk", "a_seg.png", "b_seg.png")
+    pairs = find_pairs(tmp_path / "img", tmp_path / "msk", mask_suffixes="_seg")
+    assert stems_to_names(pairs) == {"a": ("a.png", "a_seg.png"), "b": ("b.png", "b_seg.png")}
+    assert suffix_list("_seg") == ["_seg"] and suffix_list(ListConfig(["", "_m"])) == ["", "_m"]
+    with pytest.raises(LungsegError, match=r"data.mask_suffixes is 3; .*=\[_mask\]"):
+        suffix_list(3)
+    with pytest.raises(LungsegError, match=r"data.mask_suffixes is \['_mask', 1\]"):
+        find_pairs(tmp_path / "img", tmp_path / "msk", mask_suffixes=["_mask", 1])
 
 
 def test_one_folder_without_a_suffix_is_an_error(tmp_path):

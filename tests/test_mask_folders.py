@@ -298,7 +298,11 @@ def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg, caplog):
     # other data in the same layout; where the two overlap the later folder's class wins
     evaluate(
         eval_cfg(
-            tmp_path / "all", ckpt, f"data.image_dir={images}", f"data.mask_dir=[{left},{right}]"
+            tmp_path / "all",
+            ckpt,
+            f"data.image_dir={images}",
+            f"data.mask_dir=[{left},{right}]",
+            "split=all",  # the run's own data: all of it, its training images included
         )
     )
     rows, _ = read_outputs(tmp_path / "all" / "eval")
@@ -313,7 +317,11 @@ def test_train_and_eval_on_masks_in_two_folders(tmp_path, make_cfg, caplog):
         with pytest.raises(LungsegError, match=f"{problem}.*predicts the classes left, right"):
             evaluate(
                 eval_cfg(
-                    tmp_path / "bad", ckpt, f"data.image_dir={images}", f"data.mask_dir={folders}"
+                    tmp_path / "bad",
+                    ckpt,
+                    f"data.image_dir={images}",
+                    f"data.mask_dir={folders}",
+                    "split=all",
                 )
             )
     # and so is continuing the run with its folders reordered (the classes would swap)

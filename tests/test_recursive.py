@@ -256,6 +256,7 @@ def test_train_eval_and_predict_on_a_tree_of_patient_folders(tmp_path, make_cfg,
             f"data.image_dir={images}",
             f"data.mask_dir={masks}",
             "data.recursive=true",
+            "split=all",  # the run's own data: all of it, its training images included
         )
     )
     rows, _ = read_outputs(tmp_path / "all" / "eval")

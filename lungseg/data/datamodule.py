@@ -38,6 +38,7 @@ from lungseg.data.folders import (
     layer_names,
     mask_folders,
     read_image_oriented,
+    suffix_list,
 )
 from lungseg.data.masks import (
     MASK_MODES,
@@ -499,7 +500,8 @@ class SegDataModule(pl.LightningDataModule):
         num_classes = layered or num_classes
         self._num_classes = _fixed_num_classes(mask_mode, self._palette, num_classes)
         self._image_dir = image_dir
-        self._mask_suffixes, self._mask_mode, self._strict = tuple(mask_suffixes), mask_mode, strict
+        self._mask_suffixes = tuple(suffix_list(mask_suffixes))
+        self._mask_mode, self._strict = mask_mode, strict
         if not isinstance(recursive, bool):
             raise LungsegError(
                 f"data.recursive is {recursive!r}; give true (search the data folders' "

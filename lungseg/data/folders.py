@@ -52,6 +52,21 @@ class Pair:
         return (self.mask, *self.more_masks)
 
 
+def suffix_list(value: Any) -> list[str]:
+    """data.mask_suffixes as a list of strings: one suffix (``data.mask_suffixes=_seg``) is a
+    list of one, not of its characters; anything but strings is a LungsegError."""
+    if isinstance(value, str):
+        return [value]
+    values = list(value) if isinstance(value, Sequence) else None
+    if values is None or not all(isinstance(v, str) for v in values):
+        raise LungsegError(
+            f"data.mask_suffixes is {value!r}; give the endings a mask's name adds to its "
+            f"image's name, as a list, e.g. data.mask_suffixes=[_mask] (a.png and a_mask.png) "
+            f"or data.mask_suffixes=['',_mask] (also a mask named as its image)."
+        )
+    return values
+
+
 def find_pairs(
     image_dir: str | Path,
     mask_dir: str | Path | Sequence[str | Path],
@@ -84,6 +99,7 @@ def find_pairs(
     as (path, reason); ambiguous names always raise.
     """
     image_dir, mask_dirs = Path(image_dir).expanduser(), mask_folders(mask_dir)
+    mask_suffixes = suffix_list(mask_suffixes)
     if is_pattern(image_dir) or any(is_pattern(m) for m in mask_dirs):
         return _find_pattern_pairs(image_dir, mask_dirs, mask_suffixes, strict, skipped, recursive)
     suffixes = list(dict.fromkeys(mask_suffixes))
