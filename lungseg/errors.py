@@ -1,6 +1,7 @@
 """The one exception type lungseg raises for problems the user can fix, and how entry points
 report it."""
 
+import logging
 import shutil
 import sys
 from collections.abc import Callable
@@ -30,24 +31,26 @@ def run_cli(task: Callable[[], T], run_dir: str | Path | None = None) -> T:
     ``lungseg: error: <message>``, and exit status 1; any other exception propagates with its
     traceback (that is a bug in lungseg, not in the user's input). ``run_dir``: the folder
     Hydra made for this run, removed on such an error when it holds nothing but Hydra's
-    ``.hydra/`` and empty log files (a refused command would leave an empty run folder)."""
+    ``.hydra/`` and empty log files (a refused command would leave an empty run folder);
+    where it stays, its log file (train.log, eval.log, ...) ends with the error too."""
     try:
         return task()
     except Exception as error:
         cause = user_error(error)
         if cause is None:
             raise
-        if run_dir is not None:
-            discard_if_empty(Path(run_dir))
+        if run_dir is not None and not discard_if_empty(Path(run_dir)):
+            log_to_files(f"lungseg: error: {cause}")
         print(f"lungseg: error: {cause}", file=sys.stderr)
         sys.exit(1)
 
 
-def discard_if_empty(folder: Path) -> None:
+def discard_if_empty(folder: Path) -> bool:
     """Remove ``folder`` if it holds only Hydra's ``.hydra/`` and empty ``*.log`` files (never
-    the working directory or one above it, which ``hydra.run.dir=.`` would name)."""
+    the working directory or one above it, which ``hydra.run.dir=.`` would name); whether it
+    was removed."""
     if not folder.is_dir() or folder.resolve() in (Path.cwd().resolve(), *Path.cwd().parents):
-        return
+        return False
     entries = list(folder.iterdir())
     if all(
         (entry.name == ".hydra" and entry.is_dir() and not entry.is_symlink())
@@ -55,3 +58,15 @@ def discard_if_empty(folder: Path) -> None:
         for entry in entries
     ):
         shutil.rmtree(folder, ignore_errors=True)
+        return True
+    return False
+
+
+def log_to_files(message: str) -> None:
+    """``message`` as an ERROR line in the log files only (Hydra's file handler: the run's
+    train.log, eval.log, ...), not again on the console, where it is printed once."""
+    root = logging.getLogger()
+    record = root.makeRecord("lungseg", logging.ERROR, __file__, 0, message, None, None)
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -365,7 +365,10 @@ def _score(
     depths = BitDepthCheck(info)
     with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(pairs, cfg.batch_size):
-            kept, images, unread = read_usable([p.image for p in batch], table, strict)
+            try:
+                kept, images, unread = read_usable([p.image for p in batch], table, strict)
+            except LungsegError as error:
+                raise LungsegError(f"{error} {_SKIP_HINT}") from error
             failed += unread
             for i, image in zip(kept, images, strict=True):
                 depths.see(batch[i].image, image)
@@ -377,7 +380,7 @@ def _score(
                     )
                 except LungsegError as error:
                     if strict:
-                        raise
+                        raise LungsegError(f"{error} {_SKIP_HINT}") from error
                     failed.append((pair.mask, str(error)))
                     continue
                 height, width = target.shape
@@ -400,6 +403,9 @@ def _score(
             f"{failed[0][1]}"
         )
     return scored, source, mask_mode, flips
+
+
+_SKIP_HINT = "Or set data.strict=false to score the other pairs, with a warning naming these."
 
 
 def _fmt(value: float | None) -> str:

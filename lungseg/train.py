@@ -312,9 +312,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.monotonic()
     hostmem.configure(cfg.get("retain_freed_memory", True))
     trainer_settings = accelerator_settings(plain(cfg.trainer))  # before anything is written
-    hint = cpu_bf16_hint(trainer_settings)
-    if hint and rank_zero_only.rank == 0:
-        log.info(hint)
     out_dir = Path(cfg.output_dir)
     ckpt_path = resume_checkpoint(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -377,6 +374,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ):  # a continued run keeps the config it started with as config.1.yaml
         keep_previous(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_environment(out_dir)
+    # after the checks: a refused command leaves its run folder empty (then removed) and a
+    # finished run's train.log as it was
+    hint = cpu_bf16_hint(trainer_settings)
+    if hint and rank_zero_only.rank == 0:
+        log.info(hint)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks = [c for c in callbacks if not (isinstance(c, EMA) and not c.enabled)]
     if not trainer_settings.get("enable_progress_bar", True):  # Lightning refuses a bar then

@@ -260,7 +260,7 @@ def test_image_without_mask_and_mask_without_image(make_cfg, tmp_path, caplog):
     (image_dir / "img5.png").rename(image_dir / "lonely image.png")
     message = error_of(folders(make_cfg, image_dir, mask_dir))
     assert "'lonely image.png'" in message and "'img5.png'" in message
-    assert "1 images without a mask" in message and "1 masks without an image" in message
+    assert "1 image without a mask" in message and "1 mask without an image" in message
     assert "data.strict=false" in message
     with caplog.at_level(logging.WARNING):
         dm = setup(image_dir, mask_dir, strict=False)

@@ -77,7 +77,7 @@ def test_unpaired_files_listed_with_counts(tmp_path):
 def test_a_file_with_an_image_extension_counts(tmp_path):
     touch(tmp_path / "img", "a.png", "notes.tif")
     touch(tmp_path / "msk", "a.png")
-    with pytest.raises(LungsegError, match=r"1 images without a mask .*'notes\.tif'"):
+    with pytest.raises(LungsegError, match=r"1 image without a mask .*'notes\.tif'"):
         find_pairs(tmp_path / "img", tmp_path / "msk")
 
 
@@ -89,8 +89,8 @@ def test_not_strict_warns_once_and_skips(tmp_path, caplog):
     assert [p.stem for p in pairs] == ["a", "b"]
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    assert "1 images without a mask" in message and "'c.png'" in message
-    assert "1 masks without an image" in message and "'x.png'" in message
+    assert "1 image without a mask" in message and "'c.png'" in message
+    assert "1 mask without an image" in message and "'x.png'" in message
 
 
 def test_not_strict_with_nothing_paired_is_an_error(tmp_path):

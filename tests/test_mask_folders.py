@@ -51,7 +51,7 @@ def test_an_image_pairs_with_a_mask_in_every_folder(tmp_path):
     folders = [tmp_path / "left", tmp_path / "right"]
     with pytest.raises(LungsegError) as err:
         find_pairs(tmp_path / "img", folders)
-    assert f"1 images without a mask in {tmp_path / 'right'}" in str(err.value)
+    assert f"1 image without a mask in {tmp_path / 'right'}" in str(err.value)
     assert "'b.png'" in str(err.value)
 
     skipped: list = []
@@ -78,9 +78,9 @@ def test_every_folder_s_gaps_are_reported_at_once(tmp_path):
     with pytest.raises(LungsegError) as err:
         find_pairs(tmp_path / "img", folders)
     message = str(err.value)
-    assert f"1 images without a mask in {tmp_path / 'left'}" in message
+    assert f"1 image without a mask in {tmp_path / 'left'}" in message
     assert f"2 images without a mask in {tmp_path / 'right'}" in message
-    assert f"1 masks without an image ({tmp_path / 'right'}): 'x.png'" in message
+    assert f"1 mask without an image ({tmp_path / 'right'}): 'x.png'" in message
     skipped: list = []
     assert [
         p.stem for p in find_pairs(tmp_path / "img", folders, strict=False, skipped=skipped)

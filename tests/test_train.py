@@ -679,6 +679,33 @@ def test_cli_gpus_without_gpu_prints_one_line(tmp_path):
     assert list((tmp_path / "outputs" / "train").iterdir()) == []
 
 
+def test_cli_data_error_leaves_no_run_folder_and_is_in_the_log_of_one_that_stays(tmp_path):
+    """Was, on a CPU with bf16 hardware: its speed hint went into train.log before the data was
+    read, so the folder of a command refused for its data was kept, without the error in it
+    (and a refused command added the hint to a finished run's log)."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for name in ("a", "b"):
+        (images / f"{name}.png").write_bytes(b"")  # never read: b's mask is missing
+    (masks / "a.png").write_bytes(b"")
+    data = [f"data.image_dir={images}", f"data.mask_dir={masks}", "data.mask_mode=binary", *TINY]
+    result = run_cli(data, tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = next(line for line in result.stderr.splitlines() if line.startswith("lungseg: e"))
+    assert error.startswith("lungseg: error: Found 1 image without a mask"), result.stderr
+    assert list((tmp_path / "outputs" / "train").iterdir()) == []
+    kept = tmp_path / "kept"  # a folder of the user's: it stays, and its log tells why
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    result = run_cli([*data, f"hydra.run.dir={kept}"], tmp_path)
+    assert result.returncode == 1
+    log = (kept / "train.log").read_text().strip().splitlines()
+    assert log[-1].endswith(error) and "[ERROR]" in log[-1]
+    assert not any("computes bf16" in line for line in log)
+    assert (kept / "notes.txt").read_text() == "mine"
+
+
 def test_only_a_run_folder_with_nothing_in_it_is_discarded(tmp_path, monkeypatch):
     from lungseg.errors import discard_if_empty
 

@@ -670,7 +670,8 @@ def _report_unpaired(
     """Raise (strict) or warn about unpaired files; ``groups`` are (files, "images" or
     "masks", what they lack, the folder they are named from)."""
     found = " and ".join(
-        f"{len(paths)} {kind} without {other} ({folder}): "
+        f"{len(paths)} {kind if len(paths) != 1 else kind.rstrip('s')} without {other} "
+        f"({folder}): "
         f"{_listing(_shown(p, folder) for p in paths)}"
         for paths, kind, other, folder in groups
         if paths
