@@ -221,6 +221,27 @@ def write_checked(
     return diff
 
 
+def check_suffix(output: str | None, fmt: str) -> None:
+    """LungsegError where ``output`` ends in another format's suffix (``m.pt`` for ONNX: a
+    file torch.jit.load would then fail to read), or, for pt2, not in ``.pt2`` (which
+    torch.export.load expects)."""
+    if not output:
+        return
+    path = Path(output)
+    suffix = FORMATS[fmt]
+    other = next((f for f, s in FORMATS.items() if s == path.suffix and f != fmt), None)
+    if other is not None:
+        raise LungsegError(
+            f"output={output} ends in {path.suffix}, the suffix of format={other} files, but "
+            f"format={fmt}. Give output={path.with_suffix(suffix)} or format={other}."
+        )
+    if fmt == "pt2" and path.suffix != suffix:
+        raise LungsegError(
+            f"output={output}: torch.export's files end in .pt2 (torch.export.load expects "
+            f"it). Give output={output}.pt2."
+        )
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path``'s network to ``cfg.format``, check it against PyTorch on a batch
     of another size than the traced one and write ``<model file>.json`` beside the model.
@@ -234,11 +255,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             f"servers), format=pt2 (torch.export.load, PyTorch alone) or format=torchscript "
             f"(torch.jit.load, C++ libtorch; deprecated by torch)."
         )
-    if cfg.format == "pt2" and cfg.output and Path(cfg.output).suffix != ".pt2":
-        raise LungsegError(
-            f"output={cfg.output}: torch.export's files end in .pt2 (torch.export.load expects "
-            f"it). Give output={cfg.output}.pt2."
-        )
+    check_suffix(cfg.output, cfg.format)
     require(
         is_number(cfg.tolerance, 0),
         "tolerance",

@@ -272,7 +272,15 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch):
     ("overrides", "message"),
     [
         (["format=tflite"], "choose format=onnx .*, format=pt2 .* or format=torchscript"),
-        (["format=pt2", "ckpt_path=a.ckpt", "output=m.pt"], r"end in .pt2 .* Give output=m.pt.pt2"),
+        (["format=pt2", "ckpt_path=a.ckpt", "output=m.bin"], r"end in .pt2 .* output=m.bin.pt2"),
+        # was: an ONNX file named m.pt, which torch.jit.load could not read
+        (
+            ["ckpt_path=a.ckpt", "output=m.pt"],
+            r"output=m.pt ends in .pt, the suffix of format=torchscript files, but format=onnx. "
+            r"Give output=m.onnx or format=torchscript.",
+        ),
+        (["format=pt2", "ckpt_path=a.ckpt", "output=m.pt"], r"Give output=m.pt2 or format=torch"),
+        (["format=torchscript", "ckpt_path=a.ckpt", "output=m.onnx"], "output=m.pt or format=onnx"),
         (["tolerance=abc"], "tolerance is 'abc'; give the largest accepted difference"),
         ([], "ckpt_path is not set"),
         (["ckpt_path=[a.ckpt,b.ckpt]"], "export writes one network, so give one checkpoint"),
