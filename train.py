@@ -5,6 +5,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import hydra
 import torch
@@ -12,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
-from lungseg.errors import run_cli, user_error
+from lungseg.errors import LungsegError, run_cli, user_error
 from lungseg.sweep import record_error
 from lungseg.train import train
 
@@ -71,13 +72,31 @@ def _config_flags(args: list[str]) -> list[str]:
     return kept
 
 
+def check_run_folder(cfg: DictConfig) -> None:
+    """LungsegError where ``output_dir`` is not Hydra's run folder: the run would be split in
+    two, train.log and .hydra/ in one folder, checkpoints and metrics in the other."""
+    hydra_dir = HydraConfig.get().runtime.output_dir
+    if Path(cfg.output_dir).expanduser().resolve() != Path(hydra_dir).resolve():
+        raise LungsegError(
+            f"output_dir={cfg.output_dir} is not the run folder Hydra made ({hydra_dir}), so "
+            f"the run would be split in two: train.log and .hydra/ there, checkpoints, "
+            f"metrics and TensorBoard files in {cfg.output_dir}. Give hydra.run.dir="
+            f"{cfg.output_dir} instead (output_dir follows it)."
+        )
+
+
+def train_run(cfg: DictConfig) -> dict:
+    check_run_folder(cfg)
+    return train(cfg)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     # Warnings (files skipped with data.strict=false, ...) into train.log too, not only stderr.
     logging.captureWarnings(True)
     sweep_job = HydraConfig.get().mode == RunMode.MULTIRUN
     if not sweep_job and SWEEP_RANK not in os.environ:
-        metrics = run_cli(lambda: train(cfg), HydraConfig.get().runtime.output_dir)
+        metrics = run_cli(lambda: train_run(cfg), HydraConfig.get().runtime.output_dir)
     else:
         try:
             with ddp_ranks_in_this_job() if sweep_job else nullcontext():

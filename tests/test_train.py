@@ -706,6 +706,17 @@ def test_cli_data_error_leaves_no_run_folder_and_is_in_the_log_of_one_that_stays
     assert (kept / "notes.txt").read_text() == "mine"
 
 
+def test_cli_output_dir_other_than_the_run_folder_is_refused(tmp_path):
+    """Was: checkpoints, metrics and TensorBoard files in output_dir, train.log and .hydra/ in
+    outputs/train/<date>: one run in two folders."""
+    result = run_cli([f"output_dir={tmp_path / 'mine'}", *TINY], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"lungseg: error: output_dir={tmp_path / 'mine'} is not the run folder" in result.stderr
+    assert f"Give hydra.run.dir={tmp_path / 'mine'} instead" in result.stderr
+    assert not (tmp_path / "mine").exists()
+    assert list((tmp_path / "outputs" / "train").iterdir()) == []
+
+
 def test_only_a_run_folder_with_nothing_in_it_is_discarded(tmp_path, monkeypatch):
     from lungseg.errors import discard_if_empty
 
