@@ -35,6 +35,7 @@ from lungseg.run_folder import (
     check_same_preparation,
     check_same_split,
     continues_run,
+    interrupted_bests,
     keep_previous,
     read_checkpoint,
     resume_checkpoint,
@@ -341,6 +342,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         postprocess=plain(cfg.get("postprocess")),
     )
     continuing = continues_run(ckpt_path, out_dir)
+    stale: list[Path] = []  # best checkpoints of an epoch the continued run trains again
     if ckpt_path is not None:
         saved = read_checkpoint(Path(ckpt_path))  # once for all checks
         check_fits(ckpt_path, module, saved, demo=cfg.data.get("image_dir") is None)
@@ -352,6 +354,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if continuing:
             check_same_classes(ckpt_path, saved, datamodule.data_info())
         check_continuable(cfg, ckpt_path, saved)
+        if continuing:
+            stale = interrupted_bests(saved, out_dir / "checkpoints")
         del saved  # Lightning reads it again to restore it
     split_saved = continuing and (out_dir / "split.csv").is_file()
     if split_saved:
@@ -374,6 +378,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ):  # a continued run keeps the config it started with as config.1.yaml
         keep_previous(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_environment(out_dir)
+    if stale and rank_zero_only.rank == 0:
+        for path in stale:
+            path.unlink()
+        log.info(
+            "removed %s: saved in the epoch the interrupted run did not finish, which this "
+            "run trains again",
+            ", ".join(p.name for p in stale),
+        )
     # after the checks: a refused command leaves its run folder empty (then removed) and a
     # finished run's train.log as it was
     hint = cpu_bf16_hint(trainer_settings)

@@ -7,8 +7,10 @@ test_predict.py::test_names_cannot_leave_the_output_folder (predict writes nothi
 output_dir whatever the input names; eval writes only per_image.csv and summary.json there)."""
 
 import json
+import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -604,6 +606,26 @@ def test_a_scheduler_setting_a_continued_schedule_cannot_take_is_named(lean_cfg,
     more = [*one_cycle, "test_after_fit=false", "trainer.max_epochs=2", "resume=true"]
     train(lean_cfg(*more, "+scheduler.pct_start=0.5"))
     assert "scheduler.pct_start=0.5 is not applied to the continued run" in caplog.text
+
+
+def test_a_best_checkpoint_of_the_unfinished_epoch_is_not_left_beside_the_new_best(
+    lean_cfg, tmp_path, caplog
+):
+    """An interruption after validation saved best-epoch002.ckpt and before last.ckpt took in
+    epoch 2: the continued run trains epoch 2 again, and that file stayed for good beside the
+    new best (its restored callback does not know it)."""
+    folder = tmp_path / "run" / "checkpoints"
+    first = train(lean_cfg("trainer.max_epochs=2", "test_after_fit=false"))
+    best = Path(first["best_checkpoint"])
+    for name in ("best-epoch002.ckpt", "best-epoch003.ckpt"):  # the interrupted epochs' files
+        shutil.copy(best, folder / name)
+    (folder / "mine.ckpt").write_bytes(b"mine")  # not lungseg's name: left alone
+    with caplog.at_level(logging.INFO):
+        resumed = train(lean_cfg("trainer.max_epochs=4", "test_after_fit=false", "resume=true"))
+    assert "removed best-epoch002.ckpt, best-epoch003.ckpt: saved in the epoch" in caplog.text
+    bests = sorted(p.name for p in folder.glob("best-*.ckpt"))
+    assert bests == [Path(resumed["best_checkpoint"]).name]
+    assert (folder / "mine.ckpt").read_bytes() == b"mine" and (folder / "last.ckpt").is_file()
 
 
 def test_resume_true_starts_a_run_that_saved_no_checkpoint_yet(lean_cfg, tmp_path):
