@@ -39,8 +39,12 @@ def run_cli(task: Callable[[], T], run_dir: str | Path | None = None) -> T:
         cause = user_error(error)
         if cause is None:
             raise
-        if run_dir is not None and not discard_if_empty(Path(run_dir)):
-            log_to_files(f"lungseg: error: {cause}")
+        if run_dir is not None:
+            from lungseg import hydra_files  # Hydra's record of a folder this command found
+
+            hydra_files.restore(run_dir)
+            if not discard_if_empty(Path(run_dir)):
+                log_to_files(f"lungseg: error: {cause}")
         print(f"lungseg: error: {cause}", file=sys.stderr)
         sys.exit(1)
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, Timer
 from pytorch_lightning.utilities import rank_zero_only
 
-from lungseg import hostmem, postprocess
+from lungseg import hostmem, hydra_files, postprocess
 from lungseg.callbacks import EMA, FitScheduleToTime
 from lungseg.checks import check_settings
 from lungseg.data.splits import trains_without_validation
@@ -377,6 +377,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         rank_zero_only.rank == 0
     ):  # a continued run keeps the config it started with as config.1.yaml
         keep_previous(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        kept = hydra_files.settle(out_dir)
+        if kept:
+            log.info(
+                "the run folder's earlier Hydra record is kept as %s",
+                ", ".join(str(p.relative_to(out_dir)) for p in kept),
+            )
     write_environment(out_dir)
     if stale and rank_zero_only.rank == 0:
         for path in stale:

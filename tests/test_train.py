@@ -717,6 +717,44 @@ def test_cli_output_dir_other_than_the_run_folder_is_refused(tmp_path):
     assert list((tmp_path / "outputs" / "train").iterdir()) == []
 
 
+def test_cli_commands_in_a_run_folder_keep_its_hydra_record(tmp_path):
+    """Was: Hydra wrote the later command's .hydra/ files over the run's own, also when
+    lungseg then refused the command."""
+    run = tmp_path / "run"
+    common = [f"hydra.run.dir={run}", f"data.demo_dir={tmp_path}/demo", *TINY]
+    assert run_cli([*common, "trainer.max_epochs=1"], tmp_path).returncode == 0
+    record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    refused = run_cli([*common, "trainer.max_epochs=2"], tmp_path)  # no resume=true
+    assert "already holds a run" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == record
+    resumed = run_cli([*common, "trainer.max_epochs=2", "resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    now = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    assert {f"{Path(n).stem}.1.yaml": now[f"{Path(n).stem}.1.yaml"] for n in record} == {
+        f"{Path(n).stem}.1.yaml": data for n, data in record.items()
+    }
+    assert b"resume=true" in now["overrides.yaml"]
+    assert "earlier Hydra record is kept as .hydra/" in (run / "train.log").read_text()
+
+
+def test_a_sweep_job_that_did_not_run_keeps_its_hydra_record(tmp_path):
+    from lungseg.hydra_files import KeepHydraFiles
+
+    job = tmp_path / "sweep" / "0_model=unet"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text("mine: 1\n")
+    callback = KeepHydraFiles()
+    sweep = {"sweep": {"dir": str(tmp_path / "sweep")}, "output_subdir": ".hydra"}
+    callback.on_multirun_start(config=OmegaConf.create({"hydra": sweep}))
+    (job / ".hydra" / "config.yaml").write_text("hydra's: 2\n")  # as Hydra writes them
+    (job / ".hydra" / "overrides.yaml").write_text("- model=unet\n")
+    ended = {"hydra": {**sweep, "runtime": {"output_dir": str(job)}}}
+    callback.on_job_end(config=OmegaConf.create(ended), job_return=None)
+    assert sorted(p.name for p in (job / ".hydra").iterdir()) == ["config.yaml"]
+    assert (job / ".hydra" / "config.yaml").read_text() == "mine: 1\n"
+
+
 def test_only_a_run_folder_with_nothing_in_it_is_discarded(tmp_path, monkeypatch):
     from lungseg.errors import discard_if_empty
 

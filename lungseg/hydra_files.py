@@ -1,0 +1,106 @@
+"""Hydra's own record of a run folder, ``<run>/.hydra/`` (``config.yaml``, ``hydra.yaml``,
+``overrides.yaml``), kept from being replaced by a later command in the same folder.
+
+Hydra writes those files before the task runs. A command pointed at an existing run folder
+(``hydra.run.dir=<run> resume=true``; a command refused there; a sweep run again into its
+folder) would replace the run's own. ``KeepHydraFiles`` (a Hydra callback, ``hydra.callbacks``
+in conf/config.yaml and conf/eval.yaml) reads them before Hydra writes: ``settle`` (train.py,
+once the run goes on in that folder) keeps each replaced one beside as ``<name>.<n>.yaml``, as
+train.py keeps an earlier ``config.yaml`` as ``config.<n>.yaml``; ``restore`` (a command that
+stops before: a refusal, a sweep's finished job) puts them back, so the folder is as it was.
+The processes Lightning's ddp strategy starts for ranks above 0 run train.py again in rank 0's
+folder and never settle: they put rank 0's record back when they end.
+"""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# run folder (resolved) -> {file name: bytes} of its .hydra/ before this command
+_SAVED: dict[Path, dict[str, bytes]] = {}
+
+
+def _subdir(config: DictConfig) -> str | None:
+    return OmegaConf.select(config, "hydra.output_subdir")
+
+
+def _running_subdir() -> str | None:
+    """Hydra's output_subdir in a command Hydra runs; ".hydra" otherwise (nothing is saved
+    then, unless a test remembered a folder itself)."""
+    return HydraConfig.get().output_subdir if HydraConfig.initialized() else ".hydra"
+
+
+def remember(folder: Path, subdir: str | None = ".hydra") -> None:
+    """Read ``folder/subdir``'s files, if there are any, before Hydra writes its own."""
+    if subdir is None:
+        return
+    files = folder / subdir
+    if files.is_dir() and not files.is_symlink():
+        saved = {p.name: p.read_bytes() for p in files.iterdir() if p.is_file()}
+        if saved:
+            _SAVED[folder.resolve()] = saved
+
+
+def settle(folder: Path) -> list[Path]:
+    """The command goes on in ``folder``: each of its earlier ``.hydra/`` files that Hydra
+    replaced is written beside as ``<stem>.<n><suffix>`` (n = 1, 2, ...). Returns them."""
+    saved = _SAVED.pop(Path(folder).resolve(), None)
+    subdir = _running_subdir()
+    if saved is None or subdir is None:
+        return []
+    kept = []
+    for name, data in saved.items():
+        path = Path(folder) / subdir / name
+        if path.is_file() and path.read_bytes() == data:
+            continue
+        n = 1
+        while (aside := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+            n += 1
+        aside.write_bytes(data)
+        kept.append(aside)
+    return kept
+
+
+def restore(folder: Path | str) -> None:
+    """The command stopped before doing anything in ``folder``: its earlier ``.hydra/`` files
+    are put back, and files Hydra added there removed."""
+    saved = _SAVED.pop(Path(folder).resolve(), None)
+    subdir = _running_subdir()
+    if saved is None or subdir is None:
+        return
+    files = Path(folder) / subdir
+    try:
+        for path in files.iterdir():
+            if path.is_file() and path.name not in saved:
+                path.unlink()
+        for name, data in saved.items():
+            (files / name).write_bytes(data)
+    except OSError as error:  # the error that stopped the command matters more
+        log.warning("could not put back %s as it was: %s", files, error)
+
+
+class KeepHydraFiles(Callback):
+    """Hydra callback: remembers an existing run folder's ``.hydra/`` files before Hydra
+    writes its own (a single run: at the run's start; a sweep: every job folder already in the
+    sweep folder), and puts them back after a sweep job that did not ``settle`` them."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = OmegaConf.select(config, "hydra.run.dir")
+        if run_dir:
+            remember(Path(run_dir), _subdir(config))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir")
+        if sweep_dir and Path(sweep_dir).is_dir():
+            for job in Path(sweep_dir).iterdir():
+                if job.is_dir():
+                    remember(job, _subdir(config))
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        restore(config.hydra.runtime.output_dir)
