@@ -128,6 +128,63 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def read_initial_weights(path: Path, net_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The network weights of the checkpoint at ``path`` (``init_weights``: another run, e.g.
+    on other data), to start a run of network config ``net_config`` with (``apply_initial_
+    weights``); the rest of the run starts fresh (optimiser, schedule, epochs). LungsegError
+    for a missing or unsafe file, or another architecture."""
+    fix = "Give a checkpoint written by `python train.py`, e.g. <run>/checkpoints/best-*.ckpt."
+    if not path.is_file():
+        problem = "is a folder" if path.is_dir() else "does not exist"
+        raise LungsegError(f"init_weights {path} {problem}. {fix}")
+    checkpoint = load_safely(
+        path, "cannot start a run", "lungseg only loads checkpoints of plain values and tensors."
+    )
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise LungsegError(f"init_weights {path} is not a checkpoint of lungseg's. {fix}")
+    before = ((checkpoint.get("hyper_parameters") or {}).get("net") or {}).get("_target_")
+    target = net_config.get("_target_")
+    if before and target and before != target:
+        raise LungsegError(
+            f"init_weights {path} holds the weights of a {before.rsplit('.', 1)[-1]}, and this "
+            f"run trains a {target.rsplit('.', 1)[-1]}: they cannot start it. Give a "
+            f"checkpoint of the same architecture, or train that one (model=...)."
+        )
+    return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+
+
+def apply_initial_weights(
+    net: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Load ``weights`` (``read_initial_weights``) into ``net`` where name and shape match;
+    the other tensors (another class count, other input channels) keep their fresh
+    initialisation, named in a warning. LungsegError when they are under half of its
+    values (another width: hardly anything fits)."""
+    own = net.state_dict()
+    fit = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    share = sum(v.numel() for v in fit.values()) / max(sum(v.numel() for v in own.values()), 1)
+    if share < 0.5:  # another class count or input channels change a sliver of the network
+        raise LungsegError(
+            f"The network weights in init_weights {path} fit only {share:.0%} of this run's "
+            f"network (other model settings, e.g. model.width?). Give a checkpoint of a "
+            f"network like this one (see config.yaml in its run folder)."
+        )
+    net.load_state_dict(fit, strict=False)
+    log.info(
+        "init_weights %s: the network starts from %d of its %d tensors", path, len(fit), len(own)
+    )
+    fresh = [k for k in own if k not in fit]
+    if fresh:
+        log.warning(
+            "init_weights %s: %d tensors of this network are not in it with the same shape "
+            "(another class count or other input channels?) and start fresh: %s",
+            path,
+            len(fresh),
+            ", ".join(fresh[:6]) + (", ..." if len(fresh) > 6 else ""),
+        )
+
+
 def check_fits(
     path: str, module: torch.nn.Module, checkpoint: dict[str, Any], demo: bool = False
 ) -> None:

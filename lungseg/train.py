@@ -27,6 +27,7 @@ from lungseg.errors import LungsegError
 from lungseg.evaluate import evaluate, scores, test_config
 from lungseg.module import SegmentationModule
 from lungseg.run_folder import (
+    apply_initial_weights,
     check_continuable,
     check_fits,
     check_same_classes,
@@ -38,6 +39,7 @@ from lungseg.run_folder import (
     interrupted_bests,
     keep_previous,
     read_checkpoint,
+    read_initial_weights,
     resume_checkpoint,
     set_aside,
     warn_trained_on,
@@ -315,6 +317,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer_settings = accelerator_settings(plain(cfg.trainer))  # before anything is written
     out_dir = Path(cfg.output_dir)
     ckpt_path = resume_checkpoint(cfg, out_dir)
+    initial = None  # init_weights: a new run from another run's network weights
+    if cfg.get("init_weights"):
+        if cfg.get("ckpt_path"):
+            raise LungsegError(
+                f"init_weights and ckpt_path are both given: ckpt_path={cfg.ckpt_path} "
+                f"continues a run (its optimiser, schedule and epoch count), init_weights="
+                f"{cfg.init_weights} starts a new one from its network's weights. Give one."
+            )
+        if ckpt_path is None:  # else resume=true continues this run from its last.ckpt
+            initial = read_initial_weights(Path(cfg.init_weights).expanduser(), plain(cfg.model))
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -357,6 +369,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if continuing:
             stale = interrupted_bests(saved, out_dir / "checkpoints")
         del saved  # Lightning reads it again to restore it
+    if initial is not None:
+        apply_initial_weights(module.net, initial, Path(cfg.init_weights).expanduser())
     split_saved = continuing and (out_dir / "split.csv").is_file()
     if split_saved:
         check_same_split(out_dir / "split.csv", datamodule.split)

@@ -26,9 +26,15 @@ from lungseg.data.folders import write_image
 from lungseg.errors import LungsegError
 from lungseg.evaluate import evaluate
 from lungseg.inference import load_checkpoint
+from lungseg.models.unet import UNet
 from lungseg.module import SegmentationModule
 from lungseg.predict import predict
-from lungseg.run_folder import PACKAGES, _git_state
+from lungseg.run_folder import (
+    PACKAGES,
+    _git_state,
+    apply_initial_weights,
+    read_initial_weights,
+)
 from lungseg.train import train
 
 DETERMINISTIC = "trainer.deterministic=true"
@@ -626,6 +632,53 @@ def test_a_best_checkpoint_of_the_unfinished_epoch_is_not_left_beside_the_new_be
     bests = sorted(p.name for p in folder.glob("best-*.ckpt"))
     assert bests == [Path(resumed["best_checkpoint"]).name]
     assert (folder / "mine.ckpt").read_bytes() == b"mine" and (folder / "last.ckpt").is_file()
+
+
+def test_init_weights_starts_a_new_run_from_another_runs_network(
+    lean_cfg, tmp_path, demo_dir, caplog
+):
+    """Was: only ckpt_path, which continues its run's epoch count, optimiser and schedule (a
+    run of 2 epochs could not start a 1-epoch fine-tuning) and refuses another class count."""
+    source = tmp_path / "source"
+    train(lean_cfg("trainer.max_epochs=2", "test_after_fit=false", f"output_dir={source}"))
+    last = source / "checkpoints" / "last.ckpt"
+    tuned = tmp_path / "tuned"
+    # the same images with 0/non-zero masks: 2 classes where the source had 3
+    with caplog.at_level(logging.INFO):
+        metrics = train(
+            lean_cfg(
+                f"data.image_dir={demo_dir / 'images'}",
+                f"data.mask_dir={demo_dir / 'masks'}",
+                "data.mask_mode=binary",
+                f"init_weights={last}",
+                f"output_dir={tuned}",
+            )
+        )
+    assert metrics["epochs_trained"] == 1 and metrics["test/dice"] is not None
+    assert f"init_weights {last}: the network starts from" in caplog.text
+    assert "start fresh: head.weight, head.bias" in caplog.text
+
+    # the weights that fit are loaded, the others keep their fresh initialisation
+    source_net = load_checkpoint(last, torch.device("cpu")).net
+    net = UNet(in_channels=1, num_classes=2, width=4)
+    head = net.head.weight.clone()
+    weights = read_initial_weights(last, {"_target_": "lungseg.models.unet.UNet"})
+    apply_initial_weights(net, weights, last)
+    for name, value in net.state_dict().items():
+        if name.startswith("head."):
+            continue
+        assert torch.equal(value, source_net.state_dict()[name]), name
+    assert torch.equal(net.head.weight, head)
+
+    with pytest.raises(LungsegError, match="holds the weights of a UNet, and this run trains a"):
+        train(lean_cfg("model=fcn", f"init_weights={last}", f"output_dir={tmp_path / 'fcn'}"))
+    with pytest.raises(LungsegError, match="fit only 0% of this run's network"):
+        train(lean_cfg("model.width=8", f"init_weights={last}", f"output_dir={tmp_path / 'w8'}"))
+    with pytest.raises(LungsegError, match="init_weights and ckpt_path are both given"):
+        train(lean_cfg(f"ckpt_path={last}", f"init_weights={last}", f"output_dir={tmp_path / 'b'}"))
+    assert not (tmp_path / "b").exists()  # refused before anything is written
+    with pytest.raises(LungsegError, match=r"init_weights .*nope.ckpt does not exist"):
+        train(lean_cfg(f"init_weights={tmp_path / 'nope.ckpt'}", f"output_dir={tmp_path / 'n'}"))
 
 
 def test_resume_true_starts_a_run_that_saved_no_checkpoint_yet(lean_cfg, tmp_path):
