@@ -59,7 +59,7 @@ def record_error(run_dir: str | Path, error: BaseException) -> None:
         cause = cause.__cause__
     run_dir = Path(run_dir)
     if (run_dir / "metrics.json").is_file():
-        log.error("%s holds a finished run, which is kept as it was; this job: %s", run_dir, cause)
+        log.info("%s holds a finished run, which is kept as it was; this job: %s", run_dir, cause)
         return
     text = str(cause)
     if not isinstance(cause, LungsegError):

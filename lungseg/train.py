@@ -14,6 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, Timer
@@ -428,13 +429,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except SystemExit as stop:  # Lightning's exit after Ctrl-C and its graceful shutdown
         if trainer.interrupted and trainer.is_global_zero:
             last = out_dir / "checkpoints" / "last.ckpt"
+            sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
             log.warning(
-                "Interrupted. %s; continue the run with the same command and "
-                "hydra.run.dir=%s resume=true.",
+                "Interrupted. %s; continue the run with the same command and %s resume=true.",
                 f"{last} holds the last finished epoch"
                 if last.is_file()
                 else "No epoch had finished, so there is no checkpoint to continue from",
-                shlex.quote(str(out_dir)),
+                # a sweep continues in its folder: -m, its overrides, hydra.sweep.dir
+                f"hydra.sweep.dir={shlex.quote(str(out_dir.parent))}"
+                if sweep
+                else f"hydra.run.dir={shlex.quote(str(out_dir))}",
             )
         if trainer.received_sigterm and not stop.code:
             # Lightning ends a run stopped by SIGTERM (a cluster's pre-emption, `kill`) with

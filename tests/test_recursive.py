@@ -62,8 +62,8 @@ def test_a_mask_in_another_sub_folder_does_not_pair(tmp_path):
     with pytest.raises(LungsegError) as err:
         find_pairs(tmp_path / "img", tmp_path / "msk", recursive=True)
     message = str(err.value)
-    assert "1 images without a mask" in message and "'p02/b.png'" in message
-    assert "1 masks without an image" in message and "'p03/b.png'" in message
+    assert "1 image without a mask" in message and "'p02/b.png'" in message
+    assert "1 mask without an image" in message and "'p03/b.png'" in message
     assert "same sub-folder" in message
     pairs = find_pairs(tmp_path / "img", tmp_path / "msk", strict=False, recursive=True)
     assert [p.stem for p in pairs] == ["p01/a"]
