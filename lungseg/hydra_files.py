@@ -9,7 +9,7 @@ once the run goes on in that folder) keeps each replaced one beside as ``<name>.
 train.py keeps an earlier ``config.yaml`` as ``config.<n>.yaml``; ``restore`` (a command that
 stops before: a refusal, a sweep's finished job) puts them back, so the folder is as it was.
 The processes Lightning's ddp strategy starts for ranks above 0 run train.py again in rank 0's
-folder and never settle: they put rank 0's record back when they end.
+folder with ``hydra.output_subdir=null``: they neither write nor touch its record.
 """
 
 import logging
