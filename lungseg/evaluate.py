@@ -438,7 +438,7 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
                 "image/mask pairs of those folders, or neither to score the test split of the "
                 "checkpoint's training run."
             )
-        suffixes = data.mask_suffixes or DEFAULT_MASK_SUFFIXES
+        suffixes = DEFAULT_MASK_SUFFIXES if data.mask_suffixes is None else data.mask_suffixes
         recursive = _recursive(data.get("recursive"))
         pairs = find_pairs(
             data.image_dir, data.mask_dir, suffix_list(suffixes), data.strict, recursive=recursive
@@ -490,7 +490,7 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
         folders = tuple(
             _from_run(value, started) for value in (run_data.image_dir, run_data.mask_dir)
         )
-    suffixes = data.mask_suffixes or run_data.mask_suffixes
+    suffixes = run_data.mask_suffixes if data.mask_suffixes is None else data.mask_suffixes
     given = data.get("recursive")  # null: as the run paired its data
     recursive = bool(run_data.get("recursive", False)) if given is None else _recursive(given)
     try:

@@ -443,22 +443,22 @@ _BEST = re.compile(r"best-epoch(\d+)(-v\d+)?\.ckpt")
 
 def interrupted_bests(checkpoint: dict[str, Any], folder: Path) -> list[Path]:
     """The best checkpoints in ``folder`` (``best-epochNNN.ckpt``, callbacks.model_checkpoint's
-    default names) that a run interrupted after ``checkpoint`` (its last.ckpt) saved in the
-    epoch it did not finish: the best is saved when validation ends, last.ckpt when the epoch
-    does. The continued run trains that epoch again, and its restored checkpoint callbacks do
-    not know these files, so they would stay beside the new best for good (and a later
-    epoch's file name sorts after it)."""
+    default names) that a run interrupted after ``checkpoint`` (its last.ckpt, in ``folder``)
+    saved in the epoch it did not finish, the one after last.ckpt's: the best is saved when
+    validation ends, last.ckpt when the epoch does. The continued run trains that epoch again,
+    and its restored checkpoint callbacks do not know these files, so they would stay beside
+    the new best for good (and a later epoch's file name sorts after it)."""
     known = {"last.ckpt"}
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if key.startswith("ModelCheckpoint") and isinstance(state, dict):
             paths = [state.get(k) for k in ("best_model_path", "kth_best_model_path")]
             known |= {Path(p).name for p in [*paths, *(state.get("best_k_models") or {})] if p}
-    done = checkpoint.get("epoch", -1)
+    unfinished = checkpoint.get("epoch", -2) + 1  # the one epoch after last.ckpt's
     return sorted(
         path
         for path in folder.glob("best-epoch*.ckpt")
         if (match := _BEST.fullmatch(path.name))
-        and int(match.group(1)) > done
+        and int(match.group(1)) == unfinished
         and path.name not in known
     )
 

@@ -319,7 +319,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     ckpt_path = resume_checkpoint(cfg, out_dir)
     initial = None  # init_weights: a new run from another run's network weights
-    if cfg.get("init_weights"):
+    if cfg.get("init_weights") is not None:
+        if not isinstance(cfg.init_weights, str):
+            raise LungsegError(
+                f"init_weights is {cfg.init_weights!r}; give one checkpoint's path, e.g. "
+                f"init_weights=outputs/train/<run>/checkpoints/best-epoch012.ckpt."
+            )
         if cfg.get("ckpt_path"):
             raise LungsegError(
                 f"init_weights and ckpt_path are both given: ckpt_path={cfg.ckpt_path} "
@@ -367,11 +372,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if continuing:
             check_same_classes(ckpt_path, saved, datamodule.data_info())
         check_continuable(cfg, ckpt_path, saved)
-        if continuing:
+        last = out_dir / "checkpoints" / "last.ckpt"
+        if continuing and last.is_file() and Path(ckpt_path).resolve() == last.resolve():
             stale = interrupted_bests(saved, out_dir / "checkpoints")
         del saved  # Lightning reads it again to restore it
     if initial is not None:
         apply_initial_weights(module.net, initial, Path(cfg.init_weights).expanduser())
+        if rank_zero_only.rank == 0:  # scores of files its run trained on would flatter
+            warn_trained_on(str(Path(cfg.init_weights).expanduser()), datamodule.split)
     split_saved = continuing and (out_dir / "split.csv").is_file()
     if split_saved:
         check_same_split(out_dir / "split.csv", datamodule.split)
@@ -400,12 +408,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
     write_environment(out_dir)
     if stale and rank_zero_only.rank == 0:
-        for path in stale:
-            path.unlink()
+        # renamed, not removed: no longer best-*.ckpt, which the run's scoring looks for
+        aside = [path.rename(path.with_name(f"interrupted-{path.name}")) for path in stale]
         log.info(
-            "removed %s: saved in the epoch the interrupted run did not finish, which this "
-            "run trains again",
+            "%s set aside as %s: saved in the epoch the interrupted run did not finish, which "
+            "this run trains again",
             ", ".join(p.name for p in stale),
+            ", ".join(p.name for p in aside),
         )
     # after the checks: a refused command leaves its run folder empty (then removed) and a
     # finished run's train.log as it was

@@ -623,15 +623,28 @@ def test_a_best_checkpoint_of_the_unfinished_epoch_is_not_left_beside_the_new_be
     folder = tmp_path / "run" / "checkpoints"
     first = train(lean_cfg("trainer.max_epochs=2", "test_after_fit=false"))
     best = Path(first["best_checkpoint"])
-    for name in ("best-epoch002.ckpt", "best-epoch003.ckpt"):  # the interrupted epochs' files
-        shutil.copy(best, folder / name)
+    shutil.copy(best, folder / "best-epoch002.ckpt")  # the interrupted epoch's
+    stale = best.read_bytes()
     (folder / "mine.ckpt").write_bytes(b"mine")  # not lungseg's name: left alone
     with caplog.at_level(logging.INFO):
         resumed = train(lean_cfg("trainer.max_epochs=4", "test_after_fit=false", "resume=true"))
-    assert "removed best-epoch002.ckpt, best-epoch003.ckpt: saved in the epoch" in caplog.text
+    said = "best-epoch002.ckpt set aside as interrupted-best-epoch002.ckpt: saved in the epoch"
+    assert said in caplog.text
     bests = sorted(p.name for p in folder.glob("best-*.ckpt"))
     assert bests == [Path(resumed["best_checkpoint"]).name]
+    assert (folder / "interrupted-best-epoch002.ckpt").read_bytes() == stale
     assert (folder / "mine.ckpt").read_bytes() == b"mine" and (folder / "last.ckpt").is_file()
+
+    # continuing from another checkpoint of the run than last.ckpt sets nothing aside (the
+    # later epochs' files are finished ones)
+    earlier = folder / "epoch1.ckpt"
+    shutil.copy(tmp_path / "run" / "checkpoints" / "interrupted-best-epoch002.ckpt", earlier)
+    later = folder / "best-epoch002.ckpt"
+    shutil.copy(earlier, later)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train(lean_cfg("trainer.max_epochs=3", "test_after_fit=false", f"ckpt_path={earlier}"))
+    assert "set aside" not in caplog.text and later.read_bytes() == earlier.read_bytes()
 
 
 def test_init_weights_starts_a_new_run_from_another_runs_network(
