@@ -32,7 +32,8 @@ def run_cli(task: Callable[[], T], run_dir: str | Path | None = None) -> T:
     traceback (that is a bug in lungseg, not in the user's input). ``run_dir``: the folder
     Hydra made for this run, removed on such an error when it holds nothing but Hydra's
     ``.hydra/`` and empty log files (a refused command would leave an empty run folder);
-    where it stays, its log file (train.log, eval.log, ...) ends with the error too."""
+    where it held a run before, its record (``.hydra/``, log files) is put back as it was
+    (lungseg.hydra_files); where else it stays, its log (train.log, ...) ends with the error."""
     try:
         return task()
     except Exception as error:
@@ -42,8 +43,8 @@ def run_cli(task: Callable[[], T], run_dir: str | Path | None = None) -> T:
         if run_dir is not None:
             from lungseg import hydra_files  # Hydra's record of a folder this command found
 
-            hydra_files.restore(run_dir)
-            if not discard_if_empty(Path(run_dir)):
+            # a folder that held a run before this command is put back as it was
+            if not hydra_files.restore(run_dir) and not discard_if_empty(Path(run_dir)):
                 log_to_files(f"lungseg: error: {cause}")
         print(f"lungseg: error: {cause}", file=sys.stderr)
         sys.exit(1)

@@ -7,12 +7,14 @@ folder) would replace the run's own. ``KeepHydraFiles`` (a Hydra callback, ``hyd
 in conf/config.yaml and conf/eval.yaml) reads them before Hydra writes: ``settle`` (train.py,
 once the run goes on in that folder) keeps each replaced one beside as ``<name>.<n>.yaml``, as
 train.py keeps an earlier ``config.yaml`` as ``config.<n>.yaml``; ``restore`` (a command that
-stops before: a refusal, a sweep's finished job) puts them back, so the folder is as it was.
+stops before: a refusal, a sweep's finished job) puts them back, and cuts the folder's log
+files back to their length before the command, so the folder is as it was.
 The processes Lightning's ddp strategy starts for ranks above 0 run train.py again in rank 0's
 folder with ``hydra.output_subdir=null``: they neither write nor touch its record.
 """
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-# run folder (resolved) -> {file name: bytes} of its .hydra/ before this command
-_SAVED: dict[Path, dict[str, bytes]] = {}
+# run folder (resolved) -> ({file name: bytes} of its .hydra/, {log file: length}) before
+# this command. In this process: Hydra's local launchers (a SLURM launcher runs each job in
+# another process, where nothing is remembered and Hydra's files replace the earlier ones).
+_SAVED: dict[Path, tuple[dict[str, bytes], dict[Path, int]]] = {}
 
 
 def _subdir(config: DictConfig) -> str | None:
@@ -44,17 +48,18 @@ def remember(folder: Path, subdir: str | None = ".hydra") -> None:
     if files.is_dir() and not files.is_symlink():
         saved = {p.name: p.read_bytes() for p in files.iterdir() if p.is_file()}
         if saved:
-            _SAVED[folder.resolve()] = saved
+            logs = {p: p.stat().st_size for p in folder.glob("*.log") if p.is_file()}
+            _SAVED[folder.resolve()] = (saved, logs)
 
 
 def settle(folder: Path) -> list[Path]:
     """The command goes on in ``folder``: each of its earlier ``.hydra/`` files that Hydra
     replaced is written beside as ``<stem>.<n><suffix>`` (n = 1, 2, ...). Returns them."""
-    saved = _SAVED.pop(Path(folder).resolve(), None)
+    record = _SAVED.pop(Path(folder).resolve(), None)
     subdir = _running_subdir()
-    if saved is None or subdir is None:
+    if record is None or subdir is None:
         return []
-    kept = []
+    saved, kept = record[0], []
     for name, data in saved.items():
         path = Path(folder) / subdir / name
         if path.is_file() and path.read_bytes() == data:
@@ -67,13 +72,15 @@ def settle(folder: Path) -> list[Path]:
     return kept
 
 
-def restore(folder: Path | str) -> None:
+def restore(folder: Path | str) -> bool:
     """The command stopped before doing anything in ``folder``: its earlier ``.hydra/`` files
-    are put back, and files Hydra added there removed."""
-    saved = _SAVED.pop(Path(folder).resolve(), None)
+    are put back, files Hydra added there removed, and its log files cut back to their
+    length before the command. Whether ``folder`` held such a record."""
+    record = _SAVED.pop(Path(folder).resolve(), None)
     subdir = _running_subdir()
-    if saved is None or subdir is None:
-        return
+    if record is None or subdir is None:
+        return False
+    saved, logs = record
     files = Path(folder) / subdir
     try:
         for path in files.iterdir():
@@ -81,8 +88,12 @@ def restore(folder: Path | str) -> None:
                 path.unlink()
         for name, data in saved.items():
             (files / name).write_bytes(data)
+        for path, length in logs.items():
+            if path.is_file() and path.stat().st_size > length:
+                os.truncate(path, length)  # Hydra's handler appends: later lines go after
     except OSError as error:  # the error that stopped the command matters more
         log.warning("could not put back %s as it was: %s", files, error)
+    return True
 
 
 class KeepHydraFiles(Callback):

@@ -306,6 +306,15 @@ def postprocessed_test(
     return scores(summary, "test_post")
 
 
+def _sweep_folder(job_dir: Path) -> Path:
+    """The sweep folder of a multirun job's folder (``hydra.sweep.subdir`` may hold '/')."""
+    try:
+        depth = len(Path(str(HydraConfig.get().sweep.subdir)).parts)
+        return job_dir.parents[depth - 1]
+    except Exception:  # no Hydra, or a subdir that does not resolve here
+        return job_dir.parent
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write into ``cfg.output_dir``: ``checkpoints/``,
     ``tensorboard/``, ``split.csv``, ``config.yaml`` (resolved), ``environment.json``
@@ -445,7 +454,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 if last.is_file()
                 else "No epoch had finished, so there is no checkpoint to continue from",
                 # a sweep continues in its folder: -m, its overrides, hydra.sweep.dir
-                f"hydra.sweep.dir={shlex.quote(str(out_dir.parent))}"
+                f"hydra.sweep.dir={shlex.quote(str(_sweep_folder(out_dir)))}"
                 if sweep
                 else f"hydra.run.dir={shlex.quote(str(out_dir))}",
             )

@@ -725,9 +725,11 @@ def test_cli_commands_in_a_run_folder_keep_its_hydra_record(tmp_path):
     assert run_cli([*common, "trainer.max_epochs=1"], tmp_path).returncode == 0
     record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
     assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    log = (run / "train.log").read_bytes()
     refused = run_cli([*common, "trainer.max_epochs=2"], tmp_path)  # no resume=true
     assert "already holds a run" in refused.stderr
     assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == record
+    assert (run / "train.log").read_bytes() == log  # the finished run's log as it was
     resumed = run_cli([*common, "trainer.max_epochs=2", "resume=true"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     now = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
@@ -744,15 +746,19 @@ def test_a_sweep_job_that_did_not_run_keeps_its_hydra_record(tmp_path):
     job = tmp_path / "sweep" / "0_model=unet"
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "config.yaml").write_text("mine: 1\n")
+    (job / "train.log").write_text("the run\n")
     callback = KeepHydraFiles()
     sweep = {"sweep": {"dir": str(tmp_path / "sweep")}, "output_subdir": ".hydra"}
     callback.on_multirun_start(config=OmegaConf.create({"hydra": sweep}))
     (job / ".hydra" / "config.yaml").write_text("hydra's: 2\n")  # as Hydra writes them
     (job / ".hydra" / "overrides.yaml").write_text("- model=unet\n")
+    with (job / "train.log").open("a") as log:
+        log.write("this job found its run finished\n")
     ended = {"hydra": {**sweep, "runtime": {"output_dir": str(job)}}}
     callback.on_job_end(config=OmegaConf.create(ended), job_return=None)
     assert sorted(p.name for p in (job / ".hydra").iterdir()) == ["config.yaml"]
     assert (job / ".hydra" / "config.yaml").read_text() == "mine: 1\n"
+    assert (job / "train.log").read_text() == "the run\n"
 
 
 def test_only_a_run_folder_with_nothing_in_it_is_discarded(tmp_path, monkeypatch):
