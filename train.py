@@ -77,11 +77,16 @@ def check_run_folder(cfg: DictConfig) -> None:
     two, train.log and .hydra/ in one folder, checkpoints and metrics in the other."""
     hydra_dir = HydraConfig.get().runtime.output_dir
     if Path(cfg.output_dir).expanduser().resolve() != Path(hydra_dir).resolve():
+        fix = (
+            "Leave output_dir out: each job writes into its own folder of the sweep "
+            "(hydra.sweep.dir=<folder> chooses the sweep's)."
+            if HydraConfig.get().mode == RunMode.MULTIRUN
+            else f"Give hydra.run.dir={cfg.output_dir} instead (output_dir follows it)."
+        )
         raise LungsegError(
             f"output_dir={cfg.output_dir} is not the run folder Hydra made ({hydra_dir}), so "
             f"the run would be split in two: train.log and .hydra/ there, checkpoints, "
-            f"metrics and TensorBoard files in {cfg.output_dir}. Give hydra.run.dir="
-            f"{cfg.output_dir} instead (output_dir follows it)."
+            f"metrics and TensorBoard files in {cfg.output_dir}. {fix}"
         )
 
 
@@ -100,15 +105,15 @@ def main(cfg: DictConfig) -> float | None:
     else:
         try:
             with ddp_ranks_in_this_job() if sweep_job else nullcontext():
-                metrics = train(cfg)
+                metrics = train_run(cfg)
         except Exception as error:
             if user_error(error) is None:
                 raise
             # Exiting would end the whole sweep (Lightning ends every rank when one exits with
             # an error). The next job runs instead; rank 0 records the error, and the sweep
             # summary (lungseg.sweep.SweepSummary) lists it and makes the sweep exit with 1.
-            if sweep_job:
-                record_error(cfg.output_dir, error)
+            if sweep_job:  # in the job's folder (output_dir may be set to another)
+                record_error(HydraConfig.get().runtime.output_dir, error)
             else:
                 log.error("this rank stopped; rank 0 records the error: %s", user_error(error))
             return None

@@ -715,6 +715,13 @@ def test_cli_output_dir_other_than_the_run_folder_is_refused(tmp_path):
     assert f"Give hydra.run.dir={tmp_path / 'mine'} instead" in result.stderr
     assert not (tmp_path / "mine").exists()
     assert list((tmp_path / "outputs" / "train").iterdir()) == []
+    # a sweep: every job refused, the error in its own folder of the sweep
+    result = run_cli(["-m", "model=unet,fcn", f"output_dir={tmp_path / 'mine'}", *TINY], tmp_path)
+    assert result.returncode == 1 and "2 of 2 runs failed" in result.stderr
+    assert not (tmp_path / "mine").exists()
+    (sweep,) = (tmp_path / "outputs" / "train").iterdir()
+    errors = sorted(sweep.glob("*/error.txt"))
+    assert len(errors) == 2 and "Leave output_dir out" in errors[0].read_text()
 
 
 def test_cli_commands_in_a_run_folder_keep_its_hydra_record(tmp_path):
