@@ -22,6 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lungseg.run_folder import aside_name
+
 log = logging.getLogger(__name__)
 
 # run folder (resolved) -> ({file name: bytes} of its .hydra/, {log file: length}) before
@@ -64,9 +66,7 @@ def settle(folder: Path) -> list[Path]:
         path = Path(folder) / subdir / name
         if path.is_file() and path.read_bytes() == data:
             continue
-        n = 1
-        while (aside := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
-            n += 1
+        aside = aside_name(path)
         aside.write_bytes(data)
         kept.append(aside)
     return kept

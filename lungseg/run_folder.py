@@ -463,13 +463,17 @@ def interrupted_bests(checkpoint: dict[str, Any], folder: Path) -> list[Path]:
     )
 
 
-def set_aside(path: Path) -> Path:
-    """Rename ``path`` (a file or a folder) to the first free ``<stem>.<n><suffix>`` (n = 1,
-    2, ...) and return the new path."""
+def aside_name(path: Path) -> Path:
+    """The first free ``<stem>.<n><suffix>`` (n = 1, 2, ...) beside ``path``."""
     n = 1
     while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
         n += 1
-    return path.rename(kept)
+    return kept
+
+
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` (a file or a folder) to ``aside_name(path)`` and return the new path."""
+    return path.rename(aside_name(path))
 
 
 def keep_previous(path: Path, text: str) -> None:
