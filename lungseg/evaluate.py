@@ -545,15 +545,26 @@ def _from_run(value: Any, cwd: Path | None) -> Any:
     return [_from_run(v, cwd) for v in value]
 
 
+def _seen_by(
+    checkpoint: str, stems: list[str], seen: tuple[str, ...]
+) -> tuple[Path, dict[str, str], list[str]] | None:
+    """``checkpoint``'s run's split.csv, its ``{stem: split}`` of ``stems`` and those of them
+    it put in one of the ``seen`` splits; None outside a run folder (nothing to check)."""
+    split_file = _run_folder(checkpoint) / "split.csv"
+    if not split_file.is_file():
+        return None
+    listed = splits.listed_splits(split_file, stems)  # an unlisted image: not trained on
+    return split_file, listed, [stem for stem in stems if listed.get(stem) in seen]
+
+
 def _check_folders_unseen(checkpoint: str, stems: list[str], image_dir: str) -> None:
     """LungsegError where ``checkpoint``'s run put some of the pairs of the data folders being
     scored (all of them) in its train or val split: their scores would count images the model
     learnt from, or chose its checkpoint by. A checkpoint outside a run folder is not checked."""
-    split_file = _run_folder(checkpoint) / "split.csv"
-    if not split_file.is_file():
+    found = _seen_by(checkpoint, stems, ("train", "val"))
+    if found is None:
         return
-    listed = splits.listed_splits(split_file, stems)
-    seen = [stem for stem in stems if listed.get(stem) in ("train", "val")]
+    split_file, listed, seen = found
     if seen:
         tested = sum(split == "test" for split in listed.values())
         raise LungsegError(
@@ -575,22 +586,21 @@ def _check_member_unseen(checkpoint: str, first: str, stems: list[str], which: s
     split of the first member's run) in another split: its score would count images that
     member trained (or chose its checkpoint) on. A member outside a run folder is not
     checked, with a warning."""
-    split_file = _run_folder(checkpoint) / "split.csv"
-    if not split_file.is_file():
+    # Scoring test: a member's train or val image leaks (it learnt from it, or chose its
+    # checkpoint by it); scoring val: a member's train image (its own val is as the first's).
+    seen = ("train", "val") if which == "test" else ("train",)
+    found = _seen_by(checkpoint, stems, seen)
+    if found is None:
         log.warning(
             "%s is not inside a training run folder (no %s): whether it trained on the %s "
             "split of %s cannot be checked",
             checkpoint,
-            split_file,
+            _run_folder(checkpoint) / "split.csv",
             which,
             first,
         )
         return
-    split = splits.listed_splits(split_file, stems)  # an unlisted image: not trained on
-    # Scoring test: a member's train or val image leaks (it learnt from it, or chose its
-    # checkpoint by it); scoring val: a member's train image (its own val is as the first's).
-    seen = ("train", "val") if which == "test" else ("train",)
-    moved = [stem for stem in stems if split.get(stem) in seen]
+    split_file, split, moved = found
     if moved:
         raise LungsegError(
             f"{checkpoint}'s run put {len(moved)} of the {len(stems)} images of the {which} "

@@ -103,14 +103,16 @@ def load_safely(path: Path, problem: str, fix: str) -> Any:
         ) from None
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path, setting: str = "ckpt_path") -> dict[str, Any]:
     """A Lightning checkpoint read with ``torch.load(weights_only=True)``: tensors and plain
-    values only, so unpickling cannot run code. LungsegError for anything else."""
+    values only, so unpickling cannot run code. LungsegError for anything else, naming the
+    ``setting`` that gave the path (ckpt_path, init_weights)."""
     if not path.is_file():
         problem = "is a folder" if path.is_dir() else "does not exist"
+        resume = ", or resume=true to continue the run in hydra.run.dir" * (setting == "ckpt_path")
         raise LungsegError(
-            f"ckpt_path {path} {problem}. Give a checkpoint written by `python train.py`, e.g. "
-            f"<run>/checkpoints/last.ckpt, or resume=true to continue the run in hydra.run.dir."
+            f"{setting} {path} {problem}. Give a checkpoint written by `python train.py`, e.g. "
+            f"<run>/checkpoints/last.ckpt{resume}."
         )
     checkpoint = load_safely(
         path,
@@ -118,7 +120,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         "lungseg only loads checkpoints that hold plain values and tensors, never ones that "
         "would run code when unpickled. If it is a checkpoint of a run that was killed while "
         "saving it, use another checkpoint of that run (e.g. checkpoints/best-*.ckpt) as "
-        "ckpt_path.",
+        f"{setting}.",
     )
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise LungsegError(
@@ -133,16 +135,7 @@ def read_initial_weights(path: Path, net_config: dict[str, Any]) -> dict[str, to
     on other data), to start a run of network config ``net_config`` with (``apply_initial_
     weights``); the rest of the run starts fresh (optimiser, schedule, epochs). LungsegError
     for a missing or unsafe file, or another architecture."""
-    fix = "Give a checkpoint written by `python train.py`, e.g. <run>/checkpoints/best-*.ckpt."
-    if not path.is_file():
-        problem = "is a folder" if path.is_dir() else "does not exist"
-        raise LungsegError(f"init_weights {path} {problem}. {fix}")
-    checkpoint = load_safely(
-        path, "cannot start a run", "lungseg only loads checkpoints of plain values and tensors."
-    )
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise LungsegError(f"init_weights {path} is not a checkpoint of lungseg's. {fix}")
+    checkpoint = read_checkpoint(path, "init_weights")
     before = ((checkpoint.get("hyper_parameters") or {}).get("net") or {}).get("_target_")
     target = net_config.get("_target_")
     if before and target and before != target:
@@ -151,6 +144,7 @@ def read_initial_weights(path: Path, net_config: dict[str, Any]) -> dict[str, to
             f"run trains a {target.rsplit('.', 1)[-1]}: they cannot start it. Give a "
             f"checkpoint of the same architecture, or train that one (model=...)."
         )
+    state = checkpoint["state_dict"]
     return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
 
 

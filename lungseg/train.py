@@ -341,7 +341,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 f"{cfg.init_weights} starts a new one from its network's weights. Give one."
             )
         if ckpt_path is None:  # else resume=true continues this run from its last.ckpt
-            initial = read_initial_weights(Path(cfg.init_weights).expanduser(), plain(cfg.model))
+            init_path = Path(cfg.init_weights).expanduser()
+            initial = read_initial_weights(init_path, plain(cfg.model))
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -386,9 +387,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             stale = interrupted_bests(saved, out_dir / "checkpoints")
         del saved  # Lightning reads it again to restore it
     if initial is not None:
-        apply_initial_weights(module.net, initial, Path(cfg.init_weights).expanduser())
+        apply_initial_weights(module.net, initial, init_path)
         if rank_zero_only.rank == 0:  # scores of files its run trained on would flatter
-            warn_trained_on(str(Path(cfg.init_weights).expanduser()), datamodule.split)
+            warn_trained_on(str(init_path), datamodule.split)
     split_saved = continuing and (out_dir / "split.csv").is_file()
     if split_saved:
         check_same_split(out_dir / "split.csv", datamodule.split)
