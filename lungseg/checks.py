@@ -173,8 +173,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         "model.dropout=0.1",
     ),
     "trainer.max_epochs": (
-        lambda v: v is None or is_whole(v, -1),
-        "a whole number of epochs, 0 or more, or -1 for no limit",
+        lambda v: v is None or (is_whole(v, -1) and v != 0),
+        "a whole number of epochs, 1 or more, or -1 for no limit (0 would train nothing)",
         "trainer.max_epochs=40",
     ),
     "trainer.max_steps": (

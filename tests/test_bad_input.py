@@ -87,6 +87,7 @@ def counts(dm: SegDataModule) -> tuple[int, int, int]:
         ("model.dropout=1.0", "model.dropout is 1.0; give a dropout probability"),
         ("trainer.max_epochs=abc", "trainer.max_epochs is 'abc'; give a whole number of epochs"),
         ("trainer.max_epochs=-2", "trainer.max_epochs is -2"),
+        ("trainer.max_epochs=0", "trainer.max_epochs is 0; give a whole number of epochs, 1 or"),
         ("trainer.max_epochs=true", "trainer.max_epochs is true"),
         ("trainer.max_steps=abc", "trainer.max_steps is 'abc'"),
         ("trainer.num_sanity_val_steps=abc", "trainer.num_sanity_val_steps is 'abc'"),
