@@ -20,6 +20,7 @@ from tqdm import tqdm
 from lungseg import hostmem, postprocess
 from lungseg.checks import check_overwrite, is_number, is_whole, require
 from lungseg.data.folders import (
+    IMAGE_EXTENSIONS,
     OUTPUT_MARKER,
     _list_images,
     _listing,
@@ -161,16 +162,17 @@ def _check_outside_inputs(
     )
     if inside:
         raise LungsegError(
-            f"output_dir {output_dir} would put masks and overlays into {len(inside)} folders "
-            f"that input_dir {input_dir} reads images from: {_listing(inside)}. They would mix "
-            f"with your images, and the next run would read them as images. Nothing was "
-            f"written. Choose an output_dir outside these folders, e.g. a new folder beside "
-            f"{output_dir}."
+            f"output_dir {output_dir} would put masks and overlays into {len(inside)} "
+            f"folder{'s' if len(inside) > 1 else ''} that input_dir {input_dir} reads images "
+            f"from: {_listing(inside)}. They would mix with your images, and the next run "
+            f"would read them as images. Nothing was written. Choose an output_dir outside "
+            f"these folders, e.g. a new folder beside {output_dir}."
         )
 
 
 def predict(cfg: DictConfig) -> list[Path]:
-    """Write a mask and an overlay for every image in ``cfg.input_dir`` into
+    """Write a mask and an overlay for every image in ``cfg.input_dir`` (or for the one image
+    it names) into
     ``cfg.output_dir`` (conf/predict.yaml). Existing output files stop the run before anything
     is written, unless ``cfg.overwrite``. Returns the files written."""
     hostmem.configure(cfg.get("retain_freed_memory", True))
@@ -270,6 +272,15 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
     if is_pattern(input_dir):
         outputs, read = _pattern_outputs(input_dir, output_dir, recursive)
         images = list(outputs)
+    elif input_dir.is_file():  # one image: its outputs directly in output_dir
+        if input_dir.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise LungsegError(
+                f"input_dir {input_dir} is a file but not an image lungseg reads. Accepted "
+                f"extensions: {', '.join(IMAGE_EXTENSIONS)} (in any letter case). Point "
+                f"input_dir at an image, or at the folder of your images."
+            )
+        read, images = [input_dir.parent], [input_dir]
+        outputs = output_paths(images, output_dir)
     else:
         read = [input_dir]
         images = _list_images(input_dir, "input", "input_dir", recursive, [output_dir])

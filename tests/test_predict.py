@@ -127,6 +127,24 @@ def test_each_encoding_writes_its_own_values(tmp_path, checkpoints, inputs, name
     assert (stored == np.array(pixel, np.uint8)).all()
 
 
+def test_one_image_file(tmp_path, checkpoints, inputs):
+    """input_dir may name one image: its mask and overlay directly in output_dir, the same
+    mask as when its folder is predicted; another file, or an output onto it, is refused."""
+    written = predict(predict_cfg(checkpoints["index"], inputs / "ct16.tif", tmp_path / "one"))
+    assert sorted(p.name for p in written) == ["ct16.png", "ct16_overlay.png"]
+    predict(predict_cfg(checkpoints["index"], inputs, tmp_path / "all"))
+    assert np.array_equal(
+        read_image(tmp_path / "one" / "ct16.png"), read_image(tmp_path / "all" / "ct16.png")
+    )
+    with pytest.raises(LungsegError, match=r"notes.txt is a file but not an image lungseg"):
+        predict(predict_cfg(checkpoints["index"], inputs / "notes.txt", tmp_path / "txt"))
+    with pytest.raises(LungsegError, match="1 output files would replace input images"):
+        predict(predict_cfg(checkpoints["index"], inputs / "gray8.png", inputs))
+    with pytest.raises(LungsegError, match="into 1 folder that input_dir .* reads images from"):
+        predict(predict_cfg(checkpoints["index"], inputs / "ct16.tif", inputs))
+    assert not (tmp_path / "txt").exists() and not (inputs / "ct16_overlay.png").exists()
+
+
 def test_existing_outputs_are_never_overwritten_by_default(tmp_path, checkpoints, inputs):
     out = tmp_path / "out"
     cfg = predict_cfg(checkpoints["palette"], inputs, out)
@@ -242,10 +260,11 @@ def test_outputs_never_land_in_a_folder_that_input_dir_reads(tmp_path, checkpoin
         with pytest.raises(LungsegError) as error:
             predict(predict_cfg(ckpt, input_dir, output_dir, f"recursive={recursive}"))
         assert str(error.value) == (
-            f"output_dir {output_dir} would put masks and overlays into {len(folders)} folders "
-            f"that input_dir {input_dir} reads images from: {listed}. They would mix with your "
-            f"images, and the next run would read them as images. Nothing was written. Choose "
-            f"an output_dir outside these folders, e.g. a new folder beside {output_dir}."
+            f"output_dir {output_dir} would put masks and overlays into {len(folders)} "
+            f"folder{'s' if len(folders) > 1 else ''} that input_dir {input_dir} reads images "
+            f"from: {listed}. They would mix with your images, and the next run would read "
+            f"them as images. Nothing was written. Choose an output_dir outside these folders, "
+            f"e.g. a new folder beside {output_dir}."
         )
         assert sorted(tmp_path.rglob("*")) == before
     # a new folder beside the input folders, or inside one read with recursive=true, is fine
