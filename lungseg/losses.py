@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lungseg.dtypes import keeping_dtype
 from lungseg.errors import LungsegError
 
 
@@ -35,7 +36,17 @@ def _weights(class_weights: Sequence[float] | None) -> torch.Tensor | None:
     return None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
 
 
-class CrossEntropyLoss(nn.Module):
+class _WeightedLoss(nn.Module):
+    """A loss whose class weights (the buffer ``weight``) keep their float32 values whatever
+    the module is cast to (``lungseg.dtypes``): under ``trainer.precision=bf16-true``
+    ``F.cross_entropy`` on the float32 logits stopped with "expected scalar type Float but
+    found BFloat16", and the other losses rounded the weights."""
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(keeping_dtype(fn), recurse)
+
+
+class CrossEntropyLoss(_WeightedLoss):
     """Pixel-wise (categorical) cross-entropy, optionally class-weighted:
     mean over pixels of -w[y] log softmax(logits)[y] / mean w[y]."""
 
@@ -62,7 +73,7 @@ class CrossEntropyLoss(nn.Module):
         return -(t * weight * F.log_softmax(logits.float(), dim=1)).sum() / total
 
 
-class DiceLoss(nn.Module):
+class DiceLoss(_WeightedLoss):
     """Soft Dice loss: 1 - sum_c w_c D_c / sum_c w_c, with
     D_c = (2 sum p_c t_c + smooth) / (sum p_c + sum t_c + smooth), p = softmax(logits).
 
@@ -153,7 +164,7 @@ class DiceCELoss(nn.Module):
         )
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(_WeightedLoss):
     """Focal loss (Lin et al. 2017): mean over pixels of -a[y] (1 - p_y)^gamma log p_y.
 
     Down-weights pixels the network already gets right, so the rare hard ones (small
@@ -186,7 +197,8 @@ class TverskyLoss(nn.Module):
     """Tversky loss (Salehi et al. 2017): 1 - mean over classes of
     (TP + smooth) / (TP + alpha FP + beta FN + smooth), soft counts pooled over the batch.
 
-    alpha = beta = 0.5 is the Dice loss; beta > alpha penalises missed foreground more than
+    alpha = beta = 0.5 is the batch Dice loss with half its smoothing (``DiceLoss(smooth=2 *
+    smooth)``); beta > alpha penalises missed foreground more than
     false alarms, which raises recall on small structures."""
 
     def __init__(

@@ -29,6 +29,8 @@ import math
 import torch
 from torchmetrics import Metric
 
+from lungseg.dtypes import keeping_dtype
+
 _STATS = ("dice_sum", "iou_sum", "scored", "present_dice", "present", "absent", "absent_fp")
 
 
@@ -47,7 +49,19 @@ def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
     return (classes - 1) - ((logits == top).to(torch.uint8) * rank).amax(dim=1).long()
 
 
-class SegmentationMetrics(Metric):
+class Float32States(Metric):
+    """A Metric whose float32 states stay float32 whatever the module holding it is cast to
+    (``lungseg.dtypes``). torchmetrics keeps its states' dtype under ``.half()``/``.float()``
+    but not under ``.to(dtype)``, which ``trainer.precision=bf16-true`` calls on the whole
+    LightningModule: the sums and image counts were then kept in bfloat16, and val/dice,
+    val/loss and what they steer (the best checkpoint, early stopping) came out wrong without
+    an error. The states' device still follows the module."""
+
+    def _apply(self, fn, exclude_state=""):
+        return super()._apply(keeping_dtype(fn), exclude_state)
+
+
+class SegmentationMetrics(Float32States):
     """Accumulates pixel accuracy and per-class Dice/IoU over a split; ``compute`` returns a
     flat dict of floats named ``acc``, ``dice``, ``iou``, ``dice_<class>``, ``iou_<class>``."""
 

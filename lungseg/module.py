@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from lungseg.callbacks import FitScheduleToTime, set_cosine_length
 from lungseg.checks import same as _same
 from lungseg.errors import LungsegError
-from lungseg.metrics import SegmentationMetrics, predicted_classes
+from lungseg.metrics import Float32States, SegmentationMetrics, predicted_classes
 
 STAGES = ("train", "val", "test")
 _UNSET = object()
@@ -31,7 +31,7 @@ warnings.filterwarnings(
 )
 
 
-class _LossMean(MeanMetric):
+class _LossMean(Float32States, MeanMetric):
     """A loss's mean over an epoch, weighted by images, without torchmetrics' NaN check: its
     ``if nans.any()`` waits for the GPU at every update (a non-finite loss has its own check,
     ``_check_finite``, and a NaN mean shows it). Not ``nan_strategy="disable"``, which in

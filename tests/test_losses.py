@@ -117,6 +117,21 @@ def test_losses_accept_bf16_logits(target):
         assert torch.isfinite(loss(logits, target))
 
 
+@pytest.mark.parametrize("make", [CrossEntropyLoss, DiceLoss, DiceCELoss, FocalLoss])
+def test_class_weights_stay_float32_in_a_bf16_module(make, target):
+    """trainer.precision=bf16-true casts the whole LightningModule, the loss's weight buffer
+    with it: cross-entropy then stopped ("expected scalar type Float but found BFloat16") and
+    0.1 became 0.10009765625. The weights stay float32; the losses are those of float32."""
+    weights = [0.1, 1.0, 5.0]
+    logits = torch.randn(2, 3, 8, 8)
+    expected = make(class_weights=weights)(logits, target)
+    cast = make(class_weights=weights).to(torch.bfloat16)
+    for buffer in cast.buffers():
+        assert buffer.dtype == torch.float32 and buffer.tolist() == pytest.approx(weights)
+    assert cast(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert cast(logits.bfloat16(), target).item() == pytest.approx(expected.item(), rel=0.02)
+
+
 def test_focal_loss_matches_formula_and_reduces_to_ce(target):
     logits = torch.randn(2, 3, 8, 8)
     assert FocalLoss(gamma=0.0)(logits, target).item() == pytest.approx(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lungseg.metrics import SegmentationMetrics, predicted_classes
+from lungseg.metrics import _STATS, SegmentationMetrics, predicted_classes
 
 
 def numpy_dice(pred: np.ndarray, target: np.ndarray, c: int) -> float:
@@ -150,3 +150,72 @@ def test_the_loss_mean_takes_a_number_of_images_without_copying_it_to_the_device
     assert mean.compute().item() == pytest.approx(1.0)
     mean.update(torch.tensor([3.0, 1.0]), weight=torch.tensor([1.0, 3.0]))  # tensors: MeanMetric's
     assert mean.compute().item() == pytest.approx((1.8 + 1.2 + 3.0 + 3.0) / 7)
+
+
+def test_states_stay_float32_when_the_module_is_cast_to_bf16():
+    """trainer.precision=bf16-true calls .to(torch.bfloat16) on the whole LightningModule,
+    and torchmetrics casts its states under .to(dtype): the sums and image counts were kept
+    in bfloat16, so a count stopped at 2,048 images in batches of 8 and val/dice and val/loss
+    (what picks the best checkpoint and stops early) were wrong without an error."""
+    from lungseg.module import _LossMean
+
+    metrics = SegmentationMetrics(["background", "nodule"]).to(torch.bfloat16)
+    loss = _LossMean().to(torch.bfloat16)
+    target = torch.zeros(8, 4, 4, dtype=torch.long)
+    target[:, 1:3, 1:3] = 1
+    for _epoch in range(2):  # reset() restores the defaults, which must be float32 too
+        for _ in range(313):  # 2,504 images
+            metrics.update(target, target)
+            loss.update(torch.tensor(0.3), weight=8)
+        assert metrics.stats.dtype == loss.mean_value.dtype == loss.weight.dtype == torch.float32
+        assert metrics.stats[_STATS.index("present")][1].item() == 2504
+        assert metrics.compute()["dice_nodule"] == 1.0
+        assert loss.compute().item() == pytest.approx(0.3, rel=1e-5)
+        metrics.reset()
+        loss.reset()
+
+
+def test_a_bf16_true_fit_keeps_float32_metrics_and_class_weights():
+    """The same through Lightning: Trainer(precision="bf16-true") with class weights trains
+    (it stopped at the first cross-entropy) and validates into float32 states."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from lungseg.module import SegmentationModule
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            mask = torch.zeros(16, 16, dtype=torch.long)
+            mask[4:8, 4 + i : 8 + i] = 1
+            return {"image": mask[None].float() + 0.1 * torch.rand(1, 16, 16), "mask": mask}
+
+    dtypes = []
+
+    class Look(pl.Callback):
+        def on_validation_epoch_end(self, trainer, module):
+            dtypes.extend([module.val_metrics.stats.dtype, module.val_loss_mean.weight.dtype])
+            dtypes.append(module.loss_fn.ce.weight.dtype)
+
+    module = SegmentationModule(
+        net={"_target_": "lungseg.models.unet.UNet", "num_classes": 2, "width": 4, "depth": 2},
+        loss={"_target_": "lungseg.losses.DiceCELoss", "class_weights": [0.2, 1.0]},
+        optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
+        data_info={"class_names": ["background", "nodule"]},
+    )
+    trainer = pl.Trainer(
+        precision="bf16-true",
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[Look()],
+    )
+    trainer.fit(module, DataLoader(Pairs(), batch_size=3), DataLoader(Pairs(), batch_size=3))
+    assert dtypes == [torch.float32] * 3
+    assert math.isfinite(trainer.callback_metrics["val/loss"].item())
