@@ -21,8 +21,9 @@ both empty → dice = iou = precision = recall = 1 (specificity is then TN / TN 
 exactly one empty → dice = iou = precision = recall = 0 and hd95 = the image diagonal
 sqrt(H² + W²) in pixels (specificity keeps its formula: 1 if only gt has the class, below 1
 if only pred has it). The same rule decides specificity where gt fills the image (no negative
-pixels): 1 if pred fills it too, else 0, the mirror of recall on an empty gt. Every image therefore counts in every class's mean, unlike the training
-metrics, which leave out images where a class is absent from both. For lesions, which most
+pixels): 1 if pred fills it too, else 0, the mirror of recall on an empty gt. Every image
+therefore counts in every class's mean, unlike the training metrics, which leave out images
+where a class is absent from both. For lesions, which most
 slices lack, the summary also gives ``dice_nonempty`` (over the images whose ground truth has
 the class) and ``fp_rate_empty`` (the share of the images without the class in the ground
 truth on which some pixel is predicted as it).

@@ -135,8 +135,16 @@ def check_flips(flips: Any, key: str = "tta_flips") -> list[str]:
     FLIPS (``key`` names the setting in the message)."""
     names = list(flips) if isinstance(flips, list | tuple) or OmegaConf.is_list(flips) else None
     unknown = [f for f in names if f not in FLIPS] if names is not None else None
-    if names is None or unknown:
-        held = f"holds {unknown}" if unknown else "is not a list"
+    # a flip named twice would count twice in the average
+    twice = sorted({f for f in names if names.count(f) > 1}) if names is not None else None
+    if names is None or unknown or twice:
+        held = (
+            f"holds {unknown}"
+            if unknown
+            else f"names {', '.join(twice)} twice"
+            if twice
+            else "is not a list"
+        )
         raise LungsegError(
             f"{key} {flips!r} {held}; give a list of the test-time flips "
             f"{', '.join(FLIPS)} ([] for none), e.g. {key}=[horizontal,vertical]."

@@ -133,6 +133,8 @@ def test_test_time_flips_are_the_checkpoints_unless_the_command_says_otherwise()
         ("yes", ["horizontal"], None, "tta is 'yes'; give true"),
         (True, ["diagonal"], None, r"tta_flips \['diagonal'\] holds \['diagonal'\]"),
         (True, "horizontal", None, "tta_flips 'horizontal' is not a list"),
+        # twice would weigh it double in the average
+        (True, ["vertical", "vertical"], None, r"tta_flips \['vertical', 'vertical'\] names "),
         (None, None, {"tta_flips": ["up"]}, r"postprocess.tta_flips \['up'\] holds"),
     ]:
         with pytest.raises(LungsegError, match=message):
