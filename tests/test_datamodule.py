@@ -121,6 +121,13 @@ def test_config_errors(tmp_path):
         make_dm(image_dir, mask_dir, mask_mode="palette", palette=PALETTE, num_classes=4)
     with pytest.raises(LungsegError, match="data.mask_mode is 'index', which ignores it"):
         make_dm(image_dir, mask_dir, palette=PALETTE)
+    # class 0 is the background: a palette listing it later scored the wrong classes silently
+    late = {name: PALETTE[name] for name in [*list(PALETTE)[1:], list(PALETTE)[0]]}
+    assert list(late)[-1] == "background"
+    with pytest.raises(LungsegError, match=r"data.palette lists 'background' as class 2 .* List"):
+        make_dm(image_dir, mask_dir, mask_mode="palette", palette=late)
+    with pytest.raises(LungsegError, match="data.class_names lists 'BG' as class 1"):
+        make_dm(image_dir, mask_dir, class_names=["lung", "BG", "tumour"])
     with pytest.raises(LungsegError, match="data.image_size"):
         make_dm(image_dir, mask_dir, image_size=[32])
     with pytest.raises(LungsegError, match="data.normalize"):

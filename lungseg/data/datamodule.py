@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -509,6 +510,8 @@ class SegDataModule(pl.LightningDataModule):
             )
         self._recursive = recursive
         self._given_class_names = None if class_names is None else list(class_names)
+        _check_background_first(self._palette_names, "data.palette")
+        _check_background_first(self._given_class_names, "data.class_names")
         self._in_channels, self._image_size = in_channels, _parse_size(image_size)
         self._context = context.check_context(context_slices)
         self._slice_pattern = slice_pattern
@@ -1298,6 +1301,30 @@ def _class_ids(batch: Any) -> Any:
     if isinstance(batch, dict) and isinstance(batch.get("mask"), torch.Tensor):
         batch = {**batch, "mask": batch["mask"].long()}
     return batch
+
+
+_BACKGROUND = re.compile(r"_*(background|back_ground|bg|backgrnd)_*", re.IGNORECASE)
+
+
+def _check_background_first(names: Sequence[Any] | None, setting: str) -> None:
+    """LungsegError when a class named background (bg, Background, _background_) is not
+    class 0. Class 0 is the background everywhere: left out of the mean Dice and IoU that pick
+    the best checkpoint, of the lesion scores and of post-processing. A palette listing it
+    later made another structure the background and scored the real background as one, with
+    no error."""
+    if not names:
+        return
+    late = [(i, str(n)) for i, n in enumerate(names) if i > 0 and _BACKGROUND.fullmatch(str(n))]
+    if late:
+        i, name = late[0]
+        order = [name, *(str(n) for j, n in enumerate(names) if j != i)]
+        raise LungsegError(
+            f"{setting} lists {name!r} as class {i} ({', '.join(map(str, names))}), but class 0 "
+            f"is the background: lungseg leaves it out of the mean Dice and IoU, the lesion "
+            f"scores and post-processing, so {str(names[0])!r} would be scored as background "
+            f"and {name!r} as a structure. List {name!r} first, in this order: "
+            f"{', '.join(order)}."
+        )
 
 
 def _parse_palette(
