@@ -1,5 +1,7 @@
 import csv
 import logging
+import re
+import shlex
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,6 +138,40 @@ def test_config_errors(tmp_path):
         make_dm(
             image_dir, mask_dir, augmentation={"train": [{"_target_": "albumentations.NoSuchFlip"}]}
         )
+
+
+def test_file_names_that_share_an_id_warn_until_the_split_is_by_it(tmp_path, caplog, make_cfg):
+    """PAT003_view1, PAT003_view2 ... in one folder: the split took every file on its own and
+    put most patients into two splits, without a word (a layout of sub-folders warned)."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=12)
+    for folder in (image_dir, mask_dir):
+        for i, path in enumerate(sorted(folder.iterdir())):
+            path.rename(folder / f"PAT{i // 3:03d}_view{i % 3}.png")
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        make_dm(image_dir, mask_dir)
+    warned = [r.getMessage() for r in caplog.records if "up to its first number" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("12 of the 12 files share the start")
+    assert "e.g. 3 files start with 'PAT000': PAT000_view0, PAT000_view1" in warned[0]
+    # the override it suggests survives the shell and Hydra's parser, and splits by patient
+    (typed,) = re.findall(r"on the command line (\".*?\")", warned[0])
+    (override,) = shlex.split(typed)
+    pattern = make_cfg(override).data.group_pattern
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        dm = make_dm(image_dir, mask_dir, group_pattern=pattern)
+    assert not [r for r in caplog.records if "first number" in r.getMessage()]
+    splits_of = {}
+    for name, part in dm.split.items():
+        splits_of.setdefault(name[:6], set()).add(part)
+    assert len(splits_of) == 4 and all(len(parts) == 1 for parts in splits_of.values())
+    # names whose ids are all distinct (case00, ID_0000_Z_0142, demo_0001) say nothing
+    caplog.clear()
+    for folder in (image_dir, mask_dir):
+        for i, path in enumerate(sorted(folder.iterdir())):
+            path.rename(folder / f"ID_{i:04d}_Z_{100 + i}.png")
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        make_dm(image_dir, mask_dir)
+    assert not [r for r in caplog.records if "first number" in r.getMessage()]
 
 
 def test_batches_and_dataset_normalisation(tmp_path):

@@ -1387,12 +1387,50 @@ def _parse_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size[0], size[1]
 
 
+# The start of a file name up to its first number: PAT012 in PAT012_view1, LIDC-IDRI-0001
+# in LIDC-IDRI-0001_nodule-1_slice-7, case_001 in case_001_slice_05.
+_NAME_ID = r"^(\D*\d+)"
+
+
+def _check_name_grouping(names: Sequence[str]) -> None:
+    """Warn when files share the start of their name up to its first number with others
+    (``PAT012_view1``, ``PAT012_view2``) but the split takes each file on its own: such a
+    shared start is mostly a patient or scan id, whose images must not be split between train
+    and test. Names that are all distinct there (``ID_0000_Z_0142``, ``demo_0001``) say
+    nothing and get no warning."""
+    ids: dict[str, list[str]] = {}
+    for name in names:
+        found = re.match(_NAME_ID, name.rpartition("/")[2])
+        if found and found.end() < len(name.rpartition("/")[2]):
+            ids.setdefault(found.group(1), []).append(name)
+    shared = {i: files for i, files in ids.items() if len(files) > 1}
+    if len(ids) < 2 or not shared:
+        return
+    example, files = max(shared.items(), key=lambda item: len(item[1]))
+    log.warning(
+        "%d of the %d files share the start of their name up to its first number with "
+        "another (%d ids for them; e.g. %d files start with %r: %s), but data.group_pattern is "
+        "not set, so the split takes every file on its own and one id's images can land in "
+        "train and test. If that start is a patient (or scan) id, split by it: on the command "
+        "line \"data.group_pattern='%s'\" (the double quotes keep the shell's hands off it); "
+        "the log then counts the patients of each split.",
+        sum(len(f) for f in shared.values()),
+        len(names),
+        len(shared),
+        len(files),
+        example,
+        ", ".join(files[:2]),
+        _NAME_ID,
+    )
+
+
 def _check_folder_grouping(names: Sequence[str]) -> None:
     """Warn when the files lie in several sub-folders (data.recursive) but the split takes
     each file on its own: sub-folders are mostly patients or scans, whose slices must not be
-    split between train and test."""
+    split between train and test; for files in one folder, ``_check_name_grouping``."""
     folders = {name.rpartition("/")[0] for name in names} - {""}
     if len(folders) < 2:
+        _check_name_grouping(names)
         return
     log.warning(
         "The %d files lie in %d sub-folders, but data.group_pattern is not set, so the split "
