@@ -207,7 +207,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with writing(per_image, _WRITE_FIX):
         per_image.parent.mkdir(parents=True, exist_ok=True)
         with per_image.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
     summary = {

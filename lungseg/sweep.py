@@ -195,7 +195,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
         ]
     columns += ["minutes", "error"]
     with open(sweep_dir / "summary.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, [*columns, "run"], extrasaction="ignore")
+        writer = csv.DictWriter(file, [*columns, "run"], extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     (sweep_dir / "summary.md").write_text(_markdown(rows, columns, sweep_dir))

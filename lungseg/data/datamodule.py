@@ -767,7 +767,7 @@ class SegDataModule(pl.LightningDataModule):
         """Write the files data.strict=false left out as CSV ``file,reason`` (the warnings
         name the first few only)."""
         with Path(path).open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
+            writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["file", "reason"])
             writer.writerows((str(file), reason) for file, reason in self.skipped)
 

@@ -172,7 +172,7 @@ def write_split(split: Mapping[str, str], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["file", "split"])
         writer.writerows(sorted(split.items()))
 
