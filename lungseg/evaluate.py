@@ -35,6 +35,7 @@ what it changed.
 """
 
 import csv
+import filecmp
 import json
 import logging
 from pathlib import Path
@@ -50,6 +51,7 @@ from lungseg.checks import check_overwrite, require
 from lungseg.data import splits
 from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import (
+    IMAGE_EXTENSIONS,
     Pair,
     _list_images,
     check_orientations,
@@ -57,6 +59,7 @@ from lungseg.data.folders import (
     check_writable,
     exif_orientation,
     find_pairs,
+    is_pattern,
     layer_folders,
     layer_names,
     read_image_oriented,
@@ -451,7 +454,7 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
         checkpoint, *others = config_checkpoints(cfg)
         if which is None:
             for member in (checkpoint, *others):
-                _check_folders_unseen(member, [p.stem for p in pairs], str(data.image_dir))
+                _check_folders_unseen(member, pairs, str(data.image_dir))
             return pairs, f"all pairs of {where}"
         split_file = _run_folder(checkpoint) / "split.csv"
         if not split_file.is_file():
@@ -559,23 +562,68 @@ def _seen_by(
     return split_file, listed, [stem for stem in stems if listed.get(stem) in seen]
 
 
-def _check_folders_unseen(checkpoint: str, stems: list[str], image_dir: str) -> None:
+def _check_folders_unseen(checkpoint: str, pairs: list[Pair], image_dir: str) -> None:
     """LungsegError where ``checkpoint``'s run put some of the pairs of the data folders being
     scored (all of them) in its train or val split: their scores would count images the model
-    learnt from, or chose its checkpoint by. A checkpoint outside a run folder is not checked."""
-    found = _seen_by(checkpoint, stems, ("train", "val"))
+    learnt from, or chose its checkpoint by. Pairs are matched by name (split.csv), then
+    compared with the run's own image files where those are at hand: an image of the same
+    name but other content (another site's ``case_001``) is not one the run saw. A checkpoint
+    outside a run folder is not checked."""
+    found = _seen_by(checkpoint, [p.stem for p in pairs], ("train", "val"))
     if found is None:
         return
-    split_file, listed, seen = found
+    split_file, listed, named = found
+    by_stem = {p.stem: p for p in pairs}
+    same = {stem: _same_image(checkpoint, by_stem[stem]) for stem in named}
+    seen = [stem for stem in named if same[stem] is not False]
     if seen:
         tested = sum(split == "test" for split in listed.values())
-        raise LungsegError(
-            f"{len(seen)} of the {len(stems)} pairs of {image_dir} are in the train or val "
-            f"split of {checkpoint}'s run (e.g. {seen[0]}: {listed[seen[0]]}, {split_file}): "
-            f"their scores would count images the model learnt from or chose its checkpoint "
-            f"by. Add split=test to score the run's test split in these folders ({tested} "
-            f"pairs), or split=all to score every pair all the same (e.g. the training fit)."
+        compared = sum(same[stem] is True for stem in seen)
+        how = (
+            "the same files as the run's"
+            if compared == len(seen)
+            else f"{compared} of them compared equal to the run's files, the others could not "
+            f"be compared (the run's data is not where its config.yaml says)"
         )
+        raise LungsegError(
+            f"{len(seen)} of the {len(pairs)} pairs of {image_dir} are named as pairs of the "
+            f"train or val split of {checkpoint}'s run (e.g. {seen[0]}: {listed[seen[0]]}, "
+            f"{split_file}); {how}. Their scores would count images the model learnt from or "
+            f"chose its checkpoint by. Add split=test to score the run's test split in these "
+            f"folders ({tested} pairs), or split=all to score every pair all the same (other "
+            f"images under the same names, or the training fit)."
+        )
+    if named:
+        log.info(
+            "%d pairs of %s have the names of pairs the run of %s trained or validated on, but "
+            "other images: scored as new data",
+            len(named),
+            image_dir,
+            checkpoint,
+        )
+
+
+def _same_image(checkpoint: str, pair: Pair) -> bool | None:
+    """Whether ``pair``'s image file has the same bytes as the file of its name in the data
+    folder of ``checkpoint``'s run; None where that cannot be told (no config.yaml, demo data,
+    several folders or a folder pattern, no such file there)."""
+    run = _run_folder(checkpoint)
+    try:
+        run_data = OmegaConf.load(run / "config.yaml").data
+        run_dir = run_data.image_dir
+        if run_dir is None:  # the demo data (not made again here)
+            run_dir = str(Path(run_data.demo_dir).expanduser() / "images")
+    except Exception:  # no config.yaml, or not lungseg's
+        return None
+    if not isinstance(run_dir, str) or is_pattern(Path(run_dir)):
+        return None
+    folder = Path(_from_run(run_dir, _run_cwd(run)))
+    suffixes = [pair.image.suffix, *(s for s in IMAGE_EXTENSIONS if s != pair.image.suffix)]
+    for suffix in suffixes:
+        candidate = folder / (pair.stem + suffix)
+        if candidate.is_file():
+            return filecmp.cmp(candidate, pair.image, shallow=False)
+    return None
 
 
 def _run_folder(checkpoint: str) -> Path:

@@ -433,12 +433,32 @@ def test_eval_on_the_runs_own_folders_refuses_what_it_learnt_from(tmp_path, chec
     tested = sum(v == "test" for v in split.values())
     with pytest.raises(
         LungsegError,
-        match=rf"{trained} of the {len(split)} pairs of .*moved/images are in the train or val "
-        rf"split of .*split.csv\): .* Add split=test to score the run's test split in these "
-        rf"folders \({tested} pairs\), or split=all",
+        match=rf"{trained} of the {len(split)} pairs of .*moved/images are named as pairs of "
+        rf"the train or val split of .*split.csv\); the same files as the run's\. .* Add "
+        rf"split=test to score the run's test split in these folders \({tested} pairs\), or "
+        rf"split=all",
     ):
         evaluate(eval_cfg(tmp_path / "seen", ckpt, *folders))
     assert not (tmp_path / "seen").exists()
+    # other images under the same names (another site's case_001): new data, scored
+    site = tmp_path / "site"
+    shutil.copytree(moved, site)
+    for image in (site / "images").iterdir():
+        pixels = cv2.imread(str(image), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(image), 255 - pixels)
+    there = [f"data.image_dir={site / 'images'}", f"data.mask_dir={site / 'masks'}"]
+    assert evaluate(eval_cfg(tmp_path / "site", ckpt, *there))["images"].startswith("all pairs")
+    # the same names where the run's own files cannot be compared: refused by name
+    config = OmegaConf.load(run / "config.yaml")
+    try:
+        OmegaConf.save(
+            OmegaConf.merge(config, {"data": {"demo_dir": str(tmp_path / "gone")}}),
+            run / "config.yaml",
+        )
+        with pytest.raises(LungsegError, match="0 of them compared equal to the run's files"):
+            evaluate(eval_cfg(tmp_path / "site2", ckpt, *there))
+    finally:
+        OmegaConf.save(config, run / "config.yaml")
     for which in ("test", "val"):
         summary = evaluate(eval_cfg(tmp_path / which, ckpt, *folders, f"split={which}"))
         rows, _ = read_outputs(tmp_path / which / "eval")
