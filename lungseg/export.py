@@ -146,7 +146,7 @@ def check_onnx_packages() -> None:
             f"format=onnx needs the packages {', '.join(ONNX_PACKAGES)}, and "
             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed. Install "
             f'them with `pip install -e ".[onnx]"` in the lungseg folder (or `pip install '
-            f"{' '.join(ONNX_PACKAGES)}`), or export with format=torchscript."
+            f"{' '.join(ONNX_PACKAGES)}`), or export with format=pt2 (torch.export: PyTorch alone)."
         )
 
 
