@@ -16,6 +16,11 @@ class LungsegError(Exception):
     expected and how to fix it; entry points print it as one paragraph, without a traceback."""
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and its noun, for messages: "1 file", "3 files" (``plural``: other than noun+s)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def user_error(error: BaseException | None) -> LungsegError | None:
     """The LungsegError behind ``error``, if any: Hydra's ``instantiate`` wraps exceptions
     raised in constructors (``InstantiationException`` with the original as ``__cause__``)."""

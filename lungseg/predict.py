@@ -35,7 +35,7 @@ from lungseg.data.folders import (
 from lungseg.data.folders import existing as taken
 from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
-from lungseg.errors import LungsegError
+from lungseg.errors import LungsegError, counted
 from lungseg.inference import (
     BitDepthCheck,
     batches,
@@ -95,7 +95,8 @@ def _placed_outputs(
         outputs[image] = paths
     if clashes:
         raise LungsegError(
-            f"{len(clashes)} output files would be written twice: {_listing(clashes)}. Each "
+            f"{counted(len(clashes), 'output file')} would be written twice: "
+            f"{_listing(clashes)}. Each "
             f"image writes <stem>.png and <stem>_overlay.png; rename the inputs so that no two "
             f"of them map to the same names."
         )
@@ -294,7 +295,7 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
     clobbered = [p for ps in outputs.values() for p in ps if p.resolve() in inputs]
     if clobbered:
         raise LungsegError(
-            f"{len(clobbered)} output files would replace input images: "
+            f"{counted(len(clobbered), 'output file')} would replace input images: "
             f"{_listing(str(p) for p in clobbered)}. Nothing was written. Choose an "
             f"output_dir outside input_dir's tree."
         )
@@ -302,7 +303,8 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
     existing = taken(p for ps in outputs.values() for p in ps)
     if existing and not cfg.overwrite:
         raise LungsegError(
-            f"{len(existing)} output files already exist in {output_dir}: "
+            f"{counted(len(existing), 'output file')} already "
+            f"{'exists' if len(existing) == 1 else 'exist'} in {output_dir}: "
             f"{_listing(p.relative_to(output_dir).as_posix() for p in existing)}. Nothing was "
             f"written. Set overwrite=true to replace them, or choose another output_dir."
         )

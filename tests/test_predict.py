@@ -138,7 +138,7 @@ def test_one_image_file(tmp_path, checkpoints, inputs):
     )
     with pytest.raises(LungsegError, match=r"notes.txt is a file but not an image lungseg"):
         predict(predict_cfg(checkpoints["index"], inputs / "notes.txt", tmp_path / "txt"))
-    with pytest.raises(LungsegError, match="1 output files would replace input images"):
+    with pytest.raises(LungsegError, match="1 output file would replace input images"):
         predict(predict_cfg(checkpoints["index"], inputs / "gray8.png", inputs))
     with pytest.raises(LungsegError, match="into 1 folder that input_dir .* reads images from"):
         predict(predict_cfg(checkpoints["index"], inputs / "ct16.tif", inputs))
@@ -158,7 +158,7 @@ def test_existing_outputs_are_never_overwritten_by_default(tmp_path, checkpoints
     for path in out.iterdir():
         if path.name != "wide_overlay.png":
             path.unlink()
-    with pytest.raises(LungsegError, match="1 output files already exist in .*'wide_overlay.png'"):
+    with pytest.raises(LungsegError, match="1 output file already exists in .*'wide_overlay.png'"):
         predict(cfg)
     assert [p.name for p in out.iterdir()] == ["wide_overlay.png"]
     (out / "wide_overlay.png").write_bytes(b"stale")

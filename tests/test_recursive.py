@@ -310,7 +310,7 @@ def test_predict_keeps_the_tree_and_never_reads_its_own_outputs(tmp_path, checkp
         cv2.imwrite(str(work / name), np.zeros((40, 40), np.uint8))
     kept = (work / "ct" / "a.png").read_bytes()
     with pytest.raises(
-        LungsegError, match=r"1 output files would replace input images: .*ct/a\.png"
+        LungsegError, match=r"1 output file would replace input images: .*ct/a\.png"
     ):
         predict(predict_cfg(checkpoint, work / "ct", work, "recursive=true", "overwrite=true"))
     assert (work / "ct" / "a.png").read_bytes() == kept

@@ -48,7 +48,7 @@ from lungseg.data.masks import (
     default_colors,
     grey_palette,
 )
-from lungseg.errors import LungsegError
+from lungseg.errors import LungsegError, counted
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ def _sided_classes(masks: list[np.ndarray], num_classes: int) -> dict[str, list]
         on_side["left"] += held & (offset < -_SIDED_MARGIN)
         on_side["right"] += held & (offset > _SIDED_MARGIN)
     found: dict[str, list] = {"left": [], "right": []}
-    for side, counted in on_side.items():
+    for side, on_it in on_side.items():
         for c in np.flatnonzero(present >= _SIDED_MIN_MASKS):
-            share = counted[c] / present[c]
+            share = on_it[c] / present[c]
             if share >= _SIDED_SHARE:
                 found[side].append((int(c), float(share), int(present[c])))
     return found
@@ -1245,9 +1245,9 @@ class SegDataModule(pl.LightningDataModule):
             shared = sorted(set.union(*[a & b for a in per_split for b in per_split if a is not b]))
             if shared:
                 log.warning(
-                    "data.split_file puts %d patients into more than one split (leakage "
-                    "between train, val and test): %s",
-                    len(shared),
+                    "data.split_file puts %s into more than one split (leakage between train, "
+                    "val and test): %s",
+                    counted(len(shared), "patient"),
                     ", ".join(shared[:_SHOW]),
                 )
         pixels = sum(np.bincount(m.ravel(), minlength=self._num_classes) for m in train_masks)

@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from lungseg.errors import LungsegError
+from lungseg.errors import LungsegError, counted
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # predict.py marks its output folders with this hidden file: a search of sub-folders never
@@ -652,7 +652,8 @@ def _check_one_mask_each(
     )
     if clashes:
         raise LungsegError(
-            f"{len(clashes)} images have more than one matching mask in {mask_dir} with "
+            f"{counted(len(clashes), 'image')} {'has' if len(clashes) == 1 else 'have'} more "
+            f"than one matching mask in {mask_dir} with "
             f"data.mask_suffixes {suffixes}: {_listing(clashes)}. Keep one mask per image "
             "(remove the others), or narrow data.mask_suffixes to the naming you use."
         )

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from lungseg.errors import LungsegError
+from lungseg.errors import LungsegError, counted
 
 SPLITS = ("train", "val", "test")
 _SHOW = 5  # how many offending names an error message lists
@@ -388,12 +388,14 @@ def _read_split_file(path: Path, stems: list[str]) -> dict[str, str]:
         )
     if conflicts:
         raise LungsegError(
-            f"{where} lists {len(conflicts)} files more than once with different splits: "
+            f"{where} lists {counted(len(conflicts), 'file')} more than once with different "
+            f"splits: "
             f"{', '.join(conflicts[:_SHOW])}. Keep one row per file."
         )
     if unknown_files:
         raise LungsegError(
-            f"{where} names {len(unknown_files)} files that are not in the data: "
+            f"{where} names {counted(len(unknown_files), 'file')} that "
+            f"{'is' if len(unknown_files) == 1 else 'are'} not in the data: "
             f"{', '.join(unknown_files[:_SHOW])}. Remove those rows, or point data.image_dir "
             f"and data.mask_dir at the data the file was written for."
         )
