@@ -20,6 +20,14 @@ STAGES = ("train", "val", "test")
 _UNSET = object()
 log = logging.getLogger(__name__)
 
+# Lightning warns when an epoch has fewer batches than trainer.log_every_n_steps "if you want
+# to see logs for the training epoch", on every small dataset (the demo under DDP, tests). Its
+# step count runs on across epochs, so the training loss is still written every N steps, and
+# this module logs each epoch's losses and metrics itself.
+warnings.filterwarnings(
+    "ignore", r"The number of training batches \(\d+\) is smaller than the logging interval"
+)
+
 # The epoch metrics and loss means this module logs are already reduced across DDP processes
 # (torchmetrics' states, summed at compute), so Lightning's advice, given once for each of
 # them (48 warnings in a DDP run with 3 classes), to add sync_dist=True would only average
