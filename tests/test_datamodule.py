@@ -117,8 +117,11 @@ def test_config_errors(tmp_path):
     image_dir, mask_dir, _ = write_data(tmp_path, mode="palette")
     with pytest.raises(LungsegError, match="data.mask_dir is null"):
         SegDataModule(image_dir=str(image_dir))
-    with pytest.raises(LungsegError, match="needs data.palette"):
+    with pytest.raises(LungsegError, match="needs data.palette.* on the command line 'data.pa"):
         make_dm(image_dir, mask_dir, mask_mode="palette")
+    # "data.palette='{...}'": Hydra reads the inner quotes as a string
+    with pytest.raises(LungsegError, match=r"is the text '\{bg:\[0,0,0\]\}', not a mapping"):
+        make_dm(image_dir, mask_dir, mask_mode="palette", palette="{bg:[0,0,0]}")
     with pytest.raises(LungsegError, match="data.num_classes is 4 but data.palette has 3"):
         make_dm(image_dir, mask_dir, mask_mode="palette", palette=PALETTE, num_classes=4)
     with pytest.raises(LungsegError, match="data.mask_mode is 'index', which ignores it"):

@@ -1344,7 +1344,9 @@ def _parse_palette(
             return list(DEMO_CLASSES), [list(c) for c in DEMO_PALETTE]
         raise LungsegError(
             "data.mask_mode=palette needs data.palette: the RGB colour of each class in class "
-            "order, background first, e.g. in the data config\n  palette:\n    background: "
+            "order, background first, e.g. on the command line "
+            "'data.palette={background:[0,0,0],lung:[0,255,0],tumour:[255,0,0]}' or in the "
+            "data config\n  palette:\n    background: "
             "[0, 0, 0]\n    lung: [0, 255, 0]\n    tumour: [255, 0, 0]\nFor masks that store "
             "class ids as gray values use data.mask_mode=index, for black/white masks binary."
         )
@@ -1352,6 +1354,12 @@ def _parse_palette(
         return [str(n) for n in palette], list(palette.values())
     if isinstance(palette, list | tuple):
         return None, list(palette)
+    if isinstance(palette, str) and palette.strip()[:1] in "{[":
+        raise LungsegError(
+            f"data.palette is the text {palette!r}, not a mapping: quotes inside the override "
+            f"made Hydra read it as a string. Quote the whole override once, for the shell: "
+            f"'data.palette={palette.strip()}'."
+        )
     raise LungsegError(
         f"data.palette is {palette!r}; write it as {{class_name: [r, g, b]}} in class order, "
         f"background first, e.g. {{background: [0, 0, 0], lung: [0, 255, 0]}}."
