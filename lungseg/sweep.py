@@ -248,6 +248,8 @@ def _spread_lines(rows: list[dict[str, Any]], shared: set[str]) -> list[str]:
     lines: list[str] = []
     if len(groups) == 1:
         ((_, members),) = groups.items()
+        if len(members) == 1:  # as for one setting among several, below
+            return ["", "One finished run: no mean ± std."]
         spread = mean_std(members)
         if spread:
             lines += ["", f"Mean ± std (population) over the {len(members)} finished runs:", ""]

@@ -193,6 +193,13 @@ def test_summary_ends_with_mean_and_std_over_finished_runs(tmp_path):
         "test/dice_nonempty",
         "test/fp_empty",
     ]
+    # one finished run (the others failed): no "0.8000 ± 0.0000" over it
+    one = tmp_path / "one"
+    fake_run(one, 0, "unet", metrics(0.8), ("data.fold=0",))
+    record_error(fake_run(one, 1, "unet", None, ("data.fold=1",)), LungsegError("broken"))
+    write_summary(one)
+    markdown = (one / "summary.md").read_text()
+    assert "One finished run: no mean ± std." in markdown and "± 0.0000" not in markdown
 
 
 def test_fold_sweep_and_crossval_report(tmp_path):
