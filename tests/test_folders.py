@@ -175,6 +175,21 @@ def test_non_image_files_are_ignored(tmp_path):
     assert stems_to_names(pairs) == {"a": ("a.png", "a.png")}
 
 
+def test_images_of_formats_lungseg_does_not_read_are_named(tmp_path, caplog):
+    """Was: a.webp beside the PNGs was skipped without a word (predict.py), or showed only as
+    its mask "without an image" (training)."""
+    touch(tmp_path / "img", "a.png", "b.webp", "c.GIF", "scan.nii.gz", "notes.txt", ".x.webp")
+    touch(tmp_path / "msk", "a.png", "b.png", "labels.csv.gz")
+    with caplog.at_level(logging.WARNING), pytest.raises(LungsegError, match="1 mask without"):
+        find_pairs(tmp_path / "img", tmp_path / "msk")
+    (warned,) = [r.getMessage() for r in caplog.records]
+    assert warned == (
+        f"3 files in the image folder {tmp_path / 'img'} are not read: lungseg reads .png, "
+        f".jpg, .jpeg, .bmp, .tif, .tiff (.gif: 1, .nii.gz: 1, .webp: 1; e.g. b.webp). "
+        f"Convert them to PNG to use them."
+    )
+
+
 def test_folder_without_images(tmp_path):
     touch(tmp_path / "img", "notes.txt", ".DS_Store")
     touch(tmp_path / "msk", "a.png")

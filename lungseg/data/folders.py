@@ -440,13 +440,15 @@ def _list_images(
     those of its sub-folders, except hidden ones and those of ``skip`` (the other data
     folders, or an output folder, when they lie inside this one)."""
     _check_folder(folder, role, setting)
-    found = _walk(folder, skip) if recursive else folder.iterdir()
+    found = list(_walk(folder, skip) if recursive else folder.iterdir())
     files = sorted(
         p
         for p in found
         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
     )
-    if not files:
+    if files:
+        _warn_unread(found, folder, role)
+    else:
         flag = _recursive_flag(setting)
         where = (
             "holds no image files, in it or its sub-folders"
@@ -460,6 +462,43 @@ def _list_images(
             "the folder with the files or convert them to one of these formats."
         )
     return files
+
+
+# Image formats (and volumes) that lungseg does not read: files of these kinds beside the
+# images get a warning, as a file without its pair would otherwise be the only sign of them.
+# fmt: off
+OTHER_IMAGE_SUFFIXES = (
+    ".webp", ".gif", ".jp2", ".j2k", ".pgm", ".ppm", ".pbm", ".pnm", ".exr", ".hdr", ".heic",
+    ".heif", ".avif", ".svg",
+)
+# fmt: on
+
+
+def _warn_unread(found: Sequence[Path], folder: Path, role: str) -> None:
+    """A warning that names the image files of ``found`` that are skipped for their format."""
+    kinds: dict[str, int] = defaultdict(int)
+    unread = []
+    suffixes = (*OTHER_IMAGE_SUFFIXES, *VOLUME_SUFFIXES)
+    for path in sorted(found):
+        kind = next((s for s in suffixes if path.name.lower().endswith(s)), None)
+        if kind and not path.name.startswith("."):
+            kinds[kind] += 1
+            unread.append(path)
+    if not unread:
+        return
+    log.warning(
+        "%s in the %s folder %s %s not read: lungseg reads %s (%s; e.g. %s). Convert %s to "
+        "PNG to use %s.",
+        counted(len(unread), "file"),
+        role,
+        folder,
+        "is" if len(unread) == 1 else "are",
+        ", ".join(IMAGE_EXTENSIONS),
+        ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())),
+        _shown(unread[0], folder),
+        "it" if len(unread) == 1 else "them",
+        "it" if len(unread) == 1 else "them",
+    )
 
 
 def _walk(folder: Path, skip: Sequence[Path]) -> list[Path]:
