@@ -68,7 +68,7 @@ from lungseg.data.folders import (
 )
 from lungseg.data.folders import existing as taken
 from lungseg.data.masks import decode_layers
-from lungseg.errors import LungsegError
+from lungseg.errors import LungsegError, counted
 from lungseg.inference import (
     BitDepthCheck,
     batches,
@@ -82,6 +82,7 @@ from lungseg.inference import (
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95")
 OUTPUT_FILES = ("per_image.csv", "summary.json")  # what evaluate() writes into output_dir
+SKIPPED_FILE = "skipped.csv"  # and, with data.strict=false, the pairs it left out
 DEFAULT_MASK_SUFFIXES = ("", "_mask")
 _WRITE_FIX = "Give a folder you can write to, on a disk with room, with output_dir=<folder>."
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     grid = [post, postprocess.settings({"min_size": 0}, None)]
     if not postprocess.active(post):
         grid = grid[:1]
-    scored, source, mask_mode, flips = _score(cfg, model, grid)
+    scored, source, mask_mode, flips, failed = _score(cfg, model, grid)
     rows = scored[0]
     raw_rows = scored[1] if len(scored) > 1 else []
     info = model.hparams.data_info
@@ -213,6 +214,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
+    skipped = per_image.with_name(SKIPPED_FILE)
+    with writing(skipped, _WRITE_FIX):
+        if failed:  # data.strict=false: the pairs left out, each with its reason
+            with skipped.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(["file", "reason"])
+                writer.writerows((str(file), reason) for file, reason in failed)
+        elif skipped.is_file():  # an earlier evaluation's, which overwrite=true replaces
+            skipped.unlink()
     summary = {
         # one path, or the list of an ensemble's
         "checkpoint": _one_or_list([str(Path(p).expanduser().absolute()) for p in paths]),
@@ -220,6 +230,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "mask_mode": mask_mode,
         "tta_flips": flips,
         "postprocess": post,
+        "skipped": len(failed),  # pairs data.strict=false left out: skipped.csv
         **summarize(rows, class_names),
     }
     if raw_rows:
@@ -252,6 +263,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             entry["n_images"],
             entry["n_empty_ground_truth"],
             name,
+        )
+    if failed:
+        log.info(
+            "%s scored, %s left out (data.strict=false; each with its reason in %s)",
+            counted(len(rows), "image"),
+            counted(len(failed), "pair"),
+            SKIPPED_FILE,
         )
     log.info("%s and %s written to %s", *OUTPUT_FILES, per_image.parent)
     return summary
@@ -343,9 +361,10 @@ def evaluate_grid(cfg: DictConfig, grid: list[dict[str, Any]]) -> list[dict[str,
 
 def _score(
     cfg: DictConfig, model: Any, grid: list[dict[str, Any]]
-) -> tuple[list[list[dict[str, Any]]], str, str, list[str]]:
+) -> tuple[list[list[dict[str, Any]]], str, str, list[str], list[tuple[Path, str]]]:
     """Per-image metric rows of the evaluation images, one list per post-processing of
-    ``grid``; also the images' source, the mask mode and the test-time flips."""
+    ``grid``; also the images' source, the mask mode, the test-time flips and the files
+    data.strict=false left out, each with its reason."""
     info = model.hparams.data_info
     class_names, num_classes = list(info["class_names"]), int(info["num_classes"])
     pairs, source = eval_pairs(cfg)
@@ -407,7 +426,7 @@ def _score(
             f"None of the {len(pairs)} image/mask pairs could be scored ({source}); the first: "
             f"{failed[0][1]}"
         )
-    return scored, source, mask_mode, flips
+    return scored, source, mask_mode, flips, failed
 
 
 _SKIP_HINT = "Or set data.strict=false to score the other pairs, with a warning naming these."

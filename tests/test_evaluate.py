@@ -293,12 +293,23 @@ def test_eval_on_folders_with_strict_false_skips_the_pairs_it_cannot_score(
     folders = [f"data.image_dir={image_dir}", f"data.mask_dir={mask_dir}", "data.mask_mode=index"]
     with pytest.raises(LungsegError, match="img1.png could not be decoded.* data.strict=false"):
         evaluate(eval_cfg(tmp_path, checkpoints["palette"], *folders))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         evaluate(eval_cfg(tmp_path, checkpoints["palette"], *folders, "data.strict=false"))
     rows, _ = read_outputs(tmp_path / "eval")
     assert [row["image"] for row in rows] == ["img0", "img3"]
     assert "2 image/mask pairs that cannot be scored are left out (strict=false)" in caplog.text
     assert "img1.png could not be decoded" in caplog.text and "is 5x5" in caplog.text
+    assert "2 images scored, 2 pairs left out (data.strict=false; each with" in caplog.text
+    with (tmp_path / "eval" / "skipped.csv").open(newline="") as f:
+        skipped = list(csv.DictReader(f))
+    assert [Path(row["file"]).name for row in skipped] == ["img1.png", "img2.png"]
+    assert "could not be decoded" in skipped[0]["reason"] and "5x5" in skipped[1]["reason"]
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["skipped"] == 2
+    # scored again into the folder with nothing left out: no stale list
+    good = write_pairs(tmp_path / "good", sizes)
+    fine = [f"data.image_dir={good[0]}", f"data.mask_dir={good[1]}", "data.mask_mode=index"]
+    evaluate(eval_cfg(tmp_path, checkpoints["palette"], *fine, "overwrite=true"))
+    assert not (tmp_path / "eval" / "skipped.csv").exists()
     for i in (0, 3):
         (image_dir / f"img{i}.png").write_bytes(b"")
     with pytest.raises(LungsegError, match="None of the 4 image/mask pairs could be scored"):
