@@ -189,6 +189,22 @@ def test_unknown_palette_colour_is_named_with_its_count():
     assert "(10, 20, 30): 3 pixels, (1, 2, 3): 1 pixels" in message
 
 
+def test_unknown_colours_that_are_transparent_in_the_file_say_so(tmp_path):
+    """Annotation tools export the unlabelled background as transparent white: the error
+    named only the colour (255, 255, 255), which the user never saw."""
+    bgra = np.zeros((10, 10, 4), np.uint8)
+    bgra[..., :3] = 255  # white, fully transparent
+    bgra[2:5, 2:5] = (0, 0, 255, 255)  # opaque red
+    path = tmp_path / "exported.png"
+    cv2.imwrite(str(path), bgra)
+    with pytest.raises(LungsegError, match=r"\(255, 255, 255\): 91 pixels. These pixels are fully"):
+        decode_mask(read_image(path), "palette", path, palette=[[0, 0, 0], [255, 0, 0]])
+    bgra[0, 0, 3] = 255  # one of them visible: not all transparent, the usual advice
+    cv2.imwrite(str(path), bgra)
+    with pytest.raises(LungsegError, match=r"91 pixels. Add them to data.palette"):
+        decode_mask(read_image(path), "palette", path, palette=[[0, 0, 0], [255, 0, 0]])
+
+
 def test_many_unknown_colours_are_cut_to_five():
     rgb = np.zeros((1, 8, 3), np.uint8)
     rgb[0, :, 2] = np.arange(1, 9)

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from lungseg.errors import LungsegError
@@ -337,12 +338,33 @@ def _decode_palette(raw: np.ndarray, path: Path, colours: np.ndarray) -> np.ndar
         )
         more = f" ({len(unknown)} colours in total)" if len(unknown) > _SHOWN else ""
         raise LungsegError(
-            f"Mask {path} has colours that are not in data.palette: {listed}{more}. Add them "
-            "to data.palette (class i = palette[i]) or fix the mask. In-between colours usually "
-            "come from JPEG compression or smoothed edges: save masks as PNG without "
-            "anti-aliasing."
+            f"Mask {path} has colours that are not in data.palette: {listed}{more}. "
+            + (
+                _transparent_hint(path, ~known)
+                or "Add them to data.palette (class i = palette[i]) or fix the mask. In-between "
+                "colours usually come from JPEG compression or smoothed edges: save masks as "
+                "PNG without anti-aliasing."
+            )
         )
     return order[position].astype(np.uint8)
+
+
+def _transparent_hint(path: Path, unknown: np.ndarray) -> str | None:
+    """The fix when the pixels of unknown colours are all fully transparent in the file
+    (alpha 0): annotation tools export an unlabelled background so, often as transparent
+    white, and lungseg reads the colour, not the transparency. None otherwise (or when the
+    file cannot be read again as it is)."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.ndim != 3 or raw.shape[2] not in (2, 4) or raw.shape[:2] != unknown.shape:
+        return None
+    if (raw[..., -1][unknown] != 0).any():
+        return None
+    return (
+        "These pixels are fully transparent in the file (alpha 0), and lungseg reads the "
+        "colour, not the transparency: flatten the masks onto the background colour, e.g. "
+        "ImageMagick: magick FILE -background black -alpha remove -alpha off OUT.png (or add "
+        "the colour to data.palette as the background's)."
+    )
 
 
 def _pack(rgb: np.ndarray) -> np.ndarray:
