@@ -131,7 +131,7 @@ def ddp_sweep(tmp_path_factory) -> Path:
         ["-m", "--config-dir", str(cwd / "mine"), "trainer=ddp", "experiment=ce"]
         + ["optimizer=sgd", "optimizer.lr=1e12,1e-3"]
         + ["data.foreground_fraction=0.5"]  # each rank a shard of one oversampled stream
-        # Job folders 0 and 1: <n>_<overrides> would pass the 255-character limit on names.
+        # Job folders 0 and 1: a subdir given on the command line names them.
         + ["hydra.sweep.subdir=${hydra.job.num}", f"data.demo_dir={cwd}/demo", *overrides],
         cwd,
     )

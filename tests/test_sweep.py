@@ -1,7 +1,6 @@
 import csv
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -9,10 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from lungseg import job_dirname
 from lungseg.errors import LungsegError
 from lungseg.sweep import SweepSummary, collect_runs, record_error, write_summary
 
@@ -28,7 +30,7 @@ def fake_run(
     hydra: dict | None = None,
 ) -> Path:
     """A job folder as Hydra and train() leave it: .hydra/ and, when given, metrics.json."""
-    run = sweep / f"{job}_{','.join([f'model={model}', *overrides])}"
+    run = sweep / job_dirname(job, str(sweep), [f"model={model}", *overrides], [])
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save([f"model={model}", *overrides, *SHARED], run / ".hydra" / "overrides.yaml")
     settings = {"job": {"num": job}, "sweep": {"dir": str(sweep)}, **(hydra or {})}
@@ -81,7 +83,7 @@ def test_summary_lists_runs_best_dice_first_and_failed_runs_with_their_error(tmp
     ]
     assert table[0]["overrides"] == "model=segnet data.image_size=32 trainer.max_epochs=1"
     assert float(table[0]["test/dice_lung"]) == pytest.approx(0.9)
-    assert table[0]["run"] == "2_model=segnet" and table[3]["test/dice"] == ""
+    assert table[0]["run"] == "2_model-segnet" and table[3]["test/dice"] == ""
 
     markdown = (tmp_path / "summary.md").read_text()
     assert "5 runs (2 failed or unfinished)" in markdown
@@ -204,8 +206,7 @@ def test_summary_ends_with_mean_and_std_over_finished_runs(tmp_path):
 
 def test_fold_sweep_and_crossval_report(tmp_path):
     """A 2-fold cross-validation as the README runs it: the multirun, its mean ± std, and
-    benchmarks/crossval.py choosing post-processing on the validation folds (the run folders'
-    names hold '=' and ',', which Hydra overrides must quote)."""
+    benchmarks/crossval.py choosing post-processing on the validation folds."""
     folds = ["data.num_folds=2", "data.fold=0,1", "data.split=[0.5,0.5,0.0]"]
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", *folds, f"data.demo_dir={tmp_path}/demo"]
@@ -217,6 +218,8 @@ def test_fold_sweep_and_crossval_report(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train").glob("multirun_*")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0_data.fold-0", "1_data.fold-1"]
     assert "Mean ± std (population) over the 2 finished runs:" in (sweep / "summary.md").read_text()
     reports = [
         subprocess.run(
@@ -254,7 +257,7 @@ def test_fold_sweep_and_crossval_report(tmp_path):
     assert report.stdout.startswith("Scores: the mean over the foreground classes lung, tumour.")
     fold_rows = {line.split(" | ")[0][2:]: line for line in report.stdout.splitlines()}
     for fold in ("0", "1"):  # labelled by the run's data.fold
-        assert re.search(rf"^\| {fold} \| {fold}_[^|]*data\.fold={fold},", fold_rows[fold])
+        assert fold_rows[fold].startswith(f"| {fold} | {fold}_data.fold-{fold} |")
     for row, cell in zip(grid_rows, chosen_by, strict=True):
         setting = ", ".join(part.strip("| ") for part in row[:3])
         for k in cell.split(", ") if cell else []:
@@ -316,6 +319,87 @@ def test_long_override_lists_give_short_distinct_folder_names():
     assert len(short_dirname(long_a)) == 120 and short_dirname(long_a) != short_dirname(long_b)
 
 
+PALETTE = (
+    "data.palette={background:[0,0,0],left_lung:[255,0,0],right_lung:[0,255,0],heart:[0,0,255]}"
+)
+
+
+def parses_unquoted(path: Path) -> bool:
+    """Whether ``ckpt_path=<path>`` is one plain override for Hydra, written without quotes."""
+    try:
+        (override,) = OverridesParser.create().parse_overrides([f"ckpt_path={path}"])
+    except OverrideParseException:
+        return False
+    return not override.is_sweep_override() and override.value() == str(path)
+
+
+def test_cli_sweep_names_each_job_by_its_swept_settings_in_command_line_order(tmp_path):
+    """Were named by all their overrides, sorted, cut at 120 characters: the shared palette
+    and group pattern filled the names and the swept settings were cut off; with '=', ',',
+    quotes and brackets in them, a path into a job folder was no plain Hydra override. The
+    jobs stop at the empty image folder: their folders are named before they run."""
+    (tmp_path / "images").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "model.width=4,8", "data.fold=0,1"]
+        + [PALETTE, "data.group_pattern='^(PAT\\d+)_'", "data.num_folds=2"]
+        + [f"data.image_dir={tmp_path}/images", f"data.mask_dir={tmp_path}/images"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "4 of 4 runs failed" in result.stderr, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "train").glob("multirun_*")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [job.name for job in jobs] == [
+        "0_model.width-4_data.fold-0",
+        "1_model.width-4_data.fold-1",
+        "2_model.width-8_data.fold-0",
+        "3_model.width-8_data.fold-1",
+    ]
+    assert all(parses_unquoted(job / "checkpoints" / "last.ckpt") for job in jobs)
+    assert PALETTE in OmegaConf.load(jobs[0] / ".hydra" / "overrides.yaml")
+    assert "holds no image files" in (jobs[3] / "error.txt").read_text()
+
+
+EXCLUDED = ["data.image_dir", "resume"]
+
+
+def test_job_folder_names_fall_back_to_all_overrides_in_safe_characters(tmp_path):
+    """Where multirun.yaml is missing, unreadable or sweeps nothing, every override but the
+    excluded keys names the job; the names stay plain Hydra values and distinct."""
+    overrides = ["model=unet", PALETTE, "data.image_dir=/data/x", "resume=true"]
+    named = "0_model-unet_data.palette-_background_0_0_0_left_lung_255_0_0_right_lung_0_255_0_"
+    assert job_dirname(0, str(tmp_path), overrides, EXCLUDED) == named + "heart_0_0_255_"
+    (tmp_path / "multirun.yaml").write_text("hydra: [unclosed\n")
+    assert job_dirname(0, str(tmp_path), overrides, EXCLUDED) == named + "heart_0_0_255_"
+    OmegaConf.save({"hydra": {"overrides": {"task": ["seed=1"]}}}, tmp_path / "multirun.yaml")
+    assert job_dirname(3, str(tmp_path), ["seed=1"], EXCLUDED) == "3_seed-1"
+    assert parses_unquoted(tmp_path / (named + "heart_0_0_255_") / "last.ckpt")
+    assert not parses_unquoted(tmp_path / "0_model=unet" / "last.ckpt")  # the old names
+
+    # Long names are cut with a hash; the job number keeps the names of jobs alike distinct.
+    long = [f"data.class_names=[{','.join(['x' * 20] * 12)}]"]
+    names = {job_dirname(n, str(tmp_path / "none"), long, []) for n in range(12)}
+    assert len(names) == 12 and all(len(name) <= 123 for name in names)
+
+
+def test_job_folder_names_follow_the_sweep_saved_in_multirun_yaml(tmp_path):
+    """The sweeper's params first, then the command line's sweeps, as Hydra's sweeper takes
+    them; resume=true, excluded, leaves a job in the folder it had."""
+    task = ["model=unet,fcn", PALETTE, "data.fold=range(0,2)", "+tag=choice(a)"]
+    sweep = {"sweeper": {"params": {"seed": "1,2"}}, "overrides": {"task": task}}
+    OmegaConf.save({"hydra": sweep}, tmp_path / "multirun.yaml")
+    for extra in ([], ["resume=true"]):
+        job = ["seed=2", "model=fcn", PALETTE, "data.fold=1", "+tag=a", *extra]
+        name = "3_seed-2_model-fcn_data.fold-1_+tag-a"
+        assert job_dirname(3, str(tmp_path), job, EXCLUDED) == name
+    sweep["overrides"]["task"] = ["data.image_dir=a,b", PALETTE]  # only an excluded key
+    sweep["sweeper"]["params"] = None
+    OmegaConf.save({"hydra": sweep}, tmp_path / "multirun.yaml")
+    assert job_dirname(1, str(tmp_path), ["data.image_dir=b", PALETTE], EXCLUDED) == "1"
+
+
 def test_summary_shows_the_post_processed_test_scores_where_runs_have_them(tmp_path):
     """test_post/* (train.py's scores with the recipe's flips and min_size) get their columns
     and their mean ± std; a sweep without them gets neither."""
@@ -366,6 +450,9 @@ def test_cli_sweep_run_again_into_its_folder_keeps_its_finished_runs(tmp_path):
         result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     assert "holds a finished run, which is kept as it was" in result.stdout + result.stderr
+    # Nothing swept: the job is named by all its overrides but the paths, the same each time.
+    (job,) = [p for p in sweep.iterdir() if p.is_dir()]
+    assert job.name.startswith("0_seed-1_data.demo_num_images-16_") and parses_unquoted(job)
     assert not list(sweep.glob("*/error.txt"))
     assert [row["status"] for row in collect_runs(sweep)] == ["ok"]
     assert "1 runs (0 failed or unfinished)" in (sweep / "summary.md").read_text()
@@ -393,9 +480,9 @@ def test_python_m_lungseg_sweep_writes_the_summary_of_a_sweep_folder_again(tmp_p
         assert [row["job"] for row in csv.DictReader(file)] == ["1", "0"]
     for folder, message in [
         (tmp_path / "missing", "is not a folder"),
-        (sweep / "0_model=unet", "is the folder of one run (it holds .hydra/), not of a sweep"),
+        (sweep / "0_model-unet", "is the folder of one run (it holds .hydra/), not of a sweep"),
         (tmp_path, f"holds no job folder itself, only in {sweep}"),
-        (sweep / "0_model=unet" / "checkpoints", "holds no job of a multirun"),
+        (sweep / "0_model-unet" / "checkpoints", "holds no job of a multirun"),
     ]:
         if "missing" not in folder.name:
             folder.mkdir(exist_ok=True)

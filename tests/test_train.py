@@ -11,6 +11,7 @@ import pytorch_lightning
 import pytorch_lightning.callbacks.timer
 import torch
 from conftest import ROOT, TINY
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import lungseg.callbacks
@@ -753,7 +754,7 @@ def test_cli_commands_in_a_run_folder_keep_its_hydra_record(tmp_path):
 def test_a_sweep_job_that_did_not_run_keeps_its_hydra_record(tmp_path):
     from lungseg.hydra_files import KeepHydraFiles
 
-    job = tmp_path / "sweep" / "0_model=unet"
+    job = tmp_path / "sweep" / "0_model-unet"
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "config.yaml").write_text("mine: 1\n")
     (job / "train.log").write_text("the run\n")
@@ -792,14 +793,18 @@ def test_only_a_run_folder_with_nothing_in_it_is_discarded(tmp_path, monkeypatch
 
 
 def test_cli_multirun_writes_one_folder_per_model(tmp_path):
+    """Each folder is named by the swept setting alone: the shared TINY overrides (over 120
+    characters) filled the names, and cut model= off."""
     result = run_cli(["-m", "model=unet,fcn", f"data.demo_dir={tmp_path}/demo", *TINY], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweeps = list((tmp_path / "outputs" / "train").glob("multirun_*"))
     assert len(sweeps) == 1
     runs = sorted(p.name for p in sweeps[0].iterdir() if (p / "metrics.json").is_file())
-    assert len(runs) == 2
-    assert runs[0].startswith("0_") and "model=unet" in runs[0]
-    assert runs[1].startswith("1_") and "model=fcn" in runs[1]
+    assert runs == ["0_model-unet", "1_model-fcn"]
+    # A checkpoint's path is a plain override, without quotes.
+    last = sweeps[0] / "1_model-fcn" / "checkpoints" / "last.ckpt"
+    (override,) = OverridesParser.create().parse_overrides([f"ckpt_path={last}"])
+    assert override.value() == str(last) and last.is_file()
 
 
 def test_a_recipe_that_post_processes_is_also_tested_with_it(make_cfg):
