@@ -113,7 +113,8 @@ def main(cfg: DictConfig) -> float | None:
             # an error). The next job runs instead; rank 0 records the error, and the sweep
             # summary (lungseg.sweep.SweepSummary) lists it and makes the sweep exit with 1.
             if sweep_job:  # in the job's folder (output_dir may be set to another)
-                record_error(HydraConfig.get().runtime.output_dir, error)
+                job = HydraConfig.get()
+                record_error(job.runtime.output_dir, error, list(job.overrides.task))
             else:
                 log.error("this rank stopped; rank 0 records the error: %s", user_error(error))
             return None

@@ -54,6 +54,13 @@ def remember(folder: Path, subdir: str | None = ".hydra") -> None:
             _SAVED[folder.resolve()] = (saved, logs)
 
 
+def remembered(folder: Path | str, name: str) -> bytes | None:
+    """The bytes ``folder``'s ``.hydra/<name>`` held before this command (Hydra has replaced
+    the file since); None where nothing was remembered (see ``_SAVED``)."""
+    record = _SAVED.get(Path(folder).resolve())
+    return None if record is None else record[0].get(name)
+
+
 def settle(folder: Path) -> list[Path]:
     """The command goes on in ``folder``: each of its earlier ``.hydra/`` files that Hydra
     replaced is written beside as ``<stem>.<n><suffix>`` (n = 1, 2, ...). Returns them."""

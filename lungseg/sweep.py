@@ -17,11 +17,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lungseg import hydra_files
 from lungseg.errors import LungsegError, run_cli
 
 log = logging.getLogger(__name__)
@@ -46,19 +48,33 @@ FOLD_KEY = "data.fold"
 NOT_A_SETTING = ("resume",)
 
 
-def record_error(run_dir: str | Path, error: BaseException) -> None:
+def record_error(
+    run_dir: str | Path, error: BaseException, overrides: list[str] | None = None
+) -> None:
     """Write a failed run's error into ``<run_dir>/error.txt`` and log it.
 
     The first line, which the summary shows, is the message of the innermost cause (Hydra's
     instantiate wraps errors raised while building an object). A LungsegError says what to
     fix; anything else gets the traceback after its message. A folder that holds a finished
     run (metrics.json; e.g. a sweep run again into its folder, which refuses to write over it)
-    keeps its record: the error is only logged."""
+    keeps its record: the error is only logged, as a warning naming the settings that differ
+    where the job's ``overrides`` are not the run's (its folder name gives only the swept
+    ones)."""
     cause = error
     while cause.__cause__ is not None:
         cause = cause.__cause__
     run_dir = Path(run_dir)
     if (run_dir / "metrics.json").is_file():
+        changed = _changed_settings(run_dir, overrides) if overrides is not None else []
+        if changed:
+            log.warning(
+                "%s holds a finished run of other settings than this job's (%s), which is kept "
+                "as it was: this job's settings were not trained. Give the sweep another "
+                "hydra.sweep.dir to train them.",
+                run_dir,
+                "; ".join(changed[:5]) + (f"; ... ({len(changed)} in all)" * (len(changed) > 5)),
+            )
+            return
         log.info("%s holds a finished run, which is kept as it was; this job: %s", run_dir, cause)
         return
     text = str(cause)
@@ -67,6 +83,30 @@ def record_error(run_dir: str | Path, error: BaseException) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ERROR_FILE).write_text(text + "\n")
     log.error("run failed, error written to %s: %s", run_dir / ERROR_FILE, cause)
+
+
+def _changed_settings(run_dir: Path, overrides: list[str]) -> list[str]:
+    """``key: run's -> job's`` for each override (but resume) where the job's ``overrides``
+    differ from the run's own, its ``.hydra/overrides.yaml`` before this command (remembered
+    by lungseg.hydra_files; none where it was not, as under SLURM)."""
+    saved = hydra_files.remembered(run_dir, "overrides.yaml")
+    try:
+        earlier = [str(o) for o in yaml.safe_load(saved)] if saved else None
+    except (yaml.YAMLError, TypeError):
+        earlier = None
+    if earlier is None:
+        return []
+    run, job = _by_key(earlier), _by_key(overrides)
+    return [
+        f"{key}: {run.get(key, '(not given)')} -> {job.get(key, '(not given)')}"
+        for key in dict.fromkeys([*run, *job])
+        if key.lstrip("+~") not in NOT_A_SETTING and run.get(key) != job.get(key)
+    ]
+
+
+def _by_key(overrides: list[str]) -> dict[str, str]:
+    """``["model=unet", "+x=1"]`` as ``{"model": "unet", "+x": "1"}``."""
+    return dict(o.split("=", 1) if "=" in o else (o, "") for o in overrides)
 
 
 def _finished(run: Path) -> bool:

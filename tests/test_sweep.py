@@ -458,6 +458,35 @@ def test_cli_sweep_run_again_into_its_folder_keeps_its_finished_runs(tmp_path):
     assert "1 runs (0 failed or unfinished)" in (sweep / "summary.md").read_text()
 
 
+def test_a_finished_run_of_other_settings_is_named_with_the_settings_that_differ(tmp_path, caplog):
+    """A job folder is named by the swept settings alone: a sweep run again into its folder
+    with another shared setting (model.width) meets the earlier runs, kept as they were. That
+    is a warning naming the settings, not the INFO of a plain rerun."""
+    from lungseg import hydra_files
+
+    run = fake_run(tmp_path, 0, "unet", metrics(0.7), ("model.width=4",))
+    earlier = ["model=unet", "model.width=4", *SHARED]
+    refused = LungsegError("already holds a run")
+    try:
+        hydra_files.remember(run)  # as KeepHydraFiles does before Hydra writes the job's
+        with caplog.at_level("INFO", logger="lungseg"):
+            record_error(run, refused, [*earlier, "resume=true"])
+            (same,) = caplog.records
+            assert same.levelname == "INFO" and "finished run, which is kept" in same.message
+            caplog.clear()
+            record_error(run, refused, ["model=unet", "model.width=8", *SHARED, "seed=3"])
+    finally:
+        hydra_files.restore(run)
+    (changed,) = caplog.records
+    assert changed.levelname == "WARNING"
+    assert (
+        "holds a finished run of other settings than this job's (model.width: 4 -> 8; seed: "
+        "(not given) -> 3)" in changed.getMessage()
+    )
+    assert "Give the sweep another hydra.sweep.dir" in changed.getMessage()
+    assert not (run / "error.txt").exists()
+
+
 def test_python_m_lungseg_sweep_writes_the_summary_of_a_sweep_folder_again(tmp_path):
     sweep = tmp_path / "multirun"
     fake_run(sweep, 0, "unet", metrics(0.6))
