@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import oriented
 
+from lungseg.data import splits
 from lungseg.data.datamodule import CachedSegDataset, SegDataModule
 from lungseg.data.transforms import build_augmentation, median_blur, resize_image
 from lungseg.errors import LungsegError
@@ -152,9 +153,9 @@ def test_file_names_that_share_an_id_warn_until_the_split_is_by_it(tmp_path, cap
             path.rename(folder / f"PAT{i // 3:03d}_view{i % 3}.png")
     with caplog.at_level(logging.WARNING, logger="lungseg"):
         make_dm(image_dir, mask_dir)
-    warned = [r.getMessage() for r in caplog.records if "up to its first number" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].startswith("12 of the 12 files share the start")
-    assert "e.g. 3 files start with 'PAT000': PAT000_view0, PAT000_view1" in warned[0]
+    warned = [r.getMessage() for r in caplog.records if "share an id" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("12 of the 12 files share an id at the")
+    assert "(4 ids; e.g. 3 files start with 'PAT000': PAT000_view0, PAT000_view1)" in warned[0]
     # the override it suggests survives the shell and Hydra's parser, and splits by patient
     (typed,) = re.findall(r"on the command line (\".*?\")", warned[0])
     (override,) = shlex.split(typed)
@@ -162,11 +163,26 @@ def test_file_names_that_share_an_id_warn_until_the_split_is_by_it(tmp_path, cap
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lungseg"):
         dm = make_dm(image_dir, mask_dir, group_pattern=pattern)
-    assert not [r for r in caplog.records if "first number" in r.getMessage()]
+    assert not [r for r in caplog.records if "share an id" in r.getMessage()]
     splits_of = {}
     for name, part in dm.split.items():
         splits_of.setdefault(name[:6], set()).add(part)
     assert len(splits_of) == 4 and all(len(parts) == 1 for parts in splits_of.values())
+    # the id where the pattern finds it: in the path below the folder (data.recursive, one
+    # sub-folder), up to the second number where the first is a dataset's or a site's
+    from lungseg.data.datamodule import _check_name_grouping
+
+    for names, first, count in [
+        ([f"site2023/PAT{p}_view{v}" for p in range(4) for v in range(3)], "site2023/PAT0", 4),
+        ([f"BraTS20_Training_{p}_slice_{k}" for p in range(4) for k in range(3)], "BraTS20_T", 4),
+        ([f"site{s}_case{c}_slice{k}" for s in (1, 2) for c in range(3) for k in (0, 1)], "s", 6),
+    ]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lungseg"):
+            _check_name_grouping(names)
+        (typed,) = re.findall(r"on the command line (\".*?\")", caplog.records[0].getMessage())
+        ids = splits.patient_ids(names, make_cfg(*shlex.split(typed)).data.group_pattern)
+        assert len(set(ids.values())) == count and min(ids.values()).startswith(first)
     # names whose ids are all distinct (case00, ID_0000_Z_0142, demo_0001) say nothing
     caplog.clear()
     for folder in (image_dir, mask_dir):
@@ -174,7 +190,7 @@ def test_file_names_that_share_an_id_warn_until_the_split_is_by_it(tmp_path, cap
             path.rename(folder / f"ID_{i:04d}_Z_{100 + i}.png")
     with caplog.at_level(logging.WARNING, logger="lungseg"):
         make_dm(image_dir, mask_dir)
-    assert not [r for r in caplog.records if "first number" in r.getMessage()]
+    assert not [r for r in caplog.records if "share an id" in r.getMessage()]
 
 
 def test_batches_and_dataset_normalisation(tmp_path):

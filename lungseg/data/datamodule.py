@@ -1395,40 +1395,53 @@ def _parse_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size[0], size[1]
 
 
-# The start of a file name up to its first number: PAT012 in PAT012_view1, LIDC-IDRI-0001
-# in LIDC-IDRI-0001_nodule-1_slice-7, case_001 in case_001_slice_05.
-_NAME_ID = r"^(\D*\d+)"
+def _name_id_pattern(numbers: int) -> str:
+    """A group_pattern for the start of a name up to its ``numbers``-th number, where a
+    separator (``-``, ``_``, ``.``) follows: PAT012 in PAT012_view1 (1), LIDC-IDRI-0001 in
+    LIDC-IDRI-0001_nodule-1_slice-7 (1), BraTS20_Training_001 in
+    BraTS20_Training_001_flair_slice_080 (2)."""
+    return r"^(\D*?\d+" + r"\D+?\d+" * (numbers - 1) + r")(?=[-_.])"
 
 
 def _check_name_grouping(names: Sequence[str]) -> None:
-    """Warn when files share the start of their name up to its first number with others
-    (``PAT012_view1``, ``PAT012_view2``) but the split takes each file on its own: such a
-    shared start is mostly a patient or scan id, whose images must not be split between train
-    and test. Names that are all distinct there (``ID_0000_Z_0142``, ``demo_0001``) say
-    nothing and get no warning."""
-    ids: dict[str, list[str]] = {}
-    for name in names:
-        found = re.match(_NAME_ID, name.rpartition("/")[2])
-        if found and found.end() < len(name.rpartition("/")[2]):
-            ids.setdefault(found.group(1), []).append(name)
-    shared = {i: files for i, files in ids.items() if len(files) > 1}
-    if len(ids) < 2 or not shared:
+    """Warn when file names share an id with others (``PAT012_view1``, ``PAT012_view2``)
+    but the split takes each file on its own: such a shared start is mostly a patient or scan
+    id, whose images must not be split between train and test. The id is the start of the
+    name (its path below the data folder) up to its first number, or its second where the
+    first gives fewer than 3 ids (a dataset's name, BraTS20_...; two sites); a warning only
+    where every name has one and some share it, and the suggested pattern then finds them.
+    Names whose ids are all distinct (``ID_0000_Z_0142``, ``demo_0001``, ``MCUCXR_0001_0``)
+    or that have none (``JPCLN001``, UUIDs) get no warning."""
+    for numbers in (1, 2):
+        pattern = _name_id_pattern(numbers)
+        found = [re.match(pattern, name) for name in names]
+        if not all(found):
+            continue  # the pattern would not fit every file
+        ids: dict[str, list[str]] = {}
+        for name, match in zip(names, found, strict=True):
+            ids.setdefault(match.group(1), []).append(name)
+        if len(ids) == len(names):
+            return  # every file its own id: nothing shared
+        if len(ids) >= 3:
+            break
+    else:
         return
+    shared = {i: files for i, files in ids.items() if len(files) > 1}
     example, files = max(shared.items(), key=lambda item: len(item[1]))
     log.warning(
-        "%d of the %d files share the start of their name up to its first number with "
-        "another (%d ids for them; e.g. %d files start with %r: %s), but data.group_pattern is "
-        "not set, so the split takes every file on its own and one id's images can land in "
-        "train and test. If that start is a patient (or scan) id, split by it: on the command "
-        "line \"data.group_pattern='%s'\" (the double quotes keep the shell's hands off it); "
-        "the log then counts the patients of each split.",
+        "%d of the %d files share an id at the start of their name with another (%s; e.g. "
+        "%d files start with %r: %s), but data.group_pattern is not set, so the split takes "
+        "every file on its own and one id's images can land in train and test. If that id is "
+        "a patient (or scan), split by it: on the command line \"data.group_pattern='%s'\" "
+        "(the double quotes keep the shell's hands off it); the log then counts the patients "
+        "of each split.",
         sum(len(f) for f in shared.values()),
         len(names),
-        len(shared),
+        counted(len(ids), "id"),
         len(files),
         example,
         ", ".join(files[:2]),
-        _NAME_ID,
+        pattern,
     )
 
 
