@@ -62,6 +62,7 @@ from lungseg.data.folders import (
     is_pattern,
     layer_folders,
     layer_names,
+    read_image,
     read_image_oriented,
     suffix_list,
     writing,
@@ -82,7 +83,7 @@ from lungseg.inference import (
 
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95")
 OUTPUT_FILES = ("per_image.csv", "summary.json")  # what evaluate() writes into output_dir
-SKIPPED_FILE = "skipped.csv"  # and, with data.strict=false, the pairs it left out
+UNSCORED_FILE = "unscored.csv"  # and, with data.strict=false, the pairs it left out
 DEFAULT_MASK_SUFFIXES = ("", "_mask")
 _WRITE_FIX = "Give a folder you can write to, on a disk with room, with output_dir=<folder>."
 log = logging.getLogger(__name__)
@@ -214,15 +215,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
-    skipped = per_image.with_name(SKIPPED_FILE)
-    with writing(skipped, _WRITE_FIX):
+    unscored = per_image.with_name(UNSCORED_FILE)
+    with writing(unscored, _WRITE_FIX):
         if failed:  # data.strict=false: the pairs left out, each with its reason
-            with skipped.open("w", newline="", encoding="utf-8") as f:
+            with unscored.open("w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f, lineterminator="\n")
                 writer.writerow(["file", "reason"])
                 writer.writerows((str(file), reason) for file, reason in failed)
-        elif skipped.is_file():  # an earlier evaluation's, which overwrite=true replaces
-            skipped.unlink()
+        elif unscored.is_file():  # an earlier evaluation's, which overwrite=true replaces
+            unscored.unlink()
     summary = {
         # one path, or the list of an ensemble's
         "checkpoint": _one_or_list([str(Path(p).expanduser().absolute()) for p in paths]),
@@ -230,7 +231,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "mask_mode": mask_mode,
         "tta_flips": flips,
         "postprocess": post,
-        "skipped": len(failed),  # pairs data.strict=false left out: skipped.csv
+        "unscored": len(failed),  # pairs data.strict=false left out: unscored.csv
         **summarize(rows, class_names),
     }
     if raw_rows:
@@ -269,7 +270,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "%s scored, %s left out (data.strict=false; each with its reason in %s)",
             counted(len(rows), "image"),
             counted(len(failed), "pair"),
-            SKIPPED_FILE,
+            UNSCORED_FILE,
         )
     log.info("%s and %s written to %s", *OUTPUT_FILES, per_image.parent)
     return summary
@@ -336,7 +337,7 @@ def _output_paths(cfg: DictConfig) -> tuple[Path, Path]:
     out_dir = Path(cfg.output_dir)
     check_output_folder(out_dir)
     paths = tuple(out_dir / name for name in OUTPUT_FILES)
-    existing = [p.name for p in taken(paths)]
+    existing = [p.name for p in taken([*paths, out_dir / UNSCORED_FILE])]
     if existing and not cfg.overwrite:
         one = len(existing) == 1
         raise LungsegError(
@@ -594,38 +595,43 @@ def _check_folders_unseen(checkpoint: str, pairs: list[Pair], image_dir: str) ->
     split_file, listed, named = found
     by_stem = {p.stem: p for p in pairs}
     same = {stem: _same_image(checkpoint, by_stem[stem]) for stem in named}
-    seen = [stem for stem in named if same[stem] is not False]
+    seen = [stem for stem in named if same[stem][0] is not False]
     if seen:
         tested = sum(split == "test" for split in listed.values())
-        compared = sum(same[stem] is True for stem in seen)
+        compared = sum(same[stem][0] is True for stem in seen)
+        unknown = next((same[stem][1] for stem in seen if same[stem][0] is None), "")
         how = (
-            "the same files as the run's"
+            "the same images as the run's"
             if compared == len(seen)
-            else f"{compared} of them compared equal to the run's files, the others could not "
-            f"be compared (the run's data is not where its config.yaml says)"
+            else f"they could not be compared with the run's images ({unknown})"
+            if compared == 0
+            else f"{compared} of them are the same images as the run's, the others could not "
+            f"be compared ({unknown})"
         )
         raise LungsegError(
             f"{len(seen)} of the {len(pairs)} pairs of {image_dir} are named as pairs of the "
             f"train or val split of {checkpoint}'s run (e.g. {seen[0]}: {listed[seen[0]]}, "
             f"{split_file}); {how}. Their scores would count images the model learnt from or "
             f"chose its checkpoint by. Add split=test to score the run's test split in these "
-            f"folders ({tested} pairs), or split=all to score every pair all the same (other "
-            f"images under the same names, or the training fit)."
+            f"folders ({counted(tested, 'pair')}), or split=all to score every pair all the "
+            f"same (other images under the same names, or the training fit)."
         )
     if named:
         log.info(
-            "%d pairs of %s have the names of pairs the run of %s trained or validated on, but "
-            "other images: scored as new data",
-            len(named),
+            "%s of %s have the names of pairs the run of %s trained or validated on, but other "
+            "images: scored as new data",
+            counted(len(named), "pair"),
             image_dir,
             checkpoint,
         )
 
 
-def _same_image(checkpoint: str, pair: Pair) -> bool | None:
-    """Whether ``pair``'s image file has the same bytes as the file of its name in the data
-    folder of ``checkpoint``'s run; None where that cannot be told (no config.yaml, demo data,
-    several folders or a folder pattern, no such file there)."""
+def _same_image(checkpoint: str, pair: Pair) -> tuple[bool | None, str]:
+    """Whether ``pair``'s image is the image of its name in the data folder of
+    ``checkpoint``'s run: the same file, or the same pixels in another file (saved again, in
+    another format; a mean difference up to 1 % of the value range), and None with the reason
+    where that cannot be told (no config.yaml, several folders or a folder pattern, no such
+    file there, a file that cannot be read)."""
     run = _run_folder(checkpoint)
     try:
         run_data = OmegaConf.load(run / "config.yaml").data
@@ -633,16 +639,25 @@ def _same_image(checkpoint: str, pair: Pair) -> bool | None:
         if run_dir is None:  # the demo data (not made again here)
             run_dir = str(Path(run_data.demo_dir).expanduser() / "images")
     except Exception:  # no config.yaml, or not lungseg's
-        return None
+        return None, f"{run / 'config.yaml'} could not be read"
     if not isinstance(run_dir, str) or is_pattern(Path(run_dir)):
-        return None
+        return None, "the run read several folders or a folder pattern"
     folder = Path(_from_run(run_dir, _run_cwd(run)))
     suffixes = [pair.image.suffix, *(s for s in IMAGE_EXTENSIONS if s != pair.image.suffix)]
-    for suffix in suffixes:
-        candidate = folder / (pair.stem + suffix)
-        if candidate.is_file():
-            return filecmp.cmp(candidate, pair.image, shallow=False)
-    return None
+    candidate = next((c for s in suffixes if (c := folder / (pair.stem + s)).is_file()), None)
+    if candidate is None:
+        return None, f"the run's data folder {folder} has no image {pair.stem}"
+    if filecmp.cmp(candidate, pair.image, shallow=False):
+        return True, ""
+    try:
+        theirs, ours = read_image(candidate), read_image(pair.image)
+    except LungsegError:
+        return None, f"{candidate} or {pair.image} cannot be read"
+    if theirs.shape != ours.shape or theirs.dtype != ours.dtype:
+        return False, ""
+    top = np.iinfo(ours.dtype).max if np.issubdtype(ours.dtype, np.integer) else 1.0
+    difference = np.abs(theirs.astype(np.float64) - ours.astype(np.float64)).mean()
+    return bool(difference <= 0.01 * top), ""
 
 
 def _run_folder(checkpoint: str) -> Path:

@@ -300,16 +300,16 @@ def test_eval_on_folders_with_strict_false_skips_the_pairs_it_cannot_score(
     assert "2 image/mask pairs that cannot be scored are left out (strict=false)" in caplog.text
     assert "img1.png could not be decoded" in caplog.text and "is 5x5" in caplog.text
     assert "2 images scored, 2 pairs left out (data.strict=false; each with" in caplog.text
-    with (tmp_path / "eval" / "skipped.csv").open(newline="") as f:
+    with (tmp_path / "eval" / "unscored.csv").open(newline="") as f:
         skipped = list(csv.DictReader(f))
     assert [Path(row["file"]).name for row in skipped] == ["img1.png", "img2.png"]
     assert "could not be decoded" in skipped[0]["reason"] and "5x5" in skipped[1]["reason"]
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["skipped"] == 2
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["unscored"] == 2
     # scored again into the folder with nothing left out: no stale list
     good = write_pairs(tmp_path / "good", sizes)
     fine = [f"data.image_dir={good[0]}", f"data.mask_dir={good[1]}", "data.mask_mode=index"]
     evaluate(eval_cfg(tmp_path, checkpoints["palette"], *fine, "overwrite=true"))
-    assert not (tmp_path / "eval" / "skipped.csv").exists()
+    assert not (tmp_path / "eval" / "unscored.csv").exists()
     for i in (0, 3):
         (image_dir / f"img{i}.png").write_bytes(b"")
     with pytest.raises(LungsegError, match="None of the 4 image/mask pairs could be scored"):
@@ -445,12 +445,21 @@ def test_eval_on_the_runs_own_folders_refuses_what_it_learnt_from(tmp_path, chec
     with pytest.raises(
         LungsegError,
         match=rf"{trained} of the {len(split)} pairs of .*moved/images are named as pairs of "
-        rf"the train or val split of .*split.csv\); the same files as the run's\. .* Add "
+        rf"the train or val split of .*split.csv\); the same images as the run's\. .* Add "
         rf"split=test to score the run's test split in these folders \({tested} pairs\), or "
         rf"split=all",
     ):
         evaluate(eval_cfg(tmp_path / "seen", ckpt, *folders))
     assert not (tmp_path / "seen").exists()
+    # the same images saved again in another format: still the run's
+    again = tmp_path / "again"
+    shutil.copytree(moved, again)
+    for image in (again / "images").iterdir():
+        cv2.imwrite(str(image.with_suffix(".tif")), cv2.imread(str(image), cv2.IMREAD_UNCHANGED))
+        image.unlink()
+    resaved = [f"data.image_dir={again / 'images'}", f"data.mask_dir={again / 'masks'}"]
+    with pytest.raises(LungsegError, match=f"{trained} of the .*; the same images as the run's"):
+        evaluate(eval_cfg(tmp_path / "again", ckpt, *resaved))
     # other images under the same names (another site's case_001): new data, scored
     site = tmp_path / "site"
     shutil.copytree(moved, site)
@@ -466,7 +475,9 @@ def test_eval_on_the_runs_own_folders_refuses_what_it_learnt_from(tmp_path, chec
             OmegaConf.merge(config, {"data": {"demo_dir": str(tmp_path / "gone")}}),
             run / "config.yaml",
         )
-        with pytest.raises(LungsegError, match="0 of them compared equal to the run's files"):
+        with pytest.raises(
+            LungsegError, match=r"they could not be compared with the run's images \(the run's"
+        ):
             evaluate(eval_cfg(tmp_path / "site2", ckpt, *there))
     finally:
         OmegaConf.save(config, run / "config.yaml")
