@@ -158,6 +158,10 @@ def flips(tta: Any, tta_flips: Any, checkpoint_value: Any) -> list[str]:
     checkpoint trained without the setting). LungsegError for a bad value."""
     if tta is None:
         chosen = dict(checkpoint_value or {}).get("tta_flips") or []
+        if isinstance(chosen, list | tuple) and len(set(chosen)) < len(chosen):
+            # trained before a flip named twice was refused: each counts once
+            log.warning("the checkpoint's tta_flips %s name a flip twice: used once", chosen)
+            chosen = list(dict.fromkeys(chosen))
         return check_flips(chosen, "postprocess.tta_flips")
     if not isinstance(tta, bool):
         raise LungsegError(

@@ -126,6 +126,8 @@ def test_test_time_flips_are_the_checkpoints_unless_the_command_says_otherwise()
     assert flips(None, ["horizontal"], recipe) == ["horizontal", "vertical"]  # tta=null
     assert flips(None, ["horizontal"], {"min_size": 4}) == []  # trained before the setting
     assert flips(None, ["horizontal"], None) == []
+    # a checkpoint trained before a flip named twice was refused: each once
+    assert flips(None, None, {"tta_flips": ["vertical", "vertical"]}) == ["vertical"]
     assert flips(True, ["vertical"], recipe) == ["vertical"]
     assert flips(True, [], recipe) == []
     assert flips(False, ["horizontal"], recipe) == []
