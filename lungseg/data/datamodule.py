@@ -1318,12 +1318,18 @@ def _check_background_first(names: Sequence[Any] | None, setting: str) -> None:
     if late:
         i, name = late[0]
         order = [name, *(str(n) for j, n in enumerate(names) if j != i)]
+        fix = (
+            f"List {name!r} first, in this order: {', '.join(order)}."
+            if setting == "data.palette"
+            else f"data.class_names names the mask values 0, 1, 2, ... in order: if 0 is the "
+            f"background in your masks, list {name!r} first ({', '.join(order)}); if the "
+            f"background is stored as {i}, remap the masks so that it is 0."
+        )
         raise LungsegError(
             f"{setting} lists {name!r} as class {i} ({', '.join(map(str, names))}), but class 0 "
             f"is the background: lungseg leaves it out of the mean Dice and IoU, the lesion "
             f"scores and post-processing, so {str(names[0])!r} would be scored as background "
-            f"and {name!r} as a structure. List {name!r} first, in this order: "
-            f"{', '.join(order)}."
+            f"and {name!r} as a structure. {fix}"
         )
 
 
@@ -1354,7 +1360,7 @@ def _parse_palette(
         return [str(n) for n in palette], list(palette.values())
     if isinstance(palette, list | tuple):
         return None, list(palette)
-    if isinstance(palette, str) and palette.strip()[:1] in "{[":
+    if isinstance(palette, str) and palette.strip()[:1] in ("{", "["):
         raise LungsegError(
             f"data.palette is the text {palette!r}, not a mapping: quotes inside the override "
             f"made Hydra read it as a string. Quote the whole override once, for the shell: "
