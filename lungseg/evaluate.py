@@ -62,6 +62,7 @@ from lungseg.data.folders import (
     is_pattern,
     layer_folders,
     layer_names,
+    one_unread_warning,
     read_image,
     read_image_oriented,
     suffix_list,
@@ -380,7 +381,8 @@ def _score(
     _check_layers(pairs, mask_mode, class_names, label)
     # 2.5-D models take neighbouring slices from the images' folders, other splits included
     folders = dict.fromkeys(p.image.parent for p in pairs) if info.get("context_slices") else {}
-    pool = [image for f in folders for image in _list_images(f, "image", "data.image_dir")]
+    with one_unread_warning(None):  # listed (and warned about) by find_pairs already
+        pool = [image for f in folders for image in _list_images(f, "image", "data.image_dir")]
     table = neighbour_table([p.image for p in pairs], info, pool)
 
     strict = cfg.data.get("strict", True)

@@ -28,6 +28,7 @@ from lungseg.data.folders import (
     check_output_folder,
     check_writable,
     is_pattern,
+    one_unread_warning,
     pattern_folders,
     write_image,
     writing,
@@ -124,6 +125,15 @@ def _pattern_outputs(
             f"Every folder that input_dir {pattern} matches holds predict.py's outputs (a "
             f"hidden {OUTPUT_MARKER} file). Point input_dir at the folders of your images."
         )
+    with one_unread_warning(pattern):
+        placed = _place_pattern_images(folders, output_dir, pattern, recursive)
+    return _placed_outputs(placed, output_dir), [folder for _, folder in folders]
+
+
+def _place_pattern_images(
+    folders: list[tuple[str, Path]], output_dir: Path, pattern: Path, recursive: bool
+) -> dict[Path, tuple[tuple[str, ...], str]]:
+    """_pattern_outputs' images: each placed below the names its folder's wildcards matched."""
     placed = {}
     for prefix, folder in folders:
         if folder.resolve() == output_dir.resolve():
@@ -135,7 +145,7 @@ def _pattern_outputs(
         for image in _list_images(folder, "input", "input_dir", recursive, [output_dir]):
             below = image.parent.relative_to(folder).parts
             placed[image] = ((*prefix.split("/"), *below), f"{prefix}/{_shown(image, folder)}")
-    return _placed_outputs(placed, output_dir), [folder for _, folder in folders]
+    return placed
 
 
 def _check_outside_inputs(

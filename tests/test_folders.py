@@ -186,8 +186,17 @@ def test_images_of_formats_lungseg_does_not_read_are_named(tmp_path, caplog):
     assert warned == (
         f"3 files in the image folder {tmp_path / 'img'} are not read: lungseg reads .png, "
         f".jpg, .jpeg, .bmp, .tif, .tiff (.gif: 1, .nii.gz: 1, .webp: 1; e.g. b.webp). "
-        f"Convert them to PNG to use them."
+        f"Convert them to PNG (a volume: one PNG a slice) to use them."
     )
+    # the folders a pattern matches: one warning for all of them, naming the pattern
+    for patient in ("p1", "p2"):
+        touch(tmp_path / patient / "img", "a.png", "b.webp")
+        touch(tmp_path / patient / "msk", "a.png")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        find_pairs(tmp_path / "*" / "img", tmp_path / "*" / "msk")
+    (warned,) = [r.getMessage() for r in caplog.records]
+    assert warned.startswith(f"2 files in the image folder {tmp_path / '*' / 'img'} are not")
 
 
 def test_folder_without_images(tmp_path):

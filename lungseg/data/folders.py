@@ -276,14 +276,15 @@ def _find_pattern_pairs(
             skipped += [(f, f"no mask folder {', '.join(map(str, ms))}") for f, ms in missing]
     pairs = []
     absent = {f for f, _ in missing}
-    for prefix, folder, masks in found:
-        if folder in absent:
-            continue
-        target = masks[0] if len(masks) == 1 else masks
-        for pair in find_pairs(folder, target, mask_suffixes, strict, skipped, recursive):
-            pairs.append(
-                Pair(f"{prefix}/{pair.stem}", pair.image, pair.mask, pair.more_masks, depth)
-            )
+    with one_unread_warning(image_dir):
+        for prefix, folder, masks in found:
+            if folder in absent:
+                continue
+            target = masks[0] if len(masks) == 1 else masks
+            for pair in find_pairs(folder, target, mask_suffixes, strict, skipped, recursive):
+                pairs.append(
+                    Pair(f"{prefix}/{pair.stem}", pair.image, pair.mask, pair.more_masks, depth)
+                )
     return sorted(pairs, key=lambda pair: pair.stem)
 
 
@@ -474,31 +475,61 @@ OTHER_IMAGE_SUFFIXES = (
 # fmt: on
 
 
-def _warn_unread(found: Sequence[Path], folder: Path, role: str) -> None:
-    """A warning that names the image files of ``found`` that are skipped for their format."""
-    kinds: dict[str, int] = defaultdict(int)
-    unread = []
+# While the folders a pattern matches are listed (one_unread_warning): role -> the files of
+# formats lungseg does not read, for one warning over all of them.
+_UNREAD: dict[str, list[Path]] | None = None
+
+
+def _warn_unread(found: Sequence[Path], folder: Path | str, role: str) -> None:
+    """A warning that names the image files of ``found`` that are skipped for their format
+    (collected instead inside ``one_unread_warning``)."""
     suffixes = (*OTHER_IMAGE_SUFFIXES, *VOLUME_SUFFIXES)
-    for path in sorted(found):
-        kind = next((s for s in suffixes if path.name.lower().endswith(s)), None)
-        if kind and not path.name.startswith("."):
-            kinds[kind] += 1
-            unread.append(path)
-    if not unread:
-        return
+    unread = [
+        p
+        for p in sorted(found)
+        if not p.name.startswith(".") and any(p.name.lower().endswith(s) for s in suffixes)
+    ]
+    if _UNREAD is not None:
+        _UNREAD.setdefault(role, []).extend(unread)
+    elif unread:
+        _log_unread(unread, str(folder), role)
+
+
+def _log_unread(unread: list[Path], folder: str, role: str) -> None:
+    suffixes = (*OTHER_IMAGE_SUFFIXES, *VOLUME_SUFFIXES)
+    kinds: dict[str, int] = defaultdict(int)
+    for path in unread:
+        kinds[next(s for s in suffixes if path.name.lower().endswith(s))] += 1
+    first = unread[0]
     log.warning(
         "%s in the %s folder %s %s not read: lungseg reads %s (%s; e.g. %s). Convert %s to "
-        "PNG to use %s.",
+        "PNG (a volume: one PNG a slice) to use %s.",
         counted(len(unread), "file"),
         role,
         folder,
         "is" if len(unread) == 1 else "are",
         ", ".join(IMAGE_EXTENSIONS),
         ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())),
-        _shown(unread[0], folder),
+        _shown(first, Path(folder)) if first.is_relative_to(folder) else first,
         "it" if len(unread) == 1 else "them",
         "it" if len(unread) == 1 else "them",
     )
+
+
+@contextmanager
+def one_unread_warning(folders: str | Path | None) -> Iterator[None]:
+    """The unread-format warnings of the folders listed inside, as one per role, naming
+    ``folders`` (a folder pattern, whose matches are listed one by one); None: none (folders
+    listed again, whose files were warned about before)."""
+    global _UNREAD
+    outer, _UNREAD = _UNREAD, {}
+    try:
+        yield
+    finally:
+        collected, _UNREAD = _UNREAD, outer
+    for role, unread in collected.items():
+        if unread and folders is not None:
+            _log_unread(unread, str(folders), role)
 
 
 def _walk(folder: Path, skip: Sequence[Path]) -> list[Path]:

@@ -342,7 +342,9 @@ def _check_not_empty(
     counts = _counts(split)
     empty = [name for name, f in zip(SPLITS, fractions, strict=True) if f > 0 and counts[name] == 0]
     if empty:
-        source = f"{len(split)} files" + (f" of {num_groups} patients" if group_pattern else "")
+        source = counted(len(split), "file") + (
+            f" of {counted(num_groups, 'patient')}" if group_pattern else ""
+        )
         raise LungsegError(
             f"data.split {fractions} leaves the {' and '.join(empty)} split empty: "
             f"{source} give train/val/test = {counts['train']}/"
