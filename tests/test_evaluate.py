@@ -300,6 +300,8 @@ def test_eval_on_folders_with_strict_false_skips_the_pairs_it_cannot_score(
     assert "2 image/mask pairs that cannot be scored are left out (strict=false)" in caplog.text
     assert "img1.png could not be decoded" in caplog.text and "is 5x5" in caplog.text
     assert "2 images scored, 2 pairs left out (data.strict=false; each with" in caplog.text
+    for written in ("per_image.csv", "unscored.csv"):
+        assert b"\r" not in (tmp_path / "eval" / written).read_bytes()
     with (tmp_path / "eval" / "unscored.csv").open(newline="") as f:
         skipped = list(csv.DictReader(f))
     assert [Path(row["file"]).name for row in skipped] == ["img1.png", "img2.png"]

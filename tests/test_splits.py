@@ -159,6 +159,7 @@ def test_write_split_round_trips(tmp_path):
     path = tmp_path / "out" / "split.csv"
     write_split(split, path)
     lines = path.read_text().splitlines()
+    assert b"\r" not in path.read_bytes()  # csv's default \r\n: grep ',test$' found nothing
     assert lines[0] == "file,split"
     assert lines[1:] == [f"{s},{split[s]}" for s in sorted(split)]
     assert make_split(STEMS, seed=99, split_file=path) == split

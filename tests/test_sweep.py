@@ -65,6 +65,7 @@ def test_summary_lists_runs_best_dice_first_and_failed_runs_with_their_error(tmp
     assert [row["status"] for row in rows] == ["ok", "ok", "ok", "failed", "incomplete"]
     assert rows[3]["error"] == "model.width is -1."
 
+    assert b"\r" not in (tmp_path / "summary.csv").read_bytes()
     with open(tmp_path / "summary.csv", newline="") as file:
         table = list(csv.DictReader(file))
     assert list(table[0]) == [
