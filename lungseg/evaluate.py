@@ -596,7 +596,10 @@ def _check_folders_unseen(checkpoint: str, pairs: list[Pair], image_dir: str) ->
         return
     split_file, listed, named = found
     by_stem = {p.stem: p for p in pairs}
-    same = {stem: _same_image(checkpoint, by_stem[stem]) for stem in named}
+    folder, reason = _run_image_folder(checkpoint) if named else (None, "")
+    same = {
+        stem: _same_image(folder, by_stem[stem]) if folder else (None, reason) for stem in named
+    }
     seen = [stem for stem in named if same[stem][0] is not False]
     if seen:
         tested = sum(split == "test" for split in listed.values())
@@ -628,12 +631,9 @@ def _check_folders_unseen(checkpoint: str, pairs: list[Pair], image_dir: str) ->
         )
 
 
-def _same_image(checkpoint: str, pair: Pair) -> tuple[bool | None, str]:
-    """Whether ``pair``'s image is the image of its name in the data folder of
-    ``checkpoint``'s run: the same file, or the same pixels in another file (saved again, in
-    another format; a mean difference up to 1 % of the value range), and None with the reason
-    where that cannot be told (no config.yaml, several folders or a folder pattern, no such
-    file there, a file that cannot be read)."""
+def _run_image_folder(checkpoint: str) -> tuple[Path | None, str]:
+    """The image folder of ``checkpoint``'s run (its config.yaml's, relative paths from where
+    it started; the demo data's), or None and why it cannot be told."""
     run = _run_folder(checkpoint)
     try:
         run_data = OmegaConf.load(run / "config.yaml").data
@@ -644,7 +644,14 @@ def _same_image(checkpoint: str, pair: Pair) -> tuple[bool | None, str]:
         return None, f"{run / 'config.yaml'} could not be read"
     if not isinstance(run_dir, str) or is_pattern(Path(run_dir)):
         return None, "the run read several folders or a folder pattern"
-    folder = Path(_from_run(run_dir, _run_cwd(run)))
+    return Path(_from_run(run_dir, _run_cwd(run))), ""
+
+
+def _same_image(folder: Path, pair: Pair) -> tuple[bool | None, str]:
+    """Whether ``pair``'s image is the image of its name in a run's image ``folder``: the same
+    file, or the same pixels in another file (saved again, in another format; a mean
+    difference up to 1 % of the value range); None with the reason where that cannot be told
+    (no such file there, a file that cannot be read)."""
     suffixes = [pair.image.suffix, *(s for s in IMAGE_EXTENSIONS if s != pair.image.suffix)]
     candidate = next((c for s in suffixes if (c := folder / (pair.stem + s)).is_file()), None)
     if candidate is None:
