@@ -197,9 +197,9 @@ class TverskyLoss(nn.Module):
     """Tversky loss (Salehi et al. 2017): 1 - mean over classes of
     (TP + smooth) / (TP + alpha FP + beta FN + smooth), soft counts pooled over the batch.
 
-    alpha = beta = 0.5 is the batch Dice loss with half its smoothing (``DiceLoss(smooth=2 *
-    smooth)``); beta > alpha penalises missed foreground more than
-    false alarms, which raises recall on small structures."""
+    alpha = beta = 0.5 is the batch Dice loss with twice the smoothing (``DiceLoss(smooth=2 *
+    smooth)``); beta > alpha penalises missed foreground more than false alarms, which raises
+    recall on small structures."""
 
     def __init__(
         self,
