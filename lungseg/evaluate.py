@@ -66,6 +66,7 @@ from lungseg.data.folders import (
     read_image,
     read_image_oriented,
     suffix_list,
+    write_reasons,
     writing,
 )
 from lungseg.data.folders import existing as taken
@@ -219,10 +220,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     unscored = per_image.with_name(UNSCORED_FILE)
     with writing(unscored, _WRITE_FIX):
         if failed:  # data.strict=false: the pairs left out, each with its reason
-            with unscored.open("w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f, lineterminator="\n")
-                writer.writerow(["file", "reason"])
-                writer.writerows((str(file), reason) for file, reason in failed)
+            write_reasons(unscored, failed)
         elif unscored.is_file():  # an earlier evaluation's, which overwrite=true replaces
             unscored.unlink()
     summary = {

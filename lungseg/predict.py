@@ -173,8 +173,8 @@ def _check_outside_inputs(
     )
     if inside:
         raise LungsegError(
-            f"output_dir {output_dir} would put masks and overlays into {len(inside)} "
-            f"folder{'s' if len(inside) > 1 else ''} that input_dir {input_dir} reads images "
+            f"output_dir {output_dir} would put masks and overlays into "
+            f"{counted(len(inside), 'folder')} that input_dir {input_dir} reads images "
             f"from: {_listing(inside)}. They would mix with your images, and the next run "
             f"would read them as images. Nothing was written. Choose an output_dir outside "
             f"these folders, e.g. a new folder beside {output_dir}."

@@ -17,7 +17,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -91,22 +90,25 @@ def _changed_settings(run_dir: Path, overrides: list[str]) -> list[str]:
     by lungseg.hydra_files; none where it was not, as under SLURM)."""
     saved = hydra_files.remembered(run_dir, "overrides.yaml")
     try:
-        earlier = [str(o) for o in yaml.safe_load(saved)] if saved else None
-    except (yaml.YAMLError, TypeError):
-        earlier = None
-    if earlier is None:
+        earlier = [str(o) for o in OmegaConf.create(saved.decode())] if saved else []
+    except Exception:  # not a list of overrides: nothing to compare
+        earlier = []
+    if not earlier:
         return []
-    run, job = _by_key(earlier), _by_key(overrides)
+
+    def values(given: list[str]) -> dict[str, str]:
+        return {
+            override_key(o): o.partition("=")[2]
+            for o in given
+            if override_key(o) not in NOT_A_SETTING
+        }
+
+    run, job = values(earlier), values(overrides)
     return [
         f"{key}: {run.get(key, '(not given)')} -> {job.get(key, '(not given)')}"
         for key in dict.fromkeys([*run, *job])
-        if key.lstrip("+~") not in NOT_A_SETTING and run.get(key) != job.get(key)
+        if run.get(key) != job.get(key)
     ]
-
-
-def _by_key(overrides: list[str]) -> dict[str, str]:
-    """``["model=unet", "+x=1"]`` as ``{"model": "unet", "+x": "1"}``."""
-    return dict(o.split("=", 1) if "=" in o else (o, "") for o in overrides)
 
 
 def _finished(run: Path) -> bool:

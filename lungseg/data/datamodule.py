@@ -7,7 +7,6 @@ mislabelled file stops the run before the first epoch, not in the middle of one.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from lungseg.data.folders import (
     mask_folders,
     read_image_oriented,
     suffix_list,
+    write_reasons,
 )
 from lungseg.data.masks import (
     MASK_MODES,
@@ -764,12 +764,8 @@ class SegDataModule(pl.LightningDataModule):
         splits.write_split(self.split, Path(path))
 
     def write_skipped(self, path: str | Path) -> None:
-        """Write the files data.strict=false left out as CSV ``file,reason`` (the warnings
-        name the first few only)."""
-        with Path(path).open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["file", "reason"])
-            writer.writerows((str(file), reason) for file, reason in self.skipped)
+        """Write the files data.strict=false left out as CSV ``file,reason``."""
+        write_reasons(Path(path), self.skipped)
 
     def data_info(self) -> dict[str, Any]:
         """What prediction on new images needs, as plain values (safe for weights_only loads).

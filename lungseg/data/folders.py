@@ -10,6 +10,7 @@ folder its wildcards fill in; a file's key starts with the matched folder names
 (`COVID-19/covid_1`).
 """
 
+import csv
 import glob
 import logging
 import os
@@ -480,15 +481,27 @@ OTHER_IMAGE_SUFFIXES = (
 _UNREAD: dict[str, list[Path]] | None = None
 
 
+def write_reasons(path: Path, left_out: Sequence[tuple[Path, str]]) -> None:
+    """The files ``strict=false`` left out as CSV ``file,reason`` (training's skipped.csv,
+    eval.py's unscored.csv): the warnings name the first few only."""
+    with Path(path).open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["file", "reason"])
+        writer.writerows((str(file), reason) for file, reason in left_out)
+
+
+def _unread_kind(path: Path) -> str | None:
+    """The suffix of an image or volume format lungseg does not read, or None."""
+    name = path.name.lower()
+    if name.startswith("."):
+        return None
+    return next((s for s in (*OTHER_IMAGE_SUFFIXES, *VOLUME_SUFFIXES) if name.endswith(s)), None)
+
+
 def _warn_unread(found: Sequence[Path], folder: Path | str, role: str) -> None:
     """A warning that names the image files of ``found`` that are skipped for their format
     (collected instead inside ``one_unread_warning``)."""
-    suffixes = (*OTHER_IMAGE_SUFFIXES, *VOLUME_SUFFIXES)
-    unread = [
-        p
-        for p in sorted(found)
-        if not p.name.startswith(".") and any(p.name.lower().endswith(s) for s in suffixes)
-    ]
+    unread = [p for p in sorted(found) if _unread_kind(p)]
     if _UNREAD is not None:
         _UNREAD.setdefault(role, []).extend(unread)
     elif unread:
@@ -496,10 +509,9 @@ def _warn_unread(found: Sequence[Path], folder: Path | str, role: str) -> None:
 
 
 def _log_unread(unread: list[Path], folder: str, role: str) -> None:
-    suffixes = (*OTHER_IMAGE_SUFFIXES, *VOLUME_SUFFIXES)
     kinds: dict[str, int] = defaultdict(int)
     for path in unread:
-        kinds[next(s for s in suffixes if path.name.lower().endswith(s))] += 1
+        kinds[_unread_kind(path)] += 1
     first = unread[0]
     log.warning(
         "%s in the %s folder %s %s not read: lungseg reads %s (%s; e.g. %s). Convert %s to "
