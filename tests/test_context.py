@@ -1,5 +1,7 @@
 """2.5-D input (data.context_slices): neighbours by name, training and prediction agree."""
 
+import logging
+
 import cv2
 import numpy as np
 import pytest
@@ -98,6 +100,24 @@ def test_training_items_stack_the_neighbours_as_prediction_does(tmp_path):
     levels = raw.mean(dim=(1, 2)) * 255
     assert levels[2] - levels[1] == pytest.approx(10 if k < 3 else 0, abs=3)
     assert levels[1] - levels[0] == pytest.approx(10 if k > 0 else 0, abs=3)
+
+
+def test_a_split_by_slice_of_named_volumes_warns_once(tmp_path, caplog):
+    """vol0_slice-0 ... split by slice: one warning that names the pattern to split by and the
+    neighbours' leak (there were two, the name check's and 2.5-D's); 2.5-D's own where the
+    names give no id to suggest."""
+    image_dir, mask_dir = write_stacks(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        split_items(image_dir, mask_dir, mask_mode="binary", image_size=16, context_slices=1)
+    split = [r.getMessage() for r in caplog.records if "data.group_pattern" in r.getMessage()]
+    assert len(split) == 1, split
+    assert "share an id" in split[0] and "neighbours, stacked in as channels" in split[0]
+    caplog.clear()  # one volume: no id that several volumes share by name to suggest
+    image_dir2, mask_dir2 = write_stacks(tmp_path / "one", volumes=1)
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        split_items(image_dir2, mask_dir2, mask_mode="binary", image_size=16, context_slices=1)
+    split = [r.getMessage() for r in caplog.records if "data.group_pattern" in r.getMessage()]
+    assert len(split) == 1 and split[0].startswith("data.context_slices without"), split
 
 
 def test_a_context_model_trains_evaluates_and_predicts(tmp_path, make_cfg):

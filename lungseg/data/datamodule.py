@@ -617,8 +617,14 @@ class SegDataModule(pl.LightningDataModule):
             rows = context.neighbours(names, self._context, self._slice_pattern)
             images = [np.concatenate([images[j] for j in row], axis=2) for row in rows]
             self._log_context(names, rows)
-        if self._group_pattern is None and self._split_file is None:
-            _check_folder_grouping(names)
+        by_file = self._group_pattern is None and self._split_file is None
+        # one warning: the layout's, which names the pattern to set, or else 2.5-D's own
+        if by_file and not _check_folder_grouping(names, bool(self._context)) and self._context:
+            log.warning(
+                "data.context_slices without data.group_pattern: the split is by slice, so a "
+                "training slice's neighbours may be validation or test images (their pixels, "
+                "not their masks). Set data.group_pattern to split by patient or volume."
+            )
         split = splits.make_split(
             names,
             self._fractions,
@@ -1222,12 +1228,6 @@ class SegDataModule(pl.LightningDataModule):
                 self._slice_pattern or context.DEFAULT_SLICE_PATTERN,
                 names[0],
             )
-        if self._group_pattern is None and self._split_file is None:
-            log.warning(
-                "data.context_slices without data.group_pattern: the split is by slice, so a "
-                "training slice's neighbours may be validation or test images (their pixels, "
-                "not their masks). Set data.group_pattern to split by patient or volume."
-            )
 
     def _summary(
         self, pairs: list[Pair], members: dict[str, list[int]], train_masks: list[np.ndarray]
@@ -1397,6 +1397,13 @@ def _parse_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size[0], size[1]
 
 
+# Added to the split-by-file warnings for 2.5-D input (data.context_slices)
+_CONTEXT_LEAK = (
+    " With data.context_slices the leak is wider: a training slice's neighbours, stacked in "
+    "as channels, may be validation or test images (their pixels, not their masks)."
+)
+
+
 def _name_id_pattern(numbers: int) -> str:
     """A group_pattern for the start of a name up to its ``numbers``-th number, where a
     separator (``-``, ``_``, ``.``) follows: PAT012 in PAT012_view1 (1), LIDC-IDRI-0001 in
@@ -1405,7 +1412,7 @@ def _name_id_pattern(numbers: int) -> str:
     return r"^(\D*?\d+" + r"\D+?\d+" * (numbers - 1) + r")(?=[-_.])"
 
 
-def _check_name_grouping(names: Sequence[str]) -> None:
+def _check_name_grouping(names: Sequence[str], context: bool = False) -> bool:
     """Warn when file names share an id with others (``PAT012_view1``, ``PAT012_view2``)
     but the split takes each file on its own: such a shared start is mostly a patient or scan
     id, whose images must not be split between train and test. The id is the start of the
@@ -1413,7 +1420,8 @@ def _check_name_grouping(names: Sequence[str]) -> None:
     first gives fewer than 3 ids (a dataset's name, BraTS20_...; two sites); a warning only
     where every name has one and some share it, and the suggested pattern then finds them.
     Names whose ids are all distinct (``ID_0000_Z_0142``, ``demo_0001``, ``MCUCXR_0001_0``)
-    or that have none (``JPCLN001``, UUIDs) get no warning."""
+    or that have none (``JPCLN001``, UUIDs) get no warning. With ``context`` (2.5-D input) the
+    warning also says that neighbours leak. Returns whether it warned."""
     for numbers in (1, 2):
         pattern = _name_id_pattern(numbers)
         found = [re.match(pattern, name) for name in names]
@@ -1423,11 +1431,11 @@ def _check_name_grouping(names: Sequence[str]) -> None:
         for name, match in zip(names, found, strict=True):
             ids.setdefault(match.group(1), []).append(name)
         if len(ids) == len(names):
-            return  # every file its own id: nothing shared
+            return False  # every file its own id: nothing shared
         if len(ids) >= 3:
             break
     else:
-        return
+        return False
     shared = {i: files for i, files in ids.items() if len(files) > 1}
     example, files = max(shared.items(), key=lambda item: len(item[1]))
     log.warning(
@@ -1436,7 +1444,7 @@ def _check_name_grouping(names: Sequence[str]) -> None:
         "every file on its own and one id's images can land in train and test. If that id is "
         "a patient (or scan), split by it: on the command line \"data.group_pattern='%s'\" "
         "(the double quotes keep the shell's hands off it); the log then counts the patients "
-        "of each split.",
+        "of each split.%s",
         sum(len(f) for f in shared.values()),
         len(names),
         counted(len(ids), "id"),
@@ -1444,27 +1452,31 @@ def _check_name_grouping(names: Sequence[str]) -> None:
         example,
         ", ".join(files[:2]),
         pattern,
+        _CONTEXT_LEAK if context else "",
     )
+    return True
 
 
-def _check_folder_grouping(names: Sequence[str]) -> None:
+def _check_folder_grouping(names: Sequence[str], context: bool = False) -> bool:
     """Warn when the files lie in several sub-folders (data.recursive) but the split takes
     each file on its own: sub-folders are mostly patients or scans, whose slices must not be
-    split between train and test; for files in one folder, ``_check_name_grouping``."""
+    split between train and test; for files in one folder, ``_check_name_grouping``.
+    Returns whether it warned."""
     folders = {name.rpartition("/")[0] for name in names} - {""}
     if len(folders) < 2:
-        _check_name_grouping(names)
-        return
+        return _check_name_grouping(names, context)
     log.warning(
         "The %d files lie in %d sub-folders, but data.group_pattern is not set, so the split "
         "takes every file on its own and slices of one sub-folder can land in train and test. "
         "If each sub-folder holds one patient (or scan), split by it: on the command line "
         "\"data.group_pattern='^([^/]+)'\" (the first folder below data.image_dir, or the "
         "folder its first '*' matched, or the file itself when it lies directly in it; the "
-        "double quotes keep the shell's hands off it).",
+        "double quotes keep the shell's hands off it).%s",
         len(names),
         len(folders),
+        _CONTEXT_LEAK if context else "",
     )
+    return True
 
 
 def _check_bit_depths(depths: Mapping[str, tuple[int, int]], normalize: str) -> None:
