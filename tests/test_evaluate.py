@@ -462,6 +462,19 @@ def test_eval_on_the_runs_own_folders_refuses_what_it_learnt_from(tmp_path, chec
     resaved = [f"data.image_dir={again / 'images'}", f"data.mask_dir={again / 'masks'}"]
     with pytest.raises(LungsegError, match=f"{trained} of the .*; the same images as the run's"):
         evaluate(eval_cfg(tmp_path / "again", ckpt, *resaved))
+    # ... and as RGB JPEGs at twice the size (were scored as new data: other shape and type)
+    for image in (again / "images").iterdir():
+        pixels = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)
+        pixels = cv2.resize(pixels, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+        cv2.imwrite(str(image.with_suffix(".jpg")), cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR))
+        image.unlink()
+    for mask in (again / "masks").iterdir():  # their masks at that size too
+        pixels = cv2.imread(str(mask), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(
+            str(mask), cv2.resize(pixels, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+        )
+    with pytest.raises(LungsegError, match=f"{trained} of the .*; the same images as the run's"):
+        evaluate(eval_cfg(tmp_path / "again2", ckpt, *resaved))
     # other images under the same names (another site's case_001): new data, scored
     site = tmp_path / "site"
     shutil.copytree(moved, site)
