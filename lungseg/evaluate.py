@@ -73,7 +73,7 @@ from lungseg.data.folders import existing as taken
 from lungseg.data.masks import decode_layers
 from lungseg.errors import LungsegError, counted
 from lungseg.inference import (
-    BitDepthCheck,
+    InputCheck,
     batches,
     config_checkpoints,
     load_from_config,
@@ -387,7 +387,7 @@ def _score(
     scored: list[list[dict[str, Any]]] = [[] for _ in grid]
     failed: list[tuple[Path, str]] = []  # strict=false: pairs that cannot be scored
     turned: dict[Pair, tuple[int, int, Path]] = {}  # pairs whose EXIF orientations differ
-    depths = BitDepthCheck(info)
+    checks = InputCheck(info)
     with tqdm(total=len(pairs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(pairs, cfg.batch_size):
             try:
@@ -396,7 +396,7 @@ def _score(
                 raise LungsegError(f"{error} {_SKIP_HINT}") from error
             failed += unread
             for i, image in zip(kept, images, strict=True):
-                depths.see(batch[i].image, image)
+                checks.see(batch[i].image, image)
             probs = predict_probabilities(model, images, flips) if images else []
             for pair, prob in zip([batch[i] for i in kept], probs, strict=True):
                 try:
@@ -421,7 +421,7 @@ def _score(
         ("image/mask pair that cannot be scored is", "image/mask pairs that cannot be scored are"),
     )
     check_orientations(turned)
-    depths.report()
+    checks.report()
     if not scored[0] and failed:
         raise LungsegError(
             f"None of the {len(pairs)} image/mask pairs could be scored ({source}); the first: "
@@ -533,8 +533,9 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
         left_out = [p.stem + p.image.suffix for p in pairs if p.stem not in listed]
         if left_out:
             log.info(
-                "%d pairs the run left out (data.strict=false) are not scored: %s",
-                len(left_out),
+                "%s the run left out (data.strict=false) %s not scored: %s",
+                counted(len(left_out), "pair"),
+                "is" if len(left_out) == 1 else "are",
                 ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else ""),
             )
         pairs = [p for p in pairs if p.stem in listed]

@@ -398,29 +398,44 @@ def read_usable(
     return kept, inputs, failed
 
 
-class BitDepthCheck:
-    """Collects the images whose bit depth the model was not trained on (``see`` each read
-    input), for one warning at the end (``report``). Each image is scaled by its type's range
-    (8-bit /255, 16-bit /65535), and a window applies to the raw values, so a 16-bit image
-    given to a model trained on 8-bit ones (or the other way) reaches it on another scale,
-    e.g. 12-bit CT values in 16-bit files 16 times darker. Checkpoints from before lungseg
-    recorded the depths (data_info ``bit_depths``) are not checked, nor models trained on
-    float images, nor models that normalise each image by itself without a window; float
-    images are not checked either."""
+class InputCheck:
+    """Collects, over the images read for a model (``see`` each input), those it would get
+    wrong without an error, for one warning of each kind at the end (``report``):
+
+    - images of a bit depth the model was not trained on. Each image is scaled by its type's
+      range (8-bit /255, 16-bit /65535), and a window applies to the raw values, so a 16-bit
+      image given to a model trained on 8-bit ones (or the other way) reaches it on another
+      scale, e.g. 12-bit CT values in 16-bit files 16 times darker. Checkpoints from before
+      lungseg recorded the depths (data_info ``bit_depths``) are not checked, nor models
+      trained on float images, nor models that normalise each image by itself without a
+      window; float images are not checked either.
+    - images that reach the network as one flat value: blank files, or every stored value
+      outside the model's window (``transforms.flat_images_warning``), as training warns."""
 
     def __init__(self, info: Mapping[str, Any]) -> None:
         self.trained = [int(b) for b in info.get("bit_depths") or []]
-        self.windowed = info.get("window") is not None
+        self.window = info.get("window")
+        self.offset = float(info.get("intensity_offset") or 0.0)
+        self.windowed = self.window is not None
         per_image = info.get("normalize") == "image" and not self.windowed
         self.active = bool(self.trained) and not per_image
         self.other: dict[int, list[str]] = {}
+        self.flat: dict[str, tuple[float, float]] = {}
+        self.seen = 0
 
     def see(self, path: Path, item: np.ndarray | Sequence[np.ndarray]) -> None:
         raw = centre_slice(item)
+        self.seen += 1
         if self.active and raw.dtype in (np.uint8, np.uint16):
             bits = raw.dtype.itemsize * 8
             if bits not in self.trained:
                 self.other.setdefault(bits, []).append(str(path))
+        try:
+            flat = transforms.is_flat(transforms.scale_intensity(raw, self.window, self.offset))
+        except LungsegError:  # a type without a range: the network input says so itself
+            flat = False
+        if flat:
+            self.flat[str(path)] = (float(raw.min()), float(raw.max()))
 
     def report(self) -> None:
         trained = " and ".join(f"{b}-bit" for b in self.trained)
@@ -439,6 +454,9 @@ class BitDepthCheck:
                 trained,
                 retrain,
             )
+        flat = transforms.flat_images_warning(self.flat, self.seen, self.window, self.offset)
+        if flat:
+            log.warning("%s Their predictions say nothing about them.", flat)
 
 
 def report_skipped(failed: Sequence[tuple[Path, str]], what: tuple[str, str]) -> None:

@@ -38,7 +38,7 @@ from lungseg.data.masks import default_colors, encode_mask
 from lungseg.data.transforms import scale_intensity
 from lungseg.errors import LungsegError, counted
 from lungseg.inference import (
-    BitDepthCheck,
+    InputCheck,
     batches,
     centre_slice,
     load_from_config,
@@ -200,7 +200,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     output_dir = Path(cfg.output_dir).expanduser()  # created by the first write
     written: list[Path] = []
     failed: list[tuple[Path, str]] = []  # strict=false: images that cannot be read
-    depths = BitDepthCheck(info)
+    checks = InputCheck(info)
     with tqdm(total=len(outputs), unit="image", disable=not cfg.progress_bar) as bar:
         for batch in batches(list(outputs), cfg.batch_size):
             try:
@@ -215,7 +215,7 @@ def predict(cfg: DictConfig) -> list[Path]:
                 ) from None
             failed += unread
             for i, item in zip(kept, inputs, strict=True):
-                depths.see(batch[i], item)
+                checks.see(batch[i], item)
             probs = predict_probabilities(model, inputs, flips) if inputs else []
             for path, item, prob in zip([batch[i] for i in kept], inputs, probs, strict=True):
                 raw = centre_slice(item)  # 2.5-D input: the image itself
@@ -231,8 +231,13 @@ def predict(cfg: DictConfig) -> list[Path]:
                 written += [mask_path, overlay_path]
             bar.update(len(batch))
     report_skipped(failed, ("image that cannot be read is", "images that cannot be read are"))
-    depths.report()
-    log.info("%d masks and their overlays written to %s", len(written) // 2, output_dir)
+    checks.report()
+    log.info(
+        "%s and %s written to %s",
+        counted(len(written) // 2, "mask"),
+        "its overlay" if len(written) == 2 else "their overlays",
+        output_dir,
+    )
     return written
 
 

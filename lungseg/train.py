@@ -24,7 +24,7 @@ from lungseg import hostmem, hydra_files, postprocess
 from lungseg.callbacks import EMA, FitScheduleToTime
 from lungseg.checks import check_settings
 from lungseg.data.splits import trains_without_validation
-from lungseg.errors import LungsegError
+from lungseg.errors import LungsegError, counted
 from lungseg.evaluate import evaluate, scores, test_config
 from lungseg.module import SegmentationModule
 from lungseg.run_folder import (
@@ -402,8 +402,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if datamodule.skipped:
             datamodule.write_skipped(out_dir / "skipped.csv")
             log.warning(
-                "%d files were left out (data.strict=false); each is listed with its reason in %s",
-                len(datamodule.skipped),
+                "%s left out (data.strict=false); each is listed with its reason in %s",
+                counted(len(datamodule.skipped), "file was", "files were"),
                 out_dir / "skipped.csv",
             )
     if (

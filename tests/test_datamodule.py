@@ -894,7 +894,7 @@ def test_a_class_absent_from_the_training_split_is_named(tmp_path, caplog):
         dm = make_dm(image_dir, mask_dir, split_file=str(split), class_names=names)
     assert dm.num_classes == 4
     assert (
-        "Class has no pixel in the 8 training masks ('nodule' in 1 val and 1 test masks)"
+        "Class has no pixel in the 8 training masks ('nodule' in 1 val mask and 1 test mask)"
     ) in caplog.text
     assert "data.group_pattern" in caplog.text
 
@@ -902,7 +902,7 @@ def test_a_class_absent_from_the_training_split_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
         make_dm(image_dir, mask_dir, split_file=str(split), num_classes=5)
     assert (
-        "Classes have no pixel in the 8 training masks ('class_3' in 1 val and 1 test masks, "
+        "Classes have no pixel in the 8 training masks ('class_3' in 1 val mask and 1 test mask, "
         "'class_4' in no mask of any split)"
     ) in caplog.text
 
@@ -978,3 +978,82 @@ def test_the_epoch_seed_follows_the_runs_seed_where_it_differs_from_data_seed(
     assert not torch.equal(epoch_draw(1), epoch_draw(2))
     assert torch.equal(epoch_draw(1), epoch_draw(1))
     assert torch.equal(epoch_draw(42), epoch_draw(None))  # data.seed's own epochs, as before
+
+
+def test_copies_under_other_names_in_other_splits_are_named(tmp_path, caplog):
+    """case00.png and 'case00 (1).png', as downloads name copies, landed in train and test
+    without a word (found by a tester): the test score counted an image trained on."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=10)
+    for folder in (image_dir, mask_dir):
+        for i in (0, 1):
+            shutil.copy(folder / f"case{i:02d}.png", folder / f"case{i:02d} (1).png")
+    rows = [f"case{i:02d},train" for i in range(8)] + ["case08,val", "case09,test"]
+    rows += ["case00 (1),test", "case01 (1),train"]  # one copy across splits, one within
+    split = tmp_path / "split.csv"
+    split.write_text("file,split\n" + "\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        make_dm(image_dir, mask_dir, split_file=str(split))
+    warned = [r.getMessage() for r in caplog.records if "under another name" in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].startswith("2 images are the same image as another under another name")
+    assert "(1 group; e.g. case00 (train), case00 (1) (test))" in warned[0]
+    caplog.clear()  # the copy in the same split as its original: nothing leaks
+    split.write_text(split.read_text().replace("case00 (1),test", "case00 (1),train"))
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        make_dm(image_dir, mask_dir, split_file=str(split))
+    assert "under another name" not in caplog.text
+
+
+def test_a_validation_split_without_foreground_is_named(tmp_path, caplog):
+    """val/dice was 0 at every epoch and chose the first checkpoint, without a word."""
+    image_dir, mask_dir, masks = write_data(tmp_path, n=10)
+    for name in ("case08", "case09"):
+        cv2.imwrite(str(mask_dir / f"{name}.png"), np.zeros_like(masks[name]))
+    rows = [f"case{i:02d},{'val' if i >= 8 else 'test' if i >= 6 else 'train'}" for i in range(10)]
+    split = tmp_path / "split.csv"
+    split.write_text("file,split\n" + "\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        make_dm(image_dir, mask_dir, split_file=str(split))
+    assert "None of the 2 validation masks holds a foreground pixel" in caplog.text
+    assert "val/dice" in caplog.text and "data.split_file" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        make_dm(*write_data(tmp_path / "clean", n=10)[:2])
+    assert "validation masks" not in caplog.text
+
+
+def test_images_that_reach_the_network_flat_are_named(tmp_path, caplog):
+    """16-bit CT saved with another offset (raw DICOM, CT + 1024) clipped to black under
+    data.window and trained as blank images without a word (found by a tester); a blank file
+    is named too. eval.py and predict.py name them the same way (InputCheck)."""
+    image_dir, mask_dir, masks = write_data(tmp_path, n=10)
+    rng = np.random.default_rng(0)
+    for i in range(10):  # CT values -1000..400 stored + 32768; case08 + 1024; case09 blank
+        hu = rng.integers(-1000, 400, (H, W))
+        stored = hu + (1024 if i == 8 else 32768)
+        if i == 9:
+            stored = np.full((H, W), 32768)
+        cv2.imwrite(str(image_dir / f"case{i:02d}.png"), stored.astype(np.uint16))
+    window = {"window": [-1000, 400], "intensity_offset": 32768}
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        make_dm(image_dir, mask_dir, **window)
+    (warned,) = [r.getMessage() for r in caplog.records if "one flat grey" in r.getMessage()]
+    assert warned.startswith("2 of the 10 images reach the network as one flat grey: ")
+    assert "1 lie wholly outside data.window=[-1000, 400] (e.g. case08.png: stored values" in warned
+    assert "after data.intensity_offset=32768" in warned and "CT + 1024" in warned
+    assert "1 hold one value in the file itself (e.g. case09.png: all 32768)" in warned
+    caplog.clear()
+    from lungseg.inference import InputCheck
+
+    check = InputCheck({"bit_depths": [16], "normalize": "dataset", **window})
+    for i in range(10):
+        path = image_dir / f"case{i:02d}.png"
+        check.see(path, cv2.imread(str(path), cv2.IMREAD_UNCHANGED))
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        check.report()
+    assert "2 of the 10 images reach the network as one flat grey" in caplog.text
+    assert f"e.g. {image_dir / 'case08.png'}: stored values" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        make_dm(*write_data(tmp_path / "clean", n=10)[:2])
+    assert "flat grey" not in caplog.text

@@ -7,6 +7,7 @@ mislabelled file stops the run before the first epoch, not in the middle of one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -521,6 +522,10 @@ class SegDataModule(pl.LightningDataModule):
         self._window = window  # checked by scale_intensity
         # image (its path below data.image_dir): (bits, largest value)
         self._bit_depths: dict[str, tuple[int, int]] = {}
+        # images that are one value as the network gets them: name -> stored (lowest, highest)
+        self._flat: dict[str, tuple[float, float]] = {}
+        # each pair's image as the network gets it, hashed: copies under other names
+        self._digests: dict[str, bytes] = {}
         # pair's stem: (the class ids its mask holds at its own size, their pixel counts);
         # the classes are counted there, before the resize to image_size can lose small ones
         self._full_classes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -606,12 +611,17 @@ class SegDataModule(pl.LightningDataModule):
             *self._data_dirs(), self._mask_suffixes, self._strict, self.skipped, self._recursive
         )
         self._bit_depths.clear()
+        self._flat.clear()
+        self._digests.clear()
         self._full_classes.clear()
         self._turned.clear()
         pairs, images, masks = self._decode_all(pairs)
         check_orientations({p: self._turned[p] for p in pairs if p in self._turned})
         if self._window is None:
             _check_bit_depths(self._bit_depths, self._normalize)
+        flat = transforms.flat_images_warning(self._flat, len(pairs), self._window, self._offset)
+        if flat:
+            log.warning("%s", flat)
         names = [p.stem for p in pairs]
         if self._context:  # 2.5-D: each slice with its neighbours as channels
             rows = context.neighbours(names, self._context, self._slice_pattern)
@@ -647,6 +657,8 @@ class SegDataModule(pl.LightningDataModule):
         self._class_names = self._resolve_class_names()
         members = {s: [i for i, n in enumerate(names) if split[n] == s] for s in splits.SPLITS}
         self._check_foreground(members, full)
+        self._warn_empty_val(members, full)
+        self._warn_copies(split)
         # (N, K): which classes each mask holds as trained (soft masks: any fraction)
         held = np.zeros((len(masks), self._num_classes), bool)
         for i, mask in enumerate(soft or masks):
@@ -896,6 +908,10 @@ class SegDataModule(pl.LightningDataModule):
         present = np.flatnonzero(counts)
         self._full_classes[pair.stem] = (present, counts[present])  # one key per thread
         image = transforms.preprocess(raw, self._image_info(), pair.image)
+        if transforms.is_flat(image):  # _flat: setup warns of them
+            self._flat[f"{pair.stem}{pair.image.suffix}"] = (float(raw.min()), float(raw.max()))
+        else:  # flat images are alike without being copies
+            self._digests[pair.stem] = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
         if raw.dtype in (np.uint8, np.uint16):  # of the pairs used: _check_bit_depths, data_info
             self._bit_depths[f"{pair.stem}{pair.image.suffix}"] = (
                 raw.dtype.itemsize * 8,
@@ -933,6 +949,48 @@ class SegDataModule(pl.LightningDataModule):
             f"with the same file names, and that data.mask_mode fits how they store the "
             f"classes: index (class ids 1, 2, ... as grey values), binary (non-zero = "
             f"foreground) or palette (the colours of data.palette)."
+        )
+
+    def _warn_copies(self, split: Mapping[str, str]) -> None:
+        """A warning when images of different names are the same image (``case00`` and
+        ``case00 (1)``, as downloads and copies name them; the same pixels as the network gets
+        them) and the split put them in different parts: the test (or validation) score then
+        counts images the model trained on."""
+        by_digest: dict[bytes, list[str]] = {}
+        for stem, digest in self._digests.items():
+            by_digest.setdefault(digest, []).append(stem)
+        groups = [sorted(g) for g in by_digest.values() if len({split[n] for n in g}) > 1]
+        if not groups:
+            return
+        log.warning(
+            "%d images are the same image as another under another name, in another split "
+            "(%s; e.g. %s), so the val and test scores count images the model trained on. "
+            "Remove the copies from the data folders, or keep each group in one split with a "
+            "data.split_file (or a data.group_pattern that gives the copies one id).",
+            sum(len(g) for g in groups),
+            counted(len(groups), "group"),
+            ", ".join(f"{n} ({split[n]})" for n in groups[0][:3]),
+        )
+
+    def _warn_empty_val(
+        self, members: Mapping[str, list[int]], full: Sequence[tuple[np.ndarray, np.ndarray]]
+    ) -> None:
+        """A warning when the validation split holds images but none with a foreground pixel
+        (small data, lesion data with many empty slices, a split file): val/dice is then 0 or
+        undefined at every epoch, so the checkpoint chosen by it says nothing about the
+        model, without an error."""
+        val = members["val"]
+        if not val or any(full[i][0][-1] > 0 for i in val):
+            return
+        log.warning(
+            "None of the %s holds a foreground pixel (every pixel is class 0, background), so "
+            "val/dice, which chooses the best checkpoint (callbacks.model_checkpoint.monitor), "
+            "can only be 0 (any foreground predicted on an empty mask scores 0) or undefined, "
+            "and the checkpoint kept says nothing about the model. Give the validation split "
+            "images with foreground: "
+            "another data.seed, split by patient with data.group_pattern, a larger "
+            "validation share in data.split, or a data.split_file.",
+            counted(len(val), "validation mask"),
         )
 
     def _warn_lost_classes(
@@ -983,8 +1041,12 @@ class SegDataModule(pl.LightningDataModule):
             return
 
         def where(c: int) -> str:
-            found = [f"{counts[s][c]} {s}" for s in splits.SPLITS if s != "train" and counts[s][c]]
-            return f"in {' and '.join(found)} masks" if found else "in no mask of any split"
+            found = [
+                counted(int(counts[s][c]), f"{s} mask")
+                for s in splits.SPLITS
+                if s != "train" and counts[s][c]
+            ]
+            return f"in {' and '.join(found)}" if found else "in no mask of any split"
 
         log.warning(
             "%s no pixel in the %d training masks (%s), so the network has an output it never "

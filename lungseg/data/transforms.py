@@ -58,6 +58,57 @@ def scale_intensity(
     return (np.clip(image, lo, hi) - np.float32(lo)) / np.float32(hi - lo)
 
 
+def flat_images_warning(
+    flat: Mapping[str, tuple[float, float]],
+    total: int,
+    window: Sequence[float] | None,
+    offset: float,
+) -> str | None:
+    """The warning for images that reach the network as one flat value (``flat``: file name
+    -> its stored values' (lowest, highest)), of ``total`` images; None where there are
+    none. Either the file holds one value (a blank image) or, with ``window``, every stored
+    value lies outside the window once ``offset`` is taken off: most often files saved with
+    another offset (raw DICOM values are CT + 1024), whose pixels would all clip to black or
+    white without a word."""
+    if not flat:
+        return None
+    blank = [name for name, (low, high) in flat.items() if low == high]
+    clipped = [name for name in flat if name not in blank and window is not None]
+    smoothed = [name for name in flat if name not in blank and window is None]
+    parts = []
+    if clipped:
+        low, high = flat[clipped[0]]
+        parts.append(
+            f"{len(clipped)} lie wholly outside data.window={list(window)} (e.g. {clipped[0]}: "
+            f"stored values {low:g} to {high:g}, {low - offset:g} to {high - offset:g} after "
+            f"data.intensity_offset={offset:g}). Check the offset they were saved with (raw "
+            f"DICOM values are often CT + 1024, lungseg's own 16-bit CT exports CT + 32768): "
+            f"data.intensity_offset must bring every file's stored values to the window's "
+            f"units, so convert these files to the others' offset or leave them out"
+        )
+    if blank:
+        parts.append(
+            f"{len(blank)} hold one value in the file itself (e.g. {blank[0]}: all "
+            f"{flat[blank[0]][0]:g}): blank images, which show the network nothing; leave "
+            f"them out unless they are meant as blank slices"
+        )
+    if smoothed:
+        parts.append(
+            f"{len(smoothed)} lose their few other values to the resize to data.image_size "
+            f"and the median blur (e.g. {smoothed[0]})"
+        )
+    return (
+        f"{len(flat)} of the {total} images reach the network as one flat grey: "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def is_flat(image: np.ndarray) -> bool:
+    """Whether an image holds one value (after ``scale_intensity``: nothing to see)."""
+    return image.size > 0 and bool(image.min() == image.max())
+
+
 def _check_window(window: Sequence[float]) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in window)
