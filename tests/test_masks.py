@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from lungseg.data.folders import read_image, write_image
-from lungseg.data.masks import MASK_MODES, decode_mask, default_colors, encode_mask
+from lungseg.data.masks import (
+    MASK_MODES,
+    decode_layers,
+    decode_mask,
+    default_colors,
+    encode_mask,
+)
 from lungseg.errors import LungsegError
 
 PATH = Path("masks/case 1.png")
@@ -61,6 +67,23 @@ def test_0_255_mask_in_index_mode_suggests_binary(num_classes):
     raw = np.array([[0, 255]], np.uint8)
     with pytest.raises(LungsegError, match=r"case 1\.png holds only the values 0 and 255.*binary"):
         decode_mask(raw, "index", PATH, num_classes=num_classes)
+
+
+@pytest.mark.parametrize(("dtype", "top"), [(np.uint8, 255), (np.uint16, 65535)])
+def test_0_255_index_mask_names_the_grey_palette_for_grey_coded_classes(dtype, top):
+    """A 0/255 slice among 0/128/255 masks (a tumour, no lung) was told to use binary, which
+    merges the classes coded as grey levels."""
+    with pytest.raises(LungsegError) as info:
+        decode_mask(np.array([[0, top]], dtype), "index", PATH)
+    message = str(info.value)
+    assert f"holds only the values 0 and {top}, which looks like a binary" in message
+    assert "Set data.mask_mode=binary (non-zero = foreground) where every mask is black/white" in (
+        message
+    )
+    assert "If other masks hold further grey levels" in message and "0/128/255" in message
+    assert "data.mask_mode=palette with a grey palette, class i the i-th level" in message
+    assert "data.palette=[[0,0,0],[128,128,128],[255,255,255]]" in message
+    assert ("save the masks as 8-bit grey levels" in message) == (top == 65535)
 
 
 def test_binary_mask():
@@ -164,6 +187,178 @@ def test_jpeg_and_anti_aliased_binary_masks_are_still_cut_halfway(caplog, tmp_pa
         decoded = decode_mask(gray, "binary", folder / "a.png")
     np.testing.assert_array_equal(decoded, (gray > 127.5).astype(np.uint8))
     assert "half of 255" in caplog.text and "several grey levels" not in caplog.text
+
+
+def small_top_jpeg(levels, quality=95, size=128):
+    """A mask of ``ellipses(levels)`` (the right lung larger) after JPEG compression, and the
+    true foreground."""
+    mask = ellipses(levels, size)
+    mask[size // 4 : 3 * size // 4, size // 2 + 4 : size - 8] = levels[2]
+    return jpeg(mask, quality), mask > 0
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_small_top_jpeg_binary_masks_are_warned_about_and_cut_halfway_to_their_level(
+    caplog, tmp_path
+):
+    """0/1 masks saved as JPEG (0, 1, 2, 3 ... along the edges) skipped the halfway cut, which
+    needs a top of half the range, and passed silently with JPEG noise taken as foreground."""
+    folder = tmp_path / "masks"
+    gray, truth = small_top_jpeg((0, 1, 1), quality=75)
+    assert set(np.unique(gray).tolist()) > {0, 1}  # the noise the tester saw
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        for name in ("a.jpg", "b.JPEG"):
+            decoded = decode_mask(gray, "binary", folder / name)
+            np.testing.assert_array_equal(decoded, gray > 0)  # level 1: cut at 0.5
+    warnings = warnings_of(caplog)
+    assert len(warnings) == 1 and f"Mask {folder / 'a.jpg'} is a JPEG" in warnings[0]
+    assert "JPEG's lossy compression changed the values along the mask's edges" in warnings[0]
+    assert "so data.mask_mode=binary takes a pixel as foreground from half of 1 up" in warnings[0]
+    assert "save the masks as PNG (lossless)" in warnings[0]
+
+    # 0/40 masks: cut halfway to 40, where the top (JPEG's overshoot) or 0 / non-zero are wrong
+    gray, truth = small_top_jpeg((0, 40, 40), quality=75)
+    assert gray.max() > 40 and 2 * gray.max() < 255
+    decoded = decode_mask(gray, "binary", tmp_path / "forty" / "a.jpg")
+    np.testing.assert_array_equal(decoded, gray > 20)
+    assert (decoded != truth).mean() < 0.001 < ((gray > 0) != truth).mean()
+    # two lungs stored as 1 and 2, the lung of 2 the larger: both are foreground
+    gray, truth = small_top_jpeg((0, 1, 2))
+    assert (gray == 2).sum() > (gray == 1).sum() > 0.25 * (gray > 0).sum()
+    np.testing.assert_array_equal(decode_mask(gray, "binary", tmp_path / "two/a.jpg"), gray > 0)
+
+
+def test_index_like_png_binary_masks_are_read_as_before_without_a_warning(caplog, tmp_path):
+    gray, _ = small_top_jpeg((0, 1, 2))  # values 0-3 in a PNG: 0 / non-zero, as always
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        for name in ("a.png", "b.tif", "c.bmp"):
+            decoded = decode_mask(gray, "binary", tmp_path / name)
+            np.testing.assert_array_equal(decoded, gray > 0)
+        for name in ("a.jpg", "a.png"):  # 0/1 with no noise: nothing to say
+            decode_mask(np.array([[0, 1, 1]], np.uint8), "binary", tmp_path / "clean" / name)
+    assert not warnings_of(caplog)
+
+
+def red_and_green(size=64):
+    """(size, size, 3) RGB mask: a red lung, a green tumour (a disc) inside it, on black."""
+    rgb = np.zeros((size, size, 3), np.uint8)
+    cv2.ellipse(rgb, (size // 2, size // 2), (size // 3, size // 3), 0, 0, 360, (255, 0, 0), -1)
+    cv2.circle(rgb, (size // 2, size // 2), size // 10, (0, 255, 0), -1)
+    return rgb
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg"])
+def test_colour_classes_in_binary_mode_are_warned_about_once_per_folder(caplog, tmp_path, name):
+    """Red lung and green tumour: both have a largest channel of 255, so binary merged the two
+    classes without a word."""
+    rgb = red_and_green(64 if name == "a.png" else 128)
+    if name == "a.jpg":
+        rgb = jpeg(rgb[..., ::-1].copy(), 90)[..., ::-1]
+    folder = tmp_path / "masks"
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        for file in (name, f"b{Path(name).suffix}"):
+            decoded = decode_mask(rgb, "binary", folder / file)
+            brightest = rgb.max(axis=2).astype(int)  # cut halfway for the JPEG's noise
+            np.testing.assert_array_equal(decoded, 2 * brightest > brightest.max())
+    warnings = [w for w in warnings_of(caplog) if "distinct colours" in w]
+    assert len(warnings) == 1 and f"Mask {folder / name} holds 2 distinct colours" in warnings[0]
+    assert "data.mask_mode=binary takes them all as one foreground class" in warnings[0]
+    if name == "a.png":
+        assert "((255, 0, 0), (0, 255, 0))" in warnings[0]
+        palette = "{background:[0,0,0],class_1:[255,0,0],class_2:[0,255,0]}"
+        assert (
+            "data.mask_mode=palette and the colours in data.palette, background first, "
+            in (warnings[0])
+        )
+        assert f"'data.palette={palette}'" in warnings[0]
+    assert "several brightness levels" not in caplog.text
+    # a palette built from the colours found reads the classes apart
+    if name == "a.png":
+        classes = decode_mask(rgb, "palette", folder / name, [[0, 0, 0], [255, 0, 0], [0, 255, 0]])
+        assert set(np.unique(classes).tolist()) == {0, 1, 2}
+
+
+def one_red(make):
+    rgb = np.zeros((96, 96, 3), np.uint8)
+    cv2.ellipse(rgb, (48, 48), (20, 30), 0, 0, 360, (255, 0, 0), -1, cv2.LINE_AA)
+    return make(rgb)
+
+
+@pytest.mark.parametrize(
+    "rgb",
+    [
+        one_red(lambda m: m),  # anti-aliased edges: dark reds along the edge
+        one_red(lambda m: jpeg(m, 75)),
+        one_red(lambda m: jpeg(m, 95)),
+        one_red(lambda m: cv2.resize(m, (48, 48), interpolation=cv2.INTER_AREA)),
+        one_red(lambda m: cv2.resize(m, (288, 288), interpolation=cv2.INTER_LINEAR)),
+        # edge pixels blown up into blocks of one dark red: regions, but shades of the one colour
+        one_red(lambda m: cv2.resize(m, (768, 768), interpolation=cv2.INTER_NEAREST)),
+        np.repeat(ellipses((0, 128, 255))[:, :, None], 3, axis=2),  # grey levels, as RGB
+    ],
+    ids=["anti-aliased", "jpeg75", "jpeg95", "area-half", "linear-triple", "nearest-8x", "grey"],
+)
+def test_one_colour_with_noisy_edges_is_not_taken_for_colour_classes(caplog, tmp_path, rgb):
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        decode_mask(rgb, "binary", tmp_path / "a.png")
+    assert "distinct colours" not in caplog.text
+
+
+def test_colours_of_two_brightnesses_get_one_warning_that_names_the_colours(caplog, tmp_path):
+    """Red and dark blue have largest channels 255 and 128: the colours' warning says it all,
+    without the brightness levels' warning beside it; red and dark red are brightness levels."""
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[8:56, 8:34] = (255, 0, 0)  # the larger region: named first
+    rgb[8:56, 38:56] = (0, 0, 128)
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        np.testing.assert_array_equal(
+            decode_mask(rgb, "binary", tmp_path / "blue" / "a.png"), rgb.max(axis=2) > 0
+        )
+    assert "holds 2 distinct colours in regions of their own ((255, 0, 0), (0, 0, 128))" in (
+        caplog.text
+    )
+    assert "several brightness levels" not in caplog.text
+    caplog.clear()
+    rgb[8:56, 38:56] = (128, 0, 0)
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        decode_mask(rgb, "binary", tmp_path / "dark" / "a.png")
+    assert "several brightness levels (0, 128, 255)" in caplog.text
+    assert "distinct colours" not in caplog.text
+
+
+def test_mask_folder_lists_word_their_warnings_for_a_folder_list(caplog, tmp_path):
+    """Files of a folder list are read as black/white whatever data.mask_mode: the warning said
+    'data.mask_mode=binary takes ...' to a user who had set index."""
+    noisy = np.array([[0, 3, 120, 128, 251, 255]], np.uint8)
+    clean = np.array([[0, 0, 0, 0, 0, 255]], np.uint8)
+    paths = [tmp_path / "left" / "a.jpg", tmp_path / "right" / "a.png"]
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        decoded = decode_layers([noisy, clean], paths, "index")
+    np.testing.assert_array_equal(decoded, [[0, 0, 0, 1, 1, 2]])
+    warnings = warnings_of(caplog)
+    assert len(warnings) == 1 and str(paths[0]) in warnings[0]
+    assert (
+        "and each mask file of a folder list is read as black/white: a pixel is taken as "
+        "foreground from half of 255 up"
+    ) in warnings[0]
+    assert "mask_mode=binary" not in warnings[0]
+    # a small-top JPEG and grey-coded levels alike; colour files get no palette advice
+    caplog.clear()
+    gray, _ = small_top_jpeg((0, 1, 1), quality=75)
+    levels = ellipses((0, 60, 255))
+    rgb = red_and_green()
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        for i, raw in enumerate((gray, levels, rgb)):
+            other = np.zeros(raw.shape[:2], np.uint8)
+            folders = [tmp_path / f"l{i}" / "a.jpg", tmp_path / f"r{i}" / "a.png"]
+            decode_layers([raw, other], folders, "index")
+    warnings = warnings_of(caplog)
+    assert len(warnings) == 2 and all("folder list is read as black/white" in w for w in warnings)
+    assert "a folder list (one class a folder) cannot keep them apart" in warnings[1]
+    assert "mask_mode=binary" not in caplog.text and "distinct colours" not in caplog.text
 
 
 def test_palette_mask():

@@ -7,12 +7,20 @@
              cut halfway to its top value instead, with a warning. A mask of a few grey levels
              whose in-between levels fill regions of their own (classes coded as grey levels:
              0/60/255, 0/85/170/255) keeps the rule, every non-zero pixel foreground, with a
-             warning.
+             warning. A JPEG mask of a small top value (0/1, 0/3, 0/100 masks: JPEG noise
+             makes 0, 1, 2, 3 ... along the edges) is cut halfway to its foreground level
+             (its most common non-zero value; the smallest of those nearly as common, for two
+             lungs stored as 1 and 2), with a warning to save the masks as PNG; other masks of
+             a small top value (0/1 or 0/1/2 PNGs) keep 0 / non-zero. An 8-bit RGB mask read as
+             binary takes its largest channel; one that holds several distinct colours in
+             regions of their own (red lung, green tumour: classes coded as colours, all
+             foreground here) gets a warning naming them and the palette that keeps them apart.
 - `palette`: each class has an RGB colour, class i = palette[i].
 
 Masks split over several folders (data.mask_dir as a list, one class a folder, as
-Montgomery's leftMask/rightMask): each file is read as a binary mask, then united
-(`binary`: one foreground class) or numbered by folder (`index`: folder i is class i + 1).
+Montgomery's leftMask/rightMask): each file is read as a binary mask (its warnings worded for
+a folder list; no colour warning, as a list has no palette), then united (`binary`: one
+foreground class) or numbered by folder (`index`: folder i is class i + 1).
 """
 
 import colorsys
@@ -29,7 +37,9 @@ MASK_MODES = ("index", "binary", "palette")
 _SHOWN = 5  # how many offending values an error message lists
 _GOLDEN = 0.618033988749895  # hue step that keeps consecutive class colours far apart
 # (kind, folder): the folders whose binary masks were warned of, once for each kind ("grey":
-# JPEG noise or anti-aliased edges cut halfway; "levels": classes coded as grey levels)
+# JPEG noise or anti-aliased edges cut halfway; "levels": classes coded as grey levels;
+# "jpeg": a JPEG of a small top value cut halfway to its foreground level; "colours": classes
+# coded as colours)
 _WARNED_FOLDERS: set[tuple[str, str]] = set()
 # Binary masks: grey levels that fill regions of their own are classes coded as grey levels,
 # not JPEG noise or anti-aliased edges (which make many values, or thin lines of a few).
@@ -37,6 +47,16 @@ _CODED_LEVELS = 6  # at most this many distinct values, 0 and the top value incl
 _CODED_SHARE = 0.25  # in-between levels: at least this share of the non-zero pixels
 _CODED_INTERIOR = 0.5  # and at least this share of them inside a region of their own level
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
+# Binary RGB masks: colours that fill regions of their own are classes coded as colours.
+# Colours are compared in bins of _COLOUR_BIN per channel (JPEG noise keeps a colour in its
+# bin); a bin counts when its pixels' brightest channel is above _COLOUR_APART (darker pixels
+# are edges or noise) and at least _COLOUR_INTERIOR of its pixels, and _CODED_INTERIOR of them,
+# have four neighbours of the same bin; two colours are distinct when, scaled to the same
+# brightness, some channel differs by more than _COLOUR_APART (anti-aliased or resized edges
+# are darker shades of a colour, in lines, and JPEG noise stays near it).
+_COLOUR_BIN = 32
+_COLOUR_APART = 64
+_COLOUR_INTERIOR = 9
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +71,7 @@ def decode_mask(
     if mode == "index":
         return _decode_index(raw, path, num_classes)
     if mode == "binary":
-        return _decode_binary(raw.max(axis=2) if raw.ndim == 3 else raw, path, raw.ndim == 3)
+        return _decode_binary(raw, path)
     if mode == "palette":
         return _decode_palette(raw, path, _palette_array(palette, num_classes))
     raise _unknown_mode(mode)
@@ -67,7 +87,9 @@ def decode_layers(
     """(H, W) uint8 class-index map of a pair's mask files (``Pair.masks``, read with
     read_image): one file as ``decode_mask``; several, one per folder of data.mask_dir, each
     read as a binary mask, then united (mode binary) or numbered in folder order (mode index:
-    the i-th folder is class i, 1-based; where two overlap the later folder's class wins)."""
+    the i-th folder is class i, 1-based; where two overlap the later folder's class wins).
+    Their warnings say that each file of a folder list is read as black/white, whatever the
+    mode."""
     if len(paths) == 1:
         return decode_mask(raws[0], mode, paths[0], palette, num_classes)
     check_layered_mode(len(paths), mode)
@@ -79,7 +101,7 @@ def decode_layers(
         )
     out = np.zeros(raws[0].shape[:2], np.uint8)
     for number, (raw, path) in enumerate(zip(raws, paths, strict=True), 1):
-        out[decode_mask(raw, "binary", path) > 0] = 1 if mode == "binary" else number
+        out[_decode_binary(raw, path, layered=True) > 0] = 1 if mode == "binary" else number
     return out
 
 
@@ -94,51 +116,174 @@ def check_layered_mode(folders: int, mode: str) -> None:
         )
 
 
-def _decode_binary(gray: np.ndarray, path: Path, colour: bool = False) -> np.ndarray:
-    """0 / non-zero, or, for a grey-level mask, below / above half its top value (see the
-    module's docstring). Index-like masks (0/1, 0/1/2 for two lungs) keep 0 / non-zero, and
-    so do masks of a few grey levels that fill regions of their own (``_grey_coded``).
-    ``colour``: ``gray`` is an RGB mask's largest channel."""
+def _decode_binary(raw: np.ndarray, path: Path, layered: bool = False) -> np.ndarray:
+    """0 / non-zero, or, for a grey-level mask, below / above half its top value, and for a
+    JPEG of a small top value below / above half its foreground level (see the module's
+    docstring). Index-like masks (0/1, 0/1/2 for two lungs) keep 0 / non-zero unless they are
+    JPEGs, and so do masks of a few grey levels that fill regions of their own
+    (``_grey_coded``). An RGB mask is read by its largest channel. ``layered``: the file is
+    one of a folder list's (``decode_layers``), whatever data.mask_mode, which the warnings
+    say; it gets no warning of colours (a folder list has no palette)."""
+    colour = raw.ndim == 3
+    gray = raw.max(axis=2) if colour else raw
+    folder = str(path.parent)
+    coloured = colour and not layered and _warn_colours(raw, path, folder)
     top = gray.max()
     full = np.iinfo(gray.dtype).max if np.issubdtype(gray.dtype, np.integer) else 1.0
-    if 2 * float(top) >= full and ((gray != 0) & (gray != top)).any():
-        folder = str(path.parent)
+    mixed = bool(((gray != 0) & (gray != top)).any())
+    if 2 * float(top) >= full and mixed:
         levels = np.unique(gray)
         if _grey_coded(gray, levels):
-            if _first_in_folder("levels", folder):
-                if colour:
-                    palette = "with the masks' colours in data.palette"
-                elif gray.dtype == np.uint8:
-                    palette = f"with a grey palette, data.palette={grey_palette(levels)}"
-                else:  # palettes are 8-bit
-                    palette = "on the masks saved as 8-bit grey levels with a grey palette"
+            if not coloured and _first_in_folder("levels", folder):  # the colours' warning says it
                 log.warning(
-                    "Mask %s holds several %s levels (%s) that fill regions of their own, "
-                    "so data.mask_mode=binary takes every non-zero pixel as foreground (one "
-                    "class); other such masks in %s are not named. If the levels are classes, "
-                    "keep them apart with data.mask_mode=index (for levels that are the class "
-                    "ids 0, 1, 2, ...) or data.mask_mode=palette %s.",
+                    "Mask %s holds several %s levels (%s) that fill regions of their own, %s "
+                    "(one class); other such masks in %s are not named. %s",
                     path,
                     "brightness" if colour else "grey",
                     ", ".join(str(v) for v in levels.tolist()),
+                    _taken("every non-zero pixel", layered),
                     folder,
-                    palette,
+                    _levels_fix(levels, gray.dtype, colour, layered),
                 )
             return (gray != 0).astype(np.uint8)
         if _first_in_folder("grey", folder):
             log.warning(
                 "Mask %s holds values between 0 and %s (%d distinct: JPEG compression, or "
-                "anti-aliased or resized edges), so data.mask_mode=binary takes a pixel as "
-                "foreground from half of %s up, not every non-zero pixel; other such masks in "
-                "%s are not named. Save masks as 0/255 or 0/1 PNGs to decide the edges yourself.",
+                "anti-aliased or resized edges), %s from half of %s up, not every non-zero "
+                "pixel; other such masks in %s are not named. Save masks as 0/255 or 0/1 PNGs "
+                "to decide the edges yourself.",
                 path,
                 top,
                 len(levels),
+                _taken("a pixel", layered),
                 top,
                 folder,
             )
         return (2 * gray.astype(np.float64) > float(top)).astype(np.uint8)
+    if mixed and path.suffix.lower() in _JPEG_SUFFIXES and np.issubdtype(gray.dtype, np.integer):
+        level = _foreground_level(gray)
+        if _first_in_folder("jpeg", folder):
+            log.warning(
+                "Mask %s is a JPEG whose values run between 0 and %s (%d distinct): JPEG's lossy "
+                "compression changed the values along the mask's edges, %s from half of %s up "
+                "(its foreground level, the most common non-zero value), not every non-zero "
+                "pixel; other such masks in %s are not named. Edge pixels that the compression "
+                "moved across that cut cannot be told apart (in 0/1 masks every non-zero pixel "
+                "is foreground, noise included): save the masks as PNG (lossless).",
+                path,
+                top,
+                len(np.unique(gray)),
+                _taken("a pixel", layered),
+                level,
+                folder,
+            )
+        return (2 * gray.astype(np.int64) > level).astype(np.uint8)
     return (gray != 0).astype(np.uint8)
+
+
+def _taken(what: str, layered: bool) -> str:
+    """How a binary mask's pixels are read, for its warnings: by data.mask_mode=binary, or as
+    one file of a folder list (whatever data.mask_mode)."""
+    if layered:
+        return (
+            f"and each mask file of a folder list is read as black/white: {what} is taken as "
+            "foreground"
+        )
+    return f"so data.mask_mode=binary takes {what} as foreground"
+
+
+def _levels_fix(levels: np.ndarray, dtype: np.dtype, colour: bool, layered: bool) -> str:
+    """The fix for a binary mask of classes coded as grey (or brightness) levels."""
+    if layered:
+        return (
+            "If the levels are classes, a folder list (one class a folder) cannot keep them "
+            "apart: give each class a folder of its own."
+        )
+    if colour:
+        palette = "with the masks' colours in data.palette"
+    elif dtype == np.uint8:
+        palette = f"with a grey palette, data.palette={grey_palette(levels)}"
+    else:  # palettes are 8-bit
+        palette = "on the masks saved as 8-bit grey levels with a grey palette"
+    return (
+        "If the levels are classes, keep them apart with data.mask_mode=index (for levels that "
+        f"are the class ids 0, 1, 2, ...) or data.mask_mode=palette {palette}."
+    )
+
+
+def _foreground_level(gray: np.ndarray) -> int:
+    """A JPEG binary mask's foreground level: its most common non-zero value, or the smallest
+    non-zero value at least half as common (two lungs stored as 1 and 2, whichever is the
+    larger: both are foreground). JPEG noise is rare next to the regions' flat inside."""
+    counts = np.bincount(gray.ravel())
+    counts[0] = 0
+    return int(np.flatnonzero(2 * counts >= counts.max())[0])
+
+
+def _warn_colours(rgb: np.ndarray, path: Path, folder: str) -> bool:
+    """Whether an 8-bit RGB mask read as binary holds several distinct colours in regions of
+    their own (see _COLOUR_APART), which binary takes as one foreground class; warned of once
+    for ``folder``, with the palette that keeps them apart."""
+    if rgb.dtype != np.uint8:
+        return False
+    if (rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 0] == rgb[:, :, 2]).all():
+        return False  # grey levels: _grey_coded's case
+    bins = (rgb.astype(np.int32) + _COLOUR_BIN // 2) // _COLOUR_BIN  # 0-8 a channel
+    packed = bins[..., 0] << 8 | bins[..., 1] << 4 | bins[..., 2]
+    padded = np.pad(packed, 1, mode="edge")
+    interior = (
+        (padded[1:-1, :-2] == packed)
+        & (padded[1:-1, 2:] == packed)
+        & (padded[:-2, 1:-1] == packed)
+        & (padded[2:, 1:-1] == packed)
+    )
+    bright = rgb.max(axis=2) > _COLOUR_APART
+    keys, inside = np.unique(packed[bright & interior], return_counts=True)
+    if len(keys) < 2:
+        return False
+    values = packed[bright]
+    position = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
+    total = np.bincount(position[keys[position] == values], minlength=len(keys))
+    exact = _pack(rgb)
+    found: list[np.ndarray] = []  # distinct colours, the largest regions first
+    for k in np.argsort(-inside, kind="stable"):
+        if inside[k] < _COLOUR_INTERIOR or inside[k] < _CODED_INTERIOR * total[k]:
+            continue
+        # the bin's colour: the most common exact colour of its interior pixels
+        colours, counts = np.unique(exact[interior & (packed == keys[k])], return_counts=True)
+        key = int(colours[counts.argmax()])
+        rgb_k = np.array([key >> 16, key >> 8 & 255, key & 255])
+        if all(np.abs(_scaled(rgb_k) - _scaled(c)).max() > _COLOUR_APART for c in found):
+            found.append(rgb_k)
+    if len(found) < 2:
+        return False
+    if _first_in_folder("colours", folder):
+        colours = [tuple(int(v) for v in c) for c in found]
+        shown = ", ".join(str(c) for c in colours[:_SHOWN])
+        if len(colours) > _SHOWN:
+            shown += f", ... ({len(colours)} colours in total)"
+        palette = ",".join(
+            ["background:[0,0,0]"]
+            + [f"class_{i}:[{r},{g},{b}]" for i, (r, g, b) in enumerate(colours, 1)]
+        )
+        log.warning(
+            "Mask %s holds %d distinct colours in regions of their own (%s), and "
+            "data.mask_mode=binary takes them all as one foreground class; other such masks in "
+            "%s are not named. If the colours are classes, keep them apart with "
+            "data.mask_mode=palette and the colours in data.palette, background first, e.g. "
+            "'data.palette={%s}' (name the classes as you like).",
+            path,
+            len(colours),
+            shown,
+            folder,
+            palette,
+        )
+    return True
+
+
+def _scaled(colour: np.ndarray) -> np.ndarray:
+    """An RGB colour scaled to full brightness (its largest channel 255)."""
+    return colour * 255.0 / max(int(colour.max()), 1)
 
 
 def _first_in_folder(kind: str, folder: str) -> bool:
@@ -254,10 +399,15 @@ def _decode_index(raw: np.ndarray, path: Path, num_classes: int | None) -> np.nd
     top = int(values[-1])  # 0/255 (8-bit) or 0/65535 (16-bit): white on black
     looks_binary = top in (255, 65535) and set(values.tolist()) <= {0, top}
     if looks_binary and (num_classes is None or num_classes <= top):
+        grey = "set" if top == 255 else "save the masks as 8-bit grey levels and set"
         raise LungsegError(
             f"Mask {path} holds only the values 0 and {top}, which looks like a binary "
             f"(black/white) mask, but data.mask_mode=index reads {top} as class {top}. Set "
-            "data.mask_mode=binary (non-zero = foreground), or store class ids 0 and 1."
+            "data.mask_mode=binary (non-zero = foreground) where every mask is black/white, or "
+            "store class ids 0 and 1. If other masks hold further grey levels (classes coded as "
+            "grey levels, e.g. 0/128/255), binary would merge those classes into one: "
+            f"{grey} data.mask_mode=palette with a grey palette, class i the i-th level, e.g. "
+            "data.palette=[[0,0,0],[128,128,128],[255,255,255]]."
         )
     limit = 256 if num_classes is None else min(num_classes, 256)  # ids are stored as uint8
     bad = values[values >= limit]
