@@ -12,6 +12,7 @@ leading dots dropped.
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
@@ -30,6 +31,7 @@ from lungseg.data.folders import (
     is_pattern,
     one_unread_warning,
     pattern_folders,
+    suffix_list,
     write_image,
     writing,
 )
@@ -306,6 +308,18 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
                 f"the input images. Choose another output_dir."
             )
         outputs = output_paths(images, output_dir, input_dir if recursive else None)
+    if not input_dir.is_file():  # an image named by itself is predicted whatever its name
+        images, masks = _without_masks(images, cfg.get("mask_suffixes", ["_mask"]))
+        if masks:
+            log.info(
+                "%s left out: the masks of images beside them (e.g. %s for %s, by "
+                "mask_suffixes=%s; mask_suffixes=[] to predict them too)",
+                counted(len(masks), "file"),
+                masks[0][0].name,
+                masks[0][1].name,
+                list(cfg.get("mask_suffixes", ["_mask"])),
+            )
+            outputs = {image: outputs[image] for image in images}
     inputs = {image.resolve() for image in images}
     clobbered = [p for ps in outputs.values() for p in ps if p.resolve() in inputs]
     if clobbered:
@@ -325,6 +339,34 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
         )
     check_writable(output_dir, _WRITE_FIX)
     return outputs
+
+
+def _without_masks(images: list[Path], suffixes: Any) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """``images`` without the masks kept beside them (``a_mask.png`` in the folder of
+    ``a.png``, as training pairs them with data.image_dir and data.mask_dir the same folder):
+    predicted, they would be written as ``a_mask.png``, named like the ground truth. A file
+    is left out only where its image is there too. Returns the images kept and (mask, its
+    image) for each left out."""
+    suffixes = [s for s in suffix_list(suffixes) if s]
+    by_folder: dict[Path, dict[str, Path]] = {}
+    for image in images:
+        by_folder.setdefault(image.parent, {}).setdefault(image.stem, image)
+    kept, masks = [], []
+    for image in images:
+        stems = by_folder[image.parent]
+        owner = next(
+            (
+                stems[image.stem[: -len(s)]]
+                for s in suffixes
+                if image.stem.endswith(s) and image.stem[: -len(s)] in stems
+            ),
+            None,
+        )
+        if owner is None:
+            kept.append(image)
+        else:
+            masks.append((image, owner))
+    return kept, masks
 
 
 def _write(path: Path, pixels: np.ndarray) -> None:

@@ -145,6 +145,28 @@ def test_one_image_file(tmp_path, checkpoints, inputs):
     assert not (tmp_path / "txt").exists() and not (inputs / "ct16_overlay.png").exists()
 
 
+def test_masks_kept_beside_their_images_are_not_predicted(tmp_path, checkpoints, inputs, caplog):
+    """Images and masks in one folder (gray8.png, gray8_mask.png, as Kaggle's LGG set): the
+    masks were predicted as images, into gray8_mask.png named like the ground truth (found by
+    a tester). A file named *_mask without its image beside it, or named by itself, is an
+    image; mask_suffixes=[] predicts every file."""
+    cv2.imwrite(str(inputs / "gray8_mask.png"), np.zeros((48, 48), np.uint8))
+    cv2.imwrite(str(inputs / "lone_mask.png"), np.zeros((48, 48), np.uint8))
+    with caplog.at_level(logging.INFO, logger="lungseg"):
+        written = predict(predict_cfg(checkpoints["index"], inputs, tmp_path / "out"))
+    names = sorted(p.name for p in written if not p.name.endswith("_overlay.png"))
+    assert names == ["colour.png", "ct16.png", "gray8.png", "lone_mask.png", "wide.png"]
+    assert "1 file left out: the masks of images beside them (e.g. gray8_mask.png for " in (
+        caplog.text
+    )
+    written = predict(
+        predict_cfg(checkpoints["index"], inputs, tmp_path / "all", "mask_suffixes=[]")
+    )
+    assert "gray8_mask.png" in {p.name for p in written}
+    one = predict(predict_cfg(checkpoints["index"], inputs / "gray8_mask.png", tmp_path / "one"))
+    assert sorted(p.name for p in one) == ["gray8_mask.png", "gray8_mask_overlay.png"]
+
+
 def test_existing_outputs_are_never_overwritten_by_default(tmp_path, checkpoints, inputs):
     out = tmp_path / "out"
     cfg = predict_cfg(checkpoints["palette"], inputs, out)
