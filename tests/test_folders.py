@@ -1,5 +1,6 @@
 import logging
 import struct
+import unicodedata
 
 import cv2
 import numpy as np
@@ -43,6 +44,21 @@ def test_pairs_by_name_not_by_sorted_position(tmp_path):
         "b": ("b.PNG", "b.png"),
     }
     assert pairs[0] == Pair("a", tmp_path / "img" / "a.png", tmp_path / "msk" / "a_mask.tif")
+
+
+def test_names_that_differ_only_in_unicode_form_pair(tmp_path):
+    """Séance_08.png written composed (NFC, Linux and Windows) for the image and decomposed
+    (NFD, macOS) for the mask looked the same in the 'images without a mask and masks without
+    an image' error, and did not pair (found by a tester)."""
+    composed, decomposed = (unicodedata.normalize(f, "Séance_08") for f in ("NFC", "NFD"))
+    assert composed != decomposed
+    touch(tmp_path / "img", f"{composed}.png", "b.png")
+    touch(tmp_path / "msk", f"{decomposed}_mask.png", "b.png")
+    pairs = find_pairs(tmp_path / "img", tmp_path / "msk", strict=True)
+    assert stems_to_names(pairs) == {
+        composed: (f"{composed}.png", f"{decomposed}_mask.png"),
+        "b": ("b.png", "b.png"),
+    }
 
 
 def test_mask_suffix_is_matched_against_existing_images(tmp_path):

@@ -15,6 +15,7 @@ import glob
 import logging
 import os
 import re
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -575,8 +576,11 @@ def _walk(folder: Path, skip: Sequence[Path]) -> list[Path]:
 
 def file_key(path: Path, root: Path) -> str:
     """A file's key in its data folder: its path below ``root`` without the extension, with
-    "/" between folders (`a` for root/a.png, `p01/a` for root/p01/a.png)."""
-    return path.relative_to(root).with_suffix("").as_posix()
+    "/" between folders (`a` for root/a.png, `p01/a` for root/p01/a.png), in Unicode's
+    composed form (NFC): `é` written as one character or as `e` and an accent (macOS writes
+    names decomposed) looks the same on screen, and an image and its mask saved on different
+    systems must still pair."""
+    return unicodedata.normalize("NFC", path.relative_to(root).with_suffix("").as_posix())
 
 
 def _shown(path: Path, root: Path) -> str:
