@@ -193,6 +193,28 @@ def test_file_names_that_share_an_id_warn_until_the_split_is_by_it(tmp_path, cap
     assert not [r for r in caplog.records if "share an id" in r.getMessage()]
 
 
+def test_a_group_pattern_that_gives_every_file_its_own_id_is_named(tmp_path, caplog):
+    """A group pattern that captured the slice number, slice(\\d+), on PAT001_slice3-style
+    names made every file its own patient, a split by file, without a word (found by a
+    tester)."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=12)
+    for folder in (image_dir, mask_dir):
+        for i, path in enumerate(sorted(folder.iterdir())):
+            path.rename(folder / f"PAT{i // 3:03d}_slice{i}.png")
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        make_dm(image_dir, mask_dir, group_pattern=r"slice(\d+)")
+    (warned,) = [r.getMessage() for r in caplog.records if "an id of its own" in r.getMessage()]
+    assert warned.startswith(
+        "data.group_pattern 'slice(\\\\d+)' gives each of the 12 files an id of its own (e.g. "
+        "'0' for PAT000_slice0)"
+    )
+    assert "the names share 4 ids at their start (e.g. PAT000_slice0, PAT000_slice1)" in warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        make_dm(image_dir, mask_dir, group_pattern=r"^(PAT\d+)_")
+    assert "an id of its own" not in caplog.text and "share an id" not in caplog.text
+
+
 def test_batches_and_dataset_normalisation(tmp_path):
     image_dir, mask_dir, _ = write_data(tmp_path, n=12)
     dm = make_dm(image_dir, mask_dir, normalize="dataset")

@@ -627,6 +627,8 @@ class SegDataModule(pl.LightningDataModule):
             rows = context.neighbours(names, self._context, self._slice_pattern)
             images = [np.concatenate([images[j] for j in row], axis=2) for row in rows]
             self._log_context(names, rows)
+        if self._group_pattern is not None and self._split_file is None:
+            _check_group_ids(names, self._group_pattern)
         by_file = self._group_pattern is None and self._split_file is None
         # one warning: the layout's, which names the pattern to set, or else 2.5-D's own
         if by_file and not _check_folder_grouping(names, bool(self._context)) and self._context:
@@ -1474,16 +1476,13 @@ def _name_id_pattern(numbers: int) -> str:
     return r"^(\D*?\d+" + r"\D+?\d+" * (numbers - 1) + r")(?=[-_.])"
 
 
-def _check_name_grouping(names: Sequence[str], context: bool = False) -> bool:
-    """Warn when file names share an id with others (``PAT012_view1``, ``PAT012_view2``)
-    but the split takes each file on its own: such a shared start is mostly a patient or scan
-    id, whose images must not be split between train and test. The id is the start of the
-    name (its path below the data folder) up to its first number, or its second where the
-    first gives fewer than 3 ids (a dataset's name, BraTS20_...; two sites); a warning only
-    where every name has one and some share it, and the suggested pattern then finds them.
+def _shared_name_ids(names: Sequence[str]) -> tuple[str, dict[str, list[str]]] | None:
+    """The group_pattern and the ids (id -> its files) where file names share an id
+    (``PAT012_view1``, ``PAT012_view2``): the start of the name (its path below the data
+    folder) up to its first number, or its second where the first gives fewer than 3 ids (a
+    dataset's name, BraTS20_...; two sites); only where every name has one and some share it.
     Names whose ids are all distinct (``ID_0000_Z_0142``, ``demo_0001``, ``MCUCXR_0001_0``)
-    or that have none (``JPCLN001``, UUIDs) get no warning. With ``context`` (2.5-D input) the
-    warning also says that neighbours leak. Returns whether it warned."""
+    or that have none (``JPCLN001``, UUIDs) give None."""
     for numbers in (1, 2):
         pattern = _name_id_pattern(numbers)
         found = [re.match(pattern, name) for name in names]
@@ -1493,11 +1492,21 @@ def _check_name_grouping(names: Sequence[str], context: bool = False) -> bool:
         for name, match in zip(names, found, strict=True):
             ids.setdefault(match.group(1), []).append(name)
         if len(ids) == len(names):
-            return False  # every file its own id: nothing shared
+            return None  # every file its own id: nothing shared
         if len(ids) >= 3:
-            break
-    else:
+            return pattern, ids
+    return None
+
+
+def _check_name_grouping(names: Sequence[str], context: bool = False) -> bool:
+    """Warn when file names share an id with others (``_shared_name_ids``) but the split
+    takes each file on its own: such a shared start is mostly a patient or scan id, whose
+    images must not be split between train and test. With ``context`` (2.5-D input) the
+    warning also says that neighbours leak. Returns whether it warned."""
+    shared_ids = _shared_name_ids(names)
+    if shared_ids is None:
         return False
+    pattern, ids = shared_ids
     shared = {i: files for i, files in ids.items() if len(files) > 1}
     example, files = max(shared.items(), key=lambda item: len(item[1]))
     log.warning(
@@ -1517,6 +1526,30 @@ def _check_name_grouping(names: Sequence[str], context: bool = False) -> bool:
         _CONTEXT_LEAK if context else "",
     )
     return True
+
+
+def _check_group_ids(names: Sequence[str], group_pattern: str) -> None:
+    """Warn when data.group_pattern gives every file an id of its own (it captured the slice
+    or view number, ``slice(\\d+)``) while the names share one at their start: the split is
+    then by file, as without a pattern."""
+    ids = splits.patient_ids(names, group_pattern)
+    shared_ids = _shared_name_ids(names)
+    if len(set(ids.values())) < len(names) or shared_ids is None:
+        return
+    pattern, shared = shared_ids
+    log.warning(
+        "data.group_pattern %r gives each of the %d files an id of its own (e.g. %r for %s), "
+        "so the split takes every file on its own, as without a pattern; yet the names share "
+        "%s at their start (e.g. %s). If that is the patient, split by it: on the command line "
+        "\"data.group_pattern='%s'\" (the first capture group is the patient id).",
+        group_pattern,
+        len(names),
+        ids[names[0]],
+        names[0],
+        counted(len(shared), "id"),
+        ", ".join(next(files for files in shared.values() if len(files) > 1)[:2]),
+        pattern,
+    )
 
 
 def _check_folder_grouping(names: Sequence[str], context: bool = False) -> bool:
@@ -1595,7 +1628,12 @@ def _infer_num_classes(names: Sequence[str], full: Sequence[tuple[np.ndarray, np
             shown += f", ... ({values.size} values in total)"
         # the levels themselves where they look like grey-coded classes (spread over 0-255)
         spread = values.size <= 10 and largest >= 128
-        levels = grey_palette(values) if spread else "[[0,0,0],[128,128,128],[255,255,255]]"
+        levels = (
+            f"data.palette={grey_palette(values)}"
+            if spread
+            else "one grey colour a level, e.g. data.palette=[[0,0,0],[128,128,128],[255,255,255]]"
+            " for 0/128/255"
+        )
         raise LungsegError(
             f"The masks' largest class value is {largest} ({counts[largest]} pixels, in "
             f"{len(holders)} masks: {_listed(holders)}), so {largest + 1} classes would be "
@@ -1603,7 +1641,7 @@ def _infer_num_classes(names: Sequence[str], full: Sequence[tuple[np.ndarray, np
             f"values {shown}. If the classes are right, give data.num_classes={largest + 1} "
             f"(and data.class_names). If the values code classes as grey levels, set "
             f"data.mask_mode=palette with a grey palette, class i the i-th level: "
-            f"data.palette={levels}. For black/white or JPEG masks set data.mask_mode=binary. "
+            f"{levels}. For black/white or JPEG masks set data.mask_mode=binary. "
             f"If {largest} is a stray value, fix those masks."
         )
     return max(2, largest + 1)
