@@ -290,7 +290,8 @@ def check_continuable(cfg: DictConfig, path: str, checkpoint: dict[str, Any]) ->
     epochs reach ``trainer.max_epochs``, its optimiser steps ``trainer.max_steps``, its
     training time ``trainer.max_time``, or early stopping ended it and the configured patience
     would end it again. (Lightning would then train nothing, or one epoch, and the run's
-    metrics.json and best checkpoint would be written again.)"""
+    metrics.json and best checkpoint would be written again; ``train`` lets a run stopped in
+    its test, ``untested``, through to be tested.)"""
     done = int(checkpoint.get("epoch", -1)) + 1  # saved at the end of an epoch
     steps = int(checkpoint.get("global_step", 0))
     for key, count, unit, unlimited in (
@@ -455,6 +456,44 @@ def interrupted_bests(checkpoint: dict[str, Any], folder: Path) -> list[Path]:
         and int(match.group(1)) == unfinished
         and path.name not in known
     )
+
+
+def missing_bests(checkpoint: dict[str, Any], folder: Path) -> list[Path]:
+    """The best checkpoints of last.ckpt's own epoch that ``checkpoint`` (a run's last.ckpt,
+    in ``folder``) records but that are gone: an interrupted run removes the earlier best when
+    the epoch it does not finish saves a better one (``interrupted_bests``), before last.ckpt
+    is written again. The continued run's callbacks would still point at the removed file,
+    and testing it at the end failed; ``train`` restores these from last.ckpt (the same
+    epoch's weights). An older one cannot be, and is left to ``train``'s fallback."""
+    missing = []
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not key.startswith("ModelCheckpoint") or not isinstance(state, dict):
+            continue
+        best = state.get("best_model_path")
+        if not state.get("monitor") or not best:
+            continue
+        best = Path(best)
+        match = _BEST.fullmatch(best.name)
+        if (
+            match is not None
+            and best.parent.resolve() == folder.resolve()
+            and not best.exists()
+            and int(match.group(1)) == checkpoint.get("epoch")
+        ):
+            missing.append(best)
+    return missing
+
+
+def untested(folder: Path, checkpoint: dict[str, Any]) -> bool:
+    """Whether a run folder's checkpoint has trained epochs its metrics.json does not record:
+    the run was stopped after its training, in the test that writes the record (Ctrl-C,
+    SIGTERM). ``resume=true`` may then finish it, though nothing is left to train."""
+    done = int(checkpoint.get("epoch", -1)) + 1
+    try:
+        recorded = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        return int(recorded.get("epochs_trained") or 0) < done
+    except (OSError, ValueError, AttributeError, TypeError):
+        return True  # no readable record
 
 
 def aside_name(path: Path) -> Path:

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import shlex
+import shutil
 import signal
 import time
 import warnings
@@ -29,6 +30,7 @@ from lungseg.evaluate import evaluate, scores, test_config
 from lungseg.module import SegmentationModule
 from lungseg.run_folder import (
     apply_initial_weights,
+    aside_name,
     check_continuable,
     check_fits,
     check_same_classes,
@@ -39,10 +41,12 @@ from lungseg.run_folder import (
     continues_run,
     interrupted_bests,
     keep_previous,
+    missing_bests,
     read_checkpoint,
     read_initial_weights,
     resume_checkpoint,
     set_aside,
+    untested,
     warn_trained_on,
     write_environment,
 )
@@ -371,6 +375,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     continuing = continues_run(ckpt_path, out_dir)
     stale: list[Path] = []  # best checkpoints of an epoch the continued run trains again
+    restored: list[Path] = []  # the best checkpoint an interrupted run removed, from last.ckpt
+    finishing = False  # a run stopped in its test after training: tested, nothing trained
     if ckpt_path is not None:
         saved = read_checkpoint(Path(ckpt_path))  # once for all checks
         check_fits(ckpt_path, module, saved, demo=cfg.data.get("image_dir") is None)
@@ -381,10 +387,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         described = {"hyper_parameters": saved.get("hyper_parameters") or {}}
         if continuing:
             check_same_classes(ckpt_path, saved, datamodule.data_info())
-        check_continuable(cfg, ckpt_path, saved)
         last = out_dir / "checkpoints" / "last.ckpt"
-        if continuing and last.is_file() and Path(ckpt_path).resolve() == last.resolve():
+        from_last = continuing and last.is_file() and Path(ckpt_path).resolve() == last.resolve()
+        try:
+            check_continuable(cfg, ckpt_path, saved)
+        except LungsegError:
+            # nothing left to train: unless it was stopped in its test (no record of it yet)
+            finishing = from_last and untested(out_dir, saved)
+            if not finishing:
+                raise
+            # its epochs and no more (an early-stopped run would train one again)
+            trainer_settings["max_epochs"] = int(saved.get("epoch", -1)) + 1
+        if from_last:
             stale = interrupted_bests(saved, out_dir / "checkpoints")
+            restored = missing_bests(saved, out_dir / "checkpoints")
         del saved  # Lightning reads it again to restore it
     if initial is not None:
         apply_initial_weights(module.net, initial, init_path)
@@ -419,12 +435,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_environment(out_dir)
     if stale and rank_zero_only.rank == 0:
         # renamed, not removed: no longer best-*.ckpt, which the run's scoring looks for
-        aside = [path.rename(path.with_name(f"interrupted-{path.name}")) for path in stale]
+        aside = []
+        for path in stale:  # an earlier interruption's file of that name is kept too
+            target = path.with_name(f"interrupted-{path.name}")
+            aside.append(path.rename(aside_name(target) if target.exists() else target))
         log.info(
             "%s set aside as %s: saved in the epoch the interrupted run did not finish, which "
             "this run trains again",
             ", ".join(p.name for p in stale),
             ", ".join(p.name for p in aside),
+        )
+    if finishing and rank_zero_only.rank == 0:
+        log.info(
+            "%s: the run was stopped after training its %d epochs, before its test wrote "
+            "metrics.json; it is tested now, and nothing is trained",
+            ckpt_path,
+            trainer_settings["max_epochs"],
+        )
+    if restored and rank_zero_only.rank == 0:
+        for path in restored:
+            shutil.copyfile(out_dir / "checkpoints" / "last.ckpt", path)
+        log.info(
+            "%s restored from last.ckpt (the same epoch's weights): the interrupted run had "
+            "removed it when it saved a better one in the epoch it did not finish",
+            ", ".join(p.name for p in restored),
         )
     # after the checks: a refused command leaves its run folder empty (then removed) and a
     # finished run's train.log as it was
@@ -474,6 +508,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     if best_path and not continues_run(best_path, out_dir):
         best_path = ""  # the restored path of the run a ckpt_path came from, not of this one
+    if best_path and not Path(best_path).is_file() and trainer.is_global_zero:
+        # removed by an interrupted run when it saved a better one in the epoch it did not
+        # finish (set aside as interrupted-best-*.ckpt), and older than last.ckpt's epoch, so
+        # not restored from it; no later epoch of this run has beaten its score
+        last = out_dir / "checkpoints" / "last.ckpt"
+        log.warning(
+            "%s, the best checkpoint the continued run recorded, is gone: an interrupted run "
+            "removes the earlier best when the epoch it does not finish saves a better one. "
+            "No epoch since has beaten its score; %s.",
+            best_path,
+            f"the final weights, {last}, are tested instead"
+            if last.is_file()
+            else "the weights in memory are tested instead",
+        )
+        best_path = str(last) if last.is_file() else ""
     metrics: dict[str, Any] = {
         "epochs_trained": trainer.current_epoch,
         "stopped_by": stop_reason(trainer),
@@ -489,9 +538,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.get("test_after_fit", True):
         # Without a saved best checkpoint (fast_dev_run) the weights in memory are tested.
-        results = trainer.test(
-            module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True
-        )
+        try:
+            results = trainer.test(
+                module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True
+            )
+        except SystemExit:  # Ctrl-C in the test, after Lightning's graceful shutdown
+            if trainer.is_global_zero:
+                log.warning(
+                    "Interrupted in the test, after training: metrics.json is not written. "
+                    "Test the run and write it with the same command and resume=true."
+                )
+            raise
         metrics.update(results[0] if results else {})
     metrics["train_minutes"] = (time.monotonic() - started) / 60  # fit and test
     tested = "test/loss" in metrics  # a test split was scored

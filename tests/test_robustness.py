@@ -626,25 +626,99 @@ def test_a_best_checkpoint_of_the_unfinished_epoch_is_not_left_beside_the_new_be
     shutil.copy(best, folder / "best-epoch002.ckpt")  # the interrupted epoch's
     stale = best.read_bytes()
     (folder / "mine.ckpt").write_bytes(b"mine")  # not lungseg's name: left alone
+    # an earlier interruption's file of the name is kept (was replaced by the rename)
+    (folder / "interrupted-best-epoch002.ckpt").write_bytes(b"earlier")
     with caplog.at_level(logging.INFO):
         resumed = train(lean_cfg("trainer.max_epochs=4", "test_after_fit=false", "resume=true"))
-    said = "best-epoch002.ckpt set aside as interrupted-best-epoch002.ckpt: saved in the epoch"
+    said = "best-epoch002.ckpt set aside as interrupted-best-epoch002.1.ckpt: saved in the epoch"
     assert said in caplog.text
     bests = sorted(p.name for p in folder.glob("best-*.ckpt"))
     assert bests == [Path(resumed["best_checkpoint"]).name]
-    assert (folder / "interrupted-best-epoch002.ckpt").read_bytes() == stale
+    assert (folder / "interrupted-best-epoch002.1.ckpt").read_bytes() == stale
+    assert (folder / "interrupted-best-epoch002.ckpt").read_bytes() == b"earlier"
     assert (folder / "mine.ckpt").read_bytes() == b"mine" and (folder / "last.ckpt").is_file()
 
     # continuing from another checkpoint of the run than last.ckpt sets nothing aside (the
     # later epochs' files are finished ones)
     earlier = folder / "epoch1.ckpt"
-    shutil.copy(tmp_path / "run" / "checkpoints" / "interrupted-best-epoch002.ckpt", earlier)
+    shutil.copy(tmp_path / "run" / "checkpoints" / "interrupted-best-epoch002.1.ckpt", earlier)
     later = folder / "best-epoch002.ckpt"
     shutil.copy(earlier, later)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         train(lean_cfg("trainer.max_epochs=3", "test_after_fit=false", f"ckpt_path={earlier}"))
     assert "set aside" not in caplog.text and later.read_bytes() == earlier.read_bytes()
+
+
+def _record_best(last: Path, epoch: int) -> Path:
+    """Make ``last``'s monitored checkpoint callback record best-epoch<epoch>.ckpt, with a
+    score no later epoch beats, as the state an interrupted run leaves: its earlier best
+    removed when the epoch it did not finish saved a better one."""
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    best = last.parent / f"best-epoch{epoch:03d}.ckpt"
+    for key, state in saved["callbacks"].items():
+        if key.startswith("ModelCheckpoint") and state.get("monitor"):
+            for old in [state["best_model_path"], *state.get("best_k_models", {})]:
+                Path(old).unlink(missing_ok=True)
+            state["best_model_path"] = state["kth_best_model_path"] = str(best)
+            state["best_model_score"] = state["kth_value"] = torch.tensor(1.0)
+            state["best_k_models"] = {str(best): torch.tensor(1.0)}
+    torch.save(saved, last)
+    return best
+
+
+@pytest.mark.parametrize("epoch", [1, 0])
+def test_a_best_checkpoint_an_interrupted_run_removed_is_restored_or_replaced(
+    lean_cfg, tmp_path, caplog, epoch
+):
+    """Killed after the unfinished epoch 2 saved its best (removing the earlier one) and
+    before last.ckpt took it in: the continued run's restored callback pointed at the removed
+    file, and the run ended in a FileNotFoundError without metrics.json (found by a tester).
+    A best of last.ckpt's epoch (1) is restored from last.ckpt; an older one (0) cannot be,
+    and the final weights are tested, with a warning."""
+    folder = tmp_path / "run" / "checkpoints"
+    train(lean_cfg("trainer.max_epochs=2", "test_after_fit=false"))
+    best = _record_best(folder / "last.ckpt", epoch)
+    (folder / "best-epoch002.ckpt").write_bytes((folder / "last.ckpt").read_bytes())
+    with caplog.at_level(logging.INFO):
+        resumed = train(lean_cfg("trainer.max_epochs=3", "resume=true"))
+    assert resumed["test/dice"] is not None and resumed["epochs_trained"] == 3
+    if epoch == 1:
+        assert "best-epoch001.ckpt restored from last.ckpt (the same epoch's weights)" in (
+            caplog.text
+        )
+        assert resumed["best_checkpoint"] == str(best) and resumed["best_epoch"] == 1
+    else:
+        assert f"{best}, the best checkpoint the continued run recorded, is gone" in caplog.text
+        assert resumed["best_checkpoint"] == str(folder / "last.ckpt")
+        assert resumed["best_epoch"] == 2
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_run_stopped_in_its_test_is_finished_by_resume(lean_cfg, tmp_path):
+    """Ctrl-C or SIGTERM in the test after training left no metrics.json, and resume=true
+    refused: 'nothing is left to train' (found by a tester). It now tests the run and writes
+    the record, training nothing; a tested run is still refused."""
+    first = train(lean_cfg("trainer.max_epochs=2"))
+    run = tmp_path / "run"
+    last = (run / "checkpoints" / "last.ckpt").read_bytes()
+    (run / "metrics.json").unlink()  # as a stop in the test leaves the run
+    finished = train(lean_cfg("trainer.max_epochs=2", "resume=true"))
+    assert finished["epochs_trained"] == 2 and finished["best_epoch"] == first["best_epoch"]
+    assert finished["test/dice"] == pytest.approx(first["test/dice"])
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == last  # nothing trained
+    assert json.loads((run / "metrics.json").read_text())["test/dice"] == finished["test/dice"]
+    with pytest.raises(LungsegError, match="nothing is left to train"):
+        train(lean_cfg("trainer.max_epochs=2", "resume=true"))
+    # a run that early stopping ended: tested as it was, not trained an epoch further
+    stop = ["callbacks.early_stopping.patience=0", "callbacks.early_stopping.min_delta=10"]
+    more = ["trainer.max_epochs=5", f"output_dir={tmp_path / 'early'}", *stop]
+    first = train(lean_cfg(*more))
+    assert first["stopped_by"] == "early_stopping" and first["epochs_trained"] < 5
+    (tmp_path / "early" / "metrics.json").unlink()
+    finished = train(lean_cfg(*more, "resume=true"))
+    assert finished["stopped_by"] == "early_stopping"
+    assert finished["epochs_trained"] == first["epochs_trained"]
 
 
 def test_init_weights_starts_a_new_run_from_another_runs_network(
