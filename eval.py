@@ -13,7 +13,9 @@ from lungseg.evaluate import evaluate
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     run_cli(lambda: evaluate(cfg), run_dir)
-    hydra_files.settle(run_dir)  # scored: an earlier command's .hydra/ there is kept beside
+    # scored: a training run's .hydra/ there stays, eval's is kept beside (an earlier eval's
+    # is kept beside a newer one's)
+    hydra_files.keep_record(run_dir)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from lungseg import hydra_files
 from lungseg.errors import run_cli
 from lungseg.predict import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    run_cli(lambda: predict(cfg), HydraConfig.get().runtime.output_dir)
+    run_dir = HydraConfig.get().runtime.output_dir
+    run_cli(lambda: predict(cfg), run_dir)
+    # a training run's .hydra/ there stays, predict's is kept beside (hydra.run.dir=<run>)
+    hydra_files.keep_record(run_dir)
 
 
 if __name__ == "__main__":

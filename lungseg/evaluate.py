@@ -46,7 +46,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from lungseg import hostmem, postprocess
+from lungseg import hostmem, hydra_files, postprocess
 from lungseg.checks import check_overwrite, require
 from lungseg.data import splits
 from lungseg.data.demo import make_demo_dataset
@@ -554,9 +554,17 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
 
 def _run_cwd(run: Path) -> Path | None:
     """The folder train.py ran in (Hydra's ``<run>/.hydra/hydra.yaml``), which the run's
-    relative data paths are relative to; None where it is not recorded."""
+    relative data paths are relative to; None where it is not recorded. Where this command
+    runs in the run's folder (``hydra.run.dir=<run>``), Hydra has already replaced that file
+    with this command's own: the run's, as it was before, is read (``hydra_files``)."""
+    saved = hydra_files.remembered(run, "hydra.yaml")
     try:
-        cwd = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.cwd
+        record = (
+            OmegaConf.create(saved.decode())
+            if saved is not None
+            else OmegaConf.load(run / ".hydra" / "hydra.yaml")
+        )
+        cwd = record.hydra.runtime.cwd
     except Exception:  # no such file, or not Hydra's
         return None
     return Path(cwd) if cwd else None

@@ -4,11 +4,13 @@
 Hydra writes those files before the task runs. A command pointed at an existing run folder
 (``hydra.run.dir=<run> resume=true``; a command refused there; a sweep run again into its
 folder) would replace the run's own. ``KeepHydraFiles`` (a Hydra callback, ``hydra.callbacks``
-in conf/config.yaml and conf/eval.yaml) reads them before Hydra writes: ``settle`` (train.py,
-once the run goes on in that folder) keeps each replaced one beside as ``<name>.<n>.yaml``, as
-train.py keeps an earlier ``config.yaml`` as ``config.<n>.yaml``; ``restore`` (a command that
-stops before: a refusal, a sweep's finished job) puts them back, and cuts the folder's log
-files back to their length before the command, so the folder is as it was.
+in conf/config.yaml, conf/eval.yaml and conf/predict.yaml) reads them before Hydra writes:
+``settle`` (train.py, once the run goes on in that folder) keeps each replaced one beside as
+``<name>.<n>.yaml``, as train.py keeps an earlier ``config.yaml`` as ``config.<n>.yaml``;
+``keep_record`` (eval.py, predict.py) keeps a training run's record in place and theirs
+beside; ``restore`` (a command that stops before: a refusal, a sweep's finished job) puts
+them back, and cuts the folder's log files back to their length before the command, so
+the folder is as it was.
 The processes Lightning's ddp strategy starts for ranks above 0 run train.py again in rank 0's
 folder with ``hydra.output_subdir=null``: they neither write nor touch its record.
 """
@@ -76,6 +78,40 @@ def settle(folder: Path) -> list[Path]:
         aside = aside_name(path)
         aside.write_bytes(data)
         kept.append(aside)
+    return kept
+
+
+def keep_record(folder: Path | str) -> list[Path]:
+    """eval.py or predict.py went on in ``folder``. Where it held another command's record (a
+    training run's, when pointed at its run folder), that record stays ``.hydra/`` (later
+    commands read the run's relative data paths and its sweep from it) and this command's
+    own files are written beside as ``<stem>.<n><suffix>``; where it held the same
+    command's (an earlier eval into the folder), the newer record replaces it and the earlier
+    is kept beside, as ``settle``. Returns the files written beside."""
+    folder = Path(folder)
+    record = _SAVED.get(folder.resolve())
+    subdir = _running_subdir()
+    if record is None or subdir is None:
+        return []
+    try:
+        theirs = OmegaConf.create(record[0]["hydra.yaml"].decode()).hydra.job.name
+    except Exception:  # no Hydra record of a job: nothing to tell apart
+        theirs = None
+    if theirs is None or theirs == HydraConfig.get().job.name:
+        return settle(folder)
+    _SAVED.pop(folder.resolve())
+    saved, kept = record[0], []
+    files = folder / subdir
+    for path in sorted(files.iterdir()):
+        if path.is_file() and path.name not in saved:  # written by Hydra for this command
+            kept.append(path.rename(aside_name(path)))
+    for name, data in saved.items():
+        path = files / name
+        if path.is_file() and path.read_bytes() != data:
+            aside = aside_name(path)
+            aside.write_bytes(path.read_bytes())
+            kept.append(aside)
+            path.write_bytes(data)
     return kept
 
 

@@ -751,6 +751,46 @@ def test_cli_commands_in_a_run_folder_keep_its_hydra_record(tmp_path):
     assert "earlier Hydra record is kept as .hydra/" in (run / "train.log").read_text()
 
 
+def test_eval_and_predict_in_a_run_folder_keep_its_hydra_record(tmp_path):
+    """eval.py or predict.py with hydra.run.dir=<run> replaced the run's .hydra/ with their
+    own (predict kept no copy): eval.py then read its own working folder as the run's, and
+    the run's relative data paths pointed nowhere (found by a tester)."""
+    from test_inference import write_pairs
+
+    write_pairs(tmp_path / "data", [(40, 48)] * 12, "binary")
+    run = tmp_path / "run"
+    data = ["data.image_dir=data/images", "data.mask_dir=data/masks", "data.mask_mode=binary"]
+    trained = run_cli([f"hydra.run.dir={run}", *data, *TINY], tmp_path)  # relative paths
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    commands = {
+        "eval": [f"ckpt_path={run}/checkpoints/last.ckpt", "progress_bar=false"],
+        "predict": [
+            f"ckpt_path={run}/checkpoints/last.ckpt",
+            f"input_dir={tmp_path / 'data' / 'images'}",
+            f"output_dir={tmp_path / 'predicted'}",
+            "progress_bar=false",
+        ],
+    }
+    for n, (script, args) in enumerate([*commands.items(), ("eval", commands["eval"])], 1):
+        if n == 3:
+            args = [*args, "overwrite=true"]
+        done = subprocess.run(
+            [sys.executable, str(ROOT / f"{script}.py"), *args, f"hydra.run.dir={run}"],
+            cwd=elsewhere,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        now = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+        assert {name: now[name] for name in record} == record  # the run's record in place
+        assert f"name: {script}".encode() in now[f"hydra.{n}.yaml"]  # the command's beside
+    assert (run / "per_image.csv").is_file() and len(list((tmp_path / "predicted").iterdir()))
+
+
 def test_a_sweep_job_that_did_not_run_keeps_its_hydra_record(tmp_path):
     from lungseg.hydra_files import KeepHydraFiles
 
