@@ -493,6 +493,22 @@ def eval_pairs(cfg: DictConfig) -> tuple[list[Pair], str]:
             )
         for other in others:
             _check_member_unseen(other, checkpoint, [p.stem for p in chosen], which)
+        whole = splits.split_counts(split_file).get(which, 0)
+        if len(chosen) < whole:
+            # the run's data partly moved or copied: its scores are not the split's
+            log.warning(
+                "%s holds %d of the %d pairs of the run's %s split (%s): only those are "
+                "scored, so the scores are not the whole split's",
+                where,
+                len(chosen),
+                whole,
+                which,
+                split_file,
+            )
+            return chosen, (
+                f"{len(chosen)} of the {whole} pairs of the {which} split of "
+                f"{_run_folder(checkpoint)} ({data.image_dir})"
+            )
         return chosen, f"{which} split of {_run_folder(checkpoint)} ({data.image_dir})"
 
     checkpoint, *others = config_checkpoints(cfg)

@@ -429,7 +429,7 @@ def test_eval_names_the_file_it_could_not_write(tmp_path, checkpoints):
     assert not (tmp_path / "eval" / "summary.json").exists()
 
 
-def test_eval_on_the_runs_own_folders_refuses_what_it_learnt_from(tmp_path, checkpoints):
+def test_eval_on_the_runs_own_folders_refuses_what_it_learnt_from(tmp_path, checkpoints, caplog):
     """Was: data folders named were scored whole, the run's training images included, and
     split= was dropped without a word."""
     ckpt = checkpoints["palette"]
@@ -501,6 +501,17 @@ def test_eval_on_the_runs_own_folders_refuses_what_it_learnt_from(tmp_path, chec
         rows, _ = read_outputs(tmp_path / which / "eval")
         assert [row["image"] for row in rows] == sorted(k for k, v in split.items() if v == which)
         assert summary["images"].startswith(f"{which} split of") and str(moved) in summary["images"]
+    # a folder with part of the split: scored, but named as part (was: "test split of")
+    part = tmp_path / "part"
+    shutil.copytree(moved, part)
+    dropped = sorted(k for k, v in split.items() if v == "test")[0]
+    for name in ("images", "masks"):
+        next((part / name).glob(f"{dropped}.*")).unlink()
+    partial = [f"data.image_dir={part / 'images'}", f"data.mask_dir={part / 'masks'}"]
+    with caplog.at_level(logging.WARNING, logger="lungseg"):
+        summary = evaluate(eval_cfg(tmp_path / "partial", ckpt, *partial, "split=test"))
+    assert summary["images"].startswith(f"{tested - 1} of the {tested} pairs of the test split")
+    assert f"holds {tested - 1} of the {tested} pairs of the run's test split" in caplog.text
     evaluate(eval_cfg(tmp_path / "all", ckpt, *folders, "split=all"))
     rows, _ = read_outputs(tmp_path / "all" / "eval")
     assert sorted(row["image"] for row in rows) == sorted(split)
