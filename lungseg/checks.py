@@ -307,6 +307,9 @@ BUILT: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "loss": (frozenset(), frozenset()),
     "optimizer": (frozenset({"params"}), frozenset()),
     "scheduler": (frozenset({"optimizer"}), frozenset({"monitor", "interval"})),
+    # train.accelerator_settings takes Lightning 1.x's gpus out; train passes the callbacks
+    # and loggers of their own groups
+    "trainer": (frozenset({"callbacks", "logger"}), frozenset({"gpus"})),
 }
 # Keys Hydra's instantiate reads itself rather than passing them on.
 HYDRA_KEYS = frozenset({"_target_", "_recursive_", "_convert_", "_partial_", "_args_"})

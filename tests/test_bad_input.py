@@ -176,6 +176,13 @@ def test_wrong_loss_settings_are_refused_before_anything_is_built(
         (["+scheduler.frequency=2"], r"^scheduler.frequency is not a setting of scheduler"),
         # lungseg passes the augmentation group in its place
         (["+data.augmentation=null"], r"^data.augmentation is not a setting of data"),
+        # Lightning's Trainer: was a TypeError traceback after the run folder was written
+        (
+            ["+trainer.max_epoch=1"],
+            r"^trainer.max_epoch is not a setting of trainer \(pytorch_lightning.Trainer\); "
+            r"did you mean trainer.max_epochs or trainer.min_epochs\? Remove \+trainer.max_epoch",
+        ),
+        (["+trainer.callbacks=[]"], r"^trainer.callbacks is not a setting of trainer"),
     ],
 )
 def test_unknown_settings_are_refused_with_the_nearest_name(make_cfg, overrides, message):
@@ -185,6 +192,8 @@ def test_unknown_settings_are_refused_with_the_nearest_name(make_cfg, overrides,
 
 def test_constructors_that_take_any_keyword_are_not_checked(make_cfg):
     check_settings(make_cfg("model._target_=torch.nn.Identity", "+model.anything=1"))
+    # lungseg's own trainer settings, and Lightning's that the config does not list, pass
+    check_settings(make_cfg("trainer.gpus=0", "+trainer.enable_model_summary=false"))
 
 
 @pytest.mark.parametrize(
