@@ -1079,3 +1079,13 @@ def test_images_that_reach_the_network_flat_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lungseg"):
         make_dm(*write_data(tmp_path / "clean", n=10)[:2])
     assert "flat grey" not in caplog.text
+
+
+def test_image_and_mask_folders_swapped_are_named(tmp_path):
+    """Grey images read as index masks trained a 256-class network without a word (the
+    values 0-255 have no gap for the class-gap check); found by a tester."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=10)
+    with pytest.raises(LungsegError, match=r"The masks hold \d+ different values .* look like "):
+        make_dm(mask_dir, image_dir)
+    with pytest.raises(LungsegError, match=r"not swapped\)\. For index masks of that many"):
+        make_dm(mask_dir, image_dir)

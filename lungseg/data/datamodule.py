@@ -103,6 +103,8 @@ def _sided_classes(masks: list[np.ndarray], num_classes: int) -> dict[str, list]
 
 
 _SHOW = 5  # how many offending names a message lists
+# Index masks without data.num_classes holding more values than this are taken for images
+_MANY_CLASSES = 32
 _PCG_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645  # PCG64's own 128-bit LCG multiplier
 
 
@@ -1620,6 +1622,16 @@ def _infer_num_classes(names: Sequence[str], full: Sequence[tuple[np.ndarray, np
         counts[ids] += pixels
     values = np.flatnonzero(counts)
     largest = int(values.max()) if values.size else 0
+    if values.size > _MANY_CLASSES:
+        # grey images read as masks: the folders swapped, or data.mask_dir the images'
+        most = max(range(len(names)), key=lambda i: len(full[i][0]))
+        raise LungsegError(
+            f"The masks hold {values.size} different values ({_ranges(values.tolist())}; "
+            f"{names[most]} alone {len(full[most][0])}), so {largest + 1} classes would be "
+            f"trained: they look like images, not class ids. Check that data.mask_dir is the "
+            f"folder of the masks and data.image_dir that of the images (not swapped). For "
+            f"index masks of that many classes give data.num_classes."
+        )
     missing = [v for v in range(1, largest) if counts[v] == 0]
     if missing:
         holders = [n for n, (ids, _) in zip(names, full, strict=True) if largest in ids]
