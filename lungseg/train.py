@@ -24,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from lungseg import hostmem, hydra_files, postprocess
 from lungseg.callbacks import EMA, FitScheduleToTime
 from lungseg.checks import check_settings
+from lungseg.data.folders import is_pattern, mask_folders
 from lungseg.data.splits import trains_without_validation
 from lungseg.errors import LungsegError, counted
 from lungseg.evaluate import evaluate, scores, test_config
@@ -319,6 +320,30 @@ def _sweep_folder(job_dir: Path) -> Path:
         return job_dir.parent
 
 
+def check_outside_data(out_dir: Path, data: DictConfig) -> None:
+    """LungsegError where the run folder is one of the data folders (or lies below one that
+    data.recursive searches): checkpoints/, curves.png and split.csv would mix with the
+    user's images or masks, and the next run would read curves.png as an unpaired image."""
+    if data.get("image_dir") is None:
+        return  # the demo data
+    folders = {"data.image_dir": [Path(str(data.image_dir)).expanduser()]}
+    folders["data.mask_dir"] = mask_folders(data.mask_dir)
+    run = out_dir.expanduser().resolve()
+    for setting, paths in folders.items():
+        for folder in paths:
+            if is_pattern(folder) or not folder.is_dir():
+                continue  # the data checks name a missing folder
+            inside = data.get("recursive") and run.is_relative_to(folder.resolve())
+            if run == folder.resolve() or inside:
+                where = "is" if run == folder.resolve() else "lies in"
+                raise LungsegError(
+                    f"The run folder {out_dir} {where} {setting} ({folder}): its "
+                    f"checkpoints, curves.png and split.csv would mix with your files, and the "
+                    f"next run would read curves.png as an image without a mask. Give "
+                    f"hydra.run.dir a folder outside the data folders."
+                )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, and write into ``cfg.output_dir``: ``checkpoints/``,
     ``tensorboard/``, ``split.csv``, ``config.yaml`` (resolved), ``environment.json``
@@ -330,6 +355,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     hostmem.configure(cfg.get("retain_freed_memory", True))
     trainer_settings = accelerator_settings(plain(cfg.trainer))  # before anything is written
     out_dir = Path(cfg.output_dir)
+    check_outside_data(out_dir, cfg.data)
     ckpt_path = resume_checkpoint(cfg, out_dir)
     initial = None  # init_weights: a new run from another run's network weights
     if cfg.get("init_weights") is not None:

@@ -278,6 +278,21 @@ def test_image_without_mask_and_mask_without_image(make_cfg, tmp_path, caplog):
     assert sum(counts(dm)) == 5
 
 
+def test_a_run_folder_in_a_data_folder_is_refused(make_cfg, tmp_path):
+    """hydra.run.dir=<the image folder> wrote checkpoints/, curves.png and split.csv among the
+    images, and every later run on them stopped at 'curves.png: image without a mask' (found
+    by a tester); below a data folder only where data.recursive searches it."""
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    before = sorted(p.name for p in image_dir.iterdir())
+    recursive = ["data.recursive=true"]
+    for run, extra in [(image_dir, []), (mask_dir, []), (mask_dir / "run", recursive)]:
+        message = error_of(folders(make_cfg, image_dir, mask_dir, f"output_dir={run}", *extra))
+        assert message.startswith(f"The run folder {run} ")
+        assert "outside the data folders" in message
+    assert sorted(p.name for p in image_dir.iterdir()) == before
+    assert not (mask_dir / "run").exists()
+
+
 def test_eval_scores_a_run_that_skipped_a_corrupt_pair(make_cfg, tmp_path, caplog):
     """eval.py on the test split of a data.strict=false run: the pair the run left out is
     not in its split.csv and is left out again (it stopped eval with 'does not list')."""
