@@ -26,6 +26,7 @@ from lungseg.data.folders import (
     _list_images,
     _listing,
     _shown,
+    _walk,
     check_output_folder,
     check_writable,
     is_pattern,
@@ -144,6 +145,8 @@ def _place_pattern_images(
                 f"matches: the masks <stem>.png would replace its images. Choose another "
                 f"output_dir."
             )
+        if recursive:
+            _check_new_inside(output_dir, folder, pattern)
         for image in _list_images(folder, "input", "input_dir", recursive, [output_dir]):
             below = image.parent.relative_to(folder).parts
             placed[image] = ((*prefix.split("/"), *below), f"{prefix}/{_shown(image, folder)}")
@@ -160,7 +163,8 @@ def _check_outside_inputs(
     """LungsegError when an output would land in a folder that input_dir reads images from:
     one of the folders ``read`` or, with ``recursive``, a folder below one (unless output_dir
     itself lies below it: the search leaves output_dir out). The outputs would mix with the
-    user's images, and a later run would read them as inputs."""
+    user's images, and a later run would read them as inputs. (Such an output_dir was
+    checked by _check_new_inside before the folders were listed.)"""
     out = output_dir.resolve()
     searched = [
         root
@@ -180,6 +184,46 @@ def _check_outside_inputs(
             f"from: {_listing(inside)}. They would mix with your images, and the next run "
             f"would read them as images. Nothing was written. Choose an output_dir outside "
             f"these folders, e.g. a new folder beside {output_dir}."
+        )
+
+
+def _check_new_inside(output_dir: Path, folder: Path, input_dir: Path) -> None:
+    """LungsegError when output_dir lies below ``folder``, which input_dir reads with
+    recursive=true, and holds image files that the search would read without it (in it or
+    its sub-folders). The search leaves output_dir out, so they would not be predicted, and
+    the OUTPUT_MARKER written into output_dir would hide them from later recursive searches,
+    training's included. A new output_dir, an earlier output folder (it holds the marker),
+    one without image files, or one inside a hidden or output folder (which the search
+    passes over anyway) is accepted. Called before ``folder`` is listed, so that the message
+    is this one even where output_dir holds all its images."""
+    out, root = output_dir.resolve(), folder.resolve()
+    if out == root or not out.is_relative_to(root) or not out.is_dir():
+        return
+    for part in (out, *out.parents):
+        if part == root:
+            break
+        if part.name.startswith(".") or (part / OUTPUT_MARKER).exists():
+            return
+    held = sum(
+        1
+        for p in _walk(out, [])
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+    if held:
+        where = (
+            f"input_dir {input_dir}"
+            if folder == input_dir
+            else f"{folder}, a folder that input_dir {input_dir} matches,"
+        )
+        they, them = ("it", "it") if held == 1 else ("they", "them")
+        raise LungsegError(
+            f"output_dir {output_dir} is a folder inside {where} read with recursive=true, "
+            f"and it holds {counted(held, 'image file')} (in it or its sub-folders). The "
+            f"search leaves output_dir out, so {they} would not be predicted, and the hidden "
+            f"{OUTPUT_MARKER} file that marks it as an output folder would hide {them} from "
+            f"later recursive=true runs, training included. Nothing was written. Choose an "
+            f"output_dir outside input_dir, e.g. a new folder beside {folder}, or a new "
+            f"folder inside it."
         )
 
 
@@ -232,6 +276,18 @@ def predict(cfg: DictConfig) -> list[Path]:
                 _write(overlay_path, overlay(display, pred, colors, cfg.overlay_alpha))
                 written += [mask_path, overlay_path]
             bar.update(len(batch))
+    if failed and not written:  # strict=false, and every image left out
+        n, first = len(failed), failed[0][1]
+        what = (
+            f"The one image of input_dir {cfg.input_dir} cannot be read: "
+            if n == 1
+            else f"None of the {n} images of input_dir {cfg.input_dir} can be read, e.g. "
+        )
+        raise LungsegError(
+            f"{what}{first} Nothing was written: strict=false leaves out the images that "
+            f"cannot be read, and here that is every one. Point input_dir at your images, "
+            f"or fix or convert the files."
+        )
     report_skipped(failed, ("image that cannot be read is", "images that cannot be read are"))
     checks.report()
     log.info(
@@ -301,6 +357,8 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
         outputs = output_paths(images, output_dir)
     else:
         read = [input_dir]
+        if recursive:
+            _check_new_inside(output_dir, input_dir, input_dir)
         images = _list_images(input_dir, "input", "input_dir", recursive, [output_dir])
         if output_dir.resolve() == input_dir.resolve():
             raise LungsegError(

@@ -300,6 +300,49 @@ def test_outputs_never_land_in_a_folder_that_input_dir_reads(tmp_path, checkpoin
         )
 
 
+def test_an_image_folder_inside_input_dir_is_refused_as_output_dir(tmp_path, checkpoints):
+    """Was: input_dir=images output_dir=images/p01 recursive=true wrote the outputs of p00
+    and p02 into p01/p00 and p01/p02, left p01's own images unpredicted (the search leaves
+    output_dir out), and marked p01 as an output folder, which hid it from later recursive
+    runs (training then found masks without their images). An output_dir inside a folder
+    read with recursive=true must be new, an earlier output folder or without image files."""
+    images = tmp_path / "data" / "images"
+    for path in ("p00/a.png", "p01/b.png", "p01/c.png", "p01/ct/d.png", "p02/e.png"):
+        (images / path).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(images / path), np.full((40, 40), 128, np.uint8))
+    (images / "notes").mkdir()
+    (images / "notes" / "readme.txt").write_text("no images here\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    ckpt = checkpoints["palette"]
+    pattern = tmp_path / "data" / "*"
+    cases = [
+        (images, images / "p01", 3, f"input_dir {images}"),
+        (images, images / "p01" / "ct", 1, f"input_dir {images}"),
+        (pattern, images / "p01", 3, f"{images}, a folder that input_dir {pattern} matches,"),
+    ]
+    for input_dir, output_dir, held, where in cases:
+        they, them = ("it", "it") if held == 1 else ("they", "them")
+        with pytest.raises(LungsegError) as error:
+            predict(predict_cfg(ckpt, input_dir, output_dir, "recursive=true"))
+        assert str(error.value) == (
+            f"output_dir {output_dir} is a folder inside {where} read with recursive=true, and "
+            f"it holds {held} image file{'s' if held > 1 else ''} (in it or its sub-folders). "
+            f"The search leaves output_dir out, so {they} would not be predicted, and the "
+            f"hidden .lungseg-predictions file that marks it as an output folder would hide "
+            f"{them} from later recursive=true runs, training included. Nothing was written. "
+            f"Choose an output_dir outside input_dir, e.g. a new folder beside {images}, or a "
+            f"new folder inside it."
+        )
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # accepted: a folder without image files, and an earlier output folder (run again)
+    stems = ["p00/a", "p01/b", "p01/c", "p01/ct/d", "p02/e"]
+    for output_dir, overrides in ((images / "notes", []), (images / "notes", ["overwrite=true"])):
+        written = predict(predict_cfg(ckpt, images, output_dir, "recursive=true", *overrides))
+        assert sorted(p.relative_to(output_dir).as_posix() for p in written) == sorted(
+            f"{stem}{end}" for stem in stems for end in (".png", "_overlay.png")
+        )
+
+
 @pytest.mark.parametrize("how", ["mode", "access"])
 def test_an_output_folder_that_cannot_be_written_is_named_before_any_work(
     tmp_path, checkpoints, inputs, monkeypatch, how
@@ -355,6 +398,26 @@ def test_strict_false_skips_the_images_that_cannot_be_read(tmp_path, checkpoints
     )
     assert "2 images that cannot be read are left out (strict=false)" in caplog.text
     assert "colour.jpg could not be decoded" in caplog.text and "wide.bmp" in caplog.text
+
+
+def test_strict_false_with_no_image_read_is_an_error(tmp_path, checkpoints, inputs):
+    """Was: exit 0 and "0 masks and their overlays written" when no image could be read."""
+    for name in ("colour.jpg", "ct16.tif", "gray8.png", "wide.bmp"):
+        (inputs / name).write_bytes(b"broken")
+    out = tmp_path / "out"
+    with pytest.raises(LungsegError) as error:
+        predict(predict_cfg(checkpoints["palette"], inputs, out, "strict=false"))
+    assert str(error.value).startswith(
+        f"None of the 4 images of input_dir {inputs} can be read, e.g. "
+        f"{inputs / 'colour.jpg'} could not be decoded as an image: "
+    )
+    assert str(error.value).endswith(
+        " Nothing was written: strict=false leaves out the images that cannot be read, and "
+        "here that is every one. Point input_dir at your images, or fix or convert the files."
+    )
+    with pytest.raises(LungsegError, match=r"^The one image of input_dir .*wide.bmp cannot be"):
+        predict(predict_cfg(checkpoints["palette"], inputs / "wide.bmp", out, "strict=false"))
+    assert not out.exists()
 
 
 def test_images_of_another_bit_depth_than_the_training_ones_are_named(
