@@ -2,6 +2,7 @@
 each built from a plain dict of its Hydra config."""
 
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,11 @@ class SegmentationModule(pl.LightningModule):
         self._plateau_pending: dict[str, float] = {}  # see on_save_checkpoint
         self._saved_scheduler: dict[str, Any] = {}  # see on_load_checkpoint
         self._new_schedule = False  # see on_load_checkpoint
+        # Training time: this process's from ``run_started`` (train() sets it), and the
+        # segments' before it of a continued run (``seconds_before``, from its checkpoint)
+        self.run_started = time.monotonic()
+        self.seconds_before = 0.0
+        self.time_restored = False  # train() sets it True where none is to be restored
         self._fresh_groups: list[dict[str, Any]] = []  # see configure_optimizers
         self._checked_step = 0  # the optimiser step after which _check_after_step last looked
         self._loss_step_logged = False  # see _logs_loss_step
@@ -349,6 +355,8 @@ class SegmentationModule(pl.LightningModule):
         ReduceLROnPlateau step (Lightning steps it after the checkpoint callbacks, and skips it
         when it continues the run, as its checkpoints hold no metric): the values the plateau
         schedules watch are saved with it, so that a continued run takes the step."""
+        # a continued run's train_minutes count the time of the segments before it
+        checkpoint["lungseg_train_seconds"] = self.trained_seconds()
         progress = self.trainer.fit_loop.epoch_progress.current
         if progress.processed > progress.completed:  # in the epoch's end, before the step
             metrics = self.trainer.callback_metrics
@@ -358,7 +366,15 @@ class SegmentationModule(pl.LightningModule):
                 if c.reduce_on_plateau and c.monitor in metrics
             }
 
+    def trained_seconds(self) -> float:
+        """The run's time so far: this process's since ``run_started`` and, for a continued
+        run, its earlier segments' up to the checkpoint it continues from."""
+        return self.seconds_before + time.monotonic() - self.run_started
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.time_restored:  # the checkpoint fit continues from, not the tested best
+            self.seconds_before = float(checkpoint.get("lungseg_train_seconds") or 0.0)
+            self.time_restored = True
         self._plateau_pending = dict(checkpoint.get("lungseg_plateau_pending") or {})
         # The scheduler settings the checkpoint's run was configured with (see
         # _apply_configured_settings).

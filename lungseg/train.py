@@ -399,7 +399,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         train_metrics_every_n_steps=cfg.get("train_metrics_every_n_steps", 1),
         postprocess=plain(cfg.get("postprocess")),
     )
+    module.run_started = started
     continuing = continues_run(ckpt_path, out_dir)
+    # the time of the run this one continues in its folder; a ckpt_path's run's is its own
+    module.time_restored = not continuing
     stale: list[Path] = []  # best checkpoints of an epoch the continued run trains again
     restored: list[Path] = []  # the best checkpoint an interrupted run removed, from last.ckpt
     finishing = False  # a run stopped in its test after training: tested, nothing trained
@@ -576,7 +579,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 )
             raise
         metrics.update(results[0] if results else {})
-    metrics["train_minutes"] = (time.monotonic() - started) / 60  # fit and test
+    # fit and test; a continued run's earlier segments too, up to the checkpoint it continued
+    metrics["train_minutes"] = module.trained_seconds() / 60
     tested = "test/loss" in metrics  # a test split was scored
     if tested and cfg.get("test_postprocessed", True) and trainer.is_global_zero and best_path:
         where = str(trainer.strategy.root_device)  # "cpu", "cuda:0"

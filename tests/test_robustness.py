@@ -721,6 +721,22 @@ def test_a_run_stopped_in_its_test_is_finished_by_resume(lean_cfg, tmp_path):
     assert finished["epochs_trained"] == first["epochs_trained"]
 
 
+def test_a_continued_runs_minutes_count_its_earlier_segments(lean_cfg, tmp_path):
+    """train_minutes counted only the last segment of a continued run (found by testers); a
+    run from another run's checkpoint in a new folder counts its own time only."""
+    first = train(lean_cfg("trainer.max_epochs=2", "test_after_fit=false"))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert 0 < saved["lungseg_train_seconds"] <= first["train_minutes"] * 60
+    saved["lungseg_train_seconds"] = 3600.0  # an hour before the interruption
+    torch.save(saved, last)
+    resumed = train(lean_cfg("trainer.max_epochs=3", "test_after_fit=false", "resume=true"))
+    assert 60 < resumed["train_minutes"] < 61
+    new = [f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "test_after_fit=false"]
+    tuned = train(lean_cfg("trainer.max_epochs=4", f"output_dir={tmp_path / 'new'}", *new))
+    assert tuned["train_minutes"] < 1  # its own, not the source run's hour
+
+
 def test_init_weights_starts_a_new_run_from_another_runs_network(
     lean_cfg, tmp_path, demo_dir, caplog
 ):
