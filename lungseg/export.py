@@ -165,20 +165,33 @@ def run_exported(path: Path, fmt: str, images: torch.Tensor) -> np.ndarray:
 
 def check_outputs(path: Path, ckpt_path: Path, cfg: DictConfig) -> Path:
     """The JSON file's path beside the model file ``path``. LungsegError, before anything is
-    written, when ``path`` is the checkpoint or a folder, when it or the JSON exists and not
-    ``cfg.overwrite`` (as predict.py treats its outputs), or when its folder cannot be
-    written."""
+    written, when ``path`` is the checkpoint or a folder, when that JSON path holds anything
+    but an earlier export's JSON for this model file (``output=<run>/metrics`` would replace
+    the run's metrics.json), whatever ``cfg.overwrite`` says, when the model or its JSON
+    exists and not ``cfg.overwrite`` (as predict.py treats its outputs), or when its folder
+    cannot be written."""
+    suffix = FORMATS[cfg.format]
     if path.resolve() == ckpt_path.resolve():
-        raise LungsegError(
-            f"output is ckpt_path ({path}): the export would replace the checkpoint. Give "
-            f"another file, e.g. output={path.with_name('model' + FORMATS[cfg.format])}."
-        )
+        raise _replaces_checkpoint(path, cfg.format)
     if path.is_dir():
         raise LungsegError(
             f"output {path} is a folder; give the model file's name, e.g. "
-            f"output={path / ('model' + FORMATS[cfg.format])}."
+            f"output={path / ('model' + suffix)}."
         )
     info_path = path.with_name(path.name + ".json")
+    if taken((info_path,)) and not _is_export_json(info_path, path.name):
+        other = (
+            path.with_name(path.name + suffix)
+            if path.suffix != suffix
+            else path.with_name(f"{path.stem}-export{suffix}")
+        )
+        raise LungsegError(
+            f"{info_path} exists and is not an earlier export's JSON file for {path.name}, "
+            f"where export would write the model's description (<model file>.json): it could "
+            f"be a run's or checkpoint's file, so it is not replaced, whatever overwrite says. "
+            f"Nothing was written. Give another output=<file>, e.g. output={other}, or move "
+            f"{info_path} away."
+        )
     existing = taken((path, info_path))
     if existing and not cfg.overwrite:
         one = len(existing) == 1
@@ -189,6 +202,30 @@ def check_outputs(path: Path, ckpt_path: Path, cfg: DictConfig) -> Path:
         )
     check_writable(path.parent, _WRITE_FIX)
     return info_path
+
+
+def _replaces_checkpoint(path: Path, fmt: str) -> LungsegError:
+    return LungsegError(
+        f"output is ckpt_path ({path}): the export would replace the checkpoint. Give "
+        f"another file, e.g. output={path.with_name('model' + FORMATS[fmt])}."
+    )
+
+
+def _is_export_json(info_path: Path, model_name: str) -> bool:
+    """Whether ``info_path`` is a file an earlier export wrote beside the model file
+    ``model_name`` (its ``model`` names that file), which overwrite=true may replace."""
+    try:
+        if not info_path.is_file() or info_path.stat().st_size > 10_000_000:
+            return False
+        record = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return False
+    return (
+        isinstance(record, dict)
+        and record.get("model") == model_name
+        and record.get("format") in FORMATS
+        and "data_info" in record
+    )
 
 
 def write_checked(
@@ -221,14 +258,27 @@ def write_checked(
     return diff
 
 
-def check_suffix(output: str | None, fmt: str) -> None:
-    """LungsegError where ``output`` ends in another format's suffix (``m.pt`` for ONNX: a
-    file torch.jit.load would then fail to read), or, for pt2, not in ``.pt2`` (which
-    torch.export.load expects)."""
+def check_suffix(output: str | None, fmt: str, ckpt_path: Any = None) -> None:
+    """LungsegError where ``output`` ends in ``.ckpt`` (a training checkpoint's, which eval.py,
+    predict.py and resuming training read: never replaced, whatever overwrite says; the
+    message says so where it is ``ckpt_path`` itself), in
+    another format's suffix (``m.pt`` for ONNX: a file torch.jit.load would then fail to
+    read), or, for pt2, not in ``.pt2`` (which torch.export.load expects)."""
     if not output:
         return
     path = Path(output)
     suffix = FORMATS[fmt]
+    if path.suffix.lower() == ".ckpt":
+        if isinstance(ckpt_path, str) and path.expanduser().resolve() == (
+            Path(ckpt_path).expanduser().resolve()
+        ):
+            raise _replaces_checkpoint(path, fmt)
+        raise LungsegError(
+            f"output={output} ends in {path.suffix}, the suffix of training checkpoints "
+            f"(which eval.py, predict.py and resuming training read): an export never writes "
+            f"one, whatever overwrite says. Nothing was written. Give "
+            f"output={path.with_suffix(suffix)}, format={fmt}'s suffix."
+        )
     other = next((f for f, s in FORMATS.items() if s == path.suffix and f != fmt), None)
     if other is not None:
         raise LungsegError(
@@ -246,8 +296,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path``'s network to ``cfg.format``, check it against PyTorch on a batch
     of another size than the traced one and write ``<model file>.json`` beside the model.
     Existing output files stop the export before anything is written, unless
-    ``cfg.overwrite``; the model is written under a temporary name and takes its place only
-    once checked, so a failed export leaves every file as it was. Returns the JSON's content."""
+    ``cfg.overwrite``; an output ending in ``.ckpt``, and a JSON path that holds anything but
+    an earlier export's JSON, stop it whatever ``cfg.overwrite`` says. The model is written
+    under a temporary name and takes its place only once checked, so a failed export leaves
+    every file as it was. Returns the JSON's content."""
     check_overwrite(cfg.overwrite)
     if cfg.format not in FORMATS:
         raise LungsegError(
@@ -255,7 +307,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             f"servers), format=pt2 (torch.export.load, PyTorch alone) or format=torchscript "
             f"(torch.jit.load, C++ libtorch; deprecated by torch)."
         )
-    check_suffix(cfg.output, cfg.format)
+    check_suffix(cfg.output, cfg.format, cfg.ckpt_path)
     require(
         is_number(cfg.tolerance, 0),
         "tolerance",

@@ -209,6 +209,79 @@ def test_existing_files_are_never_replaced_or_removed_by_default(checkpoint, mon
         export(export_cfg(*run, f"output={mine}"))
 
 
+def test_an_output_ending_in_ckpt_is_refused_whatever_overwrite_says(checkpoint):
+    # Was: output=<another checkpoint> overwrite=true replaced that training checkpoint (which
+    # eval.py, predict.py and resuming read) with the exported model, for onnx and torchscript.
+    ckpt = checkpoint("unet")
+    other = ckpt.with_name("other.ckpt")
+    other.write_bytes(ckpt.read_bytes())
+    kept = {p: p.read_bytes() for p in (ckpt, other)}
+    names = sorted(p.name for p in ckpt.parent.iterdir())
+    for fmt, suffix in (("onnx", ".onnx"), ("pt2", ".pt2"), ("torchscript", ".pt")):
+        for output in (other, ckpt.with_name("new.CKPT")):
+            for overwrite in ("true", "false"):
+                cfg = export_cfg(
+                    f"ckpt_path={ckpt}",
+                    f"format={fmt}",
+                    f"output={output}",
+                    f"overwrite={overwrite}",
+                )
+                with pytest.raises(LungsegError) as error:
+                    export(cfg)
+                assert str(error.value) == (
+                    f"output={output} ends in {output.suffix}, the suffix of training checkpoints "
+                    f"(which eval.py, predict.py and resuming training read): an export never "
+                    f"writes one, whatever overwrite says. Nothing was written. Give "
+                    f"output={output.with_suffix(suffix)}, format={fmt}'s suffix."
+                )
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == names
+
+
+def test_the_json_beside_the_model_never_replaces_a_file_it_did_not_write(checkpoint):
+    # Was: output=<run>/metrics (no suffix, accepted for onnx and torchscript) with
+    # overwrite=true replaced the run's metrics.json with the export's JSON; a checkpoint
+    # named like <output>.json went the same way.
+    ckpt = checkpoint("unet")
+    run_dir = ckpt.parent.parent
+    metrics = run_dir / "metrics.json"
+    theirs = ckpt.parent / "best.json"
+    theirs.write_text('{"model": "best"}')  # not an export's: no format nor data_info
+    kept = {p: p.read_bytes() for p in (ckpt, metrics, theirs)}
+    names = sorted(p.name for p in run_dir.rglob("*"))
+    for output, other in ((run_dir / "metrics", "metrics.pt"), (ckpt.parent / "best", "best.pt")):
+        for overwrite in ("true", "false"):
+            over = f"overwrite={overwrite}"
+            cfg = export_cfg(f"ckpt_path={ckpt}", "format=torchscript", f"output={output}", over)
+            info = output.with_name(output.name + ".json")
+            with pytest.raises(LungsegError) as error:
+                export(cfg)
+            assert str(error.value) == (
+                f"{info} exists and is not an earlier export's JSON file for {output.name}, where "
+                f"export would write the model's description (<model file>.json): it could be a "
+                f"run's or checkpoint's file, so it is not replaced, whatever overwrite says. "
+                f"Nothing was written. Give another output=<file>, e.g. "
+                f"output={output.with_name(other)}, or move {info} away."
+            )
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert sorted(p.name for p in run_dir.rglob("*")) == names
+
+    # An earlier export's own JSON is replaced with overwrite=true, as before, and a file
+    # with the model's suffix whose JSON is someone else's gets another name suggested.
+    mine = ckpt.parent / "mine"
+    run = [f"ckpt_path={ckpt}", "format=torchscript", f"output={mine}"]
+    export(export_cfg(*run))
+    assert json.loads((ckpt.parent / "mine.json").read_text())["model"] == "mine"
+    with pytest.raises(LungsegError, match=r"mine and .*mine.json already exist. Nothing was"):
+        export(export_cfg(*run))
+    assert export(export_cfg(*run, "overwrite=true"))["model"] == "mine"
+    model = ckpt.parent / "lungs.pt"
+    (ckpt.parent / "lungs.pt.json").write_text("not JSON")
+    with pytest.raises(LungsegError, match=r"e.g. output=.*lungs-export.pt, or move .*lungs.pt.j"):
+        export(export_cfg(f"ckpt_path={ckpt}", "format=torchscript", f"output={model}"))
+    assert not model.exists()
+
+
 @pytest.mark.parametrize("how", ["mode", "access"])
 def test_a_folder_that_cannot_be_written_is_named_not_blamed_on_the_format(
     checkpoint, tmp_path, monkeypatch, how
