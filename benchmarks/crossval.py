@@ -335,8 +335,8 @@ def report(args: argparse.Namespace) -> None:
             f"{', '.join(map(str, unvalidated))} trained without a val split (data.split "
             f"with a val fraction of 0), so there is nothing to choose its post-processing on. "
             f"Its metrics.json (and a sweep's summary.md) hold its test scores as trained; "
-            f"`python eval.py 'ckpt_path=\"<run>/checkpoints/last.ckpt\"' split=test` (quoted: "
-            f"sweep folders hold '=' and ',') scores it with any post-processing."
+            f"`python eval.py ckpt_path=<run>/checkpoints/last.ckpt split=test` scores it "
+            f"with any post-processing."
         )
     best = {run: best_checkpoint(run, metrics) for run, metrics in checkpoints.items()}
     folds = check_one_setting(runs, args.sweep)

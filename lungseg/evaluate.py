@@ -373,7 +373,7 @@ def _score(
     flips = postprocess.flips(cfg.tta, cfg.tta_flips, model.hparams.get("postprocess"))
     postprocess.warn_sided_flips(flips, class_names)
     label = " + ".join(config_checkpoints(cfg))
-    log.info("scoring %s on %d images: %s", label, len(pairs), source)
+    log.info("scoring %s on %s: %s", label, counted(len(pairs), "pair"), source)
     if flips:
         log.info("test-time flips: %s (tta=false for none)", ", ".join(flips))
     _check_layers(pairs, mask_mode, class_names, label)

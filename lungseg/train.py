@@ -87,12 +87,13 @@ def accelerator_settings(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
             cfg.update(accelerator="gpu", devices=gpus)
     if cfg.get("accelerator") in ("gpu", "cuda"):
         asked = f"trainer.gpus={gpus}" if gpus is not None else "trainer.accelerator=gpu"
+        given = "trainer.gpus" if gpus is not None else "trainer=gpu or trainer.accelerator=gpu"
         if not torch.cuda.is_available():
             raise LungsegError(
                 f"{asked} asks for a GPU, but PyTorch sees none (torch.cuda.is_available() is "
                 f"False; this torch build is {torch.__version__}). Train on the CPU by leaving "
-                "out trainer.gpus (or with trainer=cpu), or install a CUDA build of PyTorch on "
-                "a machine with an NVIDIA GPU."
+                f"out {given} (or with trainer=cpu), or install a CUDA build of PyTorch on a "
+                "machine with an NVIDIA GPU."
             )
         wanted = cfg.get("devices")
         count = torch.cuda.device_count()
