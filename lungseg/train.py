@@ -407,6 +407,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stale: list[Path] = []  # best checkpoints of an epoch the continued run trains again
     restored: list[Path] = []  # the best checkpoint an interrupted run removed, from last.ckpt
     finishing = False  # a run stopped in its test after training: tested, nothing trained
+    from_last = False  # continued from the run's own last.ckpt
     if ckpt_path is not None:
         saved = read_checkpoint(Path(ckpt_path))  # once for all checks
         check_fits(ckpt_path, module, saved, demo=cfg.data.get("image_dir") is None)
@@ -474,6 +475,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "this run trains again",
             ", ".join(p.name for p in stale),
             ", ".join(p.name for p in aside),
+        )
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if continuing and not from_last and last.is_file() and rank_zero_only.rank == 0:
+        # continued from an earlier checkpoint of the run: its later last.ckpt would be
+        # written over by this run's first epoch
+        kept = set_aside(last)
+        log.info(
+            "%s, the run's last epoch before this continuation from %s, is kept as %s",
+            last.name,
+            Path(ckpt_path).name,
+            kept.name,
         )
     if finishing and rank_zero_only.rank == 0:
         log.info(

@@ -645,9 +645,15 @@ def test_a_best_checkpoint_of_the_unfinished_epoch_is_not_left_beside_the_new_be
     later = folder / "best-epoch002.ckpt"
     shutil.copy(earlier, later)
     caplog.clear()
+    previous = (folder / "last.ckpt").read_bytes()
     with caplog.at_level(logging.INFO):
         train(lean_cfg("trainer.max_epochs=3", "test_after_fit=false", f"ckpt_path={earlier}"))
     assert "set aside" not in caplog.text and later.read_bytes() == earlier.read_bytes()
+    # the run's later last.ckpt is kept, not written over by the continuation (found by a
+    # tester)
+    assert (folder / "last.1.ckpt").read_bytes() == previous
+    kept = "last.ckpt, the run's last epoch before this continuation from epoch1.ckpt, is kept "
+    assert kept + "as last.1.ckpt" in caplog.text
 
 
 def _record_best(last: Path, epoch: int) -> Path:
