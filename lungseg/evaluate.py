@@ -36,6 +36,7 @@ what it changed.
 
 import csv
 import filecmp
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -652,6 +653,60 @@ def _check_folders_unseen(checkpoint: str, pairs: list[Pair], image_dir: str) ->
             image_dir,
             checkpoint,
         )
+    _check_no_renamed_copies(checkpoint, pairs, image_dir, split_file)
+
+
+def _check_no_renamed_copies(
+    checkpoint: str, pairs: list[Pair], image_dir: str, split_file: Path
+) -> None:
+    """LungsegError where image files being scored are byte for byte the run's train or val
+    images under other names (``new_demo_0000.png``, a renamed copy of ``demo_0000.png``),
+    which the check by name cannot see. Compares the files' contents (a hash of each), so an
+    image saved again in another format under another name is not found; nothing where the
+    run's image folder is not at hand."""
+    folder, _ = _run_image_folder(checkpoint)
+    if folder is None or not folder.is_dir():
+        return
+    rows = splits._file_rows(split_file)
+    seen_stems = [file for file, split in rows if split in ("train", "val")]
+    names = {p.stem for p in pairs}
+    ours: dict[tuple[int, bytes], str] = {}
+    for pair in pairs:
+        try:
+            ours[_file_digest(pair.image)] = pair.stem
+        except OSError:
+            continue  # scoring names a file it cannot read
+    if not ours:
+        return
+    sizes = {size for size, _ in ours}
+    copies = []
+    for stem in seen_stems:
+        if stem in names:
+            continue  # matched by name above
+        run_file = next((c for s in IMAGE_EXTENSIONS if (c := folder / (stem + s)).is_file()), None)
+        if run_file is None or run_file.stat().st_size not in sizes:
+            continue  # only files of a size some scored file has are read
+        try:
+            key = _file_digest(run_file)
+        except OSError:
+            continue
+        if key in ours:
+            copies.append((ours[key], stem))
+    if copies:
+        scored, theirs = copies[0]
+        raise LungsegError(
+            f"{counted(len(copies), 'image')} of {image_dir} {'is' if len(copies) == 1 else 'are'}"
+            f" byte for byte the run's train or val images under other names (e.g. {scored} is "
+            f"{theirs} of {folder}, {split_file}). Their scores would count images the model "
+            f"learnt from or chose its checkpoint by. Remove the copies from the folders "
+            f"scored, or give split=all to score every pair all the same."
+        )
+
+
+def _file_digest(path: Path) -> tuple[int, bytes]:
+    """A file's size and a hash of its bytes."""
+    data = path.read_bytes()
+    return len(data), hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _run_image_folder(checkpoint: str) -> tuple[Path | None, str]:

@@ -483,6 +483,22 @@ def test_eval_on_the_runs_own_folders_refuses_what_it_learnt_from(tmp_path, chec
         cv2.imwrite(str(image), 255 - pixels)
     there = [f"data.image_dir={site / 'images'}", f"data.mask_dir={site / 'masks'}"]
     assert evaluate(eval_cfg(tmp_path / "site", ckpt, *there))["images"].startswith("all pairs")
+    # the run's training images renamed (found by a tester: scored as new data)
+    renamed = tmp_path / "renamed"
+    for name in ("images", "masks"):
+        (renamed / name).mkdir(parents=True)
+        for path in (moved / name).iterdir():
+            if split[path.stem] == "train":
+                shutil.copy(path, renamed / name / f"new_{path.name}")
+    copies = [f"data.image_dir={renamed / 'images'}", f"data.mask_dir={renamed / 'masks'}"]
+    trained_only = sum(v == "train" for v in split.values())
+    with pytest.raises(
+        LungsegError,
+        match=rf"^{trained_only} images of .*renamed/images are byte for byte the run's train "
+        r"or val images under other names \(e.g. new_demo_\d+ is demo_\d+ of ",
+    ):
+        evaluate(eval_cfg(tmp_path / "renamed_eval", ckpt, *copies))
+    assert evaluate(eval_cfg(tmp_path / "renamed_all", ckpt, *copies, "split=all"))
     # the same names where the run's own files cannot be compared: refused by name
     config = OmegaConf.load(run / "config.yaml")
     try:
