@@ -21,6 +21,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torchmetrics
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities import rank_zero_only
@@ -77,16 +79,25 @@ def _check_unused(out_dir: Path, resume: bool) -> None:
     if resume and not saved:
         log.warning("resume=true: %s holds no checkpoint yet; starting the run again", out_dir)
         return
-    how = (
-        "resume=true finds no checkpoints/last.ckpt there; continue from another of its "
-        "checkpoints with ckpt_path=<checkpoint>"
-        if resume
-        else "Continue it with resume=true (from its checkpoints/last.ckpt)"
+    if resume:
+        how = (
+            "resume=true finds no checkpoints/last.ckpt there; continue from another of its "
+            "checkpoints with ckpt_path=<checkpoint>"
+        )
+    elif saved:
+        how = "Continue it with resume=true (from its checkpoints/last.ckpt)"
+    else:  # stopped in its first epoch, or after its record was written
+        how = "It saved no checkpoint yet: resume=true starts it again there"
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    new = (
+        "give the sweep another hydra.sweep.dir"
+        if sweep
+        else "leave hydra.run.dir unset (each run gets its own timestamped folder) or give an "
+        "unused path"
     )
     raise LungsegError(
         f"The run folder {out_dir} already holds a run ({', '.join(found)}), and lungseg never "
-        f"writes over one. {how}, or start a new run in a new folder: leave hydra.run.dir "
-        f"unset (each run gets its own timestamped folder) or give an unused path."
+        f"writes over one. {how}, or start a new run in a new folder: {new}."
     )
 
 

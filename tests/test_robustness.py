@@ -794,7 +794,10 @@ def test_resume_true_starts_a_run_that_saved_no_checkpoint_yet(lean_cfg, tmp_pat
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)  # as left by a run killed in its first epoch
     (run / "split.csv").write_text("file,split\n")
-    with pytest.raises(LungsegError, match="already holds a run"):
+    # was: 'Continue it with resume=true (from its checkpoints/last.ckpt)', which it has not
+    with pytest.raises(
+        LungsegError, match="already holds a run .* no checkpoint yet: resume=true starts it again"
+    ):
         train(lean_cfg("test_after_fit=false"))
     cfg = lean_cfg("resume=true", "test_after_fit=false", "trainer.limit_train_batches=1")
     assert train(cfg)["epochs_trained"] == 1
