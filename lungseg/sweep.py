@@ -69,7 +69,9 @@ def record_error(
             log.warning(
                 "%s holds a finished run of other settings than this job's (%s), which is kept "
                 "as it was: this job's settings were not trained. Give the sweep another "
-                "hydra.sweep.dir to train them.",
+                "hydra.sweep.dir to train them, or add resume=true to continue its runs with "
+                "them where a run may continue so (more epochs, optimiser and schedule "
+                "settings; README, 'Resume').",
                 run_dir,
                 "; ".join(changed[:5]) + (f"; ... ({len(changed)} in all)" * (len(changed) > 5)),
             )

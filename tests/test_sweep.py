@@ -485,6 +485,7 @@ def test_a_finished_run_of_other_settings_is_named_with_the_settings_that_differ
         "(not given) -> 3)" in changed.getMessage()
     )
     assert "Give the sweep another hydra.sweep.dir" in changed.getMessage()
+    assert "or add resume=true to continue its runs with them" in changed.getMessage()
     assert not (run / "error.txt").exists()
 
 
