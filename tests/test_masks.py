@@ -450,6 +450,20 @@ def test_encode_then_decode_through_a_file(tmp_path, mode, index, stored):
     np.testing.assert_array_equal(decode_mask(raw, mode, tmp_path / "pred.png", PALETTE), index)
 
 
+def test_a_grey_palette_writes_grey_masks(tmp_path):
+    """A model trained on 0/128/255 grey masks (a grey palette) wrote 3-channel RGB masks
+    (found by a tester); they are written as the training masks were, one channel."""
+    grey = [[0, 0, 0], [128, 128, 128], [255, 255, 255]]
+    index = INDEX.clip(0, 2)
+    encoded = encode_mask(index, "palette", grey)
+    assert encoded.shape == index.shape
+    np.testing.assert_array_equal(encoded, np.array([0, 128, 255], np.uint8)[index])
+    write_image(tmp_path / "pred.png", encoded)
+    raw = read_image(tmp_path / "pred.png")
+    assert raw.ndim == 2
+    np.testing.assert_array_equal(decode_mask(raw, "palette", tmp_path / "pred.png", grey), index)
+
+
 def test_encode_errors():
     with pytest.raises(LungsegError, match="binary stores two classes.*class 3"):
         encode_mask(INDEX, "binary")

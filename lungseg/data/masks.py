@@ -327,7 +327,7 @@ def encode_mask(
 ) -> np.ndarray:
     """Inverse of decode_mask, to write predictions in the training encoding. index: (H, W)
     class ids → index: (H, W) uint8 ids; binary: (H, W) uint8 0/255 (ids must be 0/1);
-    palette: (H, W, 3) uint8 RGB."""
+    palette: (H, W, 3) uint8 RGB, or (H, W) uint8 grey levels for a palette of greys."""
     assert np.issubdtype(index.dtype, np.integer) and index.min() >= 0, "class ids expected"
     if mode == "index":
         assert index.max() <= 255, "class ids above 255 do not fit a uint8 mask"
@@ -346,6 +346,8 @@ def encode_mask(
                 f"data.palette has {len(colours)} colours, but the prediction holds class "
                 f"{int(index.max())}. Give data.palette one colour per class."
             )
+        if (colours == colours[:, :1]).all():  # a grey palette: grey masks, as trained on
+            return colours[:, 0][index]
         return colours[index]
     raise _unknown_mode(mode)
 
