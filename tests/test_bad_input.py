@@ -257,6 +257,19 @@ def test_missing_data_folder_is_reported_before_the_palette(make_cfg, tmp_path):
     check_data_dirs(None, None)  # the demo data
 
 
+def test_a_folder_of_volumes_is_named_before_the_palette(make_cfg, tmp_path):
+    """DICOM or NIfTI folders with the default mask mode (palette) got the missing-palette
+    error first; the one that says to export slices came only once the mode was set (found
+    by a tester)."""
+    for name, files in (("images", ["a.dcm", "b.dcm"]), ("masks", ["a.nii.gz", "b.nii.gz"])):
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_bytes(b"x")
+    cfg = make_cfg(f"data.image_dir={tmp_path / 'images'}", f"data.mask_dir={tmp_path / 'masks'}")
+    with pytest.raises(LungsegError, match=r"holds no image files \(it holds 2 .dcm files: lungs"):
+        check_settings(cfg)
+
+
 def test_empty_folders(make_cfg, tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()

@@ -419,6 +419,23 @@ def check_data_dirs(image_dir: str | Path | None, mask_dir: Any) -> None:
         folders = mask_folders(mask_dir)
         for i, folder in enumerate(folders):
             _check_folder(folder, "mask", "data.mask_dir" + (f"[{i}]" if len(folders) > 1 else ""))
+    if image_dir is not None:
+        _check_not_volumes(Path(image_dir).expanduser(), "image", "data.image_dir")
+
+
+def _check_not_volumes(folder: Path, role: str, setting: str) -> None:
+    """LungsegError where ``folder`` holds volumes (DICOM, NIfTI, ...) and no image file: the
+    error that says to export slices, before the settings that suit images are checked (the
+    default palette mask mode's missing data.palette came first)."""
+    names = [p.name.lower() for p in folder.iterdir() if p.is_file() and p.name[:1] != "."]
+    if any(Path(n).suffix in IMAGE_EXTENSIONS for n in names):
+        return
+    if any(n.endswith(VOLUME_SUFFIXES) for n in names):
+        raise LungsegError(
+            f"The {role} folder {folder} holds no image files{_contents(folder)}. Accepted "
+            f"extensions: {', '.join(IMAGE_EXTENSIONS)} (in any letter case). Point {setting} "
+            f"at the folder with the files or convert them to one of these formats."
+        )
 
 
 def _check_folder(folder: Path, role: str, setting: str) -> None:
