@@ -23,7 +23,7 @@ from lungseg.data.folders import read_image
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
 from lungseg.postprocess import FLIPS, check_flips
-from lungseg.run_folder import load_safely
+from lungseg.run_folder import checkpoints_in, load_safely
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ def load_checkpoint(
     if not path.is_file():
         problem = "is a folder" if path.is_dir() else "does not exist"
         raise LungsegError(
-            f"ckpt_path {path} {problem}. Give the path of a checkpoint written by "
-            f"`python train.py`, e.g. outputs/train/<run>/checkpoints/last.ckpt."
+            f"ckpt_path {path} {problem}{checkpoints_in(path)}. Give the path of a checkpoint "
+            f"written by `python train.py`, e.g. outputs/train/<run>/checkpoints/last.ckpt."
         )
     hparams = _read_hparams(path)
     _check_targets(path, hparams, trusted_modules)

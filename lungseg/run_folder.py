@@ -114,6 +114,20 @@ def load_safely(path: Path, problem: str, fix: str) -> Any:
         ) from None
 
 
+def checkpoints_in(folder: Path) -> str:
+    """For a checkpoint path that is a folder (a run's, or its checkpoints/): the checkpoint
+    files in it, as the end of a sentence ("; it holds checkpoints/last.ckpt, ..."); "" for
+    none or for a path that is not a folder."""
+    if not folder.is_dir():
+        return ""
+    found = sorted(folder.glob("*.ckpt")) or sorted(folder.glob("checkpoints/*.ckpt"))
+    if not found:
+        return ""
+    names = [p.relative_to(folder).as_posix() for p in found]
+    shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+    return f" (it holds {shown}: give one of these files)"
+
+
 def read_checkpoint(path: Path, setting: str = "ckpt_path") -> dict[str, Any]:
     """A Lightning checkpoint read with ``torch.load(weights_only=True)``: tensors and plain
     values only, so unpickling cannot run code. LungsegError for anything else, naming the
@@ -122,8 +136,8 @@ def read_checkpoint(path: Path, setting: str = "ckpt_path") -> dict[str, Any]:
         problem = "is a folder" if path.is_dir() else "does not exist"
         resume = ", or resume=true to continue the run in hydra.run.dir" * (setting == "ckpt_path")
         raise LungsegError(
-            f"{setting} {path} {problem}. Give a checkpoint written by `python train.py`, e.g. "
-            f"<run>/checkpoints/last.ckpt{resume}."
+            f"{setting} {path} {problem}{checkpoints_in(path)}. Give a checkpoint written by "
+            f"`python train.py`, e.g. <run>/checkpoints/last.ckpt{resume}."
         )
     checkpoint = load_safely(
         path,

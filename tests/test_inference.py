@@ -216,6 +216,15 @@ def test_trusted_modules_are_package_prefixes(tmp_path, checkpoints):
         load_checkpoint(path, CPU)
 
 
+def test_a_run_folder_given_as_ckpt_path_names_its_checkpoints(tmp_path, checkpoints):
+    """ckpt_path=<run> got only 'is a folder' (found by a tester)."""
+    run = Path(checkpoints["palette"]).parent.parent
+    with pytest.raises(LungsegError, match=r"is a folder \(it holds checkpoints/.*\.ckpt"):
+        load_checkpoint(run, CPU)
+    with pytest.raises(LungsegError, match=r"is a folder \(it holds .*\.ckpt.*: give one of"):
+        load_checkpoint(run / "checkpoints", CPU)
+
+
 def _hostile_hparams(case: str, victim: Path, net: dict) -> dict:
     """Hyper-parameters naming callables under the default trusted modules that are not
     classes of the kind their entry builds; write_split would overwrite ``victim``."""
