@@ -550,20 +550,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     if best_path and not continues_run(best_path, out_dir):
         best_path = ""  # the restored path of the run a ckpt_path came from, not of this one
-    if best_path and not Path(best_path).is_file() and trainer.is_global_zero:
+    best_gone = bool(best_path) and not Path(best_path).is_file()
+    if best_gone:  # every rank: the run folder is shared, and each tests the same file
         # removed by an interrupted run when it saved a better one in the epoch it did not
         # finish (set aside as interrupted-best-*.ckpt), and older than last.ckpt's epoch, so
         # not restored from it; no later epoch of this run has beaten its score
         last = out_dir / "checkpoints" / "last.ckpt"
-        log.warning(
-            "%s, the best checkpoint the continued run recorded, is gone: an interrupted run "
-            "removes the earlier best when the epoch it does not finish saves a better one. "
-            "No epoch since has beaten its score; %s.",
-            best_path,
-            f"the final weights, {last}, are tested instead"
-            if last.is_file()
-            else "the weights in memory are tested instead",
-        )
+        if trainer.is_global_zero:
+            log.warning(
+                "%s, the best checkpoint the continued run recorded, is gone: an interrupted "
+                "run removes the earlier best when the epoch it does not finish saves a better "
+                "one. No epoch since has beaten its score; %s, and metrics.json records no "
+                "best score.",
+                best_path,
+                f"the final weights, {last}, are tested instead"
+                if last.is_file()
+                else "the weights in memory are tested instead",
+            )
         best_path = str(last) if last.is_file() else ""
     metrics: dict[str, Any] = {
         "epochs_trained": trainer.current_epoch,
@@ -575,8 +578,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else None,
         "monitor": checkpoint.monitor if checkpoint is not None else None,
         "best_score": float(checkpoint.best_model_score)
-        if checkpoint is not None and checkpoint.best_model_score is not None
-        else None,
+        if checkpoint is not None and checkpoint.best_model_score is not None and not best_gone
+        else None,  # a removed best's score is not the tested checkpoint's
     }
     if cfg.get("test_after_fit", True):
         # Without a saved best checkpoint (fast_dev_run) the weights in memory are tested.
