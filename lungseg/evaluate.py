@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from lungseg import hostmem, hydra_files, postprocess
 from lungseg.checks import check_overwrite, require
-from lungseg.data import splits
+from lungseg.data import splits, transforms
 from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import (
     IMAGE_EXTENSIONS,
@@ -661,37 +661,41 @@ def _check_no_renamed_copies(
 ) -> None:
     """LungsegError where image files being scored are byte for byte the run's train or val
     images under other names (``new_demo_0000.png``, a renamed copy of ``demo_0000.png``),
-    which the check by name cannot see. Compares the files' contents (a hash of each), so an
-    image saved again in another format under another name is not found; nothing where the
-    run's image folder is not at hand."""
+    which the check by name cannot see. Compares the files' contents: a run file is read only
+    where a scored file has its size, first its last 64 KiB (where images of one size and
+    format differ), then whole. An image saved again in another format under another name is
+    not found, and blank images (one value: exporters write them byte-identical) are not
+    copies; nothing where the run's image folder is not at hand."""
     folder, _ = _run_image_folder(checkpoint)
     if folder is None or not folder.is_dir():
         return
-    rows = splits._file_rows(split_file)
-    seen_stems = [file for file, split in rows if split in ("train", "val")]
     names = {p.stem for p in pairs}
-    ours: dict[tuple[int, bytes], str] = {}
+    seen = [stem for stem in splits.files_in(split_file, ("train", "val")) if stem not in names]
+    ours: dict[tuple[int, bytes], Pair] = {}
+    tails: set[tuple[int, bytes]] = set()
     for pair in pairs:
         try:
-            ours[_file_digest(pair.image)] = pair.stem
+            data = pair.image.read_bytes()
         except OSError:
             continue  # scoring names a file it cannot read
-    if not ours:
-        return
+        ours[(len(data), _digest(data))] = pair
+        tails.add((len(data), _digest(data[-_TAIL:])))
     sizes = {size for size, _ in ours}
     copies = []
-    for stem in seen_stems:
-        if stem in names:
-            continue  # matched by name above
-        run_file = next((c for s in IMAGE_EXTENSIONS if (c := folder / (stem + s)).is_file()), None)
-        if run_file is None or run_file.stat().st_size not in sizes:
-            continue  # only files of a size some scored file has are read
+    for stem in seen:  # those of the same name were compared above
+        run_file = _image_file(folder, stem)
+        if run_file is None or (size := run_file.stat().st_size) not in sizes:
+            continue
         try:
-            key = _file_digest(run_file)
+            with run_file.open("rb") as f:
+                f.seek(max(0, size - _TAIL))
+                if (size, _digest(f.read())) not in tails:
+                    continue
+            pair = ours.get((size, _digest(run_file.read_bytes())))
         except OSError:
             continue
-        if key in ours:
-            copies.append((ours[key], stem))
+        if pair is not None and not transforms.is_flat(read_image(pair.image)):
+            copies.append((pair.stem, stem))
     if copies:
         scored, theirs = copies[0]
         raise LungsegError(
@@ -703,10 +707,18 @@ def _check_no_renamed_copies(
         )
 
 
-def _file_digest(path: Path) -> tuple[int, bytes]:
-    """A file's size and a hash of its bytes."""
-    data = path.read_bytes()
-    return len(data), hashlib.blake2b(data, digest_size=16).digest()
+_TAIL = 65536  # _check_no_renamed_copies: the bytes of a run file read before the whole
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _image_file(folder: Path, stem: str, first: str | None = None) -> Path | None:
+    """The image file of ``stem`` in ``folder``, any of lungseg's extensions (``first``
+    tried first); None where there is none."""
+    suffixes = [first, *(s for s in IMAGE_EXTENSIONS if s != first)] if first else IMAGE_EXTENSIONS
+    return next((c for s in suffixes if (c := folder / (stem + s)).is_file()), None)
 
 
 def _run_image_folder(checkpoint: str) -> tuple[Path | None, str]:
@@ -730,8 +742,7 @@ def _same_image(folder: Path, pair: Pair) -> tuple[bool | None, str]:
     file, or the same picture in another file (saved again in another format, as grey from
     RGB, at another size or bit depth: ``_same_picture``); None with the reason where that
     cannot be told (no such file there, a file that cannot be read)."""
-    suffixes = [pair.image.suffix, *(s for s in IMAGE_EXTENSIONS if s != pair.image.suffix)]
-    candidate = next((c for s in suffixes if (c := folder / (pair.stem + s)).is_file()), None)
+    candidate = _image_file(folder, pair.stem, pair.image.suffix)
     if candidate is None:
         return None, f"the run's data folder {folder} has no image {pair.stem}"
     if filecmp.cmp(candidate, pair.image, shallow=False):

@@ -666,3 +666,28 @@ def test_train_scores_its_test_split_with_eval_yaml_settings():
     built = OmegaConf.to_container(test_config("a.ckpt", "out"))
     assert keys(built) == keys(expected)
     assert built["tta"] is None and built["postprocess"]["min_size"] is None  # the checkpoint's
+
+
+def test_renamed_copies_are_found_but_not_blank_images(tmp_path):
+    """Blank slices that an exporter writes byte-identical are not copies of the run's
+    (they were refused as 'byte for byte the run's train images'; found by review)."""
+    from lungseg.data.folders import Pair
+    from lungseg.evaluate import _check_no_renamed_copies
+
+    run, trained, scored = tmp_path / "run", tmp_path / "trained", tmp_path / "scored"
+    for folder in (run, trained, scored):
+        folder.mkdir()
+    OmegaConf.save({"data": {"image_dir": str(trained)}}, run / "config.yaml")
+    (run / "split.csv").write_text("file,split\nblank,train\ncase1,train\ncase2,test\n")
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(trained / "blank.png"), np.zeros((16, 16), np.uint8))
+    cv2.imwrite(str(trained / "case1.png"), rng.integers(0, 255, (16, 16), dtype=np.uint8))
+    cv2.imwrite(str(scored / "other_blank.png"), np.zeros((16, 16), np.uint8))
+    mask = scored / "mask.png"
+    pairs = [Pair("other_blank", scored / "other_blank.png", mask)]
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    _check_no_renamed_copies(ckpt, pairs, str(scored), run / "split.csv")  # blank: not a copy
+    shutil.copy(trained / "case1.png", scored / "copy_case1.png")
+    pairs.append(Pair("copy_case1", scored / "copy_case1.png", mask))
+    with pytest.raises(LungsegError, match=r"^1 image of .* byte for byte .*copy_case1 is case1"):
+        _check_no_renamed_copies(ckpt, pairs, str(scored), run / "split.csv")

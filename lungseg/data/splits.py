@@ -307,6 +307,11 @@ def split_counts(path: str | Path) -> dict[str, int]:
     return counts
 
 
+def files_in(path: str | Path, which: Sequence[str]) -> list[str]:
+    """The files the split file at ``path`` (a run's split.csv) puts in one of ``which``."""
+    return [file for file, split in _file_rows(path) if split in which]
+
+
 def _file_rows(path: str | Path) -> list[tuple[str, str]]:
     """The (file, split) rows of the split file at ``path``, the file as written (a name may
     start or end with a space; ``_listed`` tries it stripped too), the split stripped and
