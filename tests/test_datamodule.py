@@ -1089,3 +1089,13 @@ def test_image_and_mask_folders_swapped_are_named(tmp_path):
         make_dm(mask_dir, image_dir)
     with pytest.raises(LungsegError, match=r"not swapped\)\. For index masks of that many"):
         make_dm(mask_dir, image_dir)
+    # 0/255 masks with soft edges (anti-aliased): binary, not swapped folders (review)
+    rng = np.random.default_rng(0)
+    image_dir, mask_dir, _ = write_data(tmp_path / "soft", n=10, sizes=[(160, 160)])
+    for path in mask_dir.iterdir():
+        mask = (cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 0).astype(np.uint8) * 255
+        edges = mask != cv2.erode(mask, np.ones((3, 3), np.uint8))
+        mask[edges] = rng.integers(1, 255, int(edges.sum()))
+        cv2.imwrite(str(path), mask)
+    with pytest.raises(LungsegError, match=r"white masks with soft edges .* Set data.mask_mode=bi"):
+        make_dm(image_dir, mask_dir)

@@ -103,8 +103,11 @@ def _sided_classes(masks: list[np.ndarray], num_classes: int) -> dict[str, list]
 
 
 _SHOW = 5  # how many offending names a message lists
-# Index masks without data.num_classes holding more values than this are taken for images
-_MANY_CLASSES = 32
+# Index masks without data.num_classes holding more values than this are taken for images,
+# or, where this share of their pixels is their lowest or highest value, for black/white
+# masks with soft edges
+_MANY_CLASSES = 64
+_ENDS_SHARE = 0.9
 _PCG_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645  # PCG64's own 128-bit LCG multiplier
 
 
@@ -1623,8 +1626,17 @@ def _infer_num_classes(names: Sequence[str], full: Sequence[tuple[np.ndarray, np
     values = np.flatnonzero(counts)
     largest = int(values.max()) if values.size else 0
     if values.size > _MANY_CLASSES:
-        # grey images read as masks: the folders swapped, or data.mask_dir the images'
         most = max(range(len(names)), key=lambda i: len(full[i][0]))
+        ends = counts[values[0]] + counts[largest]
+        if ends >= _ENDS_SHARE * counts.sum():  # black and white, values between on edges
+            raise LungsegError(
+                f"The masks hold {values.size} different values, but "
+                f"{100 * ends / counts.sum():.0f} % of their pixels are {values[0]} or "
+                f"{largest} ({names[most]} alone {len(full[most][0])} values): black/white "
+                f"masks with soft edges (anti-aliased, resized or lossy), which "
+                f"data.mask_mode=index would read as {largest + 1} classes. Set "
+                f"data.mask_mode=binary, which cuts such edges halfway."
+            )
         raise LungsegError(
             f"The masks hold {values.size} different values ({_ranges(values.tolist())}; "
             f"{names[most]} alone {len(full[most][0])}), so {largest + 1} classes would be "
