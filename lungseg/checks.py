@@ -369,6 +369,10 @@ def check_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT:
             require(accepts(value), key, value, wanted, example)
-    check_data_dirs(OmegaConf.select(cfg, "data.image_dir"), OmegaConf.select(cfg, "data.mask_dir"))
+    check_data_dirs(
+        OmegaConf.select(cfg, "data.image_dir"),
+        OmegaConf.select(cfg, "data.mask_dir"),
+        bool(OmegaConf.select(cfg, "data.recursive", default=False)),
+    )
     postprocess.settings(cfg.get("postprocess"), None)
     postprocess.flips(None, None, cfg.get("postprocess"))

@@ -265,9 +265,20 @@ def test_a_folder_of_volumes_is_named_before_the_palette(make_cfg, tmp_path):
         (tmp_path / name).mkdir()
         for file in files:
             (tmp_path / name / file).write_bytes(b"x")
-    cfg = make_cfg(f"data.image_dir={tmp_path / 'images'}", f"data.mask_dir={tmp_path / 'masks'}")
+    cfg_args = [f"data.image_dir={tmp_path / 'images'}", f"data.mask_dir={tmp_path / 'masks'}"]
+    cfg = make_cfg(*cfg_args)
     with pytest.raises(LungsegError, match=r"holds no image files \(it holds 2 .dcm files: lungs"):
         check_settings(cfg)
+    # DICOM files named by UID, told by their content (review)
+    for path in (tmp_path / "images").iterdir():
+        path.rename(path.with_name(f"1.2.840.{path.stem}"))
+        path.with_name(f"1.2.840.{path.stem}").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(LungsegError, match=r"holds no image files \(it holds 2 DICOM files: lu"):
+        check_settings(cfg)
+    # with data.recursive the slices may lie in sub-folders beside the volumes (review)
+    (tmp_path / "images" / "p1").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "p1" / "a.png"), np.zeros((8, 8), np.uint8))
+    check_settings(make_cfg(*cfg_args, "data.recursive=true", "data.mask_mode=index"))
 
 
 def test_empty_folders(make_cfg, tmp_path):

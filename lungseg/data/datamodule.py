@@ -474,7 +474,8 @@ class SegDataModule(pl.LightningDataModule):
                 f"image and mask folders, or leave both null to use the bundled demo data."
             )
         self._demo = image_dir is None
-        check_data_dirs(image_dir, mask_dir)  # a missing folder before any mask setting
+        # a missing folder (or one of volumes) before any mask setting
+        check_data_dirs(image_dir, mask_dir, bool(recursive))
         if mask_mode not in MASK_MODES:
             raise LungsegError(
                 f"data.mask_mode is {mask_mode!r}; choose one of {', '.join(MASK_MODES)}: index "

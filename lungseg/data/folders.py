@@ -403,7 +403,7 @@ def check_output_folder(folder: Path) -> None:
         raise LungsegError(f"output_dir {folder} is a file; give a folder (created if needed).")
 
 
-def check_data_dirs(image_dir: str | Path | None, mask_dir: Any) -> None:
+def check_data_dirs(image_dir: str | Path | None, mask_dir: Any, recursive: bool = False) -> None:
     """LungsegError unless data.image_dir and data.mask_dir, where set, are existing folders.
     Checked first: a mistyped path also makes the settings that suit the data look wrong
     (data.palette, needed for your own palette masks), and the path is the mistake to report."""
@@ -419,23 +419,19 @@ def check_data_dirs(image_dir: str | Path | None, mask_dir: Any) -> None:
         folders = mask_folders(mask_dir)
         for i, folder in enumerate(folders):
             _check_folder(folder, "mask", "data.mask_dir" + (f"[{i}]" if len(folders) > 1 else ""))
-    if image_dir is not None:
+    if image_dir is not None and not recursive:  # sub-folders may hold the slices
         _check_not_volumes(Path(image_dir).expanduser(), "image", "data.image_dir")
 
 
 def _check_not_volumes(folder: Path, role: str, setting: str) -> None:
-    """LungsegError where ``folder`` holds volumes (DICOM, NIfTI, ...) and no image file: the
-    error that says to export slices, before the settings that suit images are checked (the
-    default palette mask mode's missing data.palette came first)."""
-    names = [p.name.lower() for p in folder.iterdir() if p.is_file() and p.name[:1] != "."]
-    if any(Path(n).suffix in IMAGE_EXTENSIONS for n in names):
+    """``_no_images``' LungsegError where ``folder`` holds volumes (DICOM, NIfTI, ...) and no
+    image file: the error that says to export slices, before the settings that suit images
+    are checked (the default palette mask mode's missing data.palette came first)."""
+    if any(p.suffix.lower() in IMAGE_EXTENSIONS and p.name[:1] != "." for p in folder.iterdir()):
         return
-    if any(n.endswith(VOLUME_SUFFIXES) for n in names):
-        raise LungsegError(
-            f"The {role} folder {folder} holds no image files{_contents(folder)}. Accepted "
-            f"extensions: {', '.join(IMAGE_EXTENSIONS)} (in any letter case). Point {setting} "
-            f"at the folder with the files or convert them to one of these formats."
-        )
+    held, volumes = _held(folder)
+    if volumes:
+        raise _no_images(folder, role, setting, f"holds no image files{held}", "")
 
 
 def _check_folder(folder: Path, role: str, setting: str) -> None:
@@ -476,12 +472,17 @@ def _list_images(
             else f"holds no image files{_contents(folder)}"
         )
         searched = "" if recursive else f"; sub-folders are not searched unless {flag}=true"
-        raise LungsegError(
-            f"The {role} folder {folder} {where}. Accepted extensions: "
-            f"{', '.join(IMAGE_EXTENSIONS)} (in any letter case){searched}. Point {setting} at "
-            "the folder with the files or convert them to one of these formats."
-        )
+        raise _no_images(folder, role, setting, where, searched)
     return files
+
+
+def _no_images(folder: Path, role: str, setting: str, where: str, searched: str) -> LungsegError:
+    """The error for a data folder without image files (``where``: what it holds)."""
+    return LungsegError(
+        f"The {role} folder {folder} {where}. Accepted extensions: "
+        f"{', '.join(IMAGE_EXTENSIONS)} (in any letter case){searched}. Point {setting} at "
+        "the folder with the files or convert them to one of these formats."
+    )
 
 
 # Image formats (and volumes) that lungseg does not read: files of these kinds beside the
@@ -613,6 +614,11 @@ VOLUME_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz", ".mha", ".mhd", 
 def _contents(folder: Path) -> str:
     """What a folder without image files holds, for the error: its other files by kind and its
     sub-folders, with how to turn volumes (DICOM, NIfTI, ...) into slices lungseg reads."""
+    return _held(folder)[0]
+
+
+def _held(folder: Path) -> tuple[str, bool]:
+    """``_contents``' text, and whether the folder holds volumes (DICOM, NIfTI, ...)."""
     kinds: dict[str, int] = defaultdict(int)
     folders: list[str] = []
     hidden = 0
@@ -630,7 +636,7 @@ def _contents(folder: Path) -> str:
             kind = kind or path.suffix.lower() or "without extension"
             kinds[kind] += 1
     if not kinds and not folders:
-        return " (it holds only hidden files)" if hidden else " (it is empty)"
+        return (" (it holds only hidden files)" if hidden else " (it is empty)"), False
     ranked = sorted(kinds.items(), key=lambda item: -item[1])
     held = [
         f"{n} file{'s' * (n != 1)} without extension"
@@ -650,7 +656,7 @@ def _contents(folder: Path) -> str:
         if volumes
         else ""
     )
-    return f" (it holds {', '.join(held)}{hint})"
+    return f" (it holds {', '.join(held)}{hint})", volumes
 
 
 def _is_dicom(path: Path) -> bool:
