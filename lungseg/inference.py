@@ -430,12 +430,13 @@ class InputCheck:
             bits = raw.dtype.itemsize * 8
             if bits not in self.trained:
                 self.other.setdefault(bits, []).append(str(path))
-        try:
-            flat = transforms.is_flat(transforms.scale_intensity(raw, self.window, self.offset))
-        except LungsegError:  # a type without a range: the network input says so itself
-            flat = False
-        if flat:
-            self.flat[str(path)] = (float(raw.min()), float(raw.max()))
+        if raw.size:  # from the stored values' range, without a float copy of the image
+            low, high = float(raw.min()), float(raw.max())
+            clipped = self.window is not None and transforms.outside_window(
+                low, high, self.window, self.offset
+            )
+            if low == high or clipped:
+                self.flat[str(path)] = (low, high)
 
     def report(self) -> None:
         trained = " and ".join(f"{b}-bit" for b in self.trained)

@@ -1061,9 +1061,9 @@ def test_images_that_reach_the_network_flat_are_named(tmp_path, caplog):
         make_dm(image_dir, mask_dir, **window)
     (warned,) = [r.getMessage() for r in caplog.records if "one flat grey" in r.getMessage()]
     assert warned.startswith("2 of the 10 images reach the network as one flat grey: ")
-    assert "1 lie wholly outside data.window=[-1000, 400] (e.g. case08.png: stored values" in warned
+    assert "1 lies wholly outside data.window=[-1000, 400] (e.g. case08.png: stored" in warned
     assert "after data.intensity_offset=32768" in warned and "CT + 1024" in warned
-    assert "1 hold one value in the file itself (e.g. case09.png: all 32768)" in warned
+    assert "1 holds one value in the file itself (e.g. case09.png: all 32768)" in warned
     caplog.clear()
     from lungseg.inference import InputCheck
 
@@ -1099,3 +1099,16 @@ def test_image_and_mask_folders_swapped_are_named(tmp_path):
         cv2.imwrite(str(path), mask)
     with pytest.raises(LungsegError, match=r"white masks with soft edges .* Set data.mask_mode=bi"):
         make_dm(image_dir, mask_dir)
+
+
+def test_flat_images_are_told_apart_by_their_stored_values():
+    """An image inside the window that the resize made flat was reported as lying outside
+    it (found by review)."""
+    from lungseg.data.transforms import flat_images_warning
+
+    window, offset = [-1000, 400], 32768
+    inside = flat_images_warning({"a.png": (32000.0, 33000.0)}, 5, window, offset)
+    assert "1 loses its few other values to the resize" in inside and "outside" not in inside
+    outside = flat_images_warning({"b.png": (0.0, 1400.0)}, 5, window, offset)
+    assert "1 lies wholly outside data.window=[-1000, 400]" in outside
+    assert flat_images_warning({}, 5, window, offset) is None

@@ -992,9 +992,9 @@ class SegDataModule(pl.LightningDataModule):
             return
         log.warning(
             "None of the %s holds a foreground pixel (every pixel is class 0, background), so "
-            "val/dice, which chooses the best checkpoint (callbacks.model_checkpoint.monitor), "
-            "can only be 0 (any foreground predicted on an empty mask scores 0) or undefined, "
-            "and the checkpoint kept says nothing about the model. Give the validation split "
+            "val/dice can only be 0 (any foreground predicted on an empty mask scores 0) or "
+            "undefined, and a checkpoint chosen by it (callbacks.model_checkpoint.monitor, "
+            "val/dice by default) says nothing about the model. Give the validation split "
             "images with foreground: "
             "another data.seed, split by patient with data.group_pattern, a larger "
             "validation share in data.split, or a data.split_file.",

@@ -228,6 +228,8 @@ def _warn_colours(rgb: np.ndarray, path: Path, folder: str) -> bool:
         return False
     if (rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 0] == rgb[:, :, 2]).all():
         return False  # grey levels: _grey_coded's case
+    if ("colours", folder) in _WARNED_FOLDERS:
+        return True  # warned of: the search (65 ms a 1024-px mask) is not made again
     bins = (rgb.astype(np.int32) + _COLOUR_BIN // 2) // _COLOUR_BIN  # 0-8 a channel
     packed = bins[..., 0] << 8 | bins[..., 1] << 4 | bins[..., 2]
     padded = np.pad(packed, 1, mode="edge")

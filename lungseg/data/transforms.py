@@ -66,42 +66,60 @@ def flat_images_warning(
 ) -> str | None:
     """The warning for images that reach the network as one flat value (``flat``: file name
     -> its stored values' (lowest, highest)), of ``total`` images; None where there are
-    none. Either the file holds one value (a blank image) or, with ``window``, every stored
-    value lies outside the window once ``offset`` is taken off: most often files saved with
-    another offset (raw DICOM values are CT + 1024), whose pixels would all clip to black or
-    white without a word."""
+    none. The file holds one value (a blank image); or, with ``window``, every stored value
+    lies outside the window once ``offset`` is taken off, most often files saved with another
+    offset (raw DICOM values are CT + 1024), whose pixels all clip to black or white without a
+    word; or the few other values were lost to the resize and median blur."""
     if not flat:
         return None
-    blank = [name for name, (low, high) in flat.items() if low == high]
-    clipped = [name for name in flat if name not in blank and window is not None]
-    smoothed = [name for name in flat if name not in blank and window is None]
+    blank, clipped, smoothed = [], [], []
+    for name, (low, high) in flat.items():
+        if low == high:
+            blank.append(name)
+        elif window is not None and outside_window(low, high, window, offset):
+            clipped.append(name)
+        else:
+            smoothed.append(name)
     parts = []
     if clipped:
         low, high = flat[clipped[0]]
         parts.append(
-            f"{len(clipped)} lie wholly outside data.window={list(window)} (e.g. {clipped[0]}: "
-            f"stored values {low:g} to {high:g}, {low - offset:g} to {high - offset:g} after "
-            f"data.intensity_offset={offset:g}). Check the offset they were saved with (raw "
-            f"DICOM values are often CT + 1024, lungseg's own 16-bit CT exports CT + 32768): "
-            f"data.intensity_offset must bring every file's stored values to the window's "
-            f"units, so convert these files to the others' offset or leave them out"
+            f"{_with_verb(len(clipped), 'lies', 'lie')} wholly outside data.window={list(window)} "
+            f"(e.g. {clipped[0]}: stored values {low:g} to {high:g}, {low - offset:g} to "
+            f"{high - offset:g} after data.intensity_offset={offset:g}). Check the offset they "
+            f"were saved with (raw DICOM values are often CT + 1024, lungseg's own 16-bit CT "
+            f"exports CT + 32768): data.intensity_offset must bring every file's stored values "
+            f"to the window's units, so convert these files to the others' offset or leave "
+            f"them out"
         )
     if blank:
         parts.append(
-            f"{len(blank)} hold one value in the file itself (e.g. {blank[0]}: all "
-            f"{flat[blank[0]][0]:g}): blank images, which show the network nothing; leave "
-            f"them out unless they are meant as blank slices"
+            f"{_with_verb(len(blank), 'holds', 'hold')} one value in the file itself (e.g. "
+            f"{blank[0]}: all {flat[blank[0]][0]:g}): blank images, which show the network "
+            f"nothing; leave them out unless they are meant as blank slices"
         )
     if smoothed:
         parts.append(
-            f"{len(smoothed)} lose their few other values to the resize to data.image_size "
-            f"and the median blur (e.g. {smoothed[0]})"
+            f"{_with_verb(len(smoothed), 'loses', 'lose')} its few other values to the resize to "
+            f"data.image_size and the median blur (e.g. {smoothed[0]})"
         )
     return (
         f"{len(flat)} of the {total} images reach the network as one flat grey: "
         + "; ".join(parts)
         + "."
     )
+
+
+def _with_verb(n: int, singular: str, plural: str) -> str:
+    """ "1 lies", "2 lie": a count and its verb."""
+    return f"{n} {singular if n == 1 else plural}"
+
+
+def outside_window(low: float, high: float, window: Sequence[float], offset: float) -> bool:
+    """Whether stored values from ``low`` to ``high`` all lie outside ``window`` once
+    ``offset`` is taken off (all clip to its low or its high end)."""
+    lo, hi = (float(v) for v in window)
+    return high - offset <= lo or low - offset >= hi
 
 
 def is_flat(image: np.ndarray) -> bool:
