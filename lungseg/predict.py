@@ -367,7 +367,8 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
             )
         outputs = output_paths(images, output_dir, input_dir if recursive else None)
     if not input_dir.is_file():  # an image named by itself is predicted whatever its name
-        images, masks = _without_masks(images, cfg.get("mask_suffixes", ["_mask"]))
+        suffixes = cfg.get("mask_suffixes", ["_mask"])
+        images, masks = _without_masks(images, suffixes)
         if masks:
             log.info(
                 "%s left out: the masks of images beside them (e.g. %s for %s, by "
@@ -375,7 +376,7 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
                 counted(len(masks), "file"),
                 masks[0][0].name,
                 masks[0][1].name,
-                list(cfg.get("mask_suffixes", ["_mask"])),
+                list(suffixes),
             )
             outputs = {image: outputs[image] for image in images}
     inputs = {image.resolve() for image in images}

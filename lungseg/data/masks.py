@@ -232,13 +232,7 @@ def _warn_colours(rgb: np.ndarray, path: Path, folder: str) -> bool:
         return True  # warned of: the search (65 ms a 1024-px mask) is not made again
     bins = (rgb.astype(np.int32) + _COLOUR_BIN // 2) // _COLOUR_BIN  # 0-8 a channel
     packed = bins[..., 0] << 8 | bins[..., 1] << 4 | bins[..., 2]
-    padded = np.pad(packed, 1, mode="edge")
-    interior = (
-        (padded[1:-1, :-2] == packed)
-        & (padded[1:-1, 2:] == packed)
-        & (padded[:-2, 1:-1] == packed)
-        & (padded[2:, 1:-1] == packed)
-    )
+    interior = _interior(packed)
     bright = rgb.max(axis=2) > _COLOUR_APART
     keys, inside = np.unique(packed[bright & interior], return_counts=True)
     if len(keys) < 2:
@@ -308,14 +302,19 @@ def _grey_coded(gray: np.ndarray, levels: np.ndarray) -> bool:
     between = (gray != 0) & (gray != levels[-1])
     if between.sum() < _CODED_SHARE * np.count_nonzero(gray):
         return False
-    padded = np.pad(gray, 1, mode="edge")
-    interior = (
-        (padded[1:-1, :-2] == gray)
-        & (padded[1:-1, 2:] == gray)
-        & (padded[:-2, 1:-1] == gray)
-        & (padded[2:, 1:-1] == gray)
+    return (_interior(gray) & between).sum() >= _CODED_INTERIOR * between.sum()
+
+
+def _interior(values: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels whose four neighbours hold their value (edge pixels count the
+    image's border as their own value)."""
+    padded = np.pad(values, 1, mode="edge")
+    return (
+        (padded[1:-1, :-2] == values)
+        & (padded[1:-1, 2:] == values)
+        & (padded[:-2, 1:-1] == values)
+        & (padded[2:, 1:-1] == values)
     )
-    return (interior & between).sum() >= _CODED_INTERIOR * between.sum()
 
 
 def grey_palette(levels: np.ndarray | Sequence[int]) -> str:
