@@ -59,6 +59,12 @@ def test_names_that_differ_only_in_unicode_form_pair(tmp_path):
         composed: (f"{composed}.png", f"{decomposed}_mask.png"),
         "b": ("b.png", "b.png"),
     }
+    # a split file that names it decomposed names the same file (review)
+    from lungseg.data.splits import listed_splits
+
+    split_file = tmp_path / "split.csv"
+    split_file.write_text(f"file,split\n{decomposed}.png,test\nb,train\n", encoding="utf-8")
+    assert listed_splits(split_file, [p.stem for p in pairs]) == {composed: "test", "b": "train"}
 
 
 def test_mask_suffix_is_matched_against_existing_images(tmp_path):

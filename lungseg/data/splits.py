@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -330,7 +331,10 @@ def _dict_rows(reader: csv.DictReader) -> list[dict[str, str]]:
 
 def _listed(file: str, known: set[str]) -> str | None:
     """``_stem_of`` for a split-file entry as written (write_split keeps a name's leading or
-    trailing spaces), else stripped (a hand-written 'a.png, train')."""
+    trailing spaces), else stripped (a hand-written 'a.png, train'); in Unicode's composed
+    form, as data files are keyed (``folders.file_key``), so a name typed or saved
+    decomposed (macOS) still names its file."""
+    file = unicodedata.normalize("NFC", file)
     return _stem_of(file, known) or _stem_of(file.strip(), known)
 
 
