@@ -388,6 +388,7 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
             f"output_dir outside input_dir's tree."
         )
     _check_outside_inputs(outputs, read, output_dir, recursive, input_dir)
+    _check_not_users_images(output_dir)
     existing = taken(p for ps in outputs.values() for p in ps)
     if existing and not cfg.overwrite:
         raise LungsegError(
@@ -426,6 +427,27 @@ def _without_masks(images: list[Path], suffixes: Any) -> tuple[list[Path], list[
         else:
             masks.append((image, owner))
     return kept, masks
+
+
+def _check_not_users_images(output_dir: Path) -> None:
+    """LungsegError where output_dir is an existing folder of the user's images, not one that
+    predict.py made (it holds the OUTPUT_MARKER): the masks and overlays would mix with them
+    (a training image folder would then hold images without masks), and overwrite=true would
+    replace images of the same names. Checked whatever overwrite says."""
+    if not output_dir.is_dir() or (output_dir / OUTPUT_MARKER).exists():
+        return
+    held = [
+        p
+        for p in output_dir.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    ]
+    if held:
+        raise LungsegError(
+            f"output_dir {output_dir} holds {counted(len(held), 'image file')} that predict.py "
+            f"did not write (e.g. {held[0].name}): the masks and overlays would mix with them, "
+            f"and overwrite=true would replace those of the same names. Nothing was written. "
+            f"Choose a new output_dir, or an earlier output folder of predict.py."
+        )
 
 
 def _write(path: Path, pixels: np.ndarray) -> None:

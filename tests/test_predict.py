@@ -4,6 +4,7 @@ TTA, and the two command lines."""
 import errno
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,16 +179,28 @@ def test_existing_outputs_are_never_overwritten_by_default(tmp_path, checkpoints
     assert snapshot(out) == before
     # one old output left: the check comes before anything is written
     for path in out.iterdir():
-        if path.name != "wide_overlay.png":
+        if path.name not in ("wide_overlay.png", ".lungseg-predictions"):
             path.unlink()
     with pytest.raises(LungsegError, match="1 output file already exists in .*'wide_overlay.png'"):
         predict(cfg)
-    assert [p.name for p in out.iterdir()] == ["wide_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".lungseg-predictions", "wide_overlay.png"]
     (out / "wide_overlay.png").write_bytes(b"stale")
     predict(predict_cfg(checkpoints["palette"], inputs, out, "overwrite=true"))
     after = snapshot(out)
     assert after.keys() == before.keys()
     assert all(after[n][0] == before[n][0] for n in before)  # same model, same outputs again
+
+
+def test_a_folder_of_the_users_images_is_never_an_output_folder(tmp_path, checkpoints, inputs):
+    """output_dir=<a training image folder>: with overwrite=true the masks replaced images of
+    the same names, and new masks and overlays went among the images (found by a tester)."""
+    images = tmp_path / "train_images"
+    shutil.copytree(inputs, images)
+    before = snapshot(images)
+    for extra in ([], ["overwrite=true"]):
+        with pytest.raises(LungsegError, match=r"holds 4 image files that predict.py did not"):
+            predict(predict_cfg(checkpoints["palette"], inputs, images, *extra))
+    assert snapshot(images) == before
 
 
 def test_names_cannot_leave_the_output_folder(tmp_path, checkpoints):
@@ -206,6 +219,7 @@ def test_names_cannot_leave_the_output_folder(tmp_path, checkpoints):
     victim = tmp_path / "victim.png"
     victim.write_bytes(b"keep me")
     out.mkdir(parents=True)
+    (out / ".lungseg-predictions").touch()  # an earlier output folder of predict.py
     (out / "-rf .png").symlink_to(victim)  # a link where an output goes: replaced, not followed
     outside = {p for p in tmp_path.rglob("*") if out not in p.parents}
     predict(predict_cfg(checkpoints["palette"], folder, out, "overwrite=true"))
