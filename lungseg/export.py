@@ -192,6 +192,15 @@ def check_outputs(path: Path, ckpt_path: Path, cfg: DictConfig) -> Path:
             f"Nothing was written. Give another output=<file>, e.g. output={other}, or move "
             f"{info_path} away."
         )
+    if taken((path,)) and not _is_export_json(info_path, path.name):
+        # not an earlier export's model (it would have its JSON beside it): a run's
+        # split.csv, train.log or curves.png, or any other file of the user's
+        raise LungsegError(
+            f"{path} exists and is not a model an earlier export wrote (no {info_path.name} "
+            f"of an export beside it), so it is not replaced, whatever overwrite says. "
+            f"Nothing was written. Give another output=<file>, e.g. "
+            f"output={path.with_name(path.stem + '-model' + suffix)}."
+        )
     existing = taken((path, info_path))
     if existing and not cfg.overwrite:
         one = len(existing) == 1

@@ -195,18 +195,26 @@ def test_existing_files_are_never_replaced_or_removed_by_default(checkpoint, mon
     run = ["format=torchscript", f"ckpt_path={ckpt}"]
     with pytest.raises(LungsegError, match="output is ckpt_path .* would replace the checkpoint"):
         export(export_cfg(*run, f"output={ckpt}", "overwrite=true"))
-    with pytest.raises(LungsegError, match=r"mine.pt already exists. Nothing was written. Set ov"):
-        export(export_cfg(*run, f"output={mine}"))
+    # a file no export wrote (no export's JSON beside it: a run's split.csv, curves.png, the
+    # user's own model) is never replaced, whatever overwrite says (found by a tester)
+    for extra in ([], ["overwrite=true"]):
+        with pytest.raises(LungsegError, match=r"mine.pt exists and is not a model an earlier"):
+            export(export_cfg(*run, f"output={mine}", *extra))
+    assert {p: p.read_bytes() for p in (ckpt, mine)} == kept
+    ours = ckpt.with_name("ours.pt")
+    export(export_cfg(*run, f"output={ours}"))
+    exported = ours.read_bytes()
+    names = sorted(p.name for p in ckpt.parent.iterdir())
+    with pytest.raises(LungsegError, match=r"ours.pt and .*ours.pt.json already exist. Nothing"):
+        export(export_cfg(*run, f"output={ours}"))
     monkeypatch.setattr(lungseg.export, "run_exported", lambda *args: np.zeros(1))
     with pytest.raises(LungsegError, match="logits of shape"):
-        export(export_cfg(*run, f"output={mine}", "overwrite=true"))
-    assert {p: p.read_bytes() for p in (ckpt, mine)} == kept
+        export(export_cfg(*run, f"output={ours}", "overwrite=true"))
+    assert ours.read_bytes() == exported and ckpt.read_bytes() == kept[ckpt]
     assert sorted(p.name for p in ckpt.parent.iterdir()) == names  # nor a partial file
     monkeypatch.undo()
-    export(export_cfg(*run, f"output={mine}", "overwrite=true"))
-    assert mine.read_bytes() != b"my model" and ckpt.read_bytes() == kept[ckpt]
-    with pytest.raises(LungsegError, match=r"mine.pt and .*mine.pt.json already exist"):
-        export(export_cfg(*run, f"output={mine}"))
+    export(export_cfg(*run, f"output={ours}", "overwrite=true"))  # an export's own: replaced
+    assert ckpt.read_bytes() == kept[ckpt] and mine.read_bytes() == b"my model"
 
 
 def test_an_output_ending_in_ckpt_is_refused_whatever_overwrite_says(checkpoint):
