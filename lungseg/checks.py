@@ -320,8 +320,12 @@ def check_keys(cfg: DictConfig) -> None:
     (``+data.imagesize=64``, which Hydra advises for a key the group lacks), naming the nearest
     settings. A target that cannot be imported, or that takes ``**kwargs``, is left to Hydra's
     instantiate, which imports it the same way."""
-    for group, (given, taken) in BUILT.items():
-        node = cfg.get(group)
+    groups = [(group, cfg.get(group), given, taken) for group, (given, taken) in BUILT.items()]
+    callbacks = cfg.get("callbacks")
+    if isinstance(callbacks, DictConfig):  # each callback built as _target_(**its settings)
+        for name, node in callbacks.items():
+            groups.append((f"callbacks.{name}", node, frozenset(), frozenset()))
+    for group, node, given, taken in groups:
         target = node.get("_target_") if isinstance(node, DictConfig) else None
         settings = _keywords(target) if isinstance(target, str) else None
         if settings is None:
@@ -335,7 +339,8 @@ def check_keys(cfg: DictConfig) -> None:
             raise LungsegError(
                 f"{group}.{key} is not a setting of {group} ({target})"
                 + (f"; did you mean {guess}?" if close else ".")
-                + f" Remove +{group}.{key}, or see {_group_file(group)} for the settings."
+                + f" Remove +{group}.{key}, or see {_group_file(group.split('.')[0])} for the "
+                "settings."
             )
 
 

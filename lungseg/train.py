@@ -587,12 +587,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             results = trainer.test(
                 module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True
             )
-        except SystemExit:  # Ctrl-C in the test, after Lightning's graceful shutdown
+        except SystemExit as stop:  # Ctrl-C or SIGTERM in the test, after Lightning's shutdown
             if trainer.is_global_zero:
                 log.warning(
                     "Interrupted in the test, after training: metrics.json is not written. "
                     "Test the run and write it with the same command and resume=true."
                 )
+            if trainer.received_sigterm and not stop.code:  # status 143, as in fit
+                raise SystemExit(128 + signal.SIGTERM) from stop
             raise
         metrics.update(results[0] if results else {})
     # fit and test; a continued run's earlier segments too, up to the checkpoint it continued

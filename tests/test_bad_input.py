@@ -183,6 +183,12 @@ def test_wrong_loss_settings_are_refused_before_anything_is_built(
             r"did you mean trainer.max_epochs or trainer.min_epochs\? Remove \+trainer.max_epoch",
         ),
         (["+trainer.callbacks=[]"], r"^trainer.callbacks is not a setting of trainer"),
+        # a callback's: was a TypeError after the run folder was written (found by a tester)
+        (
+            ["+callbacks.early_stopping.patiense=2"],
+            r"^callbacks.early_stopping.patiense is not a setting of callbacks.early_stopping "
+            r"\(.*EarlyStopping\); did you mean callbacks.early_stopping.patience\?",
+        ),
     ],
 )
 def test_unknown_settings_are_refused_with_the_nearest_name(make_cfg, overrides, message):

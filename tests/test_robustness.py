@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning
 import torch
 from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
@@ -334,6 +335,26 @@ def test_a_run_stopped_by_sigterm_exits_with_143_and_can_be_continued(lean_cfg, 
     assert not (run / "metrics.json").exists()
     resumed = train(lean_cfg("trainer.max_epochs=3", f"output_dir={run}", "resume=true"))
     assert resumed["epochs_trained"] == 3 and (run / "metrics.json").is_file()
+
+
+def test_a_run_stopped_by_sigterm_in_its_test_exits_with_143(lean_cfg, tmp_path, monkeypatch):
+    """Lightning's shutdown after a SIGTERM in the test after training ends it with
+    SystemExit(0), and train.py exited 0 without metrics.json, so `train.py && eval.py` went
+    on (found by a tester); resume=true then tests it."""
+
+    def stopped(self, *args, **kwargs):  # as Lightning ends a test on SIGTERM
+        self._signal_connector.received_sigterm = True
+        raise SystemExit(0)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pytorch_lightning.Trainer, "test", stopped)
+        with pytest.raises(SystemExit) as stop:
+            train(lean_cfg("trainer.max_epochs=2"))
+    assert stop.value.code == 143
+    run = tmp_path / "run"
+    assert not (run / "metrics.json").exists()
+    finished = train(lean_cfg("trainer.max_epochs=2", "resume=true"))
+    assert finished["epochs_trained"] == 2 and (run / "metrics.json").is_file()
 
 
 def test_a_run_folder_is_never_written_over(lean_cfg, tmp_path):
