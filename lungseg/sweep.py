@@ -291,9 +291,12 @@ def _spread_lines(rows: list[dict[str, Any]], shared: set[str]) -> list[str]:
     groups = setting_groups(rows)
     lines: list[str] = []
     if len(groups) == 1:
-        ((_, members),) = groups.items()
+        ((key, members),) = groups.items()
         if len(members) == 1:  # as for one setting among several, below
             return ["", "One finished run: no mean ± std."]
+        repeated = _repeated_folds(members)
+        if repeated:
+            return ["", _repeated_line(len(members), "finished runs", repeated)]
         spread = mean_std(members)
         if spread:
             lines += ["", f"Mean ± std (population) over the {len(members)} finished runs:", ""]
@@ -302,6 +305,10 @@ def _spread_lines(rows: list[dict[str, Any]], shared: set[str]) -> list[str]:
     kept = {key: members for key, members in groups.items() if len(members) > 1}
     for key, members in kept.items():
         label = " ".join(o for o in key if o not in shared) or "no other override"
+        repeated = _repeated_folds(members)
+        if repeated:
+            lines += ["", _repeated_line(len(members), f"finished runs of `{label}`", repeated)]
+            continue
         folds = sorted((fold_of(row["override_list"]) for row in members), key=fold_order)
         lines += [
             "",
@@ -319,6 +326,27 @@ def _spread_lines(rows: list[dict[str, Any]], shared: set[str]) -> list[str]:
             f"are not pooled.",
         ]
     return lines
+
+
+def _repeated_folds(members: list[dict[str, Any]]) -> list[str]:
+    """The data.fold values (or "no fold") that more than one of a setting's runs trained: a
+    sweep run again into its folder with its values in another order, or some folds again,
+    trains them into new job folders beside the first ones."""
+    folds = [fold_of(row["override_list"]) for row in members]
+    return [
+        "no fold" if fold is None else str(fold)
+        for fold in sorted(set(folds), key=fold_order)
+        if folds.count(fold) > 1
+    ]
+
+
+def _repeated_line(count: int, runs: str, repeated: list[str]) -> str:
+    return (
+        f"No mean ± std over the {count} {runs}: they repeat data.fold "
+        f"{', '.join(repeated)} (the same setting trained twice, e.g. a sweep run again into "
+        f"its folder with its values in another order), and a mean would count it twice. "
+        f"Remove the extra job folders and run `python -m lungseg.sweep <sweep folder>`."
+    )
 
 
 def _spread_items(spread: dict[str, tuple[float, float, int]], ok: int) -> list[str]:

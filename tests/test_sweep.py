@@ -541,6 +541,23 @@ def test_summary_gives_the_mean_and_std_per_setting_over_its_folds(tmp_path):
     assert "1 of the 3 settings (overrides other than data.fold) have one finished run" in markdown
 
 
+def test_summary_does_not_average_a_fold_trained_twice(tmp_path):
+    """A sweep run again into its folder with its values in another order trained every
+    fold again into new job folders, and the summary averaged 6 runs of 3 folds as if they
+    were 6 (found by a tester)."""
+    for job, fold in enumerate([0, 1, 2, 0, 1, 2]):
+        fake_run(tmp_path, job, "unet", metrics(0.5 + job / 10), (f"data.fold={fold}",))
+    fake_run(tmp_path, 6, "unet", metrics(0.9), ("data.fold=0", "model.width=8"))
+    fake_run(tmp_path, 7, "unet", metrics(0.7), ("data.fold=1", "model.width=8"))
+    write_summary(tmp_path)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert (
+        "No mean ± std over the 6 finished runs of `no other override`: they repeat data.fold "
+        "0, 1, 2 (the same setting trained twice"
+    ) in markdown
+    assert "over the 2 finished runs of `model.width=8` (data.fold 0, 1):" in markdown
+
+
 def test_summary_of_an_optuna_search_ranks_the_trials_by_the_objective(tmp_path):
     search = {"sweeper": {"_target_": "hydra_plugins.x.LungsegOptunaSweeper"}}
     search["sweeper"]["direction"] = "maximize"
