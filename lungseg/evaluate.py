@@ -620,7 +620,8 @@ def _check_folders_unseen(checkpoint: str, pairs: list[Pair], image_dir: str) ->
         return
     split_file, listed, named = found
     by_stem = {p.stem: p for p in pairs}
-    folder, reason = _run_image_folder(checkpoint) if named else (None, "")
+    run_images, reason = _run_image_folder(checkpoint)  # once, for both checks
+    folder = run_images if named else None
     same = {
         stem: _same_image(folder, by_stem[stem]) if folder else (None, reason) for stem in named
     }
@@ -653,11 +654,11 @@ def _check_folders_unseen(checkpoint: str, pairs: list[Pair], image_dir: str) ->
             image_dir,
             checkpoint,
         )
-    _check_no_renamed_copies(checkpoint, pairs, image_dir, split_file)
+    _check_no_renamed_copies(run_images, pairs, image_dir, split_file)
 
 
 def _check_no_renamed_copies(
-    checkpoint: str, pairs: list[Pair], image_dir: str, split_file: Path
+    folder: Path | None, pairs: list[Pair], image_dir: str, split_file: Path
 ) -> None:
     """LungsegError where image files being scored are byte for byte the run's train or val
     images under other names (``new_demo_0000.png``, a renamed copy of ``demo_0000.png``),
@@ -665,8 +666,7 @@ def _check_no_renamed_copies(
     where a scored file has its size, first its last 64 KiB (where images of one size and
     format differ), then whole. An image saved again in another format under another name is
     not found, and blank images (one value: exporters write them byte-identical) are not
-    copies; nothing where the run's image folder is not at hand."""
-    folder, _ = _run_image_folder(checkpoint)
+    copies; nothing where the run's image ``folder`` is not at hand (None)."""
     if folder is None or not folder.is_dir():
         return
     names = {p.stem for p in pairs}

@@ -408,6 +408,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     restored: list[Path] = []  # the best checkpoint an interrupted run removed, from last.ckpt
     finishing = False  # a run stopped in its test after training: tested, nothing trained
     from_last = False  # continued from the run's own last.ckpt
+    last = out_dir / "checkpoints" / "last.ckpt"
     if ckpt_path is not None:
         saved = read_checkpoint(Path(ckpt_path))  # once for all checks
         check_fits(ckpt_path, module, saved, demo=cfg.data.get("image_dir") is None)
@@ -418,7 +419,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         described = {"hyper_parameters": saved.get("hyper_parameters") or {}}
         if continuing:
             check_same_classes(ckpt_path, saved, datamodule.data_info())
-        last = out_dir / "checkpoints" / "last.ckpt"
         from_last = continuing and last.is_file() and Path(ckpt_path).resolve() == last.resolve()
         try:
             check_continuable(cfg, ckpt_path, saved)
@@ -476,7 +476,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ", ".join(p.name for p in stale),
             ", ".join(p.name for p in aside),
         )
-    last = out_dir / "checkpoints" / "last.ckpt"
     if continuing and not from_last and last.is_file() and rank_zero_only.rank == 0:
         # continued from an earlier checkpoint of the run: its later last.ckpt would be
         # written over by this run's first epoch
@@ -496,7 +495,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     if restored and rank_zero_only.rank == 0:
         for path in restored:
-            shutil.copyfile(out_dir / "checkpoints" / "last.ckpt", path)
+            shutil.copyfile(last, path)
         log.info(
             "%s restored from last.ckpt (the same epoch's weights): the interrupted run had "
             "removed it when it saved a better one in the epoch it did not finish",
@@ -555,7 +554,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # removed by an interrupted run when it saved a better one in the epoch it did not
         # finish (set aside as interrupted-best-*.ckpt), and older than last.ckpt's epoch, so
         # not restored from it; no later epoch of this run has beaten its score
-        last = out_dir / "checkpoints" / "last.ckpt"
         if trainer.is_global_zero:
             log.warning(
                 "%s, the best checkpoint the continued run recorded, is gone: an interrupted "

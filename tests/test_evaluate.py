@@ -677,7 +677,6 @@ def test_renamed_copies_are_found_but_not_blank_images(tmp_path):
     run, trained, scored = tmp_path / "run", tmp_path / "trained", tmp_path / "scored"
     for folder in (run, trained, scored):
         folder.mkdir()
-    OmegaConf.save({"data": {"image_dir": str(trained)}}, run / "config.yaml")
     (run / "split.csv").write_text("file,split\nblank,train\ncase1,train\ncase2,test\n")
     rng = np.random.default_rng(0)
     cv2.imwrite(str(trained / "blank.png"), np.zeros((16, 16), np.uint8))
@@ -685,9 +684,8 @@ def test_renamed_copies_are_found_but_not_blank_images(tmp_path):
     cv2.imwrite(str(scored / "other_blank.png"), np.zeros((16, 16), np.uint8))
     mask = scored / "mask.png"
     pairs = [Pair("other_blank", scored / "other_blank.png", mask)]
-    ckpt = str(run / "checkpoints" / "last.ckpt")
-    _check_no_renamed_copies(ckpt, pairs, str(scored), run / "split.csv")  # blank: not a copy
+    _check_no_renamed_copies(trained, pairs, str(scored), run / "split.csv")  # blank: not a copy
     shutil.copy(trained / "case1.png", scored / "copy_case1.png")
     pairs.append(Pair("copy_case1", scored / "copy_case1.png", mask))
     with pytest.raises(LungsegError, match=r"^1 image of .* byte for byte .*copy_case1 is case1"):
-        _check_no_renamed_copies(ckpt, pairs, str(scored), run / "split.csv")
+        _check_no_renamed_copies(trained, pairs, str(scored), run / "split.csv")
