@@ -313,6 +313,54 @@ BUILT: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 # Keys Hydra's instantiate reads itself rather than passing them on.
 HYDRA_KEYS = frozenset({"_target_", "_recursive_", "_convert_", "_partial_", "_args_"})
+# train.py's top-level keys: conf/config.yaml's groups and settings (task_name: in hydra.run.dir)
+# and Hydra's own node, which compose(return_hydra_config=True) keeps. Hydra adds any other
+# after a + (+sed=1 for seed=1), and nothing would read it.
+TOP_KEYS = frozenset(
+    {
+        *BUILT,
+        *("augmentation", "callbacks", "logger", "postprocess", "seed", "task_name", "output_dir"),
+        *("ckpt_path", "init_weights", "resume", "test_after_fit", "test_postprocessed"),
+        *("channels_last", "compile", "retain_freed_memory", "train_metrics_every_n_steps"),
+        "hydra",
+    }
+)
+# The groups whose files set top-level keys (# @package _global_); without that line Hydra puts
+# a file's settings under the group's name, where nothing reads them.
+GLOBAL_GROUPS = frozenset({"experiment", "recipe", "hparams_search"})
+
+
+def check_top_keys(cfg: DictConfig) -> None:
+    """LungsegError for a top-level key that train.py does not read (``+sed=1``), naming the
+    nearest top-level setting, or else a group's (``+max_epochs=5``: trainer.max_epochs)."""
+    for key in map(str, cfg):
+        if key in TOP_KEYS:
+            continue
+        if key in GLOBAL_GROUPS:
+            raise LungsegError(
+                f"{key} is not a setting of train.py: Hydra put the settings of "
+                f"{_group_file(key)} under {key}, where nothing reads them. Make "
+                "'# @package _global_' its first line, as in conf/experiment/article.yaml."
+            )
+        close = get_close_matches(key, sorted(TOP_KEYS - {"hydra"}), cutoff=0.7)
+        close = close or _group_settings_like(cfg, key)
+        raise LungsegError(
+            f"{key} is not a setting of train.py"
+            + (f"; did you mean {' or '.join(close)}?" if close else ".")
+            + f" Remove +{key}, or see conf/config.yaml for the settings."
+        )
+
+
+def _group_settings_like(cfg: DictConfig, key: str) -> list[str]:
+    """The settings of cfg's groups named ``key`` (max_epochs: trainer.max_epochs), else named
+    most like it (epochs: trainer.max_epochs), without resolving any."""
+    named: dict[str, list[str]] = {}
+    for group, node in cfg.items_ex(resolve=False):
+        if group in TOP_KEYS - {"hydra"} and isinstance(node, DictConfig):
+            for name in node:
+                named.setdefault(str(name), []).append(f"{group}.{name}")
+    close = [key] if key in named else get_close_matches(key, named, n=2, cutoff=0.7)
+    return [setting for name in close for setting in named[name]]
 
 
 def check_keys(cfg: DictConfig) -> None:
@@ -364,11 +412,13 @@ def _group_file(group: str) -> str:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """LungsegError for a key a group's constructor does not take (``check_keys``), then for
-    the first setting of ``RULES`` the config holds with a wrong type or range, then for a
-    data folder that does not exist, then for bad ``postprocess`` values (the checkpoint keeps
-    them for eval.py and predict.py). Reads nothing but the config and the data folders'
-    existence, imports the groups' targets, writes nothing."""
+    """LungsegError for a top-level key train.py does not read (``check_top_keys``), then for a
+    key a group's constructor does not take (``check_keys``), then for the first setting of
+    ``RULES`` the config holds with a wrong type or range, then for a data folder that does not
+    exist, then for bad ``postprocess`` values (the checkpoint keeps them for eval.py and
+    predict.py). Reads nothing but the config and the data folders' existence, imports the
+    groups' targets, writes nothing."""
+    check_top_keys(cfg)
     check_keys(cfg)
     for key, (accepts, wanted, example) in RULES.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)

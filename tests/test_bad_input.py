@@ -11,6 +11,7 @@ test_datamodule.py (settings)."""
 import csv
 import logging
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -196,6 +197,47 @@ def test_unknown_settings_are_refused_with_the_nearest_name(make_cfg, overrides,
         check_settings(make_cfg(*overrides))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # Hydra adds a top-level key after a +, and nothing read it: seed stayed 42.
+        (
+            ["+sed=1"],
+            r"^sed is not a setting of train.py; did you mean seed\? Remove \+sed, or "
+            r"see conf/config.yaml for the settings\.$",
+        ),
+        # a group's setting without its group
+        (["+max_epochs=5"], r"^max_epochs is not .*; did you mean trainer.max_epochs\? Remove"),
+        (["+min_size=4"], r"did you mean postprocess.min_size\?"),
+        (["+foo=1"], r"^foo is not a setting of train.py\. Remove \+foo, or see conf/"),
+    ],
+)
+def test_unknown_top_level_settings_are_refused_with_the_nearest_name(make_cfg, overrides, message):
+    with pytest.raises(LungsegError, match=message):
+        check_settings(make_cfg(*overrides))
+
+
+def test_an_experiment_without_the_global_package_is_refused(tmp_path):
+    """Without '# @package _global_' Hydra puts an experiment's settings under experiment.*,
+    where nothing reads them."""
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    (conf / "experiment" / "mine.yaml").write_text("trainer:\n  max_epochs: 2\n")
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=[f"output_dir={tmp_path}", "experiment=mine"])
+    with pytest.raises(LungsegError, match=r"^experiment is not .* '# @package _global_'"):
+        check_settings(cfg)
+
+
+def test_top_level_settings_of_the_config_and_hydra_pass(tmp_path):
+    """A key the config has, set with ++ (add or override), and the hydra node that
+    compose(return_hydra_config=True) keeps, pass."""
+    overrides = [f"output_dir={tmp_path}", "++seed=7", "++compile=true", "ckpt_path=null"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    check_settings(cfg)
+
+
 def test_constructors_that_take_any_keyword_are_not_checked(make_cfg):
     check_settings(make_cfg("model._target_=torch.nn.Identity", "+model.anything=1"))
     # lungseg's own trainer settings, and Lightning's that the config does not list, pass
@@ -208,6 +250,7 @@ def test_constructors_that_take_any_keyword_are_not_checked(make_cfg):
         (["data.batch_size=0"], "data.batch_size is 0"),
         (["loss=ce", "loss.label_smoothing=1.5"], "loss.label_smoothing is 1.5"),
         (["+data.imagesize=64"], "did you mean data.image_size"),
+        (["+sed=1"], "did you mean seed"),
     ],
 )
 def test_train_checks_its_settings_before_it_writes(make_cfg, overrides, message):
