@@ -10,13 +10,15 @@ in conf/config.yaml, conf/eval.yaml and conf/predict.yaml) reads them before Hyd
 ``keep_record`` (eval.py, predict.py) keeps a training run's record in place and theirs
 beside; ``restore`` (a command that stops before: a refusal, a sweep's finished job) puts
 them back, and cuts the folder's log files back to their length before the command, so
-the folder is as it was.
+the folder is as it was. ``withdraw`` (a command refused in a folder of the user's that must
+not hold a run: a data folder) also removes what Hydra added there, ``.hydra/`` and the log.
 The processes Lightning's ddp strategy starts for ranks above 0 run train.py again in rank 0's
 folder with ``hydra.output_subdir=null``: they neither write nor touch its record.
 """
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,13 @@ from lungseg.run_folder import aside_name
 
 log = logging.getLogger(__name__)
 
-# run folder (resolved) -> ({file name: bytes} of its .hydra/, {log file: length}) before
+# run folder (resolved) -> {file name: bytes} of its .hydra/, where it held files, before
 # this command. In this process: Hydra's local launchers (a SLURM launcher runs each job in
 # another process, where nothing is remembered and Hydra's files replace the earlier ones).
-_SAVED: dict[Path, tuple[dict[str, bytes], dict[Path, int]]] = {}
+_SAVED: dict[Path, dict[str, bytes]] = {}
+# run folder (resolved) -> (whether its .hydra/ existed, {log file name: length}) before
+# this command
+_FOUND: dict[Path, tuple[bool, dict[str, int]]] = {}
 
 
 def _subdir(config: DictConfig) -> str | None:
@@ -45,33 +50,36 @@ def _running_subdir() -> str | None:
 
 
 def remember(folder: Path, subdir: str | None = ".hydra") -> None:
-    """Read ``folder/subdir``'s files, if there are any, before Hydra writes its own."""
+    """Read ``folder/subdir``'s files, if there are any, and the lengths of ``folder``'s log
+    files before Hydra writes its own."""
     if subdir is None:
         return
     files = folder / subdir
+    logs = {p.name: p.stat().st_size for p in folder.glob("*.log") if p.is_file()}
+    _FOUND[folder.resolve()] = (files.is_dir(), logs)
     if files.is_dir() and not files.is_symlink():
         saved = {p.name: p.read_bytes() for p in files.iterdir() if p.is_file()}
         if saved:
-            logs = {p: p.stat().st_size for p in folder.glob("*.log") if p.is_file()}
-            _SAVED[folder.resolve()] = (saved, logs)
+            _SAVED[folder.resolve()] = saved
 
 
 def remembered(folder: Path | str, name: str) -> bytes | None:
     """The bytes ``folder``'s ``.hydra/<name>`` held before this command (Hydra has replaced
     the file since); None where nothing was remembered (see ``_SAVED``)."""
     record = _SAVED.get(Path(folder).resolve())
-    return None if record is None else record[0].get(name)
+    return None if record is None else record.get(name)
 
 
 def settle(folder: Path) -> list[Path]:
     """The command goes on in ``folder``: each of its earlier ``.hydra/`` files that Hydra
     replaced is written beside as ``<stem>.<n><suffix>`` (n = 1, 2, ...). Returns them."""
     record = _SAVED.pop(Path(folder).resolve(), None)
+    _FOUND.pop(Path(folder).resolve(), None)
     subdir = _running_subdir()
     if record is None or subdir is None:
         return []
-    saved, kept = record[0], []
-    for name, data in saved.items():
+    kept = []
+    for name, data in record.items():
         path = Path(folder) / subdir / name
         if path.is_file() and path.read_bytes() == data:
             continue
@@ -94,18 +102,18 @@ def keep_record(folder: Path | str) -> list[Path]:
     if record is None or subdir is None:
         return []
     try:
-        theirs = OmegaConf.create(record[0]["hydra.yaml"].decode()).hydra.job.name
+        theirs = OmegaConf.create(record["hydra.yaml"].decode()).hydra.job.name
     except Exception:  # no Hydra record of a job: nothing to tell apart
         theirs = None
     if theirs is None or theirs == HydraConfig.get().job.name:
         return settle(folder)
     _SAVED.pop(folder.resolve())
-    saved, kept = record[0], []
+    kept = []
     files = folder / subdir
     for path in sorted(files.iterdir()):
-        if path.is_file() and path.name not in saved:  # written by Hydra for this command
+        if path.is_file() and path.name not in record:  # written by Hydra for this command
             kept.append(path.rename(aside_name(path)))
-    for name, data in saved.items():
+    for name, data in record.items():
         path = files / name
         if path.is_file() and path.read_bytes() != data:
             aside = aside_name(path)
@@ -120,23 +128,61 @@ def restore(folder: Path | str) -> bool:
     are put back, files Hydra added there removed, and its log files cut back to their
     length before the command. Whether ``folder`` held such a record."""
     record = _SAVED.pop(Path(folder).resolve(), None)
+    _, logs = _FOUND.pop(Path(folder).resolve(), (True, {}))
     subdir = _running_subdir()
     if record is None or subdir is None:
         return False
-    saved, logs = record
-    files = Path(folder) / subdir
+    _put_back(Path(folder), subdir, record, logs)
+    return True
+
+
+def withdraw(folder: Path | str) -> None:
+    """The command is refused in a folder of the user's that must not hold a run (a data
+    folder): what Hydra wrote there for it is removed, so the folder is as it was. Its
+    ``.hydra/`` goes where it was not there before (an earlier record is put back, as by
+    ``restore``); a log file that was not there is removed, one that was is cut back to its
+    length; nothing is logged into them after (the error goes to the console only)."""
+    folder = Path(folder)
+    found = _FOUND.pop(folder.resolve(), None)
+    record = _SAVED.pop(folder.resolve(), {})
+    subdir = _running_subdir()
+    if found is None or subdir is None:
+        return
+    had_subdir, logs = found
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):  # placeholders have none
+            if isinstance(handler, logging.FileHandler) and (
+                Path(handler.baseFilename).resolve().parent == folder.resolve()
+            ):
+                logger.removeHandler(handler)
+                handler.close()
+    _put_back(folder, subdir, record, logs)
     try:
-        for path in files.iterdir():
+        if not had_subdir and folder.resolve() in (folder / subdir).resolve().parents:
+            shutil.rmtree(folder / subdir)
+        for path in folder.glob("*.log"):
+            if path.is_file() and path.name not in logs:
+                path.unlink()
+    except OSError as error:
+        log.warning("could not leave %s as it was: %s", folder, error)
+
+
+def _put_back(folder: Path, subdir: str, saved: dict[str, bytes], logs: dict[str, int]) -> None:
+    """``folder/subdir`` back to ``saved`` (files Hydra added removed), and ``folder``'s log
+    files in ``logs`` cut back to their lengths there."""
+    files = folder / subdir
+    try:
+        for path in files.iterdir() if files.is_dir() else []:
             if path.is_file() and path.name not in saved:
                 path.unlink()
         for name, data in saved.items():
             (files / name).write_bytes(data)
-        for path, length in logs.items():
+        for name, length in logs.items():
+            path = folder / name
             if path.is_file() and path.stat().st_size > length:
                 os.truncate(path, length)  # Hydra's handler appends: later lines go after
     except OSError as error:  # the error that stopped the command matters more
         log.warning("could not put back %s as it was: %s", files, error)
-    return True
 
 
 class KeepHydraFiles(Callback):

@@ -4,6 +4,7 @@ repeat the run (``environment.json``: package versions, platform, git commit).""
 import csv
 import json
 import logging
+import os
 import platform
 import re
 import shlex
@@ -25,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg.checks import same, shown
@@ -507,6 +509,102 @@ def missing_bests(checkpoint: dict[str, Any], folder: Path) -> list[Path]:
         ):
             missing.append(best)
     return missing
+
+
+def follow_moved_folder(checkpoint: dict[str, Any], folder: Path) -> Path | None:
+    """Point the record of ``checkpoint``'s ModelCheckpoint callbacks (their folder, best,
+    top-k and last files) at ``folder`` where it names another folder and ``folder`` holds
+    every file it names, by the same names: the run folder was moved or renamed. Lightning
+    drops a record made in another folder but for the best's path (which names the old place),
+    and the continued run would lose track of its best. Returns the folder the record named
+    before, or None where nothing was changed."""
+    target = os.path.realpath(folder)  # as ModelCheckpoint keeps its dirpath
+    moved = None
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        before = state.get("dirpath") if isinstance(state, dict) else None
+        if not key.startswith("ModelCheckpoint") or not before or before == target:
+            continue
+        single = ("best_model_path", "kth_best_model_path", "last_model_path")
+        named = [p for p in [*(state.get(k) for k in single), *state.get("best_k_models", {})] if p]
+        here = {p: os.path.join(target, Path(p).name) for p in named}
+        if not named or not all(
+            Path(p).parent == Path(before) and Path(new).is_file() for p, new in here.items()
+        ):
+            continue
+        state.update({k: here[state[k]] for k in single if state.get(k)}, dirpath=target)
+        state["best_k_models"] = {here[p]: v for p, v in state.get("best_k_models", {}).items()}
+        moved = Path(before)
+    return moved
+
+
+_RECORD = re.compile(r"metrics(\.\d+)?\.json")
+
+
+class RunCheckpointIO(TorchCheckpointIO):
+    """Lightning's reading and removing of checkpoint files (a Trainer plugin), for the run
+    in the folder ``run``. A checkpoint read whose callbacks recorded their files in another
+    folder that ``run/checkpoints`` holds by the same names (the run folder was moved or
+    renamed) has that record moved here (``follow_moved_folder``). A best checkpoint that the
+    run's record names (metrics.json; an earlier continuation's metrics.<n>.json) is not
+    removed when a callback's top-k would remove it (a continued run saved a better one): it
+    is kept as ``earlier-<name>`` and the record names that file. Files are written as
+    Lightning writes them."""
+
+    def __init__(self, run: Path) -> None:
+        super().__init__()
+        self.run = Path(run)
+        self._followed: set[Path] = set()  # named in the log once
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(*args, **kwargs)
+        before = follow_moved_folder(checkpoint, self.run / "checkpoints")
+        if before is not None and before not in self._followed:
+            self._followed.add(before)
+            if rank_zero_only.rank == 0:
+                log.info(
+                    "the run folder was moved or renamed: its checkpoint callbacks' record (the "
+                    "best checkpoint, the top-k) named %s, and now names the same files in %s",
+                    before,
+                    self.run / "checkpoints",
+                )
+        return checkpoint
+
+    def remove_checkpoint(self, path: Any) -> None:
+        path = Path(path)
+        records = self._records_naming(path)
+        if not records or not path.is_file():
+            super().remove_checkpoint(path)
+            return
+        target = path.with_name(f"earlier-{path.name}")
+        kept = path.rename(aside_name(target) if target.exists() else target)
+        for record, metrics in records.items():
+            metrics["best_checkpoint"] = str(kept)
+            record.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        log.info(
+            "%s, the best checkpoint of the run's record %s, is kept as %s (which the record "
+            "names now): this continuation saved a better one, and the top-k of "
+            "callbacks.model_checkpoint would have removed it",
+            path.name,
+            ", ".join(r.name for r in records),
+            kept.name,
+        )
+
+    def _records_naming(self, path: Path) -> dict[Path, dict[str, Any]]:
+        """The run's records (metrics.json, metrics.<n>.json) whose best_checkpoint is
+        ``path``, by its name in the run's checkpoints/ (a moved run's record names the old
+        place), with their contents."""
+        if path.parent.resolve() != (self.run / "checkpoints").resolve():
+            return {}
+        found = {}
+        for record in sorted(self.run.glob("metrics*.json")):
+            try:
+                metrics = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            best = metrics.get("best_checkpoint") if isinstance(metrics, dict) else None
+            if _RECORD.fullmatch(record.name) and best and Path(best).name == path.name:
+                found[record] = metrics
+        return found
 
 
 def untested(folder: Path, checkpoint: dict[str, Any]) -> bool:

@@ -30,6 +30,7 @@ from lungseg.errors import LungsegError, counted
 from lungseg.evaluate import evaluate, scores, test_config
 from lungseg.module import SegmentationModule
 from lungseg.run_folder import (
+    RunCheckpointIO,
     apply_initial_weights,
     aside_name,
     check_continuable,
@@ -356,7 +357,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     hostmem.configure(cfg.get("retain_freed_memory", True))
     trainer_settings = accelerator_settings(plain(cfg.trainer))  # before anything is written
     out_dir = Path(cfg.output_dir)
-    check_outside_data(out_dir, cfg.data)
+    try:
+        check_outside_data(out_dir, cfg.data)
+    except LungsegError:
+        hydra_files.withdraw(out_dir)  # Hydra's .hydra/ and train.log out of the user's folder
+        raise
     ckpt_path = resume_checkpoint(cfg, out_dir)
     initial = None  # init_weights: a new run from another run's network weights
     if cfg.get("init_weights") is not None:
@@ -517,7 +522,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # validate every epoch; otherwise it waits for a validation that never comes.
         trainer_settings["check_val_every_n_epoch"] = 1
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers)
+    # a moved run folder's record of its best followed; an earlier record's best kept
+    plugins = [RunCheckpointIO(out_dir)]
+    trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers, plugins=plugins)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SystemExit as stop:  # Lightning's exit after Ctrl-C and its graceful shutdown

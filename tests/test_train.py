@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import shutil
 import subprocess
 import sys
 import types
@@ -195,6 +196,53 @@ def test_a_run_that_a_step_or_time_limit_ended_is_not_trained_again(
     more = train(make_cfg(*limit, longer, "test_after_fit=false", "resume=true"))
     assert more["epochs_trained"] > first["epochs_trained"]
     assert more["stopped_by"] == first["stopped_by"] == stop
+
+
+# The epoch number as the best checkpoint's score: each new epoch is better (max) or none (min).
+BY_EPOCH = ("callbacks.model_checkpoint.monitor=epoch", "test_after_fit=false")
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_continuing_a_finished_run_keeps_its_earlier_best_checkpoint(make_cfg, caplog, mode):
+    """Was: continued with more epochs, a finished run's best checkpoint was removed by the
+    top-k of the callback that keeps the best, when a new epoch beat it, while metrics.1.json
+    (the earlier run's record) still named it. It is kept, and named there, only then."""
+    by_epoch = (*BY_EPOCH, f"callbacks.model_checkpoint.mode={mode}")
+    train(make_cfg(*by_epoch))
+    run = Path(make_cfg().output_dir)
+    folder = run / "checkpoints"
+    with caplog.at_level(logging.INFO):
+        more = train(make_cfg(*by_epoch, "resume=true", "trainer.max_epochs=2"))
+    earlier = json.loads((run / "metrics.1.json").read_text())["best_checkpoint"]
+    assert torch.load(earlier, map_location="cpu", weights_only=True)["epoch"] == 0
+    if mode == "max":
+        assert more["best_checkpoint"] == str(folder / "best-epoch001.ckpt")
+        assert earlier == str(folder / "earlier-best-epoch000.ckpt")
+        said = "best-epoch000.ckpt, the best checkpoint of the run's record metrics.json, is kept "
+        assert said + "as earlier-best-epoch000.ckpt (which the record names now)" in caplog.text
+    else:  # nothing removed: nothing kept beside
+        assert earlier == more["best_checkpoint"] == str(folder / "best-epoch000.ckpt")
+    names = {Path(earlier).name, Path(more["best_checkpoint"]).name, "last.ckpt"}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+
+
+def test_a_moved_run_folder_keeps_its_best_checkpoint_when_resumed(make_cfg, tmp_path, caplog):
+    """Was: Lightning's checkpoint callback forgets the best it recorded when its folder has
+    changed, so a run folder moved elsewhere and resumed tested a new epoch's checkpoint
+    (epoch 0 stays the best here) and kept the earlier best beside it for good."""
+    by_epoch = (*BY_EPOCH, "callbacks.model_checkpoint.mode=min")
+    train(make_cfg(*by_epoch))
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(tmp_path / "run", moved)
+    with caplog.at_level(logging.INFO):
+        metrics = train(
+            make_cfg(*by_epoch, f"output_dir={moved}", "resume=true", "trainer.max_epochs=3")
+        )
+    folder = moved / "checkpoints"
+    assert f"and now names the same files in {folder}" in caplog.text
+    assert metrics["best_checkpoint"] == str(folder / "best-epoch000.ckpt")
+    assert metrics["best_epoch"] == 0 and metrics["best_score"] == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
 
 
 def test_a_run_continued_with_other_model_settings_is_refused(make_cfg, tmp_path, caplog):
@@ -749,6 +797,49 @@ def test_cli_commands_in_a_run_folder_keep_its_hydra_record(tmp_path):
     }
     assert b"resume=true" in now["overrides.yaml"]
     assert "earlier Hydra record is kept as .hydra/" in (run / "train.log").read_text()
+
+
+def test_cli_a_run_refused_in_a_data_folder_leaves_the_folder_as_it_was(tmp_path):
+    """Was: Hydra's .hydra/ and train.log, written before lungseg refused the image folder as
+    the run folder, stayed among the user's images."""
+    from test_inference import write_pairs
+
+    images, masks = write_pairs(tmp_path / "data", [(40, 48)] * 4, "binary")
+
+    def listing() -> dict[Path, bytes | None]:
+        return {p: p.read_bytes() if p.is_file() else None for p in images.rglob("*")}
+
+    before = listing()
+    data = [f"data.image_dir={images}", f"data.mask_dir={masks}", "data.mask_mode=binary"]
+    result = run_cli([*data, f"hydra.run.dir={images}", *TINY], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"lungseg: error: The run folder {images} is data.image_dir" in result.stderr
+    assert listing() == before
+
+
+def test_a_refusal_in_a_data_folder_keeps_what_was_there(tmp_path):
+    """What Hydra wrote for a command refused in a data folder is removed (see above), but a
+    train.log that was there already is only cut back to its length, and nothing more is
+    logged into it."""
+    from lungseg import hydra_files
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "train.log").write_text("mine\n")
+    hydra_files.remember(folder)  # as KeepHydraFiles does before Hydra writes
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("hydra's: 1\n")
+    handler = logging.FileHandler(folder / "train.log")  # Hydra's, which appends
+    logging.getLogger().addHandler(handler)
+    try:
+        logging.getLogger("lungseg").warning("a line of the refused command")
+        hydra_files.withdraw(folder)
+        logging.getLogger("lungseg").warning("a line after")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert [p.name for p in folder.iterdir()] == ["train.log"]
+    assert (folder / "train.log").read_text() == "mine\n"
 
 
 def test_eval_and_predict_in_a_run_folder_keep_its_hydra_record(tmp_path):
