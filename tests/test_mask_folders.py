@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 from test_evaluate import eval_cfg, read_outputs
+from test_masks import palette_png
 
 from lungseg.data.datamodule import SegDataModule
 from lungseg.data.folders import Pair, find_pairs, layer_folders, mask_folders
@@ -183,6 +184,33 @@ def test_the_datamodule_reads_one_class_a_folder(tmp_path):
     cv2.imwrite(str(right / "cxr3_mask.png"), np.zeros((20, 20), np.uint8))
     with pytest.raises(LungsegError, match=r"its mask \S*right/cxr3_mask\.png is 20x20"):
         SegDataModule(str(images), [str(left), str(right)], mask_mode="index").setup()
+
+
+def test_the_datamodule_reads_palette_png_masks_by_their_indices(tmp_path):
+    """Index masks saved as palette PNGs (colour type 3: Pascal VOC, label tools), one folder
+    or one folder a class: read by their indices, not the colours cv2 gives them (were
+    refused as colour images, and a folder list of 1-bit [white, black] masks, the lungs
+    drawn black on white, read with the background as foreground)."""
+    images, left, right = two_lungs(tmp_path)
+    voc = tmp_path / "voc"
+    voc.mkdir()
+    for i in range(8):
+        files = (left / f"cxr{i}.png", right / f"cxr{i}_mask.png")
+        sides = [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) > 0 for f in files]
+        classes = np.where(sides[1], 2, np.where(sides[0], 1, 0)).astype(np.uint8)
+        palette_png(voc / f"cxr{i}.png", classes, [[0, 0, 0], [128, 0, 0], [0, 128, 0]])
+        for file, side in zip(files, sides, strict=True):  # 1-bit, the lung black on white
+            palette_png(file, side.astype(np.uint8), [[255, 255, 255], [0, 0, 0]], 1)
+    runs = [(str(voc), "index"), ([str(left), str(right)], "index")]
+    for mask_dir, mode in [*runs, ([str(left), str(right)], "binary")]:
+        dm = SegDataModule(str(images), mask_dir, mask_mode=mode, image_size=24)
+        dm.setup()
+        assert dm.num_classes == (3 if mode == "index" else 2)
+        for item in dm.train_dataset:
+            mask = item["mask"].numpy()
+            assert set(np.unique(mask)) == set(range(dm.num_classes)), (mask_dir, mode)
+            assert (mask[:4] == 0).all() and (mask[:, :3] == 0).all()  # the background: 0
+            assert mode == "binary" or (mask[:, :10] != 2).all()  # left stays left
 
 
 def test_left_and_right_classes_with_a_horizontal_flip_are_warned_about(tmp_path, caplog):

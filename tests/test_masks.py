@@ -1,10 +1,13 @@
 import logging
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import oriented
 
 from lungseg.data.folders import read_image, write_image
 from lungseg.data.masks import (
@@ -398,6 +401,108 @@ def test_unknown_colours_that_are_transparent_in_the_file_say_so(tmp_path):
     cv2.imwrite(str(path), bgra)
     with pytest.raises(LungsegError, match=r"91 pixels. Add them to data.palette"):
         decode_mask(read_image(path), "palette", path, palette=[[0, 0, 0], [255, 0, 0]])
+
+
+def palette_png(path, indices, palette, bits=8, transparency=b"", extra=b""):
+    """Write ``indices`` as a PNG of colour type 3 (palette, 'P' mode) of ``bits`` bits a
+    pixel, rows packed and unfiltered, written by hand (cv2 cannot write one); ``extra``:
+    whole chunks put after IHDR."""
+    h, w = indices.shape
+    per = 8 // bits
+    padded = np.zeros((h, -(-w // per) * per), np.uint8)
+    padded[:, :w] = indices
+    shifts = 8 - bits * np.arange(1, per + 1)
+    packed = (padded.reshape(h, -1, per).astype(np.int64) << shifts).sum(axis=2)
+    rows = np.hstack([np.zeros((h, 1), np.int64), packed]).astype(np.uint8)  # filter 0 a row
+
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 3, 0, 0, 0))
+        + extra
+        + chunk(b"PLTE", np.asarray(palette, np.uint8).tobytes())
+        + (chunk(b"tRNS", transparency) if transparency else b"")
+        + chunk(b"IDAT", zlib.compress(rows.tobytes()))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+VOC = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128]]
+
+
+@pytest.mark.parametrize(
+    "bits, palette",
+    [
+        (1, [[255, 255, 255], [0, 0, 0]]),  # bilevel: black drawn on a white background
+        (2, VOC[:4]),
+        (4, [[255, 255, 255], *VOC[1:]]),  # fewer entries than indices, a white background
+        (8, VOC),
+    ],
+)
+def test_palette_pngs_are_read_by_their_indices(tmp_path, bits, palette):
+    """A PNG of colour type 3 stores class ids as palette indices, but cv2 reads the palette's
+    colours: index masks saved so (Pascal VOC, label tools) were refused as colour images or
+    read by their colours (a 1-bit [white, black] one as 255/0), and binary ones by their
+    brightest channel (a white background as foreground). Palette mode reads the colours."""
+    k = len(palette)
+    indices = np.random.default_rng(bits).integers(0, k, (7, 13)).astype(np.uint8)
+    path = palette_png(tmp_path / "m.png", indices, palette, bits)
+    raw = read_image(path)
+    np.testing.assert_array_equal(raw, np.array(palette, np.uint8)[indices])  # cv2: the colours
+    decoded = decode_mask(raw, "index", path, num_classes=k)
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, indices)
+    np.testing.assert_array_equal(decode_mask(raw, "binary", path), indices != 0)
+    np.testing.assert_array_equal(decode_mask(raw, "palette", path, palette, k), indices)
+    # a palette PNG written by another encoder (Pillow's filters and bit depths)
+    image = pytest.importorskip("PIL.Image").fromarray(indices, "P")
+    image.putpalette(np.asarray(palette, np.uint8).ravel().tolist())
+    image.save(tmp_path / "pil.png")
+    raw = read_image(tmp_path / "pil.png")
+    np.testing.assert_array_equal(decode_mask(raw, "index", tmp_path / "pil.png"), indices)
+
+
+def test_a_palette_png_of_repeated_colours_transparency_and_orientation(tmp_path):
+    """Indices 1 and 2 of one colour, index 0 transparent, an EXIF orientation: the indices
+    are read all the same, turned as the colours are. Palette mode, the colours, names the
+    indices as the likely fix where the colours are not data.palette's."""
+    indices = np.array([[0, 1, 2, 3, 3], [3, 2, 1, 0, 0]], np.uint8)
+    tagged = oriented(".png", np.zeros((2, 2), np.uint8), 6)  # turned 90 degrees clockwise
+    exif = tagged[33 : 33 + 12 + int.from_bytes(tagged[33:37], "big")]
+    palette = [[0, 0, 0], [255, 0, 0], [255, 0, 0], [0, 255, 0]]
+    path = palette_png(tmp_path / "m.png", indices, palette, 2, b"\0", exif)
+    raw = read_image(path)
+    assert raw.shape == (5, 2, 3)
+    decoded = decode_mask(raw, "index", path, num_classes=4)
+    np.testing.assert_array_equal(decoded, np.rot90(indices, -1))
+    np.testing.assert_array_equal(decode_mask(raw, "binary", path), np.rot90(indices, -1) != 0)
+    with pytest.raises(LungsegError, match=r"a palette PNG .* data.mask_mode=index reads those"):
+        decode_mask(raw, "palette", path, VOC[:4])
+
+
+def test_palette_png_binary_masks_of_several_indices_are_warned_about_once(caplog, tmp_path):
+    """Binary mode unites a palette PNG's non-zero indices (classes, or Pascal VOC's void
+    border 255) into one foreground class: said once a folder, naming the indices."""
+    indices = np.zeros((12, 12), np.uint8)
+    indices[2:10, 2:10], indices[4:8, 4:8] = 255, 1  # an object with a void border
+    palette = [*VOC[:2], *[[0, 0, 0]] * 253, [224, 224, 192]]
+    masks = [palette_png(tmp_path / f"{name}.png", indices, palette) for name in "ab"]
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        for path in masks:
+            decoded = decode_mask(read_image(path), "binary", path)
+            np.testing.assert_array_equal(decoded, indices > 0)
+        (tmp_path / "one").mkdir()
+        one = palette_png(tmp_path / "one" / "c.png", (indices > 0).astype(np.uint8), palette)
+        decode_mask(read_image(one), "binary", one)  # one non-zero index: nothing to say
+    warnings = warnings_of(caplog)
+    assert len(warnings) == 1, warnings
+    said = f"Mask {masks[0]} is a palette PNG whose pixels hold the palette indices 0, 1, 255"
+    assert said in warnings[0]
+    assert "keep them apart with data.mask_mode=index" in warnings[0]
 
 
 def test_many_unknown_colours_are_cut_to_five():

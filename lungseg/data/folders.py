@@ -15,7 +15,9 @@ import glob
 import logging
 import os
 import re
+import struct
 import unicodedata
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -938,17 +940,74 @@ def exif_orientation(data: np.ndarray | bytes) -> int:
                 blob = bytes(buf[at + 10 : at + 2 + size])
                 break
             at += 2 + size
-    elif bytes(buf[:8]) == b"\x89PNG\r\n\x1a\n":  # PNG: chunks of length, type, data, CRC
-        at = 8
-        while at + 8 <= len(buf):
-            size, kind = int.from_bytes(buf[at : at + 4], "big"), bytes(buf[at + 4 : at + 8])
-            if kind == b"IEND":
-                break
-            if kind == b"eXIf":
-                blob = bytes(buf[at + 8 : at + 8 + size])
-                break
-            at += 12 + size
+    else:
+        blob = next((bytes(chunk) for kind, chunk in _png_chunks(buf) if kind == b"eXIf"), b"")
     return _tiff_orientation(blob)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunks(buf: memoryview) -> Iterator[tuple[bytes, memoryview]]:
+    """(type, data) of each chunk (length, type, data, CRC) of a PNG before IEND; none for
+    other formats. Reads the chunk headers only, without copying the file."""
+    if bytes(buf[:8]) != _PNG_SIGNATURE:
+        return
+    at = 8
+    while at + 8 <= len(buf):
+        size, kind = int.from_bytes(buf[at : at + 4], "big"), bytes(buf[at + 4 : at + 8])
+        if kind == b"IEND":
+            return
+        yield kind, buf[at + 8 : at + 8 + size]
+        at += 12 + size
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def palette_indices(path: str | Path) -> np.ndarray | None:
+    """(H, W) uint8: the palette indices a PNG of colour type 3 (palette or 'P' mode, 1, 2, 4
+    or 8 bits a pixel) stores, which are the class ids of an index mask saved so (Pascal VOC
+    style label exports), turned by its EXIF orientation as ``read_image`` turns its colours;
+    None for any other file (or one that cannot be opened).
+
+    cv2 reads such a file as the colours its palette gives the indices. Its image data is
+    decoded here again under a palette whose i-th colour is (i, i, i), one entry for every
+    index the bit depth holds, so the colours read are the indices themselves, whatever the
+    file's palette (colours given to several indices, missing entries, transparency)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    # signature, IHDR's length (13) and type, then width, height, bit depth, colour type
+    if head[:16] != _PNG_SIGNATURE + b"\0\0\0\rIHDR" or head[24:] not in _PALETTE_PNG:
+        return None
+    data = np.fromfile(path, dtype=np.uint8)
+    buf = memoryview(data)
+    png = b"".join(
+        [
+            bytes(buf[:33]),  # signature and IHDR
+            _png_chunk(b"PLTE", np.repeat(np.arange(2 ** head[24], dtype=np.uint8), 3).tobytes()),
+            _png_chunk(b"IDAT", b"".join(c for kind, c in _png_chunks(buf) if kind == b"IDAT")),
+            _png_chunk(b"IEND", b""),
+        ]
+    )
+    try:
+        image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        image = None
+    if image is None:
+        raise LungsegError(
+            f"{path} is a palette PNG whose palette indices could not be decoded: it is "
+            f"corrupt or truncated. Re-export it or remove it."
+        )
+    return _apply_orientation(image[:, :, 0], exif_orientation(data))  # 3 equal channels
+
+
+_PALETTE_PNG = tuple(bytes([depth, 3]) for depth in (1, 2, 4, 8))  # bit depth, colour type 3
 
 
 def _tiff_orientation(blob: bytes) -> int:

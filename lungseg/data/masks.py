@@ -1,6 +1,9 @@
 """Mask encodings: class-index maps ⇄ the pixels stored in mask files.
 
-- `index`:   pixel value = class id (8- or 16-bit, grayscale).
+- `index`:   pixel value = class id (8- or 16-bit, grayscale). A PNG of colour type 3 (palette
+             or 'P' mode, as Pascal VOC and many label tools save masks) stores the class ids
+             as palette indices: those are read, not the colours its palette shows them in
+             (which OpenCV decodes).
 - `binary`:  0 = background (class 0), anything else = foreground (class 1); written as 0/255.
              A mask whose values run between 0 and a top value of at least half its type's
              range (JPEG noise, anti-aliased or resized edges: 0, 3, 120, 254, 255 ...) is
@@ -15,7 +18,10 @@
              binary takes its largest channel; one that holds several distinct colours in
              regions of their own (red lung, green tumour: classes coded as colours, all
              foreground here) gets a warning naming them and the palette that keeps them apart.
-- `palette`: each class has an RGB colour, class i = palette[i].
+             A palette PNG is read by its indices, 0 = background, any other = foreground
+             (with a warning where several indices are united).
+- `palette`: each class has an RGB colour, class i = palette[i]; a palette PNG is read by the
+             colours its palette gives its indices.
 
 Masks split over several folders (data.mask_dir as a list, one class a folder, as
 Montgomery's leftMask/rightMask): each file is read as a binary mask (its warnings worded for
@@ -31,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lungseg.data.folders import palette_indices
 from lungseg.errors import LungsegError
 
 MASK_MODES = ("index", "binary", "palette")
@@ -39,7 +46,7 @@ _GOLDEN = 0.618033988749895  # hue step that keeps consecutive class colours far
 # (kind, folder): the folders whose binary masks were warned of, once for each kind ("grey":
 # JPEG noise or anti-aliased edges cut halfway; "levels": classes coded as grey levels;
 # "jpeg": a JPEG of a small top value cut halfway to its foreground level; "colours": classes
-# coded as colours)
+# coded as colours; "indices": a palette PNG's several non-zero indices united)
 _WARNED_FOLDERS: set[tuple[str, str]] = set()
 # Binary masks: grey levels that fill regions of their own are classes coded as grey levels,
 # not JPEG noise or anti-aliased edges (which make many values, or thin lines of a few).
@@ -67,7 +74,9 @@ def decode_mask(
     palette: Sequence[Sequence[int]] | None = None,
     num_classes: int | None = None,
 ) -> np.ndarray:
-    """(H, W) uint8 class-index map from a read_image result ((H, W) or (H, W, 3) RGB)."""
+    """(H, W) uint8 class-index map from a read_image result ((H, W) or (H, W, 3) RGB) of the
+    mask file ``path``. In modes index and binary a palette PNG (colour type 3), which
+    read_image gives as colours, is read again from ``path`` for its indices."""
     if mode == "index":
         return _decode_index(raw, path, num_classes)
     if mode == "binary":
@@ -123,7 +132,13 @@ def _decode_binary(raw: np.ndarray, path: Path, layered: bool = False) -> np.nda
     JPEGs, and so do masks of a few grey levels that fill regions of their own
     (``_grey_coded``). An RGB mask is read by its largest channel. ``layered``: the file is
     one of a folder list's (``decode_layers``), whatever data.mask_mode, which the warnings
-    say; it gets no warning of colours (a folder list has no palette)."""
+    say; it gets no warning of colours (a folder list has no palette). A palette PNG is read
+    by its indices: 0 / non-zero (with a warning where several non-zero indices are united)."""
+    indices = _stored_indices(raw, path)
+    if indices is not None:
+        if not layered:
+            _warn_indices(indices, path)
+        return (indices != 0).astype(np.uint8)
     colour = raw.ndim == 3
     gray = raw.max(axis=2) if colour else raw
     folder = str(path.parent)
@@ -179,6 +194,30 @@ def _decode_binary(raw: np.ndarray, path: Path, layered: bool = False) -> np.nda
             )
         return (2 * gray.astype(np.int64) > level).astype(np.uint8)
     return (gray != 0).astype(np.uint8)
+
+
+def _stored_indices(raw: np.ndarray, path: Path) -> np.ndarray | None:
+    """(H, W) uint8: the indices of a palette PNG mask (``palette_indices``), whose colours are
+    ``raw``; None for any other mask."""
+    return palette_indices(path) if raw.ndim == 3 else None  # read_image gives colours (RGB)
+
+
+def _warn_indices(indices: np.ndarray, path: Path) -> None:
+    """Warn, once for the mask's folder, of a palette PNG read as binary whose non-zero indices
+    are several, which binary unites as one foreground class (classes, or a void border as
+    Pascal VOC's 255)."""
+    values = np.flatnonzero(np.bincount(indices.ravel()))
+    if np.count_nonzero(values) < 2 or not _first_in_folder("indices", str(path.parent)):
+        return
+    log.warning(
+        "Mask %s is a palette PNG whose pixels hold the palette indices %s, and "
+        "data.mask_mode=binary takes every index but 0 as foreground (one class); other such "
+        "masks in %s are not named. If the indices are classes, keep them apart with "
+        "data.mask_mode=index.",
+        path,
+        _values(values),
+        path.parent,
+    )
 
 
 def _taken(what: str, layered: bool) -> str:
@@ -376,7 +415,10 @@ def _unknown_mode(mode: str) -> LungsegError:
 
 
 def _decode_index(raw: np.ndarray, path: Path, num_classes: int | None) -> np.ndarray:
-    if path.suffix.lower() in _JPEG_SUFFIXES:
+    indices = _stored_indices(raw, path)
+    if indices is not None:
+        raw = indices
+    elif path.suffix.lower() in _JPEG_SUFFIXES:
         raise LungsegError(
             f"Mask {path} is a JPEG, but data.mask_mode=index reads each pixel value as a class "
             "id, and JPEG's lossy compression changes the values along every edge, which would "
@@ -389,8 +431,7 @@ def _decode_index(raw: np.ndarray, path: Path, num_classes: int | None) -> np.nd
                 f"Mask {path} is a colour image (its red, green and blue channels differ), but "
                 "data.mask_mode=index expects the class id as a gray value. It looks like a "
                 "colour-coded mask: set data.mask_mode=palette and declare the colours in "
-                "data.palette (class i = palette[i]). PNGs saved in palette ('P') mode are read "
-                "as their colours too."
+                "data.palette (class i = palette[i])."
             )
         raw = raw[:, :, 0]
     if raw.dtype not in (np.uint8, np.uint16):
@@ -494,12 +535,26 @@ def _decode_palette(raw: np.ndarray, path: Path, colours: np.ndarray) -> np.ndar
             f"Mask {path} has colours that are not in data.palette: {listed}{more}. "
             + (
                 _transparent_hint(path, ~known)
+                or _indices_hint(raw, path)
                 or "Add them to data.palette (class i = palette[i]) or fix the mask. In-between "
                 "colours usually come from JPEG compression or smoothed edges: save masks as "
                 "PNG without anti-aliasing."
             )
         )
     return order[position].astype(np.uint8)
+
+
+def _indices_hint(raw: np.ndarray, path: Path) -> str | None:
+    """The fix when a mask read in palette mode is a palette PNG, whose indices are most
+    likely the class ids; None for other masks."""
+    if _stored_indices(raw, path) is None:
+        return None
+    return (
+        "The file is a palette PNG ('P' mode), which stores each pixel's class as an index "
+        "into its own palette: data.mask_mode=index reads those indices as the class ids "
+        "(data.mask_mode=palette reads the colours its palette shows them in; add those to "
+        "data.palette to keep reading colours)."
+    )
 
 
 def _transparent_hint(path: Path, unknown: np.ndarray) -> str | None:
