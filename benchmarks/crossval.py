@@ -6,7 +6,8 @@
 
 (lidc_nodules itself trains without a validation split; the runs need one to choose on.)
 
-For every finished run under the folder (a folder with metrics.json), the best checkpoint is
+For every finished run under the folder (a folder with metrics.json; run folders linked into
+it count, so a folder of links can gather one setting's runs), the best checkpoint is
 scored on the run's validation split under every combination of --thresholds (foreground where
 its probability reaches this; "argmax" = the most probable class), --min-sizes (predicted
 components below that many pixels at the network size removed) and --min-confidences
@@ -16,11 +17,13 @@ image, an image empty in both ground truth and prediction scoring 1, so false po
 empty slices count) and applies it to its own test split, which is scored with and without
 it. With --max-fp-rate F the choice is instead the highest validation Dice over the non-empty
 slices among the settings whose validation false-positive rate on empty slices is at most F:
-an operating point for a required false-positive rate. Prints two Markdown tables: every
-setting's validation scores as the mean over the folds (for reading the trade-off), and per
-fold its choice and test scores, the test Dice over the slices whose mask is not empty and the
-false-positive rate on the empty ones, with mean ± std (population) over the folds. With
---jobs N the folds are scored N at a time, each in its own process.
+an operating point for a required false-positive rate. A fold whose validation split holds
+no slice with a foreground class gets a warning: its choice rests on the empty slices alone.
+Prints two Markdown tables: every setting's validation scores as the mean over the folds (for
+reading the trade-off), and per fold its choice and test scores, the test Dice over the slices
+whose mask is not empty and the false-positive rate on the empty ones, with mean ± std
+(population) over the folds. With --jobs N the folds are scored N at a time, each in its own
+process.
 
 Every score is the mean over the foreground classes (one class: that class's), each class's
 first taken per image as above; the report names the classes. The folder must hold the runs of
@@ -55,7 +58,7 @@ from benchmarks.quality import override_value  # noqa: E402
 from lungseg.data.splits import split_counts  # noqa: E402
 from lungseg.errors import LungsegError, run_cli  # noqa: E402
 from lungseg.evaluate import evaluate, evaluate_grid, scores  # noqa: E402
-from lungseg.sweep import fold_of, fold_order, run_overrides, setting  # noqa: E402
+from lungseg.sweep import fold_of, fold_order, run_folders, run_overrides, setting  # noqa: E402
 
 
 def quote(path) -> str:
@@ -136,6 +139,34 @@ def choose(
     if not allowed:
         return min(indices, key=lambda i: (value(fp_rate, i, 0), i))
     return max(allowed, key=lambda i: (value(nonempty, i, -1), -i))
+
+
+def unrepresented(
+    folds: dict[Path, int | str | None], val: list[list[dict]], sweep: Path
+) -> list[str]:
+    """A warning for each fold whose validation split holds no slice with some foreground
+    class (each class's Dice over the slices that have it is missing): there, the choice
+    rests on that class's empty slices alone, which favour the setting that predicts least."""
+    lines = []
+    for (run, fold), summaries in zip(folds.items(), val, strict=True):
+        classes = summaries[0]["classes"]
+        missing = [name for name, c in classes.items() if c["dice_nonempty"]["mean"] is None]
+        if not missing:
+            continue
+        listed = ", ".join(missing)
+        if len(missing) == len(classes):
+            what, lost = f"foreground ({listed}): its choice", "a lesion"
+        else:
+            which = "that class" if len(missing) == 1 else "those classes"
+            what, lost = f"{listed}: for {which}, its choice", which
+        lines.append(
+            f"Warning: the validation split of fold {fold} ({run.relative_to(sweep).as_posix()}) "
+            f"holds no slice with {what} rests on the empty slices alone, where the setting "
+            f"that predicts least scores best, whatever it would cost on the slices with {lost}. "
+            f"Read that fold's choice and its test scores with post-processing with care; a "
+            f"larger val fraction in data.split gives each fold's validation split more patients."
+        )
+    return lines
 
 
 def has_val_split(run: Path) -> bool:
@@ -325,7 +356,7 @@ def report(args: argparse.Namespace) -> None:
     """Score the runs under args.sweep and print the report."""
     if not args.sweep.is_dir():
         raise LungsegError(f"{args.sweep} is not a folder: give the folder of the fold runs.")
-    runs = sorted(path.parent for path in args.sweep.glob("**/metrics.json"))
+    runs = run_folders(args.sweep, "metrics.json")  # linked run folders too
     if not runs:
         raise LungsegError(f"no finished run (metrics.json) under {args.sweep}")
     checkpoints = {run: json.loads((run / "metrics.json").read_text()) for run in runs}
@@ -379,6 +410,8 @@ def report(args: argparse.Namespace) -> None:
         )
         means = [cell(mean_over_folds(key, i)) for key in range(len(KEYS))]
         print(f"| {label(post)} | " + " | ".join(means) + f" | {by} |")
+    for line in unrepresented(folds, val, args.sweep):
+        print(f"\n{line}")
     if args.max_fp_rate is not None:
         over = [
             str(fold)

@@ -33,11 +33,15 @@ article's recipe watches val/loss).
 
 import argparse
 import csv
+import re
 import sys
 import time
+from collections.abc import Mapping
+from difflib import get_close_matches
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -92,8 +96,42 @@ def _num(value) -> str:
 
 
 def compose_config(name: str, overrides: list[str]):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose(name, overrides=overrides)
+    """conf/<name>.yaml with ``overrides``; a LungsegError for one Hydra cannot apply (a
+    misspelt key, an unknown recipe, an override that does not parse), as train.py gives
+    Hydra's message without a traceback."""
+    try:
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            return compose(name, overrides=overrides)
+    except HydraException as error:
+        raise LungsegError(config_error(error, name, overrides)) from error
+
+
+def config_error(error: HydraException, name: str, overrides: list[str]) -> str:
+    """Hydra's message in one line, Hydra's search path left out; for a key the config lacks
+    (``model.widht=8``), the settings of its group with the nearest names."""
+    text = str(error).split("\nConfig search path:")[0]
+    missing = re.match(r"Could not override '([^']+)'", text)
+    if missing:
+        key = missing.group(1)
+        group, _, leaf = key.rpartition(".")
+        try:
+            others = [o for o in overrides if o.split("=", 1)[0].lstrip("~+") != key]
+            node = OmegaConf.select(compose_config(name, others), group) if group else None
+        except LungsegError:  # another override fails too: named once this one is mended
+            node = None
+        close = get_close_matches(leaf, list(node), cutoff=0.7) if isinstance(node, Mapping) else []
+        guess = " or ".join(f"{group}.{other}" for other in close)
+        # Not Hydra's "use +key=...": the groups built from the config refuse keys they lack.
+        return f"Could not override '{key}': the config has no such key" + (
+            f"; did you mean {guess}?" if close else " (python train.py --cfg job lists them)."
+        )
+    parts: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("\t") and parts:  # an item of the list the line before announced
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line.strip()
+        elif line.strip():
+            parts.append(line.strip())
+    return " ".join(part if part.endswith((".", ":")) else f"{part}." for part in parts)
 
 
 def pooled_dice(per_image_csv: Path, class_name: str) -> float:
@@ -178,12 +216,14 @@ def benchmark(args: argparse.Namespace) -> None:
         "| median | pooled Dice | Dice non-empty | FP rate empty | IoU mean | HD95 mean (px) "
         "| best epoch |"
     )
-    rows, flips = [], {}
+    configs = {}  # all composed first: a bad override stops the call before anything trains
     for run in args.runs:
-        out = Path(args.out) / run
         runs = [*RUNS[run], *shared] if run == "article" else [*recipe, *RUNS[run]]
-        output = f"output_dir={override_value(str(out))}"
-        cfg = compose_config("config", [*runs, *data, output, *args.overrides])
+        output = f"output_dir={override_value(str(Path(args.out) / run))}"
+        configs[run] = compose_config("config", [*runs, *data, output, *args.overrides])
+    rows, flips = [], {}
+    for run, cfg in configs.items():
+        out = Path(args.out) / run
         metrics = train(cfg)
         scored = {}
         # a run without a validation split: val Dice n/a

@@ -1,8 +1,12 @@
-"""Hydra's Optuna sweeper, ending with a lungseg error when every trial failed
-(``hparams_search=optuna`` selects it as ``hydra.sweeper._target_``).
+"""Hydra's Optuna sweeper with lungseg's checks (``hparams_search=optuna`` selects it as
+``hydra.sweeper._target_``): before any trial, it refuses a search over data.fold and numbers
+the trials after those already in the sweep folder (a study continued from its storage; one
+kept in memory is refused); it ends with a lungseg error when every trial failed.
 
-Left alone, such a search ends with Optuna's traceback "No trials are completed yet" from its
-best trial. Hydra takes sweepers from the ``hydra_plugins`` package only, hence this folder;
+Left alone, a search over data.fold picks the easiest fold; a search run again into its folder
+puts its trials into the folders of the earlier ones, which hold finished runs, and trains
+nothing; a search whose trials all fail ends with Optuna's traceback "No trials are completed
+yet". Hydra takes sweepers from the ``hydra_plugins`` package only, hence this folder;
 ``python train.py`` finds it beside the script.
 """
 
@@ -10,15 +14,22 @@ from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lungseg.errors import run_cli
-from lungseg.sweep import check_some_run_finished
+from lungseg.sweep import (
+    check_fold_not_searched,
+    check_some_run_finished,
+    first_trial_number,
+    sweep_folder,
+)
 
 
 class LungsegOptunaSweeper(Sweeper):
-    """Hydra's OptunaSweeper (same settings) that reports a search whose trials all failed as
-    ``lungseg: error: ...`` with the sweep folder and the first trial's error, exit status 1."""
+    """Hydra's OptunaSweeper (same settings) that refuses a search over data.fold, continues
+    a study into its sweep folder in new trial folders, and reports a search whose trials all
+    failed as ``lungseg: error: ...`` with the sweep folder and the first trial's error, exit
+    status 1."""
 
     def __init__(self, **settings: Any) -> None:
         # Imported here, as Hydra's own OptunaSweeper imports its implementation: Hydra imports
@@ -37,6 +48,13 @@ class LungsegOptunaSweeper(Sweeper):
         run_cli(lambda: self._sweep(arguments))
 
     def _sweep(self, arguments: list[str]) -> None:
+        search = self.optuna.sweeper  # Hydra's implementation: its trial folders from job_idx
+        check_fold_not_searched(search.params, arguments)
+        sweep_dir = sweep_folder(self.config)
+        search.job_idx = first_trial_number(sweep_dir, search.storage)
+        # As Hydra's BasicSweeper saves it: what was searched, for the summary (lungseg.sweep).
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         try:
             self.optuna.sweep(arguments)
         except ValueError:  # Optuna's: no completed trial to take the best parameters from

@@ -5,25 +5,33 @@ of each failed run; ``summary.md`` ends with the mean ± std of each metric over
 runs that differ only in ``data.fold`` (the cross-validation result of a sweep over
 ``data.fold``), one per setting of the other overrides.
 
-``python -m lungseg.sweep <sweep folder>`` writes both again from the run folders (a sweep
-re-run in place, copied, or whose command was killed)."""
+Both are written when each job starts (the job listed as incomplete, and summary.md saying
+so) and after it ends. ``python -m lungseg.sweep <sweep folder>`` writes both again from the
+run folders (a sweep re-run in place, copied, or whose command was killed); run folders linked
+into the sweep folder count as its runs."""
 
 import argparse
 import csv
+import io
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 from lungseg import hydra_files
-from lungseg.errors import LungsegError, run_cli
+from lungseg.errors import LungsegError, counted, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +161,29 @@ def fold_order(fold: int | str | None) -> tuple:
     return (0, fold, "") if isinstance(fold, int) else (1, 0, str(fold))
 
 
+def run_folders(root: str | Path, marker: str) -> list[Path]:
+    """The folders under ``root`` (itself included) that hold the file ``marker``
+    (``metrics.json``, ``.hydra/overrides.yaml``), sorted, following linked folders: a run
+    folder linked into a sweep folder is one of its runs. A folder reached twice (a link to a
+    run that also lies in the tree, a link back up) is taken once: under its own path where it
+    lies in the tree, else under the first link to it (in sorted order)."""
+    root, base = Path(root), os.path.realpath(root)
+    found: dict[str, Path] = {}
+    for folder, subfolders, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in found:  # a loop, or a tree already walked through another path
+            subfolders.clear()
+            continue
+        subfolders.sort()
+        found[real] = Path(folder)
+    runs = [
+        root / os.path.relpath(real, base) if real.startswith(base + os.sep) else path
+        for real, path in found.items()
+        if (path / marker).is_file()
+    ]
+    return sorted(runs)
+
+
 def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per run folder of a sweep (a folder with ``.hydra/overrides.yaml``): best test
     Dice first (an Optuna search's trials: best objective first, the value the search
@@ -162,16 +193,16 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     its first line) or "incomplete" (neither: still running, or killed)."""
     sweep_dir = Path(sweep_dir)
     rows = []
-    direction = None  # of an Optuna search
-    for overrides in sweep_dir.glob("**/.hydra/overrides.yaml"):
-        run = overrides.parent.parent
-        hydra_yaml = overrides.with_name("hydra.yaml")
+    direction, searched = None, []  # of an Optuna search: what it optimises, what it samples
+    for run in run_folders(sweep_dir, ".hydra/overrides.yaml"):
+        hydra_yaml = run / ".hydra" / "hydra.yaml"
         # Not resolved: Hydra leaves interpolations (${now:...}) in it.
         saved = OmegaConf.load(hydra_yaml) if hydra_yaml.is_file() else {}
         hydra_cfg = _dict(OmegaConf.to_container(saved, resolve=False) if saved else {}, "hydra")
         sweeper = _dict(hydra_cfg, "sweeper")
-        if "optuna" in str(sweeper.get("_target_", "")).lower():
+        if "optuna" in str(sweeper.get("_target_", "")).lower() and direction is None:
             direction = sweeper.get("direction", "maximize")
+            searched = _searched_in(sweep_dir, sweeper)
         override_list = run_overrides(run)
         row: dict[str, Any] = {
             # None for a run started on its own (hydra.job.num is only set in a multirun).
@@ -204,8 +235,95 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     if not isinstance(direction, str):  # a multi-objective search: the first objective
         direction = next(iter(direction), "maximize")
     for row in rows:
-        row["direction"] = direction
+        row.update(direction=direction, searched=searched)
     return sorted(rows, key=lambda row: _rank(row, "objective", direction == "minimize"))
+
+
+def searched_keys(params: Any, overrides: list[str]) -> list[str]:
+    """The keys an Optuna search samples, in its order: those of ``params``
+    (hydra.sweeper.params) and of the command line's ``overrides`` that are given as a sweep
+    (``choice()``, ``interval()``, ``a,b``), less any also given one value, which the sweeper
+    takes out of the search."""
+    lines = [f"{key}={value}" for key, value in (params or {}).items()] + list(overrides)
+    parsed = OverridesParser.create().parse_overrides(lines)
+    fixed = {o.key_or_group for o in parsed if not o.is_sweep_override()}
+    swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return [key for key in dict.fromkeys(swept) if key not in fixed]
+
+
+def _searched_in(sweep_dir: Path, sweeper: dict) -> list[str]:
+    """The keys the Optuna search of ``sweep_dir`` sampled: from the multirun.yaml that
+    lungseg's sweeper saves there (its params and command line); without it (a search of
+    earlier code), those of the best trial in optimization_results.yaml, else the sweeper's
+    params (some may have been fixed on the command line)."""
+    params, task = sweeper.get("params"), []
+    multirun, results = sweep_dir / "multirun.yaml", sweep_dir / "optimization_results.yaml"
+    try:
+        if multirun.is_file():
+            saved = OmegaConf.to_container(OmegaConf.load(multirun), resolve=False)
+            params = _dict(_dict(saved, "hydra"), "sweeper").get("params")
+            task = _dict(_dict(saved, "hydra"), "overrides").get("task") or []
+        elif results.is_file():
+            return list(_dict(OmegaConf.to_container(OmegaConf.load(results)), "best_params"))
+        return searched_keys(params if isinstance(params, dict) else {}, task)
+    except (OSError, YAMLError, OmegaConfBaseException, HydraException):
+        return []  # not as Hydra writes it: the trials' overrides are listed as they are
+
+
+def check_fold_not_searched(params: Any, overrides: list[str]) -> None:
+    """LungsegError where an Optuna search would sample data.fold: its trials would be scored
+    on different folds, and the best would be the easiest fold's."""
+    if FOLD_KEY not in searched_keys(params, overrides):
+        return
+    given = next((o for o in overrides if override_key(o) == FOLD_KEY), None)
+    if given is None:
+        given = f"hydra.sweeper.params.{FOLD_KEY}={params[FOLD_KEY]}"
+    raise LungsegError(
+        f"{given} would make the Optuna search (hparams_search=optuna) sample the fold like a "
+        f"hyper-parameter: its trials would be scored on different folds, and the study's best "
+        f"value would be that of the easiest fold. Search on one fold ({FOLD_KEY}=0), then "
+        f"train the values it chose on every fold with a plain multirun, without "
+        f"hparams_search: `python train.py -m <the chosen values> "
+        f"{FOLD_KEY}={given.partition('=')[2]}`; its summary.md gives the mean ± std over the "
+        f"folds, and benchmarks/crossval.py chooses the post-processing on their validation "
+        f"splits."
+    )
+
+
+def first_trial_number(sweep_dir: str | Path, storage: str | None) -> int:
+    """The number of the first trial of an Optuna search into ``sweep_dir`` (its folder's
+    name): after the jobs already there, which the search's study continues from its
+    ``storage``. LungsegError where there are some and the study was kept in memory
+    (storage None): it is gone, and a new one would know nothing of them."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return 0
+    jobs = {row["job"] for row in collect_runs(sweep_dir) if "/" not in row["run"]}
+    jobs |= {int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit() and p.is_dir()}
+    jobs = sorted(job for job in jobs if isinstance(job, int))
+    if not jobs:
+        return 0
+    listed = ", ".join(map(str, jobs[:5])) + (", ..." if len(jobs) > 5 else "")
+    if storage is None:
+        raise LungsegError(
+            f"{sweep_dir} already holds {counted(len(jobs), 'trial')} ({listed}) of an earlier "
+            f"search, whose Optuna study was kept in memory (hydra.sweeper.storage=null) and "
+            f"ended with it. This command would start another study that knows none of their "
+            f"results (with the same hydra.sweeper.sampler.seed it draws the same values "
+            f"again), in the same sweep folder. Give a new hydra.sweep.dir (or leave it out) "
+            f"for a new search; to continue a search later, keep its study in a database from "
+            f"its first command, e.g. hydra.sweeper.storage=sqlite:///optuna.db."
+        )
+    log.info(
+        "%s holds %s (%s): this command continues the search of the study in %s, its trials "
+        "in folders from %d on",
+        sweep_dir,
+        counted(len(jobs), "trial"),
+        listed,
+        storage,
+        jobs[-1] + 1,
+    )
+    return jobs[-1] + 1
 
 
 def _dict(tree: Any, key: str) -> dict:
@@ -220,9 +338,11 @@ def _rank(row: dict[str, Any], by: str = "test/dice", lowest_first: bool = False
     return (value is None, order, job is None, job or 0, row["run"])
 
 
-def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
+def write_summary(sweep_dir: str | Path, running: Path | None = None) -> list[dict[str, Any]]:
     """Write ``summary.csv`` (all overrides, full precision) and ``summary.md`` (the overrides
-    that differ between runs, 4 decimals) into ``sweep_dir``; returns the rows."""
+    that differ between runs, 4 decimals) into ``sweep_dir``; returns the rows. ``running``:
+    the folder of the job that is starting, named in summary.md with the command that writes
+    it again (a job stopped by Ctrl-C or SIGTERM ends the sweep without another summary)."""
     sweep_dir = Path(sweep_dir)
     rows = collect_runs(sweep_dir)
     found = {key for row in rows for key, value in row.items() if value is not None}
@@ -238,19 +358,38 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
             if key.startswith("test/dice_") and key not in columns and key not in METRICS
         ]
     columns += ["minutes", "error"]
-    with open(sweep_dir / "summary.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, [*columns, "run"], extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    (sweep_dir / "summary.md").write_text(_markdown(rows, columns, sweep_dir))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, [*columns, "run"], extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _replace(sweep_dir / "summary.csv", table.getvalue())
+    markdown = _markdown(rows, columns, sweep_dir)
+    if running is not None:
+        markdown += (
+            f"\nWritten when job {running.name} started. A sweep stopped before its end "
+            f"(Ctrl-C, SIGTERM, killed) leaves the summary as it stood then: `python -m "
+            f"lungseg.sweep {sweep_dir}` writes it again from the run folders.\n"
+        )
+    _replace(sweep_dir / "summary.md", markdown)
     return rows
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a reader, or a job of the sweep that writes the
+    summary at the same time (a SLURM launcher's), never meets half a file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path) -> str:
     """A table; overrides common to all runs are listed once above it."""
-    shared = set.intersection(*[set(row["override_list"]) for row in rows]) if rows else set()
-    failed = sum(row["status"] != "ok" for row in rows)
     search = next((row for row in rows if "direction" in row), None)
+    # An Optuna search's sampled values are each trial's own, also where all drew the same.
+    searched = search["searched"] if search else []
+    shared = set.intersection(*[set(row["override_list"]) for row in rows]) if rows else set()
+    shared = {o for o in shared if override_key(o) not in searched}
+    failed = sum(row["status"] != "ok" for row in rows)
     if search is None:
         order = "best test Dice first"
     else:
@@ -265,6 +404,9 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path) -
         "",
         f"{len(rows)} runs ({failed} failed or unfinished), {order}.",
     ]
+    if searched:
+        keys = ", ".join(f"`{key}`" for key in searched)
+        lines.append(f"Searched by Optuna: {keys} (each trial's values in its row).")
     if shared:
         common = [o for o in rows[0]["override_list"] if o in shared]
         lines.append(f"Overrides of every run: `{' '.join(common)}`")
@@ -384,7 +526,7 @@ def check_some_run_finished(config: DictConfig) -> None:
     """LungsegError when the sweep has runs and none of them finished (each failed or was cut
     short), after bringing summary.md up to date. A search (hparams_search=optuna) that ends
     so has no best trial: Optuna's own error says only "No trials are completed yet"."""
-    sweep_dir = _sweep_dir(config)
+    sweep_dir = sweep_folder(config)
     rows = collect_runs(sweep_dir)  # none: the folder may not exist yet
     if not rows or any(row["status"] == "ok" for row in rows):
         return
@@ -398,7 +540,7 @@ def check_some_run_finished(config: DictConfig) -> None:
     )
 
 
-def _sweep_dir(config: DictConfig) -> Path:
+def sweep_folder(config: DictConfig) -> Path:
     """Absolute: with hydra.job.chdir=true a job's callbacks run inside its run folder."""
     return Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
 
@@ -407,12 +549,20 @@ class SweepSummary(Callback):
     """Hydra callback (``hydra.callbacks`` in conf/config.yaml) that keeps the sweep folder's
     summary up to date in multirun mode.
 
-    It rewrites the summary after every job, because when a job raises an exception other
-    than LungsegError, Hydra's BasicSweeper runs the remaining jobs, then re-raises that
-    exception and skips ``on_multirun_end`` (the command still exits with status 1). Such a
-    job's error is recorded here; train.py records a LungsegError itself and returns, so
-    ``on_multirun_end`` runs, writes the summary and exits with status 1 if any run failed.
+    It writes the summary when each job starts, listing the job as incomplete (a job stopped
+    by Ctrl-C or SIGTERM ends the sweep without ``on_job_end``), and after every job, because
+    when a job raises an exception other than LungsegError, Hydra's BasicSweeper runs the
+    remaining jobs, then re-raises that exception and skips ``on_multirun_end`` (the command
+    still exits with status 1). Such a job's error is recorded here; train.py records a
+    LungsegError itself and returns, so ``on_multirun_end`` runs, writes the summary and exits
+    with status 1 if any run failed.
     """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """The summary with this job listed as incomplete, and a line saying how it stood:
+        Hydra calls no ``on_job_end`` for a job stopped by Ctrl-C or SIGTERM."""
+        if config.hydra.mode == RunMode.MULTIRUN:
+            write_summary(sweep_folder(config), Path(config.hydra.runtime.output_dir))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -422,17 +572,17 @@ class SweepSummary(Callback):
                 job_return.return_value  # noqa: B018 - a failed job's value re-raises its error
             except Exception as error:
                 record_error(config.hydra.runtime.output_dir, error)
-        write_summary(_sweep_dir(config))
+        write_summary(sweep_folder(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        rows = write_summary(_sweep_dir(config))
-        log.info("sweep summary written to %s", _sweep_dir(config) / "summary.md")
+        rows = write_summary(sweep_folder(config))
+        log.info("sweep summary written to %s", sweep_folder(config) / "summary.md")
         failed = [str(row["job"]) for row in rows if row["status"] != "ok"]
         if failed:
             # Hydra gives callbacks no other way to set the exit status of the command.
             sys.exit(
                 f"lungseg: error: {len(failed)} of {len(rows)} runs failed (job "
-                f"{', '.join(failed)}); their errors are in {_sweep_dir(config) / 'summary.md'} "
+                f"{', '.join(failed)}); their errors are in {sweep_folder(config) / 'summary.md'} "
                 f"and in error.txt in their run folders."
             )
 
@@ -463,7 +613,10 @@ def summarize_folder(sweep_dir: str | Path) -> list[dict[str, Any]]:
             f"{sweep_dir} holds no job folder itself, only in {', '.join(below[:3])}"
             f"{' ...' if len(below) > 3 else ''}: {usage}."
         )
-    sweeps = sorted({str(row["sweep_dir"]) for row in rows})
+    # Runs linked in from elsewhere were put there on purpose: only the folder's own count.
+    inside = sweep_dir.resolve()
+    own = [row for row in rows if inside in (sweep_dir / row["run"]).resolve().parents]
+    sweeps = sorted({str(row["sweep_dir"]) for row in own})
     if len(sweeps) > 1:
         raise LungsegError(
             f"{sweep_dir} holds the jobs of {len(sweeps)} sweeps (hydra.sweep.dir "

@@ -215,3 +215,34 @@ def test_quality_reports_user_errors_in_one_line_and_names_out(tmp_path):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert result.stderr.startswith(f"lungseg: error: {message}"), result.stderr
         assert "hydra.run.dir" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.widht=8",
+            "Could not override 'model.widht': the config has no such key; did you mean "
+            "model.width?",
+        ),
+        ("experiment=lung_cd", "In 'config': Could not find 'experiment/lung_cd'"),
+        ("data.split=[0.5", "no viable alternative at input '[0.5'"),
+    ],
+)
+def test_quality_reports_config_errors_in_one_line(tmp_path, override, message):
+    """Were Hydra's tracebacks (a misspelt key, an unknown recipe, an override that does not
+    parse), where train.py gives Hydra's message alone."""
+    write_binary_set(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py")]
+        + ["--image-dir", str(tmp_path / "data" / "images")]
+        + ["--mask-dir", str(tmp_path / "data" / "masks"), "--runs", "fcn"]
+        + ["--out", str(tmp_path / "out"), "--", override],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"lungseg: error: {message}"), line
+    assert not (tmp_path / "out").exists()

@@ -679,3 +679,188 @@ def test_crossval_reports_a_moved_checkpoint_in_one_line(tmp_path):
     assert result.stderr.startswith(
         f"lungseg: error: {tmp_path / 'run'}'s best checkpoint best-epoch003.ckpt is not in "
     )
+
+
+OPTUNA = 'needs the research extra: pip install -e ".[research]"'
+
+
+def search_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python train.py hparams_search=optuna` with one tiny trial into tmp_path/sweep."""
+    command = [sys.executable, str(ROOT / "train.py"), "hparams_search=optuna"]
+    command += ["hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    command += [f"data.demo_dir={tmp_path}/demo", *TINY, *overrides]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_an_optuna_search_over_data_fold_is_refused_before_any_trial_trains(tmp_path):
+    """Was a search that sampled the fold like a hyper-parameter: its best value was that of
+    the easiest fold."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason=OPTUNA)
+    result = search_cli(tmp_path, "data.num_folds=2", "data.fold=0,1")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith(
+        "lungseg: error: data.fold=0,1 would make the Optuna search (hparams_search=optuna) "
+        "sample the fold like a hyper-parameter"
+    ), result.stderr
+    assert "python train.py -m <the chosen values> data.fold=0,1" in result.stderr
+    assert not list((tmp_path / "sweep").glob("*/.hydra"))  # no trial started
+
+
+def test_an_optuna_search_continued_into_its_folder_trains_its_new_trials_in_new_folders(
+    tmp_path,
+):
+    """Was the new trial put into the folder of the first one, which holds a finished run:
+    nothing trained, and the command ended with Optuna's traceback (or exited 0 where some
+    other trial trained)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason=OPTUNA)
+    storage = f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}"
+    for _ in range(2):
+        result = search_cli(tmp_path, storage)
+        assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == ["0", "1"]
+    assert [row["status"] for row in collect_runs(sweep)] == ["ok", "ok"]
+    assert "continues the search of the study in" in result.stdout + result.stderr
+    # model.width, fixed by TINY, is no longer searched
+    searched = "Searched by Optuna: `optimizer.lr`, `loss`, `augmentation` (each trial's values"
+    assert searched in (sweep / "summary.md").read_text()
+
+
+def test_an_optuna_search_in_memory_is_not_continued_into_a_folder_with_trials(tmp_path):
+    """A study kept in memory is gone: a rerun into its folder would start another one, whose
+    trials land in the folders of the first (the same values again, with the same seed)."""
+    from lungseg.sweep import first_trial_number
+
+    sweep = tmp_path / "sweep"
+    assert first_trial_number(sweep, None) == 0  # no folder yet
+    sweep.mkdir()
+    assert first_trial_number(sweep, None) == 0
+    fake_run(sweep, 0, "unet", metrics(0.6))
+    fake_run(sweep, 3, "unet")  # killed
+    (sweep / "7").mkdir()  # a trial folder Hydra had made
+    assert first_trial_number(sweep, "sqlite:///optuna.db") == 8
+    with pytest.raises(LungsegError) as refused:
+        first_trial_number(sweep, None)
+    message = str(refused.value)
+    assert message.startswith(f"{sweep} already holds 3 trials (0, 3, 7) of an earlier search")
+    assert "hydra.sweeper.storage=null" in message and "Give a new hydra.sweep.dir" in message
+    assert "hydra.sweeper.storage=sqlite:///optuna.db" in message
+
+
+def test_summary_of_an_optuna_search_lists_searched_values_as_searched(tmp_path):
+    """Was "Overrides of every run: `loss=dice ...`" where every trial had drawn loss=dice,
+    as if the loss had been fixed."""
+    params = {"optimizer.lr": "tag(log, interval(1e-4, 1e-2))", "loss": "choice(dice_ce, dice)"}
+    params["model.width"] = "choice(8, 16)"  # fixed on the command line: not searched
+    search = {"sweeper": {"_target_": "hydra_plugins.x.LungsegOptunaSweeper", "params": params}}
+    task = ["hparams_search=optuna", "model.width=8", "model.dropout=interval(0.0,0.5)"]
+    OmegaConf.save({"hydra": {**search, "overrides": {"task": task}}}, tmp_path / "multirun.yaml")
+    for job in range(2):
+        values = {**metrics(0.5 + job / 10), "best_score": 0.5, "monitor": "val/dice"}
+        drawn = (f"optimizer.lr={job + 1}e-3", "loss=dice", "model.dropout=0.1", "model.width=8")
+        fake_run(tmp_path, job, "unet", values, drawn, search)
+    write_summary(tmp_path)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert (
+        "Searched by Optuna: `optimizer.lr`, `loss`, `model.dropout` (each trial's values in "
+        "its row)." in markdown
+    )
+    assert "Overrides of every run: `model=unet model.width=8 data.image_size=32" in markdown
+    assert "| 1 | optimizer.lr=2e-3 loss=dice model.dropout=0.1 | ok |" in markdown
+
+
+def test_summary_written_when_a_job_starts_lists_it_as_unfinished_until_it_ends(tmp_path):
+    """Was summary.md as it stood after the last job that ended: a job stopped by SIGTERM or
+    Ctrl-C (Hydra then calls no on_job_end) was missing from it, and it read as complete."""
+    sweep = tmp_path / "multirun"
+    fake_run(sweep, 0, "unet", metrics(0.7))
+    running = fake_run(sweep, 1, "fcn")
+    callback = SweepSummary()
+    callback.on_job_start(hydra_config(sweep, running), task_function=None)
+    markdown = (sweep / "summary.md").read_text()
+    assert "2 runs (1 failed or unfinished)" in markdown and "| 1 | model=fcn | incomplete |" in (
+        markdown
+    )
+    assert (
+        f"Written when job 1_model-fcn started. A sweep stopped before its end (Ctrl-C, "
+        f"SIGTERM, killed) leaves the summary as it stood then: `python -m lungseg.sweep "
+        f"{sweep}` writes it again from the run folders." in markdown
+    )
+    assert [row["status"] for row in csv.DictReader((sweep / "summary.csv").open())] == [
+        "ok",
+        "incomplete",
+    ]
+    (running / "metrics.json").write_text(json.dumps(metrics(0.8)))
+    callback.on_job_end(hydra_config(sweep, running), JobReturn(status=JobStatus.COMPLETED))
+    markdown = (sweep / "summary.md").read_text()
+    assert "Written when job" not in markdown and "2 runs (0 failed or unfinished)" in markdown
+
+
+def test_summary_and_crossval_follow_symlinked_run_folders(tmp_path, monkeypatch, capsys):
+    """A run folder linked into a sweep folder (as crossval.py's refusal of mixed settings
+    suggests) was not found: "no finished run", or left out of summary.md."""
+    from lungseg.sweep import summarize_folder
+
+    elsewhere, sweep = tmp_path / "elsewhere", tmp_path / "sweep"
+    fake_run(sweep, 0, "unet", metrics(0.6))
+    linked = fake_run(elsewhere, 1, "fcn", metrics(0.8))
+    (sweep / linked.name).symlink_to(linked, target_is_directory=True)
+    (sweep / "again").mkdir()  # a run linked twice, and the sweep's own run: each once
+    (sweep / "again" / "one").symlink_to(linked, target_is_directory=True)
+    (sweep / "again" / "zero").symlink_to(sweep / "0_model-unet", target_is_directory=True)
+    (sweep / "again" / "loop").symlink_to(sweep, target_is_directory=True)
+    rows = summarize_folder(sweep)
+    assert [(row["job"], row["run"]) for row in rows] == [(1, "1_model-fcn"), (0, "0_model-unet")]
+
+    folds = tmp_path / "folds"
+    folds.mkdir()
+    for fold in (0, 1):
+        run = crossval_run(tmp_path / "runs", f"{fold}_data.fold-{fold}", fold)
+        (run / "checkpoints" / "best-epoch003.ckpt").write_bytes(b"")
+        (folds / run.name).symlink_to(run, target_is_directory=True)
+    out = crossval_report(folds, monkeypatch, capsys, {0: 1, 1: 1})
+    assert "| 0 | 0_data.fold-0 | 3 |" in out and "| 1 | 1_data.fold-1 | 3 |" in out
+
+
+def crossval_report(folds: Path, monkeypatch, capsys, lesions: dict[int, int]) -> str:
+    """crossval.py's report on ``folds``, each fold's scoring replaced by fixed summaries of
+    one class whose validation split holds ``lesions[fold]`` slices with it."""
+    import argparse
+
+    from benchmarks import crossval
+
+    def summary(fold: int) -> dict:
+        nonempty = 0.7 if lesions[fold] else None
+        lesion = {"dice": {"mean": 0.8}, "dice_nonempty": {"mean": nonempty}}
+        return {"classes": {"nodule": {**lesion, "fp_rate_empty": 0.2}}, "tta_flips": []}
+
+    def scored(task, calls, jobs):
+        fold_of = {run: int(run.name[0]) for run in folds.iterdir()}
+        if task is crossval.score_validation:
+            return [[summary(fold_of[run]) for _ in grid] for _, run, grid in calls]
+        return [summary(fold_of[run]) for _, run, _ in calls]
+
+    monkeypatch.setattr(crossval, "in_parallel", scored)
+    args = argparse.Namespace(
+        sweep=folds, thresholds=["argmax"], min_sizes=[0, 4], min_confidences=[0], jobs=1
+    )
+    args.max_fp_rate = None
+    crossval.report(args)
+    return capsys.readouterr().out
+
+
+def test_crossval_warns_of_a_fold_whose_validation_split_holds_no_foreground(
+    tmp_path, monkeypatch, capsys
+):
+    """Was a silent choice: with no lesion among the validation slices, every setting's Dice
+    there is that of the empty slices, and the fold chose the setting that predicts least."""
+    for fold in (0, 1, 2):
+        run = crossval_run(tmp_path, f"{fold}_data.fold-{fold}", fold)
+        (run / "checkpoints" / "best-epoch003.ckpt").write_bytes(b"")
+    out = crossval_report(tmp_path, monkeypatch, capsys, {0: 3, 1: 0, 2: 1})
+    assert (
+        "Warning: the validation split of fold 1 (1_data.fold-1) holds no slice with "
+        "foreground (nodule): its choice rests on the empty slices alone"
+    ) in out
+    assert "fold 0" not in out.split("Warning")[1] and "fold 2 " not in out
