@@ -28,6 +28,11 @@ slices lack, the summary also gives ``dice_nonempty`` (over the images whose gro
 the class) and ``fp_rate_empty`` (the share of the images without the class in the ground
 truth on which some pixel is predicted as it).
 
+Ignored pixels (the checkpoint's data.ignore_index: the mask stores the ignore label there)
+are neither prediction nor ground truth: they are left out of every count above (TN
+included), of hd95's masks (a prediction there is no boundary) and of the pixel counts of the
+lesion scores.
+
 Post-processing (``postprocess.threshold``, ``postprocess.min_size`` and
 ``postprocess.min_confidence``, by default the checkpoint's) is applied before scoring; the
 summary then also holds the scores without it (``without_postprocessing``), and the log says
@@ -71,7 +76,7 @@ from lungseg.data.folders import (
     writing,
 )
 from lungseg.data.folders import existing as taken
-from lungseg.data.masks import decode_layers
+from lungseg.data.masks import IGNORE, decode_layers, ignore_value
 from lungseg.errors import LungsegError, counted
 from lungseg.inference import (
     InputCheck,
@@ -130,22 +135,30 @@ def _ratio(numerator: int, denominator: int, agree: bool) -> float:
     return numerator / denominator
 
 
-def image_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict[int, dict]:
+def image_metrics(
+    pred: np.ndarray, target: np.ndarray, num_classes: int, ignore: int | None = None
+) -> dict[int, dict]:
     """Metrics of one image for each foreground class: ``{c: {"dice": ..., ..., "hd95": ...,
     "target_pixels": n, "pred_pixels": n}}`` for c in 1..num_classes-1. pred, target: (H, W)
-    class ids at the same (original) size. Formulas and the empty-mask rule: module docstring."""
+    class ids at the same (original) size; target pixels of ``ignore`` are left out.
+    Formulas, the empty-mask rule and ignored pixels: module docstring."""
     assert pred.shape == target.shape, (pred.shape, target.shape)
-    # Confusion matrix (rows: ground truth, columns: prediction) in one pass.
+    kept = None if ignore is None else target != ignore
+    shown = pred if kept is None else np.where(kept, pred, num_classes)  # no class: dropped
+    # Confusion matrix (rows: ground truth, columns: prediction) in one pass; ignored pixels
+    # are counted in the extra column and row num_classes, then dropped.
+    size = num_classes + (kept is not None)
+    truth = target if kept is None else np.where(kept, target, num_classes)
     confusion = np.bincount(
-        target.ravel().astype(np.int64) * num_classes + pred.ravel(),
-        minlength=num_classes * num_classes,
-    ).reshape(num_classes, num_classes)
+        truth.ravel().astype(np.int64) * size + shown.ravel(), minlength=size * size
+    ).reshape(size, size)[:num_classes, :num_classes]
+    total = int(target.size if kept is None else kept.sum())
     out = {}
     for c in range(1, num_classes):
         tp = int(confusion[c, c])
         fp = int(confusion[:, c].sum()) - tp
         fn = int(confusion[c, :].sum()) - tp
-        tn = int(target.size) - tp - fp - fn
+        tn = total - tp - fp - fn
         agree = fp == 0 and fn == 0
         out[c] = {
             "dice": _ratio(2 * tp, 2 * tp + fp + fn, agree),
@@ -153,7 +166,7 @@ def image_metrics(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dic
             "precision": _ratio(tp, tp + fp, agree),
             "recall": _ratio(tp, tp + fn, agree),
             "specificity": _ratio(tn, tn + fp, agree),
-            "hd95": hd95(pred == c, target == c),
+            "hd95": hd95(shown == c, truth == c),
             "target_pixels": tp + fn,
             "pred_pixels": tp + fp,
         }
@@ -371,6 +384,8 @@ def _score(
     pairs, source = eval_pairs(cfg)
     mask_mode = cfg.data.mask_mode or info["mask_mode"]
     palette = _palette(cfg.data.palette) or info["palette"]
+    # as the checkpoint's run read its masks (a checkpoint from before it: none)
+    ignore = ignore_value(info.get("ignore_index"), mask_mode)
     flips = postprocess.flips(cfg.tta, cfg.tta_flips, model.hparams.get("postprocess"))
     postprocess.warn_sided_flips(flips, class_names)
     label = " + ".join(config_checkpoints(cfg))
@@ -402,7 +417,7 @@ def _score(
             for pair, prob in zip([batch[i] for i in kept], probs, strict=True):
                 try:
                     target = _read_mask(
-                        pair, prob.shape[1:], mask_mode, palette, num_classes, turned
+                        pair, prob.shape[1:], mask_mode, palette, num_classes, turned, ignore
                     )
                 except LungsegError as error:
                     if strict:
@@ -413,7 +428,8 @@ def _score(
                 for post, rows in zip(grid, scored, strict=True):
                     pred = postprocess.classes(prob, post, info)
                     row: dict[str, Any] = {"image": pair.stem, "height": height, "width": width}
-                    for c, values in image_metrics(pred, target, num_classes).items():
+                    kept = None if ignore is None else IGNORE
+                    for c, values in image_metrics(pred, target, num_classes, kept).items():
                         row.update({f"{k}_{class_names[c]}": v for k, v in values.items()})
                     rows.append(row)
             bar.update(len(batch))
@@ -881,10 +897,12 @@ def _read_mask(
     palette: Any,
     num_classes: int,
     turned: dict[Pair, tuple[int, int, Path]],
+    ignore: int | tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """(H, W) class ids of pair's mask file(s) (one per folder of a data.mask_dir list), which
-    must have its image's size. A mask whose EXIF orientation differs from its image's is
-    recorded in ``turned`` (as training does, for one warning)."""
+    must have its image's size, ``IGNORE`` where they store ``ignore`` (``ignore_value``'s). A
+    mask whose EXIF orientation differs from its image's is recorded in ``turned`` (as
+    training does, for one warning)."""
     raws = []
     # the image's own tag, from its header (its pixels were read for the prediction)
     turn = exif_orientation(np.fromfile(pair.image, dtype=np.uint8))
@@ -899,7 +917,7 @@ def _read_mask(
                 f"size; re-export the mask at the image's size or remove the pair."
             )
         raws.append(raw)
-    return decode_layers(raws, pair.masks, mode, palette, num_classes)
+    return decode_layers(raws, pair.masks, mode, palette, num_classes, ignore)
 
 
 def _check_layers(pairs: list[Pair], mode: str, class_names: list[str], ckpt: str) -> None:

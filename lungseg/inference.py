@@ -107,6 +107,7 @@ SHARED_INFO = (
     "num_classes",
     "mask_mode",
     "palette",
+    "ignore_index",
     "context_slices",
     "slice_pattern",
 )

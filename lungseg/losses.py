@@ -1,6 +1,11 @@
 """Segmentation losses. All take logits (N, C, H, W) and a target that is either int64 class ids
 (N, H, W) or float class fractions (N, C, H, W) summing to 1 over C (soft masks,
-``data.soft_masks``); a one-hot float target gives the same loss as its class ids."""
+``data.soft_masks``); a one-hot float target gives the same loss as its class ids.
+
+``ignore_index`` (the ignore label, ``masks.IGNORE`` when data.ignore_index is set; the module
+passes it): target pixels of this id are left out, so each loss equals the same loss of the
+other pixels alone (as if the ignored pixels were cut out of the batch); a batch with nothing
+else gives 0. Soft targets have no ignore label."""
 
 from collections.abc import Sequence
 
@@ -13,13 +18,20 @@ from lungseg.errors import LungsegError
 
 
 def soft_counts(
-    logits: torch.Tensor, target: torch.Tensor, per_image: bool = False
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    per_image: bool = False,
+    ignore_index: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Soft true positives, false positives and false negatives per class, with
     p = softmax(logits): (C,) each, summed over the batch and all pixels, or (N, C) each,
-    summed over each image's pixels, with ``per_image``."""
+    summed over each image's pixels, with ``per_image``; pixels whose target is
+    ``ignore_index`` count in none of them."""
     probs = logits.float().softmax(dim=1)
+    target, valid = kept_pixels(target, ignore_index)
     onehot = class_fractions(target, probs.shape[1])
+    if valid is not None:
+        probs, onehot = probs * valid.unsqueeze(1), onehot * valid.unsqueeze(1)
     dims = (2, 3) if per_image else (0, 2, 3)
     tp = (probs * onehot).sum(dims)
     return tp, probs.sum(dims) - tp, onehot.sum(dims) - tp
@@ -30,6 +42,17 @@ def class_fractions(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     if target.is_floating_point():
         return target.float()
     return F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()
+
+
+def kept_pixels(
+    target: torch.Tensor, ignore_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(target with its ignored pixels set to class 0, float32 (N, H, W) 1 where a pixel is
+    kept), or (target, None) where nothing is ignored (no ignore_index, or a soft target)."""
+    if ignore_index is None or target.is_floating_point():
+        return target, None
+    valid = target != ignore_index
+    return target.masked_fill(~valid, 0), valid.float()
 
 
 def _weights(class_weights: Sequence[float] | None) -> torch.Tensor | None:
@@ -48,18 +71,39 @@ class _WeightedLoss(nn.Module):
 
 class CrossEntropyLoss(_WeightedLoss):
     """Pixel-wise (categorical) cross-entropy, optionally class-weighted:
-    mean over pixels of -w[y] log softmax(logits)[y] / mean w[y]."""
+    mean over pixels of -w[y] log softmax(logits)[y] / mean w[y] (the pixels whose target is
+    not ``ignore_index``)."""
 
-    def __init__(self, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        class_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
+    ):
         super().__init__()
         self.register_buffer("weight", _weights(class_weights), persistent=False)
         self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not target.is_floating_point():
+        if not target.is_floating_point() and self.ignore_index is None:
             return F.cross_entropy(
                 logits.float(), target, weight=self.weight, label_smoothing=self.label_smoothing
             )
+        if not target.is_floating_point():
+            # torch's mean (also with label smoothing): the per-pixel losses over the sum of
+            # the kept pixels' weights, which is 0 (torch: nan) where every pixel is ignored
+            per_pixel = F.cross_entropy(
+                logits.float(),
+                target,
+                weight=self.weight,
+                label_smoothing=self.label_smoothing,
+                ignore_index=self.ignore_index,
+                reduction="none",
+            )
+            kept, valid = kept_pixels(target, self.ignore_index)
+            weight = valid if self.weight is None else self.weight[kept] * valid
+            return per_pixel.sum() / weight.sum().clamp_min(torch.finfo(weight.dtype).tiny)
         # Soft target t: sum over pixels of -sum_c w_c t_c log p_c over the sum of w_c t_c, the
         # class-id formula above for a one-hot t (torch's own soft-target cross-entropy
         # divides by the pixel count instead, which differs once classes are weighted).
@@ -88,7 +132,9 @@ class DiceLoss(_WeightedLoss):
     by the cross-entropy alone (a batch with no such image has no Dice term for c). This is for
     labels whose "empty" images are not sure to be empty (a nodule marked by one reader of four,
     left out of a consensus mask). The background class is left out by default because it
-    dominates the pixel count and its Dice is near 1 from the start.
+    dominates the pixel count and its Dice is near 1 from the start. Pixels whose target is
+    ``ignore_index`` are in none of the sums (an image whose class c is all ignored is, for
+    ``skip_empty``, an image without c).
     """
 
     def __init__(
@@ -98,6 +144,7 @@ class DiceLoss(_WeightedLoss):
         smooth: float = 1.0,
         per_image: bool = False,
         skip_empty: bool = False,
+        ignore_index: int | None = None,
     ):
         super().__init__()
         if skip_empty and not per_image:
@@ -110,9 +157,10 @@ class DiceLoss(_WeightedLoss):
         self.smooth = smooth
         self.per_image = per_image
         self.skip_empty = skip_empty
+        self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        tp, fp, fn = soft_counts(logits, target, self.per_image)
+        tp, fp, fn = soft_counts(logits, target, self.per_image, self.ignore_index)
         dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth)
         weight = self.weight
         if weight is None:
@@ -146,6 +194,7 @@ class DiceCELoss(nn.Module):
         class_weights: Sequence[float] | None = None,
         per_image: bool = False,
         skip_empty: bool = False,
+        ignore_index: int | None = None,
     ):
         super().__init__()
         self.dice = DiceLoss(
@@ -153,8 +202,9 @@ class DiceCELoss(nn.Module):
             class_weights=class_weights,
             per_image=per_image,
             skip_empty=skip_empty,
+            ignore_index=ignore_index,
         )
-        self.ce = CrossEntropyLoss(class_weights=class_weights)
+        self.ce = CrossEntropyLoss(class_weights=class_weights, ignore_index=ignore_index)
         self.dice_weight = dice_weight
         self.ce_weight = ce_weight
 
@@ -168,12 +218,19 @@ class FocalLoss(_WeightedLoss):
     """Focal loss (Lin et al. 2017): mean over pixels of -a[y] (1 - p_y)^gamma log p_y.
 
     Down-weights pixels the network already gets right, so the rare hard ones (small
-    nodules, boundaries) dominate the gradient; gamma=0 and no weights is cross-entropy."""
+    nodules, boundaries) dominate the gradient; gamma=0 and no weights is cross-entropy.
+    With ``ignore_index`` the mean is over the other pixels."""
 
-    def __init__(self, gamma: float = 2.0, class_weights: Sequence[float] | None = None):
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        class_weights: Sequence[float] | None = None,
+        ignore_index: int | None = None,
+    ):
         super().__init__()
         self.gamma = gamma
         self.register_buffer("weight", _weights(class_weights), persistent=False)
+        self.ignore_index = ignore_index
 
     def _modulation(self, log_p: torch.Tensor) -> torch.Tensor:
         """(1 - p)^gamma. 1 - p is -expm1(log p), exact where p is close to 1 (1 - exp rounds
@@ -186,11 +243,14 @@ class FocalLoss(_WeightedLoss):
         if target.is_floating_point():  # soft target: sum_c t_c (w_c) (1 - p_c)^gamma log p_c
             t = target.float() if self.weight is None else target * self.weight.view(1, -1, 1, 1)
             return -(t * self._modulation(log_p) * log_p).sum(dim=1).mean()
+        target, valid = kept_pixels(target, self.ignore_index)
         log_p = log_p.gather(1, target.unsqueeze(1)).squeeze(1)
         loss = -self._modulation(log_p) * log_p
         if self.weight is not None:
             loss = loss * self.weight[target]
-        return loss.mean()
+        if valid is None:
+            return loss.mean()
+        return (loss * valid).sum() / valid.sum().clamp_min(1)
 
 
 class TverskyLoss(nn.Module):
@@ -199,7 +259,7 @@ class TverskyLoss(nn.Module):
 
     alpha = beta = 0.5 is the batch Dice loss with twice the smoothing (``DiceLoss(smooth=2 *
     smooth)``); beta > alpha penalises missed foreground more than false alarms, which raises
-    recall on small structures."""
+    recall on small structures. Pixels whose target is ``ignore_index`` count in no sum."""
 
     def __init__(
         self,
@@ -207,14 +267,16 @@ class TverskyLoss(nn.Module):
         beta: float = 0.7,
         include_background: bool = False,
         smooth: float = 1.0,
+        ignore_index: int | None = None,
     ):
         super().__init__()
         self.alpha, self.beta = alpha, beta
         self.include_background = include_background
         self.smooth = smooth
+        self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        tp, fp, fn = soft_counts(logits, target)
+        tp, fp, fn = soft_counts(logits, target, ignore_index=self.ignore_index)
         index = (tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)
         if not self.include_background:
             index = index[1:]

@@ -15,6 +15,16 @@ Every metric takes predicted class ids (N, H, W) and target class ids (N, H, W).
   the images whose target lacks the class in which some pixel is predicted as it (false-
   positive rate on empty slices). Both also as foreground means, NaN where no image qualifies.
 
+The ignore label (``ignore_index``: ``masks.IGNORE`` when data.ignore_index is set): pixels
+whose target is it are dropped, as if cut out of the image, from every metric: they are in no
+cell of the confusion matrix, so they are neither true nor false positives, negatives, nor
+pixels of the accuracy's count, and an image whose class c is all ignored is an image
+without c. Mapping them to the background in target and prediction instead would count them
+as correct background pixels (raising the accuracy, and scoring no false positive where the
+network predicted a class there), and in the target alone as background the network's
+predictions there would count as false positives; torchmetrics' ``DiceScore`` has no
+``ignore_index``, and its ``MeanIoU``/``MulticlassAccuracy`` drop them the same way.
+
 These are the values of torchmetrics' ``DiceScore(average="none",
 aggregation_level="samplewise")``, ``MeanIoU(per_class=True)`` and ``MulticlassAccuracy(
 average="micro")`` (tests/test_metrics.py checks them against those and against numpy), but
@@ -63,14 +73,16 @@ class Float32States(Metric):
 
 class SegmentationMetrics(Float32States):
     """Accumulates pixel accuracy and per-class Dice/IoU over a split; ``compute`` returns a
-    flat dict of floats named ``acc``, ``dice``, ``iou``, ``dice_<class>``, ``iou_<class>``."""
+    flat dict of floats named ``acc``, ``dice``, ``iou``, ``dice_<class>``, ``iou_<class>``.
+    Target pixels of ``ignore_index`` are left out (module docstring)."""
 
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, class_names: list[str]):
+    def __init__(self, class_names: list[str], ignore_index: int | None = None):
         super().__init__()
         self.class_names = list(class_names)
+        self.ignore_index = ignore_index
         c = len(self.class_names)
         # confusion[t, p]: pixels of true class t predicted as p, pooled over the set.
         self.add_state("confusion", torch.zeros(c, c, dtype=torch.long), dist_reduce_fx="sum")
@@ -89,12 +101,16 @@ class SegmentationMetrics(Float32States):
         n = preds.shape[0]
         image = torch.arange(0, n * c * c, c * c, device=preds.device).view(n, 1)
         # .long(): no operation where they already are (the module's masks and predictions)
-        index = image + target.reshape(n, -1).long() * c + preds.reshape(n, -1).long()
-        index = index.flatten()
+        target = target.reshape(n, -1).long()
+        ones = target.new_ones(())
+        if self.ignore_index is not None:  # ignored pixels: counted nowhere (weight 0)
+            kept = target != self.ignore_index
+            target, ones = target.masked_fill(~kept, 0), kept.long().flatten()
+        index = (image + target * c + preds.reshape(n, -1).long()).flatten()
         # scatter_add_, not bincount: bincount sizes its output from the data's maximum, which
         # on a GPU means waiting for it.
         confusion = torch.zeros(n * c * c, dtype=torch.long, device=preds.device)
-        confusion.scatter_add_(0, index, index.new_ones(()).expand_as(index))
+        confusion.scatter_add_(0, index, ones.expand_as(index))
         confusion = confusion.view(n, c, c)  # [image, true class, predicted class]
         tp = confusion.diagonal(dim1=1, dim2=2).float()
         true = confusion.sum(dim=2).float()  # tp + fn

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 
 from lungseg.callbacks import FitScheduleToTime, set_cosine_length
 from lungseg.checks import same as _same
+from lungseg.data.masks import IGNORE
 from lungseg.errors import LungsegError
 from lungseg.metrics import Float32States, SegmentationMetrics, predicted_classes
 
@@ -105,7 +106,10 @@ class SegmentationModule(pl.LightningModule):
         # Logged to TensorBoard at the end of training together with the final metrics.
         self.save_hyperparameters(logger=False)
         self.net = instantiate(net)
-        self.loss_fn = instantiate(loss)
+        # data.ignore_index set: the masks hold masks.IGNORE where pixels are left out of the
+        # loss and the metrics
+        ignore = None if (data_info or {}).get("ignore_index") is None else IGNORE
+        self.loss_fn = _build_loss(loss, ignore)
         num_classes = net["num_classes"]
         weights = loss.get("class_weights")
         if weights is not None and len(weights) != num_classes:
@@ -117,7 +121,7 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = list(names)
         # Separate attributes: a ModuleDict key "train" would shadow nn.Module.train().
         for stage in STAGES:
-            setattr(self, f"{stage}_metrics", SegmentationMetrics(self.class_names))
+            setattr(self, f"{stage}_metrics", SegmentationMetrics(self.class_names, ignore))
         # The loss of an epoch: a mean weighted by images, summed across DDP processes once at
         # the epoch's end (their shares of a split can differ by an image: no padding repeats).
         self.val_loss_mean, self.test_loss_mean = _LossMean(), _LossMean()
@@ -573,6 +577,23 @@ class SegmentationModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": built, "monitor": monitor, "interval": interval},
         }
+
+
+def _build_loss(loss: dict[str, Any], ignore: int | None) -> torch.nn.Module:
+    """The loss of its config, given ``ignore_index=ignore`` where pixels are ignored."""
+    if ignore is None:
+        return instantiate(loss)
+    try:
+        return instantiate(loss, ignore_index=ignore)
+    except Exception as error:  # Hydra wraps the TypeError of an unknown argument
+        if "ignore_index" not in str(error):
+            raise
+        raise LungsegError(
+            f"data.ignore_index is set, but the loss {loss.get('_target_')} takes no "
+            "ignore_index argument to leave the ignored pixels out. Use a loss of "
+            "conf/loss/ (all take it), give yours an ignore_index argument, or set "
+            "data.ignore_index=null."
+        ) from None
 
 
 class CheckFiniteAfterStep(pl.Callback):

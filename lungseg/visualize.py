@@ -34,10 +34,11 @@ def overlay(
     image: np.ndarray, mask: np.ndarray, colors: np.ndarray, alpha: float = 0.5
 ) -> np.ndarray:
     """Blend class colours into an image. image: (H, W[, C]) any range; mask: (H, W) class ids;
-    colors: (num_classes, 3) uint8 RGB. Background (class 0) pixels stay unchanged.
+    colors: (num_classes, 3) uint8 RGB. Background (class 0) pixels and ignored ones
+    (data.ignore_index: masks.IGNORE, above every class id) stay unchanged.
     Returns (H, W, 3) uint8 RGB."""
     rgb = to_display(image).astype(np.float32)
-    fg = mask > 0
+    fg = (mask > 0) & (mask < len(colors))
     rgb[fg] = (1 - alpha) * rgb[fg] + alpha * np.asarray(colors, np.float32)[mask[fg]]
     return rgb.round().astype(np.uint8)
 

@@ -43,11 +43,13 @@ from lungseg.data.folders import (
     write_reasons,
 )
 from lungseg.data.masks import (
+    IGNORE,
     MASK_MODES,
     check_layered_mode,
     decode_layers,
     default_colors,
     grey_palette,
+    ignore_value,
 )
 from lungseg.errors import LungsegError, counted
 
@@ -334,11 +336,20 @@ class ForegroundSampler(Sampler[int]):
     from torch's global generator, which EpochLoader reseeds per epoch (reproducible, resumable).
     The foreground share of a batch is therefore at least ``fraction`` (nnU-Net's
     "oversample_foreground_percent"). For several processes (DDP) see
-    ``DistributedForegroundSampler``."""
+    ``DistributedForegroundSampler``. ``ignore``: the ignore label (``masks.IGNORE``) when
+    data.ignore_index is set, which is not foreground."""
 
-    def __init__(self, dataset: CachedSegDataset, batch_size: int, fraction: float):
+    def __init__(
+        self,
+        dataset: CachedSegDataset,
+        batch_size: int,
+        fraction: float,
+        ignore: int | None = None,
+    ):
         self.size, self.batch_size = len(dataset), batch_size
-        self.foreground = [i for i, m in enumerate(dataset.masks) if m.any()]
+        self.foreground = [
+            i for i, m in enumerate(dataset.masks) if ((m != 0) & (m != ignore)).any()
+        ]
         self.per_batch = math.ceil(fraction * batch_size) if self.foreground else 0
         self.replicas, self.rank = 1, 0
 
@@ -384,13 +395,14 @@ class DistributedForegroundSampler(ForegroundSampler, DistributedSampler):
         dataset: CachedSegDataset,
         batch_size: int,
         fraction: float,
+        ignore: int | None,
         replicas: int,
         rank: int,
         seed: int,
     ):
         # DistributedSampler.__init__ is not called: it would need the process group, and
         # Lightning reads none of what it sets from a sampler it does not wrap.
-        ForegroundSampler.__init__(self, dataset, batch_size, fraction)
+        ForegroundSampler.__init__(self, dataset, batch_size, fraction, ignore)
         self.replicas, self.rank, self.seed, self.stream_epoch = replicas, rank, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -439,6 +451,7 @@ class SegDataModule(pl.LightningDataModule):
         palette: Mapping[str, Sequence[int]] | Sequence[Sequence[int]] | None = None,
         class_names: Sequence[str] | None = None,
         num_classes: int | None = None,
+        ignore_index: int | Sequence[int] | None = None,
         in_channels: int = 1,
         context_slices: int = 0,
         slice_pattern: str | None = None,
@@ -507,6 +520,8 @@ class SegDataModule(pl.LightningDataModule):
             )
         num_classes = layered or num_classes
         self._num_classes = _fixed_num_classes(mask_mode, self._palette, num_classes)
+        self._ignore = ignore_value(ignore_index, mask_mode)
+        _check_ignore(self._ignore, mask_mode, self._palette, self._num_classes, soft_masks)
         self._image_dir = image_dir
         self._mask_suffixes = tuple(suffix_list(mask_suffixes))
         self._mask_mode, self._strict = mask_mode, strict
@@ -566,6 +581,9 @@ class SegDataModule(pl.LightningDataModule):
         self._device_augment: device_augment.BatchAugment | None = None
         self._train_augment = transforms.build_augmentation(augmentation.get("train"))
         self._eval_augment = transforms.build_augmentation(augmentation.get("eval"))
+        if self._ignore is not None:  # what moves in from outside the image is not labelled
+            for compose in (self._train_augment, self._eval_augment):
+                transforms.fill_masks_with(compose, IGNORE)
         if self._soft_masks:
             for compose in (self._train_augment, self._eval_augment):
                 transforms.soft_mask_augmentation(compose)
@@ -655,6 +673,7 @@ class SegDataModule(pl.LightningDataModule):
         full = [self._full_classes[n] for n in names]  # class ids at the masks' own size
         if self._num_classes is None:  # index masks without data.num_classes
             self._num_classes = _infer_num_classes(names, full)
+            _check_ignore(self._ignore, self._mask_mode, None, self._num_classes, False)
         soft = None
         if self._soft_masks:  # full-size masks (classes were not known) → fractions
             soft = [
@@ -679,7 +698,9 @@ class SegDataModule(pl.LightningDataModule):
             self._mean, self._std = _channel_stats(train_images, self._window)
         info = self._image_info()
         if self._device_settings is not None:  # normalised on the device, after augmenting
-            self._device_augment = device_augment.BatchAugment(self._device_settings, info)
+            self._device_augment = device_augment.BatchAugment(
+                self._device_settings, info, mask_fill=0 if self._ignore is None else IGNORE
+            )
         for name in splits.SPLITS:
             deferred = name == "train" and self._device_augment is not None
             self._datasets[name] = CachedSegDataset(
@@ -812,6 +833,8 @@ class SegDataModule(pl.LightningDataModule):
             "palette": None if self._palette is None else self.colors.tolist(),
             "class_names": list(self._class_names),
             "num_classes": int(self._num_classes),
+            # data.ignore_index as set (plain values): eval.py reads the masks with it
+            "ignore_index": None if self._ignore is None else _plain_ignore(self._ignore),
         }
 
     # ---- internals -------------------------------------------------------------------------
@@ -910,10 +933,12 @@ class SegDataModule(pl.LightningDataModule):
                 )
             raw_masks.append(raw_mask)
         mask = decode_layers(
-            raw_masks, pair.masks, self._mask_mode, self._palette, self._num_classes
+            raw_masks, pair.masks, self._mask_mode, self._palette, self._num_classes, self._ignore
         )
         counts = np.bincount(mask.ravel())  # uint8 class ids: at most 256 counts
         present = np.flatnonzero(counts)
+        if self._ignore is not None:  # not a class: not counted, nor foreground
+            present = present[present != IGNORE]
         self._full_classes[pair.stem] = (present, counts[present])  # one key per thread
         image = transforms.preprocess(raw, self._image_info(), pair.image)
         if transforms.is_flat(image):  # _flat: setup warns of them
@@ -1148,7 +1173,8 @@ class SegDataModule(pl.LightningDataModule):
         # each process's share of the split: one short batch rather than none
         drop_last = math.ceil(len(dataset) / replicas) > self._batch_size
         if self._foreground_fraction:
-            args = (dataset, self._batch_size, self._foreground_fraction)
+            ignore = None if self._ignore is None else IGNORE
+            args = (dataset, self._batch_size, self._foreground_fraction, ignore)
             if replicas > 1:
                 rank = self.trainer.global_rank
                 options["sampler"] = DistributedForegroundSampler(*args, replicas, rank, self._seed)
@@ -1316,7 +1342,8 @@ class SegDataModule(pl.LightningDataModule):
                     counted(len(shared), "patient"),
                     ", ".join(shared[:_SHOW]),
                 )
-        pixels = sum(np.bincount(m.ravel(), minlength=self._num_classes) for m in train_masks)
+        k = self._num_classes  # [:k]: the ignore label (masks.IGNORE) is no class
+        pixels = sum(np.bincount(m.ravel(), minlength=k)[:k] for m in train_masks)
         fractions = pixels / max(1, pixels.sum()) if train_masks else np.zeros(self._num_classes)
         classes = ", ".join(
             f"{n} {f:.1%}" for n, f in zip(self._class_names, fractions, strict=True)
@@ -1667,9 +1694,52 @@ def _infer_num_classes(names: Sequence[str], full: Sequence[tuple[np.ndarray, np
             f"(and data.class_names). If the values code classes as grey levels, set "
             f"data.mask_mode=palette with a grey palette, class i the i-th level: "
             f"{levels}. For black/white or JPEG masks set data.mask_mode=binary. "
-            f"If {largest} is a stray value, fix those masks."
+            f"If {largest} is a stray value, fix those masks; if it marks pixels to leave out "
+            f"of training and scoring (unlabelled, a border), set data.ignore_index={largest}."
         )
     return max(2, largest + 1)
+
+
+def _check_ignore(
+    ignore: int | tuple[int, int, int] | None,
+    mask_mode: str,
+    palette: list[list[int]] | None,
+    num_classes: int | None,
+    soft_masks: bool,
+) -> None:
+    """LungsegError where data.ignore_index (``masks.ignore_value``'s) cannot be told from
+    the classes: a class id (index masks), a colour of data.palette, or more classes than
+    fit below ``masks.IGNORE``; or where it comes with soft masks, which have no ignore
+    label."""
+    if ignore is None:
+        return
+    if soft_masks:
+        raise LungsegError(
+            "data.ignore_index is set together with data.soft_masks=true, whose class fractions "
+            "have no place for ignored pixels. Set one of them (data.soft_masks=false or "
+            "data.ignore_index=null)."
+        )
+    if palette is not None and list(ignore) in [list(c) for c in palette]:
+        raise LungsegError(
+            f"data.ignore_index is {list(ignore)}, a colour of data.palette (class "
+            f"{[list(c) for c in palette].index(list(ignore))}). Give the colour of the "
+            "pixels to leave out, which no class has."
+        )
+    if num_classes is not None and num_classes > IGNORE:
+        raise LungsegError(
+            f"data.num_classes is {num_classes}, but with data.ignore_index set lungseg holds "
+            f"at most {IGNORE} classes. Set data.ignore_index=null, or use fewer classes."
+        )
+    if mask_mode == "index" and num_classes is not None and ignore < num_classes:
+        raise LungsegError(
+            f"data.ignore_index is {ignore}, a class id of the {num_classes} classes "
+            f"(data.num_classes). The ignore label must be above every class id: give its "
+            f"stored value (e.g. 255), or a smaller data.num_classes."
+        )
+
+
+def _plain_ignore(ignore: int | tuple[int, int, int]) -> int | list[int]:
+    return list(ignore) if isinstance(ignore, tuple) else int(ignore)
 
 
 def _held_classes(mask: np.ndarray, num_classes: int) -> np.ndarray:

@@ -7,11 +7,13 @@ augmentation to a batch after it reaches the device, in a few batched tensor ope
 (``affine_grid`` + ``grid_sample``), so that the loader only indexes cached arrays.
 
 Per image, each with its own probability, as albumentations' HorizontalFlip, VerticalFlip,
-Affine (about the centre, border filled with 0, images bilinear, masks nearest, soft masks
-bilinear with what moves in from outside counted as background) and RandomBrightnessContrast
-(``x * (1 + c) + b``, then clipped to [0, 1]) would, on the images' [0, 1] intensities before
-normalisation, which follows here. Random numbers come from torch's CPU generator, which the
-DataModule reseeds every epoch, so runs stay reproducible and resumable.
+Affine (about the centre, border filled with 0, images bilinear, masks nearest with what moves
+in from outside filled with ``mask_fill`` (the ignore label when data.ignore_index is set),
+soft masks bilinear with what moves in from outside counted as background) and
+RandomBrightnessContrast (``x * (1 + c) + b``, then clipped to [0, 1]) would, on the images'
+[0, 1] intensities before normalisation, which follows here. Random numbers come from torch's
+CPU generator, which the DataModule reseeds every epoch, so runs stay reproducible and
+resumable.
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ class BatchAugment:
     for both axes. ``image_info``: the DataModule's normalize, mean and std. The batch holds
     ``image`` (N, C, H, W) in [0, 1], ``mask`` (N, H, W) class ids and, with soft masks,
     ``target`` (N, K, H, W) class fractions; they come back in their own dtypes.
+    ``mask_fill``: the class id of mask pixels moved in from outside the image.
     """
 
-    def __init__(self, settings: Mapping[str, Any], image_info: Mapping[str, Any]):
+    def __init__(
+        self, settings: Mapping[str, Any], image_info: Mapping[str, Any], mask_fill: int = 0
+    ):
         settings = dict(settings or {})
         unknown = set(settings) - _KEYS
         if unknown:
@@ -76,6 +81,7 @@ class BatchAugment:
         if image_info["normalize"] not in NORMALIZE_MODES:
             raise LungsegError(f"normalize is {image_info['normalize']!r}")
         self.info = dict(image_info)
+        self.mask_fill = mask_fill
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -103,9 +109,10 @@ class BatchAugment:
                 out["target"] = target.to(batch["target"].dtype)
                 out["mask"] = hard_mask(target).to(batch["mask"].dtype)
             else:
-                mask = batch["mask"][:, None].float()
+                # shifted so that the zeros padding becomes mask_fill (exact in float32)
+                mask = batch["mask"][:, None].float() - self.mask_fill
                 mask = F.grid_sample(mask, grid, "nearest", "zeros", align_corners=False)
-                out["mask"] = mask[:, 0].round().to(batch["mask"].dtype)
+                out["mask"] = (mask[:, 0] + self.mask_fill).round().to(batch["mask"].dtype)
         if brightens:
             x = (x * alpha.view(n, 1, 1, 1) + beta.view(n, 1, 1, 1)).clamp(0, 1)
         out["image"] = self.normalize(x).to(image.dtype)

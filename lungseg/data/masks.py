@@ -27,12 +27,20 @@ Masks split over several folders (data.mask_dir as a list, one class a folder, a
 Montgomery's leftMask/rightMask): each file is read as a binary mask (its warnings worded for
 a folder list; no colour warning, as a list has no palette), then united (`binary`: one
 foreground class) or numbered by folder (`index`: folder i is class i + 1).
+
+The ignore label (data.ignore_index; nnU-Net's "ignore", Pascal VOC's 255 border, unlabelled
+pixels of sparse annotations): the mask pixels that store it are decoded as ``IGNORE``, which
+the losses and metrics leave out, and are not counted as a class. It is the value a pixel
+stores (`index`; `binary`: the value before black/white is decided, a palette PNG's index or
+an RGB mask's largest channel, those pixels counting as 0 for the rules above; in a folder
+list, any file's) or, in `palette` mode, a colour [R, G, B] (a number v: the grey (v, v, v)).
 """
 
 import colorsys
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -41,6 +49,9 @@ from lungseg.data.folders import palette_indices
 from lungseg.errors import LungsegError
 
 MASK_MODES = ("index", "binary", "palette")
+# Class-index maps hold this where the mask stores the ignore label (data.ignore_index): above
+# every class id, which is then at most 254 (class-index maps are uint8)
+IGNORE = 255
 _SHOWN = 5  # how many offending values an error message lists
 _GOLDEN = 0.618033988749895  # hue step that keeps consecutive class colours far apart
 # (kind, folder): the folders whose binary masks were warned of, once for each kind ("grey":
@@ -73,17 +84,51 @@ def decode_mask(
     path: Path,
     palette: Sequence[Sequence[int]] | None = None,
     num_classes: int | None = None,
+    ignore: int | tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """(H, W) uint8 class-index map from a read_image result ((H, W) or (H, W, 3) RGB) of the
     mask file ``path``. In modes index and binary a palette PNG (colour type 3), which
-    read_image gives as colours, is read again from ``path`` for its indices."""
+    read_image gives as colours, is read again from ``path`` for its indices. ``ignore``
+    (``ignore_value``'s): the pixels that store it are ``IGNORE``; None: no ignore label."""
     if mode == "index":
-        return _decode_index(raw, path, num_classes)
+        return _decode_index(raw, path, num_classes, ignore)
     if mode == "binary":
-        return _decode_binary(raw, path)
+        return _decode_binary(raw, path, ignore=ignore)
     if mode == "palette":
-        return _decode_palette(raw, path, _palette_array(palette, num_classes))
+        return _decode_palette(raw, path, _palette_array(palette, num_classes), ignore)
     raise _unknown_mode(mode)
+
+
+def ignore_value(setting: Any, mode: str) -> int | tuple[int, int, int] | None:
+    """data.ignore_index as decode_mask takes it: None (off), a stored value >= 1 (index and
+    binary modes) or an (R, G, B) colour (palette mode; a number v is the grey (v, v, v)).
+    LungsegError for anything else."""
+    if setting is None:
+        return None
+    if mode == "palette":
+        colour = [setting] * 3 if _is_int(setting) else setting
+        if (
+            isinstance(colour, Sequence)
+            and len(colour) == 3
+            and all(_is_int(v) and 0 <= v <= 255 for v in colour)
+        ):
+            return tuple(int(v) for v in colour)
+        raise LungsegError(
+            f"data.ignore_index is {setting!r}; with data.mask_mode=palette give the colour of "
+            "the pixels to leave out of training and scoring as [R, G, B] with values 0-255 "
+            "(e.g. [255, 255, 255]), or null for none."
+        )
+    if _is_int(setting) and setting >= 1:
+        return int(setting)
+    raise LungsegError(
+        f"data.ignore_index is {setting!r}; give the pixel value the masks store where pixels "
+        "are to be left out of training and scoring (e.g. 255, Pascal VOC's border), a whole "
+        "number of at least 1 (0 is the background), or null for none."
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def decode_layers(
@@ -92,15 +137,16 @@ def decode_layers(
     mode: str,
     palette: Sequence[Sequence[int]] | None = None,
     num_classes: int | None = None,
+    ignore: int | tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """(H, W) uint8 class-index map of a pair's mask files (``Pair.masks``, read with
     read_image): one file as ``decode_mask``; several, one per folder of data.mask_dir, each
     read as a binary mask, then united (mode binary) or numbered in folder order (mode index:
     the i-th folder is class i, 1-based; where two overlap the later folder's class wins).
     Their warnings say that each file of a folder list is read as black/white, whatever the
-    mode."""
+    mode. ``ignore``: as decode_mask's; a pixel any file ignores is ``IGNORE``."""
     if len(paths) == 1:
-        return decode_mask(raws[0], mode, paths[0], palette, num_classes)
+        return decode_mask(raws[0], mode, paths[0], palette, num_classes, ignore)
     check_layered_mode(len(paths), mode)
     if mode == "index" and num_classes is not None and len(paths) + 1 != num_classes:
         raise LungsegError(
@@ -109,8 +155,12 @@ def decode_layers(
             f"class in data.mask_dir."
         )
     out = np.zeros(raws[0].shape[:2], np.uint8)
+    ignored = np.zeros(out.shape, bool)
     for number, (raw, path) in enumerate(zip(raws, paths, strict=True), 1):
-        out[_decode_binary(raw, path, layered=True) > 0] = 1 if mode == "binary" else number
+        layer = _decode_binary(raw, path, layered=True, ignore=ignore)
+        out[layer == 1] = 1 if mode == "binary" else number
+        ignored |= layer == IGNORE
+    out[ignored] = IGNORE
     return out
 
 
@@ -125,7 +175,31 @@ def check_layered_mode(folders: int, mode: str) -> None:
         )
 
 
-def _decode_binary(raw: np.ndarray, path: Path, layered: bool = False) -> np.ndarray:
+def _decode_binary(
+    raw: np.ndarray, path: Path, layered: bool = False, ignore: int | None = None
+) -> np.ndarray:
+    """``_binary``'s 0/1 map, ``IGNORE`` where the stored value (a palette PNG's index, else
+    the largest channel) is ``ignore``; those pixels count as 0 for ``_binary``'s rules."""
+    indices = _stored_indices(raw, path)
+    if ignore is None:
+        return _binary(raw, indices, path, layered)
+    ignored = (indices if indices is not None else _largest_channel(raw)) == ignore
+    if indices is not None:
+        indices = np.where(ignored, 0, indices)
+    else:
+        raw = np.where(ignored[..., None] if raw.ndim == 3 else ignored, 0, raw).astype(raw.dtype)
+    out = _binary(raw, indices, path, layered)
+    out[ignored] = IGNORE
+    return out
+
+
+def _largest_channel(raw: np.ndarray) -> np.ndarray:
+    return raw.max(axis=2) if raw.ndim == 3 else raw
+
+
+def _binary(
+    raw: np.ndarray, indices: np.ndarray | None, path: Path, layered: bool = False
+) -> np.ndarray:
     """0 / non-zero, or, for a grey-level mask, below / above half its top value, and for a
     JPEG of a small top value below / above half its foreground level (see the module's
     docstring). Index-like masks (0/1, 0/1/2 for two lungs) keep 0 / non-zero unless they are
@@ -133,14 +207,14 @@ def _decode_binary(raw: np.ndarray, path: Path, layered: bool = False) -> np.nda
     (``_grey_coded``). An RGB mask is read by its largest channel. ``layered``: the file is
     one of a folder list's (``decode_layers``), whatever data.mask_mode, which the warnings
     say; it gets no warning of colours (a folder list has no palette). A palette PNG is read
-    by its indices: 0 / non-zero (with a warning where several non-zero indices are united)."""
-    indices = _stored_indices(raw, path)
+    by its indices (``indices``, ``_stored_indices``): 0 / non-zero (with a warning where
+    several non-zero indices are united)."""
     if indices is not None:
         if not layered:
             _warn_indices(indices, path)
         return (indices != 0).astype(np.uint8)
     colour = raw.ndim == 3
-    gray = raw.max(axis=2) if colour else raw
+    gray = _largest_channel(raw)
     folder = str(path.parent)
     coloured = colour and not layered and _warn_colours(raw, path, folder)
     top = gray.max()
@@ -414,7 +488,9 @@ def _unknown_mode(mode: str) -> LungsegError:
     )
 
 
-def _decode_index(raw: np.ndarray, path: Path, num_classes: int | None) -> np.ndarray:
+def _decode_index(
+    raw: np.ndarray, path: Path, num_classes: int | None, ignore: int | None = None
+) -> np.ndarray:
     indices = _stored_indices(raw, path)
     if indices is not None:
         raw = indices
@@ -440,7 +516,10 @@ def _decode_index(raw: np.ndarray, path: Path, num_classes: int | None) -> np.nd
             "unsigned integer class ids. Save the mask as an 8-bit or 16-bit PNG."
         )
     values = np.flatnonzero(np.bincount(raw.ravel()))
-    top = int(values[-1])  # 0/255 (8-bit) or 0/65535 (16-bit): white on black
+    ignored = None if ignore is None else raw == ignore
+    if ignore is not None:
+        values = values[values != ignore]  # not a class: not counted, not checked
+    top = int(values[-1]) if values.size else 0  # 0/255 (8-bit) or 0/65535: white on black
     looks_binary = top in (255, 65535) and set(values.tolist()) <= {0, top}
     if looks_binary and (num_classes is None or num_classes <= top):
         grey = "set" if top == 255 else "save the masks as 8-bit grey levels and set"
@@ -451,13 +530,18 @@ def _decode_index(raw: np.ndarray, path: Path, num_classes: int | None) -> np.nd
             "store class ids 0 and 1. If other masks hold further grey levels (classes coded as "
             "grey levels, e.g. 0/128/255), binary would merge those classes into one: "
             f"{grey} data.mask_mode=palette with a grey palette, class i the i-th level, e.g. "
-            "data.palette=[[0,0,0],[128,128,128],[255,255,255]]."
+            "data.palette=[[0,0,0],[128,128,128],[255,255,255]]. If other masks hold class ids "
+            f"and {top} marks pixels to leave out of training and scoring (unlabelled, Pascal "
+            f"VOC's border), set data.ignore_index={top}."
         )
-    limit = 256 if num_classes is None else min(num_classes, 256)  # ids are stored as uint8
+    most = 256 if ignore is None else IGNORE  # ids are stored as uint8, IGNORE above them
+    limit = most if num_classes is None else min(num_classes, most)
     bad = values[values >= limit]
     if bad.size:
-        if bad[-1] > 255:
-            fix = "lungseg supports at most 256 classes (ids 0-255): fix the mask"
+        if bad[-1] >= most:
+            fix = f"lungseg supports at most {most} classes (ids 0-{most - 1}"
+            fix += ")" if ignore is None else " with data.ignore_index set)"
+            fix += ": fix the mask"
         else:
             fix = f"Set data.num_classes to at least {bad[-1] + 1} if these are real classes"
             fix += ", or fix the mask"
@@ -465,7 +549,10 @@ def _decode_index(raw: np.ndarray, path: Path, num_classes: int | None) -> np.nd
             f"Mask {path} holds class ids {_values(bad)} that are out of range (ids must be "
             f"below {limit}). {fix}."
         )
-    return raw.astype(np.uint8)
+    out = raw.astype(np.uint8)
+    if ignored is not None:
+        out[ignored] = IGNORE
+    return out
 
 
 def _palette_array(palette: Sequence[Sequence[int]] | None, num_classes: int | None) -> np.ndarray:
@@ -511,7 +598,9 @@ def _palette_array(palette: Sequence[Sequence[int]] | None, num_classes: int | N
     return colours.astype(np.uint8)
 
 
-def _decode_palette(raw: np.ndarray, path: Path, colours: np.ndarray) -> np.ndarray:
+def _decode_palette(
+    raw: np.ndarray, path: Path, colours: np.ndarray, ignore: tuple[int, int, int] | None = None
+) -> np.ndarray:
     if raw.dtype != np.uint8:
         raise LungsegError(
             f"Mask {path} stores {raw.dtype} pixels; data.mask_mode=palette expects 8-bit RGB "
@@ -523,6 +612,9 @@ def _decode_palette(raw: np.ndarray, path: Path, colours: np.ndarray) -> np.ndar
     order = np.argsort(keys)
     position = np.minimum(np.searchsorted(keys[order], packed), len(keys) - 1)
     known = keys[order][position] == packed
+    ignored = None if ignore is None else packed == _pack(np.array(ignore))
+    if ignored is not None:
+        known |= ignored
     if not known.all():
         unknown, counts = np.unique(packed[~known], return_counts=True)
         top = np.argsort(-counts, kind="stable")[:_SHOWN]
@@ -541,7 +633,10 @@ def _decode_palette(raw: np.ndarray, path: Path, colours: np.ndarray) -> np.ndar
                 "PNG without anti-aliasing."
             )
         )
-    return order[position].astype(np.uint8)
+    out = order[position].astype(np.uint8)
+    if ignored is not None:
+        out[ignored] = IGNORE
+    return out
 
 
 def _indices_hint(raw: np.ndarray, path: Path) -> str | None:

@@ -239,6 +239,20 @@ def soft_mask_augmentation(compose: A.BaseCompose) -> A.BaseCompose:
     return compose
 
 
+def fill_masks_with(compose: A.BaseCompose, value: int) -> A.BaseCompose:
+    """Let ``compose``'s transforms fill the masks' pixels that they move in from outside the
+    image (Affine, Rotate, ShiftScaleRotate, PadIfNeeded, ... with a constant border) with
+    ``value`` (the ignore label: nothing is known there) instead of albumentations' default 0,
+    the background; a transform given another ``fill_mask`` than 0 keeps it. In nested
+    composes too. Returns ``compose``, changed in place."""
+    for transform in compose.transforms:
+        if isinstance(transform, A.BaseCompose):
+            fill_masks_with(transform, value)
+        elif getattr(transform, "fill_mask", None) == 0:
+            transform.fill_mask = value
+    return compose
+
+
 def median_blur(image: np.ndarray, ksize: int) -> np.ndarray:
     """Median filter each channel of an (H, W, C) image with an odd ``ksize``; 0 or 1 = off.
 
