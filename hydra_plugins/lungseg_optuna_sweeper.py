@@ -17,6 +17,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from lungseg.errors import run_cli
+from lungseg.run_folder import aside_name
 from lungseg.sweep import (
     check_fold_not_searched,
     check_some_run_finished,
@@ -54,7 +55,10 @@ class LungsegOptunaSweeper(Sweeper):
         search.job_idx = first_trial_number(sweep_dir, search.storage)
         # As Hydra's BasicSweeper saves it: what was searched, for the summary (lungseg.sweep).
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        saved = sweep_dir / "multirun.yaml"
+        if saved.is_file():  # a continued search's earlier one, kept: multirun.1.yaml, ...
+            saved.rename(aside_name(saved))
+        OmegaConf.save(self.config, saved)
         try:
             self.optuna.sweep(arguments)
         except ValueError:  # Optuna's: no completed trial to take the best parameters from

@@ -149,6 +149,8 @@ def withdraw(folder: Path | str) -> None:
     if found is None or subdir is None:
         return
     had_subdir, logs = found
+    # a linked .hydra/ is the user's: remember saved nothing from it, and it is left as it is
+    linked = (folder / subdir).is_symlink()
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in list(getattr(logger, "handlers", [])):  # placeholders have none
             if isinstance(handler, logging.FileHandler) and (
@@ -156,9 +158,9 @@ def withdraw(folder: Path | str) -> None:
             ):
                 logger.removeHandler(handler)
                 handler.close()
-    _put_back(folder, subdir, record, logs)
+    _put_back(folder, None if linked else subdir, record, logs)
     try:
-        if not had_subdir and folder.resolve() in (folder / subdir).resolve().parents:
+        if not had_subdir and not linked and (folder / subdir).is_dir():
             shutil.rmtree(folder / subdir)
         for path in folder.glob("*.log"):
             if path.is_file() and path.name not in logs:
@@ -167,16 +169,19 @@ def withdraw(folder: Path | str) -> None:
         log.warning("could not leave %s as it was: %s", folder, error)
 
 
-def _put_back(folder: Path, subdir: str, saved: dict[str, bytes], logs: dict[str, int]) -> None:
-    """``folder/subdir`` back to ``saved`` (files Hydra added removed), and ``folder``'s log
-    files in ``logs`` cut back to their lengths there."""
-    files = folder / subdir
+def _put_back(
+    folder: Path, subdir: str | None, saved: dict[str, bytes], logs: dict[str, int]
+) -> None:
+    """``folder/subdir`` back to ``saved`` (files Hydra added removed; subdir None: left as it
+    is), and ``folder``'s log files in ``logs`` cut back to their lengths there."""
+    files = folder / (subdir or ".hydra")
     try:
-        for path in files.iterdir() if files.is_dir() else []:
-            if path.is_file() and path.name not in saved:
-                path.unlink()
-        for name, data in saved.items():
-            (files / name).write_bytes(data)
+        if subdir is not None:
+            for path in files.iterdir() if files.is_dir() else []:
+                if path.is_file() and path.name not in saved:
+                    path.unlink()
+            for name, data in saved.items():
+                (files / name).write_bytes(data)
         for name, length in logs.items():
             path = folder / name
             if path.is_file() and path.stat().st_size > length:

@@ -579,7 +579,12 @@ class RunCheckpointIO(TorchCheckpointIO):
         kept = path.rename(aside_name(target) if target.exists() else target)
         for record, metrics in records.items():
             metrics["best_checkpoint"] = str(kept)
-            record.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+            partial = record.with_name(f".{record.name}.partial")
+            try:  # replaced whole: a kill mid-write leaves the record as it was
+                partial.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+                partial.replace(record)
+            except OSError as error:  # the training goes on; the file is kept all the same
+                log.warning("%s could not be made to name %s: %s", record, kept.name, error)
         log.info(
             "%s, the best checkpoint of the run's record %s, is kept as %s (which the record "
             "names now): this continuation saved a better one, and the top-k of "

@@ -16,7 +16,9 @@ import io
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -283,10 +285,10 @@ def check_fold_not_searched(params: Any, overrides: list[str]) -> None:
         f"hyper-parameter: its trials would be scored on different folds, and the study's best "
         f"value would be that of the easiest fold. Search on one fold ({FOLD_KEY}=0), then "
         f"train the values it chose on every fold with a plain multirun, without "
-        f"hparams_search: `python train.py -m <the chosen values> "
-        f"{FOLD_KEY}={given.partition('=')[2]}`; its summary.md gives the mean ± std over the "
-        f"folds, and benchmarks/crossval.py chooses the post-processing on their validation "
-        f"splits."
+        f"hparams_search: `python train.py -m <the chosen values> {FOLD_KEY}=0,1,2,3,4` "
+        f"(one value for each fold of data.num_folds); its summary.md gives the mean ± std "
+        f"over the folds, and benchmarks/crossval.py chooses the post-processing on their "
+        f"validation splits."
     )
 
 
@@ -299,7 +301,11 @@ def first_trial_number(sweep_dir: str | Path, storage: str | None) -> int:
     if not sweep_dir.is_dir():
         return 0
     jobs = {row["job"] for row in collect_runs(sweep_dir) if "/" not in row["run"]}
-    jobs |= {int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit() and p.is_dir()}
+    jobs |= {  # trial folders that hold no run record yet (killed before it was written)
+        int(p.name)
+        for p in sweep_dir.iterdir()
+        if re.fullmatch("[0-9]+", p.name) and (p / ".hydra").is_dir()
+    }
     jobs = sorted(job for job in jobs if isinstance(job, int))
     if not jobs:
         return 0
@@ -377,9 +383,14 @@ def write_summary(sweep_dir: str | Path, running: Path | None = None) -> list[di
 def _replace(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all: a reader, or a job of the sweep that writes the
     summary at the same time (a SLURM launcher's), never meets half a file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(text)
-    partial.replace(path)
+    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path) -> str:

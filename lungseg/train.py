@@ -352,16 +352,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (versions, git commit), ``metrics.json`` and ``curves.png``. A folder that already holds a
     run is refused unless this run continues it (``resume=true``, or ``ckpt_path`` in it).
     Returns the metrics written to metrics.json."""
+    out_dir = Path(cfg.output_dir)
+    try:  # first: any refusal after it would leave Hydra's files in a data folder
+        check_outside_data(out_dir, cfg.data)
+    except LungsegError:
+        # Hydra's .hydra/ and train.log out of the user's folder; a sweep's job keeps them, so
+        # that the sweep's summary lists the job as failed (lungseg.sweep.collect_runs)
+        if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+            hydra_files.withdraw(out_dir)
+        raise
     check_settings(cfg)  # wrong types and ranges, missing data folders: before anything
     started = time.monotonic()
     hostmem.configure(cfg.get("retain_freed_memory", True))
     trainer_settings = accelerator_settings(plain(cfg.trainer))  # before anything is written
-    out_dir = Path(cfg.output_dir)
-    try:
-        check_outside_data(out_dir, cfg.data)
-    except LungsegError:
-        hydra_files.withdraw(out_dir)  # Hydra's .hydra/ and train.log out of the user's folder
-        raise
     ckpt_path = resume_checkpoint(cfg, out_dir)
     initial = None  # init_weights: a new run from another run's network weights
     if cfg.get("init_weights") is not None:
@@ -523,7 +526,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer_settings["check_val_every_n_epoch"] = 1
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     # a moved run folder's record of its best followed; an earlier record's best kept
-    plugins = [RunCheckpointIO(out_dir)]
+    # (the user's trainer.plugins, one or a list, kept beside it)
+    given = instantiate(trainer_settings.pop("plugins", None) or [], _convert_="all")
+    plugins = [*(given if isinstance(given, list | tuple) else [given]), RunCheckpointIO(out_dir)]
     trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers, plugins=plugins)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -734,6 +734,13 @@ def test_the_runs_images_saved_again_are_the_same_picture(tmp_path, copy):
         assert _same_picture(image, copy(image)) and _same_picture(copy(image), image)
 
 
+def test_blank_images_are_not_the_same_picture():
+    """Blank images (black end slices under the same names) show nothing to recognise (was:
+    every two blank images one picture, an all-black one and an all-white one too)."""
+    black, white = np.zeros((64, 64), np.uint8), np.full((32, 32), 255, np.uint8)
+    assert not _same_picture(black, black) and not _same_picture(black, white)
+
+
 def test_other_images_of_a_set_are_not_the_same_picture(tmp_path):
     """Other slices of one synthetic set (the closest pairs of any set measured: 4.6 % apart
     before, at 256 px) are other pictures, at any size; so is an inverted copy."""

@@ -738,7 +738,9 @@ def test_an_optuna_search_in_memory_is_not_continued_into_a_folder_with_trials(t
     assert first_trial_number(sweep, None) == 0
     fake_run(sweep, 0, "unet", metrics(0.6))
     fake_run(sweep, 3, "unet")  # killed
-    (sweep / "7").mkdir()  # a trial folder Hydra had made
+    (sweep / "7" / ".hydra").mkdir(parents=True)  # a trial folder Hydra had made
+    for other in ("²", "12", "backup"):  # not trials: "²" passes str.isdigit, "12" holds no run
+        (sweep / other).mkdir()
     assert first_trial_number(sweep, "sqlite:///optuna.db") == 8
     with pytest.raises(LungsegError) as refused:
         first_trial_number(sweep, None)

@@ -811,10 +811,62 @@ def test_cli_a_run_refused_in_a_data_folder_leaves_the_folder_as_it_was(tmp_path
 
     before = listing()
     data = [f"data.image_dir={images}", f"data.mask_dir={masks}", "data.mask_mode=binary"]
-    result = run_cli([*data, f"hydra.run.dir={images}", *TINY], tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"lungseg: error: The run folder {images} is data.image_dir" in result.stderr
-    assert listing() == before
+    # the second: a typo that another check refuses, which ran first and left the files there
+    for typo in ([], ["+sed=1"]):
+        result = run_cli([*data, f"hydra.run.dir={images}", *TINY, *typo], tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"lungseg: error: The run folder {images} is data.image_dir" in result.stderr
+        assert listing() == before
+
+
+def test_cli_a_sweep_job_refused_in_a_data_folder_is_counted_as_failed(tmp_path):
+    """A sweep's job refused in a data folder stays listed as failed and the sweep exits 1
+    (was, while the refusal removed Hydra's files: the job vanished from the summary and the
+    sweep exited 0, found by a review)."""
+    from test_inference import write_pairs
+
+    images, masks = write_pairs(tmp_path / "data", [(40, 48)] * 4, "binary")
+    data = [f"data.image_dir={images}", f"data.mask_dir={masks}", "data.mask_mode=binary"]
+    sweep = [f"hydra.sweep.dir={images.parent}", f"hydra.sweep.subdir={images.name}", "seed=1"]
+    result = run_cli(["-m", *data, *sweep, *TINY], tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "1 of 1 runs failed" in result.stderr
+
+
+def test_a_refusal_keeps_a_linked_hydra_folder_and_its_files(tmp_path):
+    """A data folder whose .hydra is the user's link to a folder of their own: the refusal
+    leaves the link and its files (was: every file there deleted, found by a review)."""
+    from lungseg import hydra_files
+
+    folder, own = tmp_path / "images", tmp_path / "own"
+    folder.mkdir()
+    own.mkdir()
+    (own / "notes.txt").write_text("mine\n")
+    (folder / ".hydra").symlink_to(own, target_is_directory=True)
+    hydra_files.remember(folder)
+    (own / "config.yaml").write_text("hydra's: 1\n")  # Hydra writes through the link
+    hydra_files.withdraw(folder)
+    assert (folder / ".hydra").is_symlink() and (own / "notes.txt").read_text() == "mine\n"
+
+
+def test_the_users_trainer_plugins_are_kept_beside_lungsegs(make_cfg, monkeypatch):
+    """trainer.plugins given by the user reach the Trainer beside lungseg's checkpoint plugin
+    (was: replaced by it without a word, found by a review)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.plugins.environments import LightningEnvironment
+
+    given = {}
+    original = pl.Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        given["plugins"] = kwargs.get("plugins")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "__init__", spy)
+    target = "pytorch_lightning.plugins.environments.LightningEnvironment"
+    train(make_cfg(f"+trainer.plugins=[{{_target_:{target}}}]", "test_after_fit=false"))
+    kinds = [type(p).__name__ for p in given["plugins"]]
+    assert kinds == [LightningEnvironment.__name__, "RunCheckpointIO"]
 
 
 def test_a_refusal_in_a_data_folder_keeps_what_was_there(tmp_path):
