@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from difflib import get_close_matches
+from pathlib import Path
 from typing import Any, get_args
 
 from hydra.core.hydra_config import HydraConfig
@@ -313,61 +314,228 @@ BUILT: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 # Keys Hydra's instantiate reads itself rather than passing them on.
 HYDRA_KEYS = frozenset({"_target_", "_recursive_", "_convert_", "_partial_", "_args_"})
-# train.py's top-level keys: conf/config.yaml's groups and settings (task_name: in hydra.run.dir)
-# and Hydra's own node, which compose(return_hydra_config=True) keeps. Hydra adds any other
-# after a + (+sed=1 for seed=1), and nothing would read it.
-TOP_KEYS = frozenset(
-    {
-        *BUILT,
-        *("augmentation", "callbacks", "logger", "postprocess", "seed", "task_name", "output_dir"),
-        *("ckpt_path", "init_weights", "resume", "test_after_fit", "test_postprocessed"),
-        *("channels_last", "compile", "retain_freed_memory", "train_metrics_every_n_steps"),
-        "hydra",
-    }
-)
-# The groups whose files set top-level keys (# @package _global_); without that line Hydra puts
-# a file's settings under the group's name, where nothing reads them.
-GLOBAL_GROUPS = frozenset({"experiment", "recipe", "hparams_search"})
+# The config each entry point composes (@hydra.main's config_name).
+CONFIGS = {"train.py": "config", "eval.py": "eval", "predict.py": "predict", "export.py": "export"}
+# Where the entry points' config_path points, when Hydra's search path does not say.
+CONF = Path(__file__).resolve().parents[1] / "conf"
+_GLOBAL_PACKAGE = re.compile(r"#\s*@package\s+_global_\s*$")
 
 
-def check_top_keys(cfg: DictConfig) -> None:
-    """LungsegError for a top-level key that train.py does not read (``+sed=1``), naming the
-    nearest top-level setting, or else a group's (``+max_epochs=5``: trainer.max_epochs)."""
+def check_top_keys(cfg: DictConfig, script: str = "train.py") -> None:
+    """LungsegError for a key that ``script``'s config (``CONFIGS``) does not define, at the top
+    (``+sed=1``) or in one of its own sections (``+postprocess.treshold=0.3``), naming the
+    nearest setting, or else a group's or section's (``+max_epochs=5``: trainer.max_epochs).
+    Hydra adds such a key after a +, and nothing would read it. The keys are the config
+    file's own, its groups' (``config_settings``) and Hydra's node, which
+    ``compose(return_hydra_config=True)`` keeps; where the config file cannot be found
+    (lungseg installed without conf/, outside Hydra) nothing is checked."""
+    hydra = _hydra(cfg)
+    config = CONFIGS[script]
+    primary = _config_file(hydra, f"{config}.yaml")
+    if primary is None:
+        return
+    settings, global_groups = config_settings(primary, hydra)
     for key in map(str, cfg):
-        if key in TOP_KEYS:
-            continue
-        if key in GLOBAL_GROUPS:
+        if key in global_groups:
             raise LungsegError(
-                f"{key} is not a setting of train.py: Hydra put the settings of "
-                f"{_group_file(key)} under {key}, where nothing reads them. Make "
+                f"{key} is not a setting of {script}: Hydra put the settings of "
+                f"{_group_file(key, hydra)} under {key}, where nothing reads them. Make "
                 "'# @package _global_' its first line, as in conf/experiment/article.yaml."
             )
-        close = get_close_matches(key, sorted(TOP_KEYS - {"hydra"}), cutoff=0.7)
-        close = close or _group_settings_like(cfg, key)
-        raise LungsegError(
-            f"{key} is not a setting of train.py"
-            + (f"; did you mean {' or '.join(close)}?" if close else ".")
-            + f" Remove +{key}, or see conf/config.yaml for the settings."
-        )
+    unknown = _unknown(cfg, settings)
+    if unknown is None:
+        return
+    name, close = unknown
+    origin = _origin(cfg, name, config)
+    raise LungsegError(
+        f"{name} is not a setting of {script}"
+        + (f"; did you mean {' or '.join(close)}?" if close else ".")
+        + (f" {origin[0]} sets it: remove it there" if origin else f" Remove +{name}")
+        + f", or see {_named(primary)} for the settings."
+    )
 
 
-def _group_settings_like(cfg: DictConfig, key: str) -> list[str]:
-    """The settings of cfg's groups named ``key`` (max_epochs: trainer.max_epochs), else named
-    most like it (epochs: trainer.max_epochs), without resolving any."""
+def _unknown(cfg: DictConfig, settings: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """The first key of cfg that ``settings`` (``config_settings``) lacks, as a dotted name,
+    and the nearest settings' names; None if there is none."""
+    sections = [("", cfg, settings)]
+    for prefix, node, known in sections:
+        for key, child in node.items_ex(resolve=False):
+            name = f"{prefix}{key}"
+            if key not in known:
+                close = get_close_matches(str(key), sorted(known.keys() - {"hydra"}), cutoff=0.7)
+                close = [f"{prefix}{c}" for c in close]
+                if not prefix:  # a section's or group's setting given without its name
+                    close = close or _group_settings_like(cfg, str(key), settings)
+                return name, close
+            if known[key] is not None and isinstance(child, DictConfig):
+                sections.append((f"{name}.", child, known[key]))
+    return None
+
+
+def _group_settings_like(cfg: DictConfig, key: str, settings: dict[str, Any]) -> list[str]:
+    """The settings of cfg's groups and sections named ``key`` (max_epochs:
+    trainer.max_epochs), else named most like it (epochs: trainer.max_epochs), without
+    resolving any."""
     named: dict[str, list[str]] = {}
     for group, node in cfg.items_ex(resolve=False):
-        if group in TOP_KEYS - {"hydra"} and isinstance(node, DictConfig):
+        if group in settings.keys() - {"hydra"} and isinstance(node, DictConfig):
             for name in node:
                 named.setdefault(str(name), []).append(f"{group}.{name}")
     close = [key] if key in named else get_close_matches(key, named, n=2, cutoff=0.7)
     return [setting for name in close for setting in named[name]]
 
 
+def config_settings(
+    primary: Path, hydra: DictConfig | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """The keys a primary config file (conf/predict.yaml) defines, as ``{key: None}`` (any
+    value or sub-key: a group's key, checked by ``check_keys``, a plain value, Hydra's node) or
+    ``{key: {its keys}}`` for a section the file spells out (eval.yaml's data and
+    postprocess); and the groups of its defaults list whose files set top-level keys
+    (``# @package _global_``: experiment, recipe, hparams_search), which hold no key of their
+    own. Read from the file, not the composed config: a key the file lacks is one that a +
+    added (Hydra refuses a + for a key the config has)."""
+    data = _load(primary)
+    groups = list(_defaults(data))
+    global_groups = [group for group in groups if _sets_global(hydra, group)]
+    settings = {str(key): _sections(value) for key, value in data.items() if key != "defaults"}
+    for group in groups:
+        if group not in global_groups:  # data@foo: under foo; hydra/job_logging: under hydra
+            settings[group.split("@")[-1].split("/")[0]] = None
+    settings["hydra"] = None
+    return settings, global_groups
+
+
+def _sections(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(key): _sections(inner) for key, inner in value.items()}
+
+
+def _defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A config file's defaults list as {group: option} (``override /model: unet``: model:
+    unet; ``optional recipe: ...``: recipe); ``_self_`` and plain config names left out."""
+    chosen = {}
+    for entry in data.get("defaults") or []:
+        if isinstance(entry, dict):
+            for name, option in entry.items():
+                chosen[str(name).split()[-1].lstrip("/")] = option
+    return chosen
+
+
+def _sets_global(hydra: DictConfig | None, group: str) -> bool:
+    """Whether a file of a config group declares ``# @package _global_`` among its leading
+    comments (where Hydra reads it)."""
+    files = [path for folder in _folders(hydra) for path in sorted(folder.glob(f"{group}/*.yaml"))]
+    for path in files:
+        with path.open() as f:
+            for line in f:
+                if not line.lstrip().startswith("#") and line.strip():
+                    break
+                if _GLOBAL_PACKAGE.search(line):
+                    return True
+    return False
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """A config file's content, uninterpolated."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+
+
+def _hydra(cfg: DictConfig) -> DictConfig | None:
+    """The run's Hydra node (its choices, command-line overrides, search path): cfg's own
+    after ``compose(return_hydra_config=True)``, HydraConfig's under ``@hydra.main``, else
+    None."""
+    node = cfg._get_node("hydra") if "hydra" in cfg else None
+    if isinstance(node, DictConfig):
+        return node
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _folders(hydra: DictConfig | None) -> list[Path]:
+    """The config folders in the order Hydra searches them (the entry point's, then
+    --config-dir's), then ``CONF`` (for a config composed elsewhere)."""
+    sources = hydra.runtime.config_sources if hydra is not None else []
+    folders = [Path(str(s.path)) for s in sources if s.schema == "file"]
+    return [*folders, CONF]
+
+
+def _config_file(hydra: DictConfig | None, name: str) -> Path | None:
+    """The config file Hydra composes as ``name`` (experiment/article.yaml): the first of
+    ``_folders`` that holds it; None where none does."""
+    return next((f / name for f in _folders(hydra) if (f / name).is_file()), None)
+
+
+def _named(path: Path) -> str:
+    """A config file as messages name it: conf/experiment/article.yaml, or its full path
+    outside ``CONF``."""
+    return f"conf/{path.relative_to(CONF)}" if path.is_relative_to(CONF) else str(path)
+
+
+def _group_file(group: str, hydra: DictConfig | None) -> str:
+    """The run's file of ``group`` (conf/model/unet.yaml), or its folder without Hydra's node."""
+    choice = hydra.runtime.choices.get(group) if hydra is not None else None
+    path = _config_file(hydra, f"{group}/{choice}.yaml") if choice else None
+    return _named(path) if path else f"conf/{group}/"
+
+
+def _origin(cfg: DictConfig, key: str, config: str) -> tuple[str, str | None, dict] | None:
+    """Where the dotted ``key`` comes from when the command line did not give it: the config
+    file that sets it (of the chosen experiment, recipe or hparams_search, which win over
+    conf/<config>.yaml, which wins over the group's own file), the choice that picked that
+    file (experiment=article, or None) and the file's own defaults (``_defaults``). None
+    where the command line gave it, where the file is not found, and where Hydra's node is
+    not at hand (``compose`` without ``return_hydra_config``): what the user typed is then
+    unknown."""
+    hydra = _hydra(cfg)
+    if hydra is None:
+        return None
+    choices = hydra.runtime.choices
+    for override in hydra.overrides.task:
+        typed = str(override).split("=", 1)[0].lstrip("+~")
+        if typed == key or (key.startswith(f"{typed}.") and typed not in choices):
+            return None
+    primary = _config_file(hydra, f"{config}.yaml")
+    if primary is None:
+        return None
+    _, global_groups = config_settings(primary, hydra)
+    top = key.split(".")[0]
+    # the files that set keys, the one that wins first
+    candidates = [
+        (_config_file(hydra, f"{group}/{choices[group]}.yaml"), "", f"{group}={choices[group]}")
+        for group in reversed(global_groups)
+        if choices.get(group)
+    ]
+    candidates.append((primary, "", None))
+    if choices.get(top):
+        own = _config_file(hydra, f"{top}/{choices[top]}.yaml")
+        candidates.append((own, f"{top}.", f"{top}={choices[top]}"))
+    for path, prefix, choice in candidates:
+        if path is None or not key.startswith(prefix):
+            continue
+        data = _load(path)
+        if _has(data, key[len(prefix) :]):
+            return _named(path), choice, _defaults(data)
+    return None
+
+
+def _has(data: dict[str, Any], key: str) -> bool:
+    """Whether a config file's content sets the dotted ``key``."""
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
 def check_keys(cfg: DictConfig) -> None:
     """LungsegError for a key of a ``BUILT`` group that its ``_target_`` does not take
     (``+data.imagesize=64``, which Hydra advises for a key the group lacks), naming the nearest
-    settings. A target that cannot be imported, or that takes ``**kwargs``, is left to Hydra's
-    instantiate, which imports it the same way."""
+    settings, and, for a key that an experiment (or recipe) file sets rather than the command
+    line, that file and the choice it was made for (experiment=article sets the U-Net's
+    model.depth; with model=fcn). A target that cannot be imported, or that takes
+    ``**kwargs``, is left to Hydra's instantiate, which imports it the same way."""
     groups = [(group, cfg.get(group), given, taken) for group, (given, taken) in BUILT.items()]
     callbacks = cfg.get("callbacks")
     if isinstance(callbacks, DictConfig):  # each callback built as _target_(**its settings)
@@ -382,14 +550,33 @@ def check_keys(cfg: DictConfig) -> None:
         for key in node:
             if key in settings or key in HYDRA_KEYS:
                 continue
-            close = get_close_matches(str(key), sorted(settings), cutoff=0.7)
-            guess = " or ".join(f"{group}.{name}" for name in close)
             raise LungsegError(
                 f"{group}.{key} is not a setting of {group} ({target})"
-                + (f"; did you mean {guess}?" if close else ".")
-                + f" Remove +{group}.{key}, or see {_group_file(group.split('.')[0])} for the "
-                "settings."
+                + _key_fix(cfg, group, str(key), sorted(settings))
             )
+
+
+def _key_fix(cfg: DictConfig, group: str, key: str, settings: list[str]) -> str:
+    """check_keys' message after "<group>.<key> is not a setting of <group> (<target>)": the
+    nearest settings and what to remove, on the command line or in the file that sets it."""
+    close = get_close_matches(key, settings, cutoff=0.7)
+    guess = f"; did you mean {' or '.join(f'{group}.{name}' for name in close)}?" if close else "."
+    top, hydra = group.split(".")[0], _hydra(cfg)
+    see = f", or see {_group_file(top, hydra)} for the settings."
+    origin = _origin(cfg, f"{group}.{key}", "config")
+    if origin is None:
+        return f"{guess} Remove +{group}.{key}{see}"
+    file, choice, chosen = origin
+    made_for = chosen.get(top)
+    runs = hydra.runtime.choices.get(top)
+    if choice is None or made_for is None or made_for == runs:
+        return f"{guess} {file} sets it: remove it there{see}"
+    kind = choice.split("=")[0]
+    return (
+        f". It comes from {file}: {choice} is made for {top}={made_for}, and {top}={runs} does "
+        f"not take {group}.{key}. Leave out {top}={runs}, or copy {file} to a new {kind} for "
+        f"{top}={runs} without {group}.{key}."
+    )
 
 
 def _keywords(target: str) -> frozenset[str] | None:
@@ -403,12 +590,6 @@ def _keywords(target: str) -> frozenset[str] | None:
     return frozenset(
         p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     )
-
-
-def _group_file(group: str) -> str:
-    """The run's file of ``group`` (conf/model/unet.yaml), or its folder outside ``@hydra.main``."""
-    choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
-    return f"conf/{group}/{choice}.yaml" if choice else f"conf/{group}/"
 
 
 def check_settings(cfg: DictConfig) -> None:

@@ -53,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from lungseg import hostmem, hydra_files, postprocess
-from lungseg.checks import check_overwrite, require
+from lungseg.checks import check_overwrite, check_top_keys, require
 from lungseg.data import splits, transforms
 from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import (
@@ -211,6 +211,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score ``cfg.ckpt_path`` (conf/eval.yaml) and write ``per_image.csv`` and
     ``summary.json`` into ``cfg.output_dir``; a folder that already holds either is refused
     before any scoring, unless ``cfg.overwrite``. Returns the summary."""
+    check_top_keys(cfg, "eval.py")
     per_image, summary_file = _output_paths(cfg)
     paths = config_checkpoints(cfg)
     hostmem.configure(cfg.get("retain_freed_memory", True))

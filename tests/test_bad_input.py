@@ -24,13 +24,16 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from test_inference import write_pairs
 
-from lungseg.checks import check_settings
+from lungseg.checks import check_settings, check_top_keys
 from lungseg.data.datamodule import SegDataModule
 from lungseg.data.folders import check_data_dirs, read_image, write_image
 from lungseg.errors import LungsegError, user_error
 from lungseg.evaluate import evaluate
+from lungseg.export import export
+from lungseg.predict import predict
 from lungseg.train import train
 
 SIZES = [(24, 28)] * 6  # 6 pairs split 4/1/1
@@ -236,6 +239,113 @@ def test_top_level_settings_of_the_config_and_hydra_pass(tmp_path):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     check_settings(cfg)
+
+
+def composed(config: str, *overrides: str, hydra: bool = False):
+    """conf/<config>.yaml composed as its script composes it (with Hydra's node: hydra=True)."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(config, overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.mark.parametrize(
+    ("run", "config", "overrides", "message"),
+    [
+        # each was ignored: the run went on without the setting the user asked for
+        (
+            predict,
+            "predict",
+            ["+treshold=0.3"],
+            r"^treshold is not a setting of predict.py; did you mean postprocess.threshold\? "
+            r"Remove \+treshold, or see conf/predict.yaml for the settings\.$",
+        ),
+        (
+            predict,
+            "predict",
+            ["+postprocess.treshold=0.3"],
+            r"^postprocess.treshold is not a setting of predict.py; did you mean "
+            r"postprocess.threshold\? Remove \+postprocess.treshold, or see conf/predict.yaml",
+        ),
+        (predict, "predict", ["+ttaflips=[vertical]"], r"^ttaflips .*; did you mean tta_flips\?"),
+        (
+            evaluate,
+            "eval",
+            ["+treshold=0.3"],
+            r"^treshold is not a setting of eval.py; did you mean postprocess.threshold\? "
+            r"Remove \+treshold, or see conf/eval.yaml for the settings\.$",
+        ),
+        (evaluate, "eval", ["+data.imagedir=x"], r"^data.imagedir .*did you mean data.image_dir\?"),
+        (evaluate, "eval", ["+foo=1"], r"^foo is not a setting of eval.py\. Remove \+foo, or"),
+        (
+            export,
+            "export",
+            ["+opest=17"],
+            r"^opest is not a setting of export.py; did you mean opset\? Remove \+opest, or see "
+            r"conf/export.yaml for the settings\.$",
+        ),
+    ],
+)
+def test_unknown_settings_of_eval_predict_and_export_are_refused_first(
+    tmp_path, run, config, overrides, message
+):
+    """Refused before the checkpoint (which does not exist here) is read or anything written."""
+    out = tmp_path / "out"
+    paths = {
+        "predict": [f"input_dir={tmp_path}", f"output_dir={out}"],
+        "eval": [f"output_dir={out}"],
+        "export": [f"output={out / 'model.onnx'}"],
+    }[config]
+    cfg = composed(config, f"ckpt_path={tmp_path / 'missing.ckpt'}", *paths, *overrides)
+    with pytest.raises(LungsegError, match=message):
+        run(cfg)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "config", "overrides"),
+    [
+        (
+            "eval.py",
+            "eval",
+            ["++tta=true", "postprocess.threshold=0.4", "data.palette={a:[1,2,3]}"],
+        ),
+        (
+            "predict.py",
+            "predict",
+            ["++postprocess.min_size=4", "recursive=true", "mask_suffixes=[]"],
+        ),
+        ("export.py", "export", ["format=pt2", "++opset=17"]),
+        ("train.py", "config", ["experiment=lung_ct", "model=fcn", "++seed=7"]),
+    ],
+)
+def test_settings_of_each_script_pass_the_key_check(script, config, overrides):
+    """The keys of each script's config (with Hydra's node, which compose keeps) pass."""
+    check_top_keys(composed(config, *overrides, hydra=True), script)
+
+
+def test_the_config_train_scores_its_test_split_with_passes_the_key_check():
+    from lungseg.evaluate import test_config  # a function, not a test
+
+    check_top_keys(OmegaConf.merge(test_config("a.ckpt", "out"), {"device": "cpu"}), "eval.py")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # model.depth is set by conf/experiment/article.yaml, not typed: "Remove +model.depth"
+        # sent the user looking for a + they never typed
+        (
+            ["experiment=article", "model=fcn"],
+            r"^model.depth is not a setting of model \(lungseg.models.fcn.FCN\)\. It comes from "
+            r"conf/experiment/article.yaml: experiment=article is made for model=unet, and "
+            r"model=fcn does not take model.depth\.",
+        ),
+        # typed on the command line: the + is the user's
+        (["model=fcn", "+model.depth=4"], r"^model.depth .*\. Remove \+model.depth, or see"),
+    ],
+)
+def test_a_key_from_an_experiment_file_names_the_file(overrides, message):
+    with pytest.raises(LungsegError, match=message):
+        check_settings(composed("config", *overrides, hydra=True))
 
 
 def test_constructors_that_take_any_keyword_are_not_checked(make_cfg):
@@ -631,6 +741,26 @@ def test_cli_unknown_setting_names_the_nearest_and_the_group_file(tmp_path):
     ]
     # refused before the run's own files are written (Hydra's .hydra/ and train.log may be)
     assert not any((run / name).exists() for name in ("config.yaml", "split.csv", "checkpoints"))
+
+
+def test_cli_predict_refuses_an_unknown_setting_before_it_writes(tmp_path):
+    """`python predict.py ... +treshold=0.3` predicted with the checkpoint's threshold."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), f"ckpt_path={tmp_path / 'missing.ckpt'}"]
+        + [f"input_dir={tmp_path}", f"output_dir={out}", "+treshold=0.3", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lungseg: error:")]
+    assert errors == [
+        "lungseg: error: treshold is not a setting of predict.py; did you mean "
+        "postprocess.threshold? Remove +treshold, or see conf/predict.yaml for the settings."
+    ]
+    assert not run.exists() and not out.exists()
 
 
 def test_cli_empty_folder_is_one_line_without_traceback(tmp_path):
