@@ -435,7 +435,11 @@ def test_a_continued_run_keeps_its_split_and_its_earlier_records(lean_cfg):
     assert (run / "split.csv").read_text() == split
     assert (run / "config.1.yaml").read_text() == config  # what it started with
     assert "max_epochs: 2" in (run / "config.yaml").read_text()
-    assert (run / "metrics.1.json").read_text() == metrics
+    earlier, kept = json.loads(metrics), json.loads((run / "metrics.1.json").read_text())
+    if kept["best_checkpoint"] != earlier["best_checkpoint"]:  # epoch 1 saved a better best:
+        best = Path(kept["best_checkpoint"])  # the earlier one is kept, and its record says so
+        assert best.name == f"earlier-{Path(earlier['best_checkpoint']).name}" and best.is_file()
+    assert kept == {**earlier, "best_checkpoint": kept["best_checkpoint"]}
     assert json.loads((run / "metrics.json").read_text())["epochs_trained"] == 2
 
 
