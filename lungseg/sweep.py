@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import tempfile
 import traceback
@@ -53,6 +54,16 @@ METRICS = (
 
 
 FOLD_KEY = "data.fold"
+# Settings that change which files a run is validated and tested on (and ``seed`` while
+# data.seed follows it): an Optuna search over one would pick the easiest split.
+SPLIT_KEYS = (
+    FOLD_KEY,
+    "data.seed",
+    "data.split",
+    "data.num_folds",
+    "data.split_file",
+    "data.group_pattern",
+)
 # Overrides that leave a run's setting as it was: a run continued with resume=true.
 NOT_A_SETTING = ("resume",)
 
@@ -192,7 +203,9 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     optimises), then runs without one (failed, unfinished), each group in job order.
 
     status: "ok" (metrics.json), "failed" (error.txt, not older than any metrics.json; error =
-    its first line) or "incomplete" (neither: still running, or killed)."""
+    its first line) or "incomplete" (neither: still running, or killed). An Optuna search's
+    trials also get ``earlier``: True for those started by an earlier command of the search
+    (one continued from its storage), which the latest command did not run."""
     sweep_dir = Path(sweep_dir)
     rows = []
     direction, searched = None, []  # of an Optuna search: what it optimises, what it samples
@@ -236,8 +249,17 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         return sorted(rows, key=_rank)
     if not isinstance(direction, str):  # a multi-objective search: the first objective
         direction = next(iter(direction), "maximize")
+    # lungseg's sweeper saves multirun.yaml when each command of the search starts, and a
+    # continued search never enters an earlier trial's folder: one Hydra made before it ran
+    # in an earlier command, and stays as that command left it.
+    latest = sweep_dir / "multirun.yaml"
+    started = latest.stat().st_mtime if latest.is_file() else None
     for row in rows:
         row.update(direction=direction, searched=searched)
+        made = (sweep_dir / row["run"] / ".hydra" / "overrides.yaml").stat().st_mtime
+        row["earlier"] = started is not None and made < started
+        if row["earlier"] and row["status"] == "incomplete":
+            row["error"] = "stopped in an earlier command of the search (see below the table)"
     return sorted(rows, key=lambda row: _rank(row, "objective", direction == "minimize"))
 
 
@@ -272,23 +294,45 @@ def _searched_in(sweep_dir: Path, sweeper: dict) -> list[str]:
         return []  # not as Hydra writes it: the trials' overrides are listed as they are
 
 
-def check_fold_not_searched(params: Any, overrides: list[str]) -> None:
-    """LungsegError where an Optuna search would sample data.fold: its trials would be scored
-    on different folds, and the best would be the easiest fold's."""
-    if FOLD_KEY not in searched_keys(params, overrides):
+def check_split_not_searched(params: Any, overrides: list[str], data_seed: Any = None) -> None:
+    """LungsegError where an Optuna search would sample a setting that changes which files its
+    trials are validated and tested on (SPLIT_KEYS; ``seed`` too while ``data_seed``, the
+    unresolved data.seed, follows it): its trials would be scored on different images, and
+    the best would be the easiest split's. ``params``: hydra.sweeper.params."""
+    searched = searched_keys(params, overrides)
+    split_keys = [*SPLIT_KEYS, "seed"] if "${seed}" in str(data_seed) else SPLIT_KEYS
+    key = next((key for key in searched if key in split_keys), None)
+    if key is None:
         return
-    given = next((o for o in overrides if override_key(o) == FOLD_KEY), None)
+    given = next((o for o in overrides if override_key(o) == key), None)
     if given is None:
-        given = f"hydra.sweeper.params.{FOLD_KEY}={params[FOLD_KEY]}"
+        given = f"hydra.sweeper.params.{key}={params[key]}"
+    if key == FOLD_KEY:
+        fix = (
+            f"Search on one fold ({FOLD_KEY}=0), then train the values it chose on every fold "
+            f"with a plain multirun, without hparams_search: `python train.py -m <the chosen "
+            f"values> {FOLD_KEY}=0,1,2,3,4` (one value for each fold of data.num_folds); its "
+            f"summary.md gives the mean ± std over the folds, and benchmarks/crossval.py "
+            f"chooses the post-processing on their validation splits."
+        )
+    elif key == "seed":
+        fix = (
+            "The split follows seed (data.seed: ${seed}, conf/data/folders.yaml). To search "
+            "the training seed alone (first weights, shuffle order, augmentation), fix the "
+            "split's: add data.seed=42."
+        )
+    else:
+        fix = (
+            f"Give {key} one value for the whole search (or leave it out), so that every "
+            f"trial is scored on the same images; to compare splits, train the values it "
+            f"chose with a plain multirun, without hparams_search: `python train.py -m <the "
+            f"chosen values> {key}=<a,b>`."
+        )
     raise LungsegError(
-        f"{given} would make the Optuna search (hparams_search=optuna) sample the fold like a "
-        f"hyper-parameter: its trials would be scored on different folds, and the study's best "
-        f"value would be that of the easiest fold. Search on one fold ({FOLD_KEY}=0), then "
-        f"train the values it chose on every fold with a plain multirun, without "
-        f"hparams_search: `python train.py -m <the chosen values> {FOLD_KEY}=0,1,2,3,4` "
-        f"(one value for each fold of data.num_folds); its summary.md gives the mean ± std "
-        f"over the folds, and benchmarks/crossval.py chooses the post-processing on their "
-        f"validation splits."
+        f"{given} would make the Optuna search (hparams_search=optuna) sample {key} like a "
+        f"hyper-parameter, but it changes which files the trials are validated and tested "
+        f"on: they would be scored on different images, and the study's best value would be "
+        f"that of the easiest split, not of the best hyper-parameters. {fix}"
     )
 
 
@@ -426,7 +470,43 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path) -
         own = " ".join(o for o in row["override_list"] if o not in shared)
         cells = [_cell(own if column == "overrides" else row.get(column)) for column in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + _spread_lines(rows, shared)) + "\n"
+    return "\n".join(lines + _earlier_lines(rows, sweep_dir) + _spread_lines(rows, shared)) + "\n"
+
+
+def _earlier_lines(rows: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
+    """What an Optuna search's trials that an earlier command left failed or stopped mean for
+    the latest command, and how to finish a stopped one: a continued search trains new trials
+    in new folders, so it never reaches them (resume=true included)."""
+    earlier = [row for row in rows if row.get("earlier") and row["status"] != "ok"]
+    if not earlier:
+        return []
+    jobs = ", ".join(f"{row['job']} ({row['status']})" for row in earlier)
+    lines = [
+        "",
+        f"Trial {jobs} of an earlier command of this search did not finish. A continued search "
+        f"trains new trials in new folders (also with resume=true) and does not run them "
+        f"again; its exit status counts only the trials it ran.",
+    ]
+    stopped = [row for row in earlier if row["status"] == "incomplete"]
+    if stopped:
+        lines[-1] += (
+            " To finish a stopped trial with its values, continue it on its own in its "
+            "folder (its scores then count here, though not in the Optuna study), or delete "
+            f"its folder; then `python -m lungseg.sweep {sweep_dir}` writes this summary again:"
+        )
+        lines += ["", *(f"    {_continue_command(row, sweep_dir)}" for row in stopped)]
+    return lines
+
+
+def _continue_command(row: dict[str, Any], sweep_dir: Path) -> str:
+    """The command that continues a trial's run in its folder as one run (hydra.mode=RUN),
+    keeping the trial's number and sweep in its .hydra/hydra.yaml for the summary."""
+    words = [o for o in row["override_list"] if override_key(o) not in NOT_A_SETTING]
+    words += ["hydra.mode=RUN", f"hydra.run.dir={os.path.abspath(sweep_dir / row['run'])}"]
+    if row["sweep_dir"] is not None:
+        words.append(f"hydra.sweep.dir={row['sweep_dir']}")
+    words += [f"hydra.job.num={row['job']}", "resume=true"]
+    return shlex.join(["python", "train.py", *words])
 
 
 def setting_groups(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
@@ -586,8 +666,21 @@ class SweepSummary(Callback):
         write_summary(sweep_folder(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Exit status 1 where a run of this command failed or did not finish: every job of a
+        plain sweep (a sweep run again into its folder runs its jobs there again), and the
+        trials that an Optuna search ran in this command (a continued one runs none of the
+        earlier ones again, which summary.md lists with what to do about them)."""
         rows = write_summary(sweep_folder(config))
         log.info("sweep summary written to %s", sweep_folder(config) / "summary.md")
+        earlier = [str(row["job"]) for row in rows if row.get("earlier") and row["status"] != "ok"]
+        if earlier:
+            log.warning(
+                "trial %s of an earlier command of this search did not finish; it does not "
+                "count in this command's exit status, and %s says how to finish it",
+                ", ".join(earlier),
+                sweep_folder(config) / "summary.md",
+            )
+        rows = [row for row in rows if not row.get("earlier")]
         failed = [str(row["job"]) for row in rows if row["status"] != "ok"]
         if failed:
             # Hydra gives callbacks no other way to set the exit status of the command.

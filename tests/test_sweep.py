@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -701,10 +702,57 @@ def test_an_optuna_search_over_data_fold_is_refused_before_any_trial_trains(tmp_
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.startswith(
         "lungseg: error: data.fold=0,1 would make the Optuna search (hparams_search=optuna) "
-        "sample the fold like a hyper-parameter"
+        "sample data.fold like a hyper-parameter, but it changes which files the trials are "
+        "validated and tested on"
     ), result.stderr
     assert "python train.py -m <the chosen values> data.fold=0,1" in result.stderr
     assert not list((tmp_path / "sweep").glob("*/.hydra"))  # no trial started
+
+
+@pytest.mark.parametrize(
+    ("params", "overrides", "given"),
+    [
+        ({}, ["data.seed=1,2"], "data.seed=1,2"),
+        ({"data.split": "choice([0.6,0.2,0.2],[0.8,0.1,0.1])"}, [], "hydra.sweeper.params.data"),
+        ({}, ["data.num_folds=choice(3,5)"], "data.num_folds=choice(3,5)"),
+        ({}, ["data.split_file=a.csv,b.csv"], "data.split_file=a.csv,b.csv"),
+        ({}, ["+data.group_pattern=choice(a,b)"], "+data.group_pattern=choice(a,b)"),
+        ({}, ["seed=1,2,3"], "seed=1,2,3"),  # data.seed: ${seed} draws the split from it
+    ],
+)
+def test_an_optuna_search_over_the_split_is_refused_like_one_over_data_fold(
+    params, overrides, given
+):
+    """Was a search that sampled data.seed, data.split, data.num_folds, data.split_file,
+    data.group_pattern or (through data.seed: ${seed}) seed: its best trial was the one
+    tested on the easiest images."""
+    from lungseg.sweep import check_split_not_searched
+
+    with pytest.raises(LungsegError) as refused:
+        check_split_not_searched(params, ["model.width=8", *overrides], "${seed}")
+    message = str(refused.value)
+    assert message.startswith(f"{given}") and "would make the Optuna search" in message
+    assert "changes which files the trials are validated and tested on" in message
+    assert "the easiest split, not of the best hyper-parameters" in message
+    if given == "seed=1,2,3":
+        assert "To search the training seed alone" in message and "add data.seed=42" in message
+    # One value each is no search; the training seed alone, the split's fixed, is accepted.
+    check_split_not_searched({}, ["data.num_folds=5", "data.seed=3", "data.fold=1"], "${seed}")
+    check_split_not_searched({"seed": "choice(1, 2)"}, ["seed=1,2,3"], 42)
+
+
+def test_cli_an_optuna_search_over_seed_needs_the_split_seed_fixed(tmp_path):
+    """Was a search over seed that also drew a new split for every trial (data.seed:
+    ${seed}); with data.seed given it searches the training seed alone."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason=OPTUNA)
+    result = search_cli(tmp_path, "seed=1,2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith("lungseg: error: seed=1,2 would make the Optuna search")
+    assert "add data.seed=42" in result.stderr
+    assert not list((tmp_path / "sweep").glob("*/.hydra"))  # no trial started
+    result = search_cli(tmp_path, "seed=1,2", "data.seed=42")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["status"] for row in collect_runs(tmp_path / "sweep")] == ["ok"]
 
 
 def test_an_optuna_search_continued_into_its_folder_trains_its_new_trials_in_new_folders(
@@ -725,6 +773,78 @@ def test_an_optuna_search_continued_into_its_folder_trains_its_new_trials_in_new
     # model.width, fixed by TINY, is no longer searched
     searched = "Searched by Optuna: `optimizer.lr`, `loss`, `augmentation` (each trial's values"
     assert searched in (sweep / "summary.md").read_text()
+
+
+def test_a_continued_search_exits_by_its_own_trials_and_lists_earlier_unfinished_ones(tmp_path):
+    """Was exit status 1 ("2 of 4 runs failed (job 1, 2)") for every later command of a
+    search once a trial had been killed or had failed: a continued search trains new trials
+    in new folders and never runs those again. A plain sweep runs its jobs again in their
+    folders: any unfinished one still fails it."""
+    sweep = tmp_path / "multirun"
+    search = {"sweeper": {"_target_": "hydra_plugins.lungseg_optuna_sweeper.LungsegOptunaSweeper"}}
+    fake_run(sweep, 0, "unet", metrics(0.6), hydra=search)
+    killed = fake_run(sweep, 1, "unet", None, ("optimizer.lr=0.001", "resume=true"), search)
+    record_error(fake_run(sweep, 2, "fcn", hydra=search), LungsegError("out of memory"))
+    for run in sweep.iterdir():  # trials of the first command, then the continuation's
+        os.utime(run / ".hydra" / "overrides.yaml", (1_000_000, 1_000_000))
+    OmegaConf.save({"hydra": search}, sweep / "multirun.yaml")
+    new = fake_run(sweep, 3, "fcn", metrics(0.7), hydra=search)
+    callback = SweepSummary()
+
+    callback.on_multirun_end(hydra_config(sweep, new))  # returns: exit status 0
+    rows = {row["job"]: row for row in collect_runs(sweep)}
+    assert [rows[job]["status"] for job in range(4)] == ["ok", "incomplete", "failed", "ok"]
+    assert rows[1]["error"].startswith("stopped in an earlier command of the search")
+    markdown = (sweep / "summary.md").read_text()
+    assert "| 1 | model=unet optimizer.lr=0.001 resume=true | incomplete |" in markdown
+    assert (
+        "Trial 1 (incomplete), 2 (failed) of an earlier command of this search did not "
+        "finish. A continued search trains new trials in new folders (also with resume=true) "
+        "and does not run them again; its exit status counts only the trials it ran. To "
+        "finish a stopped trial with its values, continue it on its own in its folder" in markdown
+    )
+    assert (
+        f"    python train.py model=unet optimizer.lr=0.001 {' '.join(SHARED)} hydra.mode=RUN "
+        f"hydra.run.dir={killed} hydra.sweep.dir={sweep} hydra.job.num=1 resume=true\n" in markdown
+    )
+
+    fake_run(sweep, 4, "fcn", hydra=search)  # this command's own: killed, or still running
+    with pytest.raises(SystemExit, match=r"1 of 2 runs failed \(job 4\)"):
+        callback.on_multirun_end(hydra_config(sweep, new))
+
+    plain = tmp_path / "plain"
+    unfinished = fake_run(plain, 0, "unet")
+    os.utime(unfinished / ".hydra" / "overrides.yaml", (1_000_000, 1_000_000))
+    OmegaConf.save({"hydra": {}}, plain / "multirun.yaml")
+    with pytest.raises(SystemExit, match=r"1 of 2 runs failed \(job 0\)"):
+        callback.on_multirun_end(hydra_config(plain, fake_run(plain, 1, "fcn", metrics(0.7))))
+    assert "earlier command" not in (plain / "summary.md").read_text()
+
+
+def test_cli_a_search_continued_after_a_killed_trial_exits_0_and_can_finish_it(tmp_path):
+    """Was exit status 1 for the continuation ("1 of 2 runs failed (job 0)"), whose own
+    trial had trained, and no way to finish the killed trial (resume=true gives the new
+    trials resume=true, in new folders)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason=OPTUNA)
+    storage = f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}"
+    sweep = tmp_path / "sweep"
+    assert search_cli(tmp_path, storage).returncode == 0
+    (sweep / "0" / "metrics.json").unlink()  # as if killed in its test: no record, no error
+    result = search_cli(tmp_path, storage, "resume=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trial 0 of an earlier command of this search did not finish" in result.stdout
+    markdown = (sweep / "summary.md").read_text()
+    assert "| 0 | " in markdown and "| incomplete |" in markdown
+    (command,) = [line for line in markdown.splitlines() if line.startswith("    python ")]
+    words = shlex.split(command)
+    assert words[:2] == ["python", "train.py"]
+    run = [sys.executable, str(ROOT / "train.py"), *words[2:]]
+    result = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    subprocess.run([sys.executable, "-m", "lungseg.sweep", str(sweep)], cwd=ROOT, check=True)
+    rows = collect_runs(sweep)
+    assert sorted((row["job"], row["status"]) for row in rows) == [(0, "ok"), (1, "ok")]
+    assert "earlier command" not in (sweep / "summary.md").read_text()
 
 
 def test_an_optuna_search_in_memory_is_not_continued_into_a_folder_with_trials(tmp_path):
