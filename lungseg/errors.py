@@ -35,10 +35,11 @@ def run_cli(task: Callable[[], T], run_dir: str | Path | None = None) -> T:
     """Run an entry point's task. A LungsegError ends the process with one line on stderr,
     ``lungseg: error: <message>``, and exit status 1; any other exception propagates with its
     traceback (that is a bug in lungseg, not in the user's input). ``run_dir``: the folder
-    Hydra made for this run, removed on such an error when it holds nothing but Hydra's
-    ``.hydra/`` and empty log files (a refused command would leave an empty run folder);
-    where it held a run before, its record (``.hydra/``, log files) is put back as it was
-    (lungseg.hydra_files); where else it stays, its log (train.log, ...) ends with the error."""
+    Hydra made for this run, removed on such an error when this command made it and it holds
+    nothing but Hydra's ``.hydra/`` and empty log files (a refused command would leave an
+    empty run folder); where it held a run before, its record (``.hydra/``, log files) is put
+    back as it was (lungseg.hydra_files); where else it stays, its log (train.log, ...) ends
+    with the error."""
     try:
         return task()
     except Exception as error:
@@ -56,20 +57,28 @@ def run_cli(task: Callable[[], T], run_dir: str | Path | None = None) -> T:
 
 
 def discard_if_empty(folder: Path) -> bool:
-    """Remove ``folder`` if it holds only Hydra's ``.hydra/`` and empty ``*.log`` files (never
-    the working directory or one above it, which ``hydra.run.dir=.`` would name); whether it
-    was removed."""
-    if not folder.is_dir() or folder.resolve() in (Path.cwd().resolve(), *Path.cwd().parents):
+    """Remove ``folder`` if this command made it (``hydra_files.made``: never a folder that
+    existed before, also an empty one of the user's) and it holds only Hydra's ``.hydra/``
+    and empty ``*.log`` files; then the folders above it that the command made with it
+    (``outputs/``, ``outputs/eval/``), those left empty. Whether ``folder`` was removed."""
+    from lungseg import hydra_files
+
+    new = hydra_files.made(folder)
+    if not new or not folder.is_dir():
         return False
-    entries = list(folder.iterdir())
-    if all(
+    if not all(
         (entry.name == ".hydra" and entry.is_dir() and not entry.is_symlink())
         or (entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0)
-        for entry in entries
+        for entry in folder.iterdir()
     ):
-        shutil.rmtree(folder, ignore_errors=True)
-        return True
-    return False
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in new[1:]:
+        try:
+            parent.rmdir()  # only an empty one: another command may have begun to fill it
+        except OSError:
+            break
+    return True
 
 
 def log_to_files(message: str) -> None:

@@ -12,6 +12,8 @@ beside; ``restore`` (a command that stops before: a refusal, a sweep's finished 
 them back, and cuts the folder's log files back to their length before the command, so
 the folder is as it was. ``withdraw`` (a command refused in a folder of the user's that must
 not hold a run: a data folder) also removes what Hydra added there, ``.hydra/`` and the log.
+``made`` tells a refused command which folders it made itself (the run folder, and the
+``outputs/eval/`` above it), the only ones it may remove (lungseg.errors.discard_if_empty).
 The processes Lightning's ddp strategy starts for ranks above 0 run train.py again in rank 0's
 folder with ``hydra.output_subdir=null``: they neither write nor touch its record.
 """
@@ -37,6 +39,9 @@ _SAVED: dict[Path, dict[str, bytes]] = {}
 # run folder (resolved) -> (whether its .hydra/ existed, {log file name: length}) before
 # this command
 _FOUND: dict[Path, tuple[bool, dict[str, int]]] = {}
+# run folder (resolved) -> the folders that did not exist before this command, the run
+# folder first, then those above it that Hydra makes with it
+_MADE: dict[Path, list[Path]] = {}
 
 
 def _subdir(config: DictConfig) -> str | None:
@@ -51,7 +56,10 @@ def _running_subdir() -> str | None:
 
 def remember(folder: Path, subdir: str | None = ".hydra") -> None:
     """Read ``folder/subdir``'s files, if there are any, and the lengths of ``folder``'s log
-    files before Hydra writes its own."""
+    files before Hydra writes its own; and which of ``folder`` and the folders above it do
+    not exist yet (``made``)."""
+    resolved = folder.resolve()
+    _MADE[resolved] = [p for p in (resolved, *resolved.parents) if not p.exists()]
     if subdir is None:
         return
     files = folder / subdir
@@ -70,9 +78,17 @@ def remembered(folder: Path | str, name: str) -> bytes | None:
     return None if record is None else record.get(name)
 
 
+def made(folder: Path | str) -> list[Path]:
+    """The folders that this command made for ``folder`` (``remember``), ``folder`` first if
+    it is one, then those above it, which it alone may remove again (a folder that existed
+    before is the user's, also an empty one); none where nothing was remembered."""
+    return _MADE.pop(Path(folder).resolve(), [])
+
+
 def settle(folder: Path) -> list[Path]:
     """The command goes on in ``folder``: each of its earlier ``.hydra/`` files that Hydra
     replaced is written beside as ``<stem>.<n><suffix>`` (n = 1, 2, ...). Returns them."""
+    _MADE.pop(Path(folder).resolve(), None)
     record = _SAVED.pop(Path(folder).resolve(), None)
     _FOUND.pop(Path(folder).resolve(), None)
     subdir = _running_subdir()
@@ -97,6 +113,7 @@ def keep_record(folder: Path | str) -> list[Path]:
     command's (an earlier eval into the folder), the newer record replaces it and the earlier
     is kept beside, as ``settle``. Returns the files written beside."""
     folder = Path(folder)
+    _MADE.pop(folder.resolve(), None)
     record = _SAVED.get(folder.resolve())
     subdir = _running_subdir()
     if record is None or subdir is None:

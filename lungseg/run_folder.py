@@ -25,7 +25,7 @@ import torchmetrics
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -485,25 +485,39 @@ def interrupted_bests(checkpoint: dict[str, Any], folder: Path) -> list[Path]:
     )
 
 
-def missing_bests(checkpoint: dict[str, Any], folder: Path) -> list[Path]:
+def run_checkpoints(callbacks: list[Any], folder: Path) -> set[str]:
+    """The state keys (their names in a checkpoint's ``callbacks``) of the ModelCheckpoint
+    callbacks among ``callbacks`` that save into ``folder``, the run's checkpoints/: the
+    records that are the run's own, which move with its folder (a callback of the user's
+    that saves elsewhere, a mirror on another disk, keeps its own)."""
+    target = os.path.realpath(folder)  # as ModelCheckpoint keeps its dirpath
+    return {
+        c.state_key
+        for c in callbacks
+        if isinstance(c, ModelCheckpoint) and c.dirpath and os.path.realpath(c.dirpath) == target
+    }
+
+
+def missing_bests(checkpoint: dict[str, Any], folder: Path, keys: set[str]) -> list[Path]:
     """The best checkpoints of last.ckpt's own epoch that ``checkpoint`` (a run's last.ckpt,
-    in ``folder``) records but that are gone: an interrupted run removes the earlier best when
-    the epoch it does not finish saves a better one (``interrupted_bests``), before last.ckpt
-    is written again. The continued run's callbacks would still point at the removed file,
-    and testing it at the end failed; ``train`` restores these from last.ckpt (the same
-    epoch's weights). An older one cannot be, and is left to ``train``'s fallback."""
+    in ``folder``) records but that are gone from ``folder``: an interrupted run removes the
+    earlier best when the epoch it does not finish saves a better one (``interrupted_bests``),
+    before last.ckpt is written again. The continued run's callbacks would still point at the
+    removed file, and testing it at the end failed; ``train`` restores these from last.ckpt
+    (the same epoch's weights). An older one cannot be, and is left to ``train``'s fallback.
+    Only the records of ``keys`` (``run_checkpoints``), by their file names in ``folder``: a
+    moved run folder's record names the old place (``follow_moved_folder``)."""
     missing = []
     for key, state in (checkpoint.get("callbacks") or {}).items():
-        if not key.startswith("ModelCheckpoint") or not isinstance(state, dict):
+        if key not in keys or not isinstance(state, dict):
             continue
         best = state.get("best_model_path")
         if not state.get("monitor") or not best:
             continue
-        best = Path(best)
+        best = folder / Path(best).name
         match = _BEST.fullmatch(best.name)
         if (
             match is not None
-            and best.parent.resolve() == folder.resolve()
             and not best.exists()
             and int(match.group(1)) == checkpoint.get("epoch")
         ):
@@ -511,26 +525,26 @@ def missing_bests(checkpoint: dict[str, Any], folder: Path) -> list[Path]:
     return missing
 
 
-def follow_moved_folder(checkpoint: dict[str, Any], folder: Path) -> Path | None:
-    """Point the record of ``checkpoint``'s ModelCheckpoint callbacks (their folder, best,
-    top-k and last files) at ``folder`` where it names another folder and ``folder`` holds
-    every file it names, by the same names: the run folder was moved or renamed. Lightning
-    drops a record made in another folder but for the best's path (which names the old place),
-    and the continued run would lose track of its best. Returns the folder the record named
-    before, or None where nothing was changed."""
+def follow_moved_folder(checkpoint: dict[str, Any], folder: Path, keys: set[str]) -> Path | None:
+    """Point the record of ``checkpoint``'s ModelCheckpoint callbacks of ``keys`` (the run's
+    own, ``run_checkpoints``: their folder, best, top-k and last files) at ``folder``, the
+    run's checkpoints/, where it names another folder: the run folder was moved or renamed
+    (``checkpoint`` is one of the run's, read from its folder). The files keep their names; a
+    best that an interrupted run removed stays missing, as in a folder that was not moved
+    (``missing_bests``). Lightning drops a record made in another folder but for the best's
+    path (which names the old place), and the continued run would lose track of its best.
+    Returns the folder the record named before, or None where nothing was changed."""
     target = os.path.realpath(folder)  # as ModelCheckpoint keeps its dirpath
     moved = None
     for key, state in (checkpoint.get("callbacks") or {}).items():
         before = state.get("dirpath") if isinstance(state, dict) else None
-        if not key.startswith("ModelCheckpoint") or not before or before == target:
+        if key not in keys or not before or before == target:
             continue
         single = ("best_model_path", "kth_best_model_path", "last_model_path")
         named = [p for p in [*(state.get(k) for k in single), *state.get("best_k_models", {})] if p]
+        if any(Path(p).parent != Path(before) for p in named):
+            continue  # not a record of files in its folder
         here = {p: os.path.join(target, Path(p).name) for p in named}
-        if not named or not all(
-            Path(p).parent == Path(before) and Path(new).is_file() for p, new in here.items()
-        ):
-            continue
         state.update({k: here[state[k]] for k in single if state.get(k)}, dirpath=target)
         state["best_k_models"] = {here[p]: v for p, v in state.get("best_k_models", {}).items()}
         moved = Path(before)
@@ -542,22 +556,26 @@ _RECORD = re.compile(r"metrics(\.\d+)?\.json")
 
 class RunCheckpointIO(TorchCheckpointIO):
     """Lightning's reading and removing of checkpoint files (a Trainer plugin), for the run
-    in the folder ``run``. A checkpoint read whose callbacks recorded their files in another
-    folder that ``run/checkpoints`` holds by the same names (the run folder was moved or
-    renamed) has that record moved here (``follow_moved_folder``). A best checkpoint that the
-    run's record names (metrics.json; an earlier continuation's metrics.<n>.json) is not
-    removed when a callback's top-k would remove it (a continued run saved a better one): it
-    is kept as ``earlier-<name>`` and the record names that file. Files are written as
-    Lightning writes them."""
+    in the folder ``run``, whose own checkpoint callbacks have the state keys ``keys``
+    (``run_checkpoints``). A checkpoint of the run read from its folder whose record of those
+    callbacks names another folder (the run folder was moved or renamed) has that record
+    moved here (``follow_moved_folder``). A best checkpoint that the run's record names
+    (metrics.json; an earlier continuation's metrics.<n>.json) is not removed when a
+    callback's top-k would remove it (a continued run saved a better one): it is kept as
+    ``earlier-<name>`` and the record names that file. Files are written as Lightning writes
+    them."""
 
-    def __init__(self, run: Path) -> None:
+    def __init__(self, run: Path, keys: set[str]) -> None:
         super().__init__()
         self.run = Path(run)
+        self.keys = keys
         self._followed: set[Path] = set()  # named in the log once
 
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(*args, **kwargs)
-        before = follow_moved_folder(checkpoint, self.run / "checkpoints")
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(path, *args, **kwargs)
+        if not continues_run(str(path), self.run):  # another run's: its record stays its own
+            return checkpoint
+        before = follow_moved_folder(checkpoint, self.run / "checkpoints", self.keys)
         if before is not None and before not in self._followed:
             self._followed.add(before)
             if rank_zero_only.rank == 0:

@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, Timer
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg import hostmem, hydra_files, postprocess
@@ -47,6 +48,7 @@ from lungseg.run_folder import (
     read_checkpoint,
     read_initial_weights,
     resume_checkpoint,
+    run_checkpoints,
     set_aside,
     untested,
     warn_trained_on,
@@ -223,6 +225,27 @@ def stop_reason(trainer: pl.Trainer) -> str:
     if 0 <= trainer.max_steps <= trainer.global_step:
         return "max_steps"
     return "other"
+
+
+def logged_steps(checkpoint: dict[str, Any]) -> int:
+    """The step that Lightning's loggers give the first point logged after ``checkpoint``:
+    its count of batches that stepped the optimiser (as ``global_step`` with one optimiser;
+    an epoch's end is logged at the step before, with the epoch's last batch)."""
+    loop = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.state_dict")
+    return int((loop or {}).get("_batches_that_stepped", checkpoint.get("global_step", 0)))
+
+
+def build_logger(config: DictConfig, out_dir: Path, purge_step: int | None) -> Any:
+    """The logger of ``config``. A TensorBoard logger that writes into the run folder of a
+    continued run gets ``purge_step`` (``logged_steps`` of its checkpoint): TensorBoard then
+    hides what earlier sessions there logged from that step on, the epoch an interrupted run
+    did not finish, which this run trains and logs again (the curves zig-zagged there)."""
+    logger = instantiate(config)
+    if purge_step is None or not isinstance(logger, TensorBoardLogger):
+        return logger
+    if not Path(logger.log_dir).resolve().is_relative_to(out_dir.resolve()):
+        return logger  # another folder's log (shared by runs?): not this run's to hide
+    return instantiate(config, purge_step=purge_step)
 
 
 def check_without_validation(cfg: DictConfig) -> None:
@@ -412,6 +435,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     continuing = continues_run(ckpt_path, out_dir)
     # the time of the run this one continues in its folder; a ckpt_path's run's is its own
     module.time_restored = not continuing
+    # built before anything is written (a callback's wrong setting refuses the command first)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    own = run_checkpoints(callbacks, out_dir / "checkpoints")  # the run's checkpoint records
+    purge_step = None  # TensorBoard's first step that this continuation logs again
     stale: list[Path] = []  # best checkpoints of an epoch the continued run trains again
     restored: list[Path] = []  # the best checkpoint an interrupted run removed, from last.ckpt
     finishing = False  # a run stopped in its test after training: tested, nothing trained
@@ -427,6 +454,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         described = {"hyper_parameters": saved.get("hyper_parameters") or {}}
         if continuing:
             check_same_classes(ckpt_path, saved, datamodule.data_info())
+            purge_step = logged_steps(saved)
         from_last = continuing and last.is_file() and Path(ckpt_path).resolve() == last.resolve()
         try:
             check_continuable(cfg, ckpt_path, saved)
@@ -439,7 +467,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer_settings["max_epochs"] = int(saved.get("epoch", -1)) + 1
         if from_last:
             stale = interrupted_bests(saved, out_dir / "checkpoints")
-            restored = missing_bests(saved, out_dir / "checkpoints")
+            restored = missing_bests(saved, out_dir / "checkpoints", own)
         del saved  # Lightning reads it again to restore it
     if initial is not None:
         apply_initial_weights(module.net, initial, init_path)
@@ -514,7 +542,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     hint = cpu_bf16_hint(trainer_settings)
     if hint and rank_zero_only.rank == 0:
         log.info(hint)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks = [c for c in callbacks if not (isinstance(c, EMA) and not c.enabled)]
     if not trainer_settings.get("enable_progress_bar", True):  # Lightning refuses a bar then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -524,11 +551,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Lightning saves an unmonitored checkpoint at an epoch's end only when it would
         # validate every epoch; otherwise it waits for a validation that never comes.
         trainer_settings["check_val_every_n_epoch"] = 1
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    loggers = [build_logger(c, out_dir, purge_step) for c in cfg.logger.values() if c is not None]
     # a moved run folder's record of its best followed; an earlier record's best kept
     # (the user's trainer.plugins, one or a list, kept beside it)
     given = instantiate(trainer_settings.pop("plugins", None) or [], _convert_="all")
-    plugins = [*(given if isinstance(given, list | tuple) else [given]), RunCheckpointIO(out_dir)]
+    given = given if isinstance(given, list | tuple) else [given]
+    plugins = [*given, RunCheckpointIO(out_dir, own)]
     trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers, plugins=plugins)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -698,22 +698,33 @@ def _record_best(last: Path, epoch: int) -> Path:
     return best
 
 
+@pytest.mark.parametrize("moved", [False, True])
 @pytest.mark.parametrize("epoch", [1, 0])
 def test_a_best_checkpoint_an_interrupted_run_removed_is_restored_or_replaced(
-    lean_cfg, tmp_path, caplog, epoch
+    lean_cfg, tmp_path, caplog, epoch, moved
 ):
     """Killed after the unfinished epoch 2 saved its best (removing the earlier one) and
     before last.ckpt took it in: the continued run's restored callback pointed at the removed
     file, and the run ended in a FileNotFoundError without metrics.json (found by a tester).
     A best of last.ckpt's epoch (1) is restored from last.ckpt; an older one (0) cannot be,
-    and the final weights are tested, with a warning."""
-    folder = tmp_path / "run" / "checkpoints"
+    and the final weights are tested, with a warning. The same in a run folder moved after
+    the interruption (was: the best was looked for in the old folder and not restored, and
+    the record, which named a missing file, not followed, so a new epoch's best was tested;
+    found by a review)."""
+    run = tmp_path / "run"
     train(lean_cfg("trainer.max_epochs=2", "test_after_fit=false"))
-    best = _record_best(folder / "last.ckpt", epoch)
-    (folder / "best-epoch002.ckpt").write_bytes((folder / "last.ckpt").read_bytes())
+    _record_best(run / "checkpoints" / "last.ckpt", epoch)
+    (run / "checkpoints" / "best-epoch002.ckpt").write_bytes(
+        (run / "checkpoints" / "last.ckpt").read_bytes()
+    )
+    if moved:
+        run = Path(shutil.move(run, tmp_path / "elsewhere" / "moved"))
+    folder = run / "checkpoints"
+    best = folder / f"best-epoch{epoch:03d}.ckpt"
     with caplog.at_level(logging.INFO):
-        resumed = train(lean_cfg("trainer.max_epochs=3", "resume=true"))
+        resumed = train(lean_cfg("trainer.max_epochs=3", "resume=true", f"output_dir={run}"))
     assert resumed["test/dice"] is not None and resumed["epochs_trained"] == 3
+    assert (f"and now names the same files in {folder}" in caplog.text) == moved
     if epoch == 1:
         assert "best-epoch001.ckpt restored from last.ckpt (the same epoch's weights)" in (
             caplog.text
@@ -723,7 +734,7 @@ def test_a_best_checkpoint_an_interrupted_run_removed_is_restored_or_replaced(
         assert f"{best}, the best checkpoint the continued run recorded, is gone" in caplog.text
         assert resumed["best_checkpoint"] == str(folder / "last.ckpt")
         assert resumed["best_epoch"] == 2 and resumed["best_score"] is None
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert (run / "metrics.json").is_file()
 
 
 def test_a_run_stopped_in_its_test_is_finished_by_resume(lean_cfg, tmp_path):

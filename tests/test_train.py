@@ -245,6 +245,39 @@ def test_a_moved_run_folder_keeps_its_best_checkpoint_when_resumed(make_cfg, tmp
     assert sorted(p.name for p in folder.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
 
 
+def test_a_checkpoint_callback_of_the_users_elsewhere_keeps_its_own_record(
+    make_cfg, tmp_path, caplog, monkeypatch
+):
+    """A checkpoint callback the user adds that saves elsewhere (a mirror on another disk) is
+    not the run's: resumed in its unmoved run folder, whose checkpoints/ holds a file of the
+    same name, its record was taken for a moved run's, pointed at the run's file, and the
+    log said the folder was moved (found by a review)."""
+    backup = tmp_path / "backup"
+    mirror = {
+        "_target_": "pytorch_lightning.callbacks.ModelCheckpoint",
+        "dirpath": backup,
+        "filename": "last",
+        "monitor": "null",
+        "mode": "max",  # another state key than callbacks.last_checkpoint's
+    }
+    settings = [f"+callbacks.mirror.{key}={value}" for key, value in mirror.items()]
+    settings.append("test_after_fit=false")
+    train(make_cfg(*settings, "trainer.max_epochs=2"))  # last.ckpt records the mirror's file
+    loaded = {}
+    original = pytorch_lightning.callbacks.ModelCheckpoint.load_state_dict
+
+    def spy(self, state_dict):
+        loaded[self.dirpath] = state_dict["dirpath"]
+        original(self, state_dict)
+
+    monkeypatch.setattr(pytorch_lightning.callbacks.ModelCheckpoint, "load_state_dict", spy)
+    with caplog.at_level(logging.INFO):
+        train(make_cfg(*settings, "resume=true", "trainer.max_epochs=3"))
+    assert loaded[str(backup)] == str(backup)
+    assert "moved or renamed" not in caplog.text
+    assert (backup / "last.ckpt").is_file()
+
+
 def test_a_run_continued_with_other_model_settings_is_refused(make_cfg, tmp_path, caplog):
     """Settings that keep the weights' shapes but change what the network computes (DeepLab's
     output_stride and atrous_rates, a dropout) were taken by a resumed run, and its checkpoint
@@ -465,6 +498,34 @@ def test_the_progress_bar_reads_the_loss_every_log_every_n_steps(make_cfg, monke
     # batches 4, 8 and the epoch's last, the epoch's end and the fit's end (the last line
     # shows the last epoch's values); the default bar: every batch
     assert {4, 8} <= set(reads) and len(reads) <= steps // 4 + 3, reads
+
+
+def test_a_resumed_run_hides_the_points_of_the_epoch_it_trains_again(make_cfg, monkeypatch):
+    """Was: TensorBoard showed the points an interrupted run had logged in the epoch it did
+    not finish beside those of the resumed run, which trains that epoch again (the curves
+    zig-zagged there). The run's TensorBoard folder, read as TensorBoard reads it, has one
+    point a step, at the steps of an uninterrupted run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    original = SegmentationModule.on_train_epoch_end
+
+    def killed_in_epoch_2(self):  # after its validation logged, before last.ckpt took it in
+        if self.current_epoch == 2:
+            raise Interrupted
+        original(self)
+
+    settings = ("trainer.max_epochs=3", "trainer.log_every_n_steps=1", "test_after_fit=false")
+    monkeypatch.setattr(SegmentationModule, "on_train_epoch_end", killed_in_epoch_2)
+    with pytest.raises(Interrupted):
+        train(make_cfg(*settings))
+    monkeypatch.setattr(SegmentationModule, "on_train_epoch_end", original)
+    train(make_cfg(*settings, "resume=true"))
+    events = EventAccumulator(str(Path(make_cfg().output_dir) / "tensorboard")).Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert steps["val/dice"] == steps["train/loss_epoch"] == [1, 3, 5]  # 2 batches an epoch
+    assert steps["lr-AdamW"] == [0, 2, 4] and steps["train/loss_step"] == list(range(6))
+    del steps["epoch"]  # Lightning adds it to every log call, so a step can have several
+    assert all(points == sorted(set(points)) for points in steps.values()), steps
 
 
 def scalar_points(run_dir, tag: str) -> list[tuple[int, float]]:
@@ -724,8 +785,9 @@ def test_cli_gpus_without_gpu_prints_one_line(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "lungseg: error: trainer.gpus=1 asks for a GPU" in result.stderr
-    # the run folder Hydra made, with nothing of the run in it, is not left behind
-    assert list((tmp_path / "outputs" / "train").iterdir()) == []
+    # the run folder Hydra made, with nothing of the run in it, is not left behind, nor the
+    # outputs/train/ it made around it
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_cli_data_error_leaves_no_run_folder_and_is_in_the_log_of_one_that_stays(tmp_path):
@@ -743,7 +805,7 @@ def test_cli_data_error_leaves_no_run_folder_and_is_in_the_log_of_one_that_stays
     assert result.returncode == 1 and "Traceback" not in result.stderr
     error = next(line for line in result.stderr.splitlines() if line.startswith("lungseg: e"))
     assert error.startswith("lungseg: error: Found 1 image without a mask"), result.stderr
-    assert list((tmp_path / "outputs" / "train").iterdir()) == []
+    assert not (tmp_path / "outputs").exists()
     kept = tmp_path / "kept"  # a folder of the user's: it stays, and its log tells why
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
@@ -763,7 +825,7 @@ def test_cli_output_dir_other_than_the_run_folder_is_refused(tmp_path):
     assert f"lungseg: error: output_dir={tmp_path / 'mine'} is not the run folder" in result.stderr
     assert f"Give hydra.run.dir={tmp_path / 'mine'} instead" in result.stderr
     assert not (tmp_path / "mine").exists()
-    assert list((tmp_path / "outputs" / "train").iterdir()) == []
+    assert not (tmp_path / "outputs").exists()
     # a sweep: every job refused, the error in its own folder of the sweep
     result = run_cli(["-m", "model=unet,fcn", f"output_dir={tmp_path / 'mine'}", *TINY], tmp_path)
     assert result.returncode == 1 and "2 of 2 runs failed" in result.stderr
@@ -956,6 +1018,7 @@ def test_a_sweep_job_that_did_not_run_keeps_its_hydra_record(tmp_path):
 
 
 def test_only_a_run_folder_with_nothing_in_it_is_discarded(tmp_path, monkeypatch):
+    from lungseg import hydra_files
     from lungseg.errors import discard_if_empty
 
     monkeypatch.chdir(tmp_path)
@@ -964,15 +1027,71 @@ def test_only_a_run_folder_with_nothing_in_it_is_discarded(tmp_path, monkeypatch
         "logged": {"train.log": "120 image/mask pairs\n"},
         "yours": {"train.log": "", "notes.txt": "mine"},
     }.items():
+        hydra_files.remember(tmp_path / name)  # as KeepHydraFiles does before Hydra makes it
         (tmp_path / name / ".hydra").mkdir(parents=True)
         (tmp_path / name / ".hydra" / "config.yaml").write_text("a: 1\n")
         for file, text in files.items():
             (tmp_path / name / file).write_text(text)
         discard_if_empty(tmp_path / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logged", "yours"]
+    hydra_files.remember(tmp_path)
     (tmp_path / ".hydra").mkdir()
     discard_if_empty(tmp_path)  # hydra.run.dir=. : the working directory stays
     assert tmp_path.is_dir()
+
+
+def test_a_refusal_removes_only_the_folders_it_made(tmp_path, monkeypatch):
+    """Was: a command refused in an empty folder of the user's (hydra.run.dir=<it>) removed
+    the folder, and a refused eval.py or predict.py left the outputs/eval/ (outputs/predict/)
+    it had made around its run folder (found by a review)."""
+    from lungseg import hydra_files
+    from lungseg.errors import run_cli
+
+    def refused() -> None:
+        raise LungsegError("refused")
+
+    def refuse_in(folder: Path) -> None:
+        hydra_files.remember(folder)  # as KeepHydraFiles does before Hydra makes the folder
+        (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+        (folder / "eval.log").touch()
+        with pytest.raises(SystemExit):
+            run_cli(refused, folder)
+
+    monkeypatch.chdir(tmp_path)
+    yours = tmp_path / "yours"
+    yours.mkdir()
+    refuse_in(yours)
+    assert yours.is_dir()
+    refuse_in(tmp_path / "outputs" / "eval" / "first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["yours"]
+    (tmp_path / "outputs" / "eval").mkdir(parents=True)  # the user's, though empty
+    refuse_in(tmp_path / "outputs" / "eval" / "second")
+    assert list((tmp_path / "outputs" / "eval").iterdir()) == []
+
+
+def test_cli_a_refusal_in_an_empty_folder_of_the_users_keeps_it(tmp_path):
+    """Was: an empty mask folder given as the run folder too (data.mask_dir=<it>
+    hydra.run.dir=<it>) was refused as a data folder, and then removed as an empty run folder
+    (found by a review). An eval.py refused in a fresh working directory leaves no outputs/
+    there (was: outputs/eval/)."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    data = [f"data.image_dir={images}", f"data.mask_dir={masks}", f"hydra.run.dir={masks}"]
+    result = run_cli([*data, *TINY], tmp_path)
+    assert result.returncode == 1 and f"The run folder {masks} is data.mask_dir" in result.stderr
+    assert masks.is_dir() and list(masks.iterdir()) == []
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={tmp_path / 'none.ckpt'}"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "none.ckpt does not exist" in result.stderr
+    assert list(work.iterdir()) == []
 
 
 def test_cli_multirun_writes_one_folder_per_model(tmp_path):
