@@ -385,8 +385,9 @@ def _score(
     pairs, source = eval_pairs(cfg)
     mask_mode = cfg.data.mask_mode or info["mask_mode"]
     palette = _palette(cfg.data.palette) or info["palette"]
-    # as the checkpoint's run read its masks (a checkpoint from before it: none)
-    ignore = ignore_value(info.get("ignore_index"), mask_mode)
+    # as the checkpoint's run read its masks (a checkpoint from before it: none), unless given
+    given = cfg.data.get("ignore_index")
+    ignore = ignore_value(info.get("ignore_index") if given is None else given, mask_mode)
     flips = postprocess.flips(cfg.tta, cfg.tta_flips, model.hparams.get("postprocess"))
     postprocess.warn_sided_flips(flips, class_names)
     label = " + ".join(config_checkpoints(cfg))

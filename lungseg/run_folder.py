@@ -718,6 +718,7 @@ PREPARATION = (
     "intensity_offset",
     "normalize",
     "mask_mode",
+    "ignore_index",  # masks read otherwise: the best checkpoint chosen across two labellings
     "bit_depths",
     "mean",
     "std",

@@ -455,6 +455,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if continuing:
             check_same_classes(ckpt_path, saved, datamodule.data_info())
             purge_step = logged_steps(saved)
+        if rank_zero_only.rank == 0:  # where a continued run's train.log picks up
+            log.info(
+                "continuing from %s: %s trained, the next is epoch %d",
+                ckpt_path,
+                counted(int(saved.get("epoch", -1)) + 1, "epoch"),
+                int(saved.get("epoch", -1)) + 1,
+            )
         from_last = continuing and last.is_file() and Path(ckpt_path).resolve() == last.resolve()
         try:
             check_continuable(cfg, ckpt_path, saved)

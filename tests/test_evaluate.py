@@ -751,3 +751,23 @@ def test_other_images_of_a_set_are_not_the_same_picture(tmp_path):
             for b in images[i + 1 :]:
                 half = resized(b, 0.5, cv2.INTER_NEAREST)
                 assert not _same_picture(a, b) and not _same_picture(a, half)
+
+
+def test_eval_takes_an_ignore_label_of_its_own(tmp_path, checkpoints):
+    """Masks with an unlabelled border (255 beside 0/128 binary masks) scored by a model trained
+    without an ignore label: data.ignore_index=255 leaves the border out (was: no such
+    setting, and the border counted as foreground, found by a new-user tester)."""
+    image_dir, mask_dir = write_pairs(tmp_path / "data", [(40, 48)] * 3, "binary", rgb=True)
+    bordered = {}
+    for path in sorted(mask_dir.iterdir()):
+        mask = np.where(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 0, 128, 0).astype(np.uint8)
+        mask[:4] = 255  # the unlabelled border
+        cv2.imwrite(str(path), mask)
+        bordered[path.stem] = mask
+    data = [f"data.image_dir={image_dir}", f"data.mask_dir={mask_dir}", "split=all"]
+    evaluate(eval_cfg(tmp_path, checkpoints["binary"], *data, "data.ignore_index=255"))
+    rows, _ = read_outputs(tmp_path / "eval")
+    for row in rows:
+        kept = bordered[Path(row["image"]).stem] != 255
+        target = (bordered[Path(row["image"]).stem] == 128) & kept
+        assert int(row["target_pixels_foreground"]) == target.sum()

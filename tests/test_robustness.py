@@ -395,7 +395,7 @@ def record_epoch_starts(monkeypatch, record=None) -> list[int]:
     return started
 
 
-def test_last_checkpoint_is_the_newest_epoch_when_the_best_is_older(lean_cfg, monkeypatch):
+def test_last_checkpoint_is_the_newest_epoch_when_the_best_is_older(lean_cfg, monkeypatch, caplog):
     """resume=true continues from the newest epoch, not from the best one: epochs after the
     best are not trained again. (Lightning 2.6's save_last writes last.ckpt only in epochs
     that improve the monitor.) Monitoring the epoch number for its minimum keeps epoch 0 best."""
@@ -410,10 +410,16 @@ def test_last_checkpoint_is_the_newest_epoch_when_the_best_is_older(lean_cfg, mo
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2
 
     started = record_epoch_starts(monkeypatch)
+    caplog.set_level(logging.INFO, logger="lungseg")
     more = train(
         lean_cfg("test_after_fit=false", "trainer.max_epochs=4", "resume=true", *oldest_is_best)
     )
     assert started == [3]
+    # train.log says where the continued run picks up (was: only a scheduler's line hinted it)
+    assert (
+        f"continuing from {checkpoints / 'last.ckpt'}: 3 epochs trained, the next is epoch 3"
+        in (caplog.text)
+    )
     assert more["epochs_trained"] == 4 and more["best_epoch"] == 0
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 3
 
@@ -901,3 +907,15 @@ def test_ctrl_c_says_how_to_continue(lean_cfg, monkeypatch, caplog):
     assert f"Interrupted. {last} holds the last finished epoch; continue the run" in caplog.text
     assert f"hydra.run.dir={cfg.output_dir} resume=true." in caplog.text
     assert torch.load(last, weights_only=True)["epoch"] == 0
+
+
+def test_a_run_is_not_continued_with_another_ignore_label():
+    """Continuing with another data.ignore_index reads the masks otherwise (an unlabelled
+    area turned foreground), and the best checkpoint would be chosen across two labellings:
+    refused like another mask mode (was: accepted without a word, found by a tester)."""
+    from lungseg.run_folder import check_same_preparation
+
+    checkpoint = {"hyper_parameters": {"data_info": {"ignore_index": 128, "mask_mode": "binary"}}}
+    with pytest.raises(LungsegError, match=r"ignore_index null \(the checkpoint: 128\)"):
+        check_same_preparation("last.ckpt", checkpoint, {"ignore_index": None}, continuing=True)
+    check_same_preparation("last.ckpt", checkpoint, {"ignore_index": 128}, continuing=True)
