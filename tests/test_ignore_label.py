@@ -2,6 +2,7 @@
 the metrics, eval.py's scores, and are what augmentation moves in from outside the image."""
 
 import csv
+import logging
 import math
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
-from test_datamodule import gray_image, label_map, make_dm
+from test_datamodule import gray_image, label_map, make_dm, write_data
+from test_masks import VOC, palette_png
 
 from lungseg.data.datamodule import CachedSegDataset, ForegroundSampler
 from lungseg.data.device_augment import BatchAugment
@@ -177,23 +179,31 @@ def test_a_bad_ignore_index_is_named(setting, mode, match):
     assert ignore_value(7, "palette") == (7, 7, 7)
 
 
-def write_voc_like(root, n=8, size=(40, 48), blank=True):
-    """Index masks 0/1 with a 255 border a few pixels wide (Pascal VOC's "void") and, with
-    ``blank``, one mask whose only non-zero pixels are the border (the last). Returns
+# A palette PNG's palette as Pascal VOC's: classes 0-2, index 255 (the border) cream
+VOC_PALETTE = [*VOC[:3], *[[0, 0, 0]] * 252, [224, 224, 192]]
+
+
+def write_voc_like(root, n=8, size=(40, 48), blank=True, class_id=1, paletted=False):
+    """Index masks 0/``class_id`` with a 255 border a few pixels wide (Pascal VOC's "void")
+    and, with ``blank``, one mask whose only non-zero pixels are the border (the last); with
+    ``paletted`` saved as palette PNGs (VOC_PALETTE), as Pascal VOC's are. Returns
     (image_dir, mask_dir, masks)."""
     image_dir, mask_dir = root / "images", root / "masks"
     image_dir.mkdir(parents=True)
     mask_dir.mkdir(parents=True)
     masks = {}
     for i in range(n):
-        mask = (label_map(i, *size) > 0).astype(np.uint8)
+        mask = (label_map(i, *size) > 0).astype(np.uint8) * class_id
         if blank and i == n - 1:
             mask[:] = 0
         edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
         mask[edge] = 255
         mask[:2] = 255
         cv2.imwrite(str(image_dir / f"case{i:02d}.png"), gray_image(np.minimum(mask, 1), i))
-        cv2.imwrite(str(mask_dir / f"case{i:02d}.png"), mask)
+        if paletted:
+            palette_png(mask_dir / f"case{i:02d}.png", mask, VOC_PALETTE)
+        else:
+            cv2.imwrite(str(mask_dir / f"case{i:02d}.png"), mask)
         masks[f"case{i:02d}"] = mask
     return image_dir, mask_dir, masks
 
@@ -201,7 +211,7 @@ def write_voc_like(root, n=8, size=(40, 48), blank=True):
 def test_an_ignore_value_is_no_class_when_the_classes_are_counted(tmp_path):
     # without the setting: refused as before, the errors now naming it
     other_dir, other_masks, _ = write_voc_like(tmp_path / "other", blank=False)
-    with pytest.raises(LungsegError, match=r"largest class value is 255.*ignore_index=255"):
+    with pytest.raises(LungsegError, match=r"class ids 0-1 and the value 255.*ignore_index=255"):
         make_dm(other_dir, other_masks)
     image_dir, mask_dir, masks = write_voc_like(tmp_path / "voc")
     with pytest.raises(LungsegError, match=r"looks like a binary.*ignore_index=255"):
@@ -221,6 +231,128 @@ def test_an_ignore_value_is_no_class_when_the_classes_are_counted(tmp_path):
     palette = {"background": [0, 0, 0], "lung": [0, 255, 0]}
     with pytest.raises(LungsegError, match="a colour of data.palette"):
         make_dm(image_dir, mask_dir, mask_mode="palette", palette=palette, ignore_index=[0, 255, 0])
+
+
+def ignore_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "data.ignore_index is" in r.getMessage()]
+
+
+def test_an_ignore_value_no_mask_holds_is_warned_of_with_the_values_they_hold(tmp_path, caplog):
+    """data.ignore_index=3 on 0/1/2 masks (a typo) left no pixel out, in silence."""
+    image_dir, mask_dir, _ = write_data(tmp_path / "index", n=8)
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
+        assert make_dm(image_dir, mask_dir, ignore_index=3).num_classes == 3
+    (said,) = ignore_warnings(caplog)
+    assert "data.ignore_index is 3, but none of the 8 masks holds that value" in said
+    assert "the masks hold the values 0-2" in said and "Most likely a typo" in said
+    # binary masks 0/255 whose unlabelled area is 128: the stored values, one mask's
+    image_dir, mask_dir, masks = write_data(tmp_path / "binary", n=8, mode="binary")
+    for name, mask in masks.items():
+        sparse = mask * 255
+        sparse[:6] = 128
+        cv2.imwrite(str(mask_dir / f"{name}.png"), sparse)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
+        make_dm(image_dir, mask_dir, mask_mode="binary", ignore_index=127)
+    (said,) = ignore_warnings(caplog)
+    assert f"{mask_dir / 'case00.png'}, for one, holds 0, 128, 255" in said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.datamodule"):
+        make_dm(image_dir, mask_dir, mask_mode="binary", ignore_index=128)
+    assert not ignore_warnings(caplog)
+
+
+@pytest.mark.parametrize("ignore", [2, 128, 1000])
+def test_a_value_above_the_class_ids_names_the_ignore_index_not_the_mask(tmp_path, ignore):
+    """VOC masks (0/1/2, a 255 border) with data.ignore_index set wrong were told to fix the
+    mask, whose 255 was "out of range"."""
+    indices = np.array([[0, 1, 2, 255]], np.uint8)
+    grey = tmp_path / "grey.png"
+    cv2.imwrite(str(grey), indices)
+    for path in (grey, palette_png(tmp_path / "p.png", indices, VOC_PALETTE)):
+        with pytest.raises(LungsegError) as info:
+            decode_mask(read_image(path), "index", path, ignore=ignore)
+        message = str(info.value)
+        assert f"255 is not data.ignore_index ({ignore}): if 255 marks pixels" in message
+        assert "set data.ignore_index=255" in message and "out of range" not in message
+
+
+def test_an_ignore_index_below_the_largest_class_id_is_named_as_the_gap(tmp_path):
+    """Masks 0/1/2 with data.ignore_index=1: the error said "the values 1 occur in no mask"
+    and offered data.ignore_index=2."""
+    image_dir, mask_dir, _ = write_data(tmp_path, n=8)
+    with pytest.raises(LungsegError) as info:
+        make_dm(image_dir, mask_dir, ignore_index=1)
+    message = str(info.value)
+    assert "data.ignore_index=1 takes the value 1 out of the classes" in message
+    assert "the masks hold the values 0, 2 besides 1" in message
+    assert "Choose an ignore value above every class id" in message
+    assert "occur in no mask" not in message and "ignore_index=2" not in message
+
+
+def test_voc_masks_without_the_setting_lead_with_the_ignore_index(tmp_path):
+    """Index masks of class ids and a 255 border: data.ignore_index=255 comes first; palette
+    PNGs get no grey palette (which reads their colours, not the indices)."""
+    image_dir, mask_dir, _ = write_voc_like(tmp_path / "grey", blank=False)
+    with pytest.raises(LungsegError) as info:
+        make_dm(image_dir, mask_dir)
+    message = str(info.value)
+    assert message.startswith("The masks hold the class ids 0-1 and the value 255")
+    assert message.index("set data.ignore_index=255") < message.index("data.num_classes=256")
+    assert "data.palette" not in message
+    # classes 0/2 (class 1 in no mask): not a run of class ids, so the general message
+    image_dir, mask_dir, _ = write_voc_like(tmp_path / "p", blank=False, class_id=2, paletted=True)
+    with pytest.raises(LungsegError) as info:
+        make_dm(image_dir, mask_dir)
+    message = str(info.value)
+    assert "the values 1, 3-254 occur in no mask" in message
+    assert "data.palette" not in message and "set data.ignore_index=255" in message
+    # a mask at a time: 16-bit, or with data.num_classes
+    for raw, k in [
+        (np.array([[0, 1, 2, 65535]], np.uint16), None),
+        (np.array([[0, 1, 2, 255]], np.uint8), 3),
+    ]:
+        top = int(raw.max())
+        with pytest.raises(LungsegError) as info:
+            decode_mask(raw, "index", tmp_path / "m.png", num_classes=k)
+        assert str(info.value).startswith(
+            f"Mask {tmp_path / 'm.png'} holds the value {top} above its class ids (0, 1, 2): "
+            f"if {top} marks pixels to leave out of training and scoring"
+        )
+        assert f"set data.ignore_index={top}." in str(info.value)
+
+
+def test_palette_mode_names_the_ignore_index_for_an_unknown_colour(tmp_path):
+    """A VOC palette PNG read by its colours: the border's colour (224, 224, 192) was named
+    as not in data.palette, without data.ignore_index; and data.ignore_index=255 (the index)
+    reads as the grey (255, 255, 255)."""
+    indices = np.zeros((6, 6), np.uint8)
+    indices[1:5, 1:5], indices[2:4, 2:4] = 255, 1
+    path = palette_png(tmp_path / "m.png", indices, VOC_PALETTE)
+    raw = read_image(path)
+    with pytest.raises(LungsegError) as info:
+        decode_mask(raw, "palette", path, VOC[:3])
+    message = str(info.value)
+    assert "If (224, 224, 192) marks unlabelled pixels" in message
+    assert "data.ignore_index=[224,224,192] leaves them out of training and scoring" in message
+    with pytest.raises(LungsegError) as info:
+        decode_mask(raw, "palette", path, VOC[:3], ignore=ignore_value(255, "palette"))
+    message = str(info.value)
+    assert "read in palette mode as the colour (255, 255, 255)" in message
+    assert "shows its index 255 as (224, 224, 192): palette mode takes a colour, " in message
+    assert "data.ignore_index=[224,224,192], or set data.mask_mode=index" in message
+    expected = np.where(indices == 255, IGNORE, indices)  # either fix reads the mask
+    cream = ignore_value([224, 224, 192], "palette")
+    decoded = decode_mask(raw, "palette", path, VOC[:3], ignore=cream)
+    np.testing.assert_array_equal(decoded, expected)
+    np.testing.assert_array_equal(decode_mask(raw, "index", path, ignore=255), expected)
+    # an RGB mask of one unknown colour, another ignore colour set: named too
+    rgb = np.array(VOC[:3], np.uint8)[np.minimum(indices, 2)]
+    rgb[indices == 255] = (255, 255, 255)
+    with pytest.raises(LungsegError) as info:
+        decode_mask(rgb, "palette", tmp_path / "c.png", VOC[:3], ignore=(9, 9, 9))
+    assert "data.ignore_index=[255,255,255] leaves them out" in str(info.value)
+    assert "(data.ignore_index is [9, 9, 9])" in str(info.value)
 
 
 def test_a_mask_of_ignored_pixels_only_is_no_foreground_slice():

@@ -505,6 +505,26 @@ def test_palette_png_binary_masks_of_several_indices_are_warned_about_once(caplo
     assert "keep them apart with data.mask_mode=index" in warnings[0]
 
 
+def test_binary_warnings_name_the_ignore_index_for_a_value_of_unlabelled_pixels(caplog, tmp_path):
+    """A palette PNG of indices 0, 1, 2, 255 (VOC's border) and a 0/128/255 mask (128: not
+    annotated) were warned of, then trained with the border or the grey area as foreground."""
+    indices = np.zeros((12, 12), np.uint8)
+    indices[2:10, 2:10], indices[4:8, 4:6], indices[4:8, 6:8] = 255, 1, 2
+    palette = [*VOC[:3], *[[0, 0, 0]] * 252, [224, 224, 192]]
+    (tmp_path / "voc").mkdir()
+    voc = palette_png(tmp_path / "voc" / "a.png", indices, palette)
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        decode_mask(read_image(voc), "binary", voc)
+        decode_mask(ellipses((0, 128, 255)), "binary", tmp_path / "sparse" / "a.png")
+    indexed, levels = warnings_of(caplog)
+    assert "palette indices 0, 1, 2, 255" in indexed and "several grey levels (0, 128, 255)" in (
+        levels
+    )
+    for said, value in [(indexed, 255), (levels, 128)]:
+        assert "marks unlabelled pixels (a border, an area not annotated)" in said
+        assert f"data.ignore_index=<that value> (e.g. data.ignore_index={value})" in said
+
+
 def test_many_unknown_colours_are_cut_to_five():
     rgb = np.zeros((1, 8, 3), np.uint8)
     rgb[0, :, 2] = np.arange(1, 9)

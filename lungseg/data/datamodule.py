@@ -38,6 +38,7 @@ from lungseg.data.folders import (
     find_pairs,
     layer_names,
     mask_folders,
+    palette_indices,
     read_image_oriented,
     suffix_list,
     write_reasons,
@@ -50,6 +51,7 @@ from lungseg.data.masks import (
     default_colors,
     grey_palette,
     ignore_value,
+    stored_values,
 )
 from lungseg.errors import LungsegError, counted
 
@@ -550,6 +552,8 @@ class SegDataModule(pl.LightningDataModule):
         # pair's stem: (the class ids its mask holds at its own size, their pixel counts);
         # the classes are counted there, before the resize to image_size can lose small ones
         self._full_classes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # pairs' stems whose masks hold data.ignore_index's value (a pixel of IGNORE)
+        self._ignoring: set[str] = set()
         # pair: (image's, mask's EXIF orientation) where they differ; see check_orientations
         self._turned: dict[Pair, tuple[int, int, Path]] = {}
         self.skipped: list[tuple[Path, str]] = []  # data.strict=false: (file, reason)
@@ -638,6 +642,7 @@ class SegDataModule(pl.LightningDataModule):
         self._flat.clear()
         self._digests.clear()
         self._full_classes.clear()
+        self._ignoring.clear()
         self._turned.clear()
         pairs, images, masks = self._decode_all(pairs)
         check_orientations({p: self._turned[p] for p in pairs if p in self._turned})
@@ -671,8 +676,11 @@ class SegDataModule(pl.LightningDataModule):
             self._fold,
         )
         full = [self._full_classes[n] for n in names]  # class ids at the masks' own size
+        if self._ignore is not None and not self._ignoring.intersection(names):
+            self._warn_unheld_ignore(pairs, full)
         if self._num_classes is None:  # index masks without data.num_classes
-            self._num_classes = _infer_num_classes(names, full)
+            files = [p.masks[0] for p in pairs]
+            self._num_classes = _infer_num_classes(names, full, self._ignore, files)
             _check_ignore(self._ignore, self._mask_mode, None, self._num_classes, False)
         soft = None
         if self._soft_masks:  # full-size masks (classes were not known) → fractions
@@ -938,6 +946,8 @@ class SegDataModule(pl.LightningDataModule):
         counts = np.bincount(mask.ravel())  # uint8 class ids: at most 256 counts
         present = np.flatnonzero(counts)
         if self._ignore is not None:  # not a class: not counted, nor foreground
+            if IGNORE in present:
+                self._ignoring.add(pair.stem)  # a set: one add is safe across threads
             present = present[present != IGNORE]
         self._full_classes[pair.stem] = (present, counts[present])  # one key per thread
         image = transforms.preprocess(raw, self._image_info(), pair.image)
@@ -982,6 +992,30 @@ class SegDataModule(pl.LightningDataModule):
             f"with the same file names, and that data.mask_mode fits how they store the "
             f"classes: index (class ids 1, 2, ... as grey values), binary (non-zero = "
             f"foreground) or palette (the colours of data.palette)."
+        )
+
+    def _warn_unheld_ignore(
+        self, pairs: Sequence[Pair], full: Sequence[tuple[np.ndarray, np.ndarray]]
+    ) -> None:
+        """A warning when no mask holds data.ignore_index's value: most likely a typo, or
+        masks that store their unlabelled pixels as another value, which are then trained on
+        as a class (index masks: the values they hold; other modes: the first mask's)."""
+        setting = _plain_ignore(self._ignore)
+        if self._mask_mode == "index" and len(self._layers) <= 1:
+            held = np.unique(np.concatenate([ids for ids, _ in full]))
+            holds = f"the masks hold the values {_ranges(held.tolist())}"
+        else:  # a folder list's files are read as binary masks
+            mode = "binary" if len(self._layers) > 1 else self._mask_mode
+            holds = f"{pairs[0].masks[0]}, for one, holds {stored_values(pairs[0].masks[0], mode)}"
+        log.warning(
+            "data.ignore_index is %s, but none of the %d masks holds that %s, so no pixel is "
+            "left out of training and scoring; %s. Most likely a typo, or the masks store "
+            "their unlabelled pixels as another value: set data.ignore_index to that value, or "
+            "null if every pixel is labelled.",
+            setting,
+            len(pairs),
+            "colour" if self._mask_mode == "palette" else "value",
+            holds,
         )
 
     def _warn_copies(self, split: Mapping[str, str]) -> None:
@@ -1641,13 +1675,20 @@ def _check_bit_depths(depths: Mapping[str, tuple[int, int]], normalize: str) -> 
         )
 
 
-def _infer_num_classes(names: Sequence[str], full: Sequence[tuple[np.ndarray, np.ndarray]]) -> int:
+def _infer_num_classes(
+    names: Sequence[str],
+    full: Sequence[tuple[np.ndarray, np.ndarray]],
+    ignore: int | None = None,
+    files: Sequence[Path] = (),
+) -> int:
     """The class count of index masks without data.num_classes: their largest value + 1,
     counted at each mask's own size (``full``: each mask's class ids and their pixel
     counts), before the resize to image_size can lose a small class. A LungsegError names
     the masks that hold the largest value when values below it occur in no mask (one stray
-    value, e.g. 7 in 0/1 masks, or classes coded as grey levels, 0/128/255, would otherwise
-    make an 8- or 256-class network)."""
+    value, e.g. 7 in 0/1 masks, classes coded as grey levels, 0/128/255, or Pascal VOC's 255
+    border, would otherwise make an 8- or 256-class network), or ``ignore`` (data.ignore_index)
+    where it is one of those values. ``files``: each mask's file (a palette PNG gets no grey
+    palette)."""
     counts = np.zeros(256, np.int64)
     for ids, pixels in full:
         counts[ids] += pixels
@@ -1673,11 +1714,38 @@ def _infer_num_classes(names: Sequence[str], full: Sequence[tuple[np.ndarray, np
             f"index masks of that many classes give data.num_classes."
         )
     missing = [v for v in range(1, largest) if counts[v] == 0]
-    if missing:
-        holders = [n for n, (ids, _) in zip(names, full, strict=True) if largest in ids]
-        shown = ", ".join(str(v) for v in values[:10].tolist())
-        if values.size > 10:
-            shown += f", ... ({values.size} values in total)"
+    if not missing:
+        return max(2, largest + 1)
+    holders = [i for i, (ids, _) in enumerate(full) if largest in ids]
+    listed = _listed([names[i] for i in holders])
+    held = f"{counts[largest]} pixels, in {len(holders)} masks: {listed}"
+    shown = ", ".join(str(v) for v in values[:10].tolist())
+    if values.size > 10:
+        shown += f", ... ({values.size} values in total)"
+    if ignore in missing:
+        raise LungsegError(
+            f"data.ignore_index={ignore} takes the value {ignore} out of the classes, but the "
+            f"masks hold class values above it ({largest}: {held}; the masks hold the values "
+            f"{shown} besides {ignore}), and class ids must run 0, 1, 2, ... without a gap. "
+            f"Choose an ignore value above every class id (the value the masks store for "
+            f"unlabelled pixels, above {largest}), or data.ignore_index=null if {ignore} is a "
+            f"class."
+        )
+    unlabelled = (
+        f"if {largest} marks pixels to leave out of training and scoring (unlabelled, a "
+        f"border), set data.ignore_index={largest}"
+    )
+    # Pascal VOC: class ids 0..K and the type's top value, its border of unlabelled pixels
+    if largest == 255 and values[:-1].tolist() == list(range(values.size - 1)):
+        raise LungsegError(
+            f"The masks hold the class ids {_ranges(values[:-1].tolist())} and the value "
+            f"{largest} ({held}): {unlabelled}. Otherwise {largest + 1} classes would be "
+            f"trained, the values {_ranges(missing)} in no mask: if {largest} is a stray value, "
+            f"fix those masks; if the classes are right, give data.num_classes={largest + 1} "
+            f"(and data.class_names)."
+        )
+    grey = ""
+    if not files or palette_indices(files[holders[0]]) is None:  # a palette PNG's has colours
         # the levels themselves where they look like grey-coded classes (spread over 0-255)
         spread = values.size <= 10 and largest >= 128
         levels = (
@@ -1686,18 +1754,17 @@ def _infer_num_classes(names: Sequence[str], full: Sequence[tuple[np.ndarray, np
             else "one grey colour a level, e.g. data.palette=[[0,0,0],[128,128,128],[255,255,255]]"
             " for 0/128/255"
         )
-        raise LungsegError(
-            f"The masks' largest class value is {largest} ({counts[largest]} pixels, in "
-            f"{len(holders)} masks: {_listed(holders)}), so {largest + 1} classes would be "
-            f"trained, but the values {_ranges(missing)} occur in no mask; the masks hold the "
-            f"values {shown}. If the classes are right, give data.num_classes={largest + 1} "
-            f"(and data.class_names). If the values code classes as grey levels, set "
-            f"data.mask_mode=palette with a grey palette, class i the i-th level: "
-            f"{levels}. For black/white or JPEG masks set data.mask_mode=binary. "
-            f"If {largest} is a stray value, fix those masks; if it marks pixels to leave out "
-            f"of training and scoring (unlabelled, a border), set data.ignore_index={largest}."
+        grey = (
+            "If the values code classes as grey levels, set data.mask_mode=palette with a grey "
+            f"palette, class i the i-th level: {levels}. "
         )
-    return max(2, largest + 1)
+    raise LungsegError(
+        f"The masks' largest class value is {largest} ({held}), so {largest + 1} classes would "
+        f"be trained, but the values {_ranges(missing)} occur in no mask; the masks hold the "
+        f"values {shown}. If the classes are right, give data.num_classes={largest + 1} (and "
+        f"data.class_names). {grey}For black/white or JPEG masks set data.mask_mode=binary. "
+        f"If {largest} is a stray value, fix those masks; {unlabelled}."
+    )
 
 
 def _check_ignore(

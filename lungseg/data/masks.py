@@ -45,7 +45,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from lungseg.data.folders import palette_indices
+from lungseg.data.folders import palette_indices, read_image
 from lungseg.errors import LungsegError
 
 MASK_MODES = ("index", "binary", "palette")
@@ -125,6 +125,21 @@ def ignore_value(setting: Any, mode: str) -> int | tuple[int, int, int] | None:
         "are to be left out of training and scoring (e.g. 255, Pascal VOC's border), a whole "
         "number of at least 1 (0 is the background), or null for none."
     )
+
+
+def stored_values(path: Path, mode: str) -> str:
+    """The values the mask file ``path`` stores as data.ignore_index is compared with them in
+    ``mode`` (a palette PNG's indices, else the largest channel; palette mode: its colours, the
+    most common first), listed for a message."""
+    raw = read_image(path)
+    if mode != "palette":
+        indices = _stored_indices(raw, path)
+        return _values(np.unique(indices if indices is not None else _largest_channel(raw)))
+    packed = _pack(raw) if raw.ndim == 3 else raw.astype(np.int32) * 0x010101
+    keys, counts = np.unique(packed, return_counts=True)
+    keys = keys[np.argsort(-counts, kind="stable")].tolist()
+    shown = ", ".join(_colour_text(k) for k in keys[:_SHOWN])
+    return shown if len(keys) <= _SHOWN else f"{shown}, ... ({len(keys)} colours in total)"
 
 
 def _is_int(value: Any) -> bool:
@@ -226,13 +241,14 @@ def _binary(
             if not coloured and _first_in_folder("levels", folder):  # the colours' warning says it
                 log.warning(
                     "Mask %s holds several %s levels (%s) that fill regions of their own, %s "
-                    "(one class); other such masks in %s are not named. %s",
+                    "(one class); other such masks in %s are not named. %s %s",
                     path,
                     "brightness" if colour else "grey",
                     ", ".join(str(v) for v in levels.tolist()),
                     _taken("every non-zero pixel", layered),
                     folder,
                     _levels_fix(levels, gray.dtype, colour, layered),
+                    _unlabelled_value_hint("a level", int(levels[-2])),
                 )
             return (gray != 0).astype(np.uint8)
         if _first_in_folder("grey", folder):
@@ -287,10 +303,21 @@ def _warn_indices(indices: np.ndarray, path: Path) -> None:
         "Mask %s is a palette PNG whose pixels hold the palette indices %s, and "
         "data.mask_mode=binary takes every index but 0 as foreground (one class); other such "
         "masks in %s are not named. If the indices are classes, keep them apart with "
-        "data.mask_mode=index.",
+        "data.mask_mode=index. %s",
         path,
         _values(values),
         path.parent,
+        _unlabelled_value_hint("an index", int(values[-1])),
+    )
+
+
+def _unlabelled_value_hint(what: str, example: int) -> str:
+    """For a binary mask's warnings: a stored value (``what``, e.g. ``example``) that marks
+    unlabelled pixels, which binary takes as foreground, is left out by data.ignore_index."""
+    return (
+        f"If {what} marks unlabelled pixels (a border, an area not annotated), binary takes it "
+        f"as foreground: leave it out of training and scoring with "
+        f"data.ignore_index=<that value> (e.g. data.ignore_index={example})."
     )
 
 
@@ -536,23 +563,50 @@ def _decode_index(
         )
     most = 256 if ignore is None else IGNORE  # ids are stored as uint8, IGNORE above them
     limit = most if num_classes is None else min(num_classes, most)
-    bad = values[values >= limit]
-    if bad.size:
-        if bad[-1] >= most:
-            fix = f"lungseg supports at most {most} classes (ids 0-{most - 1}"
-            fix += ")" if ignore is None else " with data.ignore_index set)"
-            fix += ": fix the mask"
-        else:
-            fix = f"Set data.num_classes to at least {bad[-1] + 1} if these are real classes"
-            fix += ", or fix the mask"
-        raise LungsegError(
-            f"Mask {path} holds class ids {_values(bad)} that are out of range (ids must be "
-            f"below {limit}). {fix}."
-        )
+    if values.size and values[-1] >= limit:
+        full = int(np.iinfo(raw.dtype).max)
+        raise LungsegError(_out_of_range(path, values, limit, most, ignore, full))
     out = raw.astype(np.uint8)
     if ignored is not None:
         out[ignored] = IGNORE
     return out
+
+
+def _out_of_range(
+    path: Path, values: np.ndarray, limit: int, most: int, ignore: int | None, full: int
+) -> str:
+    """The error for an index mask whose (sorted, not ignored) ``values`` reach ``limit``, the
+    class count (``most`` where it is not given). A value above the class ids lungseg holds
+    with data.ignore_index set is most likely the ignore label set wrong (the mask is fine);
+    without the setting, the type's top value ``full`` alone above the class ids is most
+    likely one (Pascal VOC's 255 border)."""
+    bad = values[values >= limit]
+    largest = int(bad[-1])
+    unlabelled = (
+        f"if {largest} marks pixels to leave out of training and scoring (unlabelled, Pascal "
+        f"VOC's border), set data.ignore_index={largest}"
+    )
+    if ignore is not None and largest >= most:
+        return (
+            f"Mask {path} holds the value{'s' if bad.size > 1 else ''} {_values(bad)}, above the "
+            f"class ids (0-{most - 1}) that lungseg holds with data.ignore_index set, and "
+            f"{largest} is not data.ignore_index ({ignore}): {unlabelled}; otherwise fix the mask."
+        )
+    if largest >= most:
+        fix = f"lungseg supports at most {most} classes (ids 0-{most - 1}): fix the mask"
+    else:
+        fix = f"Set data.num_classes to at least {largest + 1} if these are real classes, or "
+        fix += "fix the mask"
+    if ignore is None and bad.tolist() == [full]:
+        return (
+            f"Mask {path} holds the value {full} above its class ids ({_values(values[:-1])}): "
+            f"{unlabelled}. Otherwise {full} is out of range (ids must be below {limit}); "
+            f"{fix[0].lower()}{fix[1:]}."
+        )
+    return (
+        f"Mask {path} holds class ids {_values(bad)} that are out of range (ids must be below "
+        f"{limit}). {fix}."
+    )
 
 
 def _palette_array(palette: Sequence[Sequence[int]] | None, num_classes: int | None) -> np.ndarray:
@@ -619,7 +673,7 @@ def _decode_palette(
         unknown, counts = np.unique(packed[~known], return_counts=True)
         top = np.argsort(-counts, kind="stable")[:_SHOWN]
         listed = ", ".join(
-            f"({k >> 16}, {k >> 8 & 255}, {k & 255}): {n} pixels"
+            f"{_colour_text(k)}: {n} pixels"
             for k, n in zip(unknown[top].tolist(), counts[top].tolist(), strict=True)
         )
         more = f" ({len(unknown)} colours in total)" if len(unknown) > _SHOWN else ""
@@ -632,11 +686,45 @@ def _decode_palette(
                 "colours usually come from JPEG compression or smoothed edges: save masks as "
                 "PNG without anti-aliasing."
             )
+            + _unlabelled_colour_hint(raw, path, int(unknown[top[0]]), len(unknown), ignore)
         )
     out = order[position].astype(np.uint8)
     if ignored is not None:
         out[ignored] = IGNORE
     return out
+
+
+def _unlabelled_colour_hint(
+    raw: np.ndarray, path: Path, colour: int, colours: int, ignore: tuple[int, int, int] | None
+) -> str:
+    """For a palette mask of ``colours`` unknown colours, the most common ``colour`` (packed):
+    how data.ignore_index leaves it out, if it marks unlabelled pixels (a few colours; many
+    are noise). Where data.ignore_index is a grey (v, v, v) and the mask a palette PNG whose
+    indices hold v, the setting was meant as an index: palette mode takes a colour."""
+    indices = _stored_indices(raw, path)
+    if ignore is not None and len(set(ignore)) == 1 and indices is not None:
+        shown = np.unique(_pack(raw[indices == ignore[0]]))
+        if len(shown) == 1:
+            return (
+                f" data.ignore_index is read in palette mode as the colour {ignore} (a number v "
+                f"is the grey (v, v, v)), but this palette PNG shows its index {ignore[0]} as "
+                f"{_colour_text(shown[0])}: palette mode takes a colour, "
+                f"{_ignore_setting(shown[0])}, or set data.mask_mode=index, which reads the "
+                f"file's indices (index {ignore[0]} then is data.ignore_index={ignore[0]})."
+            )
+    if colours > _SHOWN:
+        return ""
+    now = "" if ignore is None else f" (data.ignore_index is {list(ignore)})"
+    return (
+        f" If {_colour_text(colour)} marks unlabelled pixels (a border, areas not annotated), "
+        f"{_ignore_setting(colour)} leaves them out of training and scoring{now}."
+    )
+
+
+def _ignore_setting(colour: int) -> str:
+    """data.ignore_index for a packed colour, as typed on the command line."""
+    colour = int(colour)
+    return f"data.ignore_index=[{colour >> 16},{colour >> 8 & 255},{colour & 255}]"
 
 
 def _indices_hint(raw: np.ndarray, path: Path) -> str | None:
@@ -674,6 +762,12 @@ def _pack(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) RGB → (...) int32 R << 16 | G << 8 | B."""
     r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
     return r << 16 | g << 8 | b
+
+
+def _colour_text(key: int) -> str:
+    """A packed colour (``_pack``) as "(R, G, B)"."""
+    key = int(key)
+    return f"({key >> 16}, {key >> 8 & 255}, {key & 255})"
 
 
 def _values(values: np.ndarray) -> str:
