@@ -307,6 +307,7 @@ def test_config(checkpoint: str | Path, output_dir: str | Path) -> DictConfig:
                 "strict": True,
                 "mask_mode": None,
                 "palette": None,
+                "ignore_index": None,
             },
             "postprocess": {"min_size": None, "threshold": None, "min_confidence": None},
             "tta": None,
