@@ -11,6 +11,7 @@ from conftest import oriented
 
 from lungseg.data.folders import read_image, write_image
 from lungseg.data.masks import (
+    IGNORE,
     MASK_MODES,
     decode_layers,
     decode_mask,
@@ -523,6 +524,25 @@ def test_binary_warnings_name_the_ignore_index_for_a_value_of_unlabelled_pixels(
     for said, value in [(indexed, 255), (levels, 128)]:
         assert "marks unlabelled pixels (a border, an area not annotated)" in said
         assert f"data.ignore_index=<that value> (e.g. data.ignore_index={value})" in said
+
+
+def test_an_ignore_value_that_is_the_binary_foreground_is_warned_of(caplog, tmp_path):
+    """0/128/255 masks (128: not annotated) with data.ignore_index=255 left the foreground out
+    and trained the unannotated area as foreground, without a word (found by a new-user
+    tester). The right setting (128) and a thin 255 border (VOC's) are not warned of."""
+    sparse = ellipses((0, 128, 255))
+    border = ellipses((0, 1, 1))
+    edge = cv2.morphologyEx(border, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    border[edge] = 255
+    cases = [(sparse, 255, "a"), (sparse, 128, "b"), (border, 255, "c")]
+    with caplog.at_level(logging.WARNING, logger="lungseg.data.masks"):
+        for mask, ignore, folder in cases:
+            out = decode_mask(mask, "binary", tmp_path / folder / "m.png", ignore=ignore)
+            assert (out[mask == ignore] == IGNORE).all()
+    warnings = [w for w in warnings_of(caplog) if "data.ignore_index" in w]
+    assert len(warnings) == 1 and str(tmp_path / "a" / "m.png") in warnings[0]
+    assert "data.ignore_index=255 is these binary masks' top value" in warnings[0]
+    assert "if 128 marks the unlabelled pixels, set data.ignore_index=128 instead" in warnings[0]
 
 
 def test_many_unknown_colours_are_cut_to_five():

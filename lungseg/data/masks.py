@@ -202,10 +202,40 @@ def _decode_binary(
     if indices is not None:
         indices = np.where(ignored, 0, indices)
     else:
+        _warn_ignored_top(_largest_channel(raw), ignored, ignore, path)
         raw = np.where(ignored[..., None] if raw.ndim == 3 else ignored, 0, raw).astype(raw.dtype)
     out = _binary(raw, indices, path, layered)
     out[ignored] = IGNORE
     return out
+
+
+def _warn_ignored_top(gray: np.ndarray, ignored: np.ndarray, ignore: int, path: Path) -> None:
+    """Warn (once a folder) where data.ignore_index is a binary mask's top value and fills
+    regions of its own beside other non-zero levels (0/128/255 with data.ignore_index=255):
+    binary masks store their foreground as their top value, so the foreground would be left
+    out and the other level (often the one that marks unlabelled pixels) trained as
+    foreground. A thin border of the ignore value (Pascal VOC's) is not warned of."""
+    others = np.unique(gray[(gray != 0) & ~ignored])
+    if (
+        not len(others)
+        or ignore != gray.max()
+        or (_interior(gray) & ignored).sum() < _CODED_INTERIOR * ignored.sum()
+        or not _first_in_folder("ignored top", str(path.parent))
+    ):
+        return
+    log.warning(
+        "Mask %s (and maybe others in its folder): data.ignore_index=%d is these binary masks' "
+        "top value and fills regions of its own, so those regions are left out and the "
+        "pixels valued %s are trained as the foreground. Binary masks usually store their "
+        "foreground as their top value: if %s marks the unlabelled pixels, set "
+        "data.ignore_index=%d instead; if %d does, this is right.",
+        path,
+        ignore,
+        _values(others),
+        _values(others),
+        int(others[-1]),
+        ignore,
+    )
 
 
 def _largest_channel(raw: np.ndarray) -> np.ndarray:
