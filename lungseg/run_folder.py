@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -597,10 +598,8 @@ class RunCheckpointIO(TorchCheckpointIO):
         kept = path.rename(aside_name(target) if target.exists() else target)
         for record, metrics in records.items():
             metrics["best_checkpoint"] = str(kept)
-            partial = record.with_name(f".{record.name}.partial")
             try:  # replaced whole: a kill mid-write leaves the record as it was
-                partial.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-                partial.replace(record)
+                replace_whole(record, json.dumps(metrics, indent=2) + "\n")
             except OSError as error:  # the training goes on; the file is kept all the same
                 log.warning("%s could not be made to name %s: %s", record, kept.name, error)
         log.info(
@@ -640,6 +639,26 @@ def untested(folder: Path, checkpoint: dict[str, Any]) -> bool:
         return int(recorded.get("epochs_trained") or 0) < done
     except (OSError, ValueError, AttributeError, TypeError):
         return True  # no readable record
+
+
+_UMASK = os.umask(0o022)  # read (umask sets and returns it), then set back
+os.umask(_UMASK)
+
+
+def replace_whole(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all, through a temporary file beside it: a reader, a kill
+    mid-write or another process writing it at the same time (a SLURM launcher's jobs, a sweep
+    summary) never leaves half a file."""
+    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        # mkstemp's file is its owner's alone: the mode a new file gets (or the file's own)
+        os.chmod(partial, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def aside_name(path: Path) -> Path:

@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from yaml import YAMLError
 
 from lungseg import hydra_files
 from lungseg.errors import LungsegError, counted, run_cli
+from lungseg.run_folder import replace_whole
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ def write_summary(sweep_dir: str | Path, running: Path | None = None) -> list[di
     writer = csv.DictWriter(table, [*columns, "run"], extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _replace(sweep_dir / "summary.csv", table.getvalue())
+    replace_whole(sweep_dir / "summary.csv", table.getvalue())
     markdown = _markdown(rows, columns, sweep_dir)
     if running is not None:
         markdown += (
@@ -420,21 +420,8 @@ def write_summary(sweep_dir: str | Path, running: Path | None = None) -> list[di
             f"(Ctrl-C, SIGTERM, killed) leaves the summary as it stood then: `python -m "
             f"lungseg.sweep {sweep_dir}` writes it again from the run folders.\n"
         )
-    _replace(sweep_dir / "summary.md", markdown)
+    replace_whole(sweep_dir / "summary.md", markdown)
     return rows
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a reader, or a job of the sweep that writes the
-    summary at the same time (a SLURM launcher's), never meets half a file."""
-    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
 
 
 def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path) -> str:

@@ -11,9 +11,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
 from test_datamodule import gray_image, label_map, make_dm, write_data
+from test_evaluate import eval_cfg
 from test_masks import VOC, palette_png
 
 from lungseg.data.datamodule import CachedSegDataset, ForegroundSampler
@@ -412,19 +411,9 @@ def test_training_and_eval_with_an_ignore_label(tmp_path, make_cfg):
     model = load_checkpoint(ckpt, torch.device("cpu"))
     info = model.hparams.data_info
     assert info["num_classes"] == 2 and info["ignore_index"] == 255
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        eval_cfg = compose(
-            "eval",
-            overrides=[
-                f"ckpt_path={ckpt}",
-                f"output_dir={tmp_path / 'eval'}",
-                "progress_bar=false",
-                f"data.image_dir={image_dir}",
-                f"data.mask_dir={mask_dir}",
-                "split=all",  # the training images too: the scores, not the model, are tested
-            ],
-        )
-    summary = evaluate(eval_cfg)
+    # the training images too (split=all): the scores, not the model, are tested
+    data = [f"data.image_dir={image_dir}", f"data.mask_dir={mask_dir}", "split=all"]
+    summary = evaluate(eval_cfg(tmp_path, ckpt, *data))
     assert summary["n_images"] == len(masks)
     with (tmp_path / "eval" / "per_image.csv").open() as f:
         rows = {row["image"]: row for row in csv.DictReader(f)}
