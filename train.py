@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
+from lungseg import ranks
 from lungseg.errors import LungsegError, run_cli, user_error
 from lungseg.sweep import record_error
 from lungseg.train import train
@@ -30,8 +31,9 @@ def ddp_ranks_in_this_job() -> Iterator[None]:
     The strategy starts ranks 1..N-1 by re-running ``sys.argv`` with ``hydra.run.dir=<this
     job's hydra.run.dir>``. Under ``-m`` that would re-run the whole sweep into a second sweep
     folder; here they run this job alone (its overrides, ``hydra.mode=RUN``) in this job's
-    folder. Afterwards the process group and the launcher's environment variables (LOCAL_RANK,
-    MASTER_PORT, ...) are released, so that the next job starts its own ranks.
+    folder. Afterwards the process group is released, the job's ranks have ended
+    (lungseg.ranks), and the launcher's environment variables (LOCAL_RANK, MASTER_PORT, ...)
+    are gone, so that the next job starts its own ranks.
     """
     hydra_cfg = HydraConfig.get()
     argv, environ = sys.argv, dict(os.environ)
@@ -49,11 +51,24 @@ def ddp_ranks_in_this_job() -> Iterator[None]:
         yield
     finally:
         sys.argv = argv
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_process_group()  # first: a rank still in a collective then stops at once
+        ranks.end_ranks_of_this_job()
         for key in set(os.environ) - set(environ):
             del os.environ[key]
         os.environ.update(environ)
+
+
+@contextmanager
+def end_of_rank() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 _CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
@@ -104,7 +119,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics = run_cli(lambda: train_run(cfg), HydraConfig.get().runtime.output_dir)
     else:
         try:
-            with ddp_ranks_in_this_job() if sweep_job else nullcontext():
+            # Ranks 1..N-1 leave the process group before they exit, as rank 0 does.
+            with ddp_ranks_in_this_job() if sweep_job else end_of_rank():
                 metrics = train_run(cfg)
         except Exception as error:
             if user_error(error) is None:

@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Progress
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from lungseg import hostmem, hydra_files, postprocess
+from lungseg import hostmem, hydra_files, postprocess, ranks
 from lungseg.callbacks import EMA, FitScheduleToTime
 from lungseg.checks import check_settings
 from lungseg.data.folders import is_pattern, mask_folders
@@ -565,6 +565,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     given = given if isinstance(given, list | tuple) else [given]
     plugins = [*given, RunCheckpointIO(out_dir, own)]
     trainer = instantiate(trainer_settings, callbacks=callbacks, logger=loggers, plugins=plugins)
+    ranks.remember(trainer.strategy.launcher)  # a sweep's job ends when its ranks have
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SystemExit as stop:  # Lightning's exit after Ctrl-C and its graceful shutdown

@@ -1,6 +1,7 @@
 """The research workflow: Optuna search, DistributedDataParallel (2 CPU processes, gloo) and
 the SLURM launcher's configuration."""
 
+import contextlib
 import csv
 import json
 import os
@@ -31,16 +32,31 @@ RESEARCH = 'needs the research extra: pip install -e ".[research]"'
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     """`python train.py *args` in its own process group: on a timeout the DDP ranks it started
-    are killed with it (a rank left behind would wait for its peers for 30 minutes)."""
+    are killed with it (a rank left behind would wait for its peers for 30 minutes), after
+    each process has printed where it was (faulthandler, on SIGABRT) into the failure."""
     command = [sys.executable, str(ROOT / "train.py"), *args]
+    environment = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     with subprocess.Popen(
-        command, cwd=cwd, stdout=PIPE, stderr=PIPE, text=True, start_new_session=True
+        command,
+        cwd=cwd,
+        stdout=PIPE,
+        stderr=PIPE,
+        text=True,
+        start_new_session=True,
+        env=environment,
     ) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
+            os.killpg(process.pid, signal.SIGABRT)
+            try:
+                stdout, stderr = process.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                stdout, stderr = "", "(no stacks: the processes did not end on SIGABRT)"
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"timed out after {timeout} s: {command}\n{stderr[-20000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
