@@ -111,9 +111,15 @@ class PredictionGrid(pl.Callback):
             trainer.datamodule.colors,
             self.alpha,
         )
+        # At the step of the validation scalars (Lightning's count of batches that stepped
+        # the optimiser), not at the epoch: the grid lines up with the val curves, and a
+        # continued run's purge_step (train.logged_steps) hides the grid of the epoch it
+        # trains again, as it does those points.
+        loop = trainer.fit_loop.epoch_loop
+        step = int(getattr(loop, "_batches_that_stepped", trainer.global_step))
         for logger in loggers:
             logger.experiment.add_image(
-                "val/predictions", grid, global_step=trainer.current_epoch, dataformats="HWC"
+                "val/predictions", grid, global_step=step, dataformats="HWC"
             )
 
 

@@ -524,6 +524,8 @@ def test_a_resumed_run_hides_the_points_of_the_epoch_it_trains_again(make_cfg, m
     steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     assert steps["val/dice"] == steps["train/loss_epoch"] == [1, 3, 5]  # 2 batches an epoch
     assert steps["lr-AdamW"] == [0, 2, 4] and steps["train/loss_step"] == list(range(6))
+    # the prediction grid too: at the val points' steps, the killed epoch's hidden
+    assert [e.step for e in events.Images("val/predictions")] == [1, 3, 5]
     del steps["epoch"]  # Lightning adds it to every log call, so a step can have several
     assert all(points == sorted(set(points)) for points in steps.values()), steps
 
