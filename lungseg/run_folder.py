@@ -455,7 +455,9 @@ def check_same_split(saved: Path, split: Mapping[str, str]) -> None:
         f"{saved} holds the split this run started with, but the data and split settings now "
         f"give another: {'; '.join(found)}. Continuing would train on images it has validated "
         f"or tested on. Continue with the data folders and split settings it started with "
-        f"(seed, data.split, data.fold, data.group_pattern: see config.yaml there), or keep "
+        f"(seed, data.split, data.fold, data.group_pattern: see config.yaml there; "
+        f"data.group_pattern=null for a run whose config.yaml has null, from before auto, "
+        f"the default that splits by patient ids in the names), or keep "
         f"its split with data.split_file={saved} (which must list every file; for a k-fold "
         f"run also data.num_folds=null data.fold=null), or start a new run."
     )

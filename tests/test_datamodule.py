@@ -193,6 +193,59 @@ def test_file_names_that_share_an_id_warn_until_the_split_is_by_it(tmp_path, cap
     assert not [r for r in caplog.records if "share an id" in r.getMessage()]
 
 
+def test_the_default_splits_by_the_id_file_names_share(tmp_path, caplog, make_cfg):
+    """data.group_pattern=auto, the default: PAT003_view1, PAT003_view2 ... are split by
+    patient, said in the log with the pattern found; null splits by file (with the warning
+    above); a split file overrides it; names that share no id are split by file, silently
+    (was: a split by file and a warning, found by a new-user tester whose recipe run put 27
+    of 40 patients into two splits)."""
+    from lungseg.train import build_datamodule
+
+    image_dir, mask_dir, _ = write_data(tmp_path, n=24)
+    for folder in (image_dir, mask_dir):
+        for i, path in enumerate(sorted(folder.iterdir())):
+            path.rename(folder / f"PAT{i // 3:03d}_view{i % 3}.png")
+    where = [f"data.image_dir={image_dir}", f"data.mask_dir={mask_dir}", "data.mask_mode=index"]
+
+    def split_of(*overrides: str) -> dict[str, str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lungseg"):
+            return build_datamodule(make_cfg(*where, *overrides)).split
+
+    split = split_of()
+    assert make_cfg().data.group_pattern == "auto"
+    parts = _parts(split)
+    assert len(parts) == 8 and all(len(p) == 1 for p in parts.values())
+    assert len({p for ps in parts.values() for p in ps}) == 3  # train, val and test
+    said = [r.getMessage() for r in caplog.records if "split by patient" in r.getMessage()]
+    assert len(said) == 1 and "the 24 file names share 8 ids at their start" in said[0]
+    assert "(e.g. 3 files start with 'PAT000': PAT000_view0, PAT000_view1)" in said[0]
+    assert "share an id" not in caplog.text
+    assert re.search(r"train/val/test \d+/\d+/\d+ \(\d+/\d+/\d+ patients\)", caplog.text)
+    # the pattern it names, given, makes the same split
+    (typed,) = re.findall(r"\((\"data\.group_pattern='.*?'\")", said[0])
+    assert split_of(*shlex.split(typed)) == split
+    by_file = split_of("data.group_pattern=null")
+    assert "share an id" in caplog.text and "split by patient" not in caplog.text
+    assert any(len(p) > 1 for p in _parts(by_file).values())
+    split_file = tmp_path / "split.csv"
+    split_file.write_text("file,split\n" + "".join(f"{n},{by_file[n]}\n" for n in by_file))
+    assert split_of(f"data.split_file={split_file}") == by_file
+    assert "split by patient" not in caplog.text
+    for folder in (image_dir, mask_dir):  # ids all distinct: by file, without a word
+        for i, path in enumerate(sorted(folder.iterdir())):
+            path.rename(folder / f"ID_{i:04d}_Z_{100 + i}.png")
+    split_of()
+    assert "split by patient" not in caplog.text and "share an id" not in caplog.text
+
+
+def _parts(split: dict[str, str]) -> dict[str, set[str]]:
+    parts: dict[str, set[str]] = {}
+    for name, part in split.items():
+        parts.setdefault(name[:6], set()).add(part)
+    return parts
+
+
 def test_a_group_pattern_that_gives_every_file_its_own_id_is_named(tmp_path, caplog):
     """A group pattern that captured the slice number, slice(\\d+), on PAT001_slice3-style
     names made every file its own patient, a split by file, without a word (found by a

@@ -656,7 +656,9 @@ class SegDataModule(pl.LightningDataModule):
             rows = context.neighbours(names, self._context, self._slice_pattern)
             images = [np.concatenate([images[j] for j in row], axis=2) for row in rows]
             self._log_context(names, rows)
-        if self._group_pattern is not None and self._split_file is None:
+        if self._group_pattern == AUTO:  # the shared id at the start of the names, if any
+            self._group_pattern = None if self._split_file else _auto_group_pattern(names)
+        elif self._group_pattern is not None and self._split_file is None:
             _check_group_ids(names, self._group_pattern)
         by_file = self._group_pattern is None and self._split_file is None
         # one warning: the layout's, which names the pattern to set, or else 2.5-D's own
@@ -1565,6 +1567,34 @@ def _shared_name_ids(names: Sequence[str]) -> tuple[str, dict[str, list[str]]] |
     return None
 
 
+# data.group_pattern's default: split by the id the file names share (_shared_name_ids), or
+# by file where they share none
+AUTO = "auto"
+
+
+def _auto_group_pattern(names: Sequence[str]) -> str | None:
+    """data.group_pattern=auto: the pattern of the id that file names share at their start
+    (``_shared_name_ids``), said in the log, or None (a split by file; files in several
+    sub-folders are warned of by ``_check_folder_grouping``)."""
+    shared_ids = _shared_name_ids(names)
+    if shared_ids is None:
+        return None
+    pattern, ids = shared_ids
+    example, files = max(ids.items(), key=lambda item: len(item[1]))
+    log.info(
+        "split by patient: the %d file names share %s at their start (e.g. %d files start "
+        "with %r: %s), and data.group_pattern=auto keeps each id's files in one split "
+        "(\"data.group_pattern='%s'\"; data.group_pattern=null splits by file)",
+        len(names),
+        counted(len(ids), "id"),
+        len(files),
+        example,
+        ", ".join(files[:2]),
+        pattern,
+    )
+    return pattern
+
+
 def _check_name_grouping(names: Sequence[str], context: bool = False) -> bool:
     """Warn when file names share an id with others (``_shared_name_ids``) but the split
     takes each file on its own: such a shared start is mostly a patient or scan id, whose
@@ -1578,7 +1608,7 @@ def _check_name_grouping(names: Sequence[str], context: bool = False) -> bool:
     example, files = max(shared.items(), key=lambda item: len(item[1]))
     log.warning(
         "%d of the %d files share an id at the start of their name with another (%s; e.g. "
-        "%d files start with %r: %s), but data.group_pattern is not set, so the split takes "
+        "%d files start with %r: %s), but data.group_pattern is null, so the split takes "
         "every file on its own and one id's images can land in train and test. If that id is "
         "a patient (or scan), split by it: on the command line \"data.group_pattern='%s'\" "
         "(the double quotes keep the shell's hands off it); the log then counts the patients "
@@ -1628,8 +1658,9 @@ def _check_folder_grouping(names: Sequence[str], context: bool = False) -> bool:
     if len(folders) < 2:
         return _check_name_grouping(names, context)
     log.warning(
-        "The %d files lie in %d sub-folders, but data.group_pattern is not set, so the split "
-        "takes every file on its own and slices of one sub-folder can land in train and test. "
+        "The %d files lie in %d sub-folders, but data.group_pattern does not group them, so "
+        "the split takes every file on its own and slices of one sub-folder can land in train "
+        "and test. "
         "If each sub-folder holds one patient (or scan), split by it: on the command line "
         "\"data.group_pattern='^([^/]+)'\" (the first folder below data.image_dir, or the "
         "folder its first '*' matched, or the file itself when it lies directly in it; the "
