@@ -239,6 +239,24 @@ def test_the_default_splits_by_the_id_file_names_share(tmp_path, caplog, make_cf
     assert "split by patient" not in caplog.text and "share an id" not in caplog.text
 
 
+def test_a_split_by_name_ids_too_few_to_fill_it_names_the_split_by_file(tmp_path, make_cfg):
+    """3 patients for train, val and test: the error of the empty split says that the ids
+    came from data.group_pattern=auto, and how to split by file."""
+    from lungseg.train import build_datamodule
+
+    image_dir, mask_dir, _ = write_data(tmp_path, n=15)
+    for folder in (image_dir, mask_dir):
+        for i, path in enumerate(sorted(folder.iterdir())):
+            path.rename(folder / f"case{i // 5}_slice{i % 5}.png")
+    where = [f"data.image_dir={image_dir}", f"data.mask_dir={mask_dir}", "data.mask_mode=index"]
+    with pytest.raises(LungsegError) as error:
+        build_datamodule(make_cfg(*where))
+    assert "leaves the val split empty: 15 files of 3 patients" in str(error.value)
+    assert "data.group_pattern=auto took the ids the file names share" in str(error.value)
+    assert "data.group_pattern=null splits by file instead" in str(error.value)
+    assert build_datamodule(make_cfg(*where, "data.group_pattern=null")).split
+
+
 def _parts(split: dict[str, str]) -> dict[str, set[str]]:
     parts: dict[str, set[str]] = {}
     for name, part in split.items():

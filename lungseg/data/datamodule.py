@@ -656,7 +656,8 @@ class SegDataModule(pl.LightningDataModule):
             rows = context.neighbours(names, self._context, self._slice_pattern)
             images = [np.concatenate([images[j] for j in row], axis=2) for row in rows]
             self._log_context(names, rows)
-        if self._group_pattern == AUTO:  # the shared id at the start of the names, if any
+        auto = self._group_pattern == AUTO
+        if auto:  # the shared id at the start of the names, if any
             self._group_pattern = None if self._split_file else _auto_group_pattern(names)
         elif self._group_pattern is not None and self._split_file is None:
             _check_group_ids(names, self._group_pattern)
@@ -668,15 +669,24 @@ class SegDataModule(pl.LightningDataModule):
                 "training slice's neighbours may be validation or test images (their pixels, "
                 "not their masks). Set data.group_pattern to split by patient or volume."
             )
-        split = splits.make_split(
-            names,
-            self._fractions,
-            self._seed,
-            self._group_pattern,
-            self._split_file,
-            self._num_folds,
-            self._fold,
-        )
+        try:
+            split = splits.make_split(
+                names,
+                self._fractions,
+                self._seed,
+                self._group_pattern,
+                self._split_file,
+                self._num_folds,
+                self._fold,
+            )
+        except LungsegError as error:
+            if not auto or self._group_pattern is None:
+                raise
+            raise LungsegError(
+                f"{error} The split is by patient: data.group_pattern=auto took the ids the "
+                f"file names share ('{self._group_pattern}'); data.group_pattern=null splits "
+                f"by file instead, though one patient's images may then land in two splits."
+            ) from error
         full = [self._full_classes[n] for n in names]  # class ids at the masks' own size
         if self._ignore is not None and not self._ignoring.intersection(names):
             self._warn_unheld_ignore(pairs, full)
