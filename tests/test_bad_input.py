@@ -520,6 +520,18 @@ def test_corrupt_or_truncated_image(make_cfg, tmp_path, content, caplog):
     assert sum(counts(dm)) == 5 and "img3" not in dm.split
 
 
+def test_the_strict_error_names_the_mask_of_a_pair_whose_mask_is_broken(make_cfg, tmp_path):
+    """A corrupt image and, in another pair, a corrupt mask: the list of the other pairs that
+    cannot be used names the mask (was: the pair's image alone, which sent a new-user tester
+    to the image)."""
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    (image_dir / "img2.png").write_bytes(b"<html>not an image</html>")
+    (mask_dir / "img4.png").write_bytes(b"<html>not an image</html>")
+    message = error_of(folders(make_cfg, image_dir, mask_dir))
+    assert f"{image_dir / 'img2.png'} could not be decoded as an image" in message
+    assert "Other pairs that cannot be used: img4.png (its mask img4.png)." in message
+
+
 def test_non_image_files_are_ignored(tmp_path):
     image_dir, mask_dir = write_pairs(tmp_path, SIZES)
     for folder in (image_dir, mask_dir):

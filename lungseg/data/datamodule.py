@@ -904,7 +904,7 @@ class SegDataModule(pl.LightningDataModule):
         if failed and len(failed) == len(pairs):
             raise failed[0][1]
         if failed and self._strict:
-            others = [f"{p.stem}{p.image.suffix}" for p, _ in failed[1:]]
+            others = [_failed_file(p, e) for p, e in failed[1:]]
             listed = ", ".join(others[:_SHOW])
             listed += f", ... ({len(others)} in total)" if len(others) > _SHOW else ""
             more = f" Other pairs that cannot be used: {listed}." if others else ""
@@ -1575,6 +1575,15 @@ def _shared_name_ids(names: Sequence[str]) -> tuple[str, dict[str, list[str]]] |
         if len(ids) >= 3:
             return pattern, ids
     return None
+
+
+def _failed_file(pair: Pair, error: Exception) -> str:
+    """A pair that cannot be used, as the strict error lists it: by its image's name, and by
+    its mask's where the error is the mask's (a corrupt mask, named by the image alone, sent
+    the user to the image)."""
+    name = f"{pair.stem}{pair.image.suffix}"
+    mask = next((m for m in pair.masks if str(error).startswith(str(m))), None)
+    return f"{name} (its mask {mask.name})" if mask is not None else name
 
 
 # data.group_pattern's default: split by the id the file names share (_shared_name_ids), or
