@@ -208,16 +208,21 @@ def stop_reason(trainer: pl.Trainer) -> str:
         return "max_time"  # the epochs the schedule was fitted to in trainer.max_time
     if remaining is not None and remaining <= 0:
         if planned is not None and 0 <= epochs < planned:
+            group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+            lr, start = group.get("lr", math.nan), group.get("initial_lr")
             log.warning(
-                "trainer.max_time stopped training after %d of %s epochs, with the learning "
-                "rate at %.3g of its schedule for %d epochs. Raise trainer.max_time (or set it "
-                "to null), or plan fewer epochs for this machine and data.",
+                "trainer.max_time stopped training after %d of %s epochs, %s. Raise "
+                "trainer.max_time (or set it to null), or plan fewer epochs for this machine "
+                "and data.",
                 epochs,
                 f"trainer.max_epochs={planned}"
                 if fitted is None
                 else f"the {planned} that callbacks.time_plan expected to fit in it",
-                trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan,
-                planned,
+                # the learning rate itself had read as a share ("at 0.002 of its schedule")
+                f"with the learning rate at {lr:.3g}, {100 * lr / start:.0f} % of its first "
+                f"{start:.3g}, on a schedule planned for {planned} epochs"
+                if start
+                else f"with the learning rate at {lr:.3g}",
             )
         return "max_time"
     if planned is not None and 0 <= planned <= epochs:
