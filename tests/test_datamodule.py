@@ -114,6 +114,31 @@ def test_index_num_classes_given_and_class_names(tmp_path):
         make_dm(image_dir, mask_dir, class_names=["a", "b"])
 
 
+@pytest.mark.parametrize(
+    "mode, lead",
+    [
+        ("binary", "are grey with the values 0, 255: black/white masks. Use data.mask_mode=bin"),
+        ("binary01", "are grey with the values 0, 1: black/white masks. Use data.mask_mode=bin"),
+        ("index", "are grey with the values 0, 1, 2: class ids. Use data.mask_mode=index."),
+        ("palette", "hold colours ([0, 0, 0], [0, 255, 0], [255, 0, 0]): list them as data"),
+    ],
+)
+def test_the_missing_palette_error_says_what_the_masks_hold(tmp_path, mode, lead):
+    """data.mask_mode=palette, the default, without data.palette on the user's own masks: the
+    error leads with what the first mask files hold and the mode that reads them (was: the
+    modes listed, for a new-user tester's 0/1 masks)."""
+    image_dir, mask_dir, masks = write_data(tmp_path, mode="index" if mode == "binary01" else mode)
+    if mode == "binary01":
+        for name, mask in masks.items():
+            cv2.imwrite(str(mask_dir / f"{name}.png"), (mask > 0).astype(np.uint8))
+    with pytest.raises(LungsegError) as error:
+        SegDataModule(str(image_dir), str(mask_dir))
+    first, rest = str(error.value).split("\n", 1)
+    assert first.startswith(f"The 8 mask files read in {mask_dir} (e.g. case00.png) ")
+    assert lead in first
+    assert rest.startswith("data.mask_mode=palette needs data.palette")
+
+
 def test_config_errors(tmp_path):
     image_dir, mask_dir, _ = write_data(tmp_path, mode="palette")
     with pytest.raises(LungsegError, match="data.mask_dir is null"):

@@ -31,6 +31,7 @@ from lungseg import postprocess
 from lungseg.data import context, device_augment, splits, transforms
 from lungseg.data.demo import DEMO_CLASSES, DEMO_PALETTE, make_demo_dataset
 from lungseg.data.folders import (
+    IMAGE_EXTENSIONS,
     ORIENTATIONS,
     Pair,
     check_data_dirs,
@@ -512,7 +513,13 @@ class SegDataModule(pl.LightningDataModule):
         # several mask folders, one class each (Montgomery's leftMask, rightMask)
         self._layers = [] if mask_dir is None else mask_folders(mask_dir)
         check_layered_mode(len(self._layers), mask_mode)
-        self._palette_names, self._palette = _parse_palette(palette, mask_mode, self._demo)
+        try:
+            self._palette_names, self._palette = _parse_palette(palette, mask_mode, self._demo)
+        except LungsegError as error:
+            seen = _masks_seen(self._layers) if palette is None and mask_mode == "palette" else ""
+            if not seen:
+                raise
+            raise LungsegError(f"{seen}\n{error}") from error
         layered = len(self._layers) + 1 if len(self._layers) > 1 and mask_mode == "index" else None
         if layered is not None and num_classes not in (None, layered):
             raise LungsegError(
@@ -1470,6 +1477,50 @@ def _check_background_first(names: Sequence[Any] | None, setting: str) -> None:
             f"scores and post-processing, so {str(names[0])!r} would be scored as background "
             f"and {name!r} as a structure. {fix}"
         )
+
+
+def _masks_seen(folders: Sequence[Path], most: int = 8) -> str:
+    """What the first mask files of ``folders`` hold, as the line that leads the error of
+    data.mask_mode=palette (the default) without data.palette: the mode that fits them
+    (found by a new-user tester whose 0/1 masks met a message that listed the modes only).
+    "" where nothing can be read (the folder errors come later, from setup)."""
+    files: list[Path] = []
+    for folder in folders:
+        if folder.is_dir():
+            files += sorted(
+                f
+                for f in folder.iterdir()
+                if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+            )[:most]
+    values: set[int] = set()
+    colours: set[tuple[int, ...]] = set()
+    read = []
+    for path in files[:most]:
+        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if mask is None:
+            continue
+        read.append(path)
+        grey = mask.ndim == 2 or all(np.array_equal(mask[..., 0], mask[..., c]) for c in (1, 2))
+        if not grey:
+            rgb = np.unique(mask[..., 2::-1].reshape(-1, 3), axis=0)  # cv2's BGR(A) -> RGB
+            colours |= {tuple(int(v) for v in c) for c in rgb[:16]}
+        else:
+            values |= {int(v) for v in np.unique(mask if mask.ndim == 2 else mask[..., 0])}
+    if not read:
+        return ""
+    where = f"{len(read)} mask files read in {read[0].parent} (e.g. {read[0].name})"
+    if colours:
+        shown = ", ".join(str(list(c)) for c in sorted(colours)[:6])
+        return f"The {where} hold colours ({shown}): list them as data.palette, as below."
+    shown = ", ".join(map(str, sorted(values)[:8])) + (", ..." if len(values) > 8 else "")
+    if len(values) <= 2:
+        return (
+            f"The {where} are grey with the values {shown}: black/white masks. "
+            f"Use data.mask_mode=binary (any value above the lowest is foreground)."
+        )
+    if max(values) < 32:
+        return f"The {where} are grey with the values {shown}: class ids. Use data.mask_mode=index."
+    return f"The {where} are grey with the values {shown}."
 
 
 def _parse_palette(
