@@ -96,6 +96,26 @@ def test_unpaired_files_listed_with_counts(tmp_path):
     assert "data.strict=false" in message and "data.mask_suffixes" in message
 
 
+def test_masks_named_with_another_suffix_get_the_setting_that_pairs_them(tmp_path):
+    """Every mask named <image>_label: the error names data.mask_suffixes=[_label] (was: only
+    "set data.mask_suffixes", found by a new-user tester); where no suffix pairs at least
+    half of the unpaired masks, nothing is suggested."""
+    touch(tmp_path / "img", *[f"case{i}.png" for i in range(4)], "case10.png")
+    touch(tmp_path / "msk", *[f"case{i}_label.png" for i in range(4)], "case10-seg.png")
+    with pytest.raises(LungsegError) as info:
+        find_pairs(tmp_path / "img", tmp_path / "msk")
+    assert (
+        "4 of the 5 unpaired masks are named as an unpaired image + '_label': "
+        "data.mask_suffixes=[_label] pairs them." in str(info.value)
+    )
+    pairs = find_pairs(tmp_path / "img", tmp_path / "msk", ["_label", "-seg"])
+    assert len(pairs) == 5
+    touch(tmp_path / "msk2", "case0_label.png", "case1-seg.png", "other.png")
+    with pytest.raises(LungsegError) as info:
+        find_pairs(tmp_path / "img", tmp_path / "msk2")
+    assert "unpaired masks are named" not in str(info.value)
+
+
 def test_a_file_with_an_image_extension_counts(tmp_path):
     touch(tmp_path / "img", "a.png", "notes.tif")
     touch(tmp_path / "msk", "a.png")

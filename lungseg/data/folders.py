@@ -797,17 +797,40 @@ def _report_unpaired(
             else "."
         )
     )
+    hint = _suffix_hint(groups[0][0], groups[1][0])
     if strict:
         raise LungsegError(
-            f"Found {found}. {rule} Add the missing files, remove them, set "
+            f"Found {found}. {rule}{hint} Add the missing files, remove them, set "
             "data.mask_suffixes, or set data.strict=false to skip them."
         )
     if not any_paired:
         raise LungsegError(
-            f"No image in {image_dir} has a mask in {mask_dir}. Found {found}. {rule} "
+            f"No image in {image_dir} has a mask in {mask_dir}. Found {found}. {rule}{hint} "
             "Check data.image_dir, data.mask_dir and data.mask_suffixes."
         )
     log.warning("Skipping unpaired files (data.strict=false). Found %s.", found)
+
+
+def _suffix_hint(images: Sequence[Path], masks: Sequence[Path]) -> str:
+    """The data.mask_suffixes that would pair most of the unpaired masks with unpaired images
+    (``a_label.png`` for ``a.png``: ``_label``), as a sentence, where it pairs at least half
+    of them; "" otherwise (found by a new-user tester whose masks all ended in _label)."""
+    stems = {p.stem for p in images}
+    found: dict[str, int] = {}
+    for mask in masks:
+        for end in range(len(mask.stem) - 1, 0, -1):
+            if mask.stem[:end] in stems:  # the longest image name the mask's name starts with
+                found[mask.stem[end:]] = found.get(mask.stem[end:], 0) + 1
+                break
+    if not found:
+        return ""
+    suffix, count = max(found.items(), key=lambda item: item[1])
+    if 2 * count < len(masks):
+        return ""
+    return (
+        f" {count} of the {len(masks)} unpaired masks are named as an unpaired image + "
+        f"{suffix!r}: data.mask_suffixes=[{suffix}] pairs them."
+    )
 
 
 def _listing(names: Iterable[str]) -> str:
