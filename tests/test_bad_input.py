@@ -532,6 +532,24 @@ def test_the_strict_error_names_the_mask_of_a_pair_whose_mask_is_broken(make_cfg
     assert "Other pairs that cannot be used: img4.png (its mask img4.png)." in message
 
 
+def test_masks_without_a_background_pixel_are_named(tmp_path, caplog):
+    """Two masks all foreground (saved blank white, or an empty slice's mask inverted): both
+    are named (were trained without a word, found by a new-user tester); masks with
+    background say nothing."""
+    image_dir, mask_dir = write_pairs(tmp_path, SIZES)
+    with caplog.at_level(logging.WARNING):
+        setup(image_dir, mask_dir)
+    assert "no background pixel" not in caplog.text
+    for name in ("img1.png", "img4.png"):
+        mask = cv2.imread(str(mask_dir / name), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(mask_dir / name), np.full_like(mask, mask.max()))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        setup(image_dir, mask_dir)
+    assert "2 masks of the 6 hold no background pixel: img1.png (all " in caplog.text
+    assert "img4.png (all " in caplog.text and "saved inverted (0 and 1 swapped)" in caplog.text
+
+
 def test_non_image_files_are_ignored(tmp_path):
     image_dir, mask_dir = write_pairs(tmp_path, SIZES)
     for folder in (image_dir, mask_dir):

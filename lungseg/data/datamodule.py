@@ -711,6 +711,7 @@ class SegDataModule(pl.LightningDataModule):
         self._class_names = self._resolve_class_names()
         members = {s: [i for i, n in enumerate(names) if split[n] == s] for s in splits.SPLITS}
         self._check_foreground(members, full)
+        self._warn_no_background(pairs, full)
         self._warn_empty_val(members, full)
         self._warn_copies(split)
         # (N, K): which classes each mask holds as trained (soft masks: any fraction)
@@ -1056,6 +1057,32 @@ class SegDataModule(pl.LightningDataModule):
             sum(len(g) for g in groups),
             counted(len(groups), "group"),
             ", ".join(f"{n} ({split[n]})" for n in groups[0][:3]),
+        )
+
+    def _warn_no_background(
+        self, pairs: Sequence[Pair], full: Sequence[tuple[np.ndarray, np.ndarray]]
+    ) -> None:
+        """A warning naming the masks without a background pixel (every pixel a structure, at
+        the masks' own size): a mask saved inverted or blank white, or of another image. A
+        new-user tester's all-ones and inverted 0/1 masks trained without a word."""
+        full_masks = [i for i, (present, _) in enumerate(full) if present.size and present[0] > 0]
+        if not full_masks:
+            return
+        names = self._class_names
+        shown = [
+            f"{pairs[i].masks[0].name} (all {', '.join(names[c] for c in full[i][0])})"
+            for i in full_masks[:_SHOW]
+        ]
+        log.warning(
+            "%s of the %d hold no background pixel: %s%s. A mask whose every pixel is a "
+            "structure is mostly a mask saved inverted (0 and 1 swapped) or blank, or the mask "
+            "of another image; check %s, and fix or remove %s.",
+            counted(len(full_masks), "mask"),
+            len(full),
+            ", ".join(shown),
+            ", ..." if len(full_masks) > _SHOW else "",
+            "it" if len(full_masks) == 1 else "them",
+            "it" if len(full_masks) == 1 else "them",
         )
 
     def _warn_empty_val(
