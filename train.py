@@ -51,11 +51,14 @@ def ddp_ranks_in_this_job() -> Iterator[None]:
         yield
     finally:
         sys.argv = argv
-        leave_process_group()  # first: a rank still in a collective then stops at once
-        ranks.end_ranks_of_this_job()
-        for key in set(os.environ) - set(environ):
-            del os.environ[key]
-        os.environ.update(environ)
+        procs = ranks.detach_ranks_of_this_job()  # before any of them can end badly
+        try:
+            leave_process_group()  # first: a rank still in a collective then stops at once
+        finally:
+            ranks.end_ranks(procs)
+            for key in set(os.environ) - set(environ):
+                del os.environ[key]
+            os.environ.update(environ)
 
 
 @contextmanager

@@ -548,6 +548,15 @@ def test_masks_without_a_background_pixel_are_named(tmp_path, caplog):
         setup(image_dir, mask_dir)
     assert "2 masks of the 6 hold no background pixel: img1.png (all " in caplog.text
     assert "img4.png (all " in caplog.text and "saved inverted (0 and 1 swapped)" in caplog.text
+    # a partial annotation: foreground and the ignore label, no background; no warning
+    mask = cv2.imread(str(mask_dir / "img1.png"), cv2.IMREAD_UNCHANGED)
+    mask[:4] = 255
+    cv2.imwrite(str(mask_dir / "img1.png"), mask)
+    cv2.imwrite(str(mask_dir / "img4.png"), np.zeros_like(mask))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        setup(image_dir, mask_dir, ignore_index=255)
+    assert "no background pixel" not in caplog.text
 
 
 def test_non_image_files_are_ignored(tmp_path):

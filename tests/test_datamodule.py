@@ -121,16 +121,22 @@ def test_index_num_classes_given_and_class_names(tmp_path):
         ("binary01", "are grey with the values 0, 1: black/white masks. Use data.mask_mode=bin"),
         ("index", "are grey with the values 0, 1, 2: class ids. Use data.mask_mode=index."),
         ("palette", "hold colours ([0, 0, 0], [0, 255, 0], [255, 0, 0]): list them as data"),
+        ("grey128", "are grey with the values 128, 255."),  # binary would read all as one
     ],
 )
 def test_the_missing_palette_error_says_what_the_masks_hold(tmp_path, mode, lead):
     """data.mask_mode=palette, the default, without data.palette on the user's own masks: the
     error leads with what the first mask files hold and the mode that reads them (was: the
     modes listed, for a new-user tester's 0/1 masks)."""
-    image_dir, mask_dir, masks = write_data(tmp_path, mode="index" if mode == "binary01" else mode)
-    if mode == "binary01":
-        for name, mask in masks.items():
+    written = "index" if mode in ("binary01", "grey128") else mode
+    image_dir, mask_dir, masks = write_data(tmp_path, mode=written)
+    for name, mask in masks.items():
+        if mode == "binary01":
             cv2.imwrite(str(mask_dir / f"{name}.png"), (mask > 0).astype(np.uint8))
+        if mode == "grey128":
+            cv2.imwrite(
+                str(mask_dir / f"{name}.png"), np.where(mask > 0, 255, 128).astype(np.uint8)
+            )
     with pytest.raises(LungsegError) as error:
         SegDataModule(str(image_dir), str(mask_dir))
     first, rest = str(error.value).split("\n", 1)
@@ -280,6 +286,22 @@ def test_a_split_by_name_ids_too_few_to_fill_it_names_the_split_by_file(tmp_path
     assert "data.group_pattern=auto took the ids the file names share" in str(error.value)
     assert "data.group_pattern=null splits by file instead" in str(error.value)
     assert build_datamodule(make_cfg(*where, "data.group_pattern=null")).split
+    with pytest.raises(LungsegError) as error:  # an error the grouping has no part in
+        build_datamodule(make_cfg(*where, "data.num_folds=5", "data.fold=7"))
+    assert "outside 0..4" in str(error.value) and "group_pattern" not in str(error.value)
+
+
+def test_auto_leaves_files_in_sub_folders_to_the_folder_warning():
+    """patient01/img_003_L: the second number's ids (img_003) are finer than the folders'
+    patients; auto splits by file and the sub-folder warning names '^([^/]+)' (found by a
+    review)."""
+    from lungseg.data.datamodule import _auto_group_pattern
+
+    names = [
+        f"patient{p:02d}/img_{3 * p + k:03d}_{s}" for p in range(4) for k in range(2) for s in "LR"
+    ]
+    assert _auto_group_pattern(names) is None
+    assert _auto_group_pattern([n.replace("/", "_") for n in names]) is not None
 
 
 def _parts(split: dict[str, str]) -> dict[str, set[str]]:

@@ -1,4 +1,6 @@
 import logging
+import re
+import shlex
 import struct
 import unicodedata
 
@@ -6,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import oriented
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import ListConfig
 
 from lungseg.data.folders import (
@@ -104,11 +107,13 @@ def test_masks_named_with_another_suffix_get_the_setting_that_pairs_them(tmp_pat
     touch(tmp_path / "msk", *[f"case{i}_label.png" for i in range(4)], "case10-seg.png")
     with pytest.raises(LungsegError) as info:
         find_pairs(tmp_path / "img", tmp_path / "msk")
-    assert (
-        "4 of the 5 unpaired masks are named as an unpaired image + '_label': "
-        "data.mask_suffixes=[_label] pairs them." in str(info.value)
-    )
-    pairs = find_pairs(tmp_path / "img", tmp_path / "msk", ["_label", "-seg"])
+    message = str(info.value)
+    assert "4 of the 5 unpaired masks are named as an unpaired image + '_label': " in message
+    # the suffixes given, and the one found: the pairs found by them stay paired
+    (typed,) = re.findall(r"(\"data\.mask_suffixes=\[.*?\]\") on the command line", message)
+    (override,) = OverridesParser.create().parse_overrides(shlex.split(typed))
+    assert override.value() == ["", "_mask", "_label"]
+    pairs = find_pairs(tmp_path / "img", tmp_path / "msk", ["", "_mask", "_label", "-seg"])
     assert len(pairs) == 5
     touch(tmp_path / "msk2", "case0_label.png", "case1-seg.png", "other.png")
     with pytest.raises(LungsegError) as info:

@@ -687,7 +687,8 @@ class SegDataModule(pl.LightningDataModule):
                 self._fold,
             )
         except LungsegError as error:
-            if not auto or self._group_pattern is None:
+            few = "leaves the" in str(error) or "to spread over the folds" in str(error)
+            if not auto or self._group_pattern is None or not few:
                 raise
             raise LungsegError(
                 f"{error} The split is by patient: data.group_pattern=auto took the ids the "
@@ -1065,7 +1066,11 @@ class SegDataModule(pl.LightningDataModule):
         """A warning naming the masks without a background pixel (every pixel a structure, at
         the masks' own size): a mask saved inverted or blank white, or of another image. A
         new-user tester's all-ones and inverted 0/1 masks trained without a word."""
-        full_masks = [i for i, (present, _) in enumerate(full) if present.size and present[0] > 0]
+        full_masks = [  # a partial annotation (ignore label and foreground) is not one
+            i
+            for i, (present, _) in enumerate(full)
+            if present.size and present[0] > 0 and pairs[i].stem not in self._ignoring
+        ]
         if not full_masks:
             return
         names = self._class_names
@@ -1511,6 +1516,13 @@ def _masks_seen(folders: Sequence[Path], most: int = 8) -> str:
     data.mask_mode=palette (the default) without data.palette: the mode that fits them
     (found by a new-user tester whose 0/1 masks met a message that listed the modes only).
     "" where nothing can be read (the folder errors come later, from setup)."""
+    try:
+        return _masks_seen_in(folders, most)
+    except (OSError, ValueError, IndexError, cv2.error):  # a hint only: the error stays
+        return ""
+
+
+def _masks_seen_in(folders: Sequence[Path], most: int) -> str:
     files: list[Path] = []
     for folder in folders:
         if folder.is_dir():
@@ -1527,7 +1539,11 @@ def _masks_seen(folders: Sequence[Path], most: int = 8) -> str:
         if mask is None:
             continue
         read.append(path)
-        grey = mask.ndim == 2 or all(np.array_equal(mask[..., 0], mask[..., c]) for c in (1, 2))
+        grey = (
+            mask.ndim == 2
+            or mask.shape[2] < 3
+            or all(np.array_equal(mask[..., 0], mask[..., c]) for c in (1, 2))
+        )
         if not grey:
             rgb = np.unique(mask[..., 2::-1].reshape(-1, 3), axis=0)  # cv2's BGR(A) -> RGB
             colours |= {tuple(int(v) for v in c) for c in rgb[:16]}
@@ -1540,10 +1556,10 @@ def _masks_seen(folders: Sequence[Path], most: int = 8) -> str:
         shown = ", ".join(str(list(c)) for c in sorted(colours)[:6])
         return f"The {where} hold colours ({shown}): list them as data.palette, as below."
     shown = ", ".join(map(str, sorted(values)[:8])) + (", ..." if len(values) > 8 else "")
-    if len(values) <= 2:
+    if len(values) <= 2 and min(values) == 0:
         return (
             f"The {where} are grey with the values {shown}: black/white masks. "
-            f"Use data.mask_mode=binary (any value above the lowest is foreground)."
+            f"Use data.mask_mode=binary (0 is background, any other value foreground)."
         )
     if max(values) < 32:
         return f"The {where} are grey with the values {shown}: class ids. Use data.mask_mode=index."
@@ -1672,7 +1688,10 @@ AUTO = "auto"
 def _auto_group_pattern(names: Sequence[str]) -> str | None:
     """data.group_pattern=auto: the pattern of the id that file names share at their start
     (``_shared_name_ids``), said in the log, or None (a split by file; files in several
-    sub-folders are warned of by ``_check_folder_grouping``)."""
+    sub-folders, whose names' ids may be finer than the folders' patients, are warned of by
+    ``_check_folder_grouping`` instead)."""
+    if len({name.rpartition("/")[0] for name in names}) > 1:
+        return None  # sub-folders: mostly patients, but the names' ids may be finer
     shared_ids = _shared_name_ids(names)
     if shared_ids is None:
         return None

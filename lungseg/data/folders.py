@@ -797,7 +797,7 @@ def _report_unpaired(
             else "."
         )
     )
-    hint = _suffix_hint(groups[0][0], groups[1][0])
+    hint = _suffix_hint(groups[0][0], groups[1][0], suffixes)
     if strict:
         raise LungsegError(
             f"Found {found}. {rule}{hint} Add the missing files, remove them, set "
@@ -811,7 +811,7 @@ def _report_unpaired(
     log.warning("Skipping unpaired files (data.strict=false). Found %s.", found)
 
 
-def _suffix_hint(images: Sequence[Path], masks: Sequence[Path]) -> str:
+def _suffix_hint(images: Sequence[Path], masks: Sequence[Path], suffixes: list[str]) -> str:
     """The data.mask_suffixes that would pair most of the unpaired masks with unpaired images
     (``a_label.png`` for ``a.png``: ``_label``), as a sentence, where it pairs at least half
     of them; "" otherwise (found by a new-user tester whose masks all ended in _label)."""
@@ -827,9 +827,10 @@ def _suffix_hint(images: Sequence[Path], masks: Sequence[Path]) -> str:
     suffix, count = max(found.items(), key=lambda item: item[1])
     if 2 * count < len(masks):
         return ""
+    listed = ",".join(f"'{x}'" for x in [*suffixes, suffix])  # the pairs found stay paired
     return (
         f" {count} of the {len(masks)} unpaired masks are named as an unpaired image + "
-        f"{suffix!r}: data.mask_suffixes=[{suffix}] pairs them."
+        f'{suffix!r}: "data.mask_suffixes=[{listed}]" on the command line pairs them.'
     )
 
 
