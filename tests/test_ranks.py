@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from lightning_fabric.strategies.launchers.subprocess_script import _launch_process_observer
+from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
 from lungseg import ranks
 
@@ -23,7 +23,8 @@ def test_a_rank_that_ended_badly_is_taken_from_lightnings_watch_before_it_kills_
     caplog,
 ):
     """Lightning's thread watching a job's ranks kills the main process (here a stand-in) when
-    one of them has ended with a non-zero status, at its first look, 5 s after it starts.
+    one of them has ended with a non-zero status, at its first look, 5 s after it starts
+    (here 1 s).
     Was: the main process, gone on to the next job of the sweep, was killed, and that job's
     ranks waited for it until their timeout."""
     sweep = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -46,24 +47,20 @@ def test_a_rank_that_ended_badly_is_taken_from_lightnings_watch_before_it_kills_
 
 
 def _launch_process_observer_for(procs: list, main_pid: int):
-    """Lightning's own watching thread, started as _launch_process_observer starts it, but
-    watching over ``main_pid``."""
-    import threading
-
-    before = set(threading.enumerate())
-    _launch_process_observer(procs)
-    (watch,) = set(threading.enumerate()) - before
-    watch._main_pid = main_pid
+    """Lightning's own watching thread, as _launch_process_observer starts it (same list of
+    processes), but watching over ``main_pid`` and looking every second, not every 5 s."""
+    watch = _ChildProcessObserver(main_pid=main_pid, child_processes=procs, sleep_period=1)
+    watch.start()
     return watch
 
 
 def test_a_rank_that_ended_badly_while_another_is_waited_for_kills_nothing(caplog):
     """Rank 1 ends badly at once, rank 2 takes longer than the watching thread's first look
-    (5 s) to end: the ranks were taken from it only after both had been waited for, so it
+    (5 s; here 1 s) to end: the ranks were taken from it only after both had been waited for, so it
     saw rank 1's status and killed the sweep (found by a review)."""
     sweep = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        launcher = Launcher("import sys; sys.exit(3)", "import time; time.sleep(7)")
+        launcher = Launcher("import sys; sys.exit(3)", "import time; time.sleep(2.5)")
         ranks.remember(launcher)
         watch = _launch_process_observer_for(launcher.procs, sweep.pid)
         with caplog.at_level(logging.WARNING, logger="lungseg.ranks"):
