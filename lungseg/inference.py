@@ -406,7 +406,8 @@ class InputCheck:
     - images of a bit depth the model was not trained on. Each image is scaled by its type's
       range (8-bit /255, 16-bit /65535), and a window applies to the raw values, so a 16-bit
       image given to a model trained on 8-bit ones (or the other way) reaches it on another
-      scale, e.g. 12-bit CT values in 16-bit files 16 times darker. Checkpoints from before
+      scale, e.g. 12-bit CT values in 16-bit files 16 times darker (not 8-bit values stored
+      in 16 bits, each x 257, without a window: they reach it as they were). Checkpoints from before
       lungseg recorded the depths (data_info ``bit_depths``) are not checked, nor models
       trained on float images, nor models that normalise each image by itself without a
       window; float images are not checked either.
@@ -429,7 +430,9 @@ class InputCheck:
         self.seen += 1
         if self.active and raw.dtype in (np.uint8, np.uint16):
             bits = raw.dtype.itemsize * 8
-            if bits not in self.trained:
+            # an 8-bit image stored in 16 bits (each value x 257) is scaled as it was
+            widened = bits == 16 and 8 in self.trained and not self.windowed
+            if bits not in self.trained and not (widened and not (raw % 257).any()):
                 self.other.setdefault(bits, []).append(str(path))
         if raw.size:  # from the stored values' range, without a float copy of the image
             low, high = float(raw.min()), float(raw.max())

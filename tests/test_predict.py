@@ -447,6 +447,19 @@ def test_images_of_another_bit_depth_than_the_training_ones_are_named(
     assert len(warned) == 1
     assert warned[0].startswith("1 of the images are 16-bit (e.g. ") and "ct16.tif" in warned[0]
     assert "trained on 8-bit images" in warned[0]
+    # An 8-bit image stored in 16 bits (x 257) reaches the network as the 8-bit one: not
+    # named (was, found by a new-user tester)
+    widened = tmp_path / "widened"
+    widened.mkdir()
+    shutil.copy(inputs / "ct16.tif", widened)
+    gray = cv2.imread(str(inputs / "gray8.png"), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(widened / "gray16.png"), gray.astype(np.uint16) * 257)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        predict(predict_cfg(checkpoints["palette"], widened, tmp_path / "out3"))
+    warned = [r.getMessage() for r in caplog.records if "-bit (e.g." in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("1 of the images are 16-bit (e.g. ")
+    assert "ct16.tif" in warned[0]
     # A model that normalises each image by itself (no window) takes any depth alike.
     caplog.clear()
     with caplog.at_level(logging.WARNING):
