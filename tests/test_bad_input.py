@@ -762,17 +762,23 @@ def test_cli_strict_false_lists_what_it_skipped_in_train_log_and_skipped_csv(tmp
     assert "2 files were left out (data.strict=false)" in log
 
 
-def test_cli_unknown_setting_names_the_nearest_and_the_group_file(tmp_path):
-    run = tmp_path / "run"
+def cli_errors(script: str, args: list[str], cwd: Path) -> list[str]:
+    """The `lungseg: error:` lines of `python <script> *args`, which must fail with status 1
+    and without a traceback."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "+data.imagesize=64", f"hydra.run.dir={run}"],
-        cwd=tmp_path,
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("lungseg: error:")]
+    return [line for line in result.stderr.splitlines() if line.startswith("lungseg: error:")]
+
+
+def test_cli_unknown_setting_names_the_nearest_and_the_group_file(tmp_path):
+    run = tmp_path / "run"
+    errors = cli_errors("train.py", ["+data.imagesize=64", f"hydra.run.dir={run}"], tmp_path)
     assert errors == [
         "lungseg: error: data.imagesize is not a setting of data "
         "(lungseg.data.datamodule.SegDataModule); did you mean data.image_size? Remove "
@@ -785,16 +791,9 @@ def test_cli_unknown_setting_names_the_nearest_and_the_group_file(tmp_path):
 def test_cli_predict_refuses_an_unknown_setting_before_it_writes(tmp_path):
     """`python predict.py ... +treshold=0.3` predicted with the checkpoint's threshold."""
     run, out = tmp_path / "run", tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "predict.py"), f"ckpt_path={tmp_path / 'missing.ckpt'}"]
-        + [f"input_dir={tmp_path}", f"output_dir={out}", "+treshold=0.3", f"hydra.run.dir={run}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("lungseg: error:")]
+    args = [f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input_dir={tmp_path}"]
+    args += [f"output_dir={out}", "+treshold=0.3", f"hydra.run.dir={run}"]
+    errors = cli_errors("predict.py", args, tmp_path)
     assert errors == [
         "lungseg: error: treshold is not a setting of predict.py; did you mean "
         "postprocess.threshold? Remove +treshold, or see conf/predict.yaml for the settings."

@@ -40,6 +40,7 @@ from lungseg.data.folders import (
     layer_names,
     mask_folders,
     palette_indices,
+    read_image,
     read_image_oriented,
     suffix_list,
     write_reasons,
@@ -1518,7 +1519,7 @@ def _masks_seen(folders: Sequence[Path], most: int = 8) -> str:
     "" where nothing can be read (the folder errors come later, from setup)."""
     try:
         return _masks_seen_in(folders, most)
-    except (OSError, ValueError, IndexError, cv2.error):  # a hint only: the error stays
+    except (OSError, ValueError):  # a hint only: the error stays
         return ""
 
 
@@ -1535,18 +1536,15 @@ def _masks_seen_in(folders: Sequence[Path], most: int) -> str:
     colours: set[tuple[int, ...]] = set()
     read = []
     for path in files[:most]:
-        mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if mask is None:
+        try:
+            mask = read_image(path)  # (H, W) or RGB, as training reads it
+        except LungsegError:
             continue
         read.append(path)
-        grey = (
-            mask.ndim == 2
-            or mask.shape[2] < 3
-            or all(np.array_equal(mask[..., 0], mask[..., c]) for c in (1, 2))
-        )
-        if not grey:
-            rgb = np.unique(mask[..., 2::-1].reshape(-1, 3), axis=0)  # cv2's BGR(A) -> RGB
-            colours |= {tuple(int(v) for v in c) for c in rgb[:16]}
+        if mask.ndim == 3 and not all(np.array_equal(mask[..., 0], mask[..., c]) for c in (1, 2)):
+            colours |= {
+                tuple(int(v) for v in c) for c in np.unique(mask.reshape(-1, 3), axis=0)[:16]
+            }
         else:
             values |= {int(v) for v in np.unique(mask if mask.ndim == 2 else mask[..., 0])}
     if not read:
@@ -1696,19 +1694,23 @@ def _auto_group_pattern(names: Sequence[str]) -> str | None:
     if shared_ids is None:
         return None
     pattern, ids = shared_ids
-    example, files = max(ids.items(), key=lambda item: len(item[1]))
     log.info(
-        "split by patient: the %d file names share %s at their start (e.g. %d files start "
-        "with %r: %s), and data.group_pattern=auto keeps each id's files in one split "
+        "split by patient: the %d file names share %s at their start (%s), and "
+        "data.group_pattern=auto keeps each id's files in one split "
         "(\"data.group_pattern='%s'\"; data.group_pattern=null splits by file)",
         len(names),
         counted(len(ids), "id"),
-        len(files),
-        example,
-        ", ".join(files[:2]),
+        _id_example(ids),
         pattern,
     )
     return pattern
+
+
+def _id_example(ids: Mapping[str, list[str]]) -> str:
+    """The id with the most files, for a message: "e.g. 3 files start with 'PAT000': PAT000_view0,
+    PAT000_view1"."""
+    example, files = max(ids.items(), key=lambda item: len(item[1]))
+    return f"e.g. {len(files)} files start with {example!r}: {', '.join(files[:2])}"
 
 
 def _check_name_grouping(names: Sequence[str], context: bool = False) -> bool:
@@ -1721,10 +1723,9 @@ def _check_name_grouping(names: Sequence[str], context: bool = False) -> bool:
         return False
     pattern, ids = shared_ids
     shared = {i: files for i, files in ids.items() if len(files) > 1}
-    example, files = max(shared.items(), key=lambda item: len(item[1]))
     log.warning(
-        "%d of the %d files share an id at the start of their name with another (%s; e.g. "
-        "%d files start with %r: %s), but data.group_pattern is null, so the split takes "
+        "%d of the %d files share an id at the start of their name with another (%s; %s), "
+        "but data.group_pattern is null, so the split takes "
         "every file on its own and one id's images can land in train and test. If that id is "
         "a patient (or scan), split by it: on the command line \"data.group_pattern='%s'\" "
         "(the double quotes keep the shell's hands off it); the log then counts the patients "
@@ -1732,9 +1733,7 @@ def _check_name_grouping(names: Sequence[str], context: bool = False) -> bool:
         sum(len(f) for f in shared.values()),
         len(names),
         counted(len(ids), "id"),
-        len(files),
-        example,
-        ", ".join(files[:2]),
+        _id_example(shared),
         pattern,
         _CONTEXT_LEAK if context else "",
     )
