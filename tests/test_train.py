@@ -8,6 +8,8 @@ import sys
 import types
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import pytorch_lightning
 import pytorch_lightning.callbacks.timer
@@ -19,7 +21,13 @@ from omegaconf import OmegaConf
 import lungseg.callbacks
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
-from lungseg.train import accelerator_settings, cpu_bf16_hint, postprocessed_test, train
+from lungseg.train import (
+    accelerator_settings,
+    build_datamodule,
+    cpu_bf16_hint,
+    postprocessed_test,
+    train,
+)
 
 ARCHITECTURES = ["unet", "fcn", "segnet", "deeplab"]
 
@@ -738,6 +746,33 @@ def test_article_experiment_composes_the_tutorial_recipe(make_cfg):
     full = make_cfg("experiment=article", "model.width=64", "data.image_size=256")
     assert full.model.width == 64 and full.data.image_size == 256 and full.seed == 42
     train(cfg)
+
+
+@pytest.mark.parametrize("experiment", ["lung_ct", "lidc_nodules"])
+def test_the_recipes_set_up_on_data_named_otherwise(make_cfg, tmp_path, experiment):
+    """The recipes are also run as they are on other lung data (chest X-rays named like
+    Shenzhen's, 0/1 masks): lidc_nodules' LIDC-IDRI patient pattern stopped every such run."""
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(10):
+        mask = np.zeros((40, 48), np.uint8)
+        mask[8 : 30 + i % 5, 6:20] = mask[8:30, 26:42] = 1
+        image = (rng.integers(0, 60, mask.shape) + 150 * mask).astype(np.uint8)
+        cv2.imwrite(str(tmp_path / "images" / f"CHNCXR_{i:04d}_{i % 2}.png"), image)
+        cv2.imwrite(str(tmp_path / "masks" / f"CHNCXR_{i:04d}_{i % 2}.png"), mask)
+    cfg = make_cfg(
+        f"experiment={experiment}",
+        f"data.image_dir={tmp_path / 'images'}",
+        f"data.mask_dir={tmp_path / 'masks'}",
+        "data.image_size=32",
+    )
+    datamodule = build_datamodule(cfg)
+    sizes = [len(datamodule.train_dataset), len(datamodule.val_dataset)]
+    assert sizes + [len(datamodule.test_dataset)] == (
+        [6, 2, 2] if experiment == "lung_ct" else [8, 0, 2]  # fold 0 of 5, no validation
+    )
+    assert datamodule.num_classes == 2
 
 
 def test_gpus_key_maps_to_accelerator(monkeypatch):
