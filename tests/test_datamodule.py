@@ -495,6 +495,13 @@ def test_training_items_turn_opencv_threads_off_in_every_process(tmp_path, monke
 def test_mixed_bit_depths_and_12_bit_values_in_16_bit_files_are_named(tmp_path, caplog):
     """8-bit / 255 beside 12-bit values / 65535: one set on two scales, 16x apart, in silence."""
     image_dir, mask_dir, _ = write_data(tmp_path, n=6)
+    widened = image_dir / "case01.png"  # 8-bit values saved in 16 bits, each x 257
+    eight_bit = cv2.imread(str(widened), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(widened), eight_bit.astype(np.uint16) * 257)
+    with caplog.at_level(logging.WARNING):
+        make_dm(image_dir, mask_dir, normalize="dataset")  # /65535: as its 8-bit file /255
+    assert "bit" not in caplog.text
+    cv2.imwrite(str(widened), eight_bit)
     for i in (1, 4):  # a 12-bit DICOM export
         path = image_dir / f"case{i:02d}.png"
         twelve_bit = cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 16

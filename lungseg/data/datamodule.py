@@ -552,7 +552,7 @@ class SegDataModule(pl.LightningDataModule):
         self._median_blur, self._normalize = median_blur, normalize
         self._window = window  # checked by scale_intensity
         # image (its path below data.image_dir): (bits, largest value)
-        self._bit_depths: dict[str, tuple[int, int]] = {}
+        self._bit_depths: dict[str, tuple[int, int, bool]] = {}  # bits, largest, x 257
         # images that are one value as the network gets them: name -> stored (lowest, highest)
         self._flat: dict[str, tuple[float, float]] = {}
         # each pair's image as the network gets it, hashed: copies under other names
@@ -859,7 +859,7 @@ class SegDataModule(pl.LightningDataModule):
             "window": None if info["window"] is None else [float(v) for v in info["window"]],
             "mask_mode": self._mask_mode,
             # the images' bit depths (8, 16): predict.py and eval.py name other ones
-            "bit_depths": sorted({bits for bits, _ in self._bit_depths.values()}),
+            "bit_depths": sorted({bits for bits, _, _ in self._bit_depths.values()}),
             "palette": None if self._palette is None else self.colors.tolist(),
             "class_names": list(self._class_names),
             "num_classes": int(self._num_classes),
@@ -978,9 +978,14 @@ class SegDataModule(pl.LightningDataModule):
         else:  # flat images are alike without being copies
             self._digests[pair.stem] = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
         if raw.dtype in (np.uint8, np.uint16):  # of the pairs used: _check_bit_depths, data_info
+            top = int(raw.max())
+            # 8-bit values stored in 16 bits (each x 257) are scaled to what the 8-bit file
+            # gives; the full look only where the largest value allows it
+            widened = raw.dtype == np.uint16 and top % 257 == 0 and not (raw % 257).any()
             self._bit_depths[f"{pair.stem}{pair.image.suffix}"] = (
                 raw.dtype.itemsize * 8,
-                int(raw.max()),
+                top,
+                bool(widened),
             )
         if self._soft_masks:
             k = self._num_classes
@@ -1787,14 +1792,19 @@ def _check_folder_grouping(names: Sequence[str], context: bool = False) -> bool:
     return True
 
 
-def _check_bit_depths(depths: Mapping[str, tuple[int, int]], normalize: str) -> None:
+def _check_bit_depths(depths: Mapping[str, tuple[int, int, bool]], normalize: str) -> None:
     """Warn where scaling by the type's range (8-bit / 255, 16-bit / 65535) puts images of
     one set on different scales: 8- and 16-bit images mixed, or 16-bit images that hold
-    12-bit values (DICOM exports), which come out 16 times darker than the range allows."""
+    12-bit values (DICOM exports), which come out 16 times darker than the range allows.
+    (Without a window: the caller's.) A 16-bit file whose values are 8-bit ones x 257 is
+    scaled as its 8-bit file would be, so it counts as 8-bit here."""
     by_bits: dict[int, list[str]] = {}
-    for name, (bits, _) in depths.items():
-        by_bits.setdefault(bits, []).append(name)
-    largest = max((top for bits, top in depths.values() if bits == 16), default=None)
+    for name, (bits, _, widened) in depths.items():
+        by_bits.setdefault(8 if widened else bits, []).append(name)
+    largest = max(
+        (top for bits, top, widened in depths.values() if bits == 16 and not widened),
+        default=None,
+    )
     if len(by_bits) > 1 and normalize != "image":
         log.warning(
             "The images mix %d 8-bit files (e.g. %s) and %d 16-bit files (e.g. %s, largest value "
