@@ -76,6 +76,34 @@ def check_overwrite(value: Any) -> None:
     require(isinstance(value, bool), "overwrite", value, "true or false", "overwrite=true")
 
 
+# On/off words Hydra's command line keeps as text (only true and false become booleans), and
+# which Python then takes as true: resume=no resumed, compile=off compiled.
+SWITCH_WORDS = frozenset({"yes", "no", "on", "off", "true", "false"})
+
+
+def check_switch_words(cfg: DictConfig) -> None:
+    """LungsegError for a setting given as the text yes, no, on, off (or a quoted 'true' or
+    'false'), e.g. ``resume=no``: every on/off setting would take it as true. Settings of any
+    kind are looked at (no setting of lungseg's takes these words as a name); lists are not
+    (class names), nor Hydra's own node."""
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                walk(value, f"{name}.")
+            elif isinstance(value, str) and value.strip().lower() in SWITCH_WORDS:
+                meant = "false" if value.strip().lower() in ("no", "off", "false") else "true"
+                raise LungsegError(
+                    f"{name} is {value!r}, which Hydra keeps as text (it reads only unquoted true "
+                    f"and false as on and off), and any text counts as on. Give {name}={meant} "
+                    f"(or {name}={'true' if meant == 'false' else 'false'})."
+                )
+
+    settings = OmegaConf.to_container(cfg, resolve=False)
+    walk({k: v for k, v in settings.items() if k != "hydra"}, "")
+
+
 def shown(value: Any) -> str:
     """A value as the command line writes it: null, true, 'abc', [32, 0]."""
     if value is None:
@@ -593,13 +621,15 @@ def _keywords(target: str) -> frozenset[str] | None:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """LungsegError for a top-level key train.py does not read (``check_top_keys``), then for a
-    key a group's constructor does not take (``check_keys``), then for the first setting of
+    """LungsegError for a top-level key train.py does not read (``check_top_keys``), then for
+    an on/off word given as text (``check_switch_words``), then for a key a group's
+    constructor does not take (``check_keys``), then for the first setting of
     ``RULES`` the config holds with a wrong type or range, then for a data folder that does not
     exist, then for bad ``postprocess`` values (the checkpoint keeps them for eval.py and
     predict.py). Reads nothing but the config and the data folders' existence, imports the
     groups' targets, writes nothing."""
     check_top_keys(cfg)
+    check_switch_words(cfg)
     check_keys(cfg)
     for key, (accepts, wanted, example) in RULES.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)

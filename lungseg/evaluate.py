@@ -53,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from lungseg import hostmem, hydra_files, postprocess
-from lungseg.checks import check_overwrite, check_top_keys, require
+from lungseg.checks import check_overwrite, check_switch_words, check_top_keys, require
 from lungseg.data import splits, transforms
 from lungseg.data.demo import make_demo_dataset
 from lungseg.data.folders import (
@@ -212,6 +212,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ``summary.json`` into ``cfg.output_dir``; a folder that already holds either is refused
     before any scoring, unless ``cfg.overwrite``. Returns the summary."""
     check_top_keys(cfg, "eval.py")
+    check_switch_words(cfg)
     per_image, summary_file = _output_paths(cfg)
     paths = config_checkpoints(cfg)
     hostmem.configure(cfg.get("retain_freed_memory", True))

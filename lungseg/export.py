@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lungseg import input_channels, postprocess
-from lungseg.checks import check_overwrite, check_top_keys, is_number, require
+from lungseg.checks import check_overwrite, check_switch_words, check_top_keys, is_number, require
 from lungseg.data.folders import check_writable, writing
 from lungseg.data.folders import existing as taken
 from lungseg.errors import LungsegError
@@ -310,6 +310,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     under a temporary name and takes its place only once checked, so a failed export leaves
     every file as it was. Returns the JSON's content."""
     check_top_keys(cfg, "export.py")
+    check_switch_words(cfg)
     check_overwrite(cfg.overwrite)
     if cfg.format not in FORMATS:
         raise LungsegError(

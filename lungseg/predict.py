@@ -19,7 +19,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from lungseg import hostmem, postprocess
-from lungseg.checks import check_overwrite, check_top_keys, is_number, is_whole, require
+from lungseg.checks import (
+    check_overwrite,
+    check_switch_words,
+    check_top_keys,
+    is_number,
+    is_whole,
+    require,
+)
 from lungseg.data.folders import (
     IMAGE_EXTENSIONS,
     OUTPUT_MARKER,
@@ -233,6 +240,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     ``cfg.output_dir`` (conf/predict.yaml). Existing output files stop the run before anything
     is written, unless ``cfg.overwrite``. Returns the files written."""
     check_top_keys(cfg, "predict.py")
+    check_switch_words(cfg)
     hostmem.configure(cfg.get("retain_freed_memory", True))
     outputs = _plan_outputs(cfg)
     model = load_from_config(cfg)

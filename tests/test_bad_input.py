@@ -403,6 +403,28 @@ def test_shipped_configs_pass_the_settings_check(tmp_path, overrides):
     check_settings(cfg)
 
 
+@pytest.mark.parametrize(
+    ("override", "fix"),
+    [
+        ("resume=no", "resume=false"),  # was: continued the run in hydra.run.dir
+        ("compile=off", "compile=false"),  # was: compiled the network
+        ("test_after_fit=no", "test_after_fit=false"),
+        ("data.strict=Off", "data.strict=false"),  # was: strict
+        ("data.soft_masks=yes", "data.soft_masks=true"),
+        ("callbacks.ema.enabled=on", "callbacks.ema.enabled=true"),
+        ("data.recursive='false'", "data.recursive=false"),
+    ],
+)
+def test_on_off_words_hydra_keeps_as_text_are_refused(make_cfg, override, fix):
+    """Hydra reads only true and false as booleans; 'no' is text, and text is true."""
+    with pytest.raises(LungsegError, match=rf"is '.*', which Hydra keeps as text.* Give {fix} "):
+        check_settings(make_cfg(override))
+
+
+def test_names_in_lists_may_be_on_off_words(make_cfg):
+    check_settings(make_cfg("data.class_names=[background,no,yes]"))
+
+
 def test_missing_data_folder_is_reported_before_the_palette(make_cfg, tmp_path):
     # data.mask_mode=palette (the default) needs data.palette for your own data; a wrong path
     # was reported as that missing palette.

@@ -366,7 +366,7 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch):
         ([], "ckpt_path is not set"),
         (["ckpt_path=[a.ckpt,b.ckpt]"], "export writes one network, so give one checkpoint"),
         # was: 'no', a string, is true, and replaced the model file
-        (["overwrite=no"], r"overwrite is 'no'; give true or false \(e.g. overwrite=true\)"),
+        (["overwrite=no"], r"overwrite is 'no', which Hydra keeps as text .* Give overwrite=false"),
     ],
 )
 def test_bad_settings_are_clear_errors(overrides, message):

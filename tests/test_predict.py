@@ -257,7 +257,7 @@ def test_clashing_names_and_missing_settings(tmp_path, checkpoints, inputs):
         ("overlay_alpha=2", r"overlay_alpha is 2; give the opacity"),
         ("tta_flips=[diagonal]", r"tta_flips \['diagonal'\] holds"),
         # was: 'no', a string, is true, and replaced the files in output_dir
-        ("overwrite=no", r"overwrite is 'no'; give true or false \(e.g. overwrite=true\)"),
+        ("overwrite=no", r"overwrite is 'no', which Hydra keeps as text .* Give overwrite=false"),
     ],
 )
 def test_bad_settings_stop_before_the_output_folder_is_made(
