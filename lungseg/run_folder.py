@@ -1,6 +1,7 @@
 """A training run's folder: never written over, resumable, and recorded well enough to
 repeat the run (``environment.json``: package versions, platform, git commit)."""
 
+import contextlib
 import csv
 import json
 import logging
@@ -8,11 +9,12 @@ import os
 import platform
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
-from datetime import timedelta
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,11 @@ from lungseg.checks import same, shown
 from lungseg.data.splits import listed_splits
 from lungseg.errors import LungsegError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a run folder is not held there
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 # What train() writes into a run folder before and while it trains; a folder holding any of
@@ -49,6 +56,59 @@ PACKAGES = {
     "numpy": np,
 }
 _GIT_TIMEOUT_S = 10
+
+
+# Held by the training in a run folder (``hold_run_folder``); named so that ls hides it.
+LOCK_FILE = ".lungseg.lock"
+
+
+@contextlib.contextmanager
+def hold_run_folder(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir`` while this process trains in it, so that a second training there
+    (``resume=true`` while the first still runs, or the same ``hydra.run.dir`` twice) is
+    refused instead of both writing the same checkpoints, logs and metrics. The hold is an
+    OS lock (``flock``) on ``out_dir/.lungseg.lock``, which the OS lets go when the process
+    ends, however it ends (a file left by a killed run holds nothing); the file names the
+    holder and is removed on the way out. Rank 0 only (the other DDP ranks share its folder).
+    Nothing is held in a folder that does not exist yet (Hydra makes the CLI's first), on a
+    system without flock (Windows), or where the file system refuses the lock."""
+    path = out_dir / LOCK_FILE
+    if fcntl is None or rank_zero_only.rank != 0 or not out_dir.is_dir():
+        yield
+        return
+    try:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until the end)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise LungsegError(
+            f"The run folder {out_dir} is in use: a training runs in it ({holder}). Two "
+            f"trainings in one folder would write over each other's checkpoints and logs. "
+            f"Wait for it to end, or stop it (kill -TERM <pid> keeps its last finished epoch "
+            f"in checkpoints/last.ckpt) and continue it with resume=true; or leave "
+            f"hydra.run.dir unset for a new run in a folder of its own."
+        ) from None
+    except OSError:  # a file system without locks
+        handle.close()
+        yield
+        return
+    handle.seek(0)
+    handle.truncate()
+    since = datetime.now().isoformat(sep=" ", timespec="seconds")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # before the lock goes: the next run makes a file of its own
+        handle.close()
 
 
 def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:

@@ -42,6 +42,7 @@ from lungseg.run_folder import (
     check_same_preparation,
     check_same_split,
     continues_run,
+    hold_run_folder,
     interrupted_bests,
     keep_previous,
     missing_bests,
@@ -389,6 +390,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
             hydra_files.withdraw(out_dir)
         raise
+    with hold_run_folder(out_dir):  # a second training in this folder is refused
+        return _train(cfg, out_dir)
+
+
+def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """train's work, in the run folder it holds."""
     check_settings(cfg)  # wrong types and ranges, missing data folders: before anything
     started = time.monotonic()
     hostmem.configure(cfg.get("retain_freed_memory", True))

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 import lungseg.callbacks
 from lungseg.errors import LungsegError
 from lungseg.module import SegmentationModule
+from lungseg.run_folder import LOCK_FILE, hold_run_folder
 from lungseg.train import (
     accelerator_settings,
     build_datamodule,
@@ -290,6 +291,22 @@ def test_a_checkpoint_callback_of_the_users_elsewhere_keeps_its_own_record(
     assert loaded[str(backup)] == str(backup)
     assert "moved or renamed" not in caplog.text
     assert (backup / "last.ckpt").is_file()
+
+
+def test_a_second_training_in_a_run_folder_in_use_is_refused(make_cfg):
+    """resume=true while the run still trained (its first process not stopped) trained both
+    into one folder, each writing over the other's checkpoints, logs and metrics.json."""
+    cfg = make_cfg("resume=true")
+    run = Path(cfg.output_dir)
+    run.mkdir()
+    with hold_run_folder(run):  # another process's training, as the OS sees the lock
+        with pytest.raises(LungsegError, match=r"is in use: a training runs in it \(pid \d+ on"):
+            train(cfg)
+        assert [p.name for p in run.iterdir()] == [LOCK_FILE]
+    # a lock file left by a killed run holds nothing
+    (run / LOCK_FILE).write_text("pid 1 on elsewhere, since 2026-01-01 00:00:00\n")
+    train(cfg)
+    assert (run / "metrics.json").is_file() and not (run / LOCK_FILE).exists()
 
 
 def test_a_run_continued_with_other_model_settings_is_refused(make_cfg, tmp_path, caplog):
