@@ -187,19 +187,22 @@ def planned_epochs(trainer: pl.Trainer) -> int | None:
     return None
 
 
-def stop_reason(trainer: pl.Trainer) -> str:
+def stop_reason(trainer: pl.Trainer, max_epochs: int | None = None) -> str:
     """Why fit ended: "early_stopping", "max_time", "max_epochs", "max_steps", "fast_dev_run"
     (a check of the code path on a batch or a few, not a trained model) or "other". A time
     limit that cut the planned epochs short is also logged as a warning: the learning-rate
-    schedule was planned for trainer.max_epochs."""
+    schedule was planned for trainer.max_epochs. ``max_epochs``: the configured one, which
+    the trainer's may not be (a run tested after its training trains nothing): where early
+    stopping ended the last of those epochs, every epoch ran, and that is "max_epochs"."""
     if trainer.fast_dev_run:
         return "fast_dev_run"
+    ran_all = max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch
     for callback in trainer.early_stopping_callbacks:
         reason = getattr(callback, "stopping_reason", None)  # an Enum, NOT_STOPPED = 0
         stopped = callback.stopped_epoch > 0 if reason is None else reason.value != 0
         # stopped_epoch: the epoch it stopped in, this run's last (a continued run restores
         # the stop that ended the run before it)
-        if stopped and callback.stopped_epoch == trainer.current_epoch - 1:
+        if stopped and callback.stopped_epoch == trainer.current_epoch - 1 and not ran_all:
             return "early_stopping"
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     remaining = timer.time_remaining() if timer is not None else None
@@ -628,7 +631,7 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         best_path = str(last) if last.is_file() else ""
     metrics: dict[str, Any] = {
         "epochs_trained": trainer.current_epoch,
-        "stopped_by": stop_reason(trainer),
+        "stopped_by": stop_reason(trainer, cfg.trainer.get("max_epochs")),
         "planned_epochs": planned_epochs(trainer),  # fitted to trainer.max_time, or null
         "best_checkpoint": best_path or None,
         "best_epoch": torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]

@@ -27,6 +27,7 @@ from lungseg.train import (
     build_datamodule,
     cpu_bf16_hint,
     postprocessed_test,
+    stop_reason,
     train,
 )
 
@@ -291,6 +292,28 @@ def test_a_checkpoint_callback_of_the_users_elsewhere_keeps_its_own_record(
     assert loaded[str(backup)] == str(backup)
     assert "moved or renamed" not in caplog.text
     assert (backup / "last.ckpt").is_file()
+
+
+def test_patience_that_runs_out_in_the_last_planned_epoch_is_not_an_early_stop():
+    """metrics.json said early_stopping for a run that trained all its 40 epochs (its best
+    epoch 29, patience 10), while Lightning printed that max_epochs was reached."""
+    stopped = types.SimpleNamespace(stopping_reason=None, stopped_epoch=39)
+    trainer = types.SimpleNamespace(
+        fast_dev_run=False,
+        current_epoch=40,
+        max_epochs=40,
+        early_stopping_callbacks=[stopped],
+        callbacks=[stopped],
+        max_steps=-1,
+        global_step=400,
+    )
+    assert stop_reason(trainer, 40) == "max_epochs"
+    # a run tested after its training (the trainer's max_epochs set to the epochs trained)
+    assert stop_reason(types.SimpleNamespace(**{**vars(trainer), "max_epochs": 40}), 50) == (
+        "early_stopping"
+    )
+    stopped.stopped_epoch, trainer.current_epoch = 20, 21
+    assert stop_reason(trainer, 40) == "early_stopping"
 
 
 def test_a_second_training_in_a_run_folder_in_use_is_refused(make_cfg):
