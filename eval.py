@@ -5,6 +5,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lungseg import hydra_files
+from lungseg.cli_hints import hint_on_override_error
 from lungseg.errors import run_cli
 from lungseg.evaluate import evaluate
 
@@ -19,4 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with hint_on_override_error("eval.py", "eval"):
+        main()

@@ -4,6 +4,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from lungseg.cli_hints import hint_on_override_error
 from lungseg.errors import run_cli
 from lungseg.export import export
 
@@ -14,4 +15,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with hint_on_override_error("export.py", "export"):
+        main()

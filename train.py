@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
 from lungseg import ranks
+from lungseg.cli_hints import hint_on_override_error
 from lungseg.errors import LungsegError, run_cli, user_error
 from lungseg.sweep import record_error
 from lungseg.train import train
@@ -142,4 +143,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    with hint_on_override_error("train.py", "config"):
+        main()

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+# Set once run_cli has printed a LungsegError: the exit status 1 that follows is lungseg's, not
+# Hydra's refusal of the command line (lungseg.cli_hints).
+REPORTED = False
 
 
 class LungsegError(Exception):
@@ -53,6 +56,8 @@ def run_cli(task: Callable[[], T], run_dir: str | Path | None = None) -> T:
             if not hydra_files.restore(run_dir) and not discard_if_empty(Path(run_dir)):
                 log_to_files(f"lungseg: error: {cause}")
         print(f"lungseg: error: {cause}", file=sys.stderr)
+        global REPORTED
+        REPORTED = True
         sys.exit(1)
 
 

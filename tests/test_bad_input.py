@@ -27,7 +27,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_inference import write_pairs
 
+import lungseg.errors
 from lungseg.checks import check_settings, check_top_keys
+from lungseg.cli_hints import hint_on_override_error, override_hint
 from lungseg.data.datamodule import SegDataModule
 from lungseg.data.folders import check_data_dirs, read_image, write_image
 from lungseg.errors import LungsegError, user_error
@@ -796,6 +798,73 @@ def cli_errors(script: str, args: list[str], cwd: Path) -> list[str]:
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     return [line for line in result.stderr.splitlines() if line.startswith("lungseg: error:")]
+
+
+def test_cli_a_key_hydra_refuses_gets_the_nearest_setting(tmp_path):
+    """Without a +, Hydra refuses a typo itself, before lungseg's checks, and suggested the +."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "data.imagesize=64"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    hint = result.stderr.rstrip().splitlines()[-1]
+    assert hint.startswith(
+        "lungseg: hint: data.imagesize is not a setting of train.py; did you mean "
+        "data.image_size or data.image_dir? (python train.py --cfg job prints them all"
+    )
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "hint"),
+    [
+        (
+            "train.py",
+            ["data.split=[0.8,", "0.1,", "0.1]", "model=fcn"],
+            "the shell split the override 'data.split=[0.8, 0.1, 0.1]' at its spaces into 3 "
+            "arguments. Write it without spaces (data.split=[0.8,0.1,0.1]) or quote it whole: "
+            "'data.split=[0.8, 0.1, 0.1]'.",
+        ),
+        (
+            "train.py",
+            ["data.image_dir=/my", "scans/images"],
+            "the shell split the override 'data.image_dir=/my scans/images' at its spaces into 2 "
+            "arguments. Quote it whole: 'data.image_dir=/my scans/images'.",
+        ),
+        (
+            "train.py",
+            ["data.group_pattern=^(CHNCXR_\\d+)_"],  # the shell took the quotes
+            "Quote the value for Hydra, and the whole override for the shell: "
+            "\"data.group_pattern='^(CHNCXR_\\d+)_'\".",
+        ),
+        (
+            "train.py",
+            ["-m", "model=unet,fcn", "trainer.max_epoch=1,2"],
+            "trainer.max_epoch is not a setting of train.py; did you mean trainer.max_epochs or "
+            "trainer.max_steps?",
+        ),
+        ("train.py", ["experiment=lung_ct", "postprocess.min_sise=4"], "mean postprocess.min_size"),
+        ("eval.py", ["ckpt_pth=a.ckpt"], "ckpt_pth is not a setting of eval.py; did you mean"),
+        ("predict.py", ["ckpt_path=a.ckpt", "input_dir=x", "tta=true"], None),  # not Hydra's
+        ("train.py", ["--config-dir", "mine", "data.mine=1"], None),  # keys of the user's
+        ("train.py", ["+data.imagesize=64", "hydra.job.chdir=false"], None),  # lungseg's to say
+    ],
+)
+def test_override_hints_say_why_hydra_refused_a_command_line(script, args, hint):
+    got = override_hint(script, Path(script).stem.replace("train", "config"), args)
+    assert got == hint if hint is None else hint in got
+
+
+def test_no_hint_follows_an_error_lungseg_reported(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train.py", "data.imagesize=64"])
+    for reported in (True, False):
+        monkeypatch.setattr(lungseg.errors, "REPORTED", reported)
+        with pytest.raises(SystemExit), hint_on_override_error("train.py", "config"):
+            sys.exit(1)
+        assert ("hint: data.imagesize" in capsys.readouterr().err) is not reported
 
 
 def test_cli_unknown_setting_names_the_nearest_and_the_group_file(tmp_path):
