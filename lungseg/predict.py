@@ -254,6 +254,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     table = neighbour_table(list(outputs), info)  # 2.5-D models: each image's neighbours
     output_dir = Path(cfg.output_dir).expanduser()  # created by the first write
     written: list[Path] = []
+    done = 0  # images whose outputs are written
     failed: list[tuple[Path, str]] = []  # strict=false: images that cannot be read
     checks = InputCheck(info)
     with tqdm(total=len(outputs), unit="image", disable=not cfg.progress_bar) as bar:
@@ -264,7 +265,7 @@ def predict(cfg: DictConfig) -> list[Path]:
                 if not written:
                     raise
                 raise LungsegError(
-                    f"{err} The outputs of the {len(written) // 2} images before it are in "
+                    f"{err} The outputs of the {done} images before it are in "
                     f"{output_dir}; rerun with overwrite=true once the file is fixed, or with "
                     f"strict=false to skip the images that cannot be read."
                 ) from None
@@ -275,15 +276,18 @@ def predict(cfg: DictConfig) -> list[Path]:
             for path, item, prob in zip([batch[i] for i in kept], inputs, probs, strict=True):
                 raw = centre_slice(item)  # 2.5-D input: the image itself
                 pred = postprocess.classes(prob, post, info)
-                mask_path, overlay_path = outputs[path]
+                mask_path, *overlay_paths = outputs[path]  # none with overlays=false
                 if not written:  # a later recursive=true search must not read these
                     with writing(output_dir / OUTPUT_MARKER, _WRITE_FIX):
                         output_dir.mkdir(parents=True, exist_ok=True)
                         (output_dir / OUTPUT_MARKER).touch()
-                display = scale_intensity(raw, info["window"], info["intensity_offset"])
                 _write(mask_path, encode_mask(pred, info["mask_mode"], info["palette"]))
-                _write(overlay_path, overlay(display, pred, colors, cfg.overlay_alpha))
-                written += [mask_path, overlay_path]
+                written.append(mask_path)
+                for overlay_path in overlay_paths:
+                    display = scale_intensity(raw, info["window"], info["intensity_offset"])
+                    _write(overlay_path, overlay(display, pred, colors, cfg.overlay_alpha))
+                    written.append(overlay_path)
+                done += 1
             bar.update(len(batch))
     if failed and not written:  # strict=false, and every image left out
         n, first = len(failed), failed[0][1]
@@ -300,9 +304,9 @@ def predict(cfg: DictConfig) -> list[Path]:
     report_skipped(failed, ("image that cannot be read is", "images that cannot be read are"))
     checks.report()
     log.info(
-        "%s and %s written to %s",
-        counted(len(written) // 2, "mask"),
-        "its overlay" if len(written) == 2 else "their overlays",
+        "%s%s written to %s",
+        counted(done, "mask"),
+        "" if len(written) == done else " and its overlay" if done == 1 else " and their overlays",
         output_dir,
     )
     return written
@@ -351,6 +355,13 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
     )
     recursive = cfg.get("recursive", False)
     check_overwrite(cfg.overwrite)
+    require(
+        isinstance(cfg.get("overlays", True), bool),
+        "overlays",
+        cfg.get("overlays"),
+        "true (write <stem>_overlay.png beside each mask) or false (the masks alone)",
+        "overlays=false",
+    )
     check_output_folder(output_dir)
     if is_pattern(input_dir):
         outputs, read = _pattern_outputs(input_dir, output_dir, recursive)
@@ -396,6 +407,8 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
             f"{_listing(str(p) for p in clobbered)}. Nothing was written. Choose an "
             f"output_dir outside input_dir's tree."
         )
+    if not cfg.get("overlays", True):
+        outputs = {image: paths[:1] for image, paths in outputs.items()}
     _check_outside_inputs(outputs, read, output_dir, recursive, input_dir)
     _check_not_users_images(output_dir)
     existing = taken(p for ps in outputs.values() for p in ps)

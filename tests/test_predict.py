@@ -184,6 +184,13 @@ def test_existing_outputs_are_never_overwritten_by_default(tmp_path, checkpoints
     with pytest.raises(LungsegError, match="1 output file already exists in .*'wide_overlay.png'"):
         predict(cfg)
     assert sorted(p.name for p in out.iterdir()) == [".lungseg-predictions", "wide_overlay.png"]
+    # overlays=false: the masks alone (a 4000-px X-ray's overlay took 4.9 MB against its mask's
+    # 20 kB); an earlier overlay there is not one of its outputs, and stays as it was
+    masks = predict(predict_cfg(checkpoints["palette"], inputs, out, "overlays=false"))
+    assert sorted(p.name for p in masks) == ["colour.png", "ct16.png", "gray8.png", "wide.png"]
+    assert (out / "wide_overlay.png").read_bytes() == before["wide_overlay.png"][0]
+    for path in masks:
+        path.unlink()
     (out / "wide_overlay.png").write_bytes(b"stale")
     predict(predict_cfg(checkpoints["palette"], inputs, out, "overwrite=true"))
     after = snapshot(out)
