@@ -394,7 +394,7 @@ def test_eval_keeps_the_results_of_an_earlier_evaluation_unless_told_to_overwrit
     assert read_outputs(out)[1] == json.loads(json.dumps(summary))
     with pytest.raises(LungsegError, match="holds per_image.csv and summary.json of an earlier"):
         evaluate(eval_cfg(tmp_path, ckpt))
-    with pytest.raises(LungsegError, match="overwrite is 'yes'; give true or false"):
+    with pytest.raises(LungsegError, match="overwrite is 'yes', which Hydra keeps as text"):
         evaluate(eval_cfg(tmp_path, ckpt, "overwrite=yes"))
     assert read_outputs(out)[1] == json.loads(json.dumps(summary))
 
