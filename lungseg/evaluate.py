@@ -76,7 +76,7 @@ from lungseg.data.folders import (
     writing,
 )
 from lungseg.data.folders import existing as taken
-from lungseg.data.masks import IGNORE, decode_layers, ignore_value
+from lungseg.data.masks import IGNORE, decode_layers, ignore_value, scaled_mask
 from lungseg.errors import LungsegError, counted
 from lungseg.inference import (
     InputCheck,
@@ -309,6 +309,7 @@ def test_config(checkpoint: str | Path, output_dir: str | Path) -> DictConfig:
                 "mask_mode": None,
                 "palette": None,
                 "ignore_index": None,
+                "resize_masks": None,
             },
             "postprocess": {"min_size": None, "threshold": None, "min_confidence": None},
             "tta": None,
@@ -390,6 +391,16 @@ def _score(
     # as the checkpoint's run read its masks (a checkpoint from before it: none), unless given
     given = cfg.data.get("ignore_index")
     ignore = ignore_value(info.get("ignore_index") if given is None else given, mask_mode)
+    resize = cfg.data.get("resize_masks")  # null: as the checkpoint's run read its masks
+    resize = bool(info.get("resize_masks", False)) if resize is None else resize
+    require(
+        isinstance(resize, bool),
+        "data.resize_masks",
+        resize,
+        "true (masks with their image's shape at another scale are resized to it), false, or "
+        "null (as the checkpoint's run read them)",
+        "data.resize_masks=true",
+    )
     flips = postprocess.flips(cfg.tta, cfg.tta_flips, model.hparams.get("postprocess"))
     postprocess.warn_sided_flips(flips, class_names)
     label = " + ".join(config_checkpoints(cfg))
@@ -421,7 +432,14 @@ def _score(
             for pair, prob in zip([batch[i] for i in kept], probs, strict=True):
                 try:
                     target = _read_mask(
-                        pair, prob.shape[1:], mask_mode, palette, num_classes, turned, ignore
+                        pair,
+                        prob.shape[1:],
+                        mask_mode,
+                        palette,
+                        num_classes,
+                        turned,
+                        ignore,
+                        resize,
                     )
                 except LungsegError as error:
                     if strict:
@@ -904,11 +922,13 @@ def _read_mask(
     num_classes: int,
     turned: dict[Pair, tuple[int, int, Path]],
     ignore: int | tuple[int, int, int] | None = None,
+    resize: bool = False,
 ) -> np.ndarray:
     """(H, W) class ids of pair's mask file(s) (one per folder of a data.mask_dir list), which
-    must have its image's size, ``IGNORE`` where they store ``ignore`` (``ignore_value``'s). A
-    mask whose EXIF orientation differs from its image's is recorded in ``turned`` (as
-    training does, for one warning)."""
+    must have its image's size (or with ``resize``, data.resize_masks, its shape at another
+    scale: resized to it, nearest neighbour), ``IGNORE`` where they store ``ignore``
+    (``ignore_value``'s). A mask whose EXIF orientation differs from its image's is recorded
+    in ``turned`` (as training does, for one warning)."""
     raws = []
     # the image's own tag, from its header (its pixels were read for the prediction)
     turn = exif_orientation(np.fromfile(pair.image, dtype=np.uint8))
@@ -917,11 +937,8 @@ def _read_mask(
         if turn != mask_turn:
             turned.setdefault(pair, (turn, mask_turn, path))
         if raw.shape[:2] != tuple(size):
-            raise LungsegError(
-                f"Image {pair.image} is {size[1]}x{size[0]} pixels (width x height) but its "
-                f"mask {path} is {raw.shape[1]}x{raw.shape[0]}. A mask must have its image's "
-                f"size; re-export the mask at the image's size or remove the pair."
-            )
+            raw = scaled_mask(pair.image, size, path, raw, resize)
+            raw = cv2.resize(raw, (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
         raws.append(raw)
     return decode_layers(raws, pair.masks, mode, palette, num_classes, ignore)
 

@@ -600,6 +600,28 @@ def test_mask_size_mismatch_names_both_files(tmp_path):
     assert f"{W}x{H}" in message and f"{W + 2}x{H}" in message
 
 
+def test_masks_at_another_scale_are_taken_with_data_resize_masks(tmp_path):
+    """SCR's lung masks are 1024 px for JSRT's 2048-px radiographs: every pair was refused,
+    with data.strict=false too."""
+    from lungseg.data.transforms import resize_mask
+
+    image_dir, mask_dir, masks = write_data(tmp_path, n=4)
+    for name, mask in masks.items():
+        cv2.imwrite(str(mask_dir / f"{name}.png"), mask[::2, ::2])
+    for strict in (True, False):
+        with pytest.raises(LungsegError, match=r"at 1/2 its size: give data.resize_masks=true"):
+            make_dm(image_dir, mask_dir, strict=strict)
+    dm = make_dm(image_dir, mask_dir, resize_masks=True, normalize="none")
+    assert dm.data_info()["resize_masks"] is True
+    for item in all_items(dm.train_dataset):
+        half = masks[item["name"]][::2, ::2]
+        assert np.array_equal(item["mask"].numpy(), resize_mask(half, (H, W)))
+    # another shape, not another scale: refused still
+    cv2.imwrite(str(mask_dir / "case02.png"), np.zeros((H, W + 2), np.uint8))
+    with pytest.raises(LungsegError, match=r"is 50x40\. A mask must have its image's size"):
+        make_dm(image_dir, mask_dir, resize_masks=True)
+
+
 def test_gray_to_three_channels_and_rgb_to_one(tmp_path):
     image_dir, mask_dir, _ = write_data(tmp_path / "gray")
     item = make_dm(image_dir, mask_dir, in_channels=3, normalize="none").train_dataset[0]

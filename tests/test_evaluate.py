@@ -284,6 +284,28 @@ def test_eval_names_pairs_whose_image_and_mask_carry_different_exif_orientations
     assert f"its mask {mask_dir / 'img1.png'} (as stored)" in caplog.text
 
 
+def test_eval_scores_masks_at_another_scale_with_data_resize_masks(tmp_path, checkpoints):
+    """Masks of half their images' size (SCR's of JSRT) score as the full-size masks they
+    were drawn from, each pixel repeated 2x2; without data.resize_masks they are refused."""
+    image_dir, mask_dir = write_pairs(tmp_path / "data", [(20, 24), (24, 20), (22, 22)])
+    rng = np.random.default_rng(0)
+    half = {}
+    for path in sorted(mask_dir.iterdir()):
+        h, w = read_image(path).shape[:2]
+        half[path] = rng.integers(0, 3, (h // 2, w // 2)).astype(np.uint8)
+        cv2.imwrite(str(path), np.kron(half[path], np.ones((2, 2), np.uint8)))
+    folders = [f"data.image_dir={image_dir}", f"data.mask_dir={mask_dir}", "data.mask_mode=index"]
+    evaluate(eval_cfg(tmp_path / "full", checkpoints["palette"], *folders))
+    for path, mask in half.items():
+        cv2.imwrite(str(path), mask)
+    with pytest.raises(LungsegError, match=r"at 1/2 its size: give data.resize_masks=true"):
+        evaluate(eval_cfg(tmp_path / "half", checkpoints["palette"], *folders))
+    ckpt = checkpoints["palette"]
+    evaluate(eval_cfg(tmp_path / "half", ckpt, *folders, "data.resize_masks=true"))
+    full, _ = read_outputs(tmp_path / "full" / "eval")
+    assert read_outputs(tmp_path / "half" / "eval")[0] == full
+
+
 def test_eval_on_folders_with_strict_false_skips_the_pairs_it_cannot_score(
     tmp_path, checkpoints, caplog
 ):

@@ -53,6 +53,7 @@ from lungseg.data.masks import (
     default_colors,
     grey_palette,
     ignore_value,
+    scaled_mask,
     stored_values,
 )
 from lungseg.errors import LungsegError, counted
@@ -473,6 +474,7 @@ class SegDataModule(pl.LightningDataModule):
         foreground_fraction: float | None = None,
         soft_masks: bool = False,
         strict: bool = True,
+        resize_masks: bool = False,
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool | None = None,
@@ -541,6 +543,12 @@ class SegDataModule(pl.LightningDataModule):
                 f"sub-folders too) or false."
             )
         self._recursive = recursive
+        if not isinstance(resize_masks, bool):
+            raise LungsegError(
+                f"data.resize_masks is {resize_masks!r}; give true (masks with their image's "
+                f"shape at another scale are resized with it) or false."
+            )
+        self._resize_masks = resize_masks
         self._given_class_names = None if class_names is None else list(class_names)
         _check_background_first(self._palette_names, "data.palette")
         _check_background_first(self._given_class_names, "data.class_names")
@@ -865,6 +873,8 @@ class SegDataModule(pl.LightningDataModule):
             "num_classes": int(self._num_classes),
             # data.ignore_index as set (plain values): eval.py reads the masks with it
             "ignore_index": None if self._ignore is None else _plain_ignore(self._ignore),
+            # data.resize_masks: eval.py reads the masks so too
+            "resize_masks": self._resize_masks,
         }
 
     # ---- internals -------------------------------------------------------------------------
@@ -945,7 +955,7 @@ class SegDataModule(pl.LightningDataModule):
             if turn != mask_turn:
                 self._turned.setdefault(pair, (turn, mask_turn, path))
             if raw_mask.shape[:2] != raw.shape[:2]:
-                hint = "".join(
+                note = "".join(
                     f" {file.name} carries an EXIF orientation that lungseg applies, as image "
                     f"viewers do ({ORIENTATIONS[t]}); its stored pixels are "
                     f"{shape[0]}x{shape[1]}."
@@ -955,12 +965,8 @@ class SegDataModule(pl.LightningDataModule):
                     )
                     if t in (5, 6, 7, 8)
                 )
-                raise LungsegError(
-                    f"Image {pair.image} is {raw.shape[1]}x{raw.shape[0]} pixels (width x "
-                    f"height) but its mask {path} is {raw_mask.shape[1]}x{raw_mask.shape[0]}."
-                    f"{hint} A mask must have its image's size; re-export the mask at the "
-                    f"image's size or remove the pair."
-                )
+                # data.resize_masks: kept at its own size, resized to image_size with the image
+                scaled_mask(pair.image, raw.shape, path, raw_mask, self._resize_masks, note)
             raw_masks.append(raw_mask)
         mask = decode_layers(
             raw_masks, pair.masks, self._mask_mode, self._palette, self._num_classes, self._ignore

@@ -146,6 +146,42 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def scaled_mask(
+    image: Path,
+    image_hw: Sequence[int],
+    mask: Path,
+    raw: np.ndarray,
+    resize: bool,
+    note: str = "",
+) -> np.ndarray:
+    """``raw``, a mask read from ``mask``, where it has its image's size, or where it has the
+    image's shape at another scale (SCR's 1024-px masks of JSRT's 2048-px radiographs) and
+    ``resize`` (data.resize_masks): the caller resizes it. Else a LungsegError naming both
+    sizes (with ``note`` after them), and data.resize_masks where it would apply."""
+    (height, width), (mask_height, mask_width) = image_hw[:2], raw.shape[:2]
+    if (mask_height, mask_width) == (height, width):
+        return raw
+    # the image's shape within a pixel of the mask's
+    scaled = abs(mask_height * width - mask_width * height) <= max(height, width)
+    if scaled and resize:
+        return raw
+    ratio = mask_width / width
+    whole = round(1 / ratio)
+    shown = f"1/{whole}" if ratio < 1 and abs(1 / ratio - whole) < 0.01 else f"{ratio:.3g} times"
+    fix = (
+        f" The mask has its image's shape at {shown} its size: give data.resize_masks=true to "
+        f"resize such masks with their images (to data.image_size in training, to the image's "
+        f"size in eval.py), or re-export the mask at the image's size."
+        if scaled
+        else " A mask must have its image's size; re-export the mask at the image's size or "
+        "remove the pair."
+    )
+    raise LungsegError(
+        f"Image {image} is {width}x{height} pixels (width x height) but its mask {mask} is "
+        f"{mask_width}x{mask_height}.{note}{fix}"
+    )
+
+
 def decode_layers(
     raws: Sequence[np.ndarray],
     paths: Sequence[Path],
