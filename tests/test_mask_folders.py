@@ -133,6 +133,22 @@ def test_mask_folder_lists_that_cannot_work(tmp_path):
         SegDataModule(str(tmp_path / "img"), [str(tmp_path / "left"), str(tmp_path / "nowhere")])
 
 
+def test_a_mask_folder_of_class_folders_is_told_to_be_a_list(tmp_path):
+    """data.mask_dir=ManualMask (Montgomery's, holding leftMask and rightMask) met the missing
+    palette first, then advice to search sub-folders, which pairs nothing."""
+    images, left, right = two_lungs(tmp_path / "ManualMask")
+    images.rename(tmp_path / "images")
+    for mode in ("palette", "binary"):
+        with pytest.raises(LungsegError, match="The mask folder .*ManualMask holds no image") as e:
+            SegDataModule(str(tmp_path / "images"), str(left.parent), mask_mode=mode).setup("fit")
+        assert f'"data.mask_dir=[{left},{right}]" with data.mask_mode=binary' in str(e.value)
+    shutil.rmtree(right)
+    with pytest.raises(
+        LungsegError, match=rf"Its sub-folder left holds images: data.mask_dir={left}\?"
+    ):
+        SegDataModule(str(tmp_path / "images"), str(left.parent), mask_mode="binary").setup("fit")
+
+
 def test_layers_are_united_or_numbered_in_folder_order():
     left = np.array([[0, 255, 255, 0]], np.uint8)
     right = np.array([[0, 0, 1, 1]], np.uint8)  # 0/1 masks mix with 0/255 ones

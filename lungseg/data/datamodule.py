@@ -34,6 +34,7 @@ from lungseg.data.folders import (
     IMAGE_EXTENSIONS,
     ORIENTATIONS,
     Pair,
+    _list_images,
     check_data_dirs,
     check_orientations,
     find_pairs,
@@ -521,6 +522,10 @@ class SegDataModule(pl.LightningDataModule):
         except LungsegError as error:
             seen = _masks_seen(self._layers) if palette is None and mask_mode == "palette" else ""
             if not seen:
+                if not recursive and isinstance(recursive, bool):  # a folder without masks:
+                    for folder in self._layers:  # its own error first, with what it holds
+                        if folder.is_dir():
+                            _list_images(folder, "mask", "data.mask_dir")
                 raise
             raise LungsegError(f"{seen}\n{error}") from error
         layered = len(self._layers) + 1 if len(self._layers) > 1 and mask_mode == "index" else None

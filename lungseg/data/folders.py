@@ -474,8 +474,34 @@ def _list_images(
             else f"holds no image files{_contents(folder)}"
         )
         searched = "" if recursive else f"; sub-folders are not searched unless {flag}=true"
+        if not recursive and role == "mask":
+            searched += _mask_folders_hint(folder, setting)
         raise _no_images(folder, role, setting, where, searched)
     return files
+
+
+def _mask_folders_hint(folder: Path, setting: str) -> str:
+    """For a mask folder without image files whose sub-folders hold them: one such
+    sub-folder is the mask folder meant; several, as Montgomery's ManualMask/leftMask and
+    rightMask, are most likely a class each, which a list of folders reads."""
+    held = [
+        sub
+        for sub in sorted(folder.iterdir())
+        if sub.is_dir()
+        and not sub.name.startswith(".")
+        and any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in sub.iterdir())
+    ]
+    if len(held) == 1:
+        return f". Its sub-folder {held[0].name} holds images: {setting}={held[0]}?"
+    if len(held) > 1:
+        listed = ",".join(str(sub) for sub in held)
+        return (
+            f". Its sub-folders {', '.join(sub.name for sub in held)} hold images; masks split "
+            f"over folders, one class each, are read from a list of them: "
+            f'"{setting}=[{listed}]" with data.mask_mode=binary (one foreground class) or '
+            f"index (a class each)"
+        )
+    return ""
 
 
 def _no_images(folder: Path, role: str, setting: str, where: str, searched: str) -> LungsegError:
