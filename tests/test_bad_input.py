@@ -105,7 +105,7 @@ def counts(dm: SegDataModule) -> tuple[int, int, int]:
         ("trainer.max_time=0:0:15:0", "trainer.max_time is '0:0:15:0'; give a duration"),
         ("trainer.max_time={hour:1}", "trainer.max_time is {'hour': 1}; give a duration"),
         ("callbacks.time_plan.margin=1.5", "callbacks.time_plan.margin is 1.5; give the share"),
-        ("callbacks.time_plan.enabled=yes", "callbacks.time_plan.enabled is 'yes'; give true"),
+        ("callbacks.time_plan.enabled=2", "callbacks.time_plan.enabled is 2; give true"),
         ("test_postprocessed=1", "test_postprocessed is 1; give true or false"),
         ("trainer.precision=abc", "trainer.precision is 'abc'; give one of .*bf16-mixed"),
         ("trainer.devices=0", "trainer.devices is 0"),
@@ -144,7 +144,7 @@ def test_wrong_settings_are_refused_before_anything_is_built(make_cfg, override,
         ("ce", "loss.class_weights=[0,0,0]", "loss.class_weights is .*not all 0"),
         ("focal", "loss.class_weights=[1,-1,1]", "loss.class_weights is .*a number 0 or more"),
         ("ce", "loss.class_weights=2", "loss.class_weights is 2; give a list of one weight"),
-        ("dice", "loss.per_image=yes", "loss.per_image is 'yes'; give true or false"),
+        ("dice", "loss.per_image=2", "loss.per_image is 2; give true or false"),
     ],
 )
 def test_wrong_loss_settings_are_refused_before_anything_is_built(

@@ -261,8 +261,8 @@ def test_train_eval_and_predict_on_a_tree_of_patient_folders(tmp_path, make_cfg,
     )
     rows, _ = read_outputs(tmp_path / "all" / "eval")
     assert sorted(row["image"] for row in rows) == sorted(split)
-    with pytest.raises(LungsegError, match="data.recursive is 'false'; give true, false or null"):
-        evaluate(eval_cfg(tmp_path / "typo", result["best_checkpoint"], "data.recursive='false'"))
+    with pytest.raises(LungsegError, match="data.recursive is 2; give true, false or null"):
+        evaluate(eval_cfg(tmp_path / "typo", result["best_checkpoint"], "data.recursive=2"))
 
 
 @pytest.fixture(scope="module")
