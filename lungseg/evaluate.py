@@ -938,7 +938,7 @@ def _read_mask(
             turned.setdefault(pair, (turn, mask_turn, path))
         if raw.shape[:2] != tuple(size):
             raw = scaled_mask(pair.image, size, path, raw, resize)
-            raw = cv2.resize(raw, (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+            raw = transforms.resize_mask(raw, size)
         raws.append(raw)
     return decode_layers(raws, pair.masks, mode, palette, num_classes, ignore)
 

@@ -291,6 +291,28 @@ def test_a_split_by_name_ids_too_few_to_fill_it_names_the_split_by_file(tmp_path
     assert "outside 0..4" in str(error.value) and "group_pattern" not in str(error.value)
 
 
+def test_auto_finds_the_lidc_patients_the_recipe_named_before():
+    """experiment=lidc_nodules gave '^(LIDC-IDRI-\\d+)_' until it took auto (to run on other
+    data): the same ids, hence the same folds, on LIDC's names."""
+    from lungseg.data.datamodule import _auto_group_pattern
+
+    names = [
+        f"LIDC-IDRI-{p:04d}_nodule-{n}_slice-{s}"
+        for p in (1, 2, 7, 12, 130)
+        for n in range(1 + p % 3)
+        for s in range(3)
+    ]
+    ids = splits.patient_ids(names, _auto_group_pattern(names))
+    assert ids == splits.patient_ids(names, r"^(LIDC-IDRI-\d+)_")
+    folds = [
+        splits.make_split(names, (1, 0, 0), 42, r"^(LIDC-IDRI-\d+)_", None, 5, f) for f in range(5)
+    ]
+    assert folds == [
+        splits.make_split(names, (1, 0, 0), 42, _auto_group_pattern(names), None, 5, f)
+        for f in range(5)
+    ]
+
+
 def test_auto_leaves_files_in_sub_folders_to_the_folder_warning():
     """patient01/img_003_L: the second number's ids (img_003) are finer than the folders'
     patients; auto splits by file and the sub-folder warning names '^([^/]+)' (found by a
@@ -616,10 +638,11 @@ def test_masks_at_another_scale_are_taken_with_data_resize_masks(tmp_path):
     for item in all_items(dm.train_dataset):
         half = masks[item["name"]][::2, ::2]
         assert np.array_equal(item["mask"].numpy(), resize_mask(half, (H, W)))
-    # another shape, not another scale: refused still
-    cv2.imwrite(str(mask_dir / "case02.png"), np.zeros((H, W + 2), np.uint8))
-    with pytest.raises(LungsegError, match=r"is 50x40\. A mask must have its image's size"):
-        make_dm(image_dir, mask_dir, resize_masks=True)
+    # another shape, not another scale, or a few pixels: refused still
+    for shape in ((H, W + 2), (H // 8, W // 8)):
+        cv2.imwrite(str(mask_dir / "case02.png"), np.zeros(shape, np.uint8))
+        with pytest.raises(LungsegError, match=r"is \d+x\d+\. A mask must have its image's size"):
+            make_dm(image_dir, mask_dir, resize_masks=True)
 
 
 def test_gray_to_three_channels_and_rgb_to_one(tmp_path):

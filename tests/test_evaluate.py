@@ -262,7 +262,7 @@ def test_eval_names_pairs_whose_image_and_mask_carry_different_exif_orientations
     """As training does: a mask drawn in a viewer follows its image's EXIF tag; one made from
     the stored pixels does not, and eval.py says so once, naming the first pair."""
     ckpt = checkpoints["palette"]
-    image_dir, mask_dir = write_pairs(tmp_path / "data", [(20, 24), (24, 20), (22, 22)])
+    image_dir, mask_dir = write_pairs(tmp_path / "data", [(40, 48), (48, 40), (44, 44)])
     cfg = eval_cfg(
         tmp_path,
         ckpt,
@@ -287,7 +287,7 @@ def test_eval_names_pairs_whose_image_and_mask_carry_different_exif_orientations
 def test_eval_scores_masks_at_another_scale_with_data_resize_masks(tmp_path, checkpoints):
     """Masks of half their images' size (SCR's of JSRT) score as the full-size masks they
     were drawn from, each pixel repeated 2x2; without data.resize_masks they are refused."""
-    image_dir, mask_dir = write_pairs(tmp_path / "data", [(20, 24), (24, 20), (22, 22)])
+    image_dir, mask_dir = write_pairs(tmp_path / "data", [(40, 48), (48, 40), (44, 44)])
     rng = np.random.default_rng(0)
     half = {}
     for path in sorted(mask_dir.iterdir()):

@@ -144,7 +144,7 @@ def test_a_mask_folder_of_class_folders_is_told_to_be_a_list(tmp_path):
         assert f'"data.mask_dir=[{left},{right}]" with data.mask_mode=binary' in str(e.value)
     shutil.rmtree(right)
     with pytest.raises(
-        LungsegError, match=rf"Its sub-folder left holds images: data.mask_dir={left}\?"
+        LungsegError, match=rf"Its sub-folder left holds images: give data.mask_dir={left}\."
     ):
         SegDataModule(str(tmp_path / "images"), str(left.parent), mask_mode="binary").setup("fit")
 
@@ -178,6 +178,18 @@ def test_the_datamodule_reads_one_class_a_folder(tmp_path):
     dm = SegDataModule(str(images), [str(left), str(right)], mask_mode="binary", image_size=24)
     dm.setup()
     assert dm.num_classes == 2 and set(np.unique(dm.train_dataset[0]["mask"].numpy())) == {0, 1}
+
+    # data.resize_masks with one folder's masks at half their images' size: the folders'
+    # masks at two scales are each resized to the image (they met in a traceback)
+    half = tmp_path / "half" / "left"
+    shutil.copytree(left, half)
+    for path in half.iterdir():
+        cv2.imwrite(str(path), cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[::2, ::2])
+    dm = SegDataModule(
+        str(images), [str(half), str(right)], mask_mode="index", image_size=24, resize_masks=True
+    )
+    dm.setup()
+    assert set(np.unique(dm.train_dataset[0]["mask"].numpy())) == {0, 1, 2}
 
     # folders of one name are told apart by their parents
     for organ in ("lungs", "heart"):

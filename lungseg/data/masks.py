@@ -161,11 +161,16 @@ def scaled_mask(
     (height, width), (mask_height, mask_width) = image_hw[:2], raw.shape[:2]
     if (mask_height, mask_width) == (height, width):
         return raw
-    # the image's shape within a pixel of the mask's
-    scaled = abs(mask_height * width - mask_width * height) <= max(height, width)
+    # the image's shape within a pixel of the mask's, at 1/8 to 8 times its size (a mask of a
+    # few pixels is no drawing of the image)
+    ratio = mask_width / width
+    scaled = (
+        abs(mask_height * width - mask_width * height) <= max(height, width)
+        and 1 / 8 <= ratio <= 8
+        and min(mask_height, mask_width) >= 16
+    )
     if scaled and resize:
         return raw
-    ratio = mask_width / width
     whole = round(1 / ratio)
     shown = f"1/{whole}" if ratio < 1 and abs(1 / ratio - whole) < 0.01 else f"{ratio:.3g} times"
     fix = (
