@@ -19,6 +19,11 @@ class LungsegError(Exception):
     expected and how to fix it; entry points print it as one paragraph, without a traceback."""
 
 
+class RunFolderInUse(LungsegError):
+    """Another training runs in the run folder (lungseg.run_folder.hold_run_folder): its log
+    files are left as they are, as that training writes to them."""
+
+
 def counted(n: int, noun: str, plural: str | None = None) -> str:
     """``n`` and its noun, for messages: "1 file", "3 files" (``plural``: other than noun+s)."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
@@ -53,7 +58,8 @@ def run_cli(task: Callable[[], T], run_dir: str | Path | None = None) -> T:
             from lungseg import hydra_files  # Hydra's record of a folder this command found
 
             # a folder that held a run before this command is put back as it was
-            if not hydra_files.restore(run_dir) and not discard_if_empty(Path(run_dir)):
+            cut_logs = not isinstance(cause, RunFolderInUse)
+            if not hydra_files.restore(run_dir, cut_logs) and not discard_if_empty(Path(run_dir)):
                 log_to_files(f"lungseg: error: {cause}")
         print(f"lungseg: error: {cause}", file=sys.stderr)
         global REPORTED

@@ -140,16 +140,17 @@ def keep_record(folder: Path | str) -> list[Path]:
     return kept
 
 
-def restore(folder: Path | str) -> bool:
+def restore(folder: Path | str, cut_logs: bool = True) -> bool:
     """The command stopped before doing anything in ``folder``: its earlier ``.hydra/`` files
     are put back, files Hydra added there removed, and its log files cut back to their
-    length before the command. Whether ``folder`` held such a record."""
+    length before the command (not with ``cut_logs`` false: a training that runs in the
+    folder writes to them meanwhile). Whether ``folder`` held such a record."""
     record = _SAVED.pop(Path(folder).resolve(), None)
     _, logs = _FOUND.pop(Path(folder).resolve(), (True, {}))
     subdir = _running_subdir()
     if record is None or subdir is None:
         return False
-    _put_back(Path(folder), subdir, record, logs)
+    _put_back(Path(folder), subdir, record, logs if cut_logs else {})
     return True
 
 

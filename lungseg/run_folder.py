@@ -34,7 +34,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from lungseg.checks import same, shown
 from lungseg.data.splits import listed_splits
-from lungseg.errors import LungsegError
+from lungseg.errors import LungsegError, RunFolderInUse
 
 try:
     import fcntl
@@ -68,47 +68,66 @@ def hold_run_folder(out_dir: Path) -> Iterator[None]:
     (``resume=true`` while the first still runs, or the same ``hydra.run.dir`` twice) is
     refused instead of both writing the same checkpoints, logs and metrics. The hold is an
     OS lock (``flock``) on ``out_dir/.lungseg.lock``, which the OS lets go when the process
-    ends, however it ends (a file left by a killed run holds nothing); the file names the
-    holder and is removed on the way out. Rank 0 only (the other DDP ranks share its folder).
+    ends, however it ends (a file left by a killed run holds nothing; processes it forked,
+    DataLoader workers, hold it until they end too); the file names the holder and is removed
+    on the way out. Rank 0 only (the other DDP ranks share its folder).
     Nothing is held in a folder that does not exist yet (Hydra makes the CLI's first), on a
     system without flock (Windows), or where the file system refuses the lock."""
     path = out_dir / LOCK_FILE
     if fcntl is None or rank_zero_only.rank != 0 or not out_dir.is_dir():
         yield
         return
-    try:
-        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until the end)
-    except OSError:
+    handle = _lock(path, out_dir)
+    if handle is None:
         yield
         return
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise LungsegError(
-            f"The run folder {out_dir} is in use: a training runs in it ({holder}). Two "
-            f"trainings in one folder would write over each other's checkpoints and logs. "
-            f"Wait for it to end, or stop it (kill -TERM <pid> keeps its last finished epoch "
-            f"in checkpoints/last.ckpt) and continue it with resume=true; or leave "
-            f"hydra.run.dir unset for a new run in a folder of its own."
-        ) from None
-    except OSError:  # a file system without locks
-        handle.close()
-        yield
-        return
+    since = datetime.now().isoformat(sep=" ", timespec="seconds")
     handle.seek(0)
     handle.truncate()
-    since = datetime.now().isoformat(sep=" ", timespec="seconds")
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n")
     handle.flush()
     try:
         yield
     finally:
         with contextlib.suppress(OSError):
-            path.unlink()  # before the lock goes: the next run makes a file of its own
+            path.unlink()  # before the lock goes (_lock: a run that opened it then tries again)
+        fcntl.flock(handle, fcntl.LOCK_UN)  # also for forked processes that share it
         handle.close()
+
+
+def _lock(path: Path, out_dir: Path) -> Any:
+    """The open lock file ``path``, locked (flock) for this process, or None where the file
+    cannot be made or the file system does not lock. A file that a leaving run removed after
+    this one opened it is not the lock any more (another run may have made the next): then
+    the path is opened again. LungsegError (RunFolderInUse) where another process holds it."""
+    for _ in range(10):
+        try:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until the end)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunFolderInUse(
+                f"The run folder {out_dir} is in use: a training runs in it ({holder}). Two "
+                f"trainings in one folder would write over each other's checkpoints and logs. "
+                f"Wait for it to end, or stop it (kill -TERM with its pid keeps its last "
+                f"finished epoch in checkpoints/last.ckpt) and continue it with resume=true; or "
+                f"leave hydra.run.dir unset for a new run in a folder of its own."
+            ) from None
+        except OSError:  # a file system without locks
+            handle.close()
+            return None
+        try:
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                return handle
+        except OSError:  # removed meanwhile
+            pass
+        handle.close()
+    return None
 
 
 def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
