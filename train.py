@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
 from lungseg import ranks
-from lungseg.cli_hints import hint_on_override_error
+from lungseg.cli_hints import CONFIG_FLAGS, hint_on_override_error
 from lungseg.errors import LungsegError, run_cli, user_error
 from lungseg.sweep import record_error
 from lungseg.train import train
@@ -75,18 +75,15 @@ def leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
-
-
 def _config_flags(args: list[str]) -> list[str]:
     """Hydra's flags that say where the config comes from (--config-dir/-cd, --config-name/-cn,
     --config-path/-cp, as "flag value" or "flag=value"), which the other ranks need as much
     as the overrides; -m and the sweep's own overrides are left out."""
     kept, args = [], iter(args)
     for arg in args:
-        if arg in _CONFIG_FLAGS:
+        if arg in CONFIG_FLAGS:
             kept += [arg, next(args, "")]
-        elif arg.split("=", 1)[0] in _CONFIG_FLAGS:
+        elif arg.split("=", 1)[0] in CONFIG_FLAGS:
             kept.append(arg)
     return kept
 

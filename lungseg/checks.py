@@ -34,7 +34,7 @@ PRECISIONS = _NAMES + tuple(
     for alias in ("_PRECISION_INPUT_INT", "_PRECISION_INPUT_STR_ALIAS")
     for value in get_args(getattr(connector, alias, None))
 )
-_ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
+ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
 
 
 def is_whole(value: Any, low: int, high: int | None = None) -> bool:
@@ -632,8 +632,8 @@ def check_settings(cfg: DictConfig) -> None:
     check_switch_words(cfg)
     check_keys(cfg)
     for key, (accepts, wanted, example) in RULES.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is not _ABSENT:
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is not ABSENT:
             require(accepts(value), key, value, wanted, example)
     check_data_dirs(
         OmegaConf.select(cfg, "data.image_dir"),

@@ -14,13 +14,15 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from lungseg import errors
+from lungseg.checks import ABSENT
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-# Hydra's flags; those that take the next argument as their value.
-_VALUED = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c"}
-_VALUED |= {"--package", "-p", "--experimental-rerun"}
+# Hydra's flags that say where the config comes from, each with a value ("-cd conf" or
+# "-cd=conf"); then its other flags that take one.
+CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+_VALUED = {*CONFIG_FLAGS, "--cfg", "-c", "--package", "-p", "--experimental-rerun"}
 # Characters of Hydra's override grammar that a regex or a path may hold.
-_GRAMMAR = re.compile(r"[\\()\[\]{}^$|*?,:'\"=\s]")
+_GRAMMAR = re.compile(r"[\\()\[\]{}^$|*?,:=\s]")
 
 
 @contextmanager
@@ -46,7 +48,8 @@ def override_hint(script: str, config_name: str, args: Sequence[str]) -> str | N
     with characters of Hydra's grammar that needs quotes, or a key the config lacks (with the
     nearest settings). None where none of these applies."""
     overrides = _overrides(args)
-    own_configs = any(a.split("=", 1)[0] in ("--config-dir", "-cd") for a in args)
+    # with configs of the user's, the keys they define are not known here
+    own_configs = any(a.split("=", 1)[0] in CONFIG_FLAGS for a in args)
     split = _split_by_shell(overrides)
     if split:
         return split
@@ -57,36 +60,34 @@ def override_hint(script: str, config_name: str, args: Sequence[str]) -> str | N
             parsed.append(parser.parse_override(override))
         except Exception:
             return _quote_hint(override)
-    # with configs of the user's, the keys they define are not known here
     return None if own_configs else _unknown_key(script, config_name, parsed)
 
 
 def _overrides(args: Sequence[str]) -> list[str]:
+    """The overrides among a command line's arguments: those that are not Hydra's flags."""
     kept, args = [], iter(args)
     for arg in args:
-        if arg.startswith("-") and not arg.startswith("--") and "=" in arg:
-            kept.append(arg)  # not a flag: an override such as -x=1 is Hydra's to refuse
-        elif arg.startswith("-"):
-            if arg in _VALUED:
-                next(args, None)
-        else:
+        if not arg.startswith("-"):
             kept.append(arg)
+        elif arg in _VALUED:  # "-cd conf"; "-cd=conf" is one argument
+            next(args, None)
     return kept
 
 
 def _split_by_shell(overrides: list[str]) -> str | None:
     """A list (or any value) typed with spaces reaches Hydra as several arguments:
     ``data.split=[0.8,`` ``0.1,`` ``0.1]``."""
-    for i, override in enumerate(overrides):
-        if "=" in override:
+    starts = [_starts_override(o) for o in overrides]
+    for i, start_here in enumerate(starts):
+        if start_here:
             continue
         start = i - 1
-        while start >= 0 and "=" not in overrides[start]:
+        while start >= 0 and not starts[start]:
             start -= 1
-        if start < 0:
+        if start < 0 or "=" not in overrides[start]:
             return None
         end = i + 1
-        while end < len(overrides) and "=" not in overrides[end]:
+        while end < len(overrides) and not starts[end]:
             end += 1
         typed = " ".join(overrides[start:end])
         key, value = typed.split("=", 1)
@@ -104,14 +105,27 @@ def _split_by_shell(overrides: list[str]) -> str | None:
     return None
 
 
-def _quote_hint(override: str) -> str:
+def _starts_override(arg: str) -> bool:
+    """Whether ``arg`` begins an override: key=value, or ~key (a deletion has no value)."""
+    return "=" in arg or arg.startswith("~")
+
+
+def _quote_hint(override: str) -> str | None:
     key, _, value = override.partition("=")
+    for opening, closing in ("[]", "{}"):
+        if value.count(opening) > value.count(closing):
+            return (
+                f"the {'list' if opening == '[' else 'mapping'} in '{override}' is not closed: "
+                f"end it with {closing}."
+            )
+    if not value or "'" in value or '"' in value or not _GRAMMAR.search(value):
+        return None
+    # in single quotes the shell changes nothing ($, \, ! stay); Hydra's double quotes keep
+    # the value as it is
     return (
-        f"Hydra's override grammar cannot read '{override}': characters such as \\ ( ) ^ $ | "
-        f"* [ ] , are its own syntax. Quote the value for Hydra, and the whole override for "
-        f"the shell: \"{key}='{value}'\"."
-        if value and _GRAMMAR.search(value)
-        else None
+        f"Hydra's override grammar cannot read '{override}': characters such as \\ ( ) ^ $ | * "
+        f"[ ] , are its own syntax. Quote the value for Hydra, and the whole override for the "
+        f"shell: '{key}=\"{value}\"'."
     )
 
 
@@ -129,26 +143,24 @@ def _unknown_key(script: str, config_name: str, parsed: list) -> str | None:
     known = _keys(cfg)
     for p in parsed:
         key = p.key_or_group
-        if p.is_add() or p.is_force_add() or key in groups or key.split(".")[0] == "hydra":
+        if p.is_add() or p.is_force_add() or p.is_delete() or key in groups:
             continue
-        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+        if "/" in key or key.split(".")[0] == "hydra":  # Hydra's own: hydra/launcher=slurm
+            continue
+        if OmegaConf.select(cfg, key, default=ABSENT) is ABSENT:
             near = get_close_matches(key, known, n=2, cutoff=0.75)
             guess = f"; did you mean {' or '.join(near)}?" if near else "."
             return (
-                f"{key} is not a setting of {script}{guess} (python {script} --cfg job prints "
-                f"them all; Hydra's + would add the key, but nothing would read it)"
+                f"{key} is not a setting of {script}{guess} python {script} --cfg job prints "
+                f"them all (Hydra's + would add the key, but nothing would read it)."
             )
     return None
 
 
-_ABSENT = object()
-
-
 def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """The settings of ``cfg``: its leaves' dotted keys (a section is no setting to give)."""
     out = []
     for key, value in cfg.items_ex(resolve=False):
         name = f"{prefix}{key}"
-        out.append(name)
-        if isinstance(value, DictConfig):
-            out += _keys(value, f"{name}.")
+        out += _keys(value, f"{name}.") if isinstance(value, DictConfig) else [name]
     return out

@@ -70,33 +70,32 @@ def output_stem(stem: str) -> str:
 
 
 def output_paths(
-    images: list[Path], output_dir: Path, input_dir: Path | None = None
-) -> dict[Path, tuple[Path, Path]]:
-    """image → (mask path, overlay path) in output_dir, below the same sub-folders as the
-    image below ``input_dir`` (directly in output_dir without it, or for an image directly in
-    input_dir); LungsegError when two images would write the same file (compared without
-    letter case, as macOS and Windows do)."""
+    images: list[Path], output_dir: Path, input_dir: Path | None = None, overlays: bool = True
+) -> dict[Path, tuple[Path, ...]]:
+    """image → (mask path, overlay path), or (mask path,) without ``overlays``, in output_dir,
+    below the same sub-folders as the image below ``input_dir`` (directly in output_dir
+    without it, or for an image directly in input_dir); LungsegError when two images would
+    write the same file (compared without letter case, as macOS and Windows do)."""
     if input_dir is None:
-        return _placed_outputs({image: ((), image.name) for image in images}, output_dir)
-    return _placed_outputs(
-        {
+        placed = {image: ((), image.name) for image in images}
+    else:
+        placed = {
             image: (image.parent.relative_to(input_dir).parts, _shown(image, input_dir))
             for image in images
-        },
-        output_dir,
-    )
+        }
+    return _placed_outputs(placed, output_dir, overlays)
 
 
 def _placed_outputs(
-    placed: dict[Path, tuple[tuple[str, ...], str]], output_dir: Path
-) -> dict[Path, tuple[Path, Path]]:
+    placed: dict[Path, tuple[tuple[str, ...], str]], output_dir: Path, overlays: bool
+) -> dict[Path, tuple[Path, ...]]:
     """output_paths for images placed in output_dir's sub-folders: image → (the folder names
     below output_dir, the image as messages name it)."""
     outputs, claimed, clashes = {}, {}, []
     for image, (below, shown) in placed.items():
         folder = output_dir.joinpath(*(output_stem(part) for part in below))
         stem = output_stem(image.stem)
-        paths = (folder / f"{stem}.png", folder / f"{stem}_overlay.png")
+        paths = (folder / f"{stem}.png", folder / f"{stem}_overlay.png")[: 2 if overlays else 1]
         for path in paths:
             assert path.parent == folder and folder.is_relative_to(output_dir), path
             name = path.relative_to(output_dir).as_posix()
@@ -107,16 +106,16 @@ def _placed_outputs(
     if clashes:
         raise LungsegError(
             f"{counted(len(clashes), 'output file')} would be written twice: "
-            f"{_listing(clashes)}. Each "
-            f"image writes <stem>.png and <stem>_overlay.png; rename the inputs so that no two "
-            f"of them map to the same names."
+            f"{_listing(clashes)}. Each image writes <stem>.png"
+            f"{' and <stem>_overlay.png' if overlays else ''}; rename the inputs so that no "
+            f"two of them map to the same names."
         )
     return outputs
 
 
 def _pattern_outputs(
-    pattern: Path, output_dir: Path, recursive: bool
-) -> tuple[dict[Path, tuple[Path, Path]], list[Path]]:
+    pattern: Path, output_dir: Path, recursive: bool, overlays: bool
+) -> tuple[dict[Path, tuple[Path, ...]], list[Path]]:
     """output_paths for an input_dir pattern (`scans/*/images`): the images of every folder
     it matches, each written below the names the wildcards matched (`<output_dir>/p01/`, then
     the image's sub-folders with ``recursive``); and the matched folders read. Matched
@@ -137,7 +136,7 @@ def _pattern_outputs(
         )
     with one_unread_warning(pattern):
         placed = _place_pattern_images(folders, output_dir, pattern, recursive)
-    return _placed_outputs(placed, output_dir), [folder for _, folder in folders]
+    return _placed_outputs(placed, output_dir, overlays), [folder for _, folder in folders]
 
 
 def _place_pattern_images(
@@ -161,7 +160,7 @@ def _place_pattern_images(
 
 
 def _check_outside_inputs(
-    outputs: dict[Path, tuple[Path, Path]],
+    outputs: dict[Path, tuple[Path, ...]],
     read: list[Path],
     output_dir: Path,
     recursive: bool,
@@ -312,7 +311,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     return written
 
 
-def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
+def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, ...]]:
     """output_paths for the images of cfg.input_dir, after checking the settings, that no
     output lands in a folder input_dir reads, that no output file exists (unless
     cfg.overwrite) and that output_dir can be written: these LungsegErrors come before any
@@ -362,9 +361,10 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
         "true (write <stem>_overlay.png beside each mask) or false (the masks alone)",
         "overlays=false",
     )
+    overlays = cfg.get("overlays", True)
     check_output_folder(output_dir)
     if is_pattern(input_dir):
-        outputs, read = _pattern_outputs(input_dir, output_dir, recursive)
+        outputs, read = _pattern_outputs(input_dir, output_dir, recursive, overlays)
         images = list(outputs)
     elif input_dir.is_file():  # one image: its outputs directly in output_dir
         if input_dir.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -374,7 +374,7 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
                 f"input_dir at an image, or at the folder of your images."
             )
         read, images = [input_dir.parent], [input_dir]
-        outputs = output_paths(images, output_dir)
+        outputs = output_paths(images, output_dir, overlays=overlays)
     else:
         read = [input_dir]
         if recursive:
@@ -385,7 +385,7 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
                 f"output_dir is input_dir ({input_dir}): the masks <stem>.png would replace "
                 f"the input images. Choose another output_dir."
             )
-        outputs = output_paths(images, output_dir, input_dir if recursive else None)
+        outputs = output_paths(images, output_dir, input_dir if recursive else None, overlays)
     if not input_dir.is_file():  # an image named by itself is predicted whatever its name
         suffixes = cfg.get("mask_suffixes", ["_mask"])
         images, masks = _without_masks(images, suffixes)
@@ -407,8 +407,6 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, Path]]:
             f"{_listing(str(p) for p in clobbered)}. Nothing was written. Choose an "
             f"output_dir outside input_dir's tree."
         )
-    if not cfg.get("overlays", True):
-        outputs = {image: paths[:1] for image, paths in outputs.items()}
     _check_outside_inputs(outputs, read, output_dir, recursive, input_dir)
     _check_not_users_images(output_dir)
     existing = taken(p for ps in outputs.values() for p in ps)

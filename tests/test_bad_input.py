@@ -813,7 +813,7 @@ def test_cli_a_key_hydra_refuses_gets_the_nearest_setting(tmp_path):
     hint = result.stderr.rstrip().splitlines()[-1]
     assert hint.startswith(
         "lungseg: hint: data.imagesize is not a setting of train.py; did you mean "
-        "data.image_size or data.image_dir? (python train.py --cfg job prints them all"
+        "data.image_size or data.image_dir? python train.py --cfg job prints them all"
     )
     assert not (tmp_path / "outputs").exists()
 
@@ -836,9 +836,21 @@ def test_cli_a_key_hydra_refuses_gets_the_nearest_setting(tmp_path):
         ),
         (
             "train.py",
-            ["data.group_pattern=^(CHNCXR_\\d+)_"],  # the shell took the quotes
+            ["data.group_pattern=^(CHNCXR_\\d+)_$"],  # the shell took the quotes
             "Quote the value for Hydra, and the whole override for the shell: "
-            "\"data.group_pattern='^(CHNCXR_\\d+)_'\".",
+            "'data.group_pattern=\"^(CHNCXR_\\d+)_$\"'.",
+        ),
+        ("train.py", ["data.split=[0.8,0.2,0.0"], "the list in 'data.split=[0.8,0.2,0.0' is not"),
+        (
+            "train.py",
+            ["hydra/launcher=slurm", "~callbacks.early_stopping", "-cd=mine", "trainer.foo=1"],
+            None,  # Hydra's groups, deletions, flags written with =, keys of the user's
+        ),
+        ("train.py", ["trainer.foo=1"], "trainer.foo is not a setting of train.py. python"),
+        (
+            "train.py",
+            ["model=fcn", "~callbacks.early_stopping", "data.imagesize=3"],
+            "data.imagesize is not a setting of train.py; did you mean data.image_size",
         ),
         (
             "train.py",

@@ -191,6 +191,13 @@ def test_existing_outputs_are_never_overwritten_by_default(tmp_path, checkpoints
     assert (out / "wide_overlay.png").read_bytes() == before["wide_overlay.png"][0]
     for path in masks:
         path.unlink()
+    # nor do an image named like another's overlay and that image clash
+    named = tmp_path / "named"
+    named.mkdir()
+    for name in ("scan.png", "scan_overlay.png"):
+        shutil.copy(inputs / "gray8.png", named / name)
+    both = predict(predict_cfg(checkpoints["palette"], named, tmp_path / "o", "overlays=false"))
+    assert sorted(p.name for p in both) == ["scan.png", "scan_overlay.png"]
     (out / "wide_overlay.png").write_bytes(b"stale")
     predict(predict_cfg(checkpoints["palette"], inputs, out, "overwrite=true"))
     after = snapshot(out)

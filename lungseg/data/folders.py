@@ -473,9 +473,10 @@ def _list_images(
             if recursive
             else f"holds no image files{_contents(folder)}"
         )
+        hint = _mask_folders_hint(folder, setting) if role == "mask" and not recursive else ""
+        if hint:
+            raise LungsegError(f"The mask folder {folder} {where}. {hint}")
         searched = "" if recursive else f"; sub-folders are not searched unless {flag}=true"
-        if not recursive and role == "mask":
-            searched += _mask_folders_hint(folder, setting)
         raise _no_images(folder, role, setting, where, searched)
     return files
 
@@ -483,23 +484,27 @@ def _list_images(
 def _mask_folders_hint(folder: Path, setting: str) -> str:
     """For a mask folder without image files whose sub-folders hold them: one such
     sub-folder is the mask folder meant; several, as Montgomery's ManualMask/leftMask and
-    rightMask, are most likely a class each, which a list of folders reads."""
-    held = [
-        sub
-        for sub in sorted(folder.iterdir())
-        if sub.is_dir()
-        and not sub.name.startswith(".")
-        and any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in sub.iterdir())
-    ]
+    rightMask, are most likely a class each, which a list of folders reads. "" where no
+    sub-folder holds images (or they cannot be listed)."""
+    try:
+        held = [
+            sub
+            for sub in sorted(folder.iterdir())
+            if sub.is_dir()
+            and not sub.name.startswith(".")
+            and any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in sub.iterdir())
+        ]
+    except OSError:  # a hint only
+        return ""
     if len(held) == 1:
-        return f". Its sub-folder {held[0].name} holds images: {setting}={held[0]}?"
+        return f"Its sub-folder {held[0].name} holds images: give {setting}={held[0]}."
     if len(held) > 1:
         listed = ",".join(str(sub) for sub in held)
         return (
-            f". Its sub-folders {', '.join(sub.name for sub in held)} hold images; masks split "
-            f"over folders, one class each, are read from a list of them: "
+            f"Its sub-folders {', '.join(sub.name for sub in held)} hold images: masks split "
+            f"over folders, one class each, are read from a list of them, "
             f'"{setting}=[{listed}]" with data.mask_mode=binary (one foreground class) or '
-            f"index (a class each)"
+            f"index (a class each)."
         )
     return ""
 
