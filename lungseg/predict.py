@@ -329,13 +329,7 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, ...]]:
         "a whole number of images per batch, 1 or more",
         "batch_size=8",
     )
-    require(
-        isinstance(cfg.get("strict"), bool),
-        "strict",
-        cfg.get("strict"),
-        "true or false",
-        "strict=false",
-    )
+    _switch(cfg, "strict", True, "true or false", "strict=false")
     require(
         is_number(cfg.overlay_alpha, 0, 1),
         "overlay_alpha",
@@ -345,23 +339,13 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, ...]]:
     )
     postprocess.flips(cfg.tta, cfg.tta_flips, None)  # the checkpoint's are checked once loaded
     input_dir, output_dir = Path(cfg.input_dir).expanduser(), Path(cfg.output_dir).expanduser()
-    require(
-        isinstance(cfg.get("recursive", False), bool),
-        "recursive",
-        cfg.get("recursive"),
-        "true (also the images in input_dir's sub-folders) or false",
-        "recursive=true",
+    recursive = _switch(
+        cfg, "recursive", False, "true (also the images in input_dir's sub-folders) or false"
     )
-    recursive = cfg.get("recursive", False)
     check_overwrite(cfg.overwrite)
-    require(
-        isinstance(cfg.get("overlays", True), bool),
-        "overlays",
-        cfg.get("overlays"),
-        "true (write <stem>_overlay.png beside each mask) or false (the masks alone)",
-        "overlays=false",
+    overlays = _switch(
+        cfg, "overlays", True, "true (<stem>_overlay.png beside each mask) or false (masks alone)"
     )
-    overlays = cfg.get("overlays", True)
     check_output_folder(output_dir)
     if is_pattern(input_dir):
         outputs, read = _pattern_outputs(input_dir, output_dir, recursive, overlays)
@@ -419,6 +403,15 @@ def _plan_outputs(cfg: DictConfig) -> dict[Path, tuple[Path, ...]]:
         )
     check_writable(output_dir, _WRITE_FIX)
     return outputs
+
+
+def _switch(cfg: DictConfig, key: str, default: bool, wanted: str, example: str = "") -> bool:
+    """``cfg``'s on/off setting ``key`` (``default`` where the config lacks it), checked."""
+    value = cfg.get(key, default)
+    require(
+        isinstance(value, bool), key, value, wanted, example or f"{key}={str(not default).lower()}"
+    )
+    return value
 
 
 def _without_masks(images: list[Path], suffixes: Any) -> tuple[list[Path], list[tuple[Path, Path]]]:
