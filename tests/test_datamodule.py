@@ -143,6 +143,14 @@ def test_the_missing_palette_error_says_what_the_masks_hold(tmp_path, mode, lead
     assert first.startswith(f"The 8 mask files read in {mask_dir} (e.g. case00.png) ")
     assert lead in first
     assert rest.startswith("data.mask_mode=palette needs data.palette")
+    assert "pairing" not in rest
+    if mode == "binary":  # images without a mask: said at once, not on the next run
+        for stem in ("case03", "case07"):
+            (mask_dir / f"{stem}.png").unlink()
+        with pytest.raises(LungsegError) as error:
+            SegDataModule(str(image_dir), str(mask_dir))
+        also = str(error.value).split("\n")[-1]
+        assert also.startswith("The files' pairing stops the run too: Found 2 images without")
 
 
 def test_config_errors(tmp_path):

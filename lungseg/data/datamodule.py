@@ -527,7 +527,8 @@ class SegDataModule(pl.LightningDataModule):
                         if folder.is_dir():
                             _list_images(folder, "mask", "data.mask_dir")
                 raise
-            raise LungsegError(f"{seen}\n{error}") from error
+            also = _pairing_too(image_dir, self._layers, mask_suffixes, recursive, strict)
+            raise LungsegError(f"{seen}\n{error}{also}") from error
         layered = len(self._layers) + 1 if len(self._layers) > 1 and mask_mode == "index" else None
         if layered is not None and num_classes not in (None, layered):
             raise LungsegError(
@@ -1528,6 +1529,24 @@ def _check_background_first(names: Sequence[Any] | None, setting: str) -> None:
             f"scores and post-processing, so {str(names[0])!r} would be scored as background "
             f"and {name!r} as a structure. {fix}"
         )
+
+
+def _pairing_too(
+    image_dir: Any, layers: Sequence[Path], suffixes: Any, recursive: Any, strict: Any
+) -> str:
+    """The pairing's own error, where the files have one, for the missing-palette error to
+    give with it: fixing the one showed the other only on the next run (a new-user tester's
+    Shenzhen set took three runs to start). "" where the pairing is fine or not checked."""
+    if image_dir is None or strict is not True or not isinstance(recursive, bool):
+        return ""
+    try:
+        masks = layers if len(layers) > 1 else layers[0]
+        find_pairs(image_dir, masks, suffix_list(suffixes), True, recursive=recursive)
+    except LungsegError as pairing:
+        return f"\nThe files' pairing stops the run too: {pairing}"
+    except (OSError, IndexError):  # a hint only: the folders' errors come from setup
+        return ""
+    return ""
 
 
 def _masks_seen(folders: Sequence[Path], most: int = 8) -> str:
