@@ -76,7 +76,7 @@ from lungseg.data.folders import (
     writing,
 )
 from lungseg.data.folders import existing as taken
-from lungseg.data.masks import IGNORE, decode_layers, ignore_value, scaled_mask
+from lungseg.data.masks import IGNORE, decode_layers, ignore_value, mask_at_image_size
 from lungseg.errors import LungsegError, counted
 from lungseg.inference import (
     InputCheck,
@@ -937,8 +937,7 @@ def _read_mask(
         if turn != mask_turn:
             turned.setdefault(pair, (turn, mask_turn, path))
         if raw.shape[:2] != tuple(size):
-            raw = scaled_mask(pair.image, size, path, raw, resize)
-            raw = transforms.resize_mask(raw, size)
+            raw = mask_at_image_size(pair.image, size, path, raw, resize)
         raws.append(raw)
     return decode_layers(raws, pair.masks, mode, palette, num_classes, ignore)
 

@@ -54,7 +54,7 @@ from lungseg.data.masks import (
     default_colors,
     grey_palette,
     ignore_value,
-    scaled_mask,
+    mask_at_image_size,
     stored_values,
 )
 from lungseg.errors import LungsegError, counted
@@ -971,10 +971,11 @@ class SegDataModule(pl.LightningDataModule):
                     )
                     if t in (5, 6, 7, 8)
                 )
-                scaled_mask(pair.image, raw.shape, path, raw_mask, self._resize_masks, note)
                 # data.resize_masks: to the image's size first, as eval.py scores it (and the
                 # folders of a data.mask_dir list may hold masks at different scales)
-                raw_mask = transforms.resize_mask(raw_mask, raw.shape[:2])
+                raw_mask = mask_at_image_size(
+                    pair.image, raw.shape, path, raw_mask, self._resize_masks, note
+                )
             raw_masks.append(raw_mask)
         mask = decode_layers(
             raw_masks, pair.masks, self._mask_mode, self._palette, self._num_classes, self._ignore

@@ -45,6 +45,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from lungseg.data import transforms
 from lungseg.data.folders import palette_indices, read_image
 from lungseg.errors import LungsegError
 
@@ -146,7 +147,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def scaled_mask(
+def mask_at_image_size(
     image: Path,
     image_hw: Sequence[int],
     mask: Path,
@@ -154,10 +155,11 @@ def scaled_mask(
     resize: bool,
     note: str = "",
 ) -> np.ndarray:
-    """``raw``, a mask read from ``mask``, where it has its image's size, or where it has the
-    image's shape at another scale (SCR's 1024-px masks of JSRT's 2048-px radiographs) and
-    ``resize`` (data.resize_masks): the caller resizes it. Else a LungsegError naming both
-    sizes (with ``note`` after them), and data.resize_masks where it would apply."""
+    """``raw``, a mask read from ``mask``, at its image's size: as it is where it has that
+    size; where it has the image's shape at another scale (SCR's 1024-px masks of JSRT's
+    2048-px radiographs) and ``resize`` (data.resize_masks), resized to it (nearest
+    neighbour, ``transforms.resize_mask``). Else a LungsegError naming both sizes (with
+    ``note`` after them), and data.resize_masks where it would apply."""
     (height, width), (mask_height, mask_width) = image_hw[:2], raw.shape[:2]
     if (mask_height, mask_width) == (height, width):
         return raw
@@ -170,7 +172,7 @@ def scaled_mask(
         and min(mask_height, mask_width) >= 16
     )
     if scaled and resize:
-        return raw
+        return transforms.resize_mask(raw, (height, width))
     whole = round(1 / ratio)
     shown = f"1/{whole}" if ratio < 1 and abs(1 / ratio - whole) < 0.01 else f"{ratio:.3g} times"
     fix = (
