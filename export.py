@@ -5,12 +5,17 @@ import hydra
 from omegaconf import DictConfig
 
 from lungseg.cli_hints import hint_on_override_error
-from lungseg.errors import run_cli
-from lungseg.export import export
+from lungseg.errors import lightning_logs_on_console, run_cli
+
+lightning_logs_on_console()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
+    # Imported here: torch and Lightning take seconds to import, and a command line Hydra
+    # refuses is answered without them (as in train.py).
+    from lungseg.export import export
+
     run_cli(lambda: export(cfg))
 
 

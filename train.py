@@ -8,16 +8,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
 from lungseg import ranks
 from lungseg.cli_hints import CONFIG_FLAGS, hint_on_override_error
-from lungseg.errors import LungsegError, run_cli, user_error
+from lungseg.errors import LungsegError, lightning_logs_on_console, run_cli, user_error
 from lungseg.sweep import record_error
-from lungseg.train import train
+
+lightning_logs_on_console()
 
 log = logging.getLogger(__name__)
 # Set in the environment of the processes that Lightning's ddp strategy starts for the ranks
@@ -71,7 +71,12 @@ def end_of_rank() -> Iterator[None]:
 
 
 def leave_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch = sys.modules.get("torch")  # not imported yet: there is no process group to leave
+    if (
+        torch is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
         torch.distributed.destroy_process_group()
 
 
@@ -108,6 +113,10 @@ def check_run_folder(cfg: DictConfig) -> None:
 
 def train_run(cfg: DictConfig) -> dict:
     check_run_folder(cfg)
+    # Imported here, not above: torch and Lightning take seconds to import, and a command line
+    # Hydra refuses (a mistyped key, a list the shell split) is answered without them.
+    from lungseg.train import train
+
     return train(cfg)
 
 

@@ -46,7 +46,6 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +56,10 @@ from omegaconf import OmegaConf  # noqa: E402
 from benchmarks.quality import override_value  # noqa: E402
 from lungseg.data.splits import split_counts  # noqa: E402
 from lungseg.errors import LungsegError, run_cli  # noqa: E402
-from lungseg.evaluate import evaluate, evaluate_grid, scores  # noqa: E402
 from lungseg.sweep import fold_of, fold_order, run_folders, run_overrides, setting  # noqa: E402
+
+# lungseg.evaluate and torch take seconds to import: they are imported in the functions that
+# score, so that a refused option or folder is answered at once.
 
 
 def quote(path) -> str:
@@ -109,6 +110,8 @@ def entry(summary: dict, key: str) -> float | None:
     """The mean over the foreground classes of their mean ``key`` in a summary (dice,
     dice_nonempty, or fp_empty: the FP rate on the images without the class); the classes
     without a value (no image with, or without, the class) left out, None if none has one."""
+    from lungseg.evaluate import scores
+
     return scores(summary, "s")[f"s/{key}"]
 
 
@@ -178,12 +181,16 @@ def has_val_split(run: Path) -> bool:
 
 def score_validation(checkpoint: str, run: Path, grid: list[dict]) -> list[dict]:
     """The validation split's summaries of one fold's checkpoint, one per grid setting."""
+    from lungseg.evaluate import evaluate_grid
+
     return evaluate_grid(eval_cfg(checkpoint, run / "crossval", "val", grid[0]), grid)
 
 
 def score_test(checkpoint: str, run: Path, post: dict) -> dict:
     """The test split's summary of one fold's checkpoint with its chosen post-processing; it
     holds the scores without post-processing too (evaluate keeps them)."""
+    from lungseg.evaluate import evaluate
+
     return evaluate(eval_cfg(checkpoint, run / "crossval", "test", post))
 
 
@@ -192,6 +199,8 @@ def in_parallel(task, calls: list[tuple], jobs: int) -> list:
     (spawned: no CUDA or thread-pool state is inherited), the threads of the machine shared."""
     if jobs == 1 or len(calls) == 1:
         return [task(*call) for call in calls]
+    import torch
+
     jobs = min(jobs, len(calls))
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     context = multiprocessing.get_context("spawn")

@@ -50,8 +50,6 @@ sys.path.insert(0, str(ROOT))
 
 from lungseg.data.splits import split_counts  # noqa: E402
 from lungseg.errors import LungsegError, run_cli  # noqa: E402
-from lungseg.evaluate import evaluate  # noqa: E402
-from lungseg.train import plain, train  # noqa: E402
 
 RUNS = {
     "unet": ["model=unet"],
@@ -221,6 +219,11 @@ def benchmark(args: argparse.Namespace) -> None:
         runs = [*RUNS[run], *shared] if run == "article" else [*recipe, *RUNS[run]]
         output = f"output_dir={override_value(str(Path(args.out) / run))}"
         configs[run] = compose_config("config", [*runs, *data, output, *args.overrides])
+    # Imported once every config is composed: a refused one is reported without waiting
+    # seconds for torch and Lightning.
+    from lungseg.evaluate import evaluate
+    from lungseg.train import plain, train
+
     rows, flips = [], {}
     for run, cfg in configs.items():
         out = Path(args.out) / run

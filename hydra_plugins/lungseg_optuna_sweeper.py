@@ -18,7 +18,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from lungseg.errors import run_cli
-from lungseg.run_folder import aside_name
+from lungseg.files import aside_name
 from lungseg.sweep import (
     check_some_run_finished,
     check_split_not_searched,

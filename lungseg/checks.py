@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lungseg import postprocess
+from lungseg.cli_hints import ABSENT
 from lungseg.data.folders import check_data_dirs
 from lungseg.errors import LungsegError
 
@@ -34,7 +35,6 @@ PRECISIONS = _NAMES + tuple(
     for alias in ("_PRECISION_INPUT_INT", "_PRECISION_INPUT_STR_ALIAS")
     for value in get_args(getattr(connector, alias, None))
 )
-ABSENT = object()  # OmegaConf.select's answer for a key the config does not have
 
 
 def is_whole(value: Any, low: int, high: int | None = None) -> bool:

@@ -14,9 +14,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from lungseg import errors
-from lungseg.checks import ABSENT
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+# OmegaConf.select's answer for a key the config does not have (lungseg.checks' too). Here, not
+# in lungseg.checks: this module is imported before a command line is read, and stays free of
+# torch and Lightning, so that Hydra's refusals and their hints come in a second or two.
+ABSENT = object()
 # Hydra's flags that say where the config comes from, each with a value ("-cd conf" or
 # "-cd=conf"); then its other flags that take one.
 CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")

@@ -92,6 +92,22 @@ def discard_if_empty(folder: Path) -> bool:
     return True
 
 
+def lightning_logs_on_console() -> None:
+    """Lightning's own log lines ("GPU available", the model summary, "Trainer.fit stopped")
+    on stderr as they are, not in the run's train.log: what importing Lightning does when it
+    comes before Hydra sets up logging (it gives its loggers a handler of their own where the
+    root logger has none). The command lines import it later, when their command line has
+    been read (seconds saved on one Hydra refuses), so they call this first."""
+    if logging.getLogger().hasHandlers():
+        return  # as Lightning: where logging is set up, its lines go where the rest go
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+        logger.propagate = False
+
+
 def log_to_files(message: str) -> None:
     """``message`` as an ERROR line in the log files only (Hydra's file handler: the run's
     train.log, eval.log, ...), not again on the console, where it is printed once."""

@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lungseg.run_folder import aside_name
+from lungseg.files import aside_name
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,6 +34,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from lungseg.checks import same, shown
 from lungseg.data.splits import listed_splits
 from lungseg.errors import LungsegError, RunFolderInUse
+from lungseg.files import aside_name, keep_previous, replace_whole
 
 try:
     import fcntl
@@ -720,47 +720,6 @@ def untested(folder: Path, checkpoint: dict[str, Any]) -> bool:
         return int(recorded.get("epochs_trained") or 0) < done
     except (OSError, ValueError, AttributeError, TypeError):
         return True  # no readable record
-
-
-_UMASK = os.umask(0o022)  # read (umask sets and returns it), then set back
-os.umask(_UMASK)
-
-
-def replace_whole(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all, through a temporary file beside it: a reader, a kill
-    mid-write or another process writing it at the same time (a SLURM launcher's jobs, a sweep
-    summary) never leaves half a file."""
-    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        # mkstemp's file is its owner's alone: the mode a new file gets (or the file's own)
-        os.chmod(partial, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK)
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
-
-
-def aside_name(path: Path) -> Path:
-    """The first free ``<stem>.<n><suffix>`` (n = 1, 2, ...) beside ``path``."""
-    n = 1
-    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
-        n += 1
-    return kept
-
-
-def set_aside(path: Path) -> Path:
-    """Rename ``path`` (a file or a folder) to ``aside_name(path)`` and return the new path."""
-    return path.rename(aside_name(path))
-
-
-def keep_previous(path: Path, text: str) -> None:
-    """Write ``text`` to ``path``; an earlier, different file there is kept as
-    ``<stem>.<n><suffix>`` (n = 1, 2, ...): a continued run loses nothing of what it had."""
-    if path.is_file() and path.read_text(encoding="utf-8") != text:
-        set_aside(path)
-    path.write_text(text, encoding="utf-8")
 
 
 def environment() -> dict[str, Any]:

@@ -34,7 +34,7 @@ from yaml import YAMLError
 
 from lungseg import hydra_files
 from lungseg.errors import LungsegError, counted, run_cli
-from lungseg.run_folder import replace_whole
+from lungseg.files import replace_whole
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ from lungseg.data.folders import is_pattern, mask_folders
 from lungseg.data.splits import trains_without_validation
 from lungseg.errors import LungsegError, counted
 from lungseg.evaluate import evaluate, scores, test_config
+from lungseg.files import aside_name, keep_previous, set_aside
 from lungseg.module import SegmentationModule
 from lungseg.run_folder import (
     RunCheckpointIO,
     apply_initial_weights,
-    aside_name,
     check_continuable,
     check_fits,
     check_same_classes,
@@ -44,13 +44,11 @@ from lungseg.run_folder import (
     continues_run,
     hold_run_folder,
     interrupted_bests,
-    keep_previous,
     missing_bests,
     read_checkpoint,
     read_initial_weights,
     resume_checkpoint,
     run_checkpoints,
-    set_aside,
     untested,
     warn_trained_on,
     write_environment,

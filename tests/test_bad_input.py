@@ -819,6 +819,40 @@ def test_cli_a_key_hydra_refuses_gets_the_nearest_setting(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("train.py", ["data.imagesize=64"], "did you mean data.image_size"),
+        ("eval.py", ["ckpt_path=x.ckpt", "data.imagesize=64"], "not a setting of eval.py"),
+        ("predict.py", ["ckpt_path=x.ckpt", "data.imagesize=64"], "not a setting of predict.py"),
+        ("export.py", ["ckpt_path=x.ckpt", "formats=[onnx"], "the list in"),
+        ("benchmarks/crossval.py", [".", "--thresholds", "1.5"], "give argmax or a probability"),
+        (
+            "benchmarks/quality.py",
+            ["--image-dir", "i", "--mask-dir", "m", "--", "model.widht=8"],
+            "did you mean model.width?",
+        ),
+    ],
+)
+def test_cli_a_refused_command_line_is_answered_without_importing_torch(
+    tmp_path, script, args, message
+):
+    """Each command line imported torch and Lightning (9 s on a slow 2-core machine) before
+    Hydra or argparse read it: a mistyped key waited that long for its one line."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / script), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "hydra" in imported  # -X importtime listed the imports
+    assert not imported & {"torch", "pytorch_lightning", "albumentations", "cv2"}
+
+
+@pytest.mark.parametrize(
     ("script", "args", "hint"),
     [
         (
